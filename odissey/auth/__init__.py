@@ -1,0 +1,1 @@
+"""Authentication on both sides: verifying clients, answering servers, deriving secrets."""

@@ -1,0 +1,196 @@
+"""Client-facing authentication: prove that a client knows its route's password.
+
+Each verifier is a small exchange: ``start()`` gives the first AuthenticationRequest, then
+``receive(body)`` takes the body of each password-type ('p') message the client sends and
+returns what to answer and whether the client is now authenticated. A wrong password
+raises 28P01. An unknown user goes through the same exchange as a known one (PostgreSQL's
+"mock authentication"), so the two cannot be told apart.
+"""
+
+from __future__ import annotations
+
+import hmac
+import os
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import scramp
+from twisted.internet.defer import Deferred, inlineCallbacks
+
+from odissey.auth.secrets import (
+    ScramSecret,
+    ScramSecrets,
+    check_cleartext,
+    md5_response,
+    md5_stored,
+    mock_scram_secret,
+)
+from odissey.config import ClientAuth, Secret
+from odissey.wire import errors
+from odissey.wire import messages as m
+from odissey.wire.errors import PoolerError, ProtocolViolation
+
+SCRAM = "SCRAM-SHA-256"
+_MECHANISM = scramp.ScramMechanism(SCRAM)
+
+
+@dataclass(frozen=True)
+class Step:
+    reply: bytes  # messages to send back (may be empty)
+    done: bool  # True once the client is authenticated
+
+
+def password_failed(user: str) -> PoolerError:
+    return PoolerError(
+        errors.INVALID_PASSWORD, f'password authentication failed for user "{user}"'
+    )
+
+
+class Verifier(ABC):
+    """Subclasses say what to ask first and how to judge each answer."""
+
+    def __init__(self, user: str) -> None:
+        self.user = user
+
+    @abstractmethod
+    def start(self) -> Step:
+        """The first message of the exchange (nothing for trust)."""
+
+    @abstractmethod
+    def receive(self, body: bytes) -> "Step | Deferred[Step]":
+        """Judge one password-type message; raise PoolerError to refuse."""
+
+
+class TrustVerifier(Verifier):
+    def start(self) -> Step:
+        return Step(b"", True)
+
+    def receive(self, body: bytes) -> Step:
+        raise ProtocolViolation("unexpected password message")
+
+
+class CleartextVerifier(Verifier):
+    def __init__(self, user: str, secret: Secret | None) -> None:
+        super().__init__(user)
+        self.secret = secret
+
+    def start(self) -> Step:
+        return Step(m.authentication_cleartext(), False)
+
+    @inlineCallbacks
+    def receive(self, body: bytes):  # type: ignore[no-untyped-def]
+        password = m.parse_password(body)
+        ok = False
+        if self.secret is not None and password:
+            ok = yield check_cleartext(self.secret, self.user, password)
+        if not ok:
+            raise password_failed(self.user)
+        return Step(b"", True)
+
+
+class MD5Verifier(Verifier):
+    def __init__(self, user: str, secret: Secret | None) -> None:
+        super().__init__(user)
+        self.stored = md5_stored(secret, user) if secret is not None else None
+        self.salt = os.urandom(4)
+
+    def start(self) -> Step:
+        return Step(m.authentication_md5(self.salt), False)
+
+    def receive(self, body: bytes) -> Step:
+        answer = m.parse_password(body)
+        expected = md5_response(self.stored, self.salt) if self.stored else os.urandom(35)
+        if not hmac.compare_digest(answer, expected):
+            raise password_failed(self.user)
+        return Step(b"", True)
+
+
+class ScramVerifier(Verifier):
+    """SCRAM-SHA-256 through scramp, adapted to PostgreSQL's empty SCRAM user name.
+
+    libpq sends ``n=`` (the user is in the startup packet); scramp refuses an empty name,
+    so it is shown a placeholder and then given back the exact ``client-first-message-bare``
+    the client signed, because the proof covers those bytes.
+    """
+
+    def __init__(self, user: str, secret: ScramSecret) -> None:
+        super().__init__(user)
+        self.server = _MECHANISM.make_server(lambda _name: secret.auth_info())
+        self.stage = 0
+
+    def start(self) -> Step:
+        return Step(m.authentication_sasl([SCRAM]), False)
+
+    def receive(self, body: bytes) -> Step:
+        self.stage += 1
+        if self.stage == 1:
+            return self._client_first(body)
+        if self.stage == 2:
+            return self._client_final(body)
+        raise ProtocolViolation("unexpected SASL message after authentication")
+
+    def _client_first(self, body: bytes) -> Step:
+        mechanism, data = m.parse_sasl_initial_response(body)
+        if mechanism != SCRAM:
+            raise ProtocolViolation("client selected an invalid SASL authentication mechanism")
+        text = _decode(data)
+        parts = text.split(",", 2)
+        if len(parts) != 3 or parts[0][:1] not in ("n", "y") or parts[1]:
+            raise ProtocolViolation("malformed SCRAM message")
+        bare = parts[2]
+        shown = text
+        if bare.startswith("n=,"):
+            shown = f"{parts[0]},,n=*,{bare[3:]}"
+        try:
+            self.server.set_client_first(shown)
+            self.server.client_first_bare = bare
+            return Step(m.authentication_sasl_continue(self.server.get_server_first().encode()), False)
+        except scramp.ScramException:
+            raise ProtocolViolation("malformed SCRAM message") from None
+
+    def _client_final(self, body: bytes) -> Step:
+        try:
+            self.server.set_client_final(_decode(body))
+            final = self.server.get_server_final()
+        except scramp.ScramException:
+            raise password_failed(self.user) from None
+        return Step(m.authentication_sasl_final(final.encode()), True)
+
+
+def _decode(data: bytes) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ProtocolViolation("malformed SCRAM message: not UTF-8") from None
+
+
+class ClientVerifiers:
+    """Makes the verifier for a route's method, or a mock one for an unknown user."""
+
+    def __init__(self) -> None:
+        self.scram_secrets = ScramSecrets()
+        self._mock_key = os.urandom(32)
+
+    @inlineCallbacks
+    def for_route(self, auth: ClientAuth, user: str):  # type: ignore[no-untyped-def]
+        if auth.method == "trust":
+            return TrustVerifier(user)
+        if auth.method == "cleartext":
+            return CleartextVerifier(user, auth.password)
+        if auth.method == "md5":
+            return MD5Verifier(user, auth.password)
+        assert auth.password is not None
+        secret = yield self.scram_secrets.get(auth.password)
+        return ScramVerifier(user, secret)
+
+    def mock(self, method: str, user: str) -> Verifier:
+        """An exchange that looks like ``method`` and always ends in 28P01."""
+        if method == "trust":
+            raise PoolerError(
+                errors.INVALID_AUTHORIZATION_SPECIFICATION, f'role "{user}" does not exist'
+            )
+        if method == "cleartext":
+            return CleartextVerifier(user, None)
+        if method == "md5":
+            return MD5Verifier(user, None)
+        return ScramVerifier(user, mock_scram_secret(self._mock_key, user))

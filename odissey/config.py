@@ -1,0 +1,509 @@
+"""YAML configuration -> frozen, validated objects.
+
+Loading never stops at the first mistake: every problem is reported once, naming its key
+path (``routes[2].pool.size: must be a positive integer, got "ten"``), and the caller
+refuses to start if there are any. The keys each section accepts are declared in
+:data:`SCHEMA`, which the configuration reference in ``docs/`` is tested against.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import yaml
+
+ANY = "*"
+POOL_MODES = ("session", "transaction")
+AUTH_METHODS = ("trust", "cleartext", "md5", "scram-sha-256")
+
+#: Every key the loader accepts, by section; ``docs/configuration.md`` documents exactly these.
+SCHEMA: dict[str, tuple[str, ...]] = {
+    "": ("listen", "limits", "storages", "routes"),
+    "limits": ("max_clients", "login_timeout", "max_message_size"),
+    "storages.*": ("host", "port", "connect_timeout", "managed"),
+    "storages.*.managed": ("data_dir", "users", "databases", "hba", "settings"),
+    "routes[]": ("database", "user", "storage", "server", "auth", "pool"),
+    "routes[].server": ("database", "user", "password"),
+    "routes[].auth": ("method", "password"),
+    "routes[].pool": ("mode", "size", "wait_timeout", "reset_query"),
+}
+
+
+class ConfigError(Exception):
+    """The configuration has problems; ``problems`` holds one line per problem."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+# -- values --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Secret:
+    """A password as configured: plain text, an md5 hash, or a SCRAM-SHA-256 secret.
+
+    Only what is needed is kept: a route whose clients use SCRAM can be configured with
+    the SCRAM secret alone, so the plain password need not be on the pooler's disk.
+    """
+
+    kind: str  # "plain" | "md5" | "scram"
+    value: str
+
+    def __repr__(self) -> str:
+        return f"Secret({self.kind}, ***)"
+
+    @classmethod
+    def parse(cls, text: str) -> "Secret":
+        if re.fullmatch(r"md5[0-9a-f]{32}", text):
+            return cls("md5", text)
+        if text.startswith("SCRAM-SHA-256$"):
+            return cls("scram", text)
+        return cls("plain", text)
+
+
+@dataclass(frozen=True)
+class ManagedPostgres:
+    """A throwaway PostgreSQL that Odissey starts and stops itself (demo and tests)."""
+
+    data_dir: str | None
+    users: Mapping[str, str]
+    databases: Mapping[str, str]
+    hba: tuple[str, ...]
+    settings: Mapping[str, str]
+
+
+@dataclass(frozen=True)
+class Storage:
+    name: str
+    host: str  # a host name/address, or a unix socket directory (starts with "/")
+    port: int
+    connect_timeout: float
+    managed: ManagedPostgres | None = None
+
+    @property
+    def is_unix(self) -> bool:
+        return self.host.startswith("/")
+
+    @property
+    def socket_path(self) -> str:
+        return os.path.join(self.host, f".s.PGSQL.{self.port}")
+
+
+@dataclass(frozen=True)
+class ServerLogin:
+    """How Odissey logs in to PostgreSQL for a route; None means "same as the client"."""
+
+    database: str | None
+    user: str | None
+    password: Secret | None
+
+
+@dataclass(frozen=True)
+class ClientAuth:
+    method: str
+    password: Secret | None
+
+
+@dataclass(frozen=True)
+class PoolSettings:
+    mode: str
+    size: int
+    wait_timeout: float
+    reset_query: str
+
+
+@dataclass(frozen=True)
+class Route:
+    database: str
+    user: str
+    storage: Storage
+    server: ServerLogin
+    auth: ClientAuth
+    pool: PoolSettings
+    index: int = 0
+
+    @property
+    def name(self) -> str:
+        return f"{self.database}/{self.user}"
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_clients: int = 1000
+    login_timeout: float = 15.0
+    max_message_size: int = 256 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Config:
+    listen: tuple[str, ...]
+    limits: Limits
+    storages: Mapping[str, Storage]
+    routes: tuple[Route, ...]
+    source: str | None = field(default=None, compare=False)
+
+
+# -- parsing helpers -----------------------------------------------------------------------
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+_SIZE = re.compile(r"^\s*(\d+)\s*(B|kB|KB|MB|GB)?\s*$")
+_SIZE_UNITS = {None: 1, "B": 1, "kB": 1024, "KB": 1024, "MB": 1024**2, "GB": 1024**3}
+
+
+def parse_duration(value: Any) -> float:
+    """``5s``, ``250ms``, ``1m``, ``2h`` or a bare number of seconds -> seconds."""
+    if isinstance(value, bool):
+        raise ValueError
+    if isinstance(value, (int, float)):
+        if value < 0:
+            raise ValueError
+        return float(value)
+    match = _DURATION.match(str(value))
+    if not match:
+        raise ValueError
+    return float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+
+
+def parse_size(value: Any) -> int:
+    """``64MB``, ``512kB``, ``1GB`` or a bare number of bytes -> bytes."""
+    if isinstance(value, bool):
+        raise ValueError
+    if isinstance(value, int):
+        if value < 0:
+            raise ValueError
+        return value
+    match = _SIZE.match(str(value))
+    if not match:
+        raise ValueError
+    return int(match.group(1)) * _SIZE_UNITS[match.group(2)]
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, str):
+        return f'"{value}"'
+    return repr(value) if not isinstance(value, (dict, list)) else type(value).__name__
+
+
+class _Section:
+    """One mapping of the YAML tree, read key by key; problems go to a shared list."""
+
+    def __init__(self, problems: list[str], path: str, data: Any, schema_key: str) -> None:
+        self.problems = problems
+        self.path = path
+        self.ok = isinstance(data, dict)
+        self.data: dict[str, Any] = data if isinstance(data, dict) else {}
+        if data is not None and not self.ok:
+            self.problem(f"must be a mapping, got {_show(data)}")
+        allowed = SCHEMA[schema_key]
+        for key in self.data:
+            if key not in allowed:
+                self.problems.append(
+                    f"{self.at(str(key))}: unknown key (expected one of: {', '.join(allowed)})"
+                )
+
+    def at(self, key: str) -> str:
+        return f"{self.path}.{key}" if self.path else key
+
+    def problem(self, text: str, key: str | None = None) -> None:
+        where = self.at(key) if key is not None else (self.path or "(top level)")
+        self.problems.append(f"{where}: {text}")
+
+    def has(self, key: str) -> bool:
+        return key in self.data and self.data[key] is not None
+
+    def value(
+        self,
+        key: str,
+        convert: Callable[[Any], Any],
+        expected: str,
+        default: Any = None,
+        required: bool = False,
+    ) -> Any:
+        if not self.has(key):
+            if required:
+                self.problem("is required", key)
+            return default
+        raw = self.data[key]
+        try:
+            return convert(raw)
+        except (ValueError, TypeError):
+            self.problem(f"must be {expected}, got {_show(raw)}", key)
+            return default
+
+
+def _string(value: Any) -> str:
+    if not isinstance(value, str) or not value:
+        raise ValueError
+    return value
+
+
+def _any_string(value: Any) -> str:
+    if not isinstance(value, str):
+        raise ValueError
+    return value
+
+
+def _positive_int(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError
+    return value
+
+
+def _port(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 < value < 65536:
+        raise ValueError
+    return value
+
+
+def _positive_duration(value: Any) -> float:
+    seconds = parse_duration(value)
+    if seconds <= 0:
+        raise ValueError
+    return seconds
+
+
+def _positive_size(value: Any) -> int:
+    size = parse_size(value)
+    if size <= 0:
+        raise ValueError
+    return size
+
+
+def _choice(options: tuple[str, ...]) -> Callable[[Any], str]:
+    def convert(value: Any) -> str:
+        if value not in options:
+            raise ValueError
+        return str(value)
+
+    return convert
+
+
+def _string_map(value: Any) -> dict[str, str]:
+    if not isinstance(value, dict):
+        raise ValueError
+    out = {}
+    for k, v in value.items():
+        if not isinstance(k, str) or isinstance(v, (dict, list)) or v is None:
+            raise ValueError
+        out[k] = str(v)
+    return out
+
+
+def _string_list(value: Any) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ValueError
+    return tuple(value)
+
+
+def _read_secret(section: _Section, key: str, base: Path | None) -> Secret | None:
+    """A password: a string, or ``{env: NAME}``, or ``{file: path}`` (relative to the config)."""
+    if not section.has(key):
+        return None
+    raw = section.data[key]
+    where = section.at(key)
+    if isinstance(raw, str):
+        return Secret.parse(raw)
+    if isinstance(raw, dict) and len(raw) == 1 and "env" in raw:
+        name = raw["env"]
+        if not isinstance(name, str) or name not in os.environ:
+            section.problems.append(f"{where}.env: environment variable {_show(name)} is not set")
+            return None
+        return Secret.parse(os.environ[name])
+    if isinstance(raw, dict) and len(raw) == 1 and "file" in raw:
+        path = Path(str(raw["file"]))
+        if base is not None and not path.is_absolute():
+            path = base / path
+        try:
+            return Secret.parse(path.read_text().strip())
+        except OSError as exc:
+            section.problems.append(f"{where}.file: cannot read {str(path)!r}: {exc.strerror}")
+            return None
+    section.problem("must be a string, {env: NAME} or {file: path}, got " + _show(raw), key)
+    return None
+
+
+# -- sections ------------------------------------------------------------------------------
+
+
+def _read_limits(problems: list[str], data: Any) -> Limits:
+    s = _Section(problems, "limits", data, "limits")
+    d = Limits()
+    return Limits(
+        max_clients=s.value("max_clients", _positive_int, "a positive integer", d.max_clients),
+        login_timeout=s.value(
+            "login_timeout", _positive_duration, "a duration like 15s", d.login_timeout
+        ),
+        max_message_size=s.value(
+            "max_message_size", _positive_size, "a size like 64MB", d.max_message_size
+        ),
+    )
+
+
+def _read_managed(problems: list[str], path: str, data: Any) -> ManagedPostgres:
+    s = _Section(problems, path, data, "storages.*.managed")
+    return ManagedPostgres(
+        data_dir=s.value("data_dir", _string, "a directory path"),
+        users=s.value("users", _string_map, "a mapping of user: password", {}),
+        databases=s.value("databases", _string_map, "a mapping of database: owner", {}),
+        hba=s.value("hba", _string_list, "a list of pg_hba.conf lines", ()),
+        settings=s.value("settings", _string_map, "a mapping of setting: value", {}),
+    )
+
+
+def _read_storage(problems: list[str], name: str, data: Any) -> Storage:
+    path = f"storages.{name}"
+    s = _Section(problems, path, data, "storages.*")
+    managed = None
+    if s.has("managed"):
+        managed = _read_managed(problems, s.at("managed"), s.data["managed"])
+        if s.has("host"):
+            s.problem("must not be set for a managed storage (Odissey picks the socket)", "host")
+    host = s.value("host", _string, "a host name or a unix socket directory")
+    if host is None and managed is None:
+        s.problem("is required (or give `managed` to have Odissey start a PostgreSQL)", "host")
+    return Storage(
+        name=name,
+        host=host or "",
+        port=s.value("port", _port, "a TCP port number", 5432),
+        connect_timeout=s.value(
+            "connect_timeout", _positive_duration, "a duration like 5s", 5.0
+        ),
+        managed=managed,
+    )
+
+
+def _read_route(
+    problems: list[str], index: int, data: Any, storages: Mapping[str, Storage], base: Path | None
+) -> Route | None:
+    path = f"routes[{index}]"
+    s = _Section(problems, path, data, "routes[]")
+    if not s.ok:
+        return None
+    database = s.value("database", _string, f'a database name or "{ANY}"', ANY)
+    user = s.value("user", _string, f'a user name or "{ANY}"', ANY)
+    storage_name = s.value("storage", _string, "a storage name", required=True)
+    storage = storages.get(storage_name) if storage_name else None
+    if storage_name and storage is None:
+        known = ", ".join(storages) or "none are defined"
+        s.problem(f'names unknown storage "{storage_name}" (known: {known})', "storage")
+
+    srv = _Section(problems, s.at("server"), s.data.get("server"), "routes[].server")
+    server = ServerLogin(
+        database=srv.value("database", _string, "a database name"),
+        user=srv.value("user", _string, "a user name"),
+        password=_read_secret(srv, "password", base),
+    )
+    if server.password is not None and server.password.kind == "scram":
+        srv.problem(
+            "a SCRAM secret cannot answer a server's challenge; give the plain password",
+            "password",
+        )
+
+    au = _Section(problems, s.at("auth"), s.data.get("auth"), "routes[].auth")
+    method = au.value("method", _choice(AUTH_METHODS), " or ".join(AUTH_METHODS), "trust")
+    secret = _read_secret(au, "password", base)
+    if method != "trust" and secret is None and not au.has("password"):
+        au.problem(f"is required for method {method}", "password")
+    if method == "md5" and secret is not None and secret.kind == "scram":
+        au.problem("md5 needs a plain password or an md5 secret, not a SCRAM secret", "password")
+    if secret is not None and secret.kind == "md5" and user == ANY:
+        au.problem(
+            'an md5 secret is bound to one user name; this route matches any user ("*")',
+            "password",
+        )
+    if method == "scram-sha-256" and secret is not None and secret.kind == "md5":
+        au.problem("scram-sha-256 needs a plain password or a SCRAM secret", "password")
+
+    po = _Section(problems, s.at("pool"), s.data.get("pool"), "routes[].pool")
+    pool = PoolSettings(
+        mode=po.value("mode", _choice(POOL_MODES), " or ".join(POOL_MODES), "session"),
+        size=po.value("size", _positive_int, "a positive integer", 20),
+        wait_timeout=po.value("wait_timeout", _positive_duration, "a duration like 30s", 30.0),
+        reset_query=po.value("reset_query", _any_string, "a string", "DISCARD ALL"),
+    )
+    if storage is None:
+        return None
+    return Route(
+        database=database,
+        user=user,
+        storage=storage,
+        server=server,
+        auth=ClientAuth(method, secret),
+        pool=pool,
+        index=index,
+    )
+
+
+def parse(data: Any, source: str | None = None) -> Config:
+    """A YAML document (already loaded) -> Config, or ConfigError listing every problem."""
+    problems: list[str] = []
+    base = Path(source).parent if source else None
+    top = _Section(problems, "", data, "")
+    if data is None:
+        problems.append("(top level): the configuration is empty")
+
+    listen = top.value("listen", _string_list, "a list of endpoint strings", ())
+    if top.ok and not listen:
+        top.problem("needs at least one endpoint, e.g. tcp:6432:interface=127.0.0.1", "listen")
+
+    limits = _read_limits(problems, top.data.get("limits"))
+
+    storages: dict[str, Storage] = {}
+    raw_storages = top.data.get("storages")
+    if raw_storages is None and top.ok:
+        top.problem("is required", "storages")
+    elif raw_storages is not None and not isinstance(raw_storages, dict):
+        top.problem(f"must be a mapping of name: storage, got {_show(raw_storages)}", "storages")
+    else:
+        for name, body in (raw_storages or {}).items():
+            storages[str(name)] = _read_storage(problems, str(name), body)
+
+    routes: list[Route] = []
+    raw_routes = top.data.get("routes")
+    if not isinstance(raw_routes, list) or not raw_routes:
+        if top.ok:
+            top.problem("must be a non-empty list of routes", "routes")
+    else:
+        seen: dict[tuple[str, str], int] = {}
+        for i, body in enumerate(raw_routes):
+            route = _read_route(problems, i, body, storages, base)
+            if route is None:
+                continue
+            key = (route.database, route.user)
+            if key in seen:
+                problems.append(
+                    f"routes[{i}]: duplicates routes[{seen[key]}] "
+                    f"(database {route.database!r}, user {route.user!r})"
+                )
+            seen[key] = i
+            routes.append(route)
+
+    if problems:
+        raise ConfigError(problems)
+    return Config(
+        listen=tuple(listen),
+        limits=limits,
+        storages=storages,
+        routes=tuple(routes),
+        source=source,
+    )
+
+
+def load(path: str) -> Config:
+    """Read and validate a YAML file; every problem, including YAML syntax, is a ConfigError."""
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise ConfigError([f"{path}: cannot read configuration: {exc.strerror}"]) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError([f"{path}: invalid YAML: {exc}"]) from None
+    return parse(data, source=os.path.abspath(path))

@@ -1,0 +1,249 @@
+"""Builders for the messages the pooler says itself, and parsers for the few it reads whole.
+
+Relayed traffic never passes through here: it is forwarded as the bytes that arrived. These
+functions are for login, errors, the pooler's own queries, and the admin console.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Iterable, Mapping, Sequence
+
+from odissey.wire.errors import PoolerError, ProtocolViolation
+
+_I32 = struct.Struct("!i")
+_2I32 = struct.Struct("!ii")
+
+PROTOCOL_3_0 = 196608
+SSL_REQUEST_CODE = 80877103
+GSSENC_REQUEST_CODE = 80877104
+CANCEL_REQUEST_CODE = 80877102
+
+# Authentication request codes (the Int32 after an 'R' header).
+AUTH_OK = 0
+AUTH_CLEARTEXT = 3
+AUTH_MD5 = 5
+AUTH_SASL = 10
+AUTH_SASL_CONTINUE = 11
+AUTH_SASL_FINAL = 12
+
+
+def message(kind: bytes, body: bytes = b"") -> bytes:
+    """Frame ``body`` as one typed v3 message."""
+    return kind + _I32.pack(len(body) + 4) + body
+
+
+def cstring(value: str | bytes) -> bytes:
+    data = value.encode() if isinstance(value, str) else value
+    if b"\0" in data:
+        raise ValueError("a protocol string cannot hold a NUL byte")
+    return data + b"\0"
+
+
+# -- backend messages (what the pooler says to clients) -----------------------------------
+
+
+def error_fields(
+    severity: str,
+    sqlstate: str,
+    text: str,
+    detail: str | None = None,
+    hint: str | None = None,
+) -> bytes:
+    body = (
+        b"S" + cstring(severity) + b"V" + cstring(severity) + b"C" + cstring(sqlstate)
+        + b"M" + cstring(text.replace("\0", ""))
+    )
+    if detail:
+        body += b"D" + cstring(detail.replace("\0", ""))
+    if hint:
+        body += b"H" + cstring(hint.replace("\0", ""))
+    return body + b"\0"
+
+
+def error_response(error: PoolerError) -> bytes:
+    return message(
+        b"E", error_fields(error.severity, error.sqlstate, error.message, error.detail, error.hint)
+    )
+
+
+def notice_response(text: str, sqlstate: str = "00000", severity: str = "NOTICE") -> bytes:
+    return message(b"N", error_fields(severity, sqlstate, text))
+
+
+def authentication(code: int, payload: bytes = b"") -> bytes:
+    return message(b"R", _I32.pack(code) + payload)
+
+
+def authentication_ok() -> bytes:
+    return authentication(AUTH_OK)
+
+
+def authentication_cleartext() -> bytes:
+    return authentication(AUTH_CLEARTEXT)
+
+
+def authentication_md5(salt: bytes) -> bytes:
+    return authentication(AUTH_MD5, salt)
+
+
+def authentication_sasl(mechanisms: Sequence[str]) -> bytes:
+    return authentication(AUTH_SASL, b"".join(cstring(m) for m in mechanisms) + b"\0")
+
+
+def authentication_sasl_continue(data: bytes) -> bytes:
+    return authentication(AUTH_SASL_CONTINUE, data)
+
+
+def authentication_sasl_final(data: bytes) -> bytes:
+    return authentication(AUTH_SASL_FINAL, data)
+
+
+def parameter_status(name: str, value: str) -> bytes:
+    return message(b"S", cstring(name) + cstring(value))
+
+
+def backend_key_data(pid: int, secret: int) -> bytes:
+    return message(b"K", _2I32.pack(pid, secret))
+
+
+def ready_for_query(status: bytes = b"I") -> bytes:
+    return message(b"Z", status)
+
+
+def negotiate_protocol_version(minor: int, unrecognized: Sequence[str]) -> bytes:
+    body = _I32.pack(minor) + _I32.pack(len(unrecognized))
+    return message(b"v", body + b"".join(cstring(o) for o in unrecognized))
+
+
+def row_description(names: Sequence[str]) -> bytes:
+    """Describe text columns (type ``text``, oid 25), as the console returns them."""
+    body = struct.pack("!h", len(names))
+    for name in names:
+        body += cstring(name) + struct.pack("!ihihih", 0, 0, 25, -1, -1, 0)
+    return message(b"T", body)
+
+
+def data_row(values: Sequence[str | None]) -> bytes:
+    body = struct.pack("!h", len(values))
+    for value in values:
+        if value is None:
+            body += _I32.pack(-1)
+        else:
+            data = value.encode()
+            body += _I32.pack(len(data)) + data
+    return message(b"D", body)
+
+
+def command_complete(tag: str) -> bytes:
+    return message(b"C", cstring(tag))
+
+
+# -- frontend messages (what the pooler says to servers) ----------------------------------
+
+
+def startup_message(params: Mapping[str, str], protocol: int = PROTOCOL_3_0) -> bytes:
+    body = _I32.pack(protocol)
+    for key, value in params.items():
+        body += cstring(key) + cstring(value)
+    body += b"\0"
+    return _I32.pack(len(body) + 4) + body
+
+
+def ssl_request() -> bytes:
+    return _2I32.pack(8, SSL_REQUEST_CODE)
+
+
+def cancel_request(pid: int, secret: int) -> bytes:
+    return _I32.pack(16) + _I32.pack(CANCEL_REQUEST_CODE) + _2I32.pack(pid, secret)
+
+
+def query(sql: str) -> bytes:
+    return message(b"Q", cstring(sql))
+
+
+def queries(statements: Iterable[str]) -> bytes:
+    """Several simple-query messages pipelined; each gets its own ReadyForQuery."""
+    return b"".join(query(s) for s in statements)
+
+
+def terminate() -> bytes:
+    return message(b"X")
+
+
+def sync() -> bytes:
+    return message(b"S")
+
+
+def copy_fail(reason: str) -> bytes:
+    return message(b"f", cstring(reason))
+
+
+def password_message(data: bytes) -> bytes:
+    return message(b"p", data)
+
+
+def sasl_initial_response(mechanism: str, data: bytes) -> bytes:
+    return message(b"p", cstring(mechanism) + _I32.pack(len(data)) + data)
+
+
+# -- parsers for bodies the pooler reads whole --------------------------------------------
+
+
+def _cstrings(body: bytes, what: str) -> list[bytes]:
+    if not body.endswith(b"\0"):
+        raise ProtocolViolation(f"invalid {what} message: string is not terminated")
+    return body[:-1].split(b"\0")
+
+
+def parse_error_fields(body: bytes) -> dict[str, str]:
+    """ErrorResponse/NoticeResponse body -> {field code: value}."""
+    fields: dict[str, str] = {}
+    for part in _cstrings(body, "error"):
+        if part:
+            fields[chr(part[0])] = part[1:].decode("utf-8", "replace")
+    return fields
+
+
+def parse_parameter_status(body: bytes) -> tuple[str, str]:
+    parts = _cstrings(body, "ParameterStatus")
+    if len(parts) != 2:
+        raise ProtocolViolation("invalid ParameterStatus message")
+    return parts[0].decode("utf-8", "replace"), parts[1].decode("utf-8", "replace")
+
+
+def parse_authentication(body: bytes) -> tuple[int, bytes]:
+    if len(body) < 4:
+        raise ProtocolViolation("invalid authentication request")
+    return _I32.unpack_from(body)[0], body[4:]
+
+
+def parse_sasl_mechanisms(payload: bytes) -> list[str]:
+    return [m.decode() for m in payload.split(b"\0") if m]
+
+
+def parse_backend_key_data(body: bytes) -> tuple[int, int]:
+    if len(body) != 8:
+        raise ProtocolViolation("invalid BackendKeyData message")
+    pid, secret = _2I32.unpack(body)
+    return pid, secret
+
+
+def parse_password(body: bytes) -> bytes:
+    if not body.endswith(b"\0") or b"\0" in body[:-1]:
+        raise ProtocolViolation("invalid password packet")
+    return body[:-1]
+
+
+def parse_sasl_initial_response(body: bytes) -> tuple[str, bytes]:
+    end = body.find(b"\0")
+    if end < 0 or len(body) < end + 5:
+        raise ProtocolViolation("invalid SASLInitialResponse message")
+    mechanism = body[:end].decode("ascii", "replace")
+    (length,) = _I32.unpack_from(body, end + 1)
+    data = body[end + 5 :]
+    if length == -1:
+        data = b""
+    elif length != len(data):
+        raise ProtocolViolation("invalid SASLInitialResponse message: length mismatch")
+    return mechanism, data

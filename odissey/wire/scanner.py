@@ -1,0 +1,240 @@
+"""Message boundaries of a v3 stream, found without copying the stream.
+
+The relay forwards every chunk exactly as it arrived; the :class:`Scanner` walks the
+message headers in that chunk and reports only the messages the caller watches, carrying
+"bytes left in the current message" across chunk boundaries. The :class:`StartupReader`
+reads the untyped first packet of a client connection.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass, field
+
+from odissey.wire.errors import ProtocolViolation, UnsupportedProtocol
+from odissey.wire.messages import (
+    CANCEL_REQUEST_CODE,
+    GSSENC_REQUEST_CODE,
+    SSL_REQUEST_CODE,
+)
+
+_U32 = struct.Struct("!I").unpack_from
+_2I32 = struct.Struct("!ii").unpack_from
+
+#: One reported message: (type byte, body or None when not collected, end offset).
+#: ``end`` is where the message ends relative to the start of the chunk just fed; it can
+#: lie beyond that chunk when a watched message is reported from its header alone.
+Event = tuple[int, "bytes | None", int]
+
+MAX_STARTUP_PACKET = 10000  # PostgreSQL's own MAX_STARTUP_PACKET_LENGTH
+
+
+class Scanner:
+    """Incremental walker over typed messages (1-byte type, Int32 length, body).
+
+    ``watch`` types are reported as soon as their header is seen; ``collect`` types (a
+    subset of what is reported) are reported once their whole body has arrived, with the
+    body. With ``collect_all`` every message is reported with its body (login phases).
+    A declared length below 4 or above ``max_length`` raises :class:`ProtocolViolation`.
+    """
+
+    __slots__ = (
+        "watch", "collect", "collect_all", "max_length",
+        "_skip", "_skip_type", "_head", "_body", "_body_type", "_body_need",
+    )
+
+    def __init__(
+        self,
+        watch: frozenset[int] = frozenset(),
+        collect: frozenset[int] = frozenset(),
+        *,
+        collect_all: bool = False,
+        max_length: int = 0x7FFFFFFF,
+    ) -> None:
+        self.watch = watch | collect
+        self.collect = collect
+        self.collect_all = collect_all
+        self.max_length = max_length
+        self._skip = 0
+        self._skip_type = 0
+        self._head = b""
+        self._body: bytearray | None = None
+        self._body_type = 0
+        self._body_need = 0
+
+    def in_message(self) -> tuple[int, int] | None:
+        """``(type, bytes still missing)`` when the stream stops inside a message.
+
+        The count is -1 when even the header is incomplete.
+        """
+        if self._skip:
+            return self._skip_type, self._skip
+        if self._body is not None:
+            return self._body_type, self._body_need
+        if self._head:
+            return self._head[0], -1
+        return None
+
+    def feed(self, data: bytes) -> list[Event]:
+        events: list[Event] = []
+        n = len(data)
+        pos = 0
+        shift = 0
+        if self._skip:
+            if self._skip >= n:
+                self._skip -= n
+                return events
+            pos = self._skip
+            self._skip = 0
+        elif self._body is not None:
+            need = self._body_need
+            if need > n:
+                self._body += data
+                self._body_need = need - n
+                return events
+            self._body += data[:need]
+            events.append((self._body_type, bytes(self._body), need))
+            self._body = None
+            pos = need
+        elif self._head:
+            shift = len(self._head)
+            data = self._head + data
+            n = len(data)
+            self._head = b""
+        watch = self.watch
+        collect = self.collect
+        collect_all = self.collect_all
+        max_length = self.max_length
+        while pos < n:
+            if n - pos < 5:
+                self._head = data[pos:]
+                break
+            kind = data[pos]
+            length = _U32(data, pos + 1)[0]
+            if length < 4 or length > max_length:
+                raise ProtocolViolation(
+                    f"invalid message length {length} for message type {chr(kind)!r}",
+                    pos - shift,
+                )
+            end = pos + 1 + length
+            if collect_all or kind in collect:
+                if end <= n:
+                    events.append((kind, data[pos + 5 : end], end - shift))
+                    pos = end
+                    continue
+                self._body = bytearray(data[pos + 5 :])
+                self._body_type = kind
+                self._body_need = end - n
+                break
+            if kind in watch:
+                events.append((kind, None, end - shift))
+            if end > n:
+                self._skip = end - n
+                self._skip_type = kind
+                break
+            pos = end
+        return events
+
+
+@dataclass(frozen=True)
+class StartupMessage:
+    """A StartupMessage; ``unsupported`` lists ``_pq_.`` options we must refuse by name."""
+
+    minor: int
+    params: dict[str, str]
+    unsupported: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class SSLRequest:
+    pass
+
+
+@dataclass(frozen=True)
+class GSSENCRequest:
+    pass
+
+
+@dataclass(frozen=True)
+class CancelRequest:
+    pid: int
+    secret: int
+
+
+StartupPacket = StartupMessage | SSLRequest | GSSENCRequest | CancelRequest
+
+
+@dataclass
+class StartupReader:
+    """Reads the untyped first packet(s) of a client connection.
+
+    ``feed`` returns a packet once one is complete; bytes after it stay in ``rest`` so
+    that a caller can check, for example, that nothing followed an SSLRequest.
+    """
+
+    rest: bytes = field(default=b"")
+
+    def feed(self, data: bytes) -> StartupPacket | None:
+        buf = self.rest + data
+        if len(buf) < 4:
+            self.rest = buf
+            return None
+        (length,) = _U32(buf, 0)
+        if length < 8 or length > MAX_STARTUP_PACKET:
+            raise ProtocolViolation(f"invalid length of startup packet: {length}")
+        if len(buf) < length:
+            self.rest = buf
+            return None
+        self.rest = buf[length:]
+        return parse_startup_packet(buf[4:length])
+
+
+def parse_startup_packet(body: bytes) -> StartupPacket:
+    """Body of an untyped startup packet (after its length) -> packet."""
+    if len(body) < 4:
+        raise ProtocolViolation("invalid length of startup packet")
+    (code,) = _U32(body, 0)
+    if code == SSL_REQUEST_CODE:
+        if len(body) != 4:
+            raise ProtocolViolation("invalid length of SSLRequest packet")
+        return SSLRequest()
+    if code == GSSENC_REQUEST_CODE:
+        if len(body) != 4:
+            raise ProtocolViolation("invalid length of GSSENCRequest packet")
+        return GSSENCRequest()
+    if code == CANCEL_REQUEST_CODE:
+        if len(body) != 12:
+            raise ProtocolViolation("invalid length of CancelRequest packet")
+        pid, secret = _2I32(body, 4)
+        return CancelRequest(pid, secret)
+    major, minor = code >> 16, code & 0xFFFF
+    if major != 3:
+        raise UnsupportedProtocol(
+            f"unsupported frontend protocol {major}.{minor}: server supports 3.0 to 3.0"
+        )
+    return _parse_startup_params(minor, body[4:])
+
+
+def _parse_startup_params(minor: int, data: bytes) -> StartupMessage:
+    if not data.endswith(b"\0"):
+        raise ProtocolViolation("invalid startup packet layout: expected terminator as last byte")
+    pairs = data[:-1]
+    if pairs and not pairs.endswith(b"\0"):
+        raise ProtocolViolation("invalid startup packet layout: expected terminator as last byte")
+    parts = pairs[:-1].split(b"\0") if pairs else []
+    if len(parts) % 2:
+        raise ProtocolViolation("invalid startup packet layout: parameter without value")
+    params: dict[str, str] = {}
+    unsupported: list[str] = []
+    for i in range(0, len(parts), 2):
+        try:
+            key, value = parts[i].decode(), parts[i + 1].decode()
+        except UnicodeDecodeError:
+            raise ProtocolViolation("invalid startup packet: parameter is not valid UTF-8") from None
+        if not key:
+            raise ProtocolViolation("invalid startup packet layout: empty parameter name")
+        if key.startswith("_pq_."):
+            unsupported.append(key)
+        else:
+            params[key] = value
+    return StartupMessage(minor, params, tuple(unsupported))
