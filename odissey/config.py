@@ -29,7 +29,7 @@ SCHEMA: dict[str, tuple[str, ...]] = {
     "routes[]": ("database", "user", "storage", "server", "auth", "pool"),
     "routes[].server": ("database", "user", "password"),
     "routes[].auth": ("method", "password"),
-    "routes[].pool": ("mode", "size", "wait_timeout", "reset_query"),
+    "routes[].pool": ("mode", "size", "wait_timeout", "reset_query", "reset_timeout"),
 }
 
 
@@ -116,6 +116,7 @@ class PoolSettings:
     size: int
     wait_timeout: float
     reset_query: str
+    reset_timeout: float
 
 
 @dataclass(frozen=True)
@@ -427,6 +428,7 @@ def _read_route(
         size=po.value("size", _positive_int, "a positive integer", 20),
         wait_timeout=po.value("wait_timeout", _positive_duration, "a duration like 30s", 30.0),
         reset_query=po.value("reset_query", _any_string, "a string", "DISCARD ALL"),
+        reset_timeout=po.value("reset_timeout", _positive_duration, "a duration like 5s", 10.0),
     )
     if storage is None:
         return None

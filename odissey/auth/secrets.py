@@ -26,13 +26,25 @@ from odissey.config import Secret
 SCRAM_ITERATIONS = 4096
 _MECHANISM = scramp.ScramMechanism("SCRAM-SHA-256")
 
-if not hasattr(scramp.core.hi, "cache_info"):
-    scramp.core.hi = functools.lru_cache(maxsize=256)(scramp.core.hi)
+_pbkdf2 = scramp.core.hi
+
+
+@functools.lru_cache(maxsize=256)
+def _cached_pbkdf2(hf: object, password: bytes, salt: bytes, iterations: int) -> bytes:
+    return _pbkdf2(hf, password, salt, iterations)  # type: ignore[no-any-return]
+
+
+def _hi(hf: object, password: bytes, salt: bytes, iterations: object) -> bytes:
+    return _cached_pbkdf2(hf, bytes(password), bytes(salt), int(iterations))  # type: ignore[call-overload]
+
+
+if getattr(scramp.core.hi, "__name__", "") != "_hi":
+    scramp.core.hi = _hi
 
 
 def pbkdf2_cache_info() -> "functools._CacheInfo":
     """Hits and misses of the shared PBKDF2 cache (tests and stats read it)."""
-    return scramp.core.hi.cache_info()  # type: ignore[attr-defined,no-any-return]
+    return _cached_pbkdf2.cache_info()
 
 
 def md5_hash(password: str, user: str) -> str:

@@ -1,0 +1,68 @@
+"""Back-pressure between a client and its server, so no buffer grows without bound.
+
+While a server is attached, each transport is registered as the other's producer: a
+client that reads a 20 MB result slowly pauses reading from the server, and a server that
+cannot keep up with a COPY pauses reading from the client.
+
+Transports are not registered directly: when a consumer transport closes, Twisted calls
+``stopProducing`` on its producer, which would close the *other* connection too. A
+server outlives its client (it is cleaned and pooled), so each side registers a
+:class:`Valve` that passes pause and resume through and ignores stop.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol as TypingProtocol
+
+from twisted.internet.interfaces import IPushProducer
+from zope.interface import implementer
+
+
+class HasTransport(TypingProtocol):
+    transport: object
+
+
+@implementer(IPushProducer)
+class Valve:
+    def __init__(self, owner: HasTransport) -> None:
+        self.owner = owner
+
+    def pauseProducing(self) -> None:
+        transport = self.owner.transport
+        if transport is not None:
+            transport.pauseProducing()  # type: ignore[attr-defined]
+
+    def resumeProducing(self) -> None:
+        transport = self.owner.transport
+        if transport is not None and getattr(transport, "connected", False):
+            transport.resumeProducing()  # type: ignore[attr-defined]
+
+    def stopProducing(self) -> None:
+        """The consumer went away; the owner's own lifecycle decides what happens next."""
+
+
+def couple(a: HasTransport, a_valve: Valve, b: HasTransport, b_valve: Valve) -> None:
+    """Make each side's transport throttle the other's reading."""
+    ta, tb = a.transport, b.transport
+    if getattr(ta, "connected", False) and getattr(tb, "connected", False):
+        ta.registerProducer(b_valve, True)  # type: ignore[attr-defined]
+        tb.registerProducer(a_valve, True)  # type: ignore[attr-defined]
+
+
+def uncouple(a: HasTransport, a_valve: Valve, b: HasTransport, b_valve: Valve) -> None:
+    """Undo :func:`couple` and let both sides read again."""
+    for transport, valve in ((a.transport, b_valve), (b.transport, a_valve)):
+        if transport is not None and getattr(transport, "producer", None) is valve:
+            transport.unregisterProducer()  # type: ignore[attr-defined]
+    a_valve.resumeProducing()
+    b_valve.resumeProducing()
+
+
+def set_nodelay(transport: object) -> None:
+    """TCP_NODELAY: Twisted leaves Nagle on, which adds 40 ms to small request/replies."""
+    setter = getattr(transport, "setTcpNoDelay", None)
+    if setter is not None:
+        try:
+            setter(True)
+        except OSError:
+            pass

@@ -1,0 +1,269 @@
+"""The link between one logged-in client and the server it is using.
+
+A relay goes ``IDLE -> WAITING -> SYNCING -> ATTACHED`` and back to ``IDLE`` each time
+a transaction-mode server is released (a session-mode relay stays ATTACHED until the
+client leaves), ending in ``CLEANING`` (the client left while attached; its server is
+being made safe for the next client) or ``CLOSED``.
+
+The hot path is :meth:`Relay.clientData` / :meth:`Relay.serverData`: each chunk is
+scanned for message boundaries and forwarded as it arrived. No Deferred is made unless a
+client has to wait for a server.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+from typing import TYPE_CHECKING
+
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from odissey import reset
+from odissey.flow import couple, uncouple
+from odissey.params import Params, differences, set_query
+from odissey.pool import Pool
+from odissey.server import ServerConnection, server_error
+from odissey.transaction import CLIENT_WATCH, Transaction
+from odissey.wire import errors
+from odissey.wire import messages as m
+from odissey.wire.errors import PoolerError, ProtocolViolation
+from odissey.wire.scanner import Event, Scanner
+
+if TYPE_CHECKING:
+    from odissey.client import ClientConnection
+
+log = Logger()
+
+_S = ord("S")
+#: Client bytes buffered while waiting for a server before the client is paused.
+PENDING_LIMIT = 256 * 1024
+
+
+class RelayState(Enum):
+    IDLE = "idle"
+    WAITING = "waiting"
+    SYNCING = "syncing"
+    ATTACHED = "attached"
+    CLEANING = "cleaning"
+    CLOSED = "closed"
+
+
+class Relay:
+    def __init__(
+        self,
+        client: "ClientConnection",
+        pool: Pool,
+        wanted: Params,
+        told: dict[str, str],
+        max_message_size: int,
+    ) -> None:
+        self.client = client
+        self.pool = pool
+        self.wanted = wanted
+        self.told = told
+        self.reported = frozenset(name.lower() for name, _ in pool.parameters_cache or ())
+        self.transaction_mode = pool.route.pool.mode == "transaction"
+        self.state = RelayState.IDLE
+        self.scanner = Scanner(watch=CLIENT_WATCH, max_length=max_message_size)
+        self.tx = Transaction()
+        self.server: ServerConnection | None = None
+        self.pending: list[bytes] = []
+        self.pending_size = 0
+        self.paused = False
+        self.goodbye = False  # the client sent Terminate
+        self.stream_cut = False  # a bad message left the server with a partial header
+        self.cancel_sent: Deferred[None] | None = None
+        self._waiting: Deferred[ServerConnection] | None = None
+
+    # -- client side -------------------------------------------------------------------
+
+    def clientData(self, data: bytes) -> None:
+        try:
+            events = self.scanner.feed(data)
+        except ProtocolViolation as exc:
+            self._violation(data, exc)
+            return
+        if events:
+            end = self.tx.client(events)
+            if end is not None:
+                data = data[:end]
+                self.goodbye = True
+        if self.state is RelayState.ATTACHED:
+            if data:
+                self.server.transport.write(data)  # type: ignore[union-attr]
+        elif data:
+            self.pending.append(data)
+            self.pending_size += len(data)
+            if self.state is RelayState.IDLE:
+                self._acquire()
+            if self.pending_size > PENDING_LIMIT and not self.paused:
+                self.paused = True
+                self.client.transport.pauseProducing()  # type: ignore[union-attr]
+        if self.goodbye:
+            self.client.transport.loseConnection()  # type: ignore[union-attr]
+
+    def _violation(self, data: bytes, exc: ProtocolViolation) -> None:
+        """Forward the whole messages before the bad one, then drop the client."""
+        if self.state is RelayState.ATTACHED and exc.offset > 0:
+            self.server.transport.write(data[: exc.offset])  # type: ignore[union-attr]
+        self.stream_cut = exc.offset < 0
+        self.client.fail(exc)
+
+    def clientGone(self) -> None:
+        """The client connection closed, for whatever reason."""
+        state, self.state = self.state, RelayState.CLOSED
+        self.pending = []
+        if state is RelayState.WAITING and self._waiting is not None:
+            self._waiting.cancel()
+        elif state is RelayState.ATTACHED and self.server is not None:
+            self._clean(self.server)
+
+    def cancelRequest(self) -> None:
+        """A CancelRequest with this client's key: cancel its server's current work."""
+        server = self.server
+        if self.state is RelayState.ATTACHED and server is not None and not self.tx.idle:
+            self.cancel_sent = server.cancel()
+
+    # -- getting a server ----------------------------------------------------------------
+
+    def _acquire(self) -> None:
+        server = self.pool.take(self.client.id)
+        if server is not None:
+            self._use(server)
+            return
+        self.state = RelayState.WAITING
+        self._waiting = self.pool.wait(self.client.id)
+        self._waiting.addCallbacks(self._granted, self._refused)
+
+    def _granted(self, server: ServerConnection) -> None:
+        self._waiting = None
+        if self.state is RelayState.CLOSED:
+            self.pool.release(server)
+            return
+        self._use(server)
+
+    def _refused(self, failure: Failure) -> None:
+        self._waiting = None
+        if failure.check(CancelledError) or self.state is RelayState.CLOSED:
+            return
+        error = failure.value
+        if not isinstance(error, PoolerError):
+            error = PoolerError(errors.CONNECTION_FAILURE, str(error))
+        self.client.fail(error)
+
+    def _use(self, server: ServerConnection) -> None:
+        self.server = server
+        changes = differences(self.wanted, server.params, self.reported)
+        if not changes:
+            self._attach(server)
+            return
+        self.state = RelayState.SYNCING
+        syncing = server.run([set_query(changes)])
+        syncing.addCallbacks(self._synced, self._sync_lost, callbackArgs=(server, changes))
+
+    def _synced(
+        self, failures: list[dict[str, str]], server: ServerConnection, changes: list[tuple[str, str | None]]
+    ) -> None:
+        if self.state is RelayState.CLOSED or failures:
+            self.server = None
+            self.pool.release(server)
+            if failures and self.state is not RelayState.CLOSED:
+                self.client.fail(server_error(failures[0], "invalid client parameter: "))
+            return
+        updates = []
+        for name, value in changes:
+            key = name.lower()
+            if key in self.reported:
+                name, value = server.params.get(key, (name, value or ""))
+                self.wanted[key] = (name, value)
+                if self.told.get(key) != value:
+                    self.told[key] = value
+                    updates.append(m.parameter_status(name, value))
+            elif value is None:
+                server.params.pop(key, None)
+            else:
+                server.params[key] = (name, value)
+        if updates:
+            self.client.transport.write(b"".join(updates))  # type: ignore[union-attr]
+        self._attach(server)
+
+    def _sync_lost(self, failure: Failure) -> None:
+        self.server = None
+        if self.state is not RelayState.CLOSED:
+            self.client.fail(PoolerError(errors.CONNECTION_FAILURE, "server connection lost"))
+
+    def _attach(self, server: ServerConnection) -> None:
+        server.attach(self)
+        self.state = RelayState.ATTACHED
+        couple(self.client, self.client.valve, server, server.valve)
+        if self.pending:
+            server.transport.write(b"".join(self.pending))  # type: ignore[union-attr]
+            self.pending = []
+            self.pending_size = 0
+        if self.paused:
+            self.paused = False
+            self.client.transport.resumeProducing()  # type: ignore[union-attr]
+
+    # -- server side (the server calls these while attached) -----------------------------
+
+    def serverData(self, data: bytes, events: list[Event]) -> None:
+        self.client.transport.write(data)  # type: ignore[union-attr]
+        if events:
+            for kind, body, _end in events:
+                if kind == _S:
+                    name, value = self.server.note_parameter(body)  # type: ignore[union-attr,arg-type]
+                    self.wanted[name.lower()] = (name, value)
+                    self.told[name.lower()] = value
+            if self.tx.server(events) and self.transaction_mode:
+                self._detach()
+
+    def serverLost(self) -> None:
+        server, self.server = self.server, None
+        self.state = RelayState.IDLE
+        if server is not None:
+            uncouple(self.client, self.client.valve, server, server.valve)
+        self.client.fail(PoolerError(
+            errors.CONNECTION_FAILURE, "server closed the connection unexpectedly"))
+
+    # -- letting go ----------------------------------------------------------------------
+
+    def _detach(self) -> None:
+        server = self.server
+        assert server is not None
+        self.server = None
+        self.state = RelayState.IDLE
+        uncouple(self.client, self.client.valve, server, server.valve)
+        server.detach()
+        server.last_client = self.client.id
+        cancel_sent, self.cancel_sent = self.cancel_sent, None
+        if cancel_sent is None:
+            self.pool.release(server)
+        else:
+            settling = reset.settle_cancel(server, cancel_sent, self.pool.route.pool.reset_timeout)
+            settling.addCallback(self._settled, server)
+
+    def _settled(self, safe: bool, server: ServerConnection) -> None:
+        if safe:
+            self.pool.release(server)
+        else:
+            self.pool.discard(server)
+
+    def _clean(self, server: ServerConnection) -> None:
+        self.server = None
+        self.state = RelayState.CLEANING
+        uncouple(self.client, self.client.valve, server, server.valve)
+        route = self.pool.route
+        cut = self.scanner.in_message()
+        if self.stream_cut:
+            cut = (0, -1)
+        cleaning = reset.clean(
+            server,
+            self.tx,
+            cut=cut,
+            goodbye=self.goodbye,
+            reset_query=route.pool.reset_query if not self.transaction_mode else "",
+            timeout=route.pool.reset_timeout,
+            cancel_sent=self.cancel_sent,
+        )
+        cleaning.addCallback(self._settled, server)

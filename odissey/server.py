@@ -1,0 +1,290 @@
+"""The backend side: one connection to PostgreSQL, from login to close.
+
+A server connection goes ``CONNECTING -> LOGIN -> IDLE``, then alternates between
+``IDLE`` (in its pool), ``ACTIVE`` (bytes go to a handler: the relay of the client it is
+attached to, or the cleanup draining it) and ``QUERY`` (running the pooler's own
+statements: parameter SETs, ROLLBACK, reset), until ``CLOSED``.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from enum import Enum
+from typing import TYPE_CHECKING, Protocol as TypingProtocol
+
+from twisted.internet import defer
+from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.endpoints import connectProtocol
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from odissey.auth.responders import ServerAuthenticator
+from odissey.cancel import send_cancel
+from odissey.config import Route, Secret, Storage
+from odissey.flow import Valve, set_nodelay
+from odissey.params import Params
+from odissey.router import storage_endpoint
+from odissey.wire import errors
+from odissey.wire import messages as m
+from odissey.wire.errors import PoolerError, ProtocolViolation
+from odissey.wire.scanner import Event, Scanner
+
+if TYPE_CHECKING:
+    from odissey.pool import Pool
+
+log = Logger()
+_ids = itertools.count(1)
+
+R, S, K, Z, E, G = b"RSKZEG"
+#: Server messages whose bodies the pooler reads: login, parameters, status, errors.
+SERVER_COLLECT = frozenset(b"RSKZEv")
+#: CopyInResponse, which the transaction tracker needs to see (body not needed).
+SERVER_WATCH = frozenset(b"G")
+
+
+class ServerState(Enum):
+    CONNECTING = "connecting"
+    LOGIN = "login"
+    IDLE = "idle"
+    ACTIVE = "active"
+    QUERY = "query"
+    CLOSED = "closed"
+
+
+class Handler(TypingProtocol):
+    """Whoever receives an ACTIVE server's bytes."""
+
+    def serverData(self, data: bytes, events: list[Event]) -> None: ...
+
+    def serverLost(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class LoginInfo:
+    storage: Storage
+    database: str
+    user: str
+    secret: Secret | None
+
+
+def server_error(fields: dict[str, str], prefix: str = "") -> PoolerError:
+    """A server's ErrorResponse fields as a PoolerError, keeping its SQLSTATE."""
+    return PoolerError(
+        fields.get("C", errors.INTERNAL_ERROR),
+        prefix + fields.get("M", "unknown server error"),
+        severity=fields.get("V", fields.get("S", "ERROR")),
+        detail=fields.get("D"),
+        hint=fields.get("H"),
+    )
+
+
+class _Statements:
+    """The pooler's own statements in flight: counts ReadyForQuery, keeps errors."""
+
+    def __init__(self, expected: int) -> None:
+        self.expected = expected
+        self.errors: list[dict[str, str]] = []
+        self.done: Deferred[list[dict[str, str]]] = Deferred()
+
+
+class ServerConnection(Protocol):
+    def __init__(self, login: LoginInfo, reactor: IReactorTime) -> None:
+        self.id = f"s{next(_ids)}"
+        self.login = login
+        self.reactor = reactor
+        self.state = ServerState.CONNECTING
+        self.scanner = Scanner(watch=SERVER_WATCH, collect=SERVER_COLLECT)
+        self.valve = Valve(self)
+        self.params: Params = {}
+        self.login_params: list[tuple[str, str]] = []
+        self.key: tuple[int, int] | None = None
+        self.status = b"I"
+        self.handler: Handler | None = None
+        self.pool: Pool | None = None
+        self.last_client: str | None = None
+        self.created_at = reactor.seconds()
+        self.used_at = self.created_at
+        self.ready: Deferred[ServerConnection] = Deferred()
+        self._auth = ServerAuthenticator(login.user, login.secret)
+        self._statements: _Statements | None = None
+
+    def __repr__(self) -> str:
+        return f"<server {self.id} {self.login.user}@{self.login.database} {self.state.value}>"
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    def connectionMade(self) -> None:
+        set_nodelay(self.transport)
+        self.state = ServerState.LOGIN
+        self.transport.write(  # type: ignore[union-attr]
+            m.startup_message({"user": self.login.user, "database": self.login.database})
+        )
+
+    def dataReceived(self, data: bytes) -> None:
+        try:
+            events = self.scanner.feed(data)
+        except ProtocolViolation as exc:
+            log.error("{id}: invalid data from server: {exc}", id=self.id, exc=exc)
+            self.abort()
+            return
+        if self.state is ServerState.ACTIVE:
+            self.handler.serverData(data, events)  # type: ignore[union-attr]
+            return
+        for kind, body, _end in events:
+            if self.state is ServerState.LOGIN:
+                self._login_message(kind, body or b"")
+            elif self.state is ServerState.QUERY:
+                self._statement_message(kind, body or b"")
+            elif kind == S:
+                self.note_parameter(body or b"")
+            elif kind == E:
+                log.info("{id}: server says {msg}", id=self.id,
+                         msg=m.parse_error_fields(body or b"\0").get("M"))
+
+    def connectionLost(self, reason: Failure | None = None) -> None:
+        before = self.state
+        self.state = ServerState.CLOSED
+        if before in (ServerState.CONNECTING, ServerState.LOGIN):
+            self._fail_login(PoolerError(
+                errors.CONNECTION_FAILURE, "server closed the connection during login"))
+        elif before is ServerState.ACTIVE and self.handler is not None:
+            handler, self.handler = self.handler, None
+            handler.serverLost()
+        elif before is ServerState.QUERY and self._statements is not None:
+            statements, self._statements = self._statements, None
+            statements.done.errback(PoolerError(
+                errors.CONNECTION_FAILURE, "server connection lost"))
+        if self.pool is not None:
+            self.pool.forget(self)
+
+    def close(self) -> None:
+        """Say goodbye properly (Terminate) and close."""
+        if self.transport is not None and self.state is not ServerState.CLOSED:
+            if self.state is not ServerState.CONNECTING:
+                self.transport.write(m.terminate())
+            self.transport.loseConnection()
+
+    def abort(self) -> None:
+        if self.transport is not None and self.state is not ServerState.CLOSED:
+            self.transport.abortConnection()  # type: ignore[attr-defined]
+
+    # -- login ---------------------------------------------------------------------------
+
+    def _login_message(self, kind: int, body: bytes) -> None:
+        if kind == R:
+            code, payload = m.parse_authentication(body)
+            answering = maybeDeferred(self._auth.answer, code, payload)
+            answering.addCallbacks(self._send_auth, self._auth_failed)
+        elif kind == S:
+            self.login_params.append(m.parse_parameter_status(body))
+            self.note_parameter(body)
+        elif kind == K:
+            self.key = m.parse_backend_key_data(body)
+        elif kind == E:
+            self._fail_login(server_error(m.parse_error_fields(body)))
+            self.abort()
+        elif kind == Z:
+            self.status = body
+            self.state = ServerState.IDLE
+            self.ready.callback(self)
+
+    def _send_auth(self, reply: bytes) -> None:
+        if reply and self.transport is not None and self.state is ServerState.LOGIN:
+            self.transport.write(reply)
+
+    def _auth_failed(self, failure: Failure) -> None:
+        error = failure.value
+        if not isinstance(error, PoolerError):
+            error = PoolerError(errors.CONNECTION_FAILURE, f"server login failed: {error}")
+        self._fail_login(error)
+        self.abort()
+
+    def _fail_login(self, error: PoolerError) -> None:
+        if not self.ready.called:
+            self.ready.errback(error)
+
+    # -- parameters --------------------------------------------------------------------
+
+    def note_parameter(self, body: bytes) -> tuple[str, str]:
+        name, value = m.parse_parameter_status(body)
+        self.params[name.lower()] = (name, value)
+        return name, value
+
+    # -- the pooler's own statements ---------------------------------------------------
+
+    def run(self, statements: list[str]) -> "Deferred[list[dict[str, str]]]":
+        """Send simple queries (pipelined), swallow their replies, return their errors."""
+        return self.exchange(m.queries(statements), len(statements))
+
+    def exchange(self, payload: bytes, replies: int) -> "Deferred[list[dict[str, str]]]":
+        """Send the pooler's own messages and wait for ``replies`` ReadyForQuery."""
+        assert self.state is ServerState.IDLE, self.state
+        self._statements = _Statements(replies)
+        self.state = ServerState.QUERY
+        self.transport.write(payload)  # type: ignore[union-attr]
+        return self._statements.done
+
+    def _statement_message(self, kind: int, body: bytes) -> None:
+        statements = self._statements
+        assert statements is not None
+        if kind == E:
+            statements.errors.append(m.parse_error_fields(body))
+        elif kind == S:
+            self.note_parameter(body)
+        elif kind == Z:
+            self.status = body
+            statements.expected -= 1
+            if statements.expected == 0:
+                self._statements = None
+                self.state = ServerState.IDLE
+                statements.done.callback(statements.errors)
+
+    # -- attachment ----------------------------------------------------------------------
+
+    def attach(self, handler: Handler) -> None:
+        self.state = ServerState.ACTIVE
+        self.handler = handler
+
+    def detach(self) -> None:
+        self.state = ServerState.IDLE
+        self.handler = None
+        self.used_at = self.reactor.seconds()
+
+    def cancel(self) -> "Deferred[None]":
+        """Ask PostgreSQL to cancel what this connection is running (new connection)."""
+        assert self.key is not None
+        return send_cancel(self.reactor, self.login.storage, *self.key)
+
+
+def connect(reactor: IReactorTime, route: Route, database: str, user: str) -> "Deferred[ServerConnection]":
+    """Open and log in one server connection for a route, within its connect timeout."""
+    server_user = route.server.user or user
+    secret = route.server.password
+    if secret is None and route.auth.password is not None and route.auth.password.kind == "plain":
+        secret = route.auth.password
+    login = LoginInfo(route.storage, route.server.database or database, server_user, secret)
+    server = ServerConnection(login, reactor)
+    connecting = connectProtocol(storage_endpoint(reactor, route.storage), server)
+
+    def connected(_proto: object) -> "Deferred[ServerConnection]":
+        return server.ready
+
+    def failed(failure: Failure) -> Failure:
+        server.abort()
+        if isinstance(failure.value, PoolerError):
+            return failure
+        reason = failure.getErrorMessage()
+        if failure.check(defer.TimeoutError):
+            reason = f"timed out after {route.storage.connect_timeout:g}s"
+        raise PoolerError(
+            errors.CONNECTION_FAILURE,
+            f'could not connect to server "{route.storage.name}": {reason}',
+        )
+
+    connecting.addCallback(connected)
+    connecting.addTimeout(route.storage.connect_timeout, reactor)  # type: ignore[arg-type]
+    connecting.addErrback(failed)
+    return connecting

@@ -1,0 +1,118 @@
+"""The root service: builds everything from a Config, starts it, and stops it cleanly."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from twisted.application.service import MultiService
+from twisted.internet.defer import Deferred, DeferredList, inlineCallbacks
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.interfaces import IListeningPort
+from twisted.internet.threads import deferToThread
+from twisted.logger import Logger
+
+from odissey.client import ClientFactory
+from odissey.config import Config, Storage
+from odissey.pool import Pools
+from odissey.postgres import LocalPostgres
+from odissey.router import Router
+from odissey.server import connect
+from odissey.wire import errors
+from odissey.wire.errors import PoolerError
+
+log = Logger()
+
+
+def managed_postgres(storage: Storage) -> LocalPostgres:
+    managed = storage.managed
+    assert managed is not None
+    return LocalPostgres(
+        data_dir=managed.data_dir,
+        port=storage.port,
+        users=managed.users,
+        databases=managed.databases,
+        hba=managed.hba,
+        settings=managed.settings,
+    )
+
+
+def with_storage_hosts(config: Config, hosts: dict[str, str]) -> Config:
+    """The config with managed storages pointing at the sockets of the servers we started."""
+    storages = {
+        name: dataclasses.replace(s, host=hosts[name]) if name in hosts else s
+        for name, s in config.storages.items()
+    }
+    routes = tuple(dataclasses.replace(r, storage=storages[r.storage.name]) for r in config.routes)
+    return dataclasses.replace(config, storages=storages, routes=routes)
+
+
+class OdisseyService(MultiService):
+    """Starts managed PostgreSQL servers (if any), then listens; stops in reverse order.
+
+    ``ready`` fires with the listening ports once clients can connect.
+    """
+
+    def __init__(self, config: Config, reactor: object = None) -> None:
+        super().__init__()
+        if reactor is None:
+            from twisted.internet import reactor as default_reactor
+
+            reactor = default_reactor
+        self.reactor = reactor
+        self.config = config
+        self.managed: dict[str, LocalPostgres] = {
+            name: managed_postgres(s) for name, s in config.storages.items() if s.managed
+        }
+        self.ports: list[IListeningPort] = []
+        self.factory: ClientFactory | None = None
+        self.pools: Pools | None = None
+        self.ready: Deferred[list[IListeningPort]] = Deferred()
+        self._starting: Deferred[None] | None = None
+
+    def startService(self) -> None:
+        super().startService()
+        self._starting = self._start()
+        self._starting.addErrback(self._start_failed)
+
+    @inlineCallbacks
+    def _start(self):  # type: ignore[no-untyped-def]
+        hosts = {}
+        for name, postgres in self.managed.items():
+            log.info("starting managed PostgreSQL for storage {name}", name=name)
+            yield deferToThread(postgres.start)
+            log.info("managed PostgreSQL {name} is up (socket in {dir})", name=name,
+                     dir=postgres.socket_dir)
+            hosts[name] = postgres.socket_dir
+        self.config = with_storage_hosts(self.config, hosts)
+        self.pools = Pools(self.reactor, connect)  # type: ignore[arg-type]
+        self.factory = ClientFactory(
+            self.reactor, Router(self.config.routes), self.pools, self.config.limits  # type: ignore[arg-type]
+        )
+        for description in self.config.listen:
+            port = yield serverFromString(self.reactor, description).listen(self.factory)
+            log.info("listening on {where}", where=description)
+            self.ports.append(port)
+        self.ready.callback(self.ports)
+
+    def _start_failed(self, failure):  # type: ignore[no-untyped-def]
+        log.failure("Odissey could not start", failure)
+        if not self.ready.called:
+            self.ready.errback(failure)
+        if self.reactor.running:  # type: ignore[attr-defined]
+            self.reactor.stop()  # type: ignore[attr-defined]
+
+    @inlineCallbacks
+    def stopService(self):  # type: ignore[no-untyped-def]
+        yield super().stopService()
+        if self._starting is not None and not self._starting.called:
+            yield self._starting
+        yield DeferredList([port.stopListening() for port in self.ports])
+        self.ports = []
+        if self.factory is not None:
+            for client in list(self.factory.clients):
+                client.fail(PoolerError(
+                    errors.ADMIN_SHUTDOWN, "terminating connection due to administrator command"))
+        if self.pools is not None:
+            self.pools.close()
+        for postgres in self.managed.values():
+            yield deferToThread(postgres.stop)

@@ -1,0 +1,33 @@
+"""twistd glue: ``twistd -n odissey -c conf.yaml`` and ``--check``."""
+
+from __future__ import annotations
+
+import sys
+
+from twisted.python import usage
+
+from odissey import config
+from odissey.service import OdisseyService
+
+
+class Options(usage.Options):
+    synopsis = "[-c conf.yaml] [--check]"
+    longdesc = "Odissey: a PostgreSQL connection pooler and request router."
+    optParameters = [["config", "c", "odissey.yaml", "Path to the YAML configuration file."]]
+    optFlags = [["check", None, "Validate the configuration, print any problems, and exit."]]
+
+    def postOptions(self) -> None:
+        try:
+            self.loaded = config.load(self["config"])
+        except config.ConfigError as exc:
+            sys.stderr.write(f"{self['config']}: invalid configuration:\n")
+            for problem in exc.problems:
+                sys.stderr.write(f"  {problem}\n")
+            sys.exit(1)
+        if self["check"]:
+            sys.stdout.write(f"{self['config']}: configuration OK\n")
+            sys.exit(0)
+
+
+def makeService(options: Options) -> OdisseyService:
+    return OdisseyService(options.loaded)
