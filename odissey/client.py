@@ -10,7 +10,7 @@ from __future__ import annotations
 import itertools
 from enum import Enum
 
-from twisted.internet.defer import Deferred, inlineCallbacks, maybeDeferred
+from twisted.internet.defer import Deferred, inlineCallbacks, maybeDeferred, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
@@ -93,7 +93,7 @@ class ClientConnection(Protocol):
 
     def connectionLost(self, reason: Failure | None = None) -> None:
         before, self.state = self.state, ClientState.GONE
-        self.factory.clients.discard(self)
+        self.factory.forget(self)
         if self._login_timer is not None and self._login_timer.active():
             self._login_timer.cancel()
         if self.key is not None:
@@ -250,9 +250,25 @@ class ClientFactory(Factory):
         self.keys: CancelKeys[ClientConnection] = keys or CancelKeys()
         self.verifiers = ClientVerifiers()
         self.clients: set[ClientConnection] = set()
+        self._drained: list[Deferred[None]] = []
 
     def buildProtocol(self, addr: object) -> ClientConnection:
         return ClientConnection(self)
+
+    def forget(self, client: ClientConnection) -> None:
+        self.clients.discard(client)
+        if not self.clients:
+            waiting, self._drained = self._drained, []
+            for d in waiting:
+                d.callback(None)
+
+    def drained(self) -> "Deferred[None]":
+        """Fires once no client connection is left."""
+        if not self.clients:
+            return succeed(None)
+        d: Deferred[None] = Deferred()
+        self._drained.append(d)
+        return d
 
     def cancel(self, pid: int, secret: int) -> None:
         client = self.keys.find(pid, secret)

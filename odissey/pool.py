@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections import deque
 from typing import Callable, NamedTuple
 
-from twisted.internet.defer import CancelledError, Deferred, succeed
+from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -25,6 +25,9 @@ from odissey.wire.errors import PoolerError
 log = Logger()
 
 Connector = Callable[[], "Deferred[ServerConnection]"]
+ServerConnector = Callable[
+    [IReactorTime, Route, str, str, "set[ServerConnection]"], "Deferred[ServerConnection]"
+]
 
 
 class PoolKey(NamedTuple):
@@ -220,22 +223,40 @@ class Pool:
 
 
 class Pools:
-    """All pools, created on first use."""
+    """All pools, created on first use, and every server connection they opened."""
 
-    def __init__(self, reactor: IReactorTime, connect: Callable[[IReactorTime, Route, str, str], "Deferred[ServerConnection]"]) -> None:
+    def __init__(self, reactor: IReactorTime, connect: ServerConnector) -> None:
         self.reactor = reactor
         self._connect = connect
         self.pools: dict[PoolKey, Pool] = {}
+        self.servers: set[ServerConnection] = set()
 
     def get(self, route: Route, database: str, user: str) -> Pool:
         key = PoolKey(database, user)
         pool = self.pools.get(key)
-        if pool is None or pool.route is not route:
+        if pool is None:
             pool = Pool(key, route, self.reactor,
-                        lambda: self._connect(self.reactor, route, database, user))
+                        lambda: self._connect(self.reactor, route, database, user, self.servers))
             self.pools[key] = pool
         return pool
 
-    def close(self) -> None:
+    def close(self, patience: float = 5.0) -> "Deferred[None]":
+        """Close every pool; fires once every server connection is closed (aborting
+        whatever is still open after ``patience`` seconds)."""
         for pool in self.pools.values():
             pool.close()
+        remaining = [server.closed for server in self.servers]
+        if not remaining:
+            return succeed(None)
+        timer = self.reactor.callLater(patience, self._abort_all)
+        done = DeferredList(remaining)
+
+        def finished(_: object) -> None:
+            if timer.active():
+                timer.cancel()
+
+        return done.addCallback(finished)
+
+    def _abort_all(self) -> None:
+        for server in list(self.servers):
+            server.abort()

@@ -31,13 +31,15 @@ class Router:
     def mock_method(self, database: str) -> str:
         """The auth method an unknown user of ``database`` is challenged with.
 
-        It is the method a known user of that database would see, so that the challenge
-        does not reveal whether the user exists.
+        A password method used by known users of that database (the first in the
+        configuration), so that the challenge does not reveal whether the user exists;
+        trust only when every route of the database is trust (then nothing is secret).
         """
-        for (db, _user), route in self._routes.items():
-            if db == database:
-                return route.auth.method
-        return "scram-sha-256"
+        methods = [r.auth.method for (db, _user), r in self._routes.items() if db in (database, ANY)]
+        for method in methods:
+            if method != "trust":
+                return method
+        return "trust" if methods else "scram-sha-256"
 
 
 def storage_endpoint(reactor: object, storage: Storage) -> IStreamClientEndpoint:

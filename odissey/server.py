@@ -108,6 +108,7 @@ class ServerConnection(Protocol):
         self.created_at = reactor.seconds()
         self.used_at = self.created_at
         self.ready: Deferred[ServerConnection] = Deferred()
+        self.closed: Deferred[None] = Deferred()
         self._auth = ServerAuthenticator(login.user, login.secret)
         self._statements: _Statements | None = None
 
@@ -159,6 +160,7 @@ class ServerConnection(Protocol):
                 errors.CONNECTION_FAILURE, "server connection lost"))
         if self.pool is not None:
             self.pool.forget(self)
+        self.closed.callback(None)
 
     def close(self) -> None:
         """Say goodbye properly (Terminate) and close."""
@@ -184,7 +186,7 @@ class ServerConnection(Protocol):
         elif kind == K:
             self.key = m.parse_backend_key_data(body)
         elif kind == E:
-            self._fail_login(server_error(m.parse_error_fields(body)))
+            self._fail_login(server_error(m.parse_error_fields(body), "server login failed: "))
             self.abort()
         elif kind == Z:
             self.status = body
@@ -259,14 +261,21 @@ class ServerConnection(Protocol):
         return send_cancel(self.reactor, self.login.storage, *self.key)
 
 
-def connect(reactor: IReactorTime, route: Route, database: str, user: str) -> "Deferred[ServerConnection]":
-    """Open and log in one server connection for a route, within its connect timeout."""
+def connect(
+    reactor: IReactorTime, route: Route, database: str, user: str, live: set[ServerConnection]
+) -> "Deferred[ServerConnection]":
+    """Open and log in one server connection for a route, within its connect timeout.
+
+    ``live`` holds every server connection until it is closed, so shutdown can wait.
+    """
     server_user = route.server.user or user
     secret = route.server.password
     if secret is None and route.auth.password is not None and route.auth.password.kind == "plain":
         secret = route.auth.password
     login = LoginInfo(route.storage, route.server.database or database, server_user, secret)
     server = ServerConnection(login, reactor)
+    live.add(server)
+    server.closed.addCallback(lambda _: live.discard(server))
     connecting = connectProtocol(storage_endpoint(reactor, route.storage), server)
 
     def connected(_proto: object) -> "Deferred[ServerConnection]":
@@ -274,6 +283,8 @@ def connect(reactor: IReactorTime, route: Route, database: str, user: str) -> "D
 
     def failed(failure: Failure) -> Failure:
         server.abort()
+        if server.state is ServerState.CONNECTING:
+            live.discard(server)
         if isinstance(failure.value, PoolerError):
             return failure
         reason = failure.getErrorMessage()

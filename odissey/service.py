@@ -46,6 +46,18 @@ def with_storage_hosts(config: Config, hosts: dict[str, str]) -> Config:
     return dataclasses.replace(config, storages=storages, routes=routes)
 
 
+def within(reactor: object, waiting: "Deferred[None]", seconds: float, give_up: object) -> "Deferred[None]":
+    """Wait for ``waiting``, calling ``give_up`` if it takes longer than ``seconds``."""
+    timer = reactor.callLater(seconds, give_up)  # type: ignore[attr-defined]
+
+    def done(result: object) -> object:
+        if timer.active():
+            timer.cancel()
+        return result
+
+    return waiting.addBoth(done)
+
+
 class OdisseyService(MultiService):
     """Starts managed PostgreSQL servers (if any), then listens; stops in reverse order.
 
@@ -101,6 +113,11 @@ class OdisseyService(MultiService):
         if self.reactor.running:  # type: ignore[attr-defined]
             self.reactor.stop()  # type: ignore[attr-defined]
 
+    def _abort_clients(self) -> None:
+        for client in list(self.factory.clients if self.factory else ()):
+            if client.transport is not None:
+                client.transport.abortConnection()
+
     @inlineCallbacks
     def stopService(self):  # type: ignore[no-untyped-def]
         yield super().stopService()
@@ -112,7 +129,8 @@ class OdisseyService(MultiService):
             for client in list(self.factory.clients):
                 client.fail(PoolerError(
                     errors.ADMIN_SHUTDOWN, "terminating connection due to administrator command"))
+            yield within(self.reactor, self.factory.drained(), 5.0, self._abort_clients)
         if self.pools is not None:
-            self.pools.close()
+            yield self.pools.close()
         for postgres in self.managed.values():
             yield deferToThread(postgres.stop)

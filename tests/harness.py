@@ -1,0 +1,177 @@
+"""Integration harness: one real PostgreSQL per test run, Odissey in-process, real clients.
+
+The PostgreSQL is started on first use and stopped at interpreter exit. Its roles cover
+every server-side authentication method; its pg_hba.conf says which method each uses.
+Odissey runs on the trial reactor; blocking clients (psycopg, psql, pgbench) run in
+threads or subprocesses so the reactor keeps serving them.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import shutil
+import socket
+import subprocess
+from typing import Any, Callable
+
+import psycopg
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.threads import deferToThread
+from twisted.trial import unittest
+
+from odissey import config
+from odissey.auth.secrets import md5_hash
+from odissey.postgres import LocalPostgres
+from odissey.service import OdisseyService
+
+reactor.suggestThreadPoolSize(64)  # type: ignore[attr-defined]
+
+APP_PASSWORD = "app-secret"
+USERS = {
+    "app": APP_PASSWORD,
+    "u_trust": "trust-pw",
+    "u_clear": "clear-pw",
+    "u_md5": md5_hash("md5-pw", "u_md5"),  # stored as md5 by PostgreSQL
+    "u_scram": "scram-pw",
+}
+SERVER_HBA = (
+    "host all u_trust 127.0.0.1/32 trust",
+    "host all u_clear 127.0.0.1/32 password",
+    "host all u_md5 127.0.0.1/32 md5",
+)
+
+_postgres: LocalPostgres | None = None
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def shared_postgres() -> LocalPostgres:
+    """The run's PostgreSQL, started on first use (blocking, about a second)."""
+    global _postgres
+    if _postgres is None:
+        pg = LocalPostgres(
+            port=free_port(),
+            users=USERS,
+            databases={"app": "app"},
+            hba=SERVER_HBA,
+            settings={"listen_addresses": "127.0.0.1", "max_connections": "400"},
+        )
+        pg.start()
+        pg.psql(
+            "GRANT ALL ON SCHEMA public TO PUBLIC;"
+            "CREATE TABLE items (id int primary key, note text);"
+            "GRANT ALL ON items TO PUBLIC;",
+            database="app",
+        )
+        atexit.register(pg.stop)
+        _postgres = pg
+    return _postgres
+
+
+def route(
+    database: str = "app",
+    user: str = "app",
+    *,
+    auth: dict[str, Any] | None = None,
+    server: dict[str, Any] | None = None,
+    pool: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    out: dict[str, Any] = {"database": database, "user": user, "storage": "pg"}
+    out["auth"] = auth if auth is not None else {"method": "scram-sha-256", "password": APP_PASSWORD}
+    if server is not None:
+        out["server"] = server
+    out["pool"] = {"mode": "session", "size": 4, "wait_timeout": "5s", **(pool or {})}
+    return out
+
+
+class Odissey:
+    """An Odissey service on an ephemeral port in front of the shared PostgreSQL."""
+
+    def __init__(self, routes: list[dict[str, Any]], limits: dict[str, Any] | None = None) -> None:
+        self.pg = shared_postgres()
+        document = {
+            "listen": ["tcp:0:interface=127.0.0.1"],
+            "storages": {"pg": {"host": "127.0.0.1", "port": self.pg.port, "connect_timeout": "3s"}},
+            "routes": routes,
+        }
+        if limits:
+            document["limits"] = limits
+        self.config = config.parse(document)
+        self.service = OdisseyService(self.config, reactor)
+        self.port = 0
+
+    @inlineCallbacks
+    def start(self):  # type: ignore[no-untyped-def]
+        self.service.startService()
+        ports = yield self.service.ready
+        self.port = ports[0].getHost().port
+
+    def stop(self) -> "Deferred[None]":
+        return self.service.stopService()
+
+    def dsn(self, user: str = "app", password: str | None = APP_PASSWORD, dbname: str = "app", **extra: str) -> str:
+        parts = {"host": "127.0.0.1", "port": str(self.port), "user": user, "dbname": dbname,
+                 "sslmode": "disable", **extra}
+        if password is not None:
+            parts["password"] = password
+        return " ".join(f"{k}='{v}'" for k, v in parts.items())
+
+    def connect(self, **kwargs: Any) -> psycopg.Connection:
+        autocommit = kwargs.pop("autocommit", True)
+        return psycopg.connect(self.dsn(**kwargs), autocommit=autocommit, connect_timeout=10)
+
+    def env(self, password: str = APP_PASSWORD) -> dict[str, str]:
+        return {**os.environ, "PGPASSWORD": password, "PGSSLMODE": "disable"}
+
+    def psql(self, sql: str, user: str = "app", password: str = APP_PASSWORD, dbname: str = "app") -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            ["psql", "-X", "-h", "127.0.0.1", "-p", str(self.port), "-U", user, "-d", dbname,
+             "-v", "ON_ERROR_STOP=1", "-At", "-c", sql],
+            capture_output=True, text=True, env=self.env(password), timeout=60,
+        )
+
+
+def direct(user: str = "postgres", dbname: str = "app") -> psycopg.Connection:
+    """A connection straight to PostgreSQL (superuser, over its socket) for checking."""
+    pg = shared_postgres()
+    return psycopg.connect(host=pg.socket_dir, port=pg.port, user=user, dbname=dbname, autocommit=True)
+
+
+def server_pids(user: str = "app") -> set[int]:
+    """Backend pids of client connections PostgreSQL sees for ``user``."""
+    with direct() as conn:
+        rows = conn.execute(
+            "SELECT pid FROM pg_stat_activity WHERE usename = %s AND pid <> pg_backend_pid()",
+            (user,),
+        ).fetchall()
+    return {r[0] for r in rows}
+
+
+class IntegrationTest(unittest.TestCase):
+    """Starts an Odissey with :meth:`routes` before each test and stops it after."""
+
+    timeout = 120
+    limits: dict[str, Any] | None = None
+
+    def routes(self) -> list[dict[str, Any]]:
+        return [route()]
+
+    def setUp(self) -> Deferred[None]:
+        self.odissey = Odissey(self.routes(), self.limits)
+        return self.odissey.start()
+
+    def tearDown(self) -> Deferred[None]:
+        return self.odissey.stop()
+
+    def thread(self, f: Callable[..., Any], *args: Any, **kwargs: Any) -> Deferred[Any]:
+        return deferToThread(f, *args, **kwargs)
+
+
+def have(program: str) -> bool:
+    return shutil.which(program) is not None
