@@ -162,11 +162,12 @@ class Pool:
 
     def _grow(self) -> None:
         """Open servers for waiters not already covered by an opening, within the size."""
-        if self.closed:
-            return
-        want = len(self.waiters) + (1 if self._parameter_waiters and self.parameters_cache is None else 0)
-        while want > self.opening and self.total < self.size:
+        while not self.closed and self._wanted() > self.opening and self.total < self.size:
             self._open()
+
+    def _wanted(self) -> int:
+        """Connections somebody is waiting for (a waiter, or a login needing parameters)."""
+        return len(self.waiters) + (1 if self._parameter_waiters and self.parameters_cache is None else 0)
 
     def _open(self) -> None:
         self.opening += 1
@@ -200,6 +201,7 @@ class Pool:
             if waiter.timer is not None and waiter.timer.active():
                 waiter.timer.cancel()
             waiter.deferred.errback(error)
+        self._grow()
 
     def parameters(self) -> "Deferred[list[tuple[str, str]]]":
         """The server's ParameterStatus set, cached after the first login of this pool."""

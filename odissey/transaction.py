@@ -56,13 +56,16 @@ class Transaction:
         return None
 
     def server(self, events: list[Event]) -> bool:
-        """Account for what the server answered; True when the server is now idle."""
+        """Account for what the server answered; True when a ReadyForQuery just made the
+        server idle (an error or a notice in mid-batch never frees it)."""
+        ready = False
         for kind, body, _end in events:
             if kind == Z:
                 self.outstanding -= 1
                 self.status = body  # type: ignore[assignment]
+                ready = True
             elif kind == G:
                 self.copy_in = True
                 self.outstanding -= self.syncs_since_execute
                 self.syncs_since_execute = 0
-        return self.outstanding <= 0 and self.status == b"I" and not self.copy_in
+        return ready and self.outstanding <= 0 and self.status == b"I" and not self.copy_in

@@ -1,0 +1,67 @@
+"""Client parameters: options parsing, differences, and safe SET quoting."""
+
+from __future__ import annotations
+
+from hypothesis import given
+from hypothesis import strategies as st
+from twisted.trial.unittest import SynchronousTestCase
+
+from odissey.params import (
+    differences,
+    params_from,
+    parse_options,
+    quote_ident,
+    quote_literal,
+    set_query,
+    startup_wants,
+)
+
+
+class ParamsTests(SynchronousTestCase):
+    def test_options_switches(self) -> None:
+        """``-c a=b``, ``-ca=b`` and ``--a-b=c`` are all understood; escaped spaces kept."""
+        self.assertEqual(
+            parse_options(r"-c search_path=a\ b -cwork_mem=8MB --statement-timeout=5s -X"),
+            [("search_path", "a b"), ("work_mem", "8MB"), ("statement_timeout", "5s")],
+        )
+
+    def test_startup_wants(self) -> None:
+        """Startup keys become wanted parameters; user/database and read-only ones do not."""
+        wants = startup_wants({"user": "u", "database": "d", "application_name": "x",
+                               "server_version": "1", "options": "-c TimeZone=UTC"})
+        self.assertEqual(wants, [("application_name", "x"), ("TimeZone", "UTC")])
+
+    def test_differences(self) -> None:
+        """Only differing values are set; unreported leftovers are reset; names ignore case."""
+        wanted = params_from([("TimeZone", "UTC"), ("DateStyle", "ISO, MDY")])
+        current = params_from([("timezone", "UTC"), ("DateStyle", "SQL"), ("search_path", "evil")])
+        self.assertEqual(
+            differences(wanted, current, frozenset({"timezone", "datestyle"})),
+            [("DateStyle", "ISO, MDY"), ("search_path", None)],
+        )
+        self.assertEqual(differences(wanted, dict(wanted), frozenset()), [])
+
+    def test_set_query(self) -> None:
+        """One query sets and resets everything, each name and value quoted."""
+        self.assertEqual(
+            set_query([("TimeZone", "Europe/Paris"), ("my.opt", "a'b\\c"), ("search_path", None)]),
+            "SET \"TimeZone\" TO E'Europe/Paris'; SET \"my\".\"opt\" TO E'a''b\\\\c'; "
+            "RESET \"search_path\"",
+        )
+
+    @given(st.text(alphabet=st.characters(blacklist_characters="\0"), max_size=40))
+    def test_literal_never_ends_early(self, value: str) -> None:
+        """A quoted value is one literal: no unescaped quote can end it early."""
+        quoted = quote_literal(value)
+        inner = quoted[2:-1]
+        i = 0
+        while i < len(inner):
+            if inner[i] == "\\":
+                i += 2
+                continue
+            if inner[i] == "'":
+                self.assertEqual(inner[i + 1], "'")
+                i += 2
+                continue
+            i += 1
+        self.assertEqual(quote_ident('a"b'), '"a""b"')

@@ -1,0 +1,123 @@
+"""The pool on a fake clock with fake servers: size, FIFO waiters, affinity, timeouts."""
+
+from __future__ import annotations
+
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase
+
+from odissey import config
+from odissey.pool import Pool, PoolKey
+from odissey.server import ServerState
+from odissey.testing import FakeServers
+from odissey.wire.errors import PoolerError
+
+
+def make_pool(size: int = 2, wait: str = "5s") -> tuple[Pool, FakeServers, Clock]:
+    cfg = config.parse({
+        "listen": ["tcp:0"],
+        "storages": {"pg": {"host": "127.0.0.1"}},
+        "routes": [{"database": "db", "user": "u", "storage": "pg",
+                    "pool": {"size": size, "wait_timeout": wait}}],
+    })
+    servers, clock = FakeServers(), Clock()
+    return Pool(PoolKey("db", "u"), cfg.routes[0], clock, servers), servers, clock  # type: ignore[arg-type]
+
+
+class PoolTests(SynchronousTestCase):
+    def test_waiters_open_up_to_size(self) -> None:
+        """Three waiters on a pool of two open exactly two connections."""
+        pool, servers, _ = make_pool(size=2)
+        for name in ("a", "b", "c"):
+            pool.wait(name)
+        self.assertEqual(len(servers.attempts), 2)
+        self.assertEqual(pool.total, 2)
+
+    def test_fifo_and_later_turn(self) -> None:
+        """A released server goes to the first waiter, on a later reactor turn."""
+        pool, servers, clock = make_pool(size=1)
+        first = pool.wait("a")
+        got: list[object] = []
+        first.addCallback(got.append)
+        server = servers.succeed_next()
+        self.assertEqual(got, [])  # not re-entrant
+        clock.advance(0)
+        self.assertEqual(got, [server])
+        second, third = pool.wait("b"), pool.wait("c")
+        order: list[str] = []
+        second.addCallback(lambda _: order.append("b"))
+        third.addCallback(lambda _: order.append("c"))
+        pool.release(server)  # type: ignore[arg-type]
+        clock.advance(0)
+        self.assertEqual(order, ["b"])
+
+    def test_newcomer_cannot_jump_queue(self) -> None:
+        """While anyone waits, take() gives nothing even if a server is idle."""
+        pool, servers, clock = make_pool(size=1)
+        pool.wait("a")
+        server = servers.succeed_next()
+        clock.advance(0)
+        pool.wait("b")
+        pool.release(server)  # type: ignore[arg-type]
+        self.assertIsNone(pool.take("newcomer"))
+
+    def test_affinity(self) -> None:
+        """take() prefers the server the same client used last."""
+        pool, servers, clock = make_pool(size=2)
+        d1, d2 = pool.wait("a"), pool.wait("b")
+        s1, s2 = servers.succeed_next(), servers.succeed_next()
+        clock.advance(0)
+        s1.last_client, s2.last_client = "a", "b"
+        pool.release(s1)  # type: ignore[arg-type]
+        pool.release(s2)  # type: ignore[arg-type]
+        self.assertIs(pool.take("a"), s1)
+
+    def test_wait_timeout(self) -> None:
+        """A waiter gives up with 53300 after the wait timeout."""
+        pool, servers, clock = make_pool(size=1, wait="2s")
+        holder = pool.wait("a")
+        servers.succeed_next()
+        clock.advance(0)
+        waiting = pool.wait("b")
+        clock.advance(2)
+        error = self.failureResultOf(waiting, PoolerError).value
+        self.assertEqual(error.sqlstate, "53300")
+        self.assertIn('pool "db/u"', error.message)
+        self.assertTrue(holder.called)
+
+    def test_connect_failure_fails_one_waiter(self) -> None:
+        """A failed connection attempt fails the waiter it was for, not everyone."""
+        pool, servers, _ = make_pool(size=1)
+        first, second = pool.wait("a"), pool.wait("b")
+        servers.fail_next(PoolerError("08006", "could not connect"))
+        self.assertEqual(self.failureResultOf(first, PoolerError).value.sqlstate, "08006")
+        self.assertNoResult(second)
+        self.assertEqual(len(servers.attempts), 1)  # a new attempt for the second waiter
+
+    def test_parameters_cached(self) -> None:
+        """The first login's ParameterStatus set is cached; later logins need no server."""
+        pool, servers, clock = make_pool()
+        asked = pool.parameters()
+        server = servers.succeed_next()
+        self.assertEqual(self.successResultOf(asked), server.login_params)
+        self.assertEqual(pool.idle, [server])
+        self.assertEqual(self.successResultOf(pool.parameters()), server.login_params)
+        self.assertEqual(servers.attempts, [])
+
+    def test_released_broken_server_closed(self) -> None:
+        """A server released in a non-idle state is closed, not pooled."""
+        pool, servers, clock = make_pool()
+        pool.wait("a")
+        server = servers.succeed_next()
+        clock.advance(0)
+        server.state = ServerState.QUERY
+        pool.release(server)  # type: ignore[arg-type]
+        self.assertEqual(pool.idle, [])
+        self.assertEqual(server.state, ServerState.CLOSED)
+
+    def test_cancelled_waiter_leaves_queue(self) -> None:
+        """A waiter whose client left is removed from the queue."""
+        pool, servers, clock = make_pool(size=1)
+        waiting = pool.wait("a")
+        waiting.cancel()
+        self.failureResultOf(waiting)
+        self.assertEqual(len(pool.waiters), 0)

@@ -1,0 +1,104 @@
+"""Server connections: every server auth method, wrong server passwords, servers dying."""
+
+from __future__ import annotations
+
+import psycopg
+from twisted.internet.defer import inlineCallbacks
+
+from odissey.auth.secrets import md5_hash, pbkdf2_cache_info
+from tests.harness import IntegrationTest, direct, route
+
+TRUST = {"method": "trust"}
+
+
+class ServerAuthTests(IntegrationTest):
+    """Odissey answers whatever PostgreSQL asks: trust, cleartext, md5, SCRAM."""
+
+    def routes(self) -> list[dict]:
+        return [
+            route("app", "u_trust", auth=TRUST),
+            route("app", "u_clear", auth=TRUST, server={"password": "clear-pw"}),
+            route("app", "u_md5", auth=TRUST, server={"password": "md5-pw"}),
+            route("app", "u_scram", auth=TRUST, server={"password": "scram-pw"}),
+            route("app", "app", auth=TRUST, server={"password": "wrong"}),
+            route("*", "u_md5", auth=TRUST, server={"password": md5_hash("md5-pw", "u_md5"),
+                                                     "database": "app"}),
+        ]
+
+    def who(self, user: str, dbname: str = "app") -> str:
+        with self.odissey.connect(user=user, password=None, dbname=dbname) as conn:
+            return conn.execute("select current_user || '@' || current_database()").fetchone()[0]
+
+    @inlineCallbacks
+    def test_each_server_method(self):
+        """Logins through trust, cleartext, md5 and SCRAM servers all succeed."""
+        for user in ("u_trust", "u_clear", "u_md5", "u_scram"):
+            self.assertEqual((yield self.thread(self.who, user)), f"{user}@app")
+
+    @inlineCallbacks
+    def test_md5_hash_answers_md5_server_and_database_remap(self):
+        """An md5 hash answers an md5 server; server.database remaps the client's database."""
+        self.assertEqual((yield self.thread(self.who, "u_md5", "anything")), "u_md5@app")
+
+    @inlineCallbacks
+    def test_wrong_server_password(self):
+        """A wrong server password reaches the client as the server's 28P01, marked as such."""
+        def attempt() -> str:
+            try:
+                self.who("app")
+            except psycopg.OperationalError as exc:
+                return str(exc)
+            return "accepted"
+
+        msg = yield self.thread(attempt)
+        self.assertIn('server login failed: password authentication failed for user "app"', msg)
+
+    @inlineCallbacks
+    def test_scram_key_derivation_cached(self):
+        """A second SCRAM server login with the same password reuses the derived key."""
+        def two_servers() -> None:
+            with self.odissey.connect(user="u_scram", password=None) as a, \
+                    self.odissey.connect(user="u_scram", password=None) as b:
+                a.execute("select 1")
+                b.execute("select 1")
+
+        before = pbkdf2_cache_info().hits
+        yield self.thread(two_servers)
+        self.assertGreater(pbkdf2_cache_info().hits, before)
+
+
+class ServerDeathTests(IntegrationTest):
+    """A server killed under a client: that client gets an error, everyone else goes on."""
+
+    @inlineCallbacks
+    def test_terminated_backend(self):
+        """pg_terminate_backend mid-session: 57P01/08006 to that client, others unaffected."""
+        victim = yield self.thread(self.odissey.connect)
+        bystander = yield self.thread(self.odissey.connect)
+        try:
+            pid = yield self.thread(lambda: victim.execute("select pg_backend_pid()").fetchone()[0])
+            yield self.thread(lambda: bystander.execute("begin").close())
+
+            def kill() -> None:
+                with direct() as su:
+                    su.execute("select pg_terminate_backend(%s)", (pid,))
+
+            yield self.thread(kill)
+
+            def use_victim() -> str:
+                try:
+                    victim.execute("select 1")
+                except psycopg.OperationalError as exc:
+                    return exc.sqlstate or str(exc)
+                return "still alive"
+
+            outcome = yield self.thread(use_victim)
+            self.assertIn(outcome, ("57P01", "08006"), outcome)
+            row = yield self.thread(lambda: bystander.execute("select 7").fetchone())
+            self.assertEqual(row, (7,))
+            yield self.thread(lambda: bystander.execute("commit").close())
+            fresh = yield self.thread(self.odissey.psql, "select 'fine'")
+            self.assertEqual(fresh.stdout.strip(), "fine", fresh.stderr)
+        finally:
+            yield self.thread(victim.close)
+            yield self.thread(bystander.close)
