@@ -26,7 +26,6 @@ from odissey.auth.secrets import md5_hash
 from odissey.postgres import LocalPostgres
 from odissey.service import OdisseyService
 
-reactor.suggestThreadPoolSize(64)  # type: ignore[attr-defined]
 
 APP_PASSWORD = "app-secret"
 USERS = {
@@ -163,6 +162,9 @@ class IntegrationTest(unittest.TestCase):
         return [route()]
 
     def setUp(self) -> Deferred[None]:
+        # Blocking clients run in reactor threads, as does Odissey's PBKDF2; trial makes a
+        # new 10-thread pool for every test, too few when dozens of clients block at once.
+        reactor.suggestThreadPoolSize(100)  # type: ignore[attr-defined]
         self.odissey = Odissey(self.routes(), self.limits)
         return self.odissey.start()
 

@@ -1,0 +1,114 @@
+"""Bounded buffers and no leaks: slow readers pause the server; vanishing clients free everything."""
+
+from __future__ import annotations
+
+import random
+import socket
+import time
+
+import psycopg
+from twisted.internet import reactor
+from twisted.internet.defer import gatherResults, inlineCallbacks
+from twisted.internet.task import deferLater
+
+from odissey.pool import PoolKey
+from odissey.wire import messages as m
+from tests.harness import IntegrationTest, route, server_pids
+from tests.test_session import vanish
+
+
+def trust_login(port: int) -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    sock.sendall(m.startup_message({"user": "u_trust", "database": "app"}))
+    data = b""
+    while not data.endswith(m.ready_for_query(b"I")):
+        data += sock.recv(65536)
+    return sock
+
+
+class BackPressureTests(IntegrationTest):
+    def routes(self) -> list[dict]:
+        return [route(), route("app", "u_trust", auth={"method": "trust"}, pool={"size": 2})]
+
+    @inlineCallbacks
+    def test_slow_reader_pauses_server(self):
+        """A client that stops reading a 300 MB result makes Odissey stop reading the server."""
+        sock = yield self.thread(trust_login, self.odissey.port)
+        try:
+            sock.sendall(m.query("select repeat('x', 1000) from generate_series(1, 300000)"))
+            yield deferLater(reactor, 2.0, lambda: None)
+            pool = self.odissey.service.pools.pools[PoolKey("app", "u_trust")]
+            (server,) = pool.active
+            client = next(c for c in self.odissey.service.factory.clients if c.user == "u_trust")
+            self.assertTrue(client.transport.producerPaused)
+            buffered = len(client.transport.dataBuffer) + client.transport._tempDataLen
+            self.assertLess(buffered, 4 * 1024 * 1024)
+        finally:
+            sock.close()
+        yield deferLater(reactor, 1.0, lambda: None)
+        self.assertEqual(len(pool.active), 0)
+        self.assertEqual(len(pool.idle), 1)  # cancelled, drained and reused
+
+    @inlineCallbacks
+    def test_nodelay_both_sides(self):
+        """TCP_NODELAY is set on client and server sockets."""
+        conn = yield self.thread(self.odissey.connect)
+        try:
+            yield self.thread(lambda: conn.execute("select 1").close())
+            client = next(iter(self.odissey.service.factory.clients))
+            server = client.relay.server
+            for transport in (client.transport, server.transport):
+                flag = transport.getHandle().getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+                self.assertTrue(flag)
+        finally:
+            yield self.thread(conn.close)
+
+
+class NoLeakTests(IntegrationTest):
+    """Clients leaving at random moments never leak a server connection or a pool slot."""
+
+    def routes(self) -> list[dict]:
+        return [route(pool={"size": 3, "wait_timeout": "20s"})]
+
+    def chaotic_client(self, seed: int) -> str:
+        rnd = random.Random(seed)
+        try:
+            conn = self.odissey.connect()
+        except psycopg.OperationalError as exc:
+            return f"refused {exc.sqlstate}"
+        step = rnd.choice(["idle", "begin", "insert", "sleep", "copy", "polite"])
+        if step in ("begin", "insert"):
+            conn.execute("begin")
+        if step == "insert":
+            conn.execute("insert into items values (%s, 'chaos')", (100000 + seed,))
+        if step == "sleep":
+            conn.pgconn.send_query(b"select pg_sleep(20)")
+        if step == "copy":
+            copy = conn.cursor().copy("copy items from stdin").__enter__()
+            copy.write_row((200000 + seed, "chaos"))
+        time.sleep(rnd.random() * 0.3)
+        if step == "polite":
+            conn.close()
+        else:
+            vanish(conn)
+        return step
+
+    @inlineCallbacks
+    def test_random_vanishing_clients(self):
+        """Forty clients vanish mid-whatever; afterwards every server is idle and reusable."""
+        yield gatherResults([self.thread(self.chaotic_client, seed) for seed in range(40)])
+        pool = self.odissey.service.pools.pools[PoolKey("app", "app")]
+        for _ in range(100):
+            if not pool.active and not pool.waiters:
+                break
+            yield deferLater(reactor, 0.1, lambda: None)
+        self.assertEqual((len(pool.active), len(pool.waiters)), (0, 0))
+        self.assertLessEqual(pool.total, 3)
+        backends = yield self.thread(server_pids)
+        self.assertEqual(backends, {s.key[0] for s in pool.idle})
+
+        def count_chaos() -> int:
+            with self.odissey.connect() as conn:
+                return conn.execute("select count(*) from items where note = 'chaos'").fetchone()[0]
+
+        self.assertEqual((yield self.thread(count_chaos)), 0)
