@@ -8,6 +8,7 @@ BackendKeyData it gets is Odissey's own.
 from __future__ import annotations
 
 import itertools
+from collections import Counter
 from enum import Enum
 
 from twisted.internet.defer import Deferred, inlineCallbacks, maybeDeferred, succeed
@@ -59,6 +60,7 @@ class ClientConnection(Protocol):
         self.key: tuple[int, int] | None = None
         self.user = ""
         self.database = ""
+        self.route_index: int | None = None
         self._reader = StartupReader()
         self._auth_scanner = Scanner(collect_all=True, max_length=65536)
         self._password: Deferred[bytes] | None = None
@@ -98,6 +100,8 @@ class ClientConnection(Protocol):
             self._login_timer.cancel()
         if self.key is not None:
             self.factory.keys.release(self.key[0])
+        if self.route_index is not None:
+            self.factory.route_clients[self.route_index] -= 1
         if before is ClientState.READY and self.relay is not None:
             self.relay.clientGone()
         if self._password is not None and not self._password.called:
@@ -189,6 +193,14 @@ class ClientConnection(Protocol):
             body = yield self._next_password()
             step = yield maybeDeferred(verifier.receive, body)
         assert route is not None
+        limit = route.pool.max_clients
+        if limit and f.route_clients[route.index] >= limit:
+            raise PoolerError(
+                errors.TOO_MANY_CONNECTIONS,
+                f'too many clients for database "{database}" user "{user}" (max_clients {limit})',
+            )
+        f.route_clients[route.index] += 1
+        self.route_index = route.index
         self.send(step.reply + m.authentication_ok())
         self.state = ClientState.PARAMS
         pool = f.pools.get(route, database, user)
@@ -250,6 +262,7 @@ class ClientFactory(Factory):
         self.keys: CancelKeys[ClientConnection] = keys or CancelKeys()
         self.verifiers = ClientVerifiers()
         self.clients: set[ClientConnection] = set()
+        self.route_clients: Counter[int] = Counter()
         self._drained: list[Deferred[None]] = []
 
     def buildProtocol(self, addr: object) -> ClientConnection:

@@ -20,16 +20,24 @@ ANY = "*"
 POOL_MODES = ("session", "transaction")
 AUTH_METHODS = ("trust", "cleartext", "md5", "scram-sha-256")
 
+POOL_KEYS = (
+    "mode", "size", "min_size", "max_clients", "wait_timeout",
+    "reset_query", "reset_timeout", "reset_after_transaction",
+    "server_idle_timeout", "server_lifetime",
+    "client_idle_timeout", "idle_in_transaction_timeout", "query_timeout",
+)
+
 #: Every key the loader accepts, by section; ``docs/configuration.md`` documents exactly these.
 SCHEMA: dict[str, tuple[str, ...]] = {
-    "": ("listen", "limits", "storages", "routes"),
+    "": ("listen", "limits", "storages", "pool_defaults", "routes"),
     "limits": ("max_clients", "login_timeout", "max_message_size"),
-    "storages.*": ("host", "port", "connect_timeout", "managed"),
+    "storages.*": ("host", "port", "connect_timeout", "retry_backoff", "managed"),
     "storages.*.managed": ("data_dir", "users", "databases", "hba", "settings"),
     "routes[]": ("database", "user", "storage", "server", "auth", "pool"),
     "routes[].server": ("database", "user", "password"),
     "routes[].auth": ("method", "password"),
-    "routes[].pool": ("mode", "size", "wait_timeout", "reset_query", "reset_timeout"),
+    "pool_defaults": POOL_KEYS,
+    "routes[].pool": POOL_KEYS,
 }
 
 
@@ -84,6 +92,7 @@ class Storage:
     host: str  # a host name/address, or a unix socket directory (starts with "/")
     port: int
     connect_timeout: float
+    retry_backoff: float = 10.0
     managed: ManagedPostgres | None = None
 
     @property
@@ -112,11 +121,21 @@ class ClientAuth:
 
 @dataclass(frozen=True)
 class PoolSettings:
-    mode: str
-    size: int
-    wait_timeout: float
-    reset_query: str
-    reset_timeout: float
+    """A route's pooling; durations are seconds, 0 means "no limit" where allowed."""
+
+    mode: str = "session"
+    size: int = 20
+    min_size: int = 0
+    max_clients: int = 0
+    wait_timeout: float = 30.0
+    reset_query: str = "DISCARD ALL"
+    reset_timeout: float = 10.0
+    reset_after_transaction: bool = False
+    server_idle_timeout: float = 600.0
+    server_lifetime: float = 3600.0
+    client_idle_timeout: float = 0.0
+    idle_in_transaction_timeout: float = 0.0
+    query_timeout: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -263,6 +282,18 @@ def _port(value: Any) -> int:
     return value
 
 
+def _nonneg_int(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError
+    return value
+
+
+def _bool(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError
+    return value
+
+
 def _positive_duration(value: Any) -> float:
     seconds = parse_duration(value)
     if seconds <= 0:
@@ -376,12 +407,55 @@ def _read_storage(problems: list[str], name: str, data: Any) -> Storage:
         connect_timeout=s.value(
             "connect_timeout", _positive_duration, "a duration like 5s", 5.0
         ),
+        retry_backoff=s.value("retry_backoff", _positive_duration, "a duration like 10s", 10.0),
         managed=managed,
     )
 
 
+def _read_pool(
+    problems: list[str], path: str, data: Any, schema_key: str, defaults: PoolSettings
+) -> PoolSettings:
+    po = _Section(problems, path, data, schema_key)
+    d = defaults
+    duration, off_duration = "a duration like 30s", "a duration like 30s (0 for none)"
+    pool = PoolSettings(
+        mode=po.value("mode", _choice(POOL_MODES), " or ".join(POOL_MODES), d.mode),
+        size=po.value("size", _positive_int, "a positive integer", d.size),
+        min_size=po.value("min_size", _nonneg_int, "an integer >= 0", d.min_size),
+        max_clients=po.value("max_clients", _nonneg_int, "an integer >= 0", d.max_clients),
+        wait_timeout=po.value("wait_timeout", _positive_duration, duration, d.wait_timeout),
+        reset_query=po.value("reset_query", _any_string, "a string", d.reset_query),
+        reset_timeout=po.value("reset_timeout", _positive_duration, duration, d.reset_timeout),
+        reset_after_transaction=po.value(
+            "reset_after_transaction", _bool, "true or false", d.reset_after_transaction
+        ),
+        server_idle_timeout=po.value(
+            "server_idle_timeout", parse_duration, off_duration, d.server_idle_timeout
+        ),
+        server_lifetime=po.value("server_lifetime", parse_duration, off_duration, d.server_lifetime),
+        client_idle_timeout=po.value(
+            "client_idle_timeout", parse_duration, off_duration, d.client_idle_timeout
+        ),
+        idle_in_transaction_timeout=po.value(
+            "idle_in_transaction_timeout", parse_duration, off_duration,
+            d.idle_in_transaction_timeout,
+        ),
+        query_timeout=po.value("query_timeout", parse_duration, off_duration, d.query_timeout),
+    )
+    if pool.min_size > pool.size:
+        po.problem(f"must not exceed size ({pool.size}), got {pool.min_size}", "min_size")
+    if pool.reset_after_transaction and not pool.reset_query:
+        po.problem("needs a reset_query to run", "reset_after_transaction")
+    return pool
+
+
 def _read_route(
-    problems: list[str], index: int, data: Any, storages: Mapping[str, Storage], base: Path | None
+    problems: list[str],
+    index: int,
+    data: Any,
+    storages: Mapping[str, Storage],
+    base: Path | None,
+    pool_defaults: PoolSettings,
 ) -> Route | None:
     path = f"routes[{index}]"
     s = _Section(problems, path, data, "routes[]")
@@ -422,14 +496,7 @@ def _read_route(
     if method == "scram-sha-256" and secret is not None and secret.kind == "md5":
         au.problem("scram-sha-256 needs a plain password or a SCRAM secret", "password")
 
-    po = _Section(problems, s.at("pool"), s.data.get("pool"), "routes[].pool")
-    pool = PoolSettings(
-        mode=po.value("mode", _choice(POOL_MODES), " or ".join(POOL_MODES), "session"),
-        size=po.value("size", _positive_int, "a positive integer", 20),
-        wait_timeout=po.value("wait_timeout", _positive_duration, "a duration like 30s", 30.0),
-        reset_query=po.value("reset_query", _any_string, "a string", "DISCARD ALL"),
-        reset_timeout=po.value("reset_timeout", _positive_duration, "a duration like 5s", 10.0),
-    )
+    pool = _read_pool(problems, s.at("pool"), s.data.get("pool"), "routes[].pool", pool_defaults)
     if storage is None:
         return None
     return Route(
@@ -467,6 +534,10 @@ def parse(data: Any, source: str | None = None) -> Config:
         for name, body in (raw_storages or {}).items():
             storages[str(name)] = _read_storage(problems, str(name), body)
 
+    pool_defaults = _read_pool(
+        problems, "pool_defaults", top.data.get("pool_defaults"), "pool_defaults", PoolSettings()
+    )
+
     routes: list[Route] = []
     raw_routes = top.data.get("routes")
     if not isinstance(raw_routes, list) or not raw_routes:
@@ -475,7 +546,7 @@ def parse(data: Any, source: str | None = None) -> Config:
     else:
         seen: dict[tuple[str, str], int] = {}
         for i, body in enumerate(raw_routes):
-            route = _read_route(problems, i, body, storages, base)
+            route = _read_route(problems, i, body, storages, base, pool_defaults)
             if route is None:
                 continue
             key = (route.database, route.user)

@@ -60,6 +60,9 @@ class Pool:
         self.parameters_cache: list[tuple[str, str]] | None = None
         self._parameter_waiters: list[Deferred[list[tuple[str, str]]]] = []
         self.closed = False
+        self.backoff = 0.0  # delay before the next attempt after failures; 0 when healthy
+        self.retry_at = 0.0
+        self.last_error: PoolerError | None = None
 
     @property
     def size(self) -> int:
@@ -112,9 +115,12 @@ class Pool:
             ))
 
     def release(self, server: ServerConnection) -> None:
-        """A clean, idle server comes back: to the first waiter, or to the idle list."""
+        """A clean, idle server comes back: to the first waiter, or to the idle list.
+
+        A server past its lifetime is closed here, when nobody is using it.
+        """
         self.active.discard(server)
-        if self.closed or server.state is not ServerState.IDLE:
+        if self.closed or server.state is not ServerState.IDLE or self._expired(server):
             server.pool = None
             server.close()
             self._grow()
@@ -161,8 +167,17 @@ class Pool:
     # -- servers ---------------------------------------------------------------------------
 
     def _grow(self) -> None:
-        """Open servers for waiters not already covered by an opening, within the size."""
-        while not self.closed and self._wanted() > self.opening and self.total < self.size:
+        """Open servers for waiters not already covered by an opening, within the size.
+
+        While the storage is in back-off after failed attempts, waiters fail at once with
+        the last error instead of hanging.
+        """
+        if self.closed:
+            return
+        if self.reactor.seconds() < self.retry_at:
+            self._fail_uncovered(self._unreachable())
+            return
+        while self._wanted() > self.opening and self.total < self.size:
             self._open()
 
     def _wanted(self) -> int:
@@ -175,6 +190,7 @@ class Pool:
 
     def _opened(self, server: ServerConnection) -> None:
         self.opening -= 1
+        self.backoff, self.retry_at, self.last_error = 0.0, 0.0, None
         if self.closed:
             server.close()
             return
@@ -191,17 +207,55 @@ class Pool:
         error = failure.value
         if not isinstance(error, PoolerError):
             error = PoolerError(errors.CONNECTION_FAILURE, f"could not connect to server: {error}")
-        log.warn("pool {pool}: {error}", pool=str(self.key), error=error.message)
+        self.last_error = error
+        self.backoff = min(max(self.backoff * 2, 0.25), self.route.storage.retry_backoff)
+        self.retry_at = self.reactor.seconds() + self.backoff
+        log.warn("pool {pool}: {error}; next attempt in {delay:.2f}s", pool=str(self.key),
+                 error=error.message, delay=self.backoff)
+        self._fail_uncovered(error)
+
+    def _fail_uncovered(self, error: PoolerError) -> None:
+        """Fail the waiters (and logins) that no connection attempt in progress will serve."""
         if self.parameters_cache is None and self.opening == 0:
             waiting, self._parameter_waiters = self._parameter_waiters, []
             for d in waiting:
                 d.errback(error)
-        if len(self.waiters) > self.opening:
-            waiter = self.waiters.popleft()
+        while len(self.waiters) > self.opening:
+            waiter = self.waiters.pop()
             if waiter.timer is not None and waiter.timer.active():
                 waiter.timer.cancel()
             waiter.deferred.errback(error)
-        self._grow()
+
+    def _unreachable(self) -> PoolerError:
+        reason = self.last_error.message if self.last_error else "unreachable"
+        wait = max(0.0, self.retry_at - self.reactor.seconds())
+        return PoolerError(
+            errors.CONNECTION_FAILURE, f"{reason} (pool \"{self.key}\", next attempt in {wait:.1f}s)"
+        )
+
+    # -- upkeep (the janitor calls this about once a second) -------------------------------
+
+    def _expired(self, server: ServerConnection) -> bool:
+        lifetime = self.route.pool.server_lifetime
+        return bool(lifetime) and self.reactor.seconds() - server.created_at > lifetime
+
+    def maintain(self) -> None:
+        """Close idle servers past their idle timeout or lifetime; keep min_size open."""
+        now = self.reactor.seconds()
+        settings = self.route.pool
+        for server in list(self.idle):
+            idle_too_long = (
+                settings.server_idle_timeout
+                and now - server.used_at > settings.server_idle_timeout
+                and self.total > settings.min_size
+            )
+            if idle_too_long or self._expired(server):
+                self.idle.remove(server)
+                server.pool = None
+                server.close()
+        if not self.closed and not self.waiters and now >= self.retry_at:
+            while self.total < settings.min_size:
+                self._open()
 
     def parameters(self) -> "Deferred[list[tuple[str, str]]]":
         """The server's ParameterStatus set, cached after the first login of this pool."""

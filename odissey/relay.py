@@ -75,10 +75,13 @@ class Relay:
         self.stream_cut = False  # a bad message left the server with a partial header
         self.cancel_sent: Deferred[None] | None = None
         self._waiting: Deferred[ServerConnection] | None = None
+        self._now = client.factory.reactor.seconds
+        self.client_at = self.server_at = self._now()  # last client chunk / server event
 
     # -- client side -------------------------------------------------------------------
 
     def clientData(self, data: bytes) -> None:
+        self.client_at = self._now()
         try:
             events = self.scanner.feed(data)
         except ProtocolViolation as exc:
@@ -210,13 +213,17 @@ class Relay:
     def serverData(self, data: bytes, events: list[Event]) -> None:
         self.client.transport.write(data)  # type: ignore[union-attr]
         if events:
+            self.server_at = self._now()
             for kind, body, _end in events:
                 if kind == _S:
                     name, value = self.server.note_parameter(body)  # type: ignore[union-attr,arg-type]
                     self.wanted[name.lower()] = (name, value)
                     self.told[name.lower()] = value
-            if self.tx.server(events) and self.transaction_mode:
-                self._detach()
+            if self.tx.server(events):
+                if self.transaction_mode:
+                    self._detach()
+                elif self.cancel_sent is not None and self.cancel_sent.called:
+                    self.cancel_sent = None
 
     def serverLost(self) -> None:
         server, self.server = self.server, None
@@ -225,6 +232,27 @@ class Relay:
             uncouple(self.client, self.client.valve, server, server.valve)
         self.client.fail(PoolerError(
             errors.CONNECTION_FAILURE, "server closed the connection unexpectedly"))
+
+    # -- timeouts (the janitor calls this about once a second) ---------------------------
+
+    def enforce_timeouts(self, now: float) -> None:
+        """Query timeout (cancel), idle-in-transaction and client idle timeouts (FATAL)."""
+        settings = self.pool.route.pool
+        quiet = now - max(self.client_at, self.server_at)
+        if self.tx.outstanding > 0:
+            if (settings.query_timeout and quiet > settings.query_timeout
+                    and self.cancel_sent is None and self.server is not None
+                    and self.state is RelayState.ATTACHED):
+                log.info("{id}: query timeout, cancelling", id=self.client.id)
+                self.cancel_sent = self.server.cancel()
+        elif self.tx.status != b"I":
+            if settings.idle_in_transaction_timeout and quiet > settings.idle_in_transaction_timeout:
+                self.client.fail(PoolerError(
+                    errors.IDLE_IN_TRANSACTION_SESSION_TIMEOUT,
+                    "terminating connection due to idle-in-transaction timeout"))
+        elif settings.client_idle_timeout and quiet > settings.client_idle_timeout:
+            self.client.fail(PoolerError(
+                errors.IDLE_SESSION_TIMEOUT, "terminating connection due to idle-session timeout"))
 
     # -- letting go ----------------------------------------------------------------------
 
@@ -237,11 +265,17 @@ class Relay:
         server.detach()
         server.last_client = self.client.id
         cancel_sent, self.cancel_sent = self.cancel_sent, None
-        if cancel_sent is None:
+        settings = self.pool.route.pool
+        if cancel_sent is None and not settings.reset_after_transaction:
             self.pool.release(server)
-        else:
-            settling = reset.settle_cancel(server, cancel_sent, self.pool.route.pool.reset_timeout)
-            settling.addCallback(self._settled, server)
+            return
+        settling = reset.after_transaction(
+            server,
+            cancel_sent,
+            settings.reset_query if settings.reset_after_transaction else "",
+            settings.reset_timeout,
+        )
+        settling.addCallback(self._settled, server)
 
     def _settled(self, safe: bool, server: ServerConnection) -> None:
         if safe:

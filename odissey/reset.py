@@ -141,7 +141,23 @@ def clean(
     return _bounded(server, work, timeout, "client left")
 
 
-def settle_cancel(server: ServerConnection, cancel_sent: "Deferred[None]", timeout: float) -> "Deferred[bool]":
-    """After a cancelled query ended: True when the server is safe for another client."""
-    work = _settle(server, cancel_sent).addCallback(lambda _: None)
-    return _bounded(server, work, timeout, "cancel")
+@inlineCallbacks
+def _after_transaction(  # type: ignore[no-untyped-def]
+    server: ServerConnection, cancel_sent: "Deferred[None] | None", reset_query: str
+):
+    if cancel_sent is not None:
+        yield _settle(server, cancel_sent)
+    if reset_query:
+        failures = yield server.run([reset_query])
+        if failures or server.status != b"I":
+            return "reset query failed"
+    return None
+
+
+def after_transaction(
+    server: ServerConnection, cancel_sent: "Deferred[None] | None", reset_query: str, timeout: float
+) -> "Deferred[bool]":
+    """A transaction-mode server just went idle, but a cancel was sent for it or the route
+    resets after every transaction: True when it is safe for another client."""
+    work = _after_transaction(server, cancel_sent, reset_query)
+    return _bounded(server, work, timeout, "transaction")

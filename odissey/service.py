@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from twisted.application.internet import TimerService
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, DeferredList, inlineCallbacks
 from twisted.internet.endpoints import serverFromString
@@ -13,6 +14,7 @@ from twisted.logger import Logger
 
 from odissey.client import ClientFactory
 from odissey.config import Config, Storage
+from odissey.janitor import PERIOD, Janitor
 from odissey.pool import Pools
 from odissey.postgres import LocalPostgres
 from odissey.router import Router
@@ -100,6 +102,9 @@ class OdisseyService(MultiService):
         self.factory = ClientFactory(
             self.reactor, Router(self.config.routes), self.pools, self.config.limits  # type: ignore[arg-type]
         )
+        janitor = TimerService(PERIOD, Janitor(self.reactor, self.pools, self.factory).tick)  # type: ignore[arg-type]
+        janitor.clock = self.reactor
+        janitor.setServiceParent(self)
         for description in self.config.listen:
             port = yield serverFromString(self.reactor, description).listen(self.factory)
             log.info("listening on {where}", where=description)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
 
 from odissey.server import ServerState
 
@@ -19,8 +20,9 @@ _ids = itertools.count(1)
 class FakeServer:
     """The parts of a ServerConnection a Pool looks at."""
 
-    def __init__(self, params: list[tuple[str, str]] | None = None) -> None:
+    def __init__(self, params: list[tuple[str, str]] | None = None, now: float = 0.0) -> None:
         self.id = f"fake{next(_ids)}"
+        self.created_at = self.used_at = now
         self.state = ServerState.IDLE
         self.last_client: str | None = None
         self.login_params = params or [
@@ -37,7 +39,8 @@ class FakeServer:
 class FakeServers:
     """A connector whose connection attempts wait for the test to finish them."""
 
-    def __init__(self) -> None:
+    def __init__(self, clock: IReactorTime | None = None) -> None:
+        self.clock = clock
         self.attempts: list[Deferred[FakeServer]] = []
 
     def __call__(self) -> "Deferred[FakeServer]":
@@ -46,7 +49,7 @@ class FakeServers:
         return attempt
 
     def succeed_next(self) -> FakeServer:
-        server = FakeServer()
+        server = FakeServer(now=self.clock.seconds() if self.clock else 0.0)
         self.attempts.pop(0).callback(server)
         return server
 

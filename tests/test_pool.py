@@ -12,14 +12,15 @@ from odissey.testing import FakeServers
 from odissey.wire.errors import PoolerError
 
 
-def make_pool(size: int = 2, wait: str = "5s") -> tuple[Pool, FakeServers, Clock]:
+def make_pool(size: int = 2, wait: str = "5s", **pool: object) -> tuple[Pool, FakeServers, Clock]:
     cfg = config.parse({
         "listen": ["tcp:0"],
-        "storages": {"pg": {"host": "127.0.0.1"}},
+        "storages": {"pg": {"host": "127.0.0.1", "retry_backoff": "4s"}},
         "routes": [{"database": "db", "user": "u", "storage": "pg",
-                    "pool": {"size": size, "wait_timeout": wait}}],
+                    "pool": {"size": size, "wait_timeout": wait, **pool}}],
     })
-    servers, clock = FakeServers(), Clock()
+    clock = Clock()
+    servers = FakeServers(clock)
     return Pool(PoolKey("db", "u"), cfg.routes[0], clock, servers), servers, clock  # type: ignore[arg-type]
 
 
@@ -84,14 +85,57 @@ class PoolTests(SynchronousTestCase):
         self.assertIn('pool "db/u"', error.message)
         self.assertTrue(holder.called)
 
-    def test_connect_failure_fails_one_waiter(self) -> None:
-        """A failed connection attempt fails the waiter it was for, not everyone."""
-        pool, servers, _ = make_pool(size=1)
+    def test_connect_failure_backs_off(self) -> None:
+        """A failed attempt fails the waiters at once with the error; during the back-off
+        new waiters fail fast; afterwards attempts resume, and delays double up to the cap."""
+        pool, servers, clock = make_pool(size=1)
         first, second = pool.wait("a"), pool.wait("b")
-        servers.fail_next(PoolerError("08006", "could not connect"))
-        self.assertEqual(self.failureResultOf(first, PoolerError).value.sqlstate, "08006")
-        self.assertNoResult(second)
-        self.assertEqual(len(servers.attempts), 1)  # a new attempt for the second waiter
+        servers.fail_next(PoolerError("08006", 'could not connect to server "pg": refused'))
+        for waiting in (first, second):
+            error = self.failureResultOf(waiting, PoolerError).value
+            self.assertIn("could not connect", error.message)
+        fast = self.failureResultOf(pool.wait("c"), PoolerError).value
+        self.assertIn("next attempt in 0.2s", fast.message)
+        self.assertEqual(servers.attempts, [])
+        clock.advance(0.25)
+        later = pool.wait("d")
+        self.assertEqual(len(servers.attempts), 1)
+        servers.fail_next(PoolerError("08006", "refused"))
+        self.failureResultOf(later, PoolerError)
+        self.assertEqual(pool.backoff, 0.5)
+        for _ in range(6):
+            clock.advance(pool.backoff)
+            later = pool.wait("e")
+            servers.fail_next(PoolerError("08006", "refused"))
+            self.failureResultOf(later, PoolerError)
+        self.assertEqual(pool.backoff, 4.0)
+        clock.advance(4)
+        pool.wait("f")
+        servers.succeed_next()
+        self.assertEqual((pool.backoff, pool.retry_at), (0.0, 0.0))
+
+    def test_idle_timeout_lifetime_and_min_size(self) -> None:
+        """Idle servers past their idle timeout or lifetime are closed; min_size stays open."""
+        pool, servers, clock = make_pool(size=3, min_size=1, server_idle_timeout="10s",
+                                         server_lifetime="100s")
+        pool.maintain()
+        first = servers.succeed_next()  # opened for min_size
+        self.assertEqual(pool.idle, [first])
+        self.assertIs(pool.take("a"), first)
+        waiting = pool.wait("b")
+        second = servers.succeed_next()
+        clock.advance(0)
+        self.assertIs(self.successResultOf(waiting), second)
+        for server in list(pool.active):
+            pool.release(server)  # type: ignore[arg-type]
+        clock.advance(11)
+        pool.maintain()
+        self.assertEqual(pool.total, 1)  # one closed for idleness, min_size kept
+        clock.advance(90)
+        pool.maintain()
+        self.assertEqual(len(servers.attempts), 1)  # the old one went; a fresh one is opening
+        self.assertEqual(first.state, ServerState.CLOSED)
+        self.assertEqual(second.state, ServerState.CLOSED)
 
     def test_parameters_cached(self) -> None:
         """The first login's ParameterStatus set is cached; later logins need no server."""

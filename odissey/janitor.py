@@ -1,0 +1,30 @@
+"""Periodic upkeep, like PgBouncer's janitor: pool upkeep and per-client timeouts.
+
+Timeouts are checked here, about twice a second, rather than with a timer per client:
+the relay only stores timestamps on its hot path, and one pass over the clients is
+cheaper than rescheduling thousands of DelayedCalls on every message.
+"""
+
+from __future__ import annotations
+
+from twisted.internet.interfaces import IReactorTime
+
+from odissey.client import ClientFactory
+from odissey.pool import Pools
+
+PERIOD = 0.5
+
+
+class Janitor:
+    def __init__(self, clock: IReactorTime, pools: Pools, factory: ClientFactory) -> None:
+        self.clock = clock
+        self.pools = pools
+        self.factory = factory
+
+    def tick(self) -> None:
+        for pool in list(self.pools.pools.values()):
+            pool.maintain()
+        now = self.clock.seconds()
+        for client in list(self.factory.clients):
+            if client.relay is not None:
+                client.relay.enforce_timeouts(now)
