@@ -13,7 +13,7 @@ from twisted.internet.threads import deferToThread
 from twisted.logger import Logger
 
 from odissey.client import ClientFactory
-from odissey.config import Config, Storage
+from odissey.config import ANY, Config, Storage
 from odissey.janitor import PERIOD, Janitor
 from odissey.pool import Pools
 from odissey.postgres import LocalPostgres
@@ -102,6 +102,9 @@ class OdisseyService(MultiService):
         self.factory = ClientFactory(
             self.reactor, Router(self.config.routes), self.pools, self.config.limits  # type: ignore[arg-type]
         )
+        for route in self.config.routes:
+            if route.pool.min_size and ANY not in (route.database, route.user):
+                self.pools.get(route, route.database, route.user)  # warmed by the janitor
         janitor = TimerService(PERIOD, Janitor(self.reactor, self.pools, self.factory).tick)  # type: ignore[arg-type]
         janitor.clock = self.reactor
         janitor.setServiceParent(self)

@@ -16,9 +16,11 @@ import subprocess
 from typing import Any, Callable
 
 import psycopg
+from psycopg.conninfo import make_conninfo
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, inlineCallbacks
-from twisted.internet.threads import deferToThread
+from twisted.internet.threads import deferToThreadPool
+from twisted.python.threadpool import ThreadPool
 from twisted.trial import unittest
 
 from odissey import config
@@ -68,6 +70,11 @@ def shared_postgres() -> LocalPostgres:
             "GRANT ALL ON items TO PUBLIC;",
             database="app",
         )
+        if have("pgbench"):  # tables for the pgbench tests, owned by app
+            subprocess.run(
+                ["pgbench", "-i", "-q", "-s", "1", "-h", pg.socket_dir, "-p", str(pg.port), "-U", "app", "app"],
+                check=True, capture_output=True, env={**os.environ, "PGPASSWORD": APP_PASSWORD},
+            )
         atexit.register(pg.stop)
         _postgres = pg
     return _postgres
@@ -92,11 +99,14 @@ def route(
 class Odissey:
     """An Odissey service on an ephemeral port in front of the shared PostgreSQL."""
 
-    def __init__(self, routes: list[dict[str, Any]], limits: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self, routes: list[dict[str, Any]], limits: dict[str, Any] | None = None, storage_port: int | None = None
+    ) -> None:
         self.pg = shared_postgres()
+        port = storage_port or self.pg.port
         document = {
             "listen": ["tcp:0:interface=127.0.0.1"],
-            "storages": {"pg": {"host": "127.0.0.1", "port": self.pg.port, "connect_timeout": "3s"}},
+            "storages": {"pg": {"host": "127.0.0.1", "port": port, "connect_timeout": "3s"}},
             "routes": routes,
         }
         if limits:
@@ -119,11 +129,16 @@ class Odissey:
                  "sslmode": "disable", **extra}
         if password is not None:
             parts["password"] = password
-        return " ".join(f"{k}='{v}'" for k, v in parts.items())
+        return make_conninfo(**parts)
 
     def connect(self, **kwargs: Any) -> psycopg.Connection:
+        """A psycopg connection through Odissey. Automatic server-side prepared statements
+        are off: under transaction pooling their names would meet other clients' on a shared
+        server (see docs/transaction-pooling.md); session-mode tests turn them on explicitly."""
         autocommit = kwargs.pop("autocommit", True)
-        return psycopg.connect(self.dsn(**kwargs), autocommit=autocommit, connect_timeout=10)
+        conn = psycopg.connect(self.dsn(**kwargs), autocommit=autocommit, connect_timeout=10)
+        conn.prepare_threshold = None
+        return conn
 
     def env(self, password: str = APP_PASSWORD) -> dict[str, str]:
         return {**os.environ, "PGPASSWORD": password, "PGSSLMODE": "disable"}
@@ -157,22 +172,26 @@ class IntegrationTest(unittest.TestCase):
 
     timeout = 120
     limits: dict[str, Any] | None = None
+    storage_port: int | None = None  # None: the shared PostgreSQL
 
     def routes(self) -> list[dict[str, Any]]:
         return [route()]
 
     def setUp(self) -> Deferred[None]:
-        # Blocking clients run in reactor threads, as does Odissey's PBKDF2; trial makes a
-        # new 10-thread pool for every test, too few when dozens of clients block at once.
-        reactor.suggestThreadPoolSize(100)  # type: ignore[attr-defined]
-        self.odissey = Odissey(self.routes(), self.limits)
+        # Blocking clients get their own threads: in the reactor's pool (which Odissey
+        # uses for PBKDF2) a hundred blocked clients would starve the pooler they wait for.
+        self.clients = ThreadPool(minthreads=0, maxthreads=200, name="test-clients")
+        self.clients.start()
+        self.odissey = Odissey(self.routes(), self.limits, self.storage_port)
         return self.odissey.start()
 
-    def tearDown(self) -> Deferred[None]:
-        return self.odissey.stop()
+    @inlineCallbacks
+    def tearDown(self):  # type: ignore[no-untyped-def]
+        yield self.odissey.stop()
+        self.clients.stop()
 
     def thread(self, f: Callable[..., Any], *args: Any, **kwargs: Any) -> Deferred[Any]:
-        return deferToThread(f, *args, **kwargs)
+        return deferToThreadPool(reactor, self.clients, f, *args, **kwargs)
 
 
 def have(program: str) -> bool:

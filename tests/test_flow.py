@@ -84,8 +84,8 @@ class NoLeakTests(IntegrationTest):
         if step == "sleep":
             conn.pgconn.send_query(b"select pg_sleep(20)")
         if step == "copy":
-            copy = conn.cursor().copy("copy items from stdin").__enter__()
-            copy.write_row((200000 + seed, "chaos"))
+            copying = conn.cursor().copy("copy items from stdin")
+            copying.__enter__().write_row((200000 + seed, "chaos"))
         time.sleep(rnd.random() * 0.3)
         if step == "polite":
             conn.close()

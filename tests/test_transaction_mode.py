@@ -1,0 +1,612 @@
+"""Transaction pooling end to end: sharing, boundaries, parameters, vanishing clients."""
+
+from __future__ import annotations
+
+import random
+import subprocess
+import time
+
+import psycopg
+from twisted.internet import reactor
+from twisted.internet.defer import gatherResults, inlineCallbacks
+from twisted.internet.task import deferLater
+from twisted.trial.unittest import SkipTest
+from txpostgres import txpostgres
+
+from odissey.pool import PoolKey
+from tests.harness import IntegrationTest, direct, free_port, have, route, server_pids
+from tests.test_session import committed, vanish
+
+
+def tx_route(**pool: object) -> dict:
+    return route(pool={"mode": "transaction", **pool})
+
+
+class TransactionModeTests(IntegrationTest):
+    def routes(self) -> list[dict]:
+        return [tx_route(size=2)]
+
+    @property
+    def pool(self):  # type: ignore[no-untyped-def]
+        return self.odissey.service.pools.pools[PoolKey("app", "app")]
+
+    @inlineCallbacks
+    def test_idle_clients_hold_no_server(self):
+        """Ten logged-in, idle transaction-mode clients hold zero server connections."""
+        conns = yield gatherResults([self.thread(self.odissey.connect) for _ in range(10)])
+        try:
+            yield gatherResults([self.thread(lambda c=c: c.execute("select 1").close()) for c in conns])
+            self.assertEqual(len(self.pool.active), 0)
+            backends = yield self.thread(server_pids)
+            self.assertLessEqual(len(backends), 2)
+
+            def active_backends() -> int:
+                with direct() as su:
+                    return su.execute("select count(*) from pg_stat_activity where usename = 'app' "
+                                      "and state <> 'idle'").fetchone()[0]
+
+            self.assertEqual((yield self.thread(active_backends)), 0)
+        finally:
+            yield gatherResults([self.thread(c.close) for c in conns])
+
+    @inlineCallbacks
+    def test_login_needs_no_server(self):
+        """Once the pool has its parameters, a login opens no server connection."""
+        yield self.thread(lambda: self.odissey.connect().close())
+        before = (self.pool.total, self.pool.opening)
+        conn = yield self.thread(self.odissey.connect)
+        self.assertEqual((self.pool.total, self.pool.opening), before)
+        self.assertEqual(len(self.pool.active), 0)
+        yield self.thread(conn.close)
+
+    @inlineCallbacks
+    def test_transaction_keeps_its_server(self):
+        """Inside a transaction every statement runs on one backend; rows commit once."""
+        def run() -> set[int]:
+            with self.odissey.connect(autocommit=False) as conn:
+                pids = set()
+                for i in range(5):
+                    pids.add(conn.execute("select pg_backend_pid()").fetchone()[0])
+                    conn.execute("insert into items values (%s, 'tx-keep')", (30000 + i,))
+                conn.commit()
+                return pids
+
+        pids = yield self.thread(run)
+        self.assertEqual(len(pids), 1)
+        self.assertTrue((yield self.thread(committed, "tx-keep")))
+        yield self.thread(lambda: direct().execute("delete from items where note = 'tx-keep'"))
+
+    @inlineCallbacks
+    def test_pipeline_with_error_in_the_middle(self):
+        """psycopg pipeline mode with a failing statement in the middle: answers stay in order,
+        the failed segment is reported, the connection and its server come back clean."""
+        def run() -> tuple[list[object], str]:
+            with self.odissey.connect() as conn:
+                results: list[object] = []
+                curs = []
+                try:
+                    with conn.pipeline() as pipe:
+                        curs = [conn.execute("select %s::int", (i,)) for i in range(3)]
+                        pipe.sync()
+                        conn.execute("select 1/0")
+                        pipe.sync()
+                        conn.execute("select 99")
+                except psycopg.errors.DivisionByZero as exc:
+                    results.append(exc.sqlstate)
+                results.extend(c.fetchone()[0] for c in curs)
+                return results, str(conn.execute("select 'still fine'").fetchone()[0])
+
+        results, tail = yield self.thread(run)
+        self.assertEqual(results, ["22012", 0, 1, 2])
+        self.assertEqual(tail, "still fine")
+        self.assertEqual(len(self.pool.active), 0)
+
+    @inlineCallbacks
+    def test_copy_error_mid_stream(self):
+        """A COPY that fails half-way (bad row) errors cleanly; the connection then works."""
+        def run() -> tuple[str, int]:
+            with self.odissey.connect() as conn:
+                conn.execute("create temp table if not exists c (x int)")
+                state = ""
+                try:
+                    with conn.cursor().copy("copy items (id, note) from stdin") as copy:
+                        for i in range(500):
+                            copy.write(f"{40000 + i}\tcopy-err\n".encode())
+                        copy.write(b"not-a-number\tboom\n")
+                        for i in range(500):
+                            copy.write(f"{41000 + i}\tcopy-err\n".encode())
+                except psycopg.errors.InvalidTextRepresentation as exc:
+                    state = exc.sqlstate or ""
+                return state, conn.execute("select count(*) from items where note = 'copy-err'").fetchone()[0]
+
+        self.assertEqual((yield self.thread(run)), ("22P02", 0))
+
+    @inlineCallbacks
+    def test_copy_in_and_out_in_transaction_mode(self):
+        """COPY in (extended protocol) and out both work and release the server."""
+        def run() -> int:
+            with self.odissey.connect() as conn:
+                with conn.cursor() as cur:
+                    with cur.copy("copy items (id, note) from stdin") as copy:
+                        for i in range(2000):
+                            copy.write_row((50000 + i, "copy-tx"))
+                    out = 0
+                    with cur.copy("copy (select * from items where note = 'copy-tx') to stdout") as copy:
+                        for _row in copy.rows():
+                            out += 1
+                    cur.execute("delete from items where note = 'copy-tx'")
+                return out
+
+        self.assertEqual((yield self.thread(run)), 2000)
+        self.assertEqual(len(self.pool.active), 0)
+
+    @inlineCallbacks
+    def test_randomised_schedules_never_mix_sessions(self):
+        """Six clients on two servers run random mixes of statements, transaction blocks,
+        pipelines and errors; every answer is the asking client's own, and a transaction
+        never changes backend."""
+        def client(seed: int) -> int:
+            rnd = random.Random(seed)
+            checks = 0
+            with self.odissey.connect() as conn:
+                for _ in range(25):
+                    action = rnd.choice(["simple", "block", "pipeline", "error"])
+                    if action == "simple":
+                        assert conn.execute("select %s::int", (seed,)).fetchone()[0] == seed
+                    elif action == "block":
+                        with conn.transaction():
+                            pids = {conn.execute("select pg_backend_pid()").fetchone()[0] for _ in range(3)}
+                            assert len(pids) == 1, pids
+                            assert conn.execute("select %s::text", (f"c{seed}",)).fetchone()[0] == f"c{seed}"
+                    elif action == "pipeline":
+                        with conn.pipeline():
+                            curs = [conn.execute("select %s::int * 1000 + %s", (seed, k)) for k in range(5)]
+                        assert [c.fetchone()[0] for c in curs] == [seed * 1000 + k for k in range(5)]
+                    else:
+                        try:
+                            conn.execute("select 1/0")
+                        except psycopg.errors.DivisionByZero:
+                            pass
+                    checks += 1
+            return checks
+
+        done = yield gatherResults([self.thread(client, seed) for seed in range(6)])
+        self.assertEqual(done, [25] * 6)
+        self.assertEqual(len(self.pool.active), 0)
+
+
+class ParameterIsolationTests(IntegrationTest):
+    """Clients with different settings sharing one server each always see their own."""
+
+    def routes(self) -> list[dict]:
+        return [tx_route(size=1)]
+
+    SETTINGS = [
+        {"TimeZone": "Asia/Tokyo", "DateStyle": "SQL, DMY", "IntervalStyle": "iso_8601",
+         "application_name": "alpha", "client_encoding": "LATIN1", "standard_conforming_strings": "off"},
+        {"TimeZone": "America/Lima", "DateStyle": "German, DMY", "IntervalStyle": "sql_standard",
+         "application_name": "beta", "client_encoding": "UTF8", "standard_conforming_strings": "on"},
+    ]
+
+    def options(self, settings: dict[str, str]) -> str:
+        return " ".join(f"-c {k}={v.replace(' ', chr(92) + ' ')}" for k, v in settings.items())
+
+    @inlineCallbacks
+    def test_each_client_sees_its_own_values(self):
+        """Startup options, then SETs that follow the client across servers, interleaved on one server."""
+        conns = yield gatherResults([
+            self.thread(self.odissey.connect, options=self.options(s)) for s in self.SETTINGS
+        ])
+        names = list(self.SETTINGS[0])
+
+        def look(conn: psycopg.Connection) -> dict[str, str]:
+            row = conn.execute("select " + ", ".join(f"current_setting('{n}')" for n in names)).fetchone()
+            return dict(zip(names, row))
+
+        try:
+            for _ in range(3):
+                for conn, wanted in zip(conns, self.SETTINGS):
+                    self.assertEqual((yield self.thread(look, conn)), wanted)
+                    self.assertEqual(conn.info.parameter_status("TimeZone"), wanted["TimeZone"])
+            yield self.thread(lambda: conns[0].execute("set TimeZone = 'Europe/Paris'").close())
+            self.SETTINGS[0]["TimeZone"] = "Europe/Paris"
+            for _ in range(2):
+                for conn, wanted in zip(conns, self.SETTINGS):
+                    self.assertEqual((yield self.thread(look, conn)), wanted)
+            pids = yield gatherResults([self.thread(lambda c=c: c.execute("select pg_backend_pid()").fetchone()[0]) for c in conns])
+            self.assertEqual(len(set(pids)), 1)  # really one shared server
+        finally:
+            self.SETTINGS[0]["TimeZone"] = "Asia/Tokyo"
+            yield gatherResults([self.thread(c.close) for c in conns])
+
+    @inlineCallbacks
+    def test_options_injection_does_not_execute(self):
+        """A search_path value crafted to break out of its quotes is set verbatim, never run."""
+        evil = "public'; create table pwned (x int); --"
+        conn = yield self.thread(self.odissey.connect, options=f"-c search_path={evil.replace(' ', chr(92) + ' ')}")
+        try:
+            path = yield self.thread(lambda: conn.execute("show search_path").fetchone()[0])
+            self.assertIn("pwned", path)
+
+            def pwned() -> int:
+                with direct() as su:
+                    return su.execute("select count(*) from pg_class where relname = 'pwned'").fetchone()[0]
+
+            self.assertEqual((yield self.thread(pwned)), 0)
+        finally:
+            yield self.thread(conn.close)
+
+    @inlineCallbacks
+    def test_unreported_setting_does_not_leak(self):
+        """A search_path given at startup by one client is reset for another on the same server."""
+        a = yield self.thread(self.odissey.connect, options="-c search_path=pg_catalog")
+        b = yield self.thread(self.odissey.connect)
+        try:
+            self.assertEqual((yield self.thread(lambda: a.execute("show search_path").fetchone()[0])), "pg_catalog")
+            self.assertEqual((yield self.thread(lambda: b.execute("show search_path").fetchone()[0])),
+                             '"$user", public')
+        finally:
+            yield self.thread(a.close)
+            yield self.thread(b.close)
+
+
+class VanishTests(IntegrationTest):
+    """Clients that vanish in transaction mode: rolled back, cancelled, never handed on dirty."""
+
+    def routes(self) -> list[dict]:
+        return [tx_route(size=1, reset_timeout="5s")]
+
+    def next_pid(self) -> int:
+        with self.odissey.connect() as conn:
+            return conn.execute("select pg_backend_pid()").fetchone()[0]
+
+    @inlineCallbacks
+    def test_idle_in_transaction(self):
+        """Gone while idle in a transaction: ROLLBACK, the server is reused, nothing committed."""
+        def doomed() -> int:
+            conn = self.odissey.connect()
+            conn.execute("begin")
+            conn.execute("insert into items values (60001, 'tx-vanished')")
+            pid = conn.execute("select pg_backend_pid()").fetchone()[0]
+            vanish(conn)
+            return pid
+
+        pid = yield self.thread(doomed)
+        self.assertEqual((yield self.thread(self.next_pid)), pid)
+        self.assertFalse((yield self.thread(committed, "tx-vanished")))
+
+    @inlineCallbacks
+    def test_during_pg_sleep_freed_within_two_seconds(self):
+        """Gone during pg_sleep(30): cancelled at once; the server serves the next client within 2 s."""
+        def doomed() -> int:
+            conn = self.odissey.connect()
+            pid = conn.execute("select pg_backend_pid()").fetchone()[0]
+            conn.execute("begin")
+            conn.execute("insert into items values (60002, 'sleep-vanished')")
+            conn.pgconn.send_query(b"select pg_sleep(30)")
+            time.sleep(0.3)
+            vanish(conn)
+            return pid
+
+        pid = yield self.thread(doomed)
+        started = time.monotonic()
+        self.assertEqual((yield self.thread(self.next_pid)), pid)
+        self.assertLess(time.monotonic() - started, 2.0)
+        self.assertFalse((yield self.thread(committed, "sleep-vanished")))
+
+    @inlineCallbacks
+    def test_during_large_result(self):
+        """Gone while a large result streams: cancelled and drained; the server is reused."""
+        def doomed() -> int:
+            conn = self.odissey.connect()
+            pid = conn.execute("select pg_backend_pid()").fetchone()[0]
+            conn.pgconn.send_query(b"select repeat('x', 1000) from generate_series(1, 500000)")
+            time.sleep(0.3)
+            vanish(conn)
+            return pid
+
+        pid = yield self.thread(doomed)
+        self.assertEqual((yield self.thread(self.next_pid)), pid)
+
+    @inlineCallbacks
+    def test_during_copy_out(self):
+        """Gone during COPY TO STDOUT: the server is cleaned and reused."""
+        def doomed() -> int:
+            conn = self.odissey.connect()
+            pid = conn.execute("select pg_backend_pid()").fetchone()[0]
+            conn.pgconn.send_query(b"copy (select g, repeat('y', 500) from generate_series(1, 400000) g) to stdout")
+            time.sleep(0.3)
+            vanish(conn)
+            return pid
+
+        pid = yield self.thread(doomed)
+        self.assertEqual((yield self.thread(self.next_pid)), pid)
+
+    @inlineCallbacks
+    def test_during_copy_in(self):
+        """Gone during COPY FROM STDIN: no rows land; the server is reused or replaced, never dirty."""
+        def doomed() -> None:
+            conn = self.odissey.connect()
+            copying = conn.cursor().copy("copy items (id, note) from stdin")
+            copy = copying.__enter__()  # keep the context manager: dropping it fails the COPY
+            for i in range(3000):
+                copy.write_row((70000 + i, "copyin-vanished"))
+            time.sleep(0.2)
+            vanish(conn)
+
+        yield self.thread(doomed)
+
+        def after() -> tuple[int, str]:
+            with self.odissey.connect() as conn:
+                return (conn.execute("select count(*) from items where note = 'copyin-vanished'").fetchone()[0],
+                        conn.execute("select current_setting('transaction_isolation')").fetchone()[0])
+
+        count, _ = yield self.thread(after)
+        self.assertEqual(count, 0)
+        self.assertEqual(len(self.odissey.service.pools.pools[PoolKey("app", "app")].active), 0)
+
+
+class ManyClientsTests(IntegrationTest):
+    """Hundreds of clients through a handful of servers."""
+
+    def routes(self) -> list[dict]:
+        return [tx_route(size=1, wait_timeout="60s"),
+                route("bench", "app", server={"database": "app"},
+                      pool={"mode": "transaction", "size": 5, "wait_timeout": "60s"})]
+    limits = {"max_clients": 1000}
+
+    @inlineCallbacks
+    def test_300_clients_one_server(self):
+        """300 concurrent txpostgres clients doing short transactions through pool size 1 all succeed."""
+        conns = []
+
+        @inlineCallbacks
+        def one(i: int):  # type: ignore[no-untyped-def]
+            conn = txpostgres.Connection()
+            conns.append(conn)
+            yield conn.connect(self.odissey.dsn())
+
+            def tx(cur):  # type: ignore[no-untyped-def]
+                d = cur.execute("insert into items values (%s, 'tx300')", (90000 + i,))
+                d.addCallback(lambda _: cur.execute("select count(*) from items where id = %s", (90000 + i,)))
+                d.addCallback(lambda c: c.fetchone()[0])
+                return d
+
+            seen = yield conn.runInteraction(tx)
+            conn.close()
+            return seen
+
+        try:
+            results = yield gatherResults([one(i) for i in range(300)], consumeErrors=True)
+        finally:
+            for conn in conns:
+                if not conn.closed:
+                    conn.close()
+        self.assertEqual(results, [1] * 300)
+
+        def count() -> int:
+            with direct() as su:
+                n = su.execute("select count(*) from items where note = 'tx300'").fetchone()[0]
+                su.execute("delete from items where note = 'tx300'")
+                return n
+
+        self.assertEqual((yield self.thread(count)), 300)
+        pool = self.odissey.service.pools.pools[PoolKey("app", "app")]
+        self.assertEqual(pool.total, 1)
+
+    @inlineCallbacks
+    def test_pgbench_100_clients_pool_5(self):
+        """pgbench -c 100 -T 10 through a transaction pool of 5: zero failures, at most 5 backends."""
+        if not have("pgbench"):
+            raise SkipTest("pgbench not installed")
+        peak: list[int] = []
+
+        def watch() -> None:
+            deadline = time.monotonic() + 9
+            with direct() as su:
+                while time.monotonic() < deadline:
+                    peak.append(su.execute("select count(*) from pg_stat_activity "
+                                           "where application_name = 'pgbench'").fetchone()[0])
+                    time.sleep(0.5)
+
+        def bench() -> subprocess.CompletedProcess[str]:
+            base = ["-h", "127.0.0.1", "-p", str(self.odissey.port), "-U", "app"]
+            return subprocess.run(["pgbench", "-n", "-c", "100", "-j", "4", "-T", "10", *base, "bench"],
+                                  capture_output=True, text=True, env=self.odissey.env(), timeout=120)
+
+        watching = self.thread(watch)
+        done = yield self.thread(bench)
+        yield watching
+        self.assertEqual(done.returncode, 0, done.stderr[-2000:])
+        self.assertIn("number of failed transactions: 0 (0.000%)", done.stdout)
+        self.assertLessEqual(max(peak), 5)
+
+
+class WaitTimeoutTests(IntegrationTest):
+    def routes(self) -> list[dict]:
+        return [tx_route(size=1, wait_timeout="1s")]
+
+    @inlineCallbacks
+    def test_wait_timeout_names_pool(self):
+        """With the only server held by an open transaction, another client gets 53300 naming the pool."""
+        holder = yield self.thread(self.odissey.connect)
+        try:
+            yield self.thread(lambda: holder.execute("begin").close())
+
+            def second() -> str:
+                with self.odissey.connect() as conn:
+                    try:
+                        conn.execute("select 1")
+                    except psycopg.OperationalError as exc:
+                        return f"{exc.sqlstate} {exc}"
+                return "served"
+
+            outcome = yield self.thread(second)
+            self.assertTrue(outcome.startswith("53300"), outcome)
+            self.assertIn('pool "app/app"', outcome)
+        finally:
+            yield self.thread(holder.close)
+
+
+class CrossCancelTests(IntegrationTest):
+    """Cancels under load never hit another client's query."""
+
+    def routes(self) -> list[dict]:
+        return [tx_route(size=4, wait_timeout="60s")]
+
+    @inlineCallbacks
+    def test_no_cross_cancel_under_load(self):
+        """100 clients run short sleeps; a third of them cancel their own at random moments.
+        Only those that asked for a cancel ever see 57014."""
+        def client(seed: int) -> tuple[bool, int]:
+            rnd = random.Random(seed)
+            canceller = seed % 3 == 0
+            cancelled = 0
+            with self.odissey.connect() as conn:
+                for _ in range(6):
+                    if canceller:
+                        conn.pgconn.send_query(b"select pg_sleep(0.05)")
+                        time.sleep(rnd.random() * 0.06)
+                        conn.cancel_safe()
+                        while conn.pgconn.is_busy():
+                            conn.pgconn.consume_input()
+                            time.sleep(0.002)
+                        while (res := conn.pgconn.get_result()) is not None:
+                            if res.error_field(psycopg.pq.DiagnosticField.SQLSTATE) == b"57014":
+                                cancelled += 1
+                    else:
+                        try:
+                            conn.execute("select pg_sleep(0.02)")
+                        except psycopg.errors.QueryCanceled:
+                            cancelled += 1
+            return canceller, cancelled
+
+        results = yield gatherResults([self.thread(client, seed) for seed in range(100)])
+        innocent = sum(n for canceller, n in results if not canceller)
+        self.assertEqual(innocent, 0)
+        self.assertGreater(sum(n for canceller, n in results if canceller), 0)  # cancels did work
+
+
+class TimeoutTests(IntegrationTest):
+    def routes(self) -> list[dict]:
+        return [
+            tx_route(size=1, query_timeout="1s", idle_in_transaction_timeout="1s"),
+            route("app", "u_trust", auth={"method": "trust"},
+                  pool={"mode": "transaction", "client_idle_timeout": "1s"}),
+        ]
+
+    @inlineCallbacks
+    def test_query_timeout_cancels(self):
+        """A query silent past query_timeout is cancelled; the connection stays usable."""
+        def run() -> tuple[str, float, int]:
+            with self.odissey.connect() as conn:
+                started = time.monotonic()
+                try:
+                    conn.execute("select pg_sleep(10)")
+                    state = "finished"
+                except psycopg.errors.QueryCanceled as exc:
+                    state = exc.sqlstate or ""
+                return state, time.monotonic() - started, conn.execute("select 1").fetchone()[0]
+
+        state, elapsed, after = yield self.thread(run)
+        self.assertEqual((state, after), ("57014", 1))
+        self.assertLess(elapsed, 3)
+
+    @inlineCallbacks
+    def test_idle_in_transaction_timeout(self):
+        """A client idle inside a transaction is dropped with 25P03; its row rolls back; the server is reused."""
+        def run() -> tuple[str, int]:
+            conn = self.odissey.connect()
+            conn.execute("begin")
+            conn.execute("insert into items values (61000, 'idle-tx')")
+            pid = conn.execute("select pg_backend_pid()").fetchone()[0]
+            time.sleep(2.0)
+            try:
+                conn.execute("select 1")
+                state = "alive"
+            except psycopg.Error as exc:
+                state = exc.sqlstate or str(exc)
+            conn.close()
+            return state, pid
+
+        state, pid = yield self.thread(run)
+        self.assertEqual(state, "25P03")
+        self.assertFalse((yield self.thread(committed, "idle-tx")))
+
+        def next_pid() -> int:
+            with self.odissey.connect() as conn:
+                return conn.execute("select pg_backend_pid()").fetchone()[0]
+
+        self.assertEqual((yield self.thread(next_pid)), pid)
+
+    @inlineCallbacks
+    def test_client_idle_timeout(self):
+        """An idle client is dropped with 57P05."""
+        def run() -> str:
+            conn = self.odissey.connect(user="u_trust", password=None)
+            conn.execute("select 1")
+            time.sleep(2.0)
+            try:
+                conn.execute("select 1")
+            except psycopg.Error as exc:
+                return exc.sqlstate or str(exc)
+            return "alive"
+
+        self.assertEqual((yield self.thread(run)), "57P05")
+
+
+class ResetAfterTransactionTests(IntegrationTest):
+    def routes(self) -> list[dict]:
+        return [tx_route(size=1, reset_after_transaction=True)]
+
+    @inlineCallbacks
+    def test_session_state_never_leaks(self):
+        """With reset_after_transaction, an unreported SET by one client is gone for the next."""
+        a = yield self.thread(self.odissey.connect)
+        b = yield self.thread(self.odissey.connect)
+        try:
+            yield self.thread(lambda: a.execute("set work_mem = '13MB'").close())
+            self.assertNotEqual((yield self.thread(lambda: b.execute("show work_mem").fetchone()[0])), "13MB")
+        finally:
+            yield self.thread(a.close)
+            yield self.thread(b.close)
+
+
+class StorageDownTests(IntegrationTest):
+    def routes(self) -> list[dict]:
+        return [route(pool={"mode": "transaction"})]
+
+    storage_port = free_port()  # nothing listens here
+
+    @inlineCallbacks
+    def test_clear_error_not_a_hang(self):
+        """With the storage down, logins fail fast with a clear 08006, then back-off errors."""
+        def attempt() -> tuple[str, float]:
+            started = time.monotonic()
+            try:
+                self.odissey.connect().close()
+            except psycopg.OperationalError as exc:
+                return str(exc), time.monotonic() - started
+            return "accepted", 0.0
+
+        first, elapsed = yield self.thread(attempt)
+        self.assertIn('could not connect to server "pg"', first)
+        self.assertLess(elapsed, 3)
+        second, _ = yield self.thread(attempt)
+        self.assertIn("next attempt in", second)
+
+
+class MinSizeTests(IntegrationTest):
+    def routes(self) -> list[dict]:
+        return [route("app", "u_trust", auth={"method": "trust"},
+                      pool={"mode": "transaction", "size": 5, "min_size": 3})]
+
+    @inlineCallbacks
+    def test_min_size_kept_warm(self):
+        """min_size server connections are opened before any client asks."""
+        for _ in range(30):
+            backends = yield self.thread(server_pids, "u_trust")
+            if len(backends) >= 3:
+                break
+            yield deferLater(reactor, 0.2, lambda: None)
+        self.assertEqual(len(backends), 3)
