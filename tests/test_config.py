@@ -150,3 +150,6 @@ class ConfigTests(SynchronousTestCase):
         by_db = {r.database: r for r in cfg.routes}
         self.assertEqual(by_db["demo"].auth.method, "scram-sha-256")
         self.assertEqual(by_db["demo"].pool.mode, "session")
+        tx = by_db["demo_tx"]
+        self.assertEqual((tx.user, tx.pool.mode, tx.pool.size, tx.server.database), ("demo", "transaction", 4, "demo"))
+        self.assertEqual(tx.auth.password.value, "demo")

@@ -94,6 +94,9 @@ class TapTests(TestCase):
             answer = yield deferToThread(psql_until_up, port, "select current_user || '/' || current_database()",
                                          "demo", "demo", "demo")
             self.assertEqual(answer, "demo/demo")
+            answer = yield deferToThread(psql_until_up, port, "select current_user || '/' || current_database()",
+                                         "demo", "demo", "demo_tx")
+            self.assertEqual(answer, "demo/demo")  # demo_tx is served by database demo
         finally:
             out = yield deferToThread(stop, proc)
         self.assertIn(proc.returncode, (0, -signal.SIGTERM), out)  # twistd re-raises SIGTERM
