@@ -20,7 +20,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from odissey import reset
-from odissey.flow import couple, uncouple
+from odissey.flow import couple, send, uncouple
 from odissey.params import Params, differences, set_query
 from odissey.pool import Pool
 from odissey.server import ServerConnection, server_error
@@ -68,6 +68,7 @@ class Relay:
         self.scanner = Scanner(watch=CLIENT_WATCH, max_length=max_message_size)
         self.tx = Transaction()
         self.server: ServerConnection | None = None
+        self.coupled = False  # transports registered as each other's producers
         self.pending: list[bytes] = []
         self.pending_size = 0
         self.paused = False
@@ -93,8 +94,8 @@ class Relay:
                 data = data[:end]
                 self.goodbye = True
         if self.state is RelayState.ATTACHED:
-            if data:
-                self.server.transport.write(data)  # type: ignore[union-attr]
+            if data and not send(self.server.transport, data) and not self.coupled:  # type: ignore[union-attr]
+                self._couple()
         elif data:
             self.pending.append(data)
             self.pending_size += len(data)
@@ -157,6 +158,9 @@ class Relay:
 
     def _use(self, server: ServerConnection) -> None:
         self.server = server
+        if self.wanted == server.params:  # the usual case, one C-level comparison
+            self._attach(server)
+            return
         changes = differences(self.wanted, server.params, self.reported)
         if not changes:
             self._attach(server)
@@ -199,19 +203,32 @@ class Relay:
     def _attach(self, server: ServerConnection) -> None:
         server.attach(self)
         self.state = RelayState.ATTACHED
-        couple(self.client, self.client.valve, server, server.valve)
         if self.pending:
-            server.transport.write(b"".join(self.pending))  # type: ignore[union-attr]
+            if not send(server.transport, b"".join(self.pending)):
+                self._couple()
             self.pending = []
             self.pending_size = 0
         if self.paused:
             self.paused = False
             self.client.transport.resumeProducing()  # type: ignore[union-attr]
 
+    def _couple(self) -> None:
+        """A write had to be queued: from now on each side throttles the other's reading."""
+        server = self.server
+        if server is not None:
+            couple(self.client, self.client.valve, server, server.valve)
+            self.coupled = True
+
+    def _uncouple(self, server: ServerConnection) -> None:
+        if self.coupled:
+            uncouple(self.client, self.client.valve, server, server.valve)
+            self.coupled = False
+
     # -- server side (the server calls these while attached) -----------------------------
 
     def serverData(self, data: bytes, events: list[Event]) -> None:
-        self.client.transport.write(data)  # type: ignore[union-attr]
+        if not send(self.client.transport, data) and not self.coupled:
+            self._couple()
         if events:
             self.server_at = self._now()
             for kind, body, _end in events:
@@ -229,7 +246,7 @@ class Relay:
         server, self.server = self.server, None
         self.state = RelayState.IDLE
         if server is not None:
-            uncouple(self.client, self.client.valve, server, server.valve)
+            self._uncouple(server)
         self.client.fail(PoolerError(
             errors.CONNECTION_FAILURE, "server closed the connection unexpectedly"))
 
@@ -261,7 +278,7 @@ class Relay:
         assert server is not None
         self.server = None
         self.state = RelayState.IDLE
-        uncouple(self.client, self.client.valve, server, server.valve)
+        self._uncouple(server)
         server.detach()
         server.last_client = self.client.id
         cancel_sent, self.cancel_sent = self.cancel_sent, None
@@ -286,7 +303,7 @@ class Relay:
     def _clean(self, server: ServerConnection) -> None:
         self.server = None
         self.state = RelayState.CLEANING
-        uncouple(self.client, self.client.valve, server, server.valve)
+        self._uncouple(server)
         route = self.pool.route
         cut = self.scanner.in_message()
         if self.stream_cut:
