@@ -270,22 +270,22 @@ def _any_string(value: Any) -> str:
     return value
 
 
-def _positive_int(value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError
-    return value
+def _int_in(low: int, high: int | None = None) -> Callable[[Any], int]:
+    """A converter accepting whole numbers (not booleans) from ``low`` to ``high``."""
+
+    def convert(value: Any) -> int:
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError
+        if high is not None and value > high:
+            raise ValueError
+        return value
+
+    return convert
 
 
-def _port(value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 < value < 65536:
-        raise ValueError
-    return value
-
-
-def _nonneg_int(value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError
-    return value
+_positive_int = _int_in(1)
+_nonneg_int = _int_in(0)
+_port = _int_in(1, 65535)
 
 
 def _bool(value: Any) -> bool:

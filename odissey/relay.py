@@ -73,7 +73,7 @@ class Relay:
         self.pending_size = 0
         self.paused = False
         self.goodbye = False  # the client sent Terminate
-        self.stream_cut = False  # a bad message left the server with a partial header
+        self.stream_cut = False  # the server got part of a header that will never be completed
         self.cancel_sent: Deferred[None] | None = None
         self._waiting: Deferred[ServerConnection] | None = None
         self._now = client.factory.reactor.seconds
@@ -91,8 +91,10 @@ class Relay:
         if events:
             end = self.tx.client(events)
             if end is not None:
-                data = data[:end]
                 self.goodbye = True
+                if end < 0:  # Terminate's header began in the previous chunk, already sent
+                    self.stream_cut = True
+                data = data[: max(end, 0)]
         if self.state is RelayState.ATTACHED:
             if data and not send(self.server.transport, data) and not self.coupled:  # type: ignore[union-attr]
                 self._couple()

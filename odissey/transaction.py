@@ -38,7 +38,8 @@ class Transaction:
         return self.outstanding <= 0 and self.status == b"I" and not self.copy_in
 
     def client(self, events: list[Event]) -> int | None:
-        """Count what the client sent; return where a Terminate starts, if one came."""
+        """Count what the client sent; return where a Terminate starts, if one came
+        (negative when its header began in an earlier chunk)."""
         for kind, _body, end in events:
             if kind == Q or kind == F:
                 self.outstanding += 1

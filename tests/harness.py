@@ -193,6 +193,15 @@ class IntegrationTest(unittest.TestCase):
     def thread(self, f: Callable[..., Any], *args: Any, **kwargs: Any) -> Deferred[Any]:
         return deferToThreadPool(reactor, self.clients, f, *args, **kwargs)
 
+    def query_outcome(self) -> str:
+        """Log in and run one query: "served", or the refusal's SQLSTATE and message."""
+        with self.odissey.connect() as conn:
+            try:
+                conn.execute("select 1")
+            except psycopg.OperationalError as exc:
+                return f"{exc.sqlstate} {exc}"
+        return "served"
+
 
 def have(program: str) -> bool:
     return shutil.which(program) is not None

@@ -50,6 +50,26 @@ class BackPressureTests(IntegrationTest):
         self.assertEqual(len(pool.idle), 1)  # cancelled, drained and reused
 
     @inlineCallbacks
+    def test_terminate_split_across_chunks(self):
+        """A Terminate whose header arrives in two pieces: the half-sent header means the
+        server's stream is in doubt, so that server is closed rather than reused."""
+        def split_goodbye() -> None:
+            sock = trust_login(self.odissey.port)
+            sock.sendall(m.query("begin"))
+            data = b""
+            while not data.endswith(m.ready_for_query(b"T")):
+                data += sock.recv(65536)
+            sock.sendall(b"X\0\0")
+            time.sleep(0.2)
+            sock.sendall(b"\0\4")
+            sock.close()
+
+        yield self.thread(split_goodbye)
+        yield deferLater(reactor, 0.5, lambda: None)
+        pool = self.odissey.service.pools.pools[PoolKey("app", "u_trust")]
+        self.assertEqual((len(pool.active), len(pool.idle)), (0, 0))
+
+    @inlineCallbacks
     def test_nodelay_both_sides(self):
         """TCP_NODELAY is set on client and server sockets."""
         conn = yield self.thread(self.odissey.connect)

@@ -38,16 +38,7 @@ class PoolLimitTests(IntegrationTest):
         holder = yield self.thread(self.odissey.connect)
         try:
             yield self.thread(lambda: holder.execute("select 1").close())
-
-            def second() -> str:
-                with self.odissey.connect() as conn:
-                    try:
-                        conn.execute("select 1")
-                    except psycopg.OperationalError as exc:
-                        return f"{exc.sqlstate} {exc}"
-                return "served"
-
-            outcome = yield self.thread(second)
+            outcome = yield self.thread(self.query_outcome)
             self.assertTrue(outcome.startswith("53300"), outcome)
             self.assertIn('pool "app/app"', outcome)
         finally:

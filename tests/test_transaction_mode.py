@@ -294,32 +294,26 @@ class VanishTests(IntegrationTest):
         self.assertLess(time.monotonic() - started, 2.0)
         self.assertFalse((yield self.thread(committed, "sleep-vanished")))
 
+    def vanish_during(self, sql: bytes) -> int:
+        """Start ``sql``, vanish 0.3 s later; return the backend pid the client had."""
+        conn = self.odissey.connect()
+        pid = conn.execute("select pg_backend_pid()").fetchone()[0]
+        conn.pgconn.send_query(sql)
+        time.sleep(0.3)
+        vanish(conn)
+        return pid
+
     @inlineCallbacks
     def test_during_large_result(self):
         """Gone while a large result streams: cancelled and drained; the server is reused."""
-        def doomed() -> int:
-            conn = self.odissey.connect()
-            pid = conn.execute("select pg_backend_pid()").fetchone()[0]
-            conn.pgconn.send_query(b"select repeat('x', 1000) from generate_series(1, 500000)")
-            time.sleep(0.3)
-            vanish(conn)
-            return pid
-
-        pid = yield self.thread(doomed)
+        pid = yield self.thread(self.vanish_during, b"select repeat('x', 1000) from generate_series(1, 500000)")
         self.assertEqual((yield self.thread(self.next_pid)), pid)
 
     @inlineCallbacks
     def test_during_copy_out(self):
         """Gone during COPY TO STDOUT: the server is cleaned and reused."""
-        def doomed() -> int:
-            conn = self.odissey.connect()
-            pid = conn.execute("select pg_backend_pid()").fetchone()[0]
-            conn.pgconn.send_query(b"copy (select g, repeat('y', 500) from generate_series(1, 400000) g) to stdout")
-            time.sleep(0.3)
-            vanish(conn)
-            return pid
-
-        pid = yield self.thread(doomed)
+        sql = b"copy (select g, repeat('y', 500) from generate_series(1, 400000) g) to stdout"
+        pid = yield self.thread(self.vanish_during, sql)
         self.assertEqual((yield self.thread(self.next_pid)), pid)
 
     @inlineCallbacks
@@ -432,16 +426,7 @@ class WaitTimeoutTests(IntegrationTest):
         holder = yield self.thread(self.odissey.connect)
         try:
             yield self.thread(lambda: holder.execute("begin").close())
-
-            def second() -> str:
-                with self.odissey.connect() as conn:
-                    try:
-                        conn.execute("select 1")
-                    except psycopg.OperationalError as exc:
-                        return f"{exc.sqlstate} {exc}"
-                return "served"
-
-            outcome = yield self.thread(second)
+            outcome = yield self.thread(self.query_outcome)
             self.assertTrue(outcome.startswith("53300"), outcome)
             self.assertIn('pool "app/app"', outcome)
         finally:
