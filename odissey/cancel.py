@@ -77,7 +77,9 @@ class _CancelSender(Protocol):
     def connectionMade(self) -> None:
         assert self.transport is not None
         self.transport.write(self.packet)
-        self._timer = self.reactor.callLater(self.patience, self.transport.abortConnection)
+        self._timer = self.reactor.callLater(
+            self.patience, self.transport.abortConnection  # type: ignore[attr-defined]
+        )
 
     def connectionLost(self, reason: Failure | None = None) -> None:
         if self._timer is not None and self._timer.active():

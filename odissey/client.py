@@ -154,14 +154,14 @@ class ClientConnection(Protocol):
                     f"expected password response, got message type {chr(kind)!r}"
                 )
             waiting, self._password = self._password, None
-            waiting.callback(body)
+            waiting.callback(body or b"")
 
     def _next_password(self) -> "Deferred[bytes]":
         self._password = Deferred()
         return self._password
 
     @inlineCallbacks
-    def _login(self, startup: StartupMessage):  # type: ignore[no-untyped-def]
+    def _login(self, startup: StartupMessage):
         f = self.factory
         params = startup.params
         if startup.minor > 0 or startup.unsupported:
@@ -244,7 +244,7 @@ class ClientConnection(Protocol):
 class ClientFactory(Factory):
     """What all client connections of one listener share."""
 
-    protocol = ClientConnection  # type: ignore[assignment]
+    protocol = ClientConnection
     noisy = False
 
     def __init__(

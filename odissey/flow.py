@@ -14,7 +14,7 @@ server outlives its client (it is cleaned and pooled), so each side registers a
 
 from __future__ import annotations
 
-from typing import Protocol as TypingProtocol
+from typing import Any, Protocol as TypingProtocol
 
 from twisted.internet.interfaces import IPushProducer
 from twisted.internet.tcp import Connection
@@ -22,7 +22,8 @@ from zope.interface import implementer
 
 
 class HasTransport(TypingProtocol):
-    transport: object
+    @property
+    def transport(self) -> Any: ...
 
 
 @implementer(IPushProducer)
@@ -33,12 +34,12 @@ class Valve:
     def pauseProducing(self) -> None:
         transport = self.owner.transport
         if transport is not None:
-            transport.pauseProducing()  # type: ignore[attr-defined]
+            transport.pauseProducing()
 
     def resumeProducing(self) -> None:
         transport = self.owner.transport
         if transport is not None and getattr(transport, "connected", False):
-            transport.resumeProducing()  # type: ignore[attr-defined]
+            transport.resumeProducing()
 
     def stopProducing(self) -> None:
         """The consumer went away; the owner's own lifecycle decides what happens next."""
@@ -48,15 +49,15 @@ def couple(a: HasTransport, a_valve: Valve, b: HasTransport, b_valve: Valve) -> 
     """Make each side's transport throttle the other's reading."""
     ta, tb = a.transport, b.transport
     if getattr(ta, "connected", False) and getattr(tb, "connected", False):
-        ta.registerProducer(b_valve, True)  # type: ignore[attr-defined]
-        tb.registerProducer(a_valve, True)  # type: ignore[attr-defined]
+        ta.registerProducer(b_valve, True)
+        tb.registerProducer(a_valve, True)
 
 
 def uncouple(a: HasTransport, a_valve: Valve, b: HasTransport, b_valve: Valve) -> None:
     """Undo :func:`couple` and let both sides read again."""
     for transport, valve in ((a.transport, b_valve), (b.transport, a_valve)):
         if transport is not None and getattr(transport, "producer", None) is valve:
-            transport.unregisterProducer()  # type: ignore[attr-defined]
+            transport.unregisterProducer()
     a_valve.resumeProducing()
     b_valve.resumeProducing()
 
@@ -82,10 +83,10 @@ def send(transport: object, data: bytes) -> bool:
     Returns True when everything went out at once (nothing is queued in Twisted).
     """
     if isinstance(transport, Connection) and not (
-        transport._tempDataLen or transport.dataBuffer or transport.TLS  # type: ignore[attr-defined]
-        or transport.disconnecting or not transport.connected  # type: ignore[attr-defined]
+        transport._tempDataLen or transport.dataBuffer or transport.TLS
+        or transport.disconnecting or not transport.connected
     ):
-        sent = transport.writeSomeData(data)  # type: ignore[attr-defined]
+        sent = transport.writeSomeData(data)
         if type(sent) is int:
             if sent == len(data):
                 return True

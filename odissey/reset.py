@@ -49,7 +49,7 @@ class _Drain:
 
 
 @inlineCallbacks
-def _policy(  # type: ignore[no-untyped-def]
+def _policy(
     server: ServerConnection,
     tx: Transaction,
     cut: tuple[int, int] | None,
@@ -97,7 +97,7 @@ def _policy(  # type: ignore[no-untyped-def]
 
 
 @inlineCallbacks
-def _settle(server: ServerConnection, cancel_sent: "Deferred[None]"):  # type: ignore[no-untyped-def]
+def _settle(server: ServerConnection, cancel_sent: "Deferred[None]"):
     """Wait until PostgreSQL has signalled the cancel, then make one round trip (Sync).
 
     PostgreSQL closes the cancel connection after it has signalled the backend; a
@@ -111,7 +111,7 @@ def _settle(server: ServerConnection, cancel_sent: "Deferred[None]"):  # type: i
 
 def _bounded(server: ServerConnection, work: "Deferred[str | None]", timeout: float, what: str) -> "Deferred[bool]":
     """True when ``work`` ended cleanly in time; on timeout the server is aborted."""
-    timer = server.reactor.callLater(timeout, server.abort)  # type: ignore[attr-defined]
+    timer = server.reactor.callLater(timeout, server.abort)
 
     def judged(problem: "str | None | Failure") -> bool:
         if timer.active():
@@ -142,7 +142,7 @@ def clean(
 
 
 @inlineCallbacks
-def _after_transaction(  # type: ignore[no-untyped-def]
+def _after_transaction(
     server: ServerConnection, cancel_sent: "Deferred[None] | None", reset_query: str
 ):
     if cancel_sent is not None:

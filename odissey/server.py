@@ -296,6 +296,6 @@ def connect(
         )
 
     connecting.addCallback(connected)
-    connecting.addTimeout(route.storage.connect_timeout, reactor)  # type: ignore[arg-type]
+    connecting.addTimeout(route.storage.connect_timeout, reactor)
     connecting.addErrback(failed)
     return connecting

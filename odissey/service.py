@@ -89,7 +89,7 @@ class OdisseyService(MultiService):
         self._starting.addErrback(self._start_failed)
 
     @inlineCallbacks
-    def _start(self):  # type: ignore[no-untyped-def]
+    def _start(self):
         hosts = {}
         for name, postgres in self.managed.items():
             log.info("starting managed PostgreSQL for storage {name}", name=name)
@@ -98,14 +98,14 @@ class OdisseyService(MultiService):
                      dir=postgres.socket_dir)
             hosts[name] = postgres.socket_dir
         self.config = with_storage_hosts(self.config, hosts)
-        self.pools = Pools(self.reactor, connect)  # type: ignore[arg-type]
+        self.pools = Pools(self.reactor, connect)
         self.factory = ClientFactory(
-            self.reactor, Router(self.config.routes), self.pools, self.config.limits  # type: ignore[arg-type]
+            self.reactor, Router(self.config.routes), self.pools, self.config.limits
         )
         for route in self.config.routes:
             if route.pool.min_size and ANY not in (route.database, route.user):
                 self.pools.get(route, route.database, route.user)  # warmed by the janitor
-        janitor = TimerService(PERIOD, Janitor(self.reactor, self.pools, self.factory).tick)  # type: ignore[arg-type]
+        janitor = TimerService(PERIOD, Janitor(self.reactor, self.pools, self.factory).tick)
         janitor.clock = self.reactor
         janitor.setServiceParent(self)
         for description in self.config.listen:
@@ -114,20 +114,20 @@ class OdisseyService(MultiService):
             self.ports.append(port)
         self.ready.callback(self.ports)
 
-    def _start_failed(self, failure):  # type: ignore[no-untyped-def]
+    def _start_failed(self, failure):
         log.failure("Odissey could not start", failure)
         if not self.ready.called:
             self.ready.errback(failure)
-        if self.reactor.running:  # type: ignore[attr-defined]
-            self.reactor.stop()  # type: ignore[attr-defined]
+        if self.reactor.running:
+            self.reactor.stop()
 
     def _abort_clients(self) -> None:
         for client in list(self.factory.clients if self.factory else ()):
             if client.transport is not None:
-                client.transport.abortConnection()
+                client.transport.abortConnection()  # type: ignore[attr-defined]
 
     @inlineCallbacks
-    def stopService(self):  # type: ignore[no-untyped-def]
+    def stopService(self):
         yield super().stopService()
         if self._starting is not None and not self._starting.called:
             yield self._starting

@@ -193,6 +193,20 @@ class IntegrationTest(unittest.TestCase):
     def thread(self, f: Callable[..., Any], *args: Any, **kwargs: Any) -> Deferred[Any]:
         return deferToThreadPool(reactor, self.clients, f, *args, **kwargs)
 
+    def backend_pid(self) -> int:
+        """Log in and ask which backend serves us."""
+        with self.odissey.connect() as conn:
+            return int(conn.execute("select pg_backend_pid()").fetchone()[0])
+
+    def vanish_inside_transaction(self, row_id: int, note: str) -> int:
+        """Insert a row inside a transaction, then vanish; return the backend pid used."""
+        conn = self.odissey.connect()
+        conn.execute("begin")
+        conn.execute("insert into items values (%s, %s)", (row_id, note))
+        pid = int(conn.execute("select pg_backend_pid()").fetchone()[0])
+        vanish(conn)
+        return pid
+
     def query_outcome(self) -> str:
         """Log in and run one query: "served", or the refusal's SQLSTATE and message."""
         with self.odissey.connect() as conn:
@@ -201,6 +215,21 @@ class IntegrationTest(unittest.TestCase):
             except psycopg.OperationalError as exc:
                 return f"{exc.sqlstate} {exc}"
         return "served"
+
+
+def vanish(conn: psycopg.Connection) -> None:
+    """Cut a client's TCP connection the way a crashed process would."""
+    sock = socket.socket(fileno=conn.fileno())
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    finally:
+        sock.detach()
+
+
+def committed(note: str) -> bool:
+    """Did any row with this note reach the table (checked directly on PostgreSQL)?"""
+    with direct() as su:
+        return bool(su.execute("select count(*) from items where note = %s", (note,)).fetchone()[0])
 
 
 def have(program: str) -> bool:

@@ -13,8 +13,7 @@ from twisted.internet.task import deferLater
 
 from odissey.pool import PoolKey
 from odissey.wire import messages as m
-from tests.harness import IntegrationTest, route, server_pids
-from tests.test_session import vanish
+from tests.harness import IntegrationTest, route, server_pids, vanish
 
 
 def trust_login(port: int) -> socket.socket:

@@ -64,7 +64,7 @@ class PoolTests(SynchronousTestCase):
     def test_affinity(self) -> None:
         """take() prefers the server the same client used last."""
         pool, servers, clock = make_pool(size=2)
-        d1, d2 = pool.wait("a"), pool.wait("b")
+        pool.wait("a"), pool.wait("b")
         s1, s2 = servers.succeed_next(), servers.succeed_next()
         clock.advance(0)
         s1.last_client, s2.last_client = "a", "b"

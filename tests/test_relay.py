@@ -9,7 +9,7 @@ import psycopg
 from twisted.internet.defer import inlineCallbacks
 from twisted.trial.unittest import SkipTest
 
-from tests.harness import IntegrationTest, have, route
+from tests.harness import IntegrationTest, have, route, vanish
 
 
 class RelayTests(IntegrationTest):
@@ -133,8 +133,6 @@ class CopyVanishTests(IntegrationTest):
     @inlineCallbacks
     def test_client_gone_mid_copy_in(self):
         """Half a COPY FROM STDIN, then the client vanishes: no rows land, the server is reused."""
-        from tests.test_session import vanish
-
         def doomed() -> int:
             conn = self.odissey.connect()
             pid = conn.execute("select pg_backend_pid()").fetchone()[0]

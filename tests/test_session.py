@@ -9,21 +9,7 @@ import time
 import psycopg
 from twisted.internet.defer import gatherResults, inlineCallbacks
 
-from tests.harness import IntegrationTest, direct, route
-
-
-def vanish(conn: psycopg.Connection) -> None:
-    """Cut a client's TCP connection the way a crashed process would."""
-    sock = socket.socket(fileno=conn.fileno())
-    try:
-        sock.shutdown(socket.SHUT_RDWR)
-    finally:
-        sock.detach()
-
-
-def committed(note: str) -> bool:
-    with direct() as su:
-        return su.execute("select count(*) from items where note = %s", (note,)).fetchone()[0] > 0
+from tests.harness import IntegrationTest, committed, route, vanish
 
 
 class PoolLimitTests(IntegrationTest):
@@ -103,21 +89,8 @@ class ResetTests(IntegrationTest):
     @inlineCallbacks
     def test_client_killed_mid_transaction(self):
         """A client that vanishes inside a transaction: its row is not committed, the server is reused."""
-        def doomed() -> int:
-            conn = self.odissey.connect()
-            conn.execute("begin")
-            conn.execute("insert into items values (7001, 'vanished-session')")
-            pid = conn.execute("select pg_backend_pid()").fetchone()[0]
-            vanish(conn)
-            return pid
-
-        pid = yield self.thread(doomed)
-
-        def next_client() -> int:
-            with self.odissey.connect() as conn:
-                return conn.execute("select pg_backend_pid()").fetchone()[0]
-
-        self.assertEqual((yield self.thread(next_client)), pid)
+        pid = yield self.thread(self.vanish_inside_transaction, 7001, "vanished-session")
+        self.assertEqual((yield self.thread(self.backend_pid)), pid)
         self.assertFalse((yield self.thread(committed, "vanished-session")))
 
     @inlineCallbacks
@@ -133,12 +106,7 @@ class ResetTests(IntegrationTest):
 
         pid = yield self.thread(doomed)
         started = time.monotonic()
-
-        def next_client() -> int:
-            with self.odissey.connect() as conn:
-                return conn.execute("select pg_backend_pid()").fetchone()[0]
-
-        self.assertEqual((yield self.thread(next_client)), pid)
+        self.assertEqual((yield self.thread(self.backend_pid)), pid)
         self.assertLess(time.monotonic() - started, 5)
 
 

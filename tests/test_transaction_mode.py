@@ -14,8 +14,7 @@ from twisted.trial.unittest import SkipTest
 from txpostgres import txpostgres
 
 from odissey.pool import PoolKey
-from tests.harness import IntegrationTest, direct, free_port, have, route, server_pids
-from tests.test_session import committed, vanish
+from tests.harness import IntegrationTest, committed, direct, free_port, have, route, server_pids, vanish
 
 
 def tx_route(**pool: object) -> dict:
@@ -256,23 +255,11 @@ class VanishTests(IntegrationTest):
     def routes(self) -> list[dict]:
         return [tx_route(size=1, reset_timeout="5s")]
 
-    def next_pid(self) -> int:
-        with self.odissey.connect() as conn:
-            return conn.execute("select pg_backend_pid()").fetchone()[0]
-
     @inlineCallbacks
     def test_idle_in_transaction(self):
         """Gone while idle in a transaction: ROLLBACK, the server is reused, nothing committed."""
-        def doomed() -> int:
-            conn = self.odissey.connect()
-            conn.execute("begin")
-            conn.execute("insert into items values (60001, 'tx-vanished')")
-            pid = conn.execute("select pg_backend_pid()").fetchone()[0]
-            vanish(conn)
-            return pid
-
-        pid = yield self.thread(doomed)
-        self.assertEqual((yield self.thread(self.next_pid)), pid)
+        pid = yield self.thread(self.vanish_inside_transaction, 60001, "tx-vanished")
+        self.assertEqual((yield self.thread(self.backend_pid)), pid)
         self.assertFalse((yield self.thread(committed, "tx-vanished")))
 
     @inlineCallbacks
@@ -290,7 +277,7 @@ class VanishTests(IntegrationTest):
 
         pid = yield self.thread(doomed)
         started = time.monotonic()
-        self.assertEqual((yield self.thread(self.next_pid)), pid)
+        self.assertEqual((yield self.thread(self.backend_pid)), pid)
         self.assertLess(time.monotonic() - started, 2.0)
         self.assertFalse((yield self.thread(committed, "sleep-vanished")))
 
@@ -307,14 +294,14 @@ class VanishTests(IntegrationTest):
     def test_during_large_result(self):
         """Gone while a large result streams: cancelled and drained; the server is reused."""
         pid = yield self.thread(self.vanish_during, b"select repeat('x', 1000) from generate_series(1, 500000)")
-        self.assertEqual((yield self.thread(self.next_pid)), pid)
+        self.assertEqual((yield self.thread(self.backend_pid)), pid)
 
     @inlineCallbacks
     def test_during_copy_out(self):
         """Gone during COPY TO STDOUT: the server is cleaned and reused."""
         sql = b"copy (select g, repeat('y', 500) from generate_series(1, 400000) g) to stdout"
         pid = yield self.thread(self.vanish_during, sql)
-        self.assertEqual((yield self.thread(self.next_pid)), pid)
+        self.assertEqual((yield self.thread(self.backend_pid)), pid)
 
     @inlineCallbacks
     def test_during_copy_in(self):
@@ -518,11 +505,7 @@ class TimeoutTests(IntegrationTest):
         self.assertEqual(state, "25P03")
         self.assertFalse((yield self.thread(committed, "idle-tx")))
 
-        def next_pid() -> int:
-            with self.odissey.connect() as conn:
-                return conn.execute("select pg_backend_pid()").fetchone()[0]
-
-        self.assertEqual((yield self.thread(next_pid)), pid)
+        self.assertEqual((yield self.thread(self.backend_pid)), pid)
 
     @inlineCallbacks
     def test_client_idle_timeout(self):

@@ -31,7 +31,7 @@ _pbkdf2 = scramp.core.hi
 
 @functools.lru_cache(maxsize=256)
 def _cached_pbkdf2(hf: object, password: bytes, salt: bytes, iterations: int) -> bytes:
-    return _pbkdf2(hf, password, salt, iterations)  # type: ignore[no-any-return]
+    return _pbkdf2(hf, password, salt, iterations)
 
 
 def _hi(hf: object, password: bytes, salt: bytes, iterations: object) -> bytes:
@@ -132,7 +132,7 @@ def _chain(result: object, waiter: Deferred[ScramSecret]) -> object:
     if isinstance(result, Failure):
         waiter.errback(result)
     else:
-        waiter.callback(result)
+        waiter.callback(result)  # type: ignore[arg-type]
     return result
 
 

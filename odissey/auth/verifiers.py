@@ -78,7 +78,7 @@ class CleartextVerifier(Verifier):
         return Step(m.authentication_cleartext(), False)
 
     @inlineCallbacks
-    def receive(self, body: bytes):  # type: ignore[no-untyped-def]
+    def receive(self, body: bytes):
         password = m.parse_password(body)
         ok = False
         if self.secret is not None and password:
@@ -172,7 +172,7 @@ class ClientVerifiers:
         self._mock_key = os.urandom(32)
 
     @inlineCallbacks
-    def for_route(self, auth: ClientAuth, user: str):  # type: ignore[no-untyped-def]
+    def for_route(self, auth: ClientAuth, user: str):
         if auth.method == "trust":
             return TrustVerifier(user)
         if auth.method == "cleartext":
