@@ -23,6 +23,8 @@ class ServerAuthTests(IntegrationTest):
             route("app", "app", auth=TRUST, server={"password": "wrong"}),
             route("*", "u_md5", auth=TRUST, server={"password": md5_hash("md5-pw", "u_md5"),
                                                      "database": "app"}),
+            route("wrong", "u_clear", auth=TRUST, server={"password": "bad", "database": "app"}),
+            route("wrong", "u_md5", auth=TRUST, server={"password": "bad", "database": "app"}),
         ]
 
     def who(self, user: str, dbname: str = "app") -> str:
@@ -42,16 +44,18 @@ class ServerAuthTests(IntegrationTest):
 
     @inlineCallbacks
     def test_wrong_server_password(self):
-        """A wrong server password reaches the client as the server's 28P01, marked as such."""
-        def attempt() -> str:
+        """A wrong server password (SCRAM, cleartext or md5 server) reaches the client as
+        the server's 28P01, marked as a server login failure."""
+        def attempt(user: str, dbname: str) -> str:
             try:
-                self.who("app")
+                self.who(user, dbname)
             except psycopg.OperationalError as exc:
                 return str(exc)
             return "accepted"
 
-        msg = yield self.thread(attempt)
-        self.assertIn('server login failed: password authentication failed for user "app"', msg)
+        for user, dbname in (("app", "app"), ("u_clear", "wrong"), ("u_md5", "wrong")):
+            msg = yield self.thread(attempt, user, dbname)
+            self.assertIn(f'server login failed: password authentication failed for user "{user}"', msg)
 
     @inlineCallbacks
     def test_scram_key_derivation_cached(self):

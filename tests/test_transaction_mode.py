@@ -219,6 +219,34 @@ class ParameterIsolationTests(IntegrationTest):
             yield gatherResults([self.thread(c.close) for c in conns])
 
     @inlineCallbacks
+    def test_nothing_sent_when_parameters_match(self):
+        """The same client coming back to its server costs no SET; a different one costs one."""
+        from odissey.server import ServerConnection
+
+        sent: list[list[str]] = []
+        original = ServerConnection.run
+
+        def counting(server: ServerConnection, statements: list[str]):  # type: ignore[no-untyped-def]
+            sent.append(statements)
+            return original(server, statements)
+
+        self.patch(ServerConnection, "run", counting)
+        alpha = yield self.thread(self.odissey.connect, options=self.options(self.SETTINGS[0]))
+        beta = yield self.thread(self.odissey.connect, options=self.options(self.SETTINGS[1]))
+        try:
+            for _ in range(5):
+                yield self.thread(lambda: alpha.execute("select 1").close())
+            self.assertEqual(len(sent), 1)  # alpha's first attach only
+            yield self.thread(lambda: beta.execute("select 1").close())
+            yield self.thread(lambda: alpha.execute("select 1").close())
+            self.assertEqual(len(sent), 3)
+            self.assertEqual(len(sent[1]), 1)  # all of beta's differences in one query
+            self.assertIn("SET \"TimeZone\" TO E'America/Lima'", sent[1][0])
+        finally:
+            yield self.thread(alpha.close)
+            yield self.thread(beta.close)
+
+    @inlineCallbacks
     def test_options_injection_does_not_execute(self):
         """A search_path value crafted to break out of its quotes is set verbatim, never run."""
         evil = "public'; create table pwned (x int); --"
