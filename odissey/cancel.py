@@ -60,9 +60,6 @@ class CancelKeys(Generic[Owner]):
     def worker_of(pid: int) -> int:
         return pid >> _LOCAL_BITS
 
-    def __len__(self) -> int:
-        return len(self._owners)
-
 
 class _CancelSender(Protocol):
     """Sends one CancelRequest; PostgreSQL closes the connection once it has signalled."""

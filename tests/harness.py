@@ -13,6 +13,7 @@ import os
 import shutil
 import socket
 import subprocess
+import time
 from typing import Any, Callable
 
 import psycopg
@@ -204,6 +205,15 @@ class IntegrationTest(unittest.TestCase):
         conn.execute("begin")
         conn.execute("insert into items values (%s, %s)", (row_id, note))
         pid = int(conn.execute("select pg_backend_pid()").fetchone()[0])
+        vanish(conn)
+        return pid
+
+    def vanish_during(self, sql: bytes) -> int:
+        """Start ``sql``, vanish 0.3 s later; return the backend pid the client had."""
+        conn = self.odissey.connect()
+        pid = int(conn.execute("select pg_backend_pid()").fetchone()[0])
+        conn.pgconn.send_query(sql)
+        time.sleep(0.3)
         vanish(conn)
         return pid
 

@@ -9,7 +9,7 @@ import time
 import psycopg
 from twisted.internet.defer import gatherResults, inlineCallbacks
 
-from tests.harness import IntegrationTest, committed, route, vanish
+from tests.harness import IntegrationTest, committed, route
 
 
 class PoolLimitTests(IntegrationTest):
@@ -96,15 +96,7 @@ class ResetTests(IntegrationTest):
     @inlineCallbacks
     def test_client_killed_mid_query(self):
         """A client that vanishes while its query runs: the query is cancelled at once, the server reused."""
-        def doomed() -> int:
-            conn = self.odissey.connect()
-            pid = conn.execute("select pg_backend_pid()").fetchone()[0]
-            conn.pgconn.send_query(b"select pg_sleep(30)")
-            time.sleep(0.3)
-            vanish(conn)
-            return pid
-
-        pid = yield self.thread(doomed)
+        pid = yield self.thread(self.vanish_during, b"select pg_sleep(30)")
         started = time.monotonic()
         self.assertEqual((yield self.thread(self.backend_pid)), pid)
         self.assertLess(time.monotonic() - started, 5)

@@ -309,15 +309,6 @@ class VanishTests(IntegrationTest):
         self.assertLess(time.monotonic() - started, 2.0)
         self.assertFalse((yield self.thread(committed, "sleep-vanished")))
 
-    def vanish_during(self, sql: bytes) -> int:
-        """Start ``sql``, vanish 0.3 s later; return the backend pid the client had."""
-        conn = self.odissey.connect()
-        pid = conn.execute("select pg_backend_pid()").fetchone()[0]
-        conn.pgconn.send_query(sql)
-        time.sleep(0.3)
-        vanish(conn)
-        return pid
-
     @inlineCallbacks
     def test_during_large_result(self):
         """Gone while a large result streams: cancelled and drained; the server is reused."""

@@ -71,11 +71,6 @@ class MessageTests(SynchronousTestCase):
         with self.assertRaises(ValueError):
             m.query("select 1\0; drop table x")
 
-    def test_data_row_null(self) -> None:
-        """A None value is sent as SQL NULL (length -1)."""
-        _, body = single(m.data_row(["a", None]))
-        self.assertEqual(body, b"\x00\x02\x00\x00\x00\x01a\xff\xff\xff\xff")
-
     @given(st.binary(max_size=60))
     def test_parsers_raise_only_codec_errors(self, body: bytes) -> None:
         """Garbage bodies raise nothing but the codec's error type."""

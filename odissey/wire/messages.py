@@ -67,8 +67,6 @@ def error_response(error: PoolerError) -> bytes:
     )
 
 
-def notice_response(text: str, sqlstate: str = "00000", severity: str = "NOTICE") -> bytes:
-    return message(b"N", error_fields(severity, sqlstate, text))
 
 
 def authentication(code: int, payload: bytes = b"") -> bytes:
@@ -114,29 +112,6 @@ def ready_for_query(status: bytes = b"I") -> bytes:
 def negotiate_protocol_version(minor: int, unrecognized: Sequence[str]) -> bytes:
     body = _I32.pack(minor) + _I32.pack(len(unrecognized))
     return message(b"v", body + b"".join(cstring(o) for o in unrecognized))
-
-
-def row_description(names: Sequence[str]) -> bytes:
-    """Describe text columns (type ``text``, oid 25), as the console returns them."""
-    body = struct.pack("!h", len(names))
-    for name in names:
-        body += cstring(name) + struct.pack("!ihihih", 0, 0, 25, -1, -1, 0)
-    return message(b"T", body)
-
-
-def data_row(values: Sequence[str | None]) -> bytes:
-    body = struct.pack("!h", len(values))
-    for value in values:
-        if value is None:
-            body += _I32.pack(-1)
-        else:
-            data = value.encode()
-            body += _I32.pack(len(data)) + data
-    return message(b"D", body)
-
-
-def command_complete(tag: str) -> bytes:
-    return message(b"C", cstring(tag))
 
 
 # -- frontend messages (what the pooler says to servers) ----------------------------------
