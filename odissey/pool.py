@@ -12,13 +12,13 @@ from __future__ import annotations
 from collections import deque
 from typing import Callable, NamedTuple
 
-from twisted.internet.defer import Deferred, DeferredList, succeed
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from odissey.config import Route
-from odissey.server import ServerConnection, ServerState
+from odissey.server import Live, ServerConnection, ServerState
 from odissey.wire import errors
 from odissey.wire.errors import PoolerError
 
@@ -26,7 +26,7 @@ log = Logger()
 
 Connector = Callable[[], "Deferred[ServerConnection]"]
 ServerConnector = Callable[
-    [IReactorTime, Route, str, str, "set[ServerConnection]"], "Deferred[ServerConnection]"
+    [IReactorTime, Route, str, str, Live], "Deferred[ServerConnection]"
 ]
 
 
@@ -285,27 +285,27 @@ class Pools:
         self.reactor = reactor
         self._connect = connect
         self.pools: dict[PoolKey, Pool] = {}
-        self.servers: set[ServerConnection] = set()
+        self.live = Live()
 
     def get(self, route: Route, database: str, user: str) -> Pool:
         key = PoolKey(database, user)
         pool = self.pools.get(key)
         if pool is None:
             pool = Pool(key, route, self.reactor,
-                        lambda: self._connect(self.reactor, route, database, user, self.servers))
+                        lambda: self._connect(self.reactor, route, database, user, self.live))
             self.pools[key] = pool
         return pool
 
     def close(self, patience: float = 5.0) -> "Deferred[None]":
-        """Close every pool; fires once every server connection is closed (aborting
-        whatever is still open after ``patience`` seconds)."""
+        """Close every pool; fires once every server connection and cancel request is
+        closed (aborting servers still open after ``patience`` seconds; a cancel request
+        gives up by itself within its storage's connect timeout)."""
         for pool in self.pools.values():
             pool.close()
-        remaining = [server.closed for server in self.servers]
-        if not remaining:
+        if not self.live.servers and not self.live.cancels:
             return succeed(None)
         timer = self.reactor.callLater(patience, self._abort_all)
-        done = DeferredList(remaining)
+        done = self.live.closed()
 
         def finished(_: object) -> None:
             if timer.active():
@@ -314,5 +314,5 @@ class Pools:
         return done.addCallback(finished)
 
     def _abort_all(self) -> None:
-        for server in list(self.servers):
+        for server in list(self.live.servers):
             server.abort()

@@ -14,7 +14,7 @@ from enum import Enum
 from typing import TYPE_CHECKING, Protocol as TypingProtocol
 
 from twisted.internet import defer
-from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
 from twisted.internet.endpoints import connectProtocol
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import Protocol
@@ -111,6 +111,7 @@ class ServerConnection(Protocol):
         self.closed: Deferred[None] = Deferred()
         self._auth = ServerAuthenticator(login.user, login.secret)
         self._statements: _Statements | None = None
+        self.live: Live | None = None
 
     def __repr__(self) -> str:
         return f"<server {self.id} {self.login.user}@{self.login.database} {self.state.value}>"
@@ -258,16 +259,46 @@ class ServerConnection(Protocol):
     def cancel(self) -> "Deferred[None]":
         """Ask PostgreSQL to cancel what this connection is running (new connection)."""
         assert self.key is not None
-        return send_cancel(self.reactor, self.login.storage, *self.key)
+        sent = send_cancel(self.reactor, self.login.storage, *self.key)
+        return self.live.cancelling(sent) if self.live is not None else sent
+
+
+class Live:
+    """Every server connection until it closes, and every cancel request until its
+    connection closes: what shutdown waits for, so nothing outlives the pooler."""
+
+    def __init__(self) -> None:
+        self.servers: set[ServerConnection] = set()
+        self.cancels: set[Deferred[None]] = set()
+
+    def add(self, server: ServerConnection) -> None:
+        self.servers.add(server)
+        server.closed.addCallback(lambda _: self.servers.discard(server))
+        server.live = self
+
+    def cancelling(self, sent: "Deferred[None]") -> "Deferred[None]":
+        """Track a cancel request until it is done; returns ``sent`` untouched."""
+        finished: Deferred[None] = Deferred()
+        self.cancels.add(finished)
+
+        def done(result: object) -> object:
+            self.cancels.discard(finished)
+            finished.callback(None)
+            return result
+
+        sent.addBoth(done)
+        return sent
+
+    def closed(self) -> "Deferred[None]":
+        """Fires once every server and cancel connection known now has closed."""
+        waiting = [server.closed for server in self.servers] + list(self.cancels)
+        return DeferredList(waiting).addCallback(lambda _: None)
 
 
 def connect(
-    reactor: IReactorTime, route: Route, database: str, user: str, live: set[ServerConnection]
+    reactor: IReactorTime, route: Route, database: str, user: str, live: Live
 ) -> "Deferred[ServerConnection]":
-    """Open and log in one server connection for a route, within its connect timeout.
-
-    ``live`` holds every server connection until it is closed, so shutdown can wait.
-    """
+    """Open and log in one server connection for a route, within its connect timeout."""
     server_user = route.server.user or user
     secret = route.server.password
     if secret is None and route.auth.password is not None and route.auth.password.kind == "plain":
@@ -275,7 +306,6 @@ def connect(
     login = LoginInfo(route.storage, route.server.database or database, server_user, secret)
     server = ServerConnection(login, reactor)
     live.add(server)
-    server.closed.addCallback(lambda _: live.discard(server))
     connecting = connectProtocol(storage_endpoint(reactor, route.storage), server)
 
     def connected(_proto: object) -> "Deferred[ServerConnection]":
@@ -284,7 +314,7 @@ def connect(
     def failed(failure: Failure) -> Failure:
         server.abort()
         if server.state is ServerState.CONNECTING:
-            live.discard(server)
+            live.servers.discard(server)
         if isinstance(failure.value, PoolerError):
             return failure
         reason = failure.getErrorMessage()
