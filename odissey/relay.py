@@ -75,6 +75,7 @@ class Relay:
         self.goodbye = False  # the client sent Terminate
         self.stream_cut = False  # the server got part of a header that will never be completed
         self.cancel_sent: Deferred[None] | None = None
+        self.cancel_wanted = False  # a cancel came while the query waited for a server
         self._waiting: Deferred[ServerConnection] | None = None
         self._now = client.factory.reactor.seconds
         self.client_at = self.server_at = self._now()  # last client chunk / server event
@@ -126,10 +127,16 @@ class Relay:
             self._clean(self.server)
 
     def cancelRequest(self) -> None:
-        """A CancelRequest with this client's key: cancel its server's current work."""
-        server = self.server
-        if self.state is RelayState.ATTACHED and server is not None and not self.tx.idle:
-            self.cancel_sent = server.cancel()
+        """A CancelRequest with this client's key: cancel its server's current work.
+
+        A query still waiting for a server is cancelled as soon as it has one (PgBouncer
+        drops such a cancel, and the query then runs to the end)."""
+        if self.tx.idle:
+            return
+        if self.state is RelayState.ATTACHED and self.server is not None:
+            self.cancel_sent = self.server.cancel()
+        elif self.state in (RelayState.WAITING, RelayState.SYNCING):
+            self.cancel_wanted = True
 
     # -- getting a server ----------------------------------------------------------------
 
@@ -210,6 +217,9 @@ class Relay:
                 self._couple()
             self.pending = []
             self.pending_size = 0
+        if self.cancel_wanted:
+            self.cancel_wanted = False
+            self.cancel_sent = server.cancel()
         if self.paused:
             self.paused = False
             self.client.transport.resumeProducing()  # type: ignore[union-attr]

@@ -478,6 +478,47 @@ class CrossCancelTests(IntegrationTest):
         self.assertGreater(sum(n for canceller, n in results if canceller), 0)  # cancels did work
 
 
+class CancelWhileWaitingTests(IntegrationTest):
+    def routes(self) -> list[dict]:
+        return [tx_route(size=1, wait_timeout="30s")]
+
+    @inlineCallbacks
+    def test_cancel_reaches_query_once_it_has_a_server(self):
+        """A query cancelled while it waits for the pool's only server is cancelled as soon
+        as it gets one, instead of running its 20 s; the holder's transaction is untouched."""
+        holder = yield self.thread(self.odissey.connect)
+        waiter = yield self.thread(self.odissey.connect)
+        try:
+            yield self.thread(lambda: holder.execute("begin").close())
+            holder_pid = yield self.thread(lambda: holder.execute("select pg_backend_pid()").fetchone()[0])
+
+            def cancel_while_waiting() -> tuple[str, float]:
+                waiter.pgconn.send_query(b"select pg_sleep(20)")
+                time.sleep(0.3)
+                waiter.cancel_safe()
+                time.sleep(0.3)
+                holder.execute("commit")  # frees the only server
+                started = time.monotonic()
+                outcome = "ran to the end"
+                while waiter.pgconn.is_busy():
+                    waiter.pgconn.consume_input()
+                    time.sleep(0.01)
+                while (res := waiter.pgconn.get_result()) is not None:
+                    sqlstate = res.error_field(psycopg.pq.DiagnosticField.SQLSTATE)
+                    outcome = sqlstate.decode() if sqlstate else outcome
+                return outcome, time.monotonic() - started
+
+            outcome, elapsed = yield self.thread(cancel_while_waiting)
+            self.assertEqual(outcome, "57014")
+            self.assertLess(elapsed, 5)
+            again = yield self.thread(lambda: waiter.execute("select pg_backend_pid()").fetchone()[0])
+            self.assertEqual(again, holder_pid)  # the one server, reused after the cancel
+            self.assertEqual((yield self.thread(lambda: holder.execute("select 7").fetchone()[0])), 7)
+        finally:
+            yield self.thread(holder.close)
+            yield self.thread(waiter.close)
+
+
 class TimeoutTests(IntegrationTest):
     def routes(self) -> list[dict]:
         return [
