@@ -20,6 +20,7 @@ setup(
             "psycopg[binary]>=3.1",
             "psycopg2-binary",
             "txpostgres",
+            "asyncpg",
         ],
     },
 )
