@@ -1,23 +1,39 @@
-"""Drivers other than libpq: asyncpg (its own protocol code, named prepared statements,
-binary COPY, asynchronous cancel) through Odissey in both pool modes."""
+"""Drivers other than libpq, through Odissey in both pool modes: asyncpg (its own protocol
+code, named prepared statements, binary COPY, asynchronous cancel) and PostgreSQL's JDBC
+driver (server-side prepared statements past its prepareThreshold, batches)."""
 
 from __future__ import annotations
 
 import asyncio
+import subprocess
+from pathlib import Path
 from typing import Any, Awaitable, Callable
 
 import asyncpg
 from twisted.internet.defer import Deferred, inlineCallbacks
 
-from tests.harness import APP_PASSWORD, IntegrationTest, direct, route, server_pids
+from twisted.internet.defer import gatherResults
+from twisted.trial.unittest import SkipTest
+
+from tests.harness import APP_PASSWORD, IntegrationTest, direct, have, route, server_pids
+
+#: Debian's libpostgresql-jdbc-java (installed by .ci/install when Java is there).
+JDBC_JAR = Path("/usr/share/java/postgresql.jar")
+JDBC_PROBE = Path(__file__).parent / "jdbc" / "Probe.java"
 
 
-class AsyncpgTests(IntegrationTest):
+class DriverTest(IntegrationTest):
+    """Database ``app`` in session mode; ``app_tx``, the same server database, in
+    transaction mode with two servers."""
+
     def routes(self) -> list[dict[str, Any]]:
         return [
             route("app", "app"),
             route("app_tx", "app", server={"database": "app"}, pool={"mode": "transaction", "size": 2}),
         ]
+
+
+class AsyncpgTests(DriverTest):
 
     def run_async(self, main: Callable[[], Awaitable[Any]]) -> "Deferred[Any]":
         """Run an asyncio coroutine function on its own event loop in a client thread."""
@@ -105,3 +121,36 @@ class AsyncpgTests(IntegrationTest):
             outcome = yield self.run_async(lambda: main(database))
             self.assertEqual(outcome, ("timed out", 7), database)
             self.assertEqual((yield self.thread(sleeping)), 0, database)
+
+
+class JdbcTests(DriverTest):
+    def setUp(self) -> "Deferred[None]":
+        if not (have("java") and JDBC_JAR.exists()):
+            raise SkipTest("needs java and Debian's libpostgresql-jdbc-java")
+        return super().setUp()
+
+    def probe(self, database: str, prepare_threshold: int) -> dict[str, str]:
+        """Run tests/jdbc/Probe.java (Java's single-file mode) and parse its key=value lines."""
+        url = f"jdbc:postgresql://127.0.0.1:{self.odissey.port}/{database}"
+        done = subprocess.run(
+            ["java", "-cp", str(JDBC_JAR), str(JDBC_PROBE), url, "app", APP_PASSWORD, str(prepare_threshold)],
+            capture_output=True, text=True, timeout=120,
+        )
+        self.assertEqual(done.returncode, 0, done.stderr[-2000:])
+        return dict(line.split("=", 1) for line in done.stdout.splitlines() if "=" in line)
+
+    expected = {"prepared_sum": "90", "batch": "100", "batch_sum": "5050", "error": "22012", "after": "still here"}
+
+    @inlineCallbacks
+    def test_session_mode_server_prepared_statements(self):
+        """Session mode with the driver's default threshold: its named statements live on the session's server."""
+        seen = yield self.thread(self.probe, "app", 5)
+        self.assertEqual(seen.pop("server_statements"), "1")
+        self.assertEqual(seen, self.expected)
+
+    @inlineCallbacks
+    def test_transaction_mode_four_sessions_share_two_servers(self):
+        """Four JDBC sessions at once share two servers; with prepareThreshold=0 (as
+        docs/transaction-pooling.md says) no named statement is left on them."""
+        seen = yield gatherResults([self.thread(self.probe, "app_tx", 0) for _ in range(4)])
+        self.assertEqual(seen, [{"server_statements": "0", **self.expected}] * 4)
