@@ -107,7 +107,7 @@ class Odissey:
         port = storage_port or self.pg.port
         document = {
             "listen": ["tcp:0:interface=127.0.0.1"],
-            "storages": {"pg": {"host": "127.0.0.1", "port": port, "connect_timeout": "3s"}},
+            "storages": {"pg": {"host": "127.0.0.1", "port": port, "connect_timeout": "10s"}},
             "routes": routes,
         }
         if limits:
