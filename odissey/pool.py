@@ -111,7 +111,8 @@ class Pool:
                 errors.TOO_MANY_CONNECTIONS,
                 f'no server connection available in pool "{self.key}" '
                 f"within {self.route.pool.wait_timeout:g}s",
-                detail=f"pool size is {self.size}, all in use",
+                detail=f"pool size is {self.size}: {len(self.active)} in use, {self.opening} connecting, "
+                       f"{len(self.waiters)} other clients waiting",
             ))
 
     def release(self, server: ServerConnection) -> None:

@@ -84,6 +84,7 @@ class PoolTests(SynchronousTestCase):
         error = self.failureResultOf(waiting, PoolerError).value
         self.assertEqual(error.sqlstate, "53300")
         self.assertIn('pool "db/u"', error.message)
+        self.assertEqual(error.detail, "pool size is 1: 1 in use, 0 connecting, 0 other clients waiting")
         self.assertTrue(holder.called)
 
     def test_connect_failure_backs_off(self) -> None:
