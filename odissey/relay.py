@@ -89,13 +89,12 @@ class Relay:
         except ProtocolViolation as exc:
             self._violation(data, exc)
             return
-        if events:
-            end = self.tx.client(events)
-            if end is not None:
-                self.goodbye = True
-                if end < 0:  # Terminate's header began in the previous chunk, already sent
-                    self.stream_cut = True
-                data = data[: max(end, 0)]
+        end = self.tx.client(events, len(data))
+        if end is not None:
+            self.goodbye = True
+            if end < 0:  # Terminate's header began in the previous chunk, already sent
+                self.stream_cut = True
+            data = data[: max(end, 0)]
         if self.state is RelayState.ATTACHED:
             if data and not send(self.server.transport, data) and not self.coupled:  # type: ignore[union-attr]
                 self._couple()

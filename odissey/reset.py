@@ -13,7 +13,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from odissey.server import ServerConnection, ServerState
-from odissey.transaction import Transaction
+from odissey.transaction import LOOSE, Transaction
 from odissey.wire import errors
 from odissey.wire import messages as m
 from odissey.wire.errors import PoolerError
@@ -67,6 +67,10 @@ def _policy(
         if not (kind == _COPY_DATA and tx.copy_in and 0 <= missing <= MAX_PAD):
             return "client stopped in the middle of a message"
         server.transport.write(b"\0" * missing)  # type: ignore[union-attr]
+    # 2b. Parse/Bind/Execute sent after the last Sync: the server holds them (an Execute
+    #     has even run, in an implicit transaction that a Sync would commit).
+    elif tx.tail == LOOSE and not tx.copy_in:
+        return "client left extended-protocol messages without a Sync"
     # 3. Work in flight: fail a COPY, cancel a running query (unless the client said
     #    goodbye, which lets its last requests finish), then swallow the replies.
     drain = _Drain(server, tx)

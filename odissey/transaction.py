@@ -5,6 +5,12 @@ detached. Every request that expects a ReadyForQuery (Query, FunctionCall, Sync)
 counted when the client sends it and uncounted when the ReadyForQuery arrives; the server
 is free when nothing is outstanding and the last status was idle (``I``).
 
+A Sync answered is not always the end of the client's work: a pipelining client may
+already have sent its next Parse/Bind/Execute, which the server holds (an Execute even
+runs, in an implicit transaction that the next Query would commit). So the tracker also
+follows where the forwarded stream ends: the server is free only when that is exactly the
+end of a request that gets a ReadyForQuery (or of a COPY's CopyDone/CopyFail).
+
 COPY FROM STDIN is the one exception to "one Sync, one ReadyForQuery": PostgreSQL ignores
 Sync while in copy-in mode (libpq sends one right after an extended-protocol COPY and
 another after CopyDone). When the server announces copy-in, the Syncs the client sent
@@ -23,38 +29,62 @@ Z, G = b"ZG"
 CLIENT_WATCH = frozenset(b"QFEScfX")
 
 
+#: The stream ends exactly at the end of a request (the ``tail`` when all is settled).
+AT_BOUNDARY = 0
+#: Something other than a request's end was sent after the last request: unsynced work.
+LOOSE = -1
+
+
 class Transaction:
-    __slots__ = ("outstanding", "status", "copy_in", "syncs_since_execute")
+    __slots__ = ("outstanding", "status", "copy_in", "syncs_since_execute", "tail")
 
     def __init__(self) -> None:
         self.outstanding = 0
         self.status = b"I"
         self.copy_in = False
         self.syncs_since_execute = 0
+        #: AT_BOUNDARY, LOOSE, or the bytes still to come of a request under way.
+        self.tail = AT_BOUNDARY
 
     @property
     def idle(self) -> bool:
-        """Nothing in flight, no transaction open, not in COPY: the server may go."""
-        return self.outstanding <= 0 and self.status == b"I" and not self.copy_in
+        """Nothing in flight or half-sent, no transaction open, not in COPY: the server may go."""
+        return (self.outstanding <= 0 and self.status == b"I" and not self.copy_in
+                and self.tail == AT_BOUNDARY)
 
-    def client(self, events: list[Event]) -> int | None:
-        """Count what the client sent; return where a Terminate starts, if one came
-        (negative when its header began in an earlier chunk)."""
+    def client(self, events: list[Event], length: int) -> int | None:
+        """Count what the client sent in a chunk of ``length`` bytes; return where a
+        Terminate starts, if one came (negative when its header began in an earlier chunk)."""
+        boundary = -1  # where the last request in this chunk ends
         for kind, _body, end in events:
             if kind == Q or kind == F:
                 self.outstanding += 1
                 self.syncs_since_execute = 0
+                boundary = end
             elif kind == SYNC:
                 if not self.copy_in:
                     self.outstanding += 1
                     self.syncs_since_execute += 1
+                boundary = end
             elif kind == E_EXECUTE:
                 self.syncs_since_execute = 0
             elif kind == COPY_DONE or kind == COPY_FAIL:
                 self.copy_in = False
+                boundary = end
             elif kind == TERMINATE:
+                self._follow(boundary, max(end - 5, 0))
                 return end - 5
+        self._follow(boundary, length)
         return None
+
+    def _follow(self, boundary: int, length: int) -> None:
+        """Where the stream ends after ``length`` more bytes, the last request ending at
+        ``boundary`` (-1: none in them)."""
+        if boundary >= 0:
+            self.tail = boundary - length if boundary >= length else LOOSE
+        elif length:
+            tail = self.tail
+            self.tail = tail - length if tail > 0 and length <= tail else LOOSE
 
     def server(self, events: list[Event]) -> bool:
         """Account for what the server answered; True when a ReadyForQuery just made the
@@ -69,4 +99,4 @@ class Transaction:
                 self.copy_in = True
                 self.outstanding -= self.syncs_since_execute
                 self.syncs_since_execute = 0
-        return ready and self.outstanding <= 0 and self.status == b"I" and not self.copy_in
+        return ready and self.idle

@@ -28,6 +28,7 @@ from odissey import config
 from odissey.auth.secrets import md5_hash
 from odissey.postgres import LocalPostgres
 from odissey.service import OdisseyService
+from odissey.wire import messages as m
 
 
 APP_PASSWORD = "app-secret"
@@ -225,6 +226,16 @@ class IntegrationTest(unittest.TestCase):
             except psycopg.OperationalError as exc:
                 return f"{exc.sqlstate} {exc}"
         return "served"
+
+
+def trust_login(port: int) -> socket.socket:
+    """A raw socket logged in as the trust user u_trust, ready for queries."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    sock.sendall(m.startup_message({"user": "u_trust", "database": "app"}))
+    data = b""
+    while not data.endswith(m.ready_for_query(b"I")):
+        data += sock.recv(65536)
+    return sock
 
 
 def vanish(conn: psycopg.Connection) -> None:

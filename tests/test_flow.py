@@ -13,16 +13,7 @@ from twisted.internet.task import deferLater
 
 from odissey.pool import PoolKey
 from odissey.wire import messages as m
-from tests.harness import IntegrationTest, route, server_pids, vanish
-
-
-def trust_login(port: int) -> socket.socket:
-    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
-    sock.sendall(m.startup_message({"user": "u_trust", "database": "app"}))
-    data = b""
-    while not data.endswith(m.ready_for_query(b"I")):
-        data += sock.recv(65536)
-    return sock
+from tests.harness import IntegrationTest, route, server_pids, trust_login, vanish
 
 
 class BackPressureTests(IntegrationTest):

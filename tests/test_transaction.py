@@ -1,4 +1,5 @@
-"""The transaction-boundary tracker, on scanner events; randomised schedules included."""
+"""The transaction-boundary tracker, fed real client bytes through the relay's scanner;
+randomised schedules and chunk splits included."""
 
 from __future__ import annotations
 
@@ -6,13 +7,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
-from odissey.transaction import Transaction
+from odissey.transaction import CLIENT_WATCH, Transaction
+from odissey.wire import messages as m
+from odissey.wire.scanner import Scanner
 
 Q, S, E, P, B, H, D, c, f, X = b"QSEPBHdcfX"
 
 
-def ev(*kinds: int) -> list:
-    return [(k, None, 0) for k in kinds]
+def stream(*kinds: int) -> bytes:
+    """Client messages of these types (bodies are filler; the tracker reads none)."""
+    return b"".join(m.message(bytes([k]), b"" if k in (S, H, c, X) else b"x\0") for k in kinds)
 
 
 def z(status: bytes) -> list:
@@ -22,81 +26,136 @@ def z(status: bytes) -> list:
 G = [(ord("G"), None, 0)]
 
 
+class Client:
+    """Sends a tracker's client side real bytes through the relay's scanner, in pieces."""
+
+    def __init__(self) -> None:
+        self.tx = Transaction()
+        self.scanner = Scanner(watch=CLIENT_WATCH)
+
+    def send(self, *kinds: int, cuts: tuple[int, ...] = ()) -> int | None:
+        data = stream(*kinds)
+        bounds = [0, *sorted(cut % (len(data) + 1) for cut in cuts), len(data)]
+        found = None
+        for start, end in zip(bounds, bounds[1:]):
+            piece = data[start:end]
+            terminate = self.tx.client(self.scanner.feed(piece), len(piece))
+            found = terminate if terminate is not None else found
+        return found
+
+
 class TransactionTests(SynchronousTestCase):
     def test_simple_query(self) -> None:
         """One Query, one ReadyForQuery(I): idle again."""
-        tx = Transaction()
-        tx.client(ev(Q))
-        self.assertFalse(tx.server([]))
-        self.assertTrue(tx.server(z(b"I")))
+        client = Client()
+        client.send(Q)
+        self.assertFalse(client.tx.server([]))
+        self.assertTrue(client.tx.server(z(b"I")))
 
     def test_transaction_block_keeps_server(self) -> None:
         """Status T keeps the server attached until the block ends with I."""
-        tx = Transaction()
-        tx.client(ev(Q))
-        self.assertFalse(tx.server(z(b"T")))
-        tx.client(ev(Q))
-        self.assertFalse(tx.server(z(b"E")))
-        tx.client(ev(Q))
-        self.assertTrue(tx.server(z(b"I")))
+        client = Client()
+        client.send(Q)
+        self.assertFalse(client.tx.server(z(b"T")))
+        client.send(Q)
+        self.assertFalse(client.tx.server(z(b"E")))
+        client.send(Q)
+        self.assertTrue(client.tx.server(z(b"I")))
 
     def test_pipeline_of_syncs(self) -> None:
         """Three Syncs in flight need three ReadyForQuery before the server is free."""
-        tx = Transaction()
-        tx.client(ev(P, B, E, S, P, B, E, S, P, B, E, S))
-        self.assertFalse(tx.server(z(b"I") + z(b"I")))
-        self.assertTrue(tx.server(z(b"I")))
+        client = Client()
+        client.send(P, B, E, S, P, B, E, S, P, B, E, S)
+        self.assertFalse(client.tx.server(z(b"I") + z(b"I")))
+        self.assertTrue(client.tx.server(z(b"I")))
 
     def test_flush_without_sync(self) -> None:
         """Flush expects no ReadyForQuery: nothing is counted, nothing is freed early."""
-        tx = Transaction()
-        tx.client(ev(P, B, E, H))
-        self.assertEqual(tx.outstanding, 0)
+        client = Client()
+        client.send(P, B, E, H)
+        self.assertEqual(client.tx.outstanding, 0)
+        self.assertFalse(client.tx.idle)
         error = [(ord("E"), b"SERROR\0\0", 0)]
-        self.assertFalse(tx.server(error))  # an error before Sync does not free the server
+        self.assertFalse(client.tx.server(error))  # an error before Sync does not free the server
+
+    def test_next_batch_sent_before_the_answer(self) -> None:
+        """A Parse/Bind/Execute sent after a Sync, before its ReadyForQuery: the server
+        holds that work, so the answer to the Sync does not free it; the next Sync's does."""
+        client = Client()
+        client.send(P, B, E, S, P, B, E)
+        self.assertFalse(client.tx.server(z(b"I")))
+        self.assertFalse(client.tx.idle)
+        client.send(S)
+        self.assertTrue(client.tx.server(z(b"I")))
+
+    def test_half_sent_request(self) -> None:
+        """A request whose header or body is still arriving keeps the server."""
+        client = Client()
+        client.send(Q)
+        client.tx.server(z(b"I"))
+        data = stream(Q)
+        for split in range(1, len(data)):
+            client.tx.client(client.scanner.feed(data[:split]), split)
+            self.assertFalse(client.tx.idle, split)
+            rest = data[split:]
+            client.tx.client(client.scanner.feed(rest), len(rest))
+            self.assertTrue(client.tx.server(z(b"I")), split)
 
     def test_extended_copy_in_ignores_syncs(self) -> None:
         """libpq's Sync after an extended COPY and its Sync after CopyDone give one ReadyForQuery."""
-        tx = Transaction()
-        tx.client(ev(P, B, E, S))
-        self.assertFalse(tx.server(G))
-        tx.client(ev(D, D, S, D, c, S))  # a stray Sync in copy mode is ignored too
-        self.assertTrue(tx.server(z(b"I")))
+        client = Client()
+        client.send(P, B, E, S)
+        self.assertFalse(client.tx.server(G))
+        client.send(D, D, S, D, c, S)  # a stray Sync in copy mode is ignored too
+        self.assertTrue(client.tx.server(z(b"I")))
 
     def test_simple_copy_error_waits_for_client(self) -> None:
         """A COPY that fails server-side keeps the server until the client ends its copy."""
-        tx = Transaction()
-        tx.client(ev(Q))
-        tx.server(G)
-        tx.client(ev(D))
-        self.assertFalse(tx.server(z(b"I")))  # error + Z while client still sends CopyData
-        tx.client(ev(D, c))
-        self.assertTrue(tx.idle)
+        client = Client()
+        client.send(Q)
+        client.tx.server(G)
+        client.send(D)
+        self.assertFalse(client.tx.server(z(b"I")))  # error + Z while client still sends CopyData
+        client.send(D, c)
+        self.assertTrue(client.tx.idle)
 
     def test_terminate_offset(self) -> None:
-        """Terminate is reported with where it starts."""
-        tx = Transaction()
-        self.assertEqual(tx.client([(Q, None, 10), (X, None, 15)]), 10)
+        """Terminate is reported with where it starts; a stream that ends at a request
+        before it is still clean."""
+        client = Client()
+        self.assertEqual(client.send(Q, X), len(stream(Q)))
+        self.assertTrue(client.tx.server(z(b"I")))
 
-    @given(st.lists(st.tuples(st.integers(1, 4), st.booleans(), st.booleans()), max_size=30))
+    @given(st.lists(st.tuples(st.integers(1, 4), st.booleans(), st.booleans(), st.booleans()), max_size=30),
+           st.lists(st.integers(0, 10_000), max_size=4))
     @settings(max_examples=300)
-    def test_random_schedules(self, batches: list[tuple[int, bool, bool]]) -> None:
-        """Any interleaving of pipelined requests and replies frees the server exactly when
-        every request is answered and no transaction is open."""
-        tx = Transaction()
+    def test_random_schedules(self, batches: list[tuple[int, bool, bool, bool]], cuts: list[int]) -> None:
+        """Any interleaving of pipelined requests (some followed by an unsynced batch),
+        replies and chunk splits frees the server exactly when every request is answered,
+        nothing unsynced is left on it and no transaction is open."""
+        client = Client()
         in_flight: list[bytes] = []  # statuses the server will answer, in order
         in_block = False
-        for count, begin_or_end, answer_now in batches:
+        loose = False  # an unsynced Parse/Bind/Execute has been sent
+        for count, begin_or_end, answer_now, leave_loose in batches:
             for _ in range(count):
                 if begin_or_end:
                     in_block = not in_block
-                tx.client(ev(Q) if count % 2 else ev(P, B, E, S))
+                kinds = (Q,) if count % 2 and not loose else (P, B, E, S)
+                client.send(*kinds, cuts=tuple(cuts))
+                loose = False
                 in_flight.append(b"T" if in_block else b"I")
+            if leave_loose:
+                client.send(P, B, E, cuts=tuple(cuts))
+                loose = True
             if answer_now:
                 while in_flight:
                     status = in_flight.pop(0)
-                    free = tx.server(z(status))
-                    self.assertEqual(free, not in_flight and status == b"I")
+                    free = client.tx.server(z(status))
+                    self.assertEqual(free, not in_flight and status == b"I" and not loose)
+        if loose:
+            client.send(S)
+            in_flight.append(b"T" if in_block else b"I")
         while in_flight:
             status = in_flight.pop(0)
-            self.assertEqual(tx.server(z(status)), not in_flight and status == b"I")
+            self.assertEqual(client.tx.server(z(status)), not in_flight and status == b"I")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import socket
 import subprocess
 import time
 
@@ -14,7 +15,10 @@ from twisted.trial.unittest import SkipTest
 from txpostgres import txpostgres
 
 from odissey.pool import PoolKey
-from tests.harness import IntegrationTest, committed, direct, free_port, have, route, server_pids, vanish
+from odissey.wire import messages as m
+from tests.harness import (
+    IntegrationTest, committed, direct, free_port, have, route, server_pids, trust_login, vanish,
+)
 
 
 def tx_route(**pool: object) -> dict:
@@ -476,6 +480,79 @@ class CrossCancelTests(IntegrationTest):
         innocent = sum(n for canceller, n in results if not canceller)
         self.assertEqual(innocent, 0)
         self.assertGreater(sum(n for canceller, n in results if canceller), 0)  # cancels did work
+
+
+def extended(sql: str) -> bytes:
+    """Parse, Bind and Execute of an unnamed statement, without Sync."""
+    return (m.message(b"P", m.cstring("") + m.cstring(sql) + b"\0\0")
+            + m.message(b"B", b"\0\0" + b"\0\0" + b"\0\0" + b"\0\0")
+            + m.message(b"E", b"\0" + b"\0\0\0\0"))
+
+
+def read_until_ready(sock: socket.socket) -> bytes:
+    data = b""
+    while not (len(data) >= 6 and data[-6:-1] == b"Z\0\0\0\5"):
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise ConnectionError(f"closed after {data!r}")
+        data += chunk
+    return data
+
+
+class UnsyncedBatchTests(IntegrationTest):
+    """Extended-protocol messages sent after a Sync belong to the client that sent them:
+    the server stays attached until they are synced too, and is never reused with them."""
+
+    def routes(self) -> list[dict]:
+        return [route("app", "u_trust", auth={"method": "trust"},
+                      pool={"mode": "transaction", "size": 1, "wait_timeout": "20s"})]
+
+    @inlineCallbacks
+    def test_next_batch_keeps_the_server(self):
+        """A sends one synced batch and, before its ReadyForQuery, an unsynced INSERT. B,
+        asking for the only server meanwhile, waits for A's Sync instead of receiving A's
+        replies, and A's INSERT is answered to A and committed once."""
+        a = yield self.thread(trust_login, self.odissey.port)
+        try:
+            a.sendall(extended("select 1") + m.sync() + extended("insert into items values (62000, 'unsynced')"))
+            first = yield self.thread(read_until_ready, a)
+            self.assertIn(b"C\0\0\0\rSELECT 1\0", first)
+
+            def other() -> int:
+                with self.odissey.connect(user="u_trust", password=None) as conn:
+                    return int(conn.execute("select 2").fetchone()[0])
+
+            b = self.thread(other)
+            yield deferLater(reactor, 0.5, lambda: None)
+            self.assertFalse(b.called)  # the only server still belongs to A
+            a.sendall(m.sync())
+            second = yield self.thread(read_until_ready, a)
+            self.assertTrue(second.startswith(b"1\0\0\0\4" + b"2\0\0\0\4"), second)
+            self.assertIn(b"INSERT 0 1\0", second)
+            self.assertEqual((yield b), 2)
+            self.assertTrue((yield self.thread(committed, "unsynced")))
+        finally:
+            a.close()
+            yield self.thread(lambda: direct().execute("delete from items where id = 62000").connection.close())
+
+    @inlineCallbacks
+    def test_vanished_with_unsynced_insert(self):
+        """A client that vanishes after an unsynced INSERT: nothing is committed (the
+        server is closed, not handed on with the INSERT pending), and the pool serves on."""
+        a = yield self.thread(trust_login, self.odissey.port)
+        a.sendall(m.query("select 1"))
+        yield self.thread(read_until_ready, a)
+        a.sendall(m.query("select 1") + extended("insert into items values (62001, 'unsynced-gone')"))
+        yield self.thread(read_until_ready, a)
+        a.close()
+        yield deferLater(reactor, 0.3, lambda: None)
+
+        def other() -> int:
+            with self.odissey.connect(user="u_trust", password=None) as conn:
+                return int(conn.execute("select 3").fetchone()[0])
+
+        self.assertEqual((yield self.thread(other)), 3)
+        self.assertFalse((yield self.thread(committed, "unsynced-gone")))
 
 
 class CancelWhileWaitingTests(IntegrationTest):
