@@ -555,6 +555,126 @@ class UnsyncedBatchTests(IntegrationTest):
         self.assertFalse((yield self.thread(committed, "unsynced-gone")))
 
 
+class WireScheduleTests(IntegrationTest):
+    """Raw-protocol clients with random schedules: what libpq never does, a client may."""
+
+    def routes(self) -> list[dict]:
+        return [route("app", "u_trust", auth={"method": "trust"},
+                      pool={"mode": "transaction", "size": 2, "wait_timeout": "30s"})]
+
+    @inlineCallbacks
+    def test_random_wire_schedules_never_mix_sessions(self):
+        """Six clients on two servers send simple queries, extended batches, transaction
+        blocks and errors, often pipelined before reading earlier answers, in random
+        pieces; two more vanish at random moments with inserts in flight. Each survivor
+        gets exactly its own rows in order, nothing a vanished client sent is committed,
+        and both servers come back."""
+        def client(seed: int, vanish_at: int | None) -> int:
+            rnd = random.Random(seed)
+            sock = trust_login(self.odissey.port)
+            reader = Replies(sock)
+            sent: list[str] = []  # tokens in the order their rows must come back
+            requests = errors = 0
+            try:
+                for step in range(40):
+                    token = f"{seed}-{step}"
+                    if step == vanish_at:
+                        doomed = [m.query("begin") + m.query(f"insert into items values ({63000 + seed}, 'wire-vanished')"),
+                                  extended(f"insert into items values ({63100 + seed}, 'wire-vanished')"),
+                                  m.query("begin") + extended("select pg_sleep(5)") + m.sync()]
+                        pieces(sock, rnd, rnd.choice(doomed))
+                        time.sleep(rnd.random() * 0.05)
+                        sock.shutdown(socket.SHUT_RDWR)
+                        return 0
+                    kind = rnd.choice(["simple", "extended", "block", "error", "split-batch"])
+                    if kind == "simple":
+                        data = m.query(f"select '{token}'")
+                        sent.append(token)
+                        requests += 1
+                    elif kind == "extended":
+                        data = extended(f"select '{token}'") + m.sync()
+                        sent.append(token)
+                        requests += 1
+                    elif kind == "block":
+                        data = m.query("begin") + extended(f"select '{token}'") + m.sync() + m.query("commit")
+                        sent.append(token)
+                        requests += 3
+                    elif kind == "error":
+                        data = extended("select 1/0") + extended("select 'skipped'") + m.sync()
+                        requests += 1
+                        errors += 1
+                    else:  # a batch whose Sync comes only with the next write
+                        data = extended(f"select '{token}'")
+                        sent.append(token)
+                        pieces(sock, rnd, data)
+                        time.sleep(rnd.random() * 0.01)
+                        data = m.sync()
+                        requests += 1
+                    pieces(sock, rnd, data)
+                    if rnd.random() < 0.5:  # otherwise keep pipelining
+                        reader.until(requests)
+                reader.until(requests)
+                assert reader.rows == sent, (reader.rows, sent)
+                assert reader.errors == errors, (reader.errors, errors)
+                return requests
+            finally:
+                sock.close()
+
+        plans = [(seed, None) for seed in range(6)] + [(6, random.randrange(30)), (7, random.randrange(30))]
+        done = yield gatherResults([self.thread(client, seed, at) for seed, at in plans])
+        self.assertTrue(all(n > 0 for n in done[:6]))
+        pool = self.odissey.service.pools.pools[PoolKey("app", "u_trust")]
+        for _ in range(50):  # the vanished clients' servers are cleaned (a cancel, a ROLLBACK)
+            if not pool.active:
+                break
+            yield deferLater(reactor, 0.1, lambda: None)
+        self.assertEqual(len(pool.active), 0)
+        self.assertFalse((yield self.thread(committed, "wire-vanished")))
+        def served() -> int:
+            with self.odissey.connect(user="u_trust", password=None) as conn:
+                return int(conn.execute("select 11").fetchone()[0])
+
+        self.assertEqual((yield self.thread(served)), 11)
+
+
+def pieces(sock: socket.socket, rnd: random.Random, data: bytes) -> None:
+    """Send ``data`` in up to three random pieces, with short pauses between them."""
+    cuts = sorted(rnd.randrange(len(data) + 1) for _ in range(rnd.randrange(3)))
+    for start, end in zip([0, *cuts], [*cuts, len(data)]):
+        if end > start:
+            sock.sendall(data[start:end])
+            if end < len(data):
+                time.sleep(rnd.random() * 0.005)
+
+
+class Replies:
+    """Reads a raw connection's replies: first-column text of each DataRow, ReadyForQuery count."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.buffer = b""
+        self.rows: list[str] = []
+        self.ready = 0
+        self.errors = 0
+
+    def until(self, ready: int) -> None:
+        while self.ready < ready:
+            while len(self.buffer) < 5 or len(self.buffer) < 1 + int.from_bytes(self.buffer[1:5], "big"):
+                chunk = self.sock.recv(65536)
+                if not chunk:
+                    raise ConnectionError("closed by Odissey")
+                self.buffer += chunk
+            end = 1 + int.from_bytes(self.buffer[1:5], "big")
+            kind, body, self.buffer = self.buffer[:1], self.buffer[5:end], self.buffer[end:]
+            if kind == b"D":
+                size = int.from_bytes(body[2:6], "big")
+                self.rows.append(body[6:6 + size].decode())
+            elif kind == b"Z":
+                self.ready += 1
+            elif kind == b"E":
+                self.errors += 1
+
+
 class CancelWhileWaitingTests(IntegrationTest):
     def routes(self) -> list[dict]:
         return [tx_route(size=1, wait_timeout="30s")]
