@@ -489,14 +489,47 @@ def extended(sql: str) -> bytes:
             + m.message(b"E", b"\0" + b"\0\0\0\0"))
 
 
-def read_until_ready(sock: socket.socket) -> bytes:
-    data = b""
-    while not (len(data) >= 6 and data[-6:-1] == b"Z\0\0\0\5"):
-        chunk = sock.recv(65536)
-        if not chunk:
-            raise ConnectionError(f"closed after {data!r}")
-        data += chunk
-    return data
+def pieces(sock: socket.socket, rnd: random.Random, data: bytes) -> None:
+    """Send ``data`` in up to three random pieces, with short pauses between them."""
+    cuts = sorted(rnd.randrange(len(data) + 1) for _ in range(rnd.randrange(3)))
+    for start, end in zip([0, *cuts], [*cuts, len(data)]):
+        if end > start:
+            sock.sendall(data[start:end])
+            if end < len(data):
+                time.sleep(rnd.random() * 0.005)
+
+
+class Replies:
+    """Reads a raw connection's replies: first-column text of each DataRow, how many
+    ReadyForQuery and ErrorResponse came."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.buffer = b""
+        self.rows: list[str] = []
+        self.ready = 0
+        self.errors = 0
+
+    def until(self, ready: int) -> bytes:
+        """Read until ``ready`` ReadyForQuery in all have come; the messages read now."""
+        read = []
+        while self.ready < ready:
+            while len(self.buffer) < 5 or len(self.buffer) < 1 + int.from_bytes(self.buffer[1:5], "big"):
+                chunk = self.sock.recv(65536)
+                if not chunk:
+                    raise ConnectionError("closed by Odissey")
+                self.buffer += chunk
+            end = 1 + int.from_bytes(self.buffer[1:5], "big")
+            read.append(self.buffer[:end])
+            kind, body, self.buffer = self.buffer[:1], self.buffer[5:end], self.buffer[end:]
+            if kind == b"D":
+                size = int.from_bytes(body[2:6], "big")
+                self.rows.append(body[6:6 + size].decode())
+            elif kind == b"Z":
+                self.ready += 1
+            elif kind == b"E":
+                self.errors += 1
+        return b"".join(read)
 
 
 class UnsyncedBatchTests(IntegrationTest):
@@ -513,9 +546,10 @@ class UnsyncedBatchTests(IntegrationTest):
         asking for the only server meanwhile, waits for A's Sync instead of receiving A's
         replies, and A's INSERT is answered to A and committed once."""
         a = yield self.thread(trust_login, self.odissey.port)
+        replies = Replies(a)
         try:
             a.sendall(extended("select 1") + m.sync() + extended("insert into items values (62000, 'unsynced')"))
-            first = yield self.thread(read_until_ready, a)
+            first = yield self.thread(replies.until, 1)
             self.assertIn(b"C\0\0\0\rSELECT 1\0", first)
 
             def other() -> int:
@@ -526,7 +560,7 @@ class UnsyncedBatchTests(IntegrationTest):
             yield deferLater(reactor, 0.5, lambda: None)
             self.assertFalse(b.called)  # the only server still belongs to A
             a.sendall(m.sync())
-            second = yield self.thread(read_until_ready, a)
+            second = yield self.thread(replies.until, 2)
             self.assertTrue(second.startswith(b"1\0\0\0\4" + b"2\0\0\0\4"), second)
             self.assertIn(b"INSERT 0 1\0", second)
             self.assertEqual((yield b), 2)
@@ -540,10 +574,11 @@ class UnsyncedBatchTests(IntegrationTest):
         """A client that vanishes after an unsynced INSERT: nothing is committed (the
         server is closed, not handed on with the INSERT pending), and the pool serves on."""
         a = yield self.thread(trust_login, self.odissey.port)
+        replies = Replies(a)
         a.sendall(m.query("select 1"))
-        yield self.thread(read_until_ready, a)
+        yield self.thread(replies.until, 1)
         a.sendall(m.query("select 1") + extended("insert into items values (62001, 'unsynced-gone')"))
-        yield self.thread(read_until_ready, a)
+        yield self.thread(replies.until, 2)
         a.close()
         yield deferLater(reactor, 0.3, lambda: None)
 
@@ -635,44 +670,6 @@ class WireScheduleTests(IntegrationTest):
                 return int(conn.execute("select 11").fetchone()[0])
 
         self.assertEqual((yield self.thread(served)), 11)
-
-
-def pieces(sock: socket.socket, rnd: random.Random, data: bytes) -> None:
-    """Send ``data`` in up to three random pieces, with short pauses between them."""
-    cuts = sorted(rnd.randrange(len(data) + 1) for _ in range(rnd.randrange(3)))
-    for start, end in zip([0, *cuts], [*cuts, len(data)]):
-        if end > start:
-            sock.sendall(data[start:end])
-            if end < len(data):
-                time.sleep(rnd.random() * 0.005)
-
-
-class Replies:
-    """Reads a raw connection's replies: first-column text of each DataRow, ReadyForQuery count."""
-
-    def __init__(self, sock: socket.socket) -> None:
-        self.sock = sock
-        self.buffer = b""
-        self.rows: list[str] = []
-        self.ready = 0
-        self.errors = 0
-
-    def until(self, ready: int) -> None:
-        while self.ready < ready:
-            while len(self.buffer) < 5 or len(self.buffer) < 1 + int.from_bytes(self.buffer[1:5], "big"):
-                chunk = self.sock.recv(65536)
-                if not chunk:
-                    raise ConnectionError("closed by Odissey")
-                self.buffer += chunk
-            end = 1 + int.from_bytes(self.buffer[1:5], "big")
-            kind, body, self.buffer = self.buffer[:1], self.buffer[5:end], self.buffer[end:]
-            if kind == b"D":
-                size = int.from_bytes(body[2:6], "big")
-                self.rows.append(body[6:6 + size].decode())
-            elif kind == b"Z":
-                self.ready += 1
-            elif kind == b"E":
-                self.errors += 1
 
 
 class CancelWhileWaitingTests(IntegrationTest):
