@@ -672,6 +672,15 @@ class WireScheduleTests(IntegrationTest):
         self.assertEqual((yield self.thread(served)), 11)
 
 
+class SessionWireScheduleTests(WireScheduleTests):
+    """The same schedules in session mode, three servers for eight clients: each session's
+    server is reset (or closed) after it, vanished ones included, before the next."""
+
+    def routes(self) -> list[dict]:
+        return [route("app", "u_trust", auth={"method": "trust"},
+                      pool={"mode": "session", "size": 3, "wait_timeout": "60s"})]
+
+
 class CancelWhileWaitingTests(IntegrationTest):
     def routes(self) -> list[dict]:
         return [tx_route(size=1, wait_timeout="30s")]
