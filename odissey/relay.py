@@ -267,7 +267,7 @@ class Relay:
         """Query timeout (cancel), idle-in-transaction and client idle timeouts (FATAL)."""
         settings = self.pool.route.pool
         quiet = now - max(self.client_at, self.server_at)
-        if self.tx.outstanding > 0:
+        if self.tx.busy:
             if (settings.query_timeout and quiet > settings.query_timeout
                     and self.cancel_sent is None and self.server is not None
                     and self.state is RelayState.ATTACHED):

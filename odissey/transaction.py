@@ -47,6 +47,12 @@ class Transaction:
         self.tail = AT_BOUNDARY
 
     @property
+    def busy(self) -> bool:
+        """The server has work of the client's: a request awaiting its ReadyForQuery, or
+        messages not synced yet (an Execute followed by Flush may be running)."""
+        return self.outstanding > 0 or self.tail != AT_BOUNDARY
+
+    @property
     def idle(self) -> bool:
         """Nothing in flight or half-sent, no transaction open, not in COPY: the server may go."""
         return (self.outstanding <= 0 and self.status == b"I" and not self.copy_in

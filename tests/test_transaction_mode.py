@@ -785,6 +785,24 @@ class TimeoutTests(IntegrationTest):
 
         self.assertEqual((yield self.thread(run)), "57P05")
 
+    @inlineCallbacks
+    def test_execute_with_flush_is_not_idle(self):
+        """A client waiting on Execute + Flush (no Sync yet) has a query running, not an
+        idle session: the client idle timeout leaves it alone."""
+        def run() -> list[str]:
+            sock = trust_login(self.odissey.port)
+            try:
+                replies = Replies(sock)
+                sock.sendall(extended("select 'done', pg_sleep(2.5)") + m.message(b"H"))
+                time.sleep(3.0)
+                sock.sendall(m.sync())
+                replies.until(1)
+                return replies.rows
+            finally:
+                sock.close()
+
+        self.assertEqual((yield self.thread(run)), ["done"])
+
 
 class ResetAfterTransactionTests(IntegrationTest):
     def routes(self) -> list[dict]:
