@@ -228,6 +228,24 @@ class IntegrationTest(unittest.TestCase):
         return "served"
 
 
+def sqlstates(conn: psycopg.Connection) -> list[str]:
+    """Collect every result of a query sent with ``conn.pgconn.send_query``: the SQLSTATE of
+    each error, "" for each success. libpq's PQgetResult blocks while holding the GIL
+    when its answer has not fully arrived, which would freeze the in-process Odissey
+    that must send it; so each result is fetched only once PQisBusy says it is there."""
+    states = []
+    pgconn = conn.pgconn
+    while True:
+        while pgconn.is_busy():
+            pgconn.consume_input()
+            time.sleep(0.002)
+        result = pgconn.get_result()
+        if result is None:
+            return states
+        state = result.error_field(psycopg.pq.DiagnosticField.SQLSTATE)
+        states.append(state.decode() if state else "")
+
+
 def trust_login(port: int) -> socket.socket:
     """A raw socket logged in as the trust user u_trust, ready for queries."""
     sock = socket.create_connection(("127.0.0.1", port), timeout=10)

@@ -17,7 +17,7 @@ from txpostgres import txpostgres
 from odissey.pool import PoolKey
 from odissey.wire import messages as m
 from tests.harness import (
-    IntegrationTest, committed, direct, free_port, have, route, server_pids, trust_login, vanish,
+    IntegrationTest, committed, direct, free_port, have, route, server_pids, sqlstates, trust_login, vanish,
 )
 
 
@@ -463,12 +463,7 @@ class CrossCancelTests(IntegrationTest):
                         conn.pgconn.send_query(b"select pg_sleep(0.05)")
                         time.sleep(rnd.random() * 0.06)
                         conn.cancel_safe()
-                        while conn.pgconn.is_busy():
-                            conn.pgconn.consume_input()
-                            time.sleep(0.002)
-                        while (res := conn.pgconn.get_result()) is not None:
-                            if res.error_field(psycopg.pq.DiagnosticField.SQLSTATE) == b"57014":
-                                cancelled += 1
+                        cancelled += sqlstates(conn).count("57014")
                     else:
                         try:
                             conn.execute("select pg_sleep(0.02)")
@@ -702,14 +697,8 @@ class CancelWhileWaitingTests(IntegrationTest):
                 time.sleep(0.3)
                 holder.execute("commit")  # frees the only server
                 started = time.monotonic()
-                outcome = "ran to the end"
-                while waiter.pgconn.is_busy():
-                    waiter.pgconn.consume_input()
-                    time.sleep(0.01)
-                while (res := waiter.pgconn.get_result()) is not None:
-                    sqlstate = res.error_field(psycopg.pq.DiagnosticField.SQLSTATE)
-                    outcome = sqlstate.decode() if sqlstate else outcome
-                return outcome, time.monotonic() - started
+                states = sqlstates(waiter)
+                return "".join(states) or "ran to the end", time.monotonic() - started
 
             outcome, elapsed = yield self.thread(cancel_while_waiting)
             self.assertEqual(outcome, "57014")
