@@ -62,32 +62,40 @@ class CancelKeys(Generic[Owner]):
 
 
 class _CancelSender(Protocol):
-    """Sends one CancelRequest; PostgreSQL closes the connection once it has signalled."""
+    """Sends one CancelRequest; PostgreSQL closes the connection once it has signalled.
+
+    ``closed`` fires True when PostgreSQL closed it (the cancel has landed, or never
+    will), False when we gave up waiting: then it may still land, on anything.
+    """
 
     def __init__(self, reactor: IReactorTime, pid: int, secret: int, patience: float) -> None:
         self.reactor = reactor
         self.packet = m.cancel_request(pid, secret)
         self.patience = patience
-        self.closed: Deferred[None] = Deferred()
+        self.closed: Deferred[bool] = Deferred()
         self._timer: IDelayedCall | None = None
+        self._gave_up = False
 
     def connectionMade(self) -> None:
         assert self.transport is not None
         self.transport.write(self.packet)
-        self._timer = self.reactor.callLater(
-            self.patience, self.transport.abortConnection  # type: ignore[attr-defined]
-        )
+        self._timer = self.reactor.callLater(self.patience, self._give_up)
+
+    def _give_up(self) -> None:
+        self._gave_up = True
+        self.transport.abortConnection()  # type: ignore[union-attr]
 
     def connectionLost(self, reason: Failure | None = None) -> None:
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
-        self.closed.callback(None)
+        self.closed.callback(not self._gave_up)
 
 
-def send_cancel(reactor: IReactorTime, storage: Storage, pid: int, secret: int) -> "Deferred[None]":
-    """Forward a cancel to a server; fires once the server has acted on it, or gave up."""
+def send_cancel(reactor: IReactorTime, storage: Storage, pid: int, secret: int) -> "Deferred[bool]":
+    """Forward a cancel to a server. Fires True once it can no longer land later (the
+    server acted on it, or it could not even be sent), False when that is unknown."""
     sender = _CancelSender(reactor, pid, secret, storage.connect_timeout)
     connecting = connectProtocol(storage_endpoint(reactor, storage), sender)
     connecting.addCallback(lambda _proto: sender.closed)
-    connecting.addErrback(lambda _failure: None)
+    connecting.addErrback(lambda _failure: True)
     return connecting

@@ -74,7 +74,7 @@ class Relay:
         self.paused = False
         self.goodbye = False  # the client sent Terminate
         self.stream_cut = False  # the server got part of a header that will never be completed
-        self.cancel_sent: Deferred[None] | None = None
+        self.cancel_sent: Deferred[bool] | None = None
         self.cancel_wanted = False  # a cancel came while the query waited for a server
         self._waiting: Deferred[ServerConnection] | None = None
         self._now = client.factory.reactor.seconds
@@ -98,7 +98,7 @@ class Relay:
         if self.state is RelayState.ATTACHED:
             if data and not send(self.server.transport, data) and not self.coupled:  # type: ignore[union-attr]
                 self._couple()
-        elif data:
+        elif data and not (self.state is RelayState.IDLE and self.tx.idle):  # a Flush with nothing to flush needs no server
             self.pending.append(data)
             self.pending_size += len(data)
             if self.state is RelayState.IDLE:

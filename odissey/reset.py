@@ -13,7 +13,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from odissey.server import ServerConnection, ServerState
-from odissey.transaction import LOOSE, Transaction
+from odissey.transaction import Transaction
 from odissey.wire import errors
 from odissey.wire import messages as m
 from odissey.wire.errors import PoolerError
@@ -55,7 +55,7 @@ def _policy(
     cut: tuple[int, int] | None,
     goodbye: bool,
     reset_query: str,
-    cancel_sent: "Deferred[None] | None",
+    cancel_sent: "Deferred[bool] | None",
 ):
     # 1. Only a server whose state we know can be cleaned.
     if server.state is not ServerState.ACTIVE:
@@ -69,7 +69,7 @@ def _policy(
         server.transport.write(b"\0" * missing)  # type: ignore[union-attr]
     # 2b. Parse/Bind/Execute sent after the last Sync: the server holds them (an Execute
     #     has even run, in an implicit transaction that a Sync would commit).
-    elif tx.tail == LOOSE and not tx.copy_in:
+    elif tx.tail < 0 and not tx.copy_in:
         return "client left extended-protocol messages without a Sync"
     # 3. Work in flight: fail a COPY, cancel a running query (unless the client said
     #    goodbye, which lets its last requests finish), then swallow the replies.
@@ -86,7 +86,9 @@ def _policy(
     server.detach()
     # 4. A cancel sent for this server must have landed before anyone else uses it.
     if cancel_sent is not None:
-        yield _settle(server, cancel_sent)
+        problem = yield _settle(server, cancel_sent)
+        if problem:
+            return problem
     # 5. An open or failed transaction is rolled back.
     if tx.status != b"I":
         failures = yield server.run(["ROLLBACK"])
@@ -101,16 +103,21 @@ def _policy(
 
 
 @inlineCallbacks
-def _settle(server: ServerConnection, cancel_sent: "Deferred[None]"):
+def _settle(server: ServerConnection, cancel_sent: "Deferred[bool]"):
     """Wait until PostgreSQL has signalled the cancel, then make one round trip (Sync).
 
     PostgreSQL closes the cancel connection after it has signalled the backend; a
     backend handles a pending signal before it reads its next message, and ignores a
     cancel that arrives while it waits for a command. So once a Sync has been answered,
-    the cancel can no longer hit a later client's query.
+    the cancel can no longer hit a later client's query. If we had to give up waiting
+    for PostgreSQL to close it, the cancel may land at any later moment: the server is
+    not reused.
     """
-    yield cancel_sent
+    landed = yield cancel_sent
+    if not landed:
+        return "the cancel request's outcome is unknown"
     yield server.exchange(m.sync(), 1)
+    return None
 
 
 def _bounded(server: ServerConnection, work: "Deferred[str | None]", timeout: float, what: str) -> "Deferred[bool]":
@@ -138,7 +145,7 @@ def clean(
     goodbye: bool,
     reset_query: str,
     timeout: float,
-    cancel_sent: "Deferred[None] | None" = None,
+    cancel_sent: "Deferred[bool] | None" = None,
 ) -> "Deferred[bool]":
     """Clean a server its client left attached; True when it may go back to the pool."""
     work = _policy(server, tx, cut, goodbye, reset_query, cancel_sent)
@@ -147,10 +154,12 @@ def clean(
 
 @inlineCallbacks
 def _after_transaction(
-    server: ServerConnection, cancel_sent: "Deferred[None] | None", reset_query: str
+    server: ServerConnection, cancel_sent: "Deferred[bool] | None", reset_query: str
 ):
     if cancel_sent is not None:
-        yield _settle(server, cancel_sent)
+        problem = yield _settle(server, cancel_sent)
+        if problem:
+            return problem
     if reset_query:
         failures = yield server.run([reset_query])
         if failures or server.status != b"I":
@@ -159,7 +168,7 @@ def _after_transaction(
 
 
 def after_transaction(
-    server: ServerConnection, cancel_sent: "Deferred[None] | None", reset_query: str, timeout: float
+    server: ServerConnection, cancel_sent: "Deferred[bool] | None", reset_query: str, timeout: float
 ) -> "Deferred[bool]":
     """A transaction-mode server just went idle, but a cancel was sent for it or the route
     resets after every transaction: True when it is safe for another client."""

@@ -256,7 +256,7 @@ class ServerConnection(Protocol):
         self.handler = None
         self.used_at = self.reactor.seconds()
 
-    def cancel(self) -> "Deferred[None]":
+    def cancel(self) -> "Deferred[bool]":
         """Ask PostgreSQL to cancel what this connection is running (new connection)."""
         assert self.key is not None
         sent = send_cancel(self.reactor, self.login.storage, *self.key)
@@ -276,7 +276,7 @@ class Live:
         server.closed.addCallback(lambda _: self.servers.discard(server))
         server.live = self
 
-    def cancelling(self, sent: "Deferred[None]") -> "Deferred[None]":
+    def cancelling(self, sent: "Deferred[bool]") -> "Deferred[bool]":
         """Track a cancel request until it is done; returns ``sent`` untouched."""
         finished: Deferred[None] = Deferred()
         self.cancels.add(finished)

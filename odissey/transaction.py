@@ -9,7 +9,8 @@ A Sync answered is not always the end of the client's work: a pipelining client 
 already have sent its next Parse/Bind/Execute, which the server holds (an Execute even
 runs, in an implicit transaction that the next Query would commit). So the tracker also
 follows where the forwarded stream ends: the server is free only when that is exactly the
-end of a request that gets a ReadyForQuery (or of a COPY's CopyDone/CopyFail).
+end of a request that gets a ReadyForQuery (or of a COPY's CopyDone/CopyFail), a Flush
+right after one changing nothing (psycopg ends a pipeline with Sync, Flush).
 
 COPY FROM STDIN is the one exception to "one Sync, one ReadyForQuery": PostgreSQL ignores
 Sync while in copy-in mode (libpq sends one right after an extended-protocol COPY and
@@ -22,17 +23,15 @@ from __future__ import annotations
 
 from odissey.wire.scanner import Event
 
-Q, F, E_EXECUTE, SYNC, COPY_DONE, COPY_FAIL, TERMINATE = b"QFEScfX"
+Q, F, E_EXECUTE, SYNC, COPY_DONE, COPY_FAIL, TERMINATE, FLUSH = b"QFEScfXH"
 Z, G = b"ZG"
 
 #: Client message types the tracker needs the scanner to report.
-CLIENT_WATCH = frozenset(b"QFEScfX")
+CLIENT_WATCH = frozenset(b"QFEScfXH")
 
 
 #: The stream ends exactly at the end of a request (the ``tail`` when all is settled).
 AT_BOUNDARY = 0
-#: Something other than a request's end was sent after the last request: unsynced work.
-LOOSE = -1
 
 
 class Transaction:
@@ -43,7 +42,9 @@ class Transaction:
         self.status = b"I"
         self.copy_in = False
         self.syncs_since_execute = 0
-        #: AT_BOUNDARY, LOOSE, or the bytes still to come of a request under way.
+        #: Where the last request ends, from the end of what the client sent: AT_BOUNDARY,
+        #: ahead (> 0: that request is still arriving) or behind (< 0: more was sent after
+        #: it, work the server holds unless it turns out to be a Flush).
         self.tail = AT_BOUNDARY
 
     @property
@@ -61,36 +62,34 @@ class Transaction:
     def client(self, events: list[Event], length: int) -> int | None:
         """Count what the client sent in a chunk of ``length`` bytes; return where a
         Terminate starts, if one came (negative when its header began in an earlier chunk)."""
-        boundary = -1  # where the last request in this chunk ends
+        clean = self.tail  # where, relative to this chunk, the last request ends
         for kind, _body, end in events:
             if kind == Q or kind == F:
                 self.outstanding += 1
                 self.syncs_since_execute = 0
-                boundary = end
+                clean = end
             elif kind == SYNC:
                 if not self.copy_in:
                     self.outstanding += 1
                     self.syncs_since_execute += 1
-                boundary = end
+                clean = end
             elif kind == E_EXECUTE:
                 self.syncs_since_execute = 0
             elif kind == COPY_DONE or kind == COPY_FAIL:
                 self.copy_in = False
-                boundary = end
+                clean = end
+            elif kind == FLUSH:
+                if clean == end - 5:  # a Flush right after a request's end holds nothing
+                    clean = end
             elif kind == TERMINATE:
-                self._follow(boundary, max(end - 5, 0))
+                self._settle(clean, max(end - 5, 0))
                 return end - 5
-        self._follow(boundary, length)
+        self._settle(clean, length)
         return None
 
-    def _follow(self, boundary: int, length: int) -> None:
-        """Where the stream ends after ``length`` more bytes, the last request ending at
-        ``boundary`` (-1: none in them)."""
-        if boundary >= 0:
-            self.tail = boundary - length if boundary >= length else LOOSE
-        elif length:
-            tail = self.tail
-            self.tail = tail - length if tail > 0 and length <= tail else LOOSE
+    def _settle(self, clean: int, length: int) -> None:
+        """The last request ends ``clean`` bytes into a chunk of ``length``."""
+        self.tail = clean - length
 
     def server(self, events: list[Event]) -> bool:
         """Account for what the server answered; True when a ReadyForQuery just made the

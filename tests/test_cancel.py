@@ -1,10 +1,18 @@
-"""Cancel keys: unique, worker-tagged, and only the right secret finds a client."""
+"""Cancel keys: unique, worker-tagged, and only the right secret finds a client; sending
+a cancel and knowing whether it can still land."""
 
 from __future__ import annotations
 
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.internet import reactor
+from twisted.internet.defer import inlineCallbacks
+from twisted.internet.endpoints import TCP4ServerEndpoint
+from twisted.internet.protocol import Factory, Protocol
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from odissey.cancel import CancelKeys
+from odissey.cancel import CancelKeys, send_cancel
+from odissey.config import Storage
+from odissey.wire import messages as m
+from tests.harness import free_port
 
 
 class CancelKeyTests(SynchronousTestCase):
@@ -24,3 +32,53 @@ class CancelKeyTests(SynchronousTestCase):
         self.assertEqual(len(pids), 1000)
         self.assertEqual({CancelKeys.worker_of(p) for p in pids}, {5})
         self.assertTrue(all(0 < p < 2**31 for p in pids))
+
+
+class _Listener(Protocol):
+    """Stands in for PostgreSQL's postmaster: records the packet, closes or keeps quiet."""
+
+    def __init__(self, received: list[bytes], close: bool) -> None:
+        self.received = received
+        self.close = close
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received.append(data)
+        if self.close:
+            self.transport.loseConnection()
+
+
+class SendCancelTests(TestCase):
+    """send_cancel tells whether a cancel can still land later: the reset policy closes a
+    server rather than hand it on while its cancel's fate is unknown."""
+
+    @inlineCallbacks
+    def outcome(self, close: bool, port: int | None = None):  # type: ignore[no-untyped-def]
+        received: list[bytes] = []
+        listening = None
+        if port is None:
+            factory = Factory.forProtocol(lambda: _Listener(received, close))
+            listening = yield TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(factory)
+            port = listening.getHost().port
+        storage = Storage(name="pg", host="127.0.0.1", port=port, connect_timeout=0.5)
+        try:
+            landed = yield send_cancel(reactor, storage, 1234, 5678)
+        finally:
+            if listening is not None:
+                yield listening.stopListening()
+        return landed, received
+
+    @inlineCallbacks
+    def test_closed_by_server(self):
+        landed, received = yield self.outcome(close=True)
+        self.assertTrue(landed)
+        self.assertEqual(b"".join(received), m.cancel_request(1234, 5678))
+
+    @inlineCallbacks
+    def test_server_silent_past_patience(self):
+        landed, _received = yield self.outcome(close=False)
+        self.assertFalse(landed)
+
+    @inlineCallbacks
+    def test_nobody_listening(self):
+        landed, _received = yield self.outcome(close=True, port=free_port())
+        self.assertTrue(landed)  # it was never delivered, so it can never land

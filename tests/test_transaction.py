@@ -88,6 +88,18 @@ class TransactionTests(SynchronousTestCase):
         client.send(S)
         self.assertTrue(client.tx.server(z(b"I")))
 
+    def test_flush_after_sync_holds_nothing(self) -> None:
+        """psycopg ends a pipeline with Sync, Flush: the server is free at the answer, in
+        one chunk or two; a Flush after unsynced work does not make it clean."""
+        client = Client()
+        client.send(P, B, E, S, H)
+        self.assertTrue(client.tx.server(z(b"I")))
+        client.send(P, B, E, S)
+        client.send(H)
+        self.assertTrue(client.tx.server(z(b"I")))
+        client.send(P, B, E, H)
+        self.assertFalse(client.tx.idle)
+
     def test_half_sent_request(self) -> None:
         """A request whose header or body is still arriving keeps the server."""
         client = Client()
@@ -126,22 +138,23 @@ class TransactionTests(SynchronousTestCase):
         self.assertEqual(client.send(Q, X), len(stream(Q)))
         self.assertTrue(client.tx.server(z(b"I")))
 
-    @given(st.lists(st.tuples(st.integers(1, 4), st.booleans(), st.booleans(), st.booleans()), max_size=30),
+    @given(st.lists(st.tuples(st.integers(1, 4), st.booleans(), st.booleans(), st.booleans(), st.booleans()),
+                    max_size=30),
            st.lists(st.integers(0, 10_000), max_size=4))
     @settings(max_examples=300)
-    def test_random_schedules(self, batches: list[tuple[int, bool, bool, bool]], cuts: list[int]) -> None:
-        """Any interleaving of pipelined requests (some followed by an unsynced batch),
-        replies and chunk splits frees the server exactly when every request is answered,
+    def test_random_schedules(self, batches: list[tuple[int, bool, bool, bool, bool]], cuts: list[int]) -> None:
+        """Any interleaving of pipelined requests (some followed by an unsynced batch, some
+        by a Flush), replies and chunk splits frees the server exactly when every request is answered,
         nothing unsynced is left on it and no transaction is open."""
         client = Client()
         in_flight: list[bytes] = []  # statuses the server will answer, in order
         in_block = False
         loose = False  # an unsynced Parse/Bind/Execute has been sent
-        for count, begin_or_end, answer_now, leave_loose in batches:
+        for count, begin_or_end, answer_now, leave_loose, flush in batches:
             for _ in range(count):
                 if begin_or_end:
                     in_block = not in_block
-                kinds = (Q,) if count % 2 and not loose else (P, B, E, S)
+                kinds = (Q,) if count % 2 and not loose else (P, B, E, S, H) if flush else (P, B, E, S)
                 client.send(*kinds, cuts=tuple(cuts))
                 loose = False
                 in_flight.append(b"T" if in_block else b"I")

@@ -105,6 +105,25 @@ class TransactionModeTests(IntegrationTest):
         self.assertEqual(len(self.pool.active), 0)
 
     @inlineCallbacks
+    def test_pipeline_end_frees_the_server(self):
+        """psycopg ends a pipeline with Sync then Flush: once its results are in, the idle
+        client holds no server, and when it leaves the server is reused, not closed."""
+        conn = yield self.thread(self.odissey.connect)
+        try:
+            def pipeline() -> tuple[list[int], int]:
+                with conn.pipeline():
+                    curs = [conn.execute("select %s::int", (i,)) for i in range(3)]
+                    pid = conn.execute("select pg_backend_pid()")
+                return [c.fetchone()[0] for c in curs], int(pid.fetchone()[0])
+
+            values, pid = yield self.thread(pipeline)
+            self.assertEqual(values, [0, 1, 2])
+            self.assertEqual(len(self.pool.active), 0)
+        finally:
+            yield self.thread(conn.close)
+        self.assertIn(pid, (yield self.thread(server_pids)))
+
+    @inlineCallbacks
     def test_copy_error_mid_stream(self):
         """A COPY that fails half-way (bad row) errors cleanly; the connection then works."""
         def run() -> tuple[str, int]:
