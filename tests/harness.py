@@ -248,12 +248,26 @@ def sqlstates(conn: psycopg.Connection) -> list[str]:
 
 def trust_login(port: int) -> socket.socket:
     """A raw socket logged in as the trust user u_trust, ready for queries."""
+    return trust_login_keyed(port)[0]
+
+
+def trust_login_keyed(port: int) -> tuple[socket.socket, tuple[int, int]]:
+    """:func:`trust_login`, and the cancel key (pid, secret) Odissey gave the session."""
     sock = socket.create_connection(("127.0.0.1", port), timeout=10)
     sock.sendall(m.startup_message({"user": "u_trust", "database": "app"}))
     data = b""
     while not data.endswith(m.ready_for_query(b"I")):
         data += sock.recv(65536)
-    return sock
+    at = data.index(b"K\0\0\0\x0c") + 5
+    return sock, m.parse_backend_key_data(data[at:at + 8])
+
+
+def send_cancel_request(port: int, key: tuple[int, int]) -> None:
+    """Send a CancelRequest to Odissey and wait until it has closed that connection."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(m.cancel_request(*key))
+        while sock.recv(1024):
+            pass
 
 
 def vanish(conn: psycopg.Connection) -> None:
