@@ -17,9 +17,18 @@ Sync while in copy-in mode (libpq sends one right after an extended-protocol COP
 another after CopyDone). When the server announces copy-in, the Syncs the client sent
 since the Execute that started it are uncounted, and further Syncs are not counted until
 the client ends the copy with CopyDone or CopyFail.
+
+A client may send the whole COPY (psql does: Query, CopyData…, CopyDone) before the server
+has announced it. The copy is then over, from the client's side, when the announcement
+comes: each CopyDone/CopyFail sent outside copy-in mode is remembered with the Syncs sent
+between its Execute and itself, and the next CopyInResponse consumes it instead of
+entering copy-in mode. Remembered ends no ReadyForQuery can still need (nothing
+outstanding) are forgotten: they followed a COPY that failed before it began.
 """
 
 from __future__ import annotations
+
+from collections import deque
 
 from odissey.wire.scanner import Event
 
@@ -35,13 +44,16 @@ AT_BOUNDARY = 0
 
 
 class Transaction:
-    __slots__ = ("outstanding", "status", "copy_in", "syncs_since_execute", "tail")
+    __slots__ = ("outstanding", "status", "copy_in", "syncs_since_execute", "tail", "early_copy_ends")
 
     def __init__(self) -> None:
         self.outstanding = 0
         self.status = b"I"
         self.copy_in = False
         self.syncs_since_execute = 0
+        #: For each copy the client ended before the server announced it: the Syncs it
+        #: sent between that COPY's Execute and its end (which PostgreSQL will ignore).
+        self.early_copy_ends: deque[int] = deque()
         #: Where the last request ends, from the end of what the client sent: AT_BOUNDARY,
         #: ahead (> 0: that request is still arriving) or behind (< 0: more was sent after
         #: it, work the server holds unless it turns out to be a Flush).
@@ -76,7 +88,11 @@ class Transaction:
             elif kind == E_EXECUTE:
                 self.syncs_since_execute = 0
             elif kind == COPY_DONE or kind == COPY_FAIL:
-                self.copy_in = False
+                if self.copy_in:
+                    self.copy_in = False
+                else:
+                    self.early_copy_ends.append(self.syncs_since_execute)
+                    self.syncs_since_execute = 0
                 clean = end
             elif kind == FLUSH:
                 if clean == end - 5:  # a Flush right after a request's end holds nothing
@@ -100,8 +116,13 @@ class Transaction:
                 self.outstanding -= 1
                 self.status = body  # type: ignore[assignment]
                 ready = True
+                if self.outstanding <= 0 and self.early_copy_ends:
+                    self.early_copy_ends.clear()
             elif kind == G:
-                self.copy_in = True
-                self.outstanding -= self.syncs_since_execute
-                self.syncs_since_execute = 0
+                if self.early_copy_ends:
+                    self.outstanding -= self.early_copy_ends.popleft()
+                else:
+                    self.copy_in = True
+                    self.outstanding -= self.syncs_since_execute
+                    self.syncs_since_execute = 0
         return ready and self.idle

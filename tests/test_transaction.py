@@ -121,6 +121,30 @@ class TransactionTests(SynchronousTestCase):
         client.send(D, D, S, D, c, S)  # a stray Sync in copy mode is ignored too
         self.assertTrue(client.tx.server(z(b"I")))
 
+    def test_copy_sent_whole_before_the_server_announces_it(self) -> None:
+        """psql sends Query, CopyData, CopyDone at once; libpq's extended COPY adds a Sync
+        PostgreSQL ignores. The CopyInResponse that follows must not reopen the copy."""
+        client = Client()
+        client.send(Q, D, c)
+        self.assertFalse(client.tx.server(G))
+        self.assertTrue(client.tx.server(z(b"I")))
+        client.send(P, B, E, S, D, c, S)
+        self.assertFalse(client.tx.server(G))
+        self.assertTrue(client.tx.server(z(b"I")))  # one ReadyForQuery for the two Syncs
+
+    def test_copy_that_failed_before_it_began(self) -> None:
+        """A COPY refused before copy-in mode (no such table): the client's CopyDone is
+        forgotten with the answer, and a later COPY is tracked afresh."""
+        client = Client()
+        client.send(Q, D, c)
+        self.assertTrue(client.tx.server([(ord("E"), b"SERROR\0\0", 0)] + z(b"I")))
+        client.send(Q)
+        self.assertFalse(client.tx.server(G))
+        client.send(D)
+        self.assertFalse(client.tx.idle)  # copying now
+        client.send(c)
+        self.assertTrue(client.tx.server(z(b"I")))
+
     def test_simple_copy_error_waits_for_client(self) -> None:
         """A COPY that fails server-side keeps the server until the client ends its copy."""
         client = Client()

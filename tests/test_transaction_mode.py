@@ -515,8 +515,8 @@ def pieces(sock: socket.socket, rnd: random.Random, data: bytes) -> None:
 
 
 class Replies:
-    """Reads a raw connection's replies: first-column text of each DataRow, how many
-    ReadyForQuery came, the SQLSTATE of each ErrorResponse."""
+    """Reads a raw connection's replies: first-column text of each DataRow (or line of
+    COPY data), how many ReadyForQuery came, the SQLSTATE of each ErrorResponse."""
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
@@ -540,6 +540,8 @@ class Replies:
             if kind == b"D":
                 size = int.from_bytes(body[2:6], "big")
                 self.rows.append(body[6:6 + size].decode())
+            elif kind == b"d":  # COPY TO STDOUT: one text line per row
+                self.rows.append(body.decode().rstrip("\n"))
             elif kind == b"Z":
                 self.ready += 1
             elif kind == b"E":
@@ -628,7 +630,7 @@ class WireScheduleTests(IntegrationTest):
             sock, key = trust_login_keyed(port)
             reader = Replies(sock)
             sent: list[tuple[str, bool]] = []  # (token, may be cancelled) in reply order
-            requests = errors = 0
+            requests = errors = copied = 0
             try:
                 for step in range(40):
                     token = f"{seed}-{step}"
@@ -640,8 +642,11 @@ class WireScheduleTests(IntegrationTest):
                         time.sleep(rnd.random() * 0.05)
                         sock.shutdown(socket.SHUT_RDWR)
                         return 0
-                    kinds = ["simple", "extended", "block", "error", "split-batch"] + ["cancel"] * self.cancels
+                    kinds = ["simple", "extended", "block", "error", "split-batch", "copy-out", "copy-in",
+                             "copy-in-extended"] + ["cancel"] * self.cancels
                     kind = rnd.choice(kinds)
+                    note = "wire-copy" if vanish_at is None else "wire-copy-vanisher"  # may land or not
+                    row = m.message(b"d", f"{64000 + seed * 100 + step}\t{note}\n".encode()) + m.message(b"c")
                     if kind == "simple":
                         data = m.query(f"select '{token}'")
                         sent.append((token, False))
@@ -654,6 +659,18 @@ class WireScheduleTests(IntegrationTest):
                         data = m.query("begin") + extended(f"select '{token}'") + m.sync() + m.query("commit")
                         sent.append((token, False))
                         requests += 3
+                    elif kind == "copy-out":
+                        data = m.query(f"copy (select '{token}') to stdout")
+                        sent.append((token, False))
+                        requests += 1
+                    elif kind == "copy-in":  # the rows follow the Query at once, as psql sends them
+                        data = m.query("copy items (id, note) from stdin") + row
+                        copied += 1
+                        requests += 1
+                    elif kind == "copy-in-extended":  # libpq: a Sync PostgreSQL ignores in copy mode
+                        data = extended("copy items (id, note) from stdin") + m.sync() + row + m.sync()
+                        copied += 1
+                        requests += 1
                     elif kind == "error":
                         data = extended("select 1/0") + extended("select 'skipped'") + m.sync()
                         requests += 1
@@ -682,13 +699,12 @@ class WireScheduleTests(IntegrationTest):
                 assert reader.rows == [token for token, _ in sent if token not in cancelled], (reader.rows, sent)
                 assert sorted(reader.errors) == sorted(["22012"] * errors + ["57014"] * len(cancelled)), \
                     (reader.errors, errors, cancelled)
-                return requests
+                return copied
             finally:
                 sock.close()
 
         plans = [(seed, None) for seed in range(6)] + [(6, random.randrange(30)), (7, random.randrange(30))]
-        done = yield gatherResults([self.thread(client, seed, at) for seed, at in plans])
-        self.assertTrue(all(n > 0 for n in done[:6]))
+        copied = yield gatherResults([self.thread(client, seed, at) for seed, at in plans])
         pool = self.odissey.service.pools.pools[PoolKey("app", "u_trust")]
         for _ in range(50):  # the vanished clients' servers are cleaned (a cancel, a ROLLBACK)
             if not pool.active:
@@ -696,6 +712,14 @@ class WireScheduleTests(IntegrationTest):
             yield deferLater(reactor, 0.1, lambda: None)
         self.assertEqual(len(pool.active), 0)
         self.assertFalse((yield self.thread(committed, "wire-vanished")))
+
+        def copied_rows() -> int:
+            with direct() as su:
+                n = su.execute("select count(*) from items where note = 'wire-copy'").fetchone()[0]
+                su.execute("delete from items where note like 'wire-copy%'")
+                return int(n)
+
+        self.assertEqual((yield self.thread(copied_rows)), sum(copied))
 
         def served() -> int:
             with self.odissey.connect(user="u_trust", password=None) as conn:
