@@ -615,6 +615,7 @@ class WireScheduleTests(IntegrationTest):
                       pool={"mode": "transaction", "size": 2, "wait_timeout": "30s"})]
 
     cancels = True  # clients cancel their own queries at random moments
+    first_copied_id = 64000  # rows the clients COPY in: ids from here, one range per class
 
     @inlineCallbacks
     def test_random_wire_schedules_never_mix_sessions(self):
@@ -630,23 +631,26 @@ class WireScheduleTests(IntegrationTest):
             sock, key = trust_login_keyed(port)
             reader = Replies(sock)
             sent: list[tuple[str, bool]] = []  # (token, may be cancelled) in reply order
-            requests = errors = copied = 0
+            requests = errors = copied = bad_copies = 0
             try:
                 for step in range(40):
                     token = f"{seed}-{step}"
                     if step == vanish_at:
                         doomed = [m.query("begin") + m.query(f"insert into items values ({63000 + seed}, 'wire-vanished')"),
                                   extended(f"insert into items values ({63100 + seed}, 'wire-vanished')"),
-                                  m.query("begin") + extended("select pg_sleep(5)") + m.sync()]
+                                  m.query("begin") + extended("select pg_sleep(5)") + m.sync(),
+                                  m.query("copy items (id, note) from stdin")  # cut inside a CopyData
+                                  + m.message(b"d", f"{63200 + seed}\twire-vanished\n".encode())[:-4]]
                         pieces(sock, rnd, rnd.choice(doomed))
                         time.sleep(rnd.random() * 0.05)
                         sock.shutdown(socket.SHUT_RDWR)
                         return 0
                     kinds = ["simple", "extended", "block", "error", "split-batch", "copy-out", "copy-in",
-                             "copy-in-extended"] + ["cancel"] * self.cancels
+                             "copy-in-extended", "multi", "failed-block", "bare-sync", "empty", "copy-bad",
+                             "large"] + ["cancel"] * self.cancels
                     kind = rnd.choice(kinds)
                     note = "wire-copy" if vanish_at is None else "wire-copy-vanisher"  # may land or not
-                    row = m.message(b"d", f"{64000 + seed * 100 + step}\t{note}\n".encode()) + m.message(b"c")
+                    row = m.message(b"d", f"{self.first_copied_id + seed * 100 + step}\t{note}\n".encode()) + m.message(b"c")
                     if kind == "simple":
                         data = m.query(f"select '{token}'")
                         sent.append((token, False))
@@ -671,11 +675,36 @@ class WireScheduleTests(IntegrationTest):
                         data = extended("copy items (id, note) from stdin") + m.sync() + row + m.sync()
                         copied += 1
                         requests += 1
+                    elif kind == "multi":  # one Query, three statements, the middle one fails
+                        data = m.query(f"select '{token}'; select 1/0; select 'never'")
+                        sent.append((token, False))
+                        requests += 1
+                        errors += 1
+                    elif kind == "failed-block":
+                        data = m.query("begin") + m.query("select 1/0") + m.query("rollback")
+                        requests += 3
+                        errors += 1
+                    elif kind == "bare-sync":
+                        data = m.sync()
+                        requests += 1
+                    elif kind == "empty":
+                        data = m.query("")
+                        requests += 1
+                    elif kind == "copy-bad":  # PostgreSQL fails the COPY on its first row
+                        data = (m.query("copy items (id, note) from stdin")
+                                + m.message(b"d", b"not-a-number\tx\n") + m.message(b"c"))
+                        requests += 1
+                        bad_copies += 1
+                    elif kind == "large":  # a row far bigger than one read
+                        data = extended(f"select '{token}', repeat('x', 300000)") + m.sync()
+                        sent.append((token, False))
+                        requests += 1
                     elif kind == "error":
                         data = extended("select 1/0") + extended("select 'skipped'") + m.sync()
                         requests += 1
                         errors += 1
-                    elif kind == "cancel":  # answered before going on, so it can only hit this query
+                    elif kind == "cancel":  # alone in flight, so it can only hit this query
+                        reader.until(requests)
                         pieces(sock, rnd, m.query(f"select '{token}', pg_sleep(0.05)"))
                         sent.append((token, True))
                         requests += 1
@@ -697,8 +726,8 @@ class WireScheduleTests(IntegrationTest):
                 kept = set(reader.rows)
                 cancelled = [token for token, optional in sent if optional and token not in kept]
                 assert reader.rows == [token for token, _ in sent if token not in cancelled], (reader.rows, sent)
-                assert sorted(reader.errors) == sorted(["22012"] * errors + ["57014"] * len(cancelled)), \
-                    (reader.errors, errors, cancelled)
+                expected = ["22012"] * errors + ["22P02"] * bad_copies + ["57014"] * len(cancelled)
+                assert sorted(reader.errors) == sorted(expected), (reader.errors, expected)
                 return copied
             finally:
                 sock.close()
@@ -735,6 +764,7 @@ class SessionWireScheduleTests(WireScheduleTests):
     hit the same session's next query."""
 
     cancels = False
+    first_copied_id = 66000
 
     def routes(self) -> list[dict]:
         return [route("app", "u_trust", auth={"method": "trust"},
