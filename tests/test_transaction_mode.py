@@ -647,7 +647,7 @@ class WireScheduleTests(IntegrationTest):
                         return 0
                     kinds = ["simple", "extended", "block", "error", "split-batch", "copy-out", "copy-in",
                              "copy-in-extended", "multi", "failed-block", "bare-sync", "empty", "copy-bad",
-                             "large"] + ["cancel"] * self.cancels
+                             "large", "set", "set-apart"] + ["cancel"] * self.cancels
                     kind = rnd.choice(kinds)
                     note = "wire-copy" if vanish_at is None else "wire-copy-vanisher"  # may land or not
                     row = m.message(b"d", f"{self.first_copied_id + seed * 100 + step}\t{note}\n".encode()) + m.message(b"c")
@@ -675,6 +675,19 @@ class WireScheduleTests(IntegrationTest):
                         data = extended("copy items (id, note) from stdin") + m.sync() + row + m.sync()
                         copied += 1
                         requests += 1
+                    elif kind == "set":  # a reported setting follows the client to any server
+                        data = (m.query(f"set application_name = 'app{token}'")
+                                + m.query("select current_setting('application_name')"))
+                        sent.append((f"app{token}", False))
+                        requests += 2
+                    elif kind == "set-apart":  # ... also when asked for in a later write
+                        reader.until(requests)
+                        pieces(sock, rnd, m.query(f"set application_name = 'app{token}'"))
+                        reader.until(requests + 1)
+                        time.sleep(rnd.random() * 0.01)
+                        data = m.query("select current_setting('application_name')")
+                        sent.append((f"app{token}", False))
+                        requests += 2
                     elif kind == "multi":  # one Query, three statements, the middle one fails
                         data = m.query(f"select '{token}'; select 1/0; select 'never'")
                         sent.append((token, False))
