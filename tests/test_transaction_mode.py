@@ -621,8 +621,8 @@ class WireScheduleTests(IntegrationTest):
     def test_random_wire_schedules_never_mix_sessions(self):
         """Six clients on two servers send simple queries, extended batches, transaction
         blocks, errors and cancels of their own queries, often pipelined before reading
-        earlier answers, in random pieces; two more vanish at random moments with inserts
-        in flight. Each survivor gets exactly its own rows in order and only its own
+        earlier answers, in random pieces; six more leave at random moments in six ways
+        (vanishing with work in flight, Terminate mid-transaction, a forbidden message). Each survivor gets exactly its own rows in order and only its own
         errors, nothing a vanished client sent is committed, and both servers come back."""
         port = self.odissey.port
 
@@ -640,10 +640,17 @@ class WireScheduleTests(IntegrationTest):
                                   extended(f"insert into items values ({63100 + seed}, 'wire-vanished')"),
                                   m.query("begin") + extended("select pg_sleep(5)") + m.sync(),
                                   m.query("copy items (id, note) from stdin")  # cut inside a CopyData
-                                  + m.message(b"d", f"{63200 + seed}\twire-vanished\n".encode())[:-4]]
-                        pieces(sock, rnd, rnd.choice(doomed))
+                                  + m.message(b"d", f"{63200 + seed}\twire-vanished\n".encode())[:-4],
+                                  m.query("begin") + m.query(f"insert into items values ({63300 + seed}, 'wire-vanished')")
+                                  + m.query("select pg_sleep(0.1)") + m.terminate(),  # goodbye mid-transaction
+                                  m.query("begin") + m.query(f"insert into items values ({63400 + seed}, 'wire-vanished')")
+                                  + b"Q\xff\xff\xff\xffgarbage"]  # a message length no one may send
+                        pieces(sock, rnd, doomed[seed % len(doomed)])
                         time.sleep(rnd.random() * 0.05)
-                        sock.shutdown(socket.SHUT_RDWR)
+                        try:
+                            sock.shutdown(socket.SHUT_RDWR)
+                        except OSError:  # Odissey already closed it (the forbidden message)
+                            pass
                         return 0
                     kinds = ["simple", "extended", "block", "error", "split-batch", "copy-out", "copy-in",
                              "copy-in-extended", "multi", "failed-block", "bare-sync", "empty", "copy-bad",
@@ -745,7 +752,7 @@ class WireScheduleTests(IntegrationTest):
             finally:
                 sock.close()
 
-        plans = [(seed, None) for seed in range(6)] + [(6, random.randrange(30)), (7, random.randrange(30))]
+        plans = [(seed, None) for seed in range(6)] + [(seed, random.randrange(30)) for seed in range(6, 12)]
         copied = yield gatherResults([self.thread(client, seed, at) for seed, at in plans])
         pool = self.odissey.service.pools.pools[PoolKey("app", "u_trust")]
         for _ in range(50):  # the vanished clients' servers are cleaned (a cancel, a ROLLBACK)
