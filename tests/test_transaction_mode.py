@@ -791,6 +791,18 @@ class SessionWireScheduleTests(WireScheduleTests):
                       pool={"mode": "session", "size": 3, "wait_timeout": "60s"})]
 
 
+class ChurningWireScheduleTests(WireScheduleTests):
+    """The same schedules while servers churn: a reset after every transaction, and
+    server connections that live half a second (closed when next idle, then reopened)."""
+
+    first_copied_id = 68000
+
+    def routes(self) -> list[dict]:
+        return [route("app", "u_trust", auth={"method": "trust"},
+                      pool={"mode": "transaction", "size": 2, "wait_timeout": "30s",
+                            "reset_after_transaction": True, "server_lifetime": "500ms"})]
+
+
 class CancelWhileWaitingTests(IntegrationTest):
     def routes(self) -> list[dict]:
         return [tx_route(size=1, wait_timeout="30s")]
