@@ -98,7 +98,8 @@ class Relay:
         if self.state is RelayState.ATTACHED:
             if data and not send(self.server.transport, data) and not self.coupled:  # type: ignore[union-attr]
                 self._couple()
-        elif data and not (self.state is RelayState.IDLE and self.tx.idle):  # a Flush with nothing to flush needs no server
+        elif data and not (self.state is RelayState.IDLE and self.tx.idle):
+            # (an idle client's lone Flush has nothing to flush: it needs no server)
             self.pending.append(data)
             self.pending_size += len(data)
             if self.state is RelayState.IDLE:
