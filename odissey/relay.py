@@ -73,7 +73,7 @@ class Relay:
         self.pending_size = 0
         self.paused = False
         self.goodbye = False  # the client sent Terminate
-        self.stream_cut = False  # the server got part of a header that will never be completed
+        self.stream_cut = False  # the server's stream may stop inside a message: close it, never clean it
         self.cancel_sent: Deferred[bool] | None = None
         self.cancel_wanted = False  # a cancel came while the query waited for a server
         self._waiting: Deferred[ServerConnection] | None = None
@@ -87,7 +87,7 @@ class Relay:
         try:
             events = self.scanner.feed(data)
         except ProtocolViolation as exc:
-            self._violation(data, exc)
+            self._violation(exc)
             return
         end = self.tx.client(events, len(data))
         if end is not None:
@@ -110,11 +110,15 @@ class Relay:
         if self.goodbye:
             self.client.transport.loseConnection()  # type: ignore[union-attr]
 
-    def _violation(self, data: bytes, exc: ProtocolViolation) -> None:
-        """Forward the whole messages before the bad one, then drop the client."""
-        if self.state is RelayState.ATTACHED and exc.offset > 0:
-            self.server.transport.write(data[: exc.offset])  # type: ignore[union-attr]
-        self.stream_cut = exc.offset < 0
+    def _violation(self, exc: ProtocolViolation) -> None:
+        """Drop the client; none of the chunk goes to the server, whose stream may then
+        stop inside a message (its bad one, or one this chunk would have completed), so
+        an attached server is closed rather than cleaned.
+
+        Forwarding the good messages before the bad one would send the server requests
+        the tracker never counted: a BEGIN among them would leave the server inside a
+        transaction that the cleanup believes closed."""
+        self.stream_cut = self.state is RelayState.ATTACHED
         self.client.fail(exc)
 
     def clientGone(self) -> None:

@@ -145,6 +145,11 @@ class ServerConnection(Protocol):
             elif kind == E:
                 log.info("{id}: server says {msg}", id=self.id,
                          msg=m.parse_error_fields(body or b"\0").get("M"))
+            else:  # a reply nobody asked for: the server is not in the state we think
+                log.error("{id}: unexpected {kind!r} from an idle server, closing it",
+                          id=self.id, kind=chr(kind))
+                self.abort()
+                return
 
     def connectionLost(self, reason: Failure | None = None) -> None:
         before = self.state

@@ -46,6 +46,7 @@ SERVER_HBA = (
 )
 
 _postgres: LocalPostgres | None = None
+_postgres_failure: str | None = None
 
 
 def free_port() -> int:
@@ -55,31 +56,61 @@ def free_port() -> int:
 
 
 def shared_postgres() -> LocalPostgres:
-    """The run's PostgreSQL, started on first use (blocking, about a second)."""
-    global _postgres
+    """The run's PostgreSQL, started on first use (blocking, about a second).
+
+    A start that fails (a port taken between picking and binding it, a slow machine) is
+    tried once more on a new port; if that fails too, every later test gets the same
+    error at once instead of starting servers of its own.
+    """
+    global _postgres, _postgres_failure
     if _postgres is None:
-        pg = LocalPostgres(
-            port=free_port(),
-            users=USERS,
-            databases={"app": "app"},
-            hba=SERVER_HBA,
-            settings={"listen_addresses": "127.0.0.1", "max_connections": "400"},
-        )
-        pg.start()
-        pg.psql(
-            "GRANT ALL ON SCHEMA public TO PUBLIC;"
-            "CREATE TABLE items (id int primary key, note text);"
-            "GRANT ALL ON items TO PUBLIC;",
-            database="app",
-        )
-        if have("pgbench"):  # tables for the pgbench tests, owned by app
-            subprocess.run(
-                ["pgbench", "-i", "-q", "-s", "1", "-h", pg.socket_dir, "-p", str(pg.port), "-U", "app", "app"],
-                check=True, capture_output=True, env={**os.environ, "PGPASSWORD": APP_PASSWORD},
+        if _postgres_failure is not None:
+            raise RuntimeError(f"the tests' PostgreSQL could not start: {_postgres_failure}")
+        for attempt in (1, 2):
+            pg = LocalPostgres(
+                port=free_port(),
+                users=USERS,
+                databases={"app": "app"},
+                hba=SERVER_HBA,
+                settings={"listen_addresses": "127.0.0.1", "max_connections": "400"},
             )
-        atexit.register(pg.stop)
-        _postgres = pg
+            try:
+                _prepare(pg)
+            except Exception as exc:
+                log_tail = _log_tail(pg)
+                pg.stop()
+                if attempt == 2:
+                    _postgres_failure = f"{exc}\n{log_tail}"
+                    raise
+                continue
+            atexit.register(pg.stop)
+            _postgres = pg
+            break
+    assert _postgres is not None
     return _postgres
+
+
+def _prepare(pg: LocalPostgres) -> None:
+    pg.start()
+    pg.psql(
+        "GRANT ALL ON SCHEMA public TO PUBLIC;"
+        "CREATE TABLE items (id int primary key, note text);"
+        "GRANT ALL ON items TO PUBLIC;",
+        database="app",
+    )
+    if have("pgbench"):  # tables for the pgbench tests, owned by app
+        subprocess.run(
+            ["pgbench", "-i", "-q", "-s", "1", "-h", pg.socket_dir, "-p", str(pg.port), "-U", "app", "app"],
+            check=True, capture_output=True, env={**os.environ, "PGPASSWORD": APP_PASSWORD},
+        )
+
+
+def _log_tail(pg: LocalPostgres) -> str:
+    try:
+        with open(os.path.join(pg.data_dir, "server.log")) as log:
+            return "".join(log.readlines()[-20:])
+    except OSError:
+        return ""
 
 
 def route(
@@ -268,6 +299,41 @@ def send_cancel_request(port: int, key: tuple[int, int]) -> None:
         sock.sendall(m.cancel_request(*key))
         while sock.recv(1024):
             pass
+
+
+class Replies:
+    """Reads a raw connection's replies: first-column text of each DataRow (or line of
+    COPY data), how many ReadyForQuery came, the SQLSTATE of each ErrorResponse."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.buffer = b""
+        self.rows: list[str] = []
+        self.ready = 0
+        self.errors: list[str] = []  # SQLSTATE of each ErrorResponse
+
+    def until(self, ready: int) -> bytes:
+        """Read until ``ready`` ReadyForQuery in all have come; the messages read now."""
+        read = []
+        while self.ready < ready:
+            while len(self.buffer) < 5 or len(self.buffer) < 1 + int.from_bytes(self.buffer[1:5], "big"):
+                chunk = self.sock.recv(65536)
+                if not chunk:
+                    raise ConnectionError("closed by Odissey")
+                self.buffer += chunk
+            end = 1 + int.from_bytes(self.buffer[1:5], "big")
+            read.append(self.buffer[:end])
+            kind, body, self.buffer = self.buffer[:1], self.buffer[5:end], self.buffer[end:]
+            if kind == b"D":
+                size = int.from_bytes(body[2:6], "big")
+                self.rows.append(body[6:6 + size].decode())
+            elif kind == b"d":  # COPY TO STDOUT: one text line per row
+                self.rows.append(body.decode().rstrip("\n"))
+            elif kind == b"Z":
+                self.ready += 1
+            elif kind == b"E":
+                self.errors.append(m.parse_error_fields(body).get("C", ""))
+        return b"".join(read)
 
 
 def vanish(conn: psycopg.Connection) -> None:

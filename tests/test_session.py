@@ -9,7 +9,8 @@ import time
 import psycopg
 from twisted.internet.defer import gatherResults, inlineCallbacks
 
-from tests.harness import IntegrationTest, committed, route
+from odissey.wire import messages as m
+from tests.harness import IntegrationTest, Replies, committed, route, trust_login
 
 
 class PoolLimitTests(IntegrationTest):
@@ -146,3 +147,45 @@ class CancelTests(IntegrationTest):
             self.assertEqual((yield self.thread(bogus_cancel_then_query)), 5)
         finally:
             yield self.thread(conn.close)
+
+
+class ProtocolViolationTests(IntegrationTest):
+    """A forbidden message from an attached client: none of its chunk reaches the server."""
+
+    def routes(self):  # type: ignore[no-untyped-def]
+        return [route("app", "u_trust", auth={"method": "trust"}, pool={"size": 1, "reset_query": ""})]
+
+    @inlineCallbacks
+    def test_good_messages_before_the_bad_one_never_run(self):
+        """BEGIN and INSERT arrive in one chunk with a message of impossible length: the
+        client gets 08P01; neither statement runs, so no open transaction can reach the
+        next client on that server (who would commit it), and the server is replaced."""
+        def violate() -> tuple[int, bytes]:
+            sock = trust_login(self.odissey.port)
+            try:
+                replies = Replies(sock)
+                sock.sendall(m.query("select pg_backend_pid()"))
+                replies.until(1)
+                sock.sendall(m.query("begin") + m.query("insert into items values (62100, 'violation')")
+                             + b"Q\xff\xff\xff\xffgarbage")
+                answer = replies.buffer
+                while chunk := sock.recv(65536):
+                    answer += chunk
+                return int(replies.rows[0]), answer
+            finally:
+                sock.close()
+
+        pid, answer = yield self.thread(violate)
+        self.assertIn(b"C08P01\0", answer)
+
+        def next_client() -> tuple[int, object]:
+            with self.odissey.connect(user="u_trust", password=None) as conn:
+                backend = int(conn.execute("select pg_backend_pid()").fetchone()[0])
+                status = conn.info.transaction_status
+                conn.execute("commit")
+                return backend, status
+
+        backend, status = yield self.thread(next_client)
+        self.assertEqual(status, psycopg.pq.TransactionStatus.IDLE)
+        self.assertNotEqual(backend, pid)
+        self.assertFalse((yield self.thread(committed, "violation")))

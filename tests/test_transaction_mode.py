@@ -18,7 +18,7 @@ from odissey.pool import PoolKey
 from odissey.wire import messages as m
 from tests.harness import (
     IntegrationTest, committed, direct, free_port, have, route, send_cancel_request, server_pids, sqlstates,
-    trust_login, trust_login_keyed, vanish,
+    Replies, trust_login, trust_login_keyed, vanish,
 )
 
 
@@ -514,41 +514,6 @@ def pieces(sock: socket.socket, rnd: random.Random, data: bytes) -> None:
                 time.sleep(rnd.random() * 0.005)
 
 
-class Replies:
-    """Reads a raw connection's replies: first-column text of each DataRow (or line of
-    COPY data), how many ReadyForQuery came, the SQLSTATE of each ErrorResponse."""
-
-    def __init__(self, sock: socket.socket) -> None:
-        self.sock = sock
-        self.buffer = b""
-        self.rows: list[str] = []
-        self.ready = 0
-        self.errors: list[str] = []  # SQLSTATE of each ErrorResponse
-
-    def until(self, ready: int) -> bytes:
-        """Read until ``ready`` ReadyForQuery in all have come; the messages read now."""
-        read = []
-        while self.ready < ready:
-            while len(self.buffer) < 5 or len(self.buffer) < 1 + int.from_bytes(self.buffer[1:5], "big"):
-                chunk = self.sock.recv(65536)
-                if not chunk:
-                    raise ConnectionError("closed by Odissey")
-                self.buffer += chunk
-            end = 1 + int.from_bytes(self.buffer[1:5], "big")
-            read.append(self.buffer[:end])
-            kind, body, self.buffer = self.buffer[:1], self.buffer[5:end], self.buffer[end:]
-            if kind == b"D":
-                size = int.from_bytes(body[2:6], "big")
-                self.rows.append(body[6:6 + size].decode())
-            elif kind == b"d":  # COPY TO STDOUT: one text line per row
-                self.rows.append(body.decode().rstrip("\n"))
-            elif kind == b"Z":
-                self.ready += 1
-            elif kind == b"E":
-                self.errors.append(m.parse_error_fields(body).get("C", ""))
-        return b"".join(read)
-
-
 class UnsyncedBatchTests(IntegrationTest):
     """Extended-protocol messages sent after a Sync belong to the client that sent them:
     the server stays attached until they are synced too, and is never reused with them."""
@@ -632,6 +597,7 @@ class WireScheduleTests(IntegrationTest):
             reader = Replies(sock)
             sent: list[tuple[str, bool]] = []  # (token, may be cancelled) in reply order
             requests = errors = copied = bad_copies = 0
+            done: list[str] = []  # the actions, for the failure message
             try:
                 for step in range(40):
                     token = f"{seed}-{step}"
@@ -656,6 +622,7 @@ class WireScheduleTests(IntegrationTest):
                              "copy-in-extended", "multi", "failed-block", "bare-sync", "empty", "copy-bad",
                              "large", "set", "set-apart"] + ["cancel"] * self.cancels
                     kind = rnd.choice(kinds)
+                    done.append(kind)
                     note = "wire-copy" if vanish_at is None else "wire-copy-vanisher"  # may land or not
                     row = m.message(b"d", f"{self.first_copied_id + seed * 100 + step}\t{note}\n".encode()) + m.message(b"c")
                     if kind == "simple":
@@ -745,9 +712,9 @@ class WireScheduleTests(IntegrationTest):
                 reader.until(requests)
                 kept = set(reader.rows)
                 cancelled = [token for token, optional in sent if optional and token not in kept]
-                assert reader.rows == [token for token, _ in sent if token not in cancelled], (reader.rows, sent)
+                assert reader.rows == [token for token, _ in sent if token not in cancelled], (type(self).__name__, reader.rows, sent, done, reader.errors)
                 expected = ["22012"] * errors + ["22P02"] * bad_copies + ["57014"] * len(cancelled)
-                assert sorted(reader.errors) == sorted(expected), (reader.errors, expected)
+                assert sorted(reader.errors) == sorted(expected), (reader.errors, expected, done)
                 return copied
             finally:
                 sock.close()
@@ -760,7 +727,11 @@ class WireScheduleTests(IntegrationTest):
                 break
             yield deferLater(reactor, 0.1, lambda: None)
         self.assertEqual(len(pool.active), 0)
-        self.assertFalse((yield self.thread(committed, "wire-vanished")))
+        def vanished_rows() -> list[int]:
+            with direct() as su:
+                return [r[0] for r in su.execute("select id from items where note = 'wire-vanished'")]
+
+        self.assertEqual((yield self.thread(vanished_rows)), [])
 
         def copied_rows() -> int:
             with direct() as su:
