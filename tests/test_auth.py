@@ -3,14 +3,24 @@
 from __future__ import annotations
 
 import base64
+import hashlib
+import hmac
 
 import scramp
-from twisted.internet.defer import gatherResults, maybeDeferred
+from twisted.internet.defer import gatherResults, inlineCallbacks, maybeDeferred
 from twisted.trial.unittest import TestCase
 
+from odissey.auth import secrets, verifiers
 from odissey.auth.responders import ServerAuthenticator
-from odissey.auth.secrets import ScramSecret, check_cleartext, derive_scram_secret, md5_hash, md5_response
-from odissey.auth.verifiers import ClientVerifiers, MD5Verifier, ScramVerifier
+from odissey.auth.secrets import (
+    SCRAM_ITERATIONS,
+    ScramSecret,
+    check_cleartext,
+    derive_scram_secret,
+    md5_hash,
+    md5_response,
+)
+from odissey.auth.verifiers import ClientVerifiers, MD5Verifier, ScramVerifier, Verifier
 from odissey.config import ClientAuth, Secret
 from odissey.wire import messages as m
 from odissey.wire.errors import PoolerError, ProtocolViolation
@@ -20,6 +30,15 @@ from odissey.wire.scanner import Scanner
 def body_of(message: bytes) -> bytes:
     (event,) = Scanner(collect_all=True).feed(message)
     return event[1] or b""
+
+
+def scram_text(password: bytes, salt: bytes, iterations: int) -> str:
+    """A stored SCRAM-SHA-256 secret made straight from RFC 5802 (not with Odissey's code)."""
+    salted = hashlib.pbkdf2_hmac("sha256", password, salt, iterations)
+    stored = hashlib.sha256(hmac.new(salted, b"Client Key", hashlib.sha256).digest()).digest()
+    server = hmac.new(salted, b"Server Key", hashlib.sha256).digest()
+    b64 = lambda raw: base64.b64encode(raw).decode()  # noqa: E731
+    return f"SCRAM-SHA-256${iterations}:{b64(salt)}${b64(stored)}:{b64(server)}"
 
 
 def libpq_scram(verifier: ScramVerifier, password: str) -> bool:
@@ -107,6 +126,112 @@ class VerifierTests(TestCase):
             self.assertTrue(libpq_scram(pair[1], "pw"))
 
         return d.addCallback(same)
+
+
+class CleartextTests(TestCase):
+    """Cleartext passwords: the secret's own SCRAM parameters, and equal work for unknown users."""
+
+    def setUp(self) -> None:
+        self.derivations: list[tuple[bytes, int]] = []
+        real = secrets.salted_password
+
+        def counted(password: bytes, salt: bytes, iterations: int) -> bytes:
+            self.derivations.append((salt, iterations))
+            return real(password, salt, iterations)
+
+        self.patch(secrets, "salted_password", counted)
+
+    @inlineCallbacks
+    def refused(self, verifier: Verifier, password: bytes):
+        """Send ``password`` to a cleartext verifier, which must refuse it with 28P01."""
+        try:
+            yield maybeDeferred(verifier.receive, password + b"\0")
+        except PoolerError as exc:
+            self.assertEqual(exc.sqlstate, "28P01")
+        else:
+            self.fail("the password was accepted")
+
+    @inlineCallbacks
+    def test_scram_secret_iterations_respected(self):
+        """A SCRAM secret made with 10,000 iterations accepts its password and refuses others."""
+        salt = b"sixteen byte slt"
+        secret = Secret("scram", scram_text(b"pw", salt, 10000))
+        self.assertTrue((yield check_cleartext(secret, "u", b"pw")))
+        self.assertFalse((yield check_cleartext(secret, "u", b"pW")))
+        self.assertEqual(self.derivations, [(salt, 10000)] * 2)
+
+    @inlineCallbacks
+    def test_scram_secret_through_verifier(self):
+        """A cleartext route with a 10,000-iteration SCRAM secret lets in the right password."""
+        auth = ClientAuth("cleartext", Secret("scram", scram_text(b"pw", b"0123456789abcdef", 10000)))
+        verifier = yield ClientVerifiers().for_route(auth, "u")
+        self.assertEqual(verifier.start().reply, m.authentication_cleartext())
+        step = yield maybeDeferred(verifier.receive, b"pw\0")
+        self.assertTrue(step.done)
+        yield self.refused((yield ClientVerifiers().for_route(auth, "u")), b"wrong")
+
+    @inlineCallbacks
+    def test_scram_secret_normalized_like_postgres(self):
+        """Passwords are SASLprepped as libpq does, and used raw when SASLprep does not apply."""
+        nbsp = Secret("scram", scram_text(b"pass word", b"0123456789abcdef", 4096))
+        self.assertTrue((yield check_cleartext(nbsp, "u", "pass\u00a0word".encode())))
+        raw = Secret("scram", scram_text(b"\xff\xfe", b"0123456789abcdef", 4096))
+        self.assertTrue((yield check_cleartext(raw, "u", b"\xff\xfe")))
+
+    def test_derived_secret_matches_scramp(self) -> None:
+        """Odissey derives the same SCRAM secret as scramp (and so as PostgreSQL) would."""
+        salt = b"0123456789abcdef"
+        made = scramp.ScramMechanism("SCRAM-SHA-256").make_auth_info("pw", SCRAM_ITERATIONS, salt)
+        self.assertEqual(derive_scram_secret("pw", salt).auth_info(), made)
+
+    def test_malformed_iterations_refused(self) -> None:
+        """A SCRAM secret with no iterations is malformed, not a free pass for PBKDF2."""
+        self.assertRaises(ValueError, ScramSecret.parse, "SCRAM-SHA-256$0:AAAA$AAAA:AAAA")
+
+    @inlineCallbacks
+    def test_unknown_user_derives_like_a_known_one(self):
+        """An unknown user's cleartext password costs one default-count PBKDF2, like a wrong one."""
+        known = ClientVerifiers()
+        for secret in (Secret("plain", "pw"), Secret("md5", md5_hash("pw", "u")),
+                       Secret("scram", scram_text(b"pw", b"0123456789abcdef", SCRAM_ITERATIONS))):
+            verifier = yield known.for_route(ClientAuth("cleartext", secret), "u")
+            yield self.refused(verifier, b"wrong")
+        yield self.refused(ClientVerifiers().mock("cleartext", "ghost"), b"wrong")
+        self.assertEqual([count for _salt, count in self.derivations], [SCRAM_ITERATIONS] * 4)
+
+    @inlineCallbacks
+    def test_unknown_user_salt_stable(self):
+        """Repeated tries for one unknown user derive with the same salt, as a real secret has."""
+        mocks = ClientVerifiers()
+        for user in ("ghost", "ghost", "spook"):
+            yield self.refused(mocks.mock("cleartext", user), b"wrong")
+        salts = [salt for salt, _count in self.derivations]
+        self.assertEqual(salts[0], salts[1])
+        self.assertNotEqual(salts[0], salts[2])
+        self.assertEqual(len(salts[0]), 16)
+
+    @inlineCallbacks
+    def test_route_without_password_is_mocked(self):
+        """A route with no client password refuses everyone, after the usual work."""
+        verifier = yield ClientVerifiers().for_route(ClientAuth("cleartext", None), "u")
+        yield self.refused(verifier, b"")
+        yield self.refused(verifier, b"anything")
+        self.assertEqual(len(self.derivations), 1)
+
+    def test_md5_mock_hashes_like_a_known_user(self) -> None:
+        """An unknown md5 user's answer is hashed and compared exactly as a known user's is."""
+        calls: list[bytes] = []
+        real = verifiers.md5_response
+
+        def counted(stored: str, salt: bytes) -> bytes:
+            calls.append(salt)
+            return real(stored, salt)
+
+        self.patch(verifiers, "md5_response", counted)
+        for verifier in (MD5Verifier("u", Secret("plain", "pw")), ClientVerifiers().mock("md5", "ghost")):
+            with self.assertRaises(PoolerError):
+                verifier.receive(md5_response(md5_hash("no", "u"), b"abcd") + b"\0")
+        self.assertEqual(len(calls), 2)
 
 
 class ResponderTests(TestCase):

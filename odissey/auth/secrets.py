@@ -4,6 +4,11 @@ PBKDF2 (the expensive part of SCRAM) always runs in a thread. scramp computes it
 its own ``hi`` function and offers no hook for a precomputed SaltedPassword, so we wrap
 that function with a bounded cache keyed by (hash, password, salt, iterations): a pool
 opening twenty server connections with one password derives the key once, not twenty times.
+
+Checking a client's cleartext password never uses that cache: it would keep what clients
+typed (right or wrong) in memory, let them evict the servers' keys, and make a repeated try
+faster than a new one. Instead every cleartext check, for a known user of any secret kind
+or for an unknown one, costs one fresh PBKDF2 in a thread (see :func:`check_cleartext`).
 """
 
 from __future__ import annotations
@@ -17,14 +22,16 @@ from dataclasses import dataclass
 
 import scramp
 import scramp.core
+import scramp.utils
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.threads import deferToThread
 from twisted.python.failure import Failure
 
 from odissey.config import Secret
 
-SCRAM_ITERATIONS = 4096
-_MECHANISM = scramp.ScramMechanism("SCRAM-SHA-256")
+SCRAM_ITERATIONS = 4096  # PostgreSQL's default scram_iterations
+SCRAM_SALT_LENGTH = 16  # PostgreSQL's SCRAM_DEFAULT_SALT_LEN
+_PADDING_SALT = os.urandom(SCRAM_SALT_LENGTH)  # for derivations made only to take the time
 
 _pbkdf2 = scramp.core.hi
 
@@ -78,7 +85,7 @@ class ScramSecret:
             head, keys = text[len("SCRAM-SHA-256$"):].split("$")
             iterations, salt = head.split(":")
             stored, server = keys.split(":")
-            return cls(
+            parsed = cls(
                 base64.b64decode(salt, validate=True),
                 base64.b64decode(stored, validate=True),
                 base64.b64decode(server, validate=True),
@@ -86,17 +93,45 @@ class ScramSecret:
             )
         except ValueError:
             raise ValueError("malformed SCRAM-SHA-256 secret") from None
+        if parsed.iterations < 1 or not parsed.salt:
+            raise ValueError("malformed SCRAM-SHA-256 secret")
+        return parsed
 
     def auth_info(self) -> tuple[bytes, bytes, bytes, int]:
         return self.salt, self.stored_key, self.server_key, self.iterations
 
 
+def salted_password(password: bytes, salt: bytes, iterations: int) -> bytes:
+    """SCRAM's SaltedPassword, PBKDF2-HMAC-SHA-256: the one expensive step (run it in a thread).
+
+    Every client-side derivation goes through this name, so tests can count them.
+    """
+    return hashlib.pbkdf2_hmac("sha256", password, salt, iterations)
+
+
+def normalize_password(password: bytes) -> bytes:
+    """SASLprep the way PostgreSQL does: a password that is not valid UTF-8, or that
+    SASLprep rejects, is used as it is (libpq does the same, so both sides agree)."""
+    try:
+        return scramp.utils.saslprep(password.decode("utf-8")).encode("utf-8")
+    except (UnicodeDecodeError, scramp.ScramException):
+        return password
+
+
+def scram_keys(password: bytes, salt: bytes, iterations: int) -> tuple[bytes, bytes]:
+    """(StoredKey, ServerKey) for a password; blocking (PBKDF2)."""
+    salted = salted_password(normalize_password(password), salt, iterations)
+    client_key = hmac.new(salted, b"Client Key", hashlib.sha256).digest()
+    server_key = hmac.new(salted, b"Server Key", hashlib.sha256).digest()
+    return hashlib.sha256(client_key).digest(), server_key
+
+
 def derive_scram_secret(password: str, salt: bytes | None = None) -> ScramSecret:
-    """PBKDF2 and friends; blocking, so call it through :func:`scram_secret`."""
-    salt, stored, server, iterations = _MECHANISM.make_auth_info(
-        password, iteration_count=SCRAM_ITERATIONS, salt=salt
-    )
-    return ScramSecret(salt, stored, server, iterations)
+    """PBKDF2 and friends; blocking, so call it through :class:`ScramSecrets`."""
+    if salt is None:
+        salt = os.urandom(SCRAM_SALT_LENGTH)
+    stored, server = scram_keys(password.encode("utf-8"), salt, SCRAM_ITERATIONS)
+    return ScramSecret(salt, stored, server, SCRAM_ITERATIONS)
 
 
 class ScramSecrets:
@@ -136,22 +171,44 @@ def _chain(result: object, waiter: Deferred[ScramSecret]) -> object:
     return result
 
 
-def check_cleartext(secret: Secret, user: str, password: bytes) -> "Deferred[bool]":
-    """Does a cleartext password match the configured secret (of any kind)?"""
-    text = password.decode("utf-8", "replace")
-    if secret.kind == "plain":
-        return succeed(hmac.compare_digest(text.encode(), secret.value.encode()))
+def check_cleartext(secret: "Secret | ScramSecret", user: str, password: bytes) -> "Deferred[bool]":
+    """Does a cleartext password match a secret (of any kind)?
+
+    Always one PBKDF2 in a thread, and only constant-time comparisons: against a SCRAM
+    secret with that secret's own salt and iteration count; against a plain or md5 secret
+    with the default count and a throwaway salt, for nothing but the time it takes. An
+    unknown user is checked against :func:`mock_scram_secret`, so a wrong password costs
+    the same whether the user exists or not (as long as the route's SCRAM secret, if it
+    has one, uses the default iteration count).
+    """
+    if isinstance(secret, ScramSecret):
+        return deferToThread(_matches_scram, secret, password)
+    if secret.kind == "scram":
+        return deferToThread(_matches_scram, ScramSecret.parse(secret.value), password)
     if secret.kind == "md5":
-        return succeed(hmac.compare_digest(md5_hash(text, user), secret.value))
-    stored = ScramSecret.parse(secret.value)
+        expected = secret.value.encode("ascii")
+        given = b"md5" + hashlib.md5(password + user.encode("utf-8")).hexdigest().encode("ascii")
+    else:
+        expected, given = secret.value.encode("utf-8"), password
+    return deferToThread(_matches_digest, expected, given, password)
 
-    def check() -> bool:
-        return derive_scram_secret(text, stored.salt).stored_key == stored.stored_key
 
-    return deferToThread(check)
+def _matches_scram(secret: ScramSecret, password: bytes) -> bool:
+    stored, server = scram_keys(password, secret.salt, secret.iterations)
+    return hmac.compare_digest(stored + server, secret.stored_key + secret.server_key)
+
+
+def _matches_digest(expected: bytes, given: bytes, password: bytes) -> bool:
+    scram_keys(password, _PADDING_SALT, SCRAM_ITERATIONS)  # the work a SCRAM secret costs
+    # Hashed first so that the comparison's time does not depend on either length.
+    return hmac.compare_digest(hashlib.sha256(given).digest(), hashlib.sha256(expected).digest())
 
 
 def mock_scram_secret(key: bytes, user: str) -> ScramSecret:
-    """A secret no password matches, stable per user name (so repeated tries look alike)."""
-    salt = hmac.new(key, b"salt:" + user.encode(), hashlib.sha256).digest()[:16]
+    """A secret no password matches, stable per user name (so repeated tries look alike).
+
+    Made like PostgreSQL's own secrets (default iteration count, 16-byte salt), so that
+    checking a password against it costs what checking against a real one does.
+    """
+    salt = hmac.new(key, b"salt:" + user.encode(), hashlib.sha256).digest()[:SCRAM_SALT_LENGTH]
     return ScramSecret(salt, os.urandom(32), os.urandom(32), SCRAM_ITERATIONS)
