@@ -1,0 +1,1 @@
+"""Fuzz targets and drivers for the wire codec; see docs/reliability.md, "Fuzzing"."""
