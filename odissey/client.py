@@ -1,8 +1,15 @@
 """The client side: SSL negotiation, startup, authentication, then the relay.
 
-A client connection goes ``STARTUP -> AUTH -> PARAMS -> READY -> GONE``. Login never
-needs a server once its pool has cached the server's ParameterStatus set; the fake
-BackendKeyData it gets is Odissey's own.
+A client connection goes ``STARTUP -> AUTH -> PARAMS -> READY``, then ``CLOSING`` once
+an error has been sent (nothing more is read or said) and ``GONE``. Login never needs a
+server once its pool has cached the server's ParameterStatus set; the fake BackendKeyData
+it gets is Odissey's own.
+
+Connections still logging in have a budget of their own (``limits.max_login_clients``):
+past it the oldest of them that has kept us waiting for STALL_GRACE is dropped, so a
+flood of connections that never finish logging in cannot keep real clients out, while a
+burst of real logins (which always answer at once) is never cut. ``limits.max_clients``
+counts logged-in clients; all connections together stay under the sum of both.
 """
 
 from __future__ import annotations
@@ -20,18 +27,17 @@ from twisted.python.failure import Failure
 from odissey.auth.verifiers import ClientVerifiers
 from odissey.cancel import CancelKeys
 from odissey.config import Limits
-from odissey.flow import Valve, set_nodelay
+from odissey.flow import PENDING_LIMIT, Valve, set_nodelay
 from odissey.params import params_from, startup_wants
 from odissey.pool import Pools
 from odissey.relay import Relay
 from odissey.router import Router
 from odissey.wire import errors
 from odissey.wire import messages as m
-from odissey.wire.errors import PoolerError, ProtocolViolation
+from odissey.wire.errors import PoolerError, ProtocolViolation, UnsupportedProtocol
 from odissey.wire.scanner import (
     CancelRequest,
     GSSENCRequest,
-    Scanner,
     SSLRequest,
     StartupMessage,
     StartupReader,
@@ -40,6 +46,11 @@ from odissey.wire.scanner import (
 log = Logger()
 _ids = itertools.count(1)
 _P, _X = b"pX"
+#: The longest password-type message accepted (a SCRAM exchange's are far shorter).
+MAX_PASSWORD_MESSAGE = 65536
+#: How long a connection still logging in must have kept us waiting for its next bytes
+#: before it may be dropped to make room (a real client answers within a round trip).
+STALL_GRACE = 0.5
 
 
 class ClientState(Enum):
@@ -47,6 +58,7 @@ class ClientState(Enum):
     AUTH = "auth"
     PARAMS = "params"
     READY = "ready"
+    CLOSING = "closing"
     GONE = "gone"
 
 
@@ -62,10 +74,13 @@ class ClientConnection(Protocol):
         self.database = ""
         self.route_index: int | None = None
         self._reader = StartupReader()
-        self._auth_scanner = Scanner(collect_all=True, max_length=65536)
+        self._negotiated: set[type] = set()  # SSLRequest / GSSENCRequest already answered
         self._password: Deferred[bytes] | None = None
-        self._early: list[bytes] = []
+        self._buffer = b""  # what the client sent during login, beyond what was read
+        self._paused = False
+        self._parameters: Deferred[list[tuple[str, str]]] | None = None
         self._login_timer: IDelayedCall | None = None
+        self._asked_at = factory.reactor.seconds()  # when we last waited for the client
 
     def __repr__(self) -> str:
         return f"<client {self.id} {self.user}@{self.database} {self.state.value}>"
@@ -74,7 +89,7 @@ class ClientConnection(Protocol):
 
     def connectionMade(self) -> None:
         set_nodelay(self.transport)
-        self.factory.clients.add(self)
+        self.factory.arrived(self)
         self._login_timer = self.factory.reactor.callLater(
             self.factory.limits.login_timeout, self._login_timed_out
         )
@@ -83,43 +98,55 @@ class ClientConnection(Protocol):
         if self.state is ClientState.READY:
             self.relay.clientData(data)  # type: ignore[union-attr]
             return
+        self._asked_at = self.factory.reactor.seconds()
         try:
             if self.state is ClientState.STARTUP:
                 self._startup(data)
-            elif self.state is ClientState.AUTH:
-                self._auth_data(data)
-            elif self.state is ClientState.PARAMS:
-                self._early.append(data)
+            elif self.state is ClientState.AUTH or self.state is ClientState.PARAMS:
+                self._keep(data)
+                self._read_password()
         except PoolerError as exc:
             self.fail(exc)
 
     def connectionLost(self, reason: Failure | None = None) -> None:
-        before, self.state = self.state, ClientState.GONE
+        self.state = ClientState.GONE
         self.factory.forget(self)
+        self._buffer = b""
         if self._login_timer is not None and self._login_timer.active():
             self._login_timer.cancel()
         if self.key is not None:
             self.factory.keys.release(self.key[0])
         if self.route_index is not None:
             self.factory.route_clients[self.route_index] -= 1
-        if before is ClientState.READY and self.relay is not None:
+        if self.relay is not None:
             self.relay.clientGone()
         if self._password is not None and not self._password.called:
             self._password.errback(PoolerError(errors.CONNECTION_FAILURE, "client left"))
+        if self._parameters is not None:  # stop waiting: the pool keeps no trace of us
+            self._parameters.cancel()
 
     def fail(self, error: PoolerError) -> None:
-        """Send an error and close; FATAL, as PostgreSQL ends a session it refuses."""
-        if self.state is ClientState.GONE or self.transport is None:
+        """Send an error and close; FATAL, as PostgreSQL ends a session it refuses.
+        Only the first error is sent: the connection is closing after it."""
+        if self.state is ClientState.GONE or self.state is ClientState.CLOSING or self.transport is None:
             return
+        self.state = ClientState.CLOSING
         error.severity = "FATAL"
         log.info("{id}: {sqlstate} {message}", id=self.id, sqlstate=error.sqlstate,
                  message=error.message)
         self.transport.write(m.error_response(error))
         self.transport.loseConnection()
 
+    def drop(self) -> None:
+        """Close without a word: the client has already been told why (its server's own
+        FATAL error, forwarded as it came)."""
+        if self.state is not ClientState.GONE and self.state is not ClientState.CLOSING and self.transport:
+            self.state = ClientState.CLOSING
+            self.transport.loseConnection()
+
     def _login_timed_out(self) -> None:
         self._login_timer = None
-        if self.state is not ClientState.READY:
+        if self.state in (ClientState.STARTUP, ClientState.AUTH, ClientState.PARAMS):
             self.fail(PoolerError(errors.QUERY_CANCELED, "canceling authentication due to timeout"))
 
     # -- startup -----------------------------------------------------------------------------
@@ -130,35 +157,69 @@ class ClientConnection(Protocol):
             return
         rest, self._reader.rest = self._reader.rest, b""
         if isinstance(packet, (SSLRequest, GSSENCRequest)):
+            what = "SSL request" if isinstance(packet, SSLRequest) else "GSSAPI encryption request"
+            if type(packet) in self._negotiated:  # PostgreSQL answers each only once
+                code = m.SSL_REQUEST_CODE if isinstance(packet, SSLRequest) else m.GSSENC_REQUEST_CODE
+                raise UnsupportedProtocol(
+                    f"unsupported frontend protocol {code >> 16}.{code & 0xFFFF}: "
+                    "server supports 3.0 to 3.0")
             if rest:
-                raise ProtocolViolation("received unencrypted data after SSL request")
+                raise ProtocolViolation(f"received unencrypted data after {what}")
+            self._negotiated.add(type(packet))
             self.transport.write(b"N")  # type: ignore[union-attr]
             return
         if isinstance(packet, CancelRequest):
-            self.factory.cancel(packet.pid, packet.secret)
-            self.transport.loseConnection()  # type: ignore[union-attr]
+            # Close only once PostgreSQL has closed the cancel we forwarded: libpq waits
+            # for that close before it lets the application send its next query.
             self.state = ClientState.GONE
+            landed = self.factory.cancel(packet.pid, packet.secret)
+            landed.addBoth(lambda _: self.transport.loseConnection())  # type: ignore[union-attr]
             return
         self.state = ClientState.AUTH
+        self._keep(rest)
         self._login(packet).addErrback(self._login_failed)
-        if rest:
-            self.dataReceived(rest)
 
-    def _auth_data(self, data: bytes) -> None:
-        for kind, body, _end in self._auth_scanner.feed(data):
-            if kind == _X:
-                self.transport.loseConnection()  # type: ignore[union-attr]
-                return
-            if kind != _P or self._password is None or self._password.called:
-                raise ProtocolViolation(
-                    f"expected password response, got message type {chr(kind)!r}"
-                )
-            waiting, self._password = self._password, None
-            waiting.callback(body or b"")
+    def _keep(self, data: bytes) -> None:
+        """Hold what a client sends before it is logged in (a driver may pipeline its
+        first query behind its last password message, as PostgreSQL allows), pausing
+        reading past a bound."""
+        self._buffer += data
+        if len(self._buffer) > PENDING_LIMIT and not self._paused:
+            self._paused = True
+            self.transport.pauseProducing()  # type: ignore[union-attr]
+
+    def _read_password(self) -> None:
+        """Hand the next whole message to a waiting verifier; it must be a password
+        message (PostgreSQL reads the messages after the last one only once logged in)."""
+        buffer = self._buffer
+        if self._password is None or self._password.called or len(buffer) < 5:
+            return
+        kind, length = buffer[0], int.from_bytes(buffer[1:5], "big")
+        if length < 4 or length > MAX_PASSWORD_MESSAGE:
+            raise ProtocolViolation(f"invalid message length {length} for message type {chr(kind)!r}")
+        if len(buffer) < 1 + length:
+            return
+        if kind == _X:
+            self.state = ClientState.CLOSING
+            self.transport.loseConnection()  # type: ignore[union-attr]
+            return
+        if kind != _P:
+            raise ProtocolViolation(f"expected password response, got message type {chr(kind)!r}")
+        self._buffer = buffer[1 + length:]
+        waiting, self._password = self._password, None
+        waiting.callback(buffer[5:1 + length])
 
     def _next_password(self) -> "Deferred[bytes]":
         self._password = Deferred()
+        self._asked_at = self.factory.reactor.seconds()
+        self._read_password()
         return self._password
+
+    def stalled(self, now: float) -> float:
+        """How long this login has been waiting for the client (0 while we are working)."""
+        waiting = self.state is ClientState.STARTUP or (
+            self.state is ClientState.AUTH and self._password is not None and not self._password.called)
+        return now - self._asked_at if waiting else 0.0
 
     @inlineCallbacks
     def _login(self, startup: StartupMessage):
@@ -178,8 +239,6 @@ class ClientConnection(Protocol):
             raise PoolerError(
                 errors.FEATURE_NOT_SUPPORTED, "replication connections are not supported"
             )
-        if len(f.clients) > f.limits.max_clients:
-            raise PoolerError(errors.TOO_MANY_CONNECTIONS, "sorry, too many clients already")
         route = f.router.match(database, user)
         if route is None:
             if not f.router.knows_database(database):
@@ -193,6 +252,8 @@ class ClientConnection(Protocol):
             body = yield self._next_password()
             step = yield maybeDeferred(verifier.receive, body)
         assert route is not None
+        if f.logged_in >= f.limits.max_clients:
+            raise PoolerError(errors.TOO_MANY_CONNECTIONS, "sorry, too many clients already")
         limit = route.pool.max_clients
         if limit and f.route_clients[route.index] >= limit:
             raise PoolerError(
@@ -203,8 +264,11 @@ class ClientConnection(Protocol):
         self.route_index = route.index
         self.send(step.reply + m.authentication_ok())
         self.state = ClientState.PARAMS
+        f.logged_in_now(self)
         pool = f.pools.get(route, database, user)
-        server_params = yield pool.parameters()
+        self._parameters = pool.parameters()
+        server_params = yield self._parameters
+        self._parameters = None
         if self.state is not ClientState.PARAMS:
             return
         wanted = params_from(server_params)
@@ -223,12 +287,15 @@ class ClientConnection(Protocol):
         self.state = ClientState.READY
         if self._login_timer is not None and self._login_timer.active():
             self._login_timer.cancel()
-        if self._early:
-            early, self._early = b"".join(self._early), []
+        if self._paused:
+            self._paused = False
+            self.transport.resumeProducing()  # type: ignore[union-attr]
+        if self._buffer:
+            early, self._buffer = self._buffer, b""
             self.relay.clientData(early)
 
     def _login_failed(self, failure: Failure) -> None:
-        if self.state is ClientState.GONE:
+        if self.state is ClientState.GONE or self.state is ClientState.CLOSING:
             return
         error = failure.value
         if not isinstance(error, PoolerError):
@@ -262,14 +329,44 @@ class ClientFactory(Factory):
         self.keys: CancelKeys[ClientConnection] = keys or CancelKeys()
         self.verifiers = ClientVerifiers()
         self.clients: set[ClientConnection] = set()
+        #: Connections still logging in, oldest first (a dict keeps insertion order).
+        self.logging_in: dict[ClientConnection, None] = {}
+        self.logged_in = 0
         self.route_clients: Counter[int] = Counter()
         self._drained: list[Deferred[None]] = []
 
     def buildProtocol(self, addr: object) -> ClientConnection:
         return ClientConnection(self)
 
+    def arrived(self, client: ClientConnection) -> None:
+        """A new connection. Past the login budget, the oldest login that has stalled
+        goes; past both budgets together, the newcomer is refused."""
+        self.clients.add(client)
+        self.logging_in[client] = None
+        limits = self.limits
+        if len(self.logging_in) <= limits.max_login_clients:
+            return
+        now = self.reactor.seconds()
+        for login in self.logging_in:
+            if login.stalled(now) >= STALL_GRACE:
+                login.fail(PoolerError(
+                    errors.TOO_MANY_CONNECTIONS,
+                    "too many connections still logging in: the one waiting longest is closed",
+                    hint="Raise limits.max_login_clients if logins are slow rather than abusive."))
+                return
+        if len(self.clients) > limits.max_clients + limits.max_login_clients:
+            client.fail(PoolerError(errors.TOO_MANY_CONNECTIONS, "sorry, too many clients already"))
+
+    def logged_in_now(self, client: ClientConnection) -> None:
+        del self.logging_in[client]
+        self.logged_in += 1
+
     def forget(self, client: ClientConnection) -> None:
         self.clients.discard(client)
+        if client in self.logging_in:
+            del self.logging_in[client]
+        elif client.route_index is not None:
+            self.logged_in -= 1
         if not self.clients:
             waiting, self._drained = self._drained, []
             for d in waiting:
@@ -283,7 +380,9 @@ class ClientFactory(Factory):
         self._drained.append(d)
         return d
 
-    def cancel(self, pid: int, secret: int) -> None:
+    def cancel(self, pid: int, secret: int) -> "Deferred[None]":
+        """Cancel the work of the client with this key; fires once that is done."""
         client = self.keys.find(pid, secret)
         if client is not None and client.relay is not None:
-            client.relay.cancelRequest()
+            return client.relay.cancelRequest()
+        return succeed(None)

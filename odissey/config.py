@@ -30,7 +30,7 @@ POOL_KEYS = (
 #: Every key the loader accepts, by section; ``docs/configuration.md`` documents exactly these.
 SCHEMA: dict[str, tuple[str, ...]] = {
     "": ("listen", "limits", "storages", "pool_defaults", "routes"),
-    "limits": ("max_clients", "login_timeout", "max_message_size"),
+    "limits": ("max_clients", "max_login_clients", "login_timeout", "max_message_size"),
     "storages.*": ("host", "port", "connect_timeout", "retry_backoff", "managed"),
     "storages.*.managed": ("data_dir", "users", "databases", "hba", "settings"),
     "routes[]": ("database", "user", "storage", "server", "auth", "pool"),
@@ -92,7 +92,7 @@ class Storage:
     host: str  # a host name/address, or a unix socket directory (starts with "/")
     port: int
     connect_timeout: float
-    retry_backoff: float = 10.0
+    retry_backoff: float = 1.0
     managed: ManagedPostgres | None = None
 
     @property
@@ -156,6 +156,7 @@ class Route:
 @dataclass(frozen=True)
 class Limits:
     max_clients: int = 1000
+    max_login_clients: int = 100
     login_timeout: float = 15.0
     max_message_size: int = 256 * 1024 * 1024
 
@@ -369,6 +370,9 @@ def _read_limits(problems: list[str], data: Any) -> Limits:
     d = Limits()
     return Limits(
         max_clients=s.value("max_clients", _positive_int, "a positive integer", d.max_clients),
+        max_login_clients=s.value(
+            "max_login_clients", _positive_int, "a positive integer", d.max_login_clients
+        ),
         login_timeout=s.value(
             "login_timeout", _positive_duration, "a duration like 15s", d.login_timeout
         ),
@@ -407,7 +411,7 @@ def _read_storage(problems: list[str], name: str, data: Any) -> Storage:
         connect_timeout=s.value(
             "connect_timeout", _positive_duration, "a duration like 5s", 5.0
         ),
-        retry_backoff=s.value("retry_backoff", _positive_duration, "a duration like 10s", 10.0),
+        retry_backoff=s.value("retry_backoff", _positive_duration, "a duration like 1s", 1.0),
         managed=managed,
     )
 

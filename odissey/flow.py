@@ -21,6 +21,11 @@ from twisted.internet.tcp import Connection
 from zope.interface import implementer
 
 
+#: Client bytes held while no server can take them (waiting for one, or still logging
+#: in) before the client is paused.
+PENDING_LIMIT = 256 * 1024
+
+
 class HasTransport(TypingProtocol):
     @property
     def transport(self) -> Any: ...

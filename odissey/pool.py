@@ -62,6 +62,7 @@ class Pool:
         self.closed = False
         self.backoff = 0.0  # delay before the next attempt after failures; 0 when healthy
         self.retry_at = 0.0
+        self.failed_at = float("-inf")  # when the last failure was seen
         self.last_error: PoolerError | None = None
 
     @property
@@ -187,7 +188,8 @@ class Pool:
 
     def _open(self) -> None:
         self.opening += 1
-        self._connect().addCallbacks(self._opened, self._open_failed)
+        started = self.reactor.seconds()
+        self._connect().addCallbacks(self._opened, self._open_failed, errbackArgs=(started,))
 
     def _opened(self, server: ServerConnection) -> None:
         self.opening -= 1
@@ -203,14 +205,20 @@ class Pool:
                 d.callback(self.parameters_cache)
         self._hand_out(server)
 
-    def _open_failed(self, failure: Failure) -> None:
+    def _open_failed(self, failure: Failure, started: float) -> None:
+        """One round of failures (attempts started before the last failure was seen, which
+        fail together in an outage) doubles the back-off once, not once each."""
         self.opening -= 1
         error = failure.value
         if not isinstance(error, PoolerError):
             error = PoolerError(errors.CONNECTION_FAILURE, f"could not connect to server: {error}")
+        error = error.copy()  # kept and handed to many: no traceback, no login's frames
         self.last_error = error
-        self.backoff = min(max(self.backoff * 2, 0.25), self.route.storage.retry_backoff)
-        self.retry_at = self.reactor.seconds() + self.backoff
+        now = self.reactor.seconds()
+        if started >= self.failed_at:
+            self.backoff = min(max(self.backoff * 2, 0.25), self.route.storage.retry_backoff)
+        self.failed_at = now
+        self.retry_at = now + self.backoff
         log.warn("pool {pool}: {error}; next attempt in {delay:.2f}s", pool=str(self.key),
                  error=error.message, delay=self.backoff)
         self._fail_uncovered(error)
@@ -220,18 +228,23 @@ class Pool:
         if self.parameters_cache is None and self.opening == 0:
             waiting, self._parameter_waiters = self._parameter_waiters, []
             for d in waiting:
-                d.errback(error)
+                d.errback(error.copy())
         while len(self.waiters) > self.opening:
             waiter = self.waiters.pop()
             if waiter.timer is not None and waiter.timer.active():
                 waiter.timer.cancel()
-            waiter.deferred.errback(error)
+            waiter.deferred.errback(error.copy())
 
     def _unreachable(self) -> PoolerError:
-        reason = self.last_error.message if self.last_error else "unreachable"
+        """The last failure, as seen by a client arriving during the back-off: the same
+        SQLSTATE (57P03 while PostgreSQL starts, 08006 while it refuses), whenever it comes."""
+        last = self.last_error
+        reason = last.message if last else "unreachable"
         wait = max(0.0, self.retry_at - self.reactor.seconds())
         return PoolerError(
-            errors.CONNECTION_FAILURE, f"{reason} (pool \"{self.key}\", next attempt in {wait:.1f}s)"
+            last.sqlstate if last else errors.CONNECTION_FAILURE,
+            f"{reason} (pool \"{self.key}\", next attempt in {wait:.1f}s)",
+            detail=last.detail if last else None,
         )
 
     # -- upkeep (the janitor calls this about once a second) -------------------------------
@@ -262,7 +275,7 @@ class Pool:
         """The server's ParameterStatus set, cached after the first login of this pool."""
         if self.parameters_cache is not None:
             return succeed(self.parameters_cache)
-        d: Deferred[list[tuple[str, str]]] = Deferred()
+        d: Deferred[list[tuple[str, str]]] = Deferred(self._parameter_waiters.remove)
         self._parameter_waiters.append(d)
         self._grow()
         return d

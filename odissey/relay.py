@@ -15,12 +15,12 @@ from __future__ import annotations
 from enum import Enum
 from typing import TYPE_CHECKING
 
-from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from odissey import reset
-from odissey.flow import couple, send, uncouple
+from odissey.flow import PENDING_LIMIT, couple, send, uncouple
 from odissey.params import Params, differences, set_query
 from odissey.pool import Pool
 from odissey.server import ServerConnection, server_error
@@ -35,9 +35,19 @@ if TYPE_CHECKING:
 
 log = Logger()
 
-_S = ord("S")
-#: Client bytes buffered while waiting for a server before the client is paused.
-PENDING_LIMIT = 256 * 1024
+_S, _E = b"SE"
+
+
+def _observe(d: "Deferred[bool]") -> "Deferred[None]":
+    """A Deferred that fires when ``d`` does, leaving ``d``'s own result alone."""
+    seen: Deferred[None] = Deferred()
+
+    def fire(result: object) -> object:
+        seen.callback(None)
+        return result
+
+    d.addBoth(fire)
+    return seen
 
 
 class RelayState(Enum):
@@ -73,8 +83,11 @@ class Relay:
         self.pending_size = 0
         self.paused = False
         self.goodbye = False  # the client sent Terminate
+        self.server_fatal = False  # the server sent a FATAL error: it is about to close
         self.stream_cut = False  # the server's stream may stop inside a message: close it, never clean it
-        self.cancel_sent: Deferred[bool] | None = None
+        #: Cancels forwarded for the attached server: each must have landed before the
+        #: server serves anyone else (fires True when PostgreSQL closed its connection).
+        self.cancels: list[Deferred[bool]] = []
         self.cancel_wanted = False  # a cancel came while the query waited for a server
         self._waiting: Deferred[ServerConnection] | None = None
         self._now = client.factory.reactor.seconds
@@ -130,17 +143,31 @@ class Relay:
         elif state is RelayState.ATTACHED and self.server is not None:
             self._clean(self.server)
 
-    def cancelRequest(self) -> None:
-        """A CancelRequest with this client's key: cancel its server's current work.
+    def cancelRequest(self) -> "Deferred[None]":
+        """A CancelRequest with this client's key: cancel its server's current work, if
+        the client has a request in flight. Fires once PostgreSQL has closed the cancel
+        connection we opened (it has signalled the backend by then), so that the client's
+        cancel connection can close after it, the ordering libpq relies on: a client's
+        next query never overtakes its cancel.
 
         A query still waiting for a server is cancelled as soon as it has one (PgBouncer
         drops such a cancel, and the query then runs to the end)."""
-        if self.tx.idle:
-            return
+        if not self.tx.busy:
+            return succeed(None)
         if self.state is RelayState.ATTACHED and self.server is not None:
-            self.cancel_sent = self.server.cancel()
-        elif self.state in (RelayState.WAITING, RelayState.SYNCING):
+            return _observe(self._cancel_server(self.server))
+        if self.state in (RelayState.WAITING, RelayState.SYNCING):
             self.cancel_wanted = True
+        return succeed(None)
+
+    def _cancel_server(self, server: ServerConnection) -> "Deferred[bool]":
+        """Forward one cancel, unless one is still on its way: a client's cancels are
+        coalesced, never one PostgreSQL connection each."""
+        if self.cancels and not self.cancels[-1].called:
+            return self.cancels[-1]
+        sent = server.cancel()
+        self.cancels.append(sent)
+        return sent
 
     # -- getting a server ----------------------------------------------------------------
 
@@ -223,7 +250,7 @@ class Relay:
             self.pending_size = 0
         if self.cancel_wanted:
             self.cancel_wanted = False
-            self.cancel_sent = server.cancel()
+            self._cancel_server(server)
         if self.paused:
             self.paused = False
             self.client.transport.resumeProducing()  # type: ignore[union-attr]
@@ -252,17 +279,22 @@ class Relay:
                     name, value = self.server.note_parameter(body)  # type: ignore[union-attr,arg-type]
                     self.wanted[name.lower()] = (name, value)
                     self.told[name.lower()] = value
+                elif kind == _E and (b"VFATAL\0" in body or b"VPANIC\0" in body):  # type: ignore[operator]
+                    self.server_fatal = True
             if self.tx.server(events):
                 if self.transaction_mode:
                     self._detach()
-                elif self.cancel_sent is not None and self.cancel_sent.called:
-                    self.cancel_sent = None
+                elif self.cancels:  # session mode: only this client's next query is at stake
+                    self.cancels = [sent for sent in self.cancels if not sent.called]
 
     def serverLost(self) -> None:
         server, self.server = self.server, None
         self.state = RelayState.IDLE
         if server is not None:
             self._uncouple(server)
+        if self.server_fatal:  # the client already has PostgreSQL's own FATAL: one is all
+            self.client.drop()
+            return
         self.client.fail(PoolerError(
             errors.CONNECTION_FAILURE, "server closed the connection unexpectedly"))
 
@@ -274,10 +306,10 @@ class Relay:
         quiet = now - max(self.client_at, self.server_at)
         if self.tx.busy:
             if (settings.query_timeout and quiet > settings.query_timeout
-                    and self.cancel_sent is None and self.server is not None
+                    and not self.cancels and self.server is not None
                     and self.state is RelayState.ATTACHED):
                 log.info("{id}: query timeout, cancelling", id=self.client.id)
-                self.cancel_sent = self.server.cancel()
+                self._cancel_server(self.server)
         elif self.tx.status != b"I":
             if settings.idle_in_transaction_timeout and quiet > settings.idle_in_transaction_timeout:
                 self.client.fail(PoolerError(
@@ -297,14 +329,14 @@ class Relay:
         self._uncouple(server)
         server.detach()
         server.last_client = self.client.id
-        cancel_sent, self.cancel_sent = self.cancel_sent, None
+        cancels, self.cancels = self.cancels, []
         settings = self.pool.route.pool
-        if cancel_sent is None and not settings.reset_after_transaction:
+        if not cancels and not settings.reset_after_transaction:
             self.pool.release(server)
             return
         settling = reset.after_transaction(
             server,
-            cancel_sent,
+            cancels,
             settings.reset_query if settings.reset_after_transaction else "",
             settings.reset_timeout,
         )
@@ -331,6 +363,6 @@ class Relay:
             goodbye=self.goodbye,
             reset_query=route.pool.reset_query if not self.transaction_mode else "",
             timeout=route.pool.reset_timeout,
-            cancel_sent=self.cancel_sent,
+            cancels=self.cancels,
         )
         cleaning.addCallback(self._settled, server)

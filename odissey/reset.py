@@ -8,7 +8,7 @@ reaches another client.
 
 from __future__ import annotations
 
-from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.defer import Deferred, gatherResults, inlineCallbacks
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -39,8 +39,12 @@ class _Drain:
         for kind, body, _end in events:
             if kind == _S:
                 self.server.note_parameter(body)  # type: ignore[arg-type]
-        self.tx.server(events)
-        if self.tx.outstanding <= 0 and not self.done.called:
+        tx = self.tx
+        tx.server(events)
+        if tx.copy_in:  # a COPY the client started before it left: nobody will feed it
+            self.server.transport.write(m.copy_fail("client disconnected") + m.sync())  # type: ignore[union-attr]
+            tx.pooler_sent(b"fS")
+        if not tx.pending and not self.done.called:
             self.done.callback(None)
 
     def serverLost(self) -> None:
@@ -55,7 +59,7 @@ def _policy(
     cut: tuple[int, int] | None,
     goodbye: bool,
     reset_query: str,
-    cancel_sent: "Deferred[bool] | None",
+    cancels: "list[Deferred[bool]]",
 ):
     # 1. Only a server whose state we know can be cleaned.
     if server.state is not ServerState.ACTIVE:
@@ -68,25 +72,29 @@ def _policy(
             return "client stopped in the middle of a message"
         server.transport.write(b"\0" * missing)  # type: ignore[union-attr]
     # 2b. Parse/Bind/Execute sent after the last Sync: the server holds them (an Execute
-    #     has even run, in an implicit transaction that a Sync would commit).
-    elif tx.tail < 0 and not tx.copy_in:
+    #     has even run, in an implicit transaction that a Sync would commit). Unless it
+    #     is discarding them after an error: then a Sync only ends the failed batch.
+    elif tx.unsynced and not tx.copy_in and not tx.skipping:
         return "client left extended-protocol messages without a Sync"
-    # 3. Work in flight: fail a COPY, cancel a running query (unless the client said
-    #    goodbye, which lets its last requests finish), then swallow the replies.
+    # 3. Work in flight: fail a COPY, end a failed batch, cancel a running query (unless
+    #    the client said goodbye, which lets its last requests finish), then swallow the
+    #    replies.
     drain = _Drain(server, tx)
     server.attach(drain)
     if tx.copy_in:
         server.transport.write(m.copy_fail("client disconnected") + m.sync())  # type: ignore[union-attr]
-        tx.copy_in = False
-        tx.outstanding += 1
-    elif tx.outstanding > 0 and not goodbye:
-        cancel_sent = server.cancel()
-    if tx.outstanding > 0:
+        tx.pooler_sent(b"fS")
+    elif tx.skipping:
+        server.transport.write(m.sync())  # type: ignore[union-attr]
+        tx.pooler_sent(b"S")
+    elif tx.pending and not goodbye:
+        cancels = cancels + [server.cancel()]
+    if tx.pending:
         yield drain.done
     server.detach()
-    # 4. A cancel sent for this server must have landed before anyone else uses it.
-    if cancel_sent is not None:
-        problem = yield _settle(server, cancel_sent)
+    # 4. Every cancel sent for this server must have landed before anyone else uses it.
+    if cancels:
+        problem = yield _settle(server, cancels)
         if problem:
             return problem
     # 5. An open or failed transaction is rolled back.
@@ -103,8 +111,8 @@ def _policy(
 
 
 @inlineCallbacks
-def _settle(server: ServerConnection, cancel_sent: "Deferred[bool]"):
-    """Wait until PostgreSQL has signalled the cancel, then make one round trip (Sync).
+def _settle(server: ServerConnection, cancels: "list[Deferred[bool]]"):
+    """Wait until PostgreSQL has signalled every cancel, then make one round trip (Sync).
 
     PostgreSQL closes the cancel connection after it has signalled the backend; a
     backend handles a pending signal before it reads its next message, and ignores a
@@ -113,8 +121,8 @@ def _settle(server: ServerConnection, cancel_sent: "Deferred[bool]"):
     for PostgreSQL to close it, the cancel may land at any later moment: the server is
     not reused.
     """
-    landed = yield cancel_sent
-    if not landed:
+    landed = yield gatherResults(cancels)
+    if not all(landed):
         return "the cancel request's outcome is unknown"
     yield server.exchange(m.sync(), 1)
     return None
@@ -145,19 +153,19 @@ def clean(
     goodbye: bool,
     reset_query: str,
     timeout: float,
-    cancel_sent: "Deferred[bool] | None" = None,
+    cancels: "list[Deferred[bool]]",
 ) -> "Deferred[bool]":
     """Clean a server its client left attached; True when it may go back to the pool."""
-    work = _policy(server, tx, cut, goodbye, reset_query, cancel_sent)
+    work = _policy(server, tx, cut, goodbye, reset_query, cancels)
     return _bounded(server, work, timeout, "client left")
 
 
 @inlineCallbacks
 def _after_transaction(
-    server: ServerConnection, cancel_sent: "Deferred[bool] | None", reset_query: str
+    server: ServerConnection, cancels: "list[Deferred[bool]]", reset_query: str
 ):
-    if cancel_sent is not None:
-        problem = yield _settle(server, cancel_sent)
+    if cancels:
+        problem = yield _settle(server, cancels)
         if problem:
             return problem
     if reset_query:
@@ -168,9 +176,9 @@ def _after_transaction(
 
 
 def after_transaction(
-    server: ServerConnection, cancel_sent: "Deferred[bool] | None", reset_query: str, timeout: float
+    server: ServerConnection, cancels: "list[Deferred[bool]]", reset_query: str, timeout: float
 ) -> "Deferred[bool]":
     """A transaction-mode server just went idle, but a cancel was sent for it or the route
     resets after every transaction: True when it is safe for another client."""
-    work = _after_transaction(server, cancel_sent, reset_query)
+    work = _after_transaction(server, cancels, reset_query)
     return _bounded(server, work, timeout, "transaction")

@@ -27,6 +27,7 @@ from odissey.config import Route, Secret, Storage
 from odissey.flow import Valve, set_nodelay
 from odissey.params import Params
 from odissey.router import storage_endpoint
+from odissey.transaction import SERVER_WATCH
 from odissey.wire import errors
 from odissey.wire import messages as m
 from odissey.wire.errors import PoolerError, ProtocolViolation
@@ -41,8 +42,6 @@ _ids = itertools.count(1)
 R, S, K, Z, E, G = b"RSKZEG"
 #: Server messages whose bodies the pooler reads: login, parameters, status, errors.
 SERVER_COLLECT = frozenset(b"RSKZEv")
-#: CopyInResponse, which the transaction tracker needs to see (body not needed).
-SERVER_WATCH = frozenset(b"G")
 
 
 class ServerState(Enum):

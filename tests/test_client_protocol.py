@@ -26,7 +26,7 @@ class ClientProtocolTests(SynchronousTestCase):
     def setUp(self) -> None:
         cfg = config.parse({
             "listen": ["tcp:0"],
-            "limits": {"max_clients": 2, "login_timeout": "3s"},
+            "limits": {"max_clients": 2, "max_login_clients": 3, "login_timeout": "3s"},
             "storages": {"pg": {"host": "127.0.0.1"}},
             "routes": [{"database": "db", "user": "u", "storage": "pg", "auth": {"method": "trust"}}],
         })
@@ -77,13 +77,56 @@ class ClientProtocolTests(SynchronousTestCase):
         self.assertTrue(transport.disconnecting)
 
     def test_too_many_clients(self) -> None:
-        """Past max_clients a login gets 53300."""
+        """Past max_clients logged-in clients, a login gets 53300; connections still
+        logging in do not count."""
+        for _ in range(3):
+            self.connect()  # never send a startup packet
         for _ in range(2):
-            self.connect()
+            proto, _transport = self.connect()
+            proto.dataReceived(m.startup_message({"user": "u", "database": "db"}))
+            self.assertEqual(proto.state, ClientState.READY)
         proto, transport = self.connect()
         proto.dataReceived(m.startup_message({"user": "u", "database": "db"}))
         (kind, body), = messages(transport.value())
         self.assertEqual(m.parse_error_fields(body)["C"], "53300")
+
+    def test_stalled_login_makes_room(self) -> None:
+        """Past max_login_clients, the oldest login that kept us waiting half a second is
+        dropped with 53300; a burst of fresh connections drops nobody."""
+        stalled = [self.connect() for _ in range(3)]  # max_login_clients is 3 here
+        burst = self.connect()
+        self.assertFalse(any(t.disconnecting for _, t in stalled + [burst]))
+        self.clock.advance(0.6)
+        self.connect()
+        (kind, body), = messages(stalled[0][1].value())
+        self.assertEqual(m.parse_error_fields(body)["C"], "53300")
+        self.assertFalse(stalled[1][1].disconnecting)
+
+    def test_second_ssl_request_refused(self) -> None:
+        """PostgreSQL answers SSLRequest once; a second one is an unsupported protocol (0A000)."""
+        proto, transport = self.connect()
+        proto.dataReceived(m.ssl_request())
+        proto.dataReceived(m.ssl_request())
+        self.assertEqual(transport.value()[:1], b"N")
+        (kind, body), = messages(transport.value()[1:])
+        fields = m.parse_error_fields(body)
+        self.assertEqual(fields["C"], "0A000")
+        self.assertIn("1234.5679", fields["M"])
+
+    def test_bytes_after_gssenc_request(self) -> None:
+        """Bytes pipelined behind a GSSENCRequest are refused, and the error says so."""
+        proto, transport = self.connect()
+        proto.dataReceived(struct.pack("!ii", 8, 80877104) + b"junk")
+        (kind, body), = messages(transport.value())
+        self.assertIn("GSSAPI encryption request", m.parse_error_fields(body)["M"])
+
+    def test_one_fatal_only(self) -> None:
+        """A second error on a closing connection is not sent."""
+        from odissey.wire.errors import PoolerError
+        proto, transport = self.connect()
+        proto.fail(PoolerError("08P01", "first"))
+        proto.fail(PoolerError("57014", "second"))
+        self.assertEqual(len(messages(transport.value())), 1)
 
     def test_login_timeout(self) -> None:
         """A client that never finishes its startup is dropped after login_timeout."""

@@ -298,15 +298,6 @@ class BackendKilledTransactionTests(FaultTest):
         self.assertFalse((yield self.thread(committed, DOOMED)))
         yield self.assert_settled()
 
-    test_commit_after_kill_gets_57P01.skip = (  # type: ignore[attr-defined]
-        "Bug: when a server dies under an attached client, Odissey relays PostgreSQL's FATAL "
-        "57P01 and then sends a second FATAL ErrorResponse of its own (08006 'server closed "
-        "the connection unexpectedly', relay.serverLost). libpq makes one result of each, so "
-        "psycopg's commit()/transaction() (one command, one result expected) raise "
-        "InternalError \"received 2 results from command 'COMMIT'\" with no SQLSTATE, where a "
-        "direct connection to PostgreSQL raises AdminShutdown 57P01. Under load it also hits "
-        "transaction()'s BEGIN when PostgreSQL stops."
-    )
 
     @inlineCallbacks
     def test_killed_mid_query(self):
@@ -749,11 +740,3 @@ class StorageReturnTests(StorageRestart):
         recovery = yield self.restart_under_load("fast")
         self.assertLess(recovery, RECOVERY_BOUND)
 
-    test_served_within_a_second_of_return.skip = (  # type: ignore[attr-defined]
-        "Bug (issue 6, being fixed): Pool._open_failed doubles the back-off once per failed "
-        "attempt, so attempts that fail together (several waiters, one outage) double it "
-        "several times at once (0.25 -> 0.5 -> 1 -> 2 s in one burst, then 4, 8, capped at "
-        "10 s). After outages of about a second, the first query was served 0.03-1.3 s after "
-        "PostgreSQL accepted connections again in 8 of 12 runs of this test's scenario, and "
-        "1.7, 1.9, 7.6 and 9.2 s in the others (up to 10.7 s after immediate stops)."
-    )

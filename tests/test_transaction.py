@@ -3,6 +3,8 @@ randomised schedules and chunk splits included."""
 
 from __future__ import annotations
 
+import copy
+
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
@@ -73,7 +75,7 @@ class TransactionTests(SynchronousTestCase):
         """Flush expects no ReadyForQuery: nothing is counted, nothing is freed early."""
         client = Client()
         client.send(P, B, E, H)
-        self.assertEqual(client.tx.outstanding, 0)
+        self.assertEqual(list(client.tx.pending), [P, B, E])
         self.assertFalse(client.tx.idle)
         error = [(ord("E"), b"SERROR\0\0", 0)]
         self.assertFalse(client.tx.server(error))  # an error before Sync does not free the server
@@ -196,3 +198,167 @@ class TransactionTests(SynchronousTestCase):
         while in_flight:
             status = in_flight.pop(0)
             self.assertEqual(client.tx.server(z(status)), not in_flight and status == b"I")
+
+
+def reply(*kinds: int) -> list:
+    """Server events of these types (an ErrorResponse or ReadyForQuery(I) gets a body)."""
+    return [(k, b"I" if k == ord("Z") else b"SERROR\0\0" if k == ord("E") else None, 0) for k in kinds]
+
+
+ERR, ZI, ONE, TWO, CC, GIN = b"EZ12CG"
+
+
+class ExtendedErrorTests(SynchronousTestCase):
+    """After an error in an extended-protocol message PostgreSQL discards everything up to
+    the next Sync, a Query included: the tracker must free the server at that Sync's answer."""
+
+    def test_failed_parse_then_query_before_sync(self) -> None:
+        """Parse fails, the Query before the Sync is discarded: one ReadyForQuery frees it."""
+        client = Client()
+        client.send(P, Q, S)
+        self.assertTrue(client.tx.server(reply(ERR, ZI)))
+
+    def test_query_after_good_extended_messages_fails_itself(self) -> None:
+        """The extended messages succeed and the Query fails: two ReadyForQuery are due."""
+        client = Client()
+        client.send(P, B, E, Q, S)
+        self.assertFalse(client.tx.server(reply(ONE, TWO, CC, ERR, ZI)))
+        self.assertTrue(client.tx.server(reply(ZI)))
+
+    def test_messages_sent_after_the_error_are_discarded(self) -> None:
+        """A Query sent once the server is already discarding gets no ReadyForQuery."""
+        client = Client()
+        client.send(P)
+        self.assertFalse(client.tx.server(reply(ERR)))
+        self.assertFalse(client.tx.idle)  # the server waits for a Sync: nobody else may use it
+        client.send(Q, B, E)
+        client.send(S)
+        self.assertTrue(client.tx.server(reply(ZI)))
+
+    def test_lone_copy_data_while_idle(self) -> None:
+        """CopyData, CopyDone or CopyFail outside a COPY is dropped by PostgreSQL: no server needed."""
+        client = Client()
+        client.send(D)
+        self.assertTrue(client.tx.idle)
+        client.send(c, D, f)
+        self.assertTrue(client.tx.idle)
+
+    def test_copy_error_frees_at_its_ready_for_query(self) -> None:
+        """A COPY that fails server-side ends copy-in; the client's later copy messages are dropped."""
+        client = Client()
+        client.send(Q)
+        client.tx.server(reply(GIN))
+        client.send(D)
+        self.assertTrue(client.tx.server(reply(ERR, ZI)))
+        client.send(D, c)
+        self.assertTrue(client.tx.idle)
+
+
+class ServerModel:
+    """A small model of how PostgreSQL processes a client stream: which messages fail,
+    what each answers, when it discards until Sync, COPY in both protocols."""
+
+    def __init__(self) -> None:
+        self.skipping = False
+        self.copy = ""  # "", "simple" or "extended": the protocol that started copy-in
+        self.block = False
+        self.failed_block = False
+        self.held = False  # extended work processed and not synced yet
+
+    def settles(self, sent: list) -> bool:
+        """Would the messages still unread give no reply and leave the server clean?"""
+        future = copy.deepcopy(self)
+        if any(future.process(*message) for message in sent):
+            return False
+        return not future.skipping and not future.copy and not future.held and future.status() == b"I"
+
+    def status(self) -> bytes:
+        return b"E" if self.failed_block else b"T" if self.block else b"I"
+
+    def process(self, kind: int, fails: bool, copies: bool, toggles: bool) -> list:
+        out = []
+        if self.copy:
+            if kind == D or kind in (S, H):
+                return out
+            simple = self.copy == "simple"
+            self.copy = ""
+            if kind == c and not fails:
+                out.append(CC)
+            else:
+                out.append(ERR)
+                if not simple:
+                    self.skipping = True
+            if simple:
+                out += [ZI]
+                self.held = False
+            return [(k, self.status() if k == ZI else b"SERROR\0\0" if k == ERR else None, 0) for k in out]
+        if self.skipping and kind != S:
+            return out
+        if kind in (D, c, f, H):
+            return out
+        if kind == S:
+            self.skipping = False
+            self.held = False
+            return [(ZI, self.status(), 0)]
+        if kind == Q:
+            self.held = False
+            if fails:
+                if self.block:
+                    self.failed_block = True
+                return [(ERR, b"SERROR\0\0", 0), (ZI, self.status(), 0)]
+            if copies:
+                self.copy = "simple"
+                return [(GIN, None, 0)]
+            if toggles:
+                self.block = not self.block
+                self.failed_block = False
+            return [(CC, None, 0), (ZI, self.status(), 0)]
+        # Parse, Bind, Execute
+        if fails:
+            self.skipping = True
+            if self.block:
+                self.failed_block = True
+            return [(ERR, b"SERROR\0\0", 0)]
+        self.held = True
+        if kind == E and copies:
+            self.copy = "extended"
+            return [(GIN, None, 0)]
+        return [({P: ONE, B: TWO, E: CC}[kind], None, 0)]
+
+
+class ModelScheduleTests(SynchronousTestCase):
+    @given(st.lists(st.tuples(st.sampled_from([Q, S, P, B, E, H, D, c, f]), st.booleans(), st.booleans(),
+                              st.booleans(), st.integers(0, 6)), max_size=40),
+           st.lists(st.integers(0, 10_000), max_size=3))
+    @settings(max_examples=400, deadline=None)
+    def test_tracker_agrees_with_the_model(self, steps: list, cuts: list[int]) -> None:
+        """Random client messages (some failing, some starting a COPY or a block), replies
+        delivered at random moments: the tracker frees the server exactly when the model's
+        server has answered everything, discards nothing, copies nothing, holds no
+        unsynced work and is outside a transaction block."""
+        client = Client()
+        model = ServerModel()
+        sent: list[tuple[int, bool, bool, bool]] = []
+        for kind, fails, copies, toggles, deliver in steps:
+            client.send(kind, cuts=tuple(cuts))
+            sent.append((kind, fails and kind in (P, B, E, Q, c), copies, toggles))
+            replies = []  # the answers to several messages may come in one read
+            for _ in range(deliver):
+                if sent:
+                    replies += model.process(*sent.pop(0))
+            if client.tx.server(replies):
+                self.assertTrue(model.settles(sent), (sent, vars(model)))
+        while sent:
+            client.tx.server(model.process(*sent.pop(0)))
+        truth = not model.skipping and not model.copy and not model.held and model.status() == b"I"
+        self.assertEqual(client.tx.idle, truth, vars(model))
+
+
+class OneReadTests(SynchronousTestCase):
+    def test_whole_copy_answered_in_one_read(self) -> None:
+        """CopyInResponse, CommandComplete and ReadyForQuery in one read, after psql sent
+        Query, CopyData and CopyDone at once: free at once, nothing left queued."""
+        client = Client()
+        client.send(Q, D, c, P, B, E, S)
+        self.assertTrue(client.tx.server(reply(GIN, CC, ZI, ONE, TWO, CC, ZI)))
+        self.assertEqual(list(client.tx.pending), [])

@@ -48,6 +48,12 @@ class PoolerError(Exception):
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.sqlstate}, {self.message!r})"
 
+    def copy(self) -> "PoolerError":
+        """The same error, fresh: no traceback, so keeping or re-raising it holds on to
+        no frame (and so to no connection) of wherever it was raised before."""
+        return PoolerError(self.sqlstate, self.message, severity=self.severity,
+                           detail=self.detail, hint=self.hint)
+
 
 class ProtocolViolation(PoolerError):
     """Bytes that are not a valid PostgreSQL v3 stream: the codec's only error type.

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass, field
+from typing import Union
 
 from odissey.wire.errors import ProtocolViolation, UnsupportedProtocol
 from odissey.wire.messages import (
@@ -161,7 +162,7 @@ class CancelRequest:
     secret: int
 
 
-StartupPacket = StartupMessage | SSLRequest | GSSENCRequest | CancelRequest
+StartupPacket = Union[StartupMessage, SSLRequest, GSSENCRequest, CancelRequest]
 
 
 @dataclass
