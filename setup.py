@@ -3,7 +3,7 @@ from setuptools import setup
 setup(
     name="odissey",
     version="0.1.0",
-    description="A multi-worker PostgreSQL connection pooler and request router on Twisted",
+    description="A PostgreSQL connection pooler and request router on Twisted",
     python_requires=">=3.10",
     packages=["odissey", "odissey.wire", "odissey.auth", "twisted.plugins"],
     install_requires=[

@@ -4,6 +4,13 @@ Each client has the values it wants (the server defaults, overridden by its star
 packet, then by every ParameterStatus its server sends while attached); each server
 connection has its current values. On attach the differences become one
 ``SET …; SET …`` query. Names are compared case-insensitively, as PostgreSQL does.
+
+Values are text, decoded from the encoding the server connection was in when it
+reported them, and always sent back as UTF-8 while the connection's client_encoding is
+UTF8: a server left in another client's LATIN1 or SJIS first gets ``SET client_encoding``
+alone (ASCII, read the same in every encoding PostgreSQL allows a client), so no value's
+bytes are ever read in an encoding they were not written in (with SJIS and
+``backslash_quote = on`` that would let a crafted value end its quoted literal).
 """
 
 from __future__ import annotations
@@ -20,6 +27,26 @@ READ_ONLY = frozenset({
 })
 
 Params = dict[str, tuple[str, str]]  # lower-case name -> (name as spelled, value)
+
+
+#: PostgreSQL's client encodings (as reported) -> Python codecs. SQL_ASCII passes bytes
+#: through, as latin-1 does; EUC_TW and MULE_INTERNAL have no codec and fall back to it.
+CODECS = {
+    "UTF8": "utf-8", "SQL_ASCII": "latin-1", "LATIN1": "latin-1", "LATIN2": "iso8859-2",
+    "LATIN3": "iso8859-3", "LATIN4": "iso8859-4", "LATIN5": "iso8859-9", "LATIN6": "iso8859-10",
+    "LATIN7": "iso8859-13", "LATIN8": "iso8859-14", "LATIN9": "iso8859-15", "LATIN10": "iso8859-16",
+    "ISO_8859_5": "iso8859-5", "ISO_8859_6": "iso8859-6", "ISO_8859_7": "iso8859-7",
+    "ISO_8859_8": "iso8859-8", "WIN866": "cp866", "WIN874": "cp874", "WIN1250": "cp1250",
+    "WIN1251": "cp1251", "WIN1252": "cp1252", "WIN1253": "cp1253", "WIN1254": "cp1254",
+    "WIN1255": "cp1255", "WIN1256": "cp1256", "WIN1257": "cp1257", "WIN1258": "cp1258",
+    "KOI8R": "koi8-r", "KOI8U": "koi8-u", "EUC_JP": "euc_jp", "EUC_JIS_2004": "euc_jis_2004",
+    "EUC_CN": "gb2312", "EUC_KR": "euc_kr", "SJIS": "cp932", "SHIFT_JIS_2004": "shift_jis_2004",
+    "BIG5": "cp950", "GBK": "gbk", "GB18030": "gb18030", "UHC": "cp949", "JOHAB": "johab",
+}
+
+
+def codec_for(encoding: str) -> str:
+    return CODECS.get(encoding.upper(), "latin-1")
 
 
 def params_from(pairs: Iterable[tuple[str, str]]) -> Params:
@@ -101,6 +128,21 @@ def quote_ident(name: str) -> str:
 def quote_literal(value: str) -> str:
     """An escape-string literal, read the same whatever standard_conforming_strings is."""
     return "E'" + value.replace("\\", "\\\\").replace("'", "''") + "'"
+
+
+def set_statements(changes: list[tuple[str, str | None]], wanted: Params, current: Params) -> list[str]:
+    """The queries that apply ``changes`` to a server whose parameters are ``current``.
+
+    Run while the server's client_encoding is UTF8 (switching it first, in a query of its
+    own, if it is not), with client_encoding itself set last."""
+    encoding = current.get("client_encoding", ("client_encoding", "UTF8"))[1]
+    if encoding.upper() in ("UTF8", "UNICODE"):
+        return [set_query(changes)]
+    rest = [(name, value) for name, value in changes if name.lower() != "client_encoding"]
+    back = wanted.get("client_encoding", ("client_encoding", encoding))
+    if back[1].upper() not in ("UTF8", "UNICODE"):
+        rest.append(back)
+    return ["SET client_encoding TO 'UTF8'"] + ([set_query(rest)] if rest else [])
 
 
 def set_query(changes: list[tuple[str, str | None]]) -> str:

@@ -247,7 +247,7 @@ class Pool:
             detail=last.detail if last else None,
         )
 
-    # -- upkeep (the janitor calls this about once a second) -------------------------------
+    # -- upkeep (the janitor calls this about twice a second) ------------------------------
 
     def _expired(self, server: ServerConnection) -> bool:
         lifetime = self.route.pool.server_lifetime

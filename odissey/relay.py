@@ -21,7 +21,7 @@ from twisted.python.failure import Failure
 
 from odissey import reset
 from odissey.flow import PENDING_LIMIT, couple, send, uncouple
-from odissey.params import Params, differences, set_query
+from odissey.params import Params, differences, set_statements
 from odissey.pool import Pool
 from odissey.server import ServerConnection, server_error
 from odissey.transaction import CLIENT_WATCH, Transaction
@@ -206,7 +206,7 @@ class Relay:
             self._attach(server)
             return
         self.state = RelayState.SYNCING
-        syncing = server.run([set_query(changes)])
+        syncing = server.run(set_statements(changes, self.wanted, server.params))
         syncing.addCallbacks(self._synced, self._sync_lost, callbackArgs=(server, changes))
 
     def _synced(
@@ -276,9 +276,9 @@ class Relay:
             self.server_at = self._now()
             for kind, body, _end in events:
                 if kind == _S:
-                    name, value = self.server.note_parameter(body)  # type: ignore[union-attr,arg-type]
-                    self.wanted[name.lower()] = (name, value)
-                    self.told[name.lower()] = value
+                    for name, value in self.server.note_parameter(body):  # type: ignore[union-attr,arg-type]
+                        self.wanted[name.lower()] = (name, value)
+                        self.told[name.lower()] = value
                 elif kind == _E and (b"VFATAL\0" in body or b"VPANIC\0" in body):  # type: ignore[operator]
                     self.server_fatal = True
             if self.tx.server(events):
@@ -298,7 +298,7 @@ class Relay:
         self.client.fail(PoolerError(
             errors.CONNECTION_FAILURE, "server closed the connection unexpectedly"))
 
-    # -- timeouts (the janitor calls this about once a second) ---------------------------
+    # -- timeouts (the janitor calls this about twice a second) --------------------------
 
     def enforce_timeouts(self, now: float) -> None:
         """Query timeout (cancel), idle-in-transaction and client idle timeouts (FATAL)."""

@@ -25,7 +25,7 @@ from odissey.auth.responders import ServerAuthenticator
 from odissey.cancel import send_cancel
 from odissey.config import Route, Secret, Storage
 from odissey.flow import Valve, set_nodelay
-from odissey.params import Params
+from odissey.params import Params, codec_for
 from odissey.router import storage_endpoint
 from odissey.transaction import SERVER_WATCH
 from odissey.wire import errors
@@ -98,6 +98,8 @@ class ServerConnection(Protocol):
         self.scanner = Scanner(watch=SERVER_WATCH, collect=SERVER_COLLECT)
         self.valve = Valve(self)
         self.params: Params = {}
+        self.codec = "utf-8"  # of the connection's client_encoding: how its reports are written
+        self._recent: list[tuple[str, str, bytes]] = []  # reports in this read, raw
         self.login_params: list[tuple[str, str]] = []
         self.key: tuple[int, int] | None = None
         self.status = b"I"
@@ -125,6 +127,8 @@ class ServerConnection(Protocol):
         )
 
     def dataReceived(self, data: bytes) -> None:
+        if self._recent:
+            self._recent = []
         try:
             events = self.scanner.feed(data)
         except ProtocolViolation as exc:
@@ -215,10 +219,25 @@ class ServerConnection(Protocol):
 
     # -- parameters --------------------------------------------------------------------
 
-    def note_parameter(self, body: bytes) -> tuple[str, str]:
-        name, value = m.parse_parameter_status(body)
-        self.params[name.lower()] = (name, value)
-        return name, value
+    def note_parameter(self, body: bytes) -> list[tuple[str, str]]:
+        """Record a ParameterStatus; returns the values it sets (name as spelled, value).
+
+        Its value is in the connection's client_encoding, which PostgreSQL applies to
+        every report it sends with a ReadyForQuery: when client_encoding itself is among
+        them, the reports that came before it in the same read are decoded again."""
+        name, raw = body.split(b"\0", 2)[:2]
+        spelled = name.decode("ascii", "replace")
+        key = spelled.lower()
+        self._recent.append((key, spelled, raw))
+        if key == "client_encoding":
+            codec = codec_for(raw.decode("ascii", "replace"))
+            if codec != self.codec:
+                self.codec = codec
+                for k, n, r in self._recent:
+                    self.params[k] = (n, r.decode(codec, "replace"))
+                return [self.params[k] for k, _n, _r in self._recent]
+        self.params[key] = (spelled, raw.decode(self.codec, "replace"))
+        return [self.params[key]]
 
     # -- the pooler's own statements ---------------------------------------------------
 

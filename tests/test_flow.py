@@ -9,7 +9,12 @@ import time
 import psycopg
 from twisted.internet import reactor
 from twisted.internet.defer import gatherResults, inlineCallbacks
+from twisted.internet.protocol import Protocol
 from twisted.internet.task import deferLater
+from twisted.internet import tcp
+from twisted.trial.unittest import SynchronousTestCase
+
+from odissey.flow import send
 
 from odissey.pool import PoolKey
 from odissey.wire import messages as m
@@ -122,3 +127,43 @@ class NoLeakTests(IntegrationTest):
                 return conn.execute("select count(*) from items where note = 'chaos'").fetchone()[0]
 
         self.assertEqual((yield self.thread(count_chaos)), 0)
+
+
+class SendFastPathTests(SynchronousTestCase):
+    """flow.send reads private attributes of Twisted's TCP transport; if Twisted renames
+    or drops one, these tests fail instead of the fast path silently going wrong."""
+
+    def connection(self) -> tuple[tcp.Connection, socket.socket]:
+        ours, theirs = socket.socketpair()
+        ours.setblocking(False)
+        self.addCleanup(theirs.close)
+        self.addCleanup(ours.close)
+        conn = tcp.Connection(ours, Protocol(), reactor)
+        conn.connected = 1  # what tcp.Server and tcp.Client set once established
+        self.addCleanup(conn.stopWriting)
+        self.addCleanup(conn.stopReading)
+        return conn, theirs
+
+    def test_private_attributes_exist(self) -> None:
+        """The attributes flow.send reads are on a plain connection, with the values it expects."""
+        conn, _theirs = self.connection()
+        self.assertEqual(conn._tempDataLen, 0)
+        self.assertEqual(conn.dataBuffer, b"")
+        self.assertFalse(conn.TLS)
+        self.assertFalse(conn.disconnecting)
+        self.assertTrue(conn.connected)
+        self.assertIsInstance(conn.writeSomeData(b""), int)
+
+    def test_whole_write_goes_straight_to_the_socket(self) -> None:
+        """With nothing queued, the bytes reach the peer at once and nothing is buffered."""
+        conn, theirs = self.connection()
+        self.assertTrue(send(conn, b"hello"))
+        self.assertEqual(theirs.recv(16), b"hello")
+        self.assertEqual(conn._tempDataLen, 0)
+
+    def test_queued_bytes_keep_their_order(self) -> None:
+        """Once something is queued in Twisted, later bytes are queued behind it."""
+        conn, _theirs = self.connection()
+        conn.write(b"first")  # queued by Twisted until the next reactor turn
+        self.assertFalse(send(conn, b"second"))
+        self.assertEqual(b"".join(conn._tempDataBuffer), b"firstsecond")

@@ -7,12 +7,14 @@ from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
 from odissey.params import (
+    CODECS,
     differences,
     params_from,
     parse_options,
     quote_ident,
     quote_literal,
     set_query,
+    set_statements,
     startup_wants,
 )
 
@@ -65,3 +67,25 @@ class ParamsTests(SynchronousTestCase):
                 continue
             i += 1
         self.assertEqual(quote_ident('a"b'), '"a""b"')
+
+
+class EncodingStatementsTests(SynchronousTestCase):
+    def test_utf8_server_gets_one_query(self) -> None:
+        """A server already in UTF8 gets the changes in one query."""
+        current = params_from([("client_encoding", "UTF8")])
+        self.assertEqual(set_statements([("x.y", "é")], {}, current), ["SET \"x\".\"y\" TO E'é'"])
+
+    def test_other_encoding_switched_first_and_restored_last(self) -> None:
+        """A server left in LATIN1 first gets client_encoding alone, then the changes with
+        the client's own encoding set last."""
+        current = params_from([("client_encoding", "LATIN1")])
+        wanted = params_from([("client_encoding", "LATIN1")])
+        first, second = set_statements([("x.y", "é")], wanted, current)
+        self.assertEqual(first, "SET client_encoding TO 'UTF8'")
+        self.assertTrue(second.endswith("SET \"client_encoding\" TO E'LATIN1'"), second)
+
+    def test_codecs_exist(self) -> None:
+        """Every PostgreSQL encoding in the table names a codec Python has."""
+        import codecs
+        for name in CODECS.values():
+            codecs.lookup(name)

@@ -4,6 +4,12 @@ from __future__ import annotations
 
 import psycopg
 from twisted.internet.defer import inlineCallbacks
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase
+
+from odissey import config
+from odissey.server import LoginInfo, ServerConnection
+from odissey.wire import messages as m
 
 from odissey.auth.secrets import md5_hash, pbkdf2_cache_info
 from tests.harness import IntegrationTest, direct, route
@@ -106,3 +112,24 @@ class ServerDeathTests(IntegrationTest):
         finally:
             yield self.thread(victim.close)
             yield self.thread(bystander.close)
+
+
+class ParameterReportTests(SynchronousTestCase):
+    def server(self) -> ServerConnection:
+        cfg = config.parse({"listen": ["tcp:0"], "storages": {"pg": {"host": "127.0.0.1"}},
+                            "routes": [{"database": "db", "user": "u", "storage": "pg",
+                                        "auth": {"method": "trust"}}]})
+        return ServerConnection(LoginInfo(cfg.storages["pg"], "db", "u", None), Clock())
+
+    def test_reports_decoded_in_the_encoding_they_came_in(self) -> None:
+        """A value reported in the same read as a new client_encoding is decoded in it,
+        whichever of the two reports came first."""
+        server = self.server()
+        server.dataReceived(b"")
+        name = m.parameter_status("application_name", "x")[5:].replace(b"x", "caf\u00e9".encode("latin-1"))
+        server.note_parameter(name)
+        noted = server.note_parameter(m.parameter_status("client_encoding", "LATIN1")[5:])
+        self.assertIn(("application_name", "caf\u00e9"), noted)
+        self.assertEqual(server.params["application_name"], ("application_name", "caf\u00e9"))
+        server.dataReceived(b"")  # a later read: its reports are decoded as LATIN1 from the start
+        self.assertEqual(server.note_parameter(name), [("application_name", "caf\u00e9")])

@@ -264,8 +264,11 @@ class ParameterIsolationTests(IntegrationTest):
             yield self.thread(lambda: beta.execute("select 1").close())
             yield self.thread(lambda: alpha.execute("select 1").close())
             self.assertEqual(len(sent), 3)
-            self.assertEqual(len(sent[1]), 1)  # all of beta's differences in one query
-            self.assertIn("SET \"TimeZone\" TO E'America/Lima'", sent[1][0])
+            # alpha left the server in LATIN1: UTF8 first, alone, then all of beta's
+            # differences in one query
+            self.assertEqual(sent[1][0], "SET client_encoding TO 'UTF8'")
+            self.assertEqual(len(sent[1]), 2)
+            self.assertIn("SET \"TimeZone\" TO E'America/Lima'", sent[1][1])
         finally:
             yield self.thread(alpha.close)
             yield self.thread(beta.close)

@@ -1,7 +1,7 @@
 """Builders for the messages the pooler says itself, and parsers for the few it reads whole.
 
 Relayed traffic never passes through here: it is forwarded as the bytes that arrived. These
-functions are for login, errors, the pooler's own queries, and the admin console.
+functions are for login, errors and the pooler's own queries.
 """
 
 from __future__ import annotations
