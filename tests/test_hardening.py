@@ -23,7 +23,7 @@ import odissey.server
 from odissey.flow import PENDING_LIMIT
 from odissey.wire import messages as m
 from tests.harness import (
-    APP_PASSWORD, IntegrationTest, Replies, direct, route, send_cancel_request, sqlstates, trust_login_keyed,
+    APP_PASSWORD, IntegrationTest, Replies, direct, route, send_cancel_request, trust_login_keyed,
 )
 
 #: What Twisted's TCP transport reads from a socket at once.
@@ -65,7 +65,7 @@ def message_types(data: bytes) -> list[str]:
 
 
 @inlineCallbacks
-def until(condition: Callable[[], bool], timeout: float, what: str, interval: float = 0.01):  # type: ignore[no-untyped-def]
+def until(condition: Callable[[], bool], timeout: float, what: str, interval: float = 0.01):
     """Wait on the reactor until ``condition()`` holds; fail after ``timeout`` seconds."""
     deadline = reactor.seconds() + timeout
     while not condition():
@@ -82,7 +82,7 @@ def wait_active(sql: str, timeout: float = 5.0) -> None:
             row = su.execute(
                 "select count(*) from pg_stat_activity where state = 'active' and query = %s", (sql,)
             ).fetchone()
-            if row[0]:
+            if row and row[0]:
                 return
             if time.monotonic() > deadline:
                 raise AssertionError(f"{sql!r} did not start within {timeout}s")
@@ -254,14 +254,15 @@ class LoginBufferTests(IntegrationTest):
     def routes(self) -> list[dict[str, Any]]:
         return [trust_route()]
 
-    def setUp(self) -> Deferred[None]:
-        self.silent = reactor.listenTCP(0, Factory.forProtocol(_Silent), interface="127.0.0.1")
+    def setUp(self) -> Deferred[None]:  # type: ignore[override]
+        silent = Factory.forProtocol(_Silent)
+        self.silent = reactor.listenTCP(0, silent, interface="127.0.0.1")  # type: ignore[arg-type]
         self.addCleanup(self.silent.stopListening)
-        self.storage_port = self.silent.getHost().port
+        self.storage_port = self.silent.getHost().port  # type: ignore[attr-defined]
         return super().setUp()
 
     @inlineCallbacks
-    def logged_in_waiting(self):  # type: ignore[no-untyped-def]
+    def logged_in_waiting(self):
         """A raw u_trust client that got AuthenticationOk and waits for the server's
         parameters, which never come; and its ClientConnection."""
         factory = self.odissey.service.factory
@@ -381,7 +382,8 @@ class LoginFloodTests(IntegrationTest):
     def login(self) -> str:
         try:
             with self.odissey.connect() as conn:
-                return str(conn.execute("select 1").fetchone()[0])
+                row = conn.execute("select 1").fetchone()
+                return str(row[0]) if row else "no row"
         except psycopg.Error as exc:
             return f"{exc.sqlstate} {exc}"
 
