@@ -137,6 +137,12 @@ class ClientConnection(Protocol):
         self.transport.write(m.error_response(error))
         self.transport.loseConnection()
 
+    @property
+    def paused(self) -> bool:
+        """Reading is paused (too much sent while no server could take it): a close by
+        the client goes unseen until someone looks (the janitor, with flow.peer_closed)."""
+        return self._paused or (self.relay is not None and self.relay.paused)
+
     def drop(self) -> None:
         """Close without a word: the client has already been told why (its server's own
         FATAL error, forwarded as it came)."""

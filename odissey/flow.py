@@ -14,6 +14,7 @@ server outlives its client (it is cleaned and pooled), so each side registers a
 
 from __future__ import annotations
 
+import select
 from typing import Any, Protocol as TypingProtocol
 
 from twisted.internet.interfaces import IPushProducer
@@ -98,3 +99,23 @@ def send(transport: object, data: bytes) -> bool:
             data = data[sent:]
     transport.write(data)  # type: ignore[attr-defined]
     return False
+
+
+_GONE = getattr(select, "POLLRDHUP", 0) | select.POLLHUP | select.POLLERR
+
+
+def peer_closed(transport: Any) -> bool:
+    """Has the peer of a transport whose reading is paused closed its end?
+
+    A paused transport is not read, so Twisted never sees the peer leave; the close sits
+    behind whatever the peer sent last. poll() reports it (POLLRDHUP on Linux) without
+    reading anything."""
+    try:
+        fileno = transport.getHandle().fileno()
+    except Exception:  # not a socket transport (tests), or already closed
+        return False
+    if fileno < 0:
+        return False
+    poller = select.poll()
+    poller.register(fileno, _GONE)
+    return bool(poller.poll(0))

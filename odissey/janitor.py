@@ -2,7 +2,8 @@
 
 Timeouts are checked here, about twice a second, rather than with a timer per client:
 the relay only stores timestamps on its hot path, and one pass over the clients is
-cheaper than rescheduling thousands of DelayedCalls on every message.
+cheaper than rescheduling thousands of DelayedCalls on every message. The same pass
+notices clients that left while their reading was paused.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 from twisted.internet.interfaces import IReactorTime
 
 from odissey.client import ClientFactory
+from odissey.flow import peer_closed
 from odissey.pool import Pools
 
 PERIOD = 0.5
@@ -26,5 +28,7 @@ class Janitor:
             pool.maintain()
         now = self.clock.seconds()
         for client in list(self.factory.clients):
-            if client.relay is not None:
+            if client.paused and peer_closed(client.transport):
+                client.transport.abortConnection()  # type: ignore[union-attr]
+            elif client.relay is not None:
                 client.relay.enforce_timeouts(now)

@@ -335,6 +335,31 @@ class LoginBufferTests(IntegrationTest):
         yield until(dead, 1, "the departed client connection is collected", interval=0.05)
         self.assertEqual(factory.clients, set())
 
+    @inlineCallbacks
+    def test_paused_login_released_when_client_leaves(self):
+        """A client paused past 256 kB during login, then gone, is noticed and collected
+        within two seconds, not at login_timeout (reading is paused: only the janitor's
+        poll sees the close)."""
+        factory = self.odissey.service.factory
+        sock, client = yield self.logged_in_waiting()
+        sock.setblocking(False)
+        payload = m.query("select '" + "x" * 1000 + "'") * 1024  # 1 MB: past the bound
+        try:
+            sock.send(payload)
+        except BlockingIOError:
+            pass
+        yield until(lambda: client._paused, 5, "Odissey paused the client")
+        ref = weakref.ref(client)
+        del client
+        sock.close()
+
+        def dead() -> bool:
+            gc.collect()
+            return ref() is None
+
+        yield until(dead, 2, "the departed, paused client connection is collected", interval=0.05)
+        self.assertEqual(factory.clients, set())
+
 
 class LoginFloodTests(IntegrationTest):
     """Connections that connect and stall cannot keep real clients from logging in."""
@@ -433,6 +458,28 @@ class HeldServerTests(IntegrationTest):
         ready = ra.ready
         yield self.thread(ra.until, ready + 1)
         self.assertEqual(ra.rows[-1], "7")
+
+    @inlineCallbacks
+    def test_paused_waiting_client_released_when_it_leaves(self):
+        """A client paused while it waits for the busy server, then gone, is noticed
+        within two seconds, not at wait_timeout."""
+        a, _ = yield self.thread(trust_login_keyed, self.odissey.port)
+        ra = Replies(a)
+        factory = self.odissey.service.factory
+        try:
+            a.sendall(m.query("begin"))  # A holds the only server
+            yield self.thread(ra.until, 1)
+            b, _ = yield self.thread(trust_login_keyed, self.odissey.port)
+            b.setblocking(False)
+            try:
+                b.send(m.query("select '" + "x" * 1000 + "'") * 1024)
+            except BlockingIOError:
+                pass
+            yield until(lambda: any(c.paused for c in factory.clients), 5, "Odissey paused B")
+            b.close()
+            yield until(lambda: len(factory.clients) == 1, 2, "B's connection is gone")
+        finally:
+            a.close()
 
     @inlineCallbacks
     def test_failed_parse_then_query_before_sync(self):
