@@ -32,6 +32,7 @@ from odissey.params import params_from, startup_wants
 from odissey.pool import Pools
 from odissey.relay import Relay
 from odissey.router import Router
+from odissey.startup_check import StartupChecks
 from odissey.wire import errors
 from odissey.wire import messages as m
 from odissey.wire.errors import PoolerError, ProtocolViolation, UnsupportedProtocol
@@ -277,9 +278,15 @@ class ClientConnection(Protocol):
         self._parameters = None
         if self.state is not ClientState.PARAMS:
             return
+        wants = startup_wants(params)
+        unchecked = f.startup_checks.unchecked(pool, wants)
+        if unchecked:
+            yield f.startup_checks.check(pool, self.id, unchecked)
+            if self.state is not ClientState.PARAMS:
+                return
         wanted = params_from(server_params)
         told = {key: value for key, (_name, value) in wanted.items()}
-        for name, value in startup_wants(params):
+        for name, value in wants:
             key = name.lower()
             if key in wanted:
                 name = wanted[key][0]
@@ -334,6 +341,7 @@ class ClientFactory(Factory):
         self.limits = limits
         self.keys: CancelKeys[ClientConnection] = keys or CancelKeys()
         self.verifiers = ClientVerifiers()
+        self.startup_checks = StartupChecks()
         self.clients: set[ClientConnection] = set()
         #: Connections still logging in, oldest first (a dict keeps insertion order).
         self.logging_in: dict[ClientConnection, None] = {}

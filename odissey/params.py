@@ -145,9 +145,10 @@ def set_statements(changes: list[tuple[str, str | None]], wanted: Params, curren
     return ["SET client_encoding TO 'UTF8'"] + ([set_query(rest)] if rest else [])
 
 
-def set_query(changes: list[tuple[str, str | None]]) -> str:
+def set_query(changes: list[tuple[str, str | None]], local: bool = False) -> str:
+    verb = "SET LOCAL" if local else "SET"
     return "; ".join(
-        f"SET {quote_ident(name)} TO {quote_literal(value)}"
+        f"{verb} {quote_ident(name)} TO {quote_literal(value)}"
         if value is not None
         else f"RESET {quote_ident(name)}"
         for name, value in changes
