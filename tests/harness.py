@@ -301,6 +301,17 @@ def send_cancel_request(port: int, key: tuple[int, int]) -> None:
             pass
 
 
+def read_message(sock: socket.socket, buffer: bytes) -> tuple[bytes, bytes, bytes]:
+    """The next whole backend message on a raw socket: (type, body, what is left over)."""
+    while len(buffer) < 5 or len(buffer) < 1 + int.from_bytes(buffer[1:5], "big"):
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise ConnectionError("closed by Odissey")
+        buffer += chunk
+    end = 1 + int.from_bytes(buffer[1:5], "big")
+    return buffer[:1], buffer[5:end], buffer[end:]
+
+
 class Replies:
     """Reads a raw connection's replies: first-column text of each DataRow (or line of
     COPY data), how many ReadyForQuery came, the SQLSTATE of each ErrorResponse."""
@@ -316,14 +327,8 @@ class Replies:
         """Read until ``ready`` ReadyForQuery in all have come; the messages read now."""
         read = []
         while self.ready < ready:
-            while len(self.buffer) < 5 or len(self.buffer) < 1 + int.from_bytes(self.buffer[1:5], "big"):
-                chunk = self.sock.recv(65536)
-                if not chunk:
-                    raise ConnectionError("closed by Odissey")
-                self.buffer += chunk
-            end = 1 + int.from_bytes(self.buffer[1:5], "big")
-            read.append(self.buffer[:end])
-            kind, body, self.buffer = self.buffer[:1], self.buffer[5:end], self.buffer[end:]
+            kind, body, self.buffer = read_message(self.sock, self.buffer)
+            read.append(kind + (len(body) + 4).to_bytes(4, "big") + body)
             if kind == b"D":
                 size = int.from_bytes(body[2:6], "big")
                 self.rows.append(body[6:6 + size].decode())

@@ -26,7 +26,9 @@ from twisted.internet.threads import deferToThread
 from odissey.pool import Pool, PoolKey
 from odissey.postgres import LocalPostgres
 from odissey.wire import messages as m
-from tests.harness import APP_PASSWORD, IntegrationTest, committed, direct, free_port, route, trust_login, vanish
+from tests.harness import (
+    APP_PASSWORD, IntegrationTest, committed, direct, free_port, read_message, route, trust_login, vanish,
+)
 
 #: What PostgreSQL tells the clients of a backend it terminates (pg_terminate_backend,
 #: fast shutdown), relayed by Odissey.
@@ -125,13 +127,7 @@ class Wire:
         self.buffer = b""
 
     def message(self) -> tuple[bytes, bytes]:
-        while len(self.buffer) < 5 or len(self.buffer) < 1 + int.from_bytes(self.buffer[1:5], "big"):
-            chunk = self.sock.recv(65536)
-            if not chunk:
-                raise ConnectionError("closed by Odissey")
-            self.buffer += chunk
-        end = 1 + int.from_bytes(self.buffer[1:5], "big")
-        kind, body, self.buffer = self.buffer[:1], self.buffer[5:end], self.buffer[end:]
+        kind, body, self.buffer = read_message(self.sock, self.buffer)
         return kind, body
 
     def until(self, kind: bytes) -> None:
@@ -437,6 +433,20 @@ class ClientKilledTransactionTests(FaultTest):
             wire.until(b"Z")
 
     @inlineCallbacks
+    def killed_raw(self, steps: Callable[[socket.socket, "Wire"], None]):
+        """A raw u_trust client runs ``steps``, then its socket closes: the next client
+        is served clean."""
+        def doomed() -> None:
+            sock = trust_login(self.odissey.port)
+            try:
+                steps(sock, Wire(sock))
+            finally:
+                sock.close()
+
+        yield self.thread(doomed)
+        yield self.assert_clean_handover()
+
+    @inlineCallbacks
     def test_killed_mid_startup_packet(self):
         """A client gone after half a startup packet leaves no client behind and costs no server."""
         def half_startup() -> None:
@@ -514,84 +524,56 @@ class ClientKilledTransactionTests(FaultTest):
     @inlineCallbacks
     def test_killed_in_copy_in(self):
         """A client killed half-way through COPY FROM STDIN (between messages): no row lands, the next client is served clean."""
-        def doomed() -> None:
-            sock = trust_login(self.odissey.port)
-            try:
-                wire = Wire(sock)
-                sock.sendall(m.query("copy items (id, note) from stdin"))
-                wire.until(b"G")
-                sock.sendall(b"".join(copy_row(self.first_id + 100 + i, DOOMED) for i in range(500)))
-                backend_running("copy items")
-            finally:
-                sock.close()
+        def steps(sock: socket.socket, wire: Wire) -> None:
+            sock.sendall(m.query("copy items (id, note) from stdin"))
+            wire.until(b"G")
+            sock.sendall(b"".join(copy_row(self.first_id + 100 + i, DOOMED) for i in range(500)))
+            backend_running("copy items")
 
-        yield self.thread(doomed)
-        yield self.assert_clean_handover()
+        yield self.killed_raw(steps)
 
     @inlineCallbacks
     def test_killed_mid_copy_data(self):
         """A client killed inside a CopyData message, in a transaction: no row lands, the next client is served clean."""
-        def doomed() -> None:
-            sock = trust_login(self.odissey.port)
-            try:
-                wire = Wire(sock)
-                self.raw_in_transaction(sock, wire)
-                sock.sendall(m.query("copy items (id, note) from stdin"))
-                wire.until(b"G")
-                rows = b"".join(copy_row(self.first_id + 700 + i, DOOMED) for i in range(100))
-                sock.sendall(rows + copy_row(self.first_id + 699, DOOMED)[:-6])
-                backend_running("copy items")
-            finally:
-                sock.close()
+        def steps(sock: socket.socket, wire: Wire) -> None:
+            self.raw_in_transaction(sock, wire)
+            sock.sendall(m.query("copy items (id, note) from stdin"))
+            wire.until(b"G")
+            rows = b"".join(copy_row(self.first_id + 700 + i, DOOMED) for i in range(100))
+            sock.sendall(rows + copy_row(self.first_id + 699, DOOMED)[:-6])
+            backend_running("copy items")
 
-        yield self.thread(doomed)
-        yield self.assert_clean_handover()
+        yield self.killed_raw(steps)
 
     @inlineCallbacks
     def test_killed_in_copy_out_unread(self):
         """A client killed while a large COPY TO STDOUT is streaming to it unread: the next client is served clean within seconds."""
-        def doomed() -> None:
-            sock = trust_login(self.odissey.port)
-            try:
-                wire = Wire(sock)
-                self.raw_in_transaction(sock, wire)
-                sock.sendall(m.query("copy (select g, repeat('y', 500) from generate_series(1, 2000000) g) to stdout"))
-                wire.until(b"H")  # CopyOutResponse; then stop reading
-                time.sleep(0.3)  # the socket buffers fill, back-pressure reaches the backend
-            finally:
-                sock.close()
+        def steps(sock: socket.socket, wire: Wire) -> None:
+            self.raw_in_transaction(sock, wire)
+            sock.sendall(m.query("copy (select g, repeat('y', 500) from generate_series(1, 2000000) g) to stdout"))
+            wire.until(b"H")  # CopyOutResponse; then stop reading
+            time.sleep(0.3)  # the socket buffers fill, back-pressure reaches the backend
 
-        yield self.thread(doomed)
-        yield self.assert_clean_handover()
+        yield self.killed_raw(steps)
 
     @inlineCallbacks
     def test_killed_mid_message(self):
         """A client killed in the middle of a Query message: the next client is served clean."""
-        def doomed() -> None:
-            sock = trust_login(self.odissey.port)
-            try:
-                sock.sendall(m.query("set application_name = 'doomed'")[:12])
-                time.sleep(0.1)
-            finally:
-                sock.close()
+        def steps(sock: socket.socket, wire: Wire) -> None:
+            sock.sendall(m.query("set application_name = 'doomed'")[:12])
+            time.sleep(0.1)
 
-        yield self.thread(doomed)
-        yield self.assert_clean_handover()
+        yield self.killed_raw(steps)
 
     @inlineCallbacks
     def test_killed_mid_commit_message(self):
         """A client killed half-way through sending COMMIT after BEGIN and INSERT: the row is never committed, the next client is served clean."""
-        def doomed() -> None:
-            sock = trust_login(self.odissey.port)
-            try:
-                self.raw_in_transaction(sock, Wire(sock))
-                sock.sendall(m.query("commit")[:-3])
-                time.sleep(0.1)
-            finally:
-                sock.close()
+        def steps(sock: socket.socket, wire: Wire) -> None:
+            self.raw_in_transaction(sock, wire)
+            sock.sendall(m.query("commit")[:-3])
+            time.sleep(0.1)
 
-        yield self.thread(doomed)
-        yield self.assert_clean_handover()
+        yield self.killed_raw(steps)
 
 
 class ClientKilledSessionTests(ClientKilledTransactionTests):

@@ -10,7 +10,7 @@ from twisted.internet.defer import inlineCallbacks
 
 from odissey.server import ServerConnection
 from odissey.wire import messages as m
-from tests.harness import IntegrationTest, route
+from tests.harness import IntegrationTest, read_message, route
 
 
 def login(port: int, **params: str) -> tuple[str, str]:
@@ -20,13 +20,7 @@ def login(port: int, **params: str) -> tuple[str, str]:
         sock.sendall(m.startup_message({"user": "u_trust", "database": "app", **params}))
         data = b""
         while True:
-            while len(data) < 5 or len(data) < 1 + int.from_bytes(data[1:5], "big"):
-                chunk = sock.recv(65536)
-                if not chunk:
-                    raise ConnectionError("closed without an answer")
-                data += chunk
-            end = 1 + int.from_bytes(data[1:5], "big")
-            kind, body, data = data[:1], data[5:end], data[end:]
+            kind, body, data = read_message(sock, data)
             if kind == b"Z":
                 return "ready", ""
             if kind == b"E":
