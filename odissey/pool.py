@@ -18,16 +18,14 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from odissey.config import Route
-from odissey.server import Live, ServerConnection, ServerState
+from odissey.server import ServerConnection, ServerState
 from odissey.wire import errors
 from odissey.wire.errors import PoolerError
 
 log = Logger()
 
 Connector = Callable[[], "Deferred[ServerConnection]"]
-ServerConnector = Callable[
-    [IReactorTime, Route, str, str, Live], "Deferred[ServerConnection]"
-]
+ServerConnector = Callable[[IReactorTime, Route, str, str], "Deferred[ServerConnection]"]
 
 
 class PoolKey(NamedTuple):
@@ -48,6 +46,8 @@ class _Waiter:
 
 
 class Pool:
+    """Implements :class:`~odissey.server.ServerOwner` for the servers it opened."""
+
     def __init__(self, key: PoolKey, route: Route, reactor: IReactorTime, connect: Connector) -> None:
         self.key = key
         self.route = route
@@ -123,7 +123,7 @@ class Pool:
         """
         self.active.discard(server)
         if self.closed or server.state is not ServerState.IDLE or self._expired(server):
-            server.pool = None
+            server.owner = None
             server.close()
             self._grow()
             return
@@ -134,11 +134,11 @@ class Pool:
         self.active.discard(server)
         if server in self.idle:
             self.idle.remove(server)
-        server.pool = None
+        server.owner = None
         server.abort()
         self._grow()
 
-    def forget(self, server: ServerConnection) -> None:
+    def serverLost(self, server: ServerConnection) -> None:
         """A server connection closed under us."""
         self.active.discard(server)
         if server in self.idle:
@@ -197,7 +197,7 @@ class Pool:
         if self.closed:
             server.close()
             return
-        server.pool = self
+        server.owner = self
         if self.parameters_cache is None:
             self.parameters_cache = list(server.login_params)
             waiting, self._parameter_waiters = self._parameter_waiters, []
@@ -265,7 +265,7 @@ class Pool:
             )
             if idle_too_long or self._expired(server):
                 self.idle.remove(server)
-                server.pool = None
+                server.owner = None
                 server.close()
         if not self.closed and not self.waiters and now >= self.retry_at:
             while self.total < settings.min_size:
@@ -293,40 +293,24 @@ class Pool:
 
 
 class Pools:
-    """All pools, created on first use, and every server connection they opened."""
+    """All pools, created on first use."""
 
     def __init__(self, reactor: IReactorTime, connect: ServerConnector) -> None:
         self.reactor = reactor
         self._connect = connect
         self.pools: dict[PoolKey, Pool] = {}
-        self.live = Live()
 
     def get(self, route: Route, database: str, user: str) -> Pool:
         key = PoolKey(database, user)
         pool = self.pools.get(key)
         if pool is None:
             pool = Pool(key, route, self.reactor,
-                        lambda: self._connect(self.reactor, route, database, user, self.live))
+                        lambda: self._connect(self.reactor, route, database, user))
             self.pools[key] = pool
         return pool
 
-    def close(self, patience: float = 5.0) -> "Deferred[None]":
-        """Close every pool; fires once every server connection and cancel request is
-        closed (aborting servers still open after ``patience`` seconds; a cancel request
-        gives up by itself within its storage's connect timeout)."""
+    def close(self) -> None:
+        """Close every pool: idle servers go, waiters fail, nothing new opens (the
+        service's ``Live`` waits for the connections still open)."""
         for pool in self.pools.values():
             pool.close()
-        if not self.live.servers and not self.live.cancels:
-            return succeed(None)
-        timer = self.reactor.callLater(patience, self._abort_all)
-        done = self.live.closed()
-
-        def finished(_: object) -> None:
-            if timer.active():
-                timer.cancel()
-
-        return done.addCallback(finished)
-
-    def _abort_all(self) -> None:
-        for server in list(self.live.servers):
-            server.abort()

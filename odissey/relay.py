@@ -8,19 +8,22 @@ being made safe for the next client) or ``CLOSED``.
 The hot path is :meth:`Relay.clientData` / :meth:`Relay.serverData`: each chunk is
 scanned for message boundaries and forwarded as it arrived. No Deferred is made unless a
 client has to wait for a server.
+
+The relay sees its client only through :class:`RelayClient`; it never touches the
+client's transport, so it can be driven by a fake in tests.
 """
 
 from __future__ import annotations
 
 from enum import Enum
-from typing import TYPE_CHECKING
+from typing import Any, Callable, Protocol as TypingProtocol
 
 from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from odissey import reset
-from odissey.flow import PENDING_LIMIT, couple, send, uncouple
+from odissey.flow import PENDING_LIMIT, Valve, couple, send, uncouple
 from odissey.params import Params, differences, set_statements
 from odissey.pool import Pool
 from odissey.server import ServerConnection, server_error
@@ -29,9 +32,6 @@ from odissey.wire import errors
 from odissey.wire import messages as m
 from odissey.wire.errors import PoolerError, ProtocolViolation
 from odissey.wire.scanner import Event, Scanner
-
-if TYPE_CHECKING:
-    from odissey.client import ClientConnection
 
 log = Logger()
 
@@ -50,6 +50,29 @@ def _observe(d: "Deferred[bool]") -> "Deferred[None]":
     return seen
 
 
+class RelayClient(TypingProtocol):
+    """What a relay needs of its client connection (``ClientConnection`` is one)."""
+
+    id: str
+    #: Pauses and resumes the client's reading; registered with the server's transport
+    #: as its producer when writes queue.
+    valve: Valve
+
+    @property
+    def transport(self) -> Any:
+        """Only for :func:`odissey.flow.couple`, which registers the producers."""
+
+    def writer(self) -> Callable[[bytes], bool]:
+        """A function that writes to the client, True when nothing queued (taken once:
+        the hot path calls it directly)."""
+
+    def fail(self, error: PoolerError) -> None:
+        """Send one FATAL error and close."""
+
+    def drop(self) -> None:
+        """Close without a word (the client has been told, or said goodbye)."""
+
+
 class RelayState(Enum):
     IDLE = "idle"
     WAITING = "waiting"
@@ -62,13 +85,14 @@ class RelayState(Enum):
 class Relay:
     def __init__(
         self,
-        client: "ClientConnection",
+        client: RelayClient,
         pool: Pool,
         wanted: Params,
         told: dict[str, str],
         max_message_size: int,
     ) -> None:
         self.client = client
+        self._to_client = client.writer()
         self.pool = pool
         self.wanted = wanted
         self.told = told
@@ -90,7 +114,7 @@ class Relay:
         self.cancels: list[Deferred[bool]] = []
         self.cancel_wanted = False  # a cancel came while the query waited for a server
         self._waiting: Deferred[ServerConnection] | None = None
-        self._now = client.factory.reactor.seconds
+        self._now = pool.reactor.seconds
         self.client_at = self.server_at = self._now()  # last client chunk / server event
 
     # -- client side -------------------------------------------------------------------
@@ -119,9 +143,9 @@ class Relay:
                 self._acquire()
             if self.pending_size > PENDING_LIMIT and not self.paused:
                 self.paused = True
-                self.client.transport.pauseProducing()  # type: ignore[union-attr]
+                self.client.valve.pauseProducing()
         if self.goodbye:
-            self.client.transport.loseConnection()  # type: ignore[union-attr]
+            self.client.drop()
 
     def _violation(self, exc: ProtocolViolation) -> None:
         """Drop the client; none of the chunk goes to the server, whose stream may then
@@ -232,7 +256,7 @@ class Relay:
             else:
                 server.params[key] = (name, value)
         if updates:
-            self.client.transport.write(b"".join(updates))  # type: ignore[union-attr]
+            self._to_client(b"".join(updates))
         self._attach(server)
 
     def _sync_lost(self, failure: Failure) -> None:
@@ -253,7 +277,7 @@ class Relay:
             self._cancel_server(server)
         if self.paused:
             self.paused = False
-            self.client.transport.resumeProducing()  # type: ignore[union-attr]
+            self.client.valve.resumeProducing()
 
     def _couple(self) -> None:
         """A write had to be queued: from now on each side throttles the other's reading."""
@@ -270,7 +294,7 @@ class Relay:
     # -- server side (the server calls these while attached) -----------------------------
 
     def serverData(self, data: bytes, events: list[Event]) -> None:
-        if not send(self.client.transport, data) and not self.coupled:
+        if not self._to_client(data) and not self.coupled:
             self._couple()
         if events:
             self.server_at = self._now()

@@ -11,10 +11,10 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass
 from enum import Enum
-from typing import TYPE_CHECKING, Protocol as TypingProtocol
+from typing import Protocol as TypingProtocol
 
 from twisted.internet import defer
-from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
+from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.endpoints import connectProtocol
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import Protocol
@@ -22,6 +22,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from odissey.auth.responders import ServerAuthenticator
+from odissey.auth.secrets import InThread
 from odissey.cancel import send_cancel
 from odissey.config import Route, Secret, Storage
 from odissey.flow import Valve, set_nodelay
@@ -32,9 +33,6 @@ from odissey.wire import errors
 from odissey.wire import messages as m
 from odissey.wire.errors import PoolerError, ProtocolViolation
 from odissey.wire.scanner import Event, Scanner
-
-if TYPE_CHECKING:
-    from odissey.pool import Pool
 
 log = Logger()
 _ids = itertools.count(1)
@@ -59,6 +57,22 @@ class Handler(TypingProtocol):
     def serverData(self, data: bytes, events: list[Event]) -> None: ...
 
     def serverLost(self) -> None: ...
+
+
+class ServerOwner(TypingProtocol):
+    """Who is told when a server connection closes under it (its Pool), so that the
+    server, a lower module, never calls into the pool."""
+
+    def serverLost(self, server: "ServerConnection") -> None: ...
+
+
+class Tracker(TypingProtocol):
+    """Who keeps count of connections so that shutdown can wait for them (the
+    service's ``Live``)."""
+
+    def add(self, server: "ServerConnection") -> None: ...
+
+    def cancelling(self, sent: "Deferred[bool]") -> "Deferred[bool]": ...
 
 
 @dataclass(frozen=True)
@@ -90,7 +104,13 @@ class _Statements:
 
 
 class ServerConnection(Protocol):
-    def __init__(self, login: LoginInfo, reactor: IReactorTime) -> None:
+    def __init__(
+        self,
+        login: LoginInfo,
+        reactor: IReactorTime,
+        threads: InThread,
+        tracker: Tracker | None = None,
+    ) -> None:
         self.id = f"s{next(_ids)}"
         self.login = login
         self.reactor = reactor
@@ -104,15 +124,15 @@ class ServerConnection(Protocol):
         self.key: tuple[int, int] | None = None
         self.status = b"I"
         self.handler: Handler | None = None
-        self.pool: Pool | None = None
+        self.owner: ServerOwner | None = None
         self.last_client: str | None = None
         self.created_at = reactor.seconds()
         self.used_at = self.created_at
         self.ready: Deferred[ServerConnection] = Deferred()
         self.closed: Deferred[None] = Deferred()
-        self._auth = ServerAuthenticator(login.user, login.secret)
+        self._auth = ServerAuthenticator(login.user, login.secret, threads)
         self._statements: _Statements | None = None
-        self.live: Live | None = None
+        self.tracker = tracker
 
     def __repr__(self) -> str:
         return f"<server {self.id} {self.login.user}@{self.login.database} {self.state.value}>"
@@ -167,9 +187,15 @@ class ServerConnection(Protocol):
             statements, self._statements = self._statements, None
             statements.done.errback(PoolerError(
                 errors.CONNECTION_FAILURE, "server connection lost"))
-        if self.pool is not None:
-            self.pool.forget(self)
+        if self.owner is not None:
+            self.owner.serverLost(self)
         self.closed.callback(None)
+
+    def never_connected(self) -> None:
+        """The connection attempt failed: no connectionLost will ever come."""
+        if self.state is ServerState.CONNECTING:
+            self.state = ServerState.CLOSED
+            self.closed.callback(None)
 
     def close(self) -> None:
         """Say goodbye properly (Terminate) and close."""
@@ -283,43 +309,17 @@ class ServerConnection(Protocol):
         """Ask PostgreSQL to cancel what this connection is running (new connection)."""
         assert self.key is not None
         sent = send_cancel(self.reactor, self.login.storage, *self.key)
-        return self.live.cancelling(sent) if self.live is not None else sent
-
-
-class Live:
-    """Every server connection until it closes, and every cancel request until its
-    connection closes: what shutdown waits for, so nothing outlives the pooler."""
-
-    def __init__(self) -> None:
-        self.servers: set[ServerConnection] = set()
-        self.cancels: set[Deferred[None]] = set()
-
-    def add(self, server: ServerConnection) -> None:
-        self.servers.add(server)
-        server.closed.addCallback(lambda _: self.servers.discard(server))
-        server.live = self
-
-    def cancelling(self, sent: "Deferred[bool]") -> "Deferred[bool]":
-        """Track a cancel request until it is done; returns ``sent`` untouched."""
-        finished: Deferred[None] = Deferred()
-        self.cancels.add(finished)
-
-        def done(result: object) -> object:
-            self.cancels.discard(finished)
-            finished.callback(None)
-            return result
-
-        sent.addBoth(done)
-        return sent
-
-    def closed(self) -> "Deferred[None]":
-        """Fires once every server and cancel connection known now has closed."""
-        waiting = [server.closed for server in self.servers] + list(self.cancels)
-        return DeferredList(waiting).addCallback(lambda _: None)
+        return self.tracker.cancelling(sent) if self.tracker is not None else sent
 
 
 def connect(
-    reactor: IReactorTime, route: Route, database: str, user: str, live: Live
+    reactor: IReactorTime,
+    route: Route,
+    database: str,
+    user: str,
+    *,
+    tracker: Tracker,
+    threads: InThread,
 ) -> "Deferred[ServerConnection]":
     """Open and log in one server connection for a route, within its connect timeout."""
     server_user = route.server.user or user
@@ -327,8 +327,8 @@ def connect(
     if secret is None and route.auth.password is not None and route.auth.password.kind == "plain":
         secret = route.auth.password
     login = LoginInfo(route.storage, route.server.database or database, server_user, secret)
-    server = ServerConnection(login, reactor)
-    live.add(server)
+    server = ServerConnection(login, reactor, threads, tracker)
+    tracker.add(server)
     connecting = connectProtocol(storage_endpoint(reactor, route.storage), server)
 
     def connected(_proto: object) -> "Deferred[ServerConnection]":
@@ -336,8 +336,7 @@ def connect(
 
     def failed(failure: Failure) -> Failure:
         server.abort()
-        if server.state is ServerState.CONNECTING:
-            live.servers.discard(server)
+        server.never_connected()
         if isinstance(failure.value, PoolerError):
             return failure
         reason = failure.getErrorMessage()

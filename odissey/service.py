@@ -3,22 +3,23 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 from twisted.application.internet import TimerService
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, DeferredList, inlineCallbacks
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IListeningPort
-from twisted.internet.threads import deferToThread
 from twisted.logger import Logger
 
+from odissey.auth.secrets import reactor_threads
 from odissey.client import ClientFactory
 from odissey.config import ANY, Config, Storage
 from odissey.janitor import PERIOD, Janitor
 from odissey.pool import Pools
 from odissey.postgres import LocalPostgres
 from odissey.router import Router
-from odissey.server import connect
+from odissey.server import ServerConnection, connect
 from odissey.wire import errors
 from odissey.wire.errors import PoolerError
 
@@ -60,6 +61,46 @@ def within(reactor: object, waiting: "Deferred[None]", seconds: float, give_up: 
     return waiting.addBoth(done)
 
 
+class Live:
+    """Every server connection until it closes, and every cancel request until its
+    connection closes: what shutdown waits for, so nothing outlives the pooler.
+
+    Kept by the service, which owns the lifecycle; connections are handed it as their
+    :class:`~odissey.server.Tracker`."""
+
+    def __init__(self) -> None:
+        self.servers: set[ServerConnection] = set()
+        self.cancels: set[Deferred[None]] = set()
+
+    def add(self, server: ServerConnection) -> None:
+        self.servers.add(server)
+        server.closed.addCallback(lambda _: self.servers.discard(server))
+
+    def cancelling(self, sent: "Deferred[bool]") -> "Deferred[bool]":
+        """Track a cancel request until it is done; returns ``sent`` untouched."""
+        finished: Deferred[None] = Deferred()
+        self.cancels.add(finished)
+
+        def done(result: object) -> object:
+            self.cancels.discard(finished)
+            finished.callback(None)
+            return result
+
+        sent.addBoth(done)
+        return sent
+
+    def closed(self) -> "Deferred[None]":
+        """Fires once every server and cancel connection known now has closed."""
+        waiting = [server.closed for server in self.servers] + list(self.cancels)
+        return DeferredList(waiting).addCallback(lambda _: None)
+
+    def abort_servers(self) -> None:
+        """Shutdown's patience ran out: cut every server connection still open (a
+        cancel request gives up by itself within its storage's connect timeout)."""
+        for server in list(self.servers):
+            server.abort()
+
+
 class OdisseyService(MultiService):
     """Starts managed PostgreSQL servers (if any), then listens; stops in reverse order.
 
@@ -80,6 +121,8 @@ class OdisseyService(MultiService):
         self.ports: list[IListeningPort] = []
         self.factory: ClientFactory | None = None
         self.pools: Pools | None = None
+        self.live = Live()
+        self.threads = reactor_threads(reactor)
         self.ready: Deferred[list[IListeningPort]] = Deferred()
         self._starting: Deferred[None] | None = None
 
@@ -93,12 +136,13 @@ class OdisseyService(MultiService):
         hosts = {}
         for name, postgres in self.managed.items():
             log.info("starting managed PostgreSQL for storage {name}", name=name)
-            yield deferToThread(postgres.start)
+            yield self.threads(postgres.start)
             log.info("managed PostgreSQL {name} is up (socket in {dir})", name=name,
                      dir=postgres.socket_dir)
             hosts[name] = postgres.socket_dir
         self.config = with_storage_hosts(self.config, hosts)
-        self.pools = Pools(self.reactor, connect)
+        self.pools = Pools(
+            self.reactor, functools.partial(connect, tracker=self.live, threads=self.threads))
         self.factory = ClientFactory(
             self.reactor, Router(self.config.routes), self.pools, self.config.limits
         )
@@ -139,6 +183,7 @@ class OdisseyService(MultiService):
                     errors.ADMIN_SHUTDOWN, "terminating connection due to administrator command"))
             yield within(self.reactor, self.factory.drained(), 5.0, self._abort_clients)
         if self.pools is not None:
-            yield self.pools.close()
+            self.pools.close()
+        yield within(self.reactor, self.live.closed(), 5.0, self.live.abort_servers)
         for postgres in self.managed.values():
-            yield deferToThread(postgres.stop)
+            yield self.threads(postgres.stop)

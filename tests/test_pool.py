@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from odissey import config
-from odissey.pool import Pool, PoolKey, Pools
+from odissey.pool import Pool, PoolKey
 from odissey.server import ServerState
 from odissey.testing import FakeServers
 from odissey.wire.errors import PoolerError
@@ -167,18 +166,3 @@ class PoolTests(SynchronousTestCase):
         waiting.cancel()
         self.failureResultOf(waiting)
         self.assertEqual(len(pool.waiters), 0)
-
-
-class PoolsCloseTests(SynchronousTestCase):
-    def test_close_waits_for_cancel_requests(self) -> None:
-        """Shutdown waits for a cancel request still talking to PostgreSQL, so no
-        connection outlives the pooler (a CI run once caught one left open)."""
-        pools = Pools(Clock(), lambda *args: Deferred())
-        sent: Deferred[None] = Deferred()
-        self.assertIs(pools.live.cancelling(sent), sent)
-        closing = pools.close()
-        self.assertNoResult(closing)
-        sent.callback(None)
-        self.assertIsNone(self.successResultOf(closing))
-        self.assertEqual(pools.live.cancels, set())
-        self.assertIsNone(self.successResultOf(pools.close()))

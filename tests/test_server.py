@@ -8,10 +8,12 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from odissey import config
-from odissey.server import LoginInfo, ServerConnection
+from odissey.auth.secrets import md5_hash, md5_response, md5_stored, pbkdf2_cache_info
+from odissey.config import Secret
+from odissey.server import LoginInfo, ServerConnection, ServerState
+from odissey.testing import DEFAULT_PARAMS, FakeBackend, command_complete, in_this_thread
 from odissey.wire import messages as m
-
-from odissey.auth.secrets import md5_hash, pbkdf2_cache_info
+from odissey.wire.errors import PoolerError
 from tests.harness import IntegrationTest, direct, route
 
 TRUST = {"method": "trust"}
@@ -119,7 +121,7 @@ class ParameterReportTests(SynchronousTestCase):
         cfg = config.parse({"listen": ["tcp:0"], "storages": {"pg": {"host": "127.0.0.1"}},
                             "routes": [{"database": "db", "user": "u", "storage": "pg",
                                         "auth": {"method": "trust"}}]})
-        return ServerConnection(LoginInfo(cfg.storages["pg"], "db", "u", None), Clock())
+        return ServerConnection(LoginInfo(cfg.storages["pg"], "db", "u", None), Clock(), in_this_thread)
 
     def test_reports_decoded_in_the_encoding_they_came_in(self) -> None:
         """A value reported in the same read as a new client_encoding is decoded in it,
@@ -133,3 +135,126 @@ class ParameterReportTests(SynchronousTestCase):
         self.assertEqual(server.params["application_name"], ("application_name", "caf\u00e9"))
         server.dataReceived(b"")  # a later read: its reports are decoded as LATIN1 from the start
         self.assertEqual(server.note_parameter(name), [("application_name", "caf\u00e9")])
+
+
+class _Owner:
+    """Records what a server tells its owner."""
+
+    def __init__(self) -> None:
+        self.lost: list[ServerConnection] = []
+
+    def serverLost(self, server: ServerConnection) -> None:
+        self.lost.append(server)
+
+
+class _Handler:
+    def __init__(self) -> None:
+        self.data: list[bytes] = []
+        self.lost = False
+
+    def serverData(self, data: bytes, events: list) -> None:
+        self.data.append(data)
+
+    def serverLost(self) -> None:
+        self.lost = True
+
+
+class ServerLoginTests(SynchronousTestCase):
+    """A ServerConnection against the fake backend: login, its own statements, closes."""
+
+    def test_login_collects_parameters_and_key(self) -> None:
+        """Login ends IDLE with the backend's ParameterStatus set and BackendKeyData."""
+        backend = FakeBackend(key=(11, 22))
+        server = backend.start()
+        self.assertIs(self.successResultOf(server.ready), server)
+        self.assertEqual(server.state, ServerState.IDLE)
+        self.assertEqual(server.login_params, list(DEFAULT_PARAMS))
+        self.assertEqual(server.key, (11, 22))
+        self.assertEqual(server.params["timezone"], ("TimeZone", "UTC"))
+
+    def test_md5_login_answers_with_the_secret(self) -> None:
+        """An md5 request is answered from the route's server password and the salt."""
+        backend = FakeBackend(secret=Secret("plain", "pw"), md5_salt=b"salt")
+        server = backend.start()
+        self.successResultOf(server.ready)
+        self.assertEqual(backend.password, md5_response(md5_stored(Secret("plain", "pw"), "u"), b"salt"))
+
+    def test_login_refused(self) -> None:
+        """A FATAL during login fails ``ready`` with the server's SQLSTATE and aborts."""
+        backend = FakeBackend(md5_salt=b"salt", secret=Secret("plain", "pw"), refuse="28P01")
+        server = backend.start()
+        failure = self.failureResultOf(server.ready, PoolerError)
+        self.assertEqual(failure.value.sqlstate, "28P01")
+        self.assertIn("server login failed: ", failure.value.message)
+        self.assertTrue(backend.transport.disconnected)
+
+    def test_closed_during_login(self) -> None:
+        """A backend that closes during login fails ``ready`` with 08006."""
+        backend = FakeBackend(md5_salt=b"salt", secret=Secret("plain", "pw"))
+        backend.server.makeConnection(backend.transport)
+        backend.close()
+        self.assertEqual(self.failureResultOf(backend.server.ready, PoolerError).value.sqlstate, "08006")
+
+    def test_run_swallows_replies_and_collects_errors(self) -> None:
+        """The pooler's own statements go out pipelined; their errors come back, nothing else."""
+        backend = FakeBackend()
+        server = backend.start()
+        done = server.run(["SET application_name TO E'x'", "SELECT 1/0"])
+        self.assertEqual(server.state, ServerState.QUERY)
+        backend.flush()
+        failures = self.successResultOf(done)
+        self.assertEqual([f["C"] for f in failures], ["22012"])
+        self.assertEqual(server.state, ServerState.IDLE)
+        self.assertEqual(server.params["application_name"], ("application_name", "x"))
+
+    def test_exchange_waits_for_each_ready(self) -> None:
+        """exchange() ends only after the given number of ReadyForQuery."""
+        backend = FakeBackend()
+        server = backend.start()
+        done = server.exchange(m.sync() + m.sync(), 2)
+        backend.send(m.ready_for_query(b"I"))
+        self.assertNoResult(done)
+        backend.send(m.ready_for_query(b"I"))
+        self.assertEqual(self.successResultOf(done), [])
+
+    def test_closed_while_running_statements(self) -> None:
+        """A close while the pooler's statements run fails them, and the owner hears of it."""
+        backend = FakeBackend()
+        server = backend.start()
+        owner = _Owner()
+        server.owner = owner
+        done = server.run(["SELECT pg_sleep(1)"])
+        backend.flush()
+        backend.close()
+        self.assertEqual(self.failureResultOf(done, PoolerError).value.sqlstate, "08006")
+        self.assertEqual(owner.lost, [server])
+        self.successResultOf(server.closed)
+
+    def test_closed_while_active_tells_the_handler(self) -> None:
+        """A close while attached goes to the handler, then to the owner."""
+        backend = FakeBackend()
+        server = backend.start()
+        owner, handler = _Owner(), _Handler()
+        server.owner = owner
+        server.attach(handler)
+        backend.send(m.ready_for_query(b"I"))
+        backend.close()
+        self.assertEqual(handler.data, [m.ready_for_query(b"I")])
+        self.assertTrue(handler.lost)
+        self.assertEqual(owner.lost, [server])
+
+    def test_idle_server_answering_nothing_asked_is_aborted(self) -> None:
+        """An idle server that sends a reply nobody asked for is out of step: aborted."""
+        backend = FakeBackend()
+        backend.start()
+        backend.send(command_complete("SELECT 1"))
+        self.assertTrue(backend.transport.disconnected)
+
+    def test_close_says_terminate(self) -> None:
+        """close() sends Terminate before closing."""
+        backend = FakeBackend()
+        server = backend.start()
+        server.close()
+        backend.flush()
+        self.assertEqual(backend.kinds(), b"X")
+        self.assertEqual(server.state, ServerState.CLOSED)

@@ -6,7 +6,7 @@ import scramp
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.threads import deferToThread
 
-from odissey.auth.secrets import md5_response, md5_stored
+from odissey.auth.secrets import InThread, md5_response, md5_stored
 from odissey.config import Secret
 from odissey.wire import errors
 from odissey.wire import messages as m
@@ -23,9 +23,10 @@ class ServerAuthenticator:
     when the same password, salt and iteration count were seen before).
     """
 
-    def __init__(self, user: str, secret: Secret | None) -> None:
+    def __init__(self, user: str, secret: Secret | None, threads: InThread = deferToThread) -> None:
         self.user = user
         self.secret = secret
+        self._threads = threads
         self._scram: scramp.ScramClient | None = None
 
     def answer(self, code: int, payload: bytes) -> "Deferred[bytes]":
@@ -49,7 +50,7 @@ class ServerAuthenticator:
                 client.set_server_first(payload.decode())
             except (scramp.ScramException, UnicodeDecodeError) as exc:
                 raise self._refuse(f"invalid SCRAM message from server: {exc}") from None
-            return deferToThread(client.get_client_final).addCallback(
+            return self._threads(client.get_client_final).addCallback(
                 lambda final: m.password_message(final.encode())
             )
         if code == m.AUTH_SASL_FINAL and self._scram is not None:

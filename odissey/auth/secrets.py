@@ -9,6 +9,11 @@ Checking a client's cleartext password never uses that cache: it would keep what
 typed (right or wrong) in memory, let them evict the servers' keys, and make a repeated try
 faster than a new one. Instead every cleartext check, for a known user of any secret kind
 or for an unknown one, costs one fresh PBKDF2 in a thread (see :func:`check_cleartext`).
+
+Threads are whatever :data:`InThread` the caller passes: the service hands in its
+reactor's pool (:func:`reactor_threads`), tests may run the work inline. The default,
+Twisted's ``deferToThread`` on the global reactor, remains only for callers that do not
+pass one yet (the client-side verifiers).
 """
 
 from __future__ import annotations
@@ -19,12 +24,13 @@ import hashlib
 import hmac
 import os
 from dataclasses import dataclass
+from typing import Any, Callable
 
 import scramp
 import scramp.core
 import scramp.utils
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.threads import deferToThread
+from twisted.internet.threads import deferToThread, deferToThreadPool
 from twisted.python.failure import Failure
 
 from odissey.config import Secret
@@ -32,6 +38,15 @@ from odissey.config import Secret
 SCRAM_ITERATIONS = 4096  # PostgreSQL's default scram_iterations
 SCRAM_SALT_LENGTH = 16  # PostgreSQL's SCRAM_DEFAULT_SALT_LEN
 _PADDING_SALT = os.urandom(SCRAM_SALT_LENGTH)  # for derivations made only to take the time
+
+#: Runs a blocking ``f(*args)`` off the reactor thread: ``threads(f, *args) -> Deferred``.
+InThread = Callable[..., "Deferred[Any]"]
+
+
+def reactor_threads(reactor: Any) -> InThread:
+    """An :data:`InThread` on a reactor's own thread pool."""
+    return functools.partial(deferToThreadPool, reactor, reactor.getThreadPool())
+
 
 _pbkdf2 = scramp.core.hi
 
@@ -137,7 +152,8 @@ def derive_scram_secret(password: str, salt: bytes | None = None) -> ScramSecret
 class ScramSecrets:
     """SCRAM secrets for configured passwords, derived once (in a thread) and kept."""
 
-    def __init__(self) -> None:
+    def __init__(self, threads: InThread = deferToThread) -> None:
+        self._threads = threads
         self._done: dict[str, ScramSecret] = {}
         self._running: dict[str, Deferred[ScramSecret]] = {}
 
@@ -149,7 +165,7 @@ class ScramSecrets:
             return succeed(known)
         running = self._running.get(secret.value)
         if running is None:
-            running = deferToThread(derive_scram_secret, secret.value)
+            running = self._threads(derive_scram_secret, secret.value)
             self._running[secret.value] = running
 
             def keep(result: ScramSecret) -> ScramSecret:
@@ -171,7 +187,9 @@ def _chain(result: object, waiter: Deferred[ScramSecret]) -> object:
     return result
 
 
-def check_cleartext(secret: "Secret | ScramSecret", user: str, password: bytes) -> "Deferred[bool]":
+def check_cleartext(
+    secret: "Secret | ScramSecret", user: str, password: bytes, threads: InThread = deferToThread
+) -> "Deferred[bool]":
     """Does a cleartext password match a secret (of any kind)?
 
     Always one PBKDF2 in a thread, and only constant-time comparisons: against a SCRAM
@@ -182,15 +200,15 @@ def check_cleartext(secret: "Secret | ScramSecret", user: str, password: bytes) 
     has one, uses the default iteration count).
     """
     if isinstance(secret, ScramSecret):
-        return deferToThread(_matches_scram, secret, password)
+        return threads(_matches_scram, secret, password)
     if secret.kind == "scram":
-        return deferToThread(_matches_scram, ScramSecret.parse(secret.value), password)
+        return threads(_matches_scram, ScramSecret.parse(secret.value), password)
     if secret.kind == "md5":
         expected = secret.value.encode("ascii")
         given = b"md5" + hashlib.md5(password + user.encode("utf-8")).hexdigest().encode("ascii")
     else:
         expected, given = secret.value.encode("utf-8"), password
-    return deferToThread(_matches_digest, expected, given, password)
+    return threads(_matches_digest, expected, given, password)
 
 
 def _matches_scram(secret: ScramSecret, password: bytes) -> bool:
