@@ -198,12 +198,12 @@ class Pool:
             server.close()
             return
         server.owner = self
+        self._hand_out(server)  # first: a login woken below may take it at once
         if self.parameters_cache is None:
             self.parameters_cache = list(server.login_params)
             waiting, self._parameter_waiters = self._parameter_waiters, []
             for d in waiting:
                 d.callback(self.parameters_cache)
-        self._hand_out(server)
 
     def _open_failed(self, failure: Failure, started: float) -> None:
         """One round of failures (attempts started before the last failure was seen, which

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import atexit
 import os
+import random
 import shutil
 import socket
 import subprocess
@@ -20,6 +21,7 @@ import psycopg
 from psycopg.conninfo import make_conninfo
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThreadPool
 from twisted.python.threadpool import ThreadPool
 from twisted.trial import unittest
@@ -182,6 +184,27 @@ class Odissey:
              "-v", "ON_ERROR_STOP=1", "-At", "-c", sql],
             capture_output=True, text=True, env=self.env(password), timeout=60,
         )
+
+
+def run_seed(test: Any) -> int:
+    """The seed of a randomised test's run: ``ODISSEY_SEED`` when set, else a new one.
+    Printed, so that a failure seen in CI can be replayed with the same choices."""
+    seed = int(os.environ.get("ODISSEY_SEED") or random.randrange(1 << 32))
+    print(f"{test.id()}: seed {seed} (replay with ODISSEY_SEED={seed})")
+    return seed
+
+
+def until(condition: Callable[[], Any], timeout: float, what: str, interval: float = 0.01) -> "Deferred[None]":
+    """Wait on the reactor until ``condition()`` holds; fail after ``timeout`` seconds."""
+    @inlineCallbacks
+    def waiting():  # type: ignore[no-untyped-def]
+        deadline = reactor.seconds() + timeout
+        while not condition():
+            if reactor.seconds() > deadline:
+                raise AssertionError(f"not within {timeout}s: {what}")
+            yield deferLater(reactor, interval, lambda: None)
+
+    return waiting()
 
 
 def direct(user: str = "postgres", dbname: str = "app") -> psycopg.Connection:

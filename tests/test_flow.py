@@ -10,7 +10,6 @@ import psycopg
 from twisted.internet import reactor
 from twisted.internet.defer import gatherResults, inlineCallbacks
 from twisted.internet.protocol import Protocol
-from twisted.internet.task import deferLater
 from twisted.internet import tcp
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -18,7 +17,7 @@ from odissey.flow import send
 
 from odissey.pool import PoolKey
 from odissey.wire import messages as m
-from tests.harness import IntegrationTest, route, server_pids, trust_login, vanish
+from tests.harness import IntegrationTest, route, run_seed, server_pids, trust_login, until, vanish
 
 
 class BackPressureTests(IntegrationTest):
@@ -31,18 +30,16 @@ class BackPressureTests(IntegrationTest):
         sock = yield self.thread(trust_login, self.odissey.port)
         try:
             sock.sendall(m.query("select repeat('x', 1000) from generate_series(1, 300000)"))
-            yield deferLater(reactor, 2.0, lambda: None)
-            pool = self.odissey.service.pools.pools[PoolKey("app", "u_trust")]
-            (server,) = pool.active
             client = next(c for c in self.odissey.service.factory.clients if c.user == "u_trust")
-            self.assertTrue(client.transport.producerPaused)
+            yield until(lambda: client.transport.producerPaused, 10, "the client's writes back up")
+            pool = self.odissey.service.pools.pools[PoolKey("app", "u_trust")]
+            self.assertEqual(len(pool.active), 1)
             buffered = len(client.transport.dataBuffer) + client.transport._tempDataLen
             self.assertLess(buffered, 4 * 1024 * 1024)
         finally:
             sock.close()
-        yield deferLater(reactor, 1.0, lambda: None)
+        yield until(lambda: len(pool.idle) == 1, 10, "the server is cancelled, drained and pooled")
         self.assertEqual(len(pool.active), 0)
-        self.assertEqual(len(pool.idle), 1)  # cancelled, drained and reused
 
     @inlineCallbacks
     def test_terminate_split_across_chunks(self):
@@ -60,9 +57,8 @@ class BackPressureTests(IntegrationTest):
             sock.close()
 
         yield self.thread(split_goodbye)
-        yield deferLater(reactor, 0.5, lambda: None)
         pool = self.odissey.service.pools.pools[PoolKey("app", "u_trust")]
-        self.assertEqual((len(pool.active), len(pool.idle)), (0, 0))
+        yield until(lambda: (len(pool.active), len(pool.idle)) == (0, 0), 5, "the server is closed")
 
     @inlineCallbacks
     def test_nodelay_both_sides(self):
@@ -85,8 +81,8 @@ class NoLeakTests(IntegrationTest):
     def routes(self) -> list[dict]:
         return [route(pool={"size": 3, "wait_timeout": "20s"})]
 
-    def chaotic_client(self, seed: int) -> str:
-        rnd = random.Random(seed)
+    def chaotic_client(self, run: int, seed: int) -> str:
+        rnd = random.Random(f"{run}-{seed}")
         try:
             conn = self.odissey.connect()
         except psycopg.OperationalError as exc:
@@ -111,13 +107,10 @@ class NoLeakTests(IntegrationTest):
     @inlineCallbacks
     def test_random_vanishing_clients(self):
         """Forty clients vanish mid-whatever; afterwards every server is idle and reusable."""
-        yield gatherResults([self.thread(self.chaotic_client, seed) for seed in range(40)])
+        run = run_seed(self)
+        yield gatherResults([self.thread(self.chaotic_client, run, seed) for seed in range(40)])
         pool = self.odissey.service.pools.pools[PoolKey("app", "app")]
-        for _ in range(100):
-            if not pool.active and not pool.waiters:
-                break
-            yield deferLater(reactor, 0.1, lambda: None)
-        self.assertEqual((len(pool.active), len(pool.waiters)), (0, 0))
+        yield until(lambda: not pool.active and not pool.waiters, 10, "every server is back")
         self.assertLessEqual(pool.total, 3)
         backends = yield self.thread(server_pids)
         self.assertEqual(backends, {s.key[0] for s in pool.idle})

@@ -23,7 +23,7 @@ import odissey.server
 from odissey.flow import PENDING_LIMIT
 from odissey.wire import messages as m
 from tests.harness import (
-    APP_PASSWORD, IntegrationTest, Replies, direct, route, send_cancel_request, trust_login_keyed,
+    APP_PASSWORD, IntegrationTest, Replies, direct, route, send_cancel_request, trust_login_keyed, until,
 )
 
 #: What Twisted's TCP transport reads from a socket at once.
@@ -62,16 +62,6 @@ def message_types(data: bytes) -> list[str]:
         types.append(chr(data[0]))
         data = data[1 + int.from_bytes(data[1:5], "big"):]
     return types
-
-
-@inlineCallbacks
-def until(condition: Callable[[], bool], timeout: float, what: str, interval: float = 0.01):
-    """Wait on the reactor until ``condition()`` holds; fail after ``timeout`` seconds."""
-    deadline = reactor.seconds() + timeout
-    while not condition():
-        if reactor.seconds() > deadline:
-            raise AssertionError(f"not within {timeout}s: {what}")
-        yield deferLater(reactor, interval, lambda: None)
 
 
 def wait_active(sql: str, timeout: float = 5.0) -> None:
@@ -460,28 +450,6 @@ class HeldServerTests(IntegrationTest):
         self.assertEqual(ra.rows[-1], "7")
 
     @inlineCallbacks
-    def test_paused_waiting_client_released_when_it_leaves(self):
-        """A client paused while it waits for the busy server, then gone, is noticed
-        within two seconds, not at wait_timeout."""
-        a, _ = yield self.thread(trust_login_keyed, self.odissey.port)
-        ra = Replies(a)
-        factory = self.odissey.service.factory
-        try:
-            a.sendall(m.query("begin"))  # A holds the only server
-            yield self.thread(ra.until, 1)
-            b, _ = yield self.thread(trust_login_keyed, self.odissey.port)
-            b.setblocking(False)
-            try:
-                b.send(m.query("select '" + "x" * 1000 + "'") * 1024)
-            except BlockingIOError:
-                pass
-            yield until(lambda: any(c.paused for c in factory.clients), 5, "Odissey paused B")
-            b.close()
-            yield until(lambda: len(factory.clients) == 1, 2, "B's connection is gone")
-        finally:
-            a.close()
-
-    @inlineCallbacks
     def test_failed_parse_then_query_before_sync(self):
         """Parse fails, the Query before Sync is discarded: A's server serves B within 2 s."""
         a, _ = yield self.thread(trust_login_keyed, self.odissey.port)
@@ -504,5 +472,34 @@ class HeldServerTests(IntegrationTest):
             a.sendall(copy_data(b"stray\n"))
             yield self.check_other_served(ra)
             self.assertEqual(ra.errors, [])
+        finally:
+            a.close()
+
+
+class PausedWaiterTests(IntegrationTest):
+    """A client whose reading is paused while it waits for a server is still seen leaving."""
+
+    def routes(self) -> list[dict[str, Any]]:
+        return [trust_route(mode="transaction", size=1, wait_timeout="30s")]
+
+    @inlineCallbacks
+    def test_paused_waiting_client_released_when_it_leaves(self):
+        """A client paused while it waits for the busy server, then gone, is noticed
+        within seconds, not at wait_timeout (30 s here)."""
+        a, _ = yield self.thread(trust_login_keyed, self.odissey.port)
+        ra = Replies(a)
+        factory = self.odissey.service.factory
+        try:
+            a.sendall(m.query("begin"))  # A holds the only server
+            yield self.thread(ra.until, 1)
+            b, _ = yield self.thread(trust_login_keyed, self.odissey.port)
+            b.setblocking(False)
+            try:
+                b.send(m.query("select '" + "x" * 1000 + "'") * 1024)
+            except BlockingIOError:
+                pass
+            yield until(lambda: any(c.paused for c in factory.clients), 5, "Odissey paused B")
+            b.close()
+            yield until(lambda: len(factory.clients) == 1, 5, "B's connection is gone")
         finally:
             a.close()

@@ -9,8 +9,9 @@ import time
 import psycopg
 from twisted.internet.defer import gatherResults, inlineCallbacks
 
+from odissey.pool import PoolKey
 from odissey.wire import messages as m
-from tests.harness import IntegrationTest, Replies, committed, route, trust_login
+from tests.harness import IntegrationTest, Replies, committed, route, trust_login, until
 
 
 class PoolLimitTests(IntegrationTest):
@@ -42,7 +43,8 @@ class PoolLimitTests(IntegrationTest):
                 return conn.execute("select pg_backend_pid()").fetchone()[0]
 
         waiting = self.thread(waiter)
-        yield self.thread(time.sleep, 0.3)
+        pool = self.odissey.service.pools.pools[PoolKey("app", "app")]
+        yield until(lambda: pool.waiters, 5, "the second client waits")
         yield self.thread(holder.close)
         self.assertEqual((yield waiting), pid)
 
