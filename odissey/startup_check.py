@@ -19,7 +19,6 @@ from twisted.internet.defer import Deferred, inlineCallbacks
 from odissey.params import set_query
 from odissey.pool import Pool, PoolKey
 from odissey.server import ServerConnection, server_error
-from odissey.wire.errors import PoolerError
 
 Pair = Tuple[str, str]
 

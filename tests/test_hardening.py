@@ -11,7 +11,7 @@ import socket
 import threading
 import time
 import weakref
-from typing import Any, Callable
+from typing import Any
 
 import psycopg
 from twisted.internet import reactor
@@ -338,7 +338,7 @@ class LoginBufferTests(IntegrationTest):
             sock.send(payload)
         except BlockingIOError:
             pass
-        yield until(lambda: client._paused, 5, "Odissey paused the client")
+        yield until(lambda c=client: c._paused, 5, "Odissey paused the client")
         ref = weakref.ref(client)
         del client
         sock.close()
