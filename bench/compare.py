@@ -19,67 +19,14 @@ import os
 import pwd
 import re
 import shutil
-import signal
-import socket
 import statistics
 import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from odissey.postgres import LocalPostgres  # noqa: E402
+from common import cpu_seconds, free_port, pg_env, start_odissey, start_postgres, stop, wait_port
 
 USER, PASSWORD, DB = "bench", "bench-pw", "bench"
-CLK_TCK = os.sysconf("SC_CLK_TCK")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process and its reaped children, from /proc."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return sum(int(fields[i]) for i in (11, 12)) / CLK_TCK
-
-
-def wait_port(port: int, patience: float = 30) -> None:
-    deadline = time.monotonic() + patience
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return
-        except OSError:
-            time.sleep(0.2)
-    raise RuntimeError(f"nothing listens on {port}")
-
-
-def start_odissey(pg_port: int, mode: str, pool_size: int, workdir: str) -> tuple[subprocess.Popen, int]:
-    port = free_port()
-    conf = Path(workdir) / "odissey.yaml"
-    conf.write_text(
-        f"listen: ['tcp:{port}:interface=127.0.0.1']\n"
-        f"limits: {{max_clients: 2000}}\n"
-        f"storages: {{pg: {{host: 127.0.0.1, port: {pg_port}}}}}\n"
-        f"routes:\n"
-        f"  - {{database: {DB}, user: {USER}, storage: pg,\n"
-        f"     auth: {{method: md5, password: {PASSWORD}}},\n"
-        f"     pool: {{mode: {mode}, size: {pool_size}}}}}\n"
-    )
-    proc = subprocess.Popen(
-        [sys.executable, "-c", "import sys; from twisted.scripts.twistd import run; "
-         "sys.argv[0] = 'twistd'; run()", "--pidfile=", "-n", "--logfile", f"{workdir}/odissey.log",
-         "odissey", "-c", str(conf)],
-        cwd=ROOT,
-    )
-    wait_port(port)
-    return proc, port
 
 
 def start_pgbouncer(pg_port: int, mode: str, pool_size: int, workdir: str) -> tuple[subprocess.Popen, int] | None:
@@ -107,7 +54,11 @@ def start_pgbouncer(pg_port: int, mode: str, pool_size: int, workdir: str) -> tu
             os.chown(path, info.pw_uid, info.pw_gid)
     proc = subprocess.Popen([binary, "-q", str(ini)], user=user,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    wait_port(port)
+    try:
+        wait_port(port, proc, name="PgBouncer")
+    except BaseException:
+        stop(proc)
+        raise
     return proc, port
 
 
@@ -115,7 +66,7 @@ def pgbench(port: int, clients: int, protocol: str, seconds: int) -> float:
     done = subprocess.run(
         ["pgbench", "-h", "127.0.0.1", "-p", str(port), "-U", USER, "-S", "-n",
          "-c", str(clients), "-j", str(min(clients, 4)), "-T", str(seconds), "-M", protocol, DB],
-        capture_output=True, text=True, env={**os.environ, "PGPASSWORD": PASSWORD},
+        capture_output=True, text=True, env=pg_env(PASSWORD),
     )
     failed = re.search(r"number of failed transactions: (\d+)", done.stdout)
     match = re.search(r"tps = ([\d.]+)", done.stdout)
@@ -137,24 +88,18 @@ def main() -> None:
     args = parser.parse_args()
 
     workdir = tempfile.mkdtemp(prefix="odissey-bench-")
-    pg = LocalPostgres(
-        port=free_port(), users={USER: PASSWORD}, databases={DB: USER},
-        hba=["host all all 127.0.0.1/32 md5"],
-        settings={"listen_addresses": "127.0.0.1", "max_connections": "300", "password_encryption": "md5"},
-    )
+    pg = None
     procs: list[subprocess.Popen] = []
     try:
-        pg.start()
-        subprocess.run(["pgbench", "-i", "-q", "-s", str(args.scale), "-h", "127.0.0.1", "-p", str(pg.port),
-                        "-U", USER, DB], check=True, capture_output=True,
-                       env={**os.environ, "PGPASSWORD": PASSWORD})
+        pg = start_postgres(USER, PASSWORD, DB, scale=args.scale, settings={"max_connections": "300"})
         targets: dict[str, tuple[int, int | None]] = {"postgres": (pg.port, None)}
         if not args.no_pgbouncer:
             started = start_pgbouncer(pg.port, args.mode, args.pool_size, workdir)
             if started:
                 procs.append(started[0])
                 targets["pgbouncer"] = (started[1], started[0].pid)
-        odissey, port = start_odissey(pg.port, args.mode, args.pool_size, workdir)
+        odissey, port, _package = start_odissey(pg.port, USER, PASSWORD, DB, mode=args.mode,
+                                                pool_size=args.pool_size, workdir=workdir)
         procs.append(odissey)
         targets["odissey"] = (port, odissey.pid)
 
@@ -191,12 +136,9 @@ def main() -> None:
                           f"{vs_bouncer} | {per_k_text} |")
     finally:
         for proc in procs:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-        pg.stop()
+            stop(proc)
+        if pg is not None:
+            pg.stop()
         shutil.rmtree(workdir, ignore_errors=True)
 
 

@@ -38,7 +38,6 @@ import os
 import random
 import re
 import shutil
-import signal
 import socket
 import statistics
 import struct
@@ -50,38 +49,12 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from common import LocalPostgres, cpu_seconds, pg_env, start_odissey, start_postgres, stop
 
 USER, PASSWORD, DB = "soak", "soak-pw", "soak"
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 TABLE = "soak_notes"
 #: Kinds of killer iterations and their weights (``control`` commits and is not a kill).
 KINDS: Dict[str, int] = {"idle": 20, "sleep": 20, "copy": 15, "inserts": 15, "process": 10, "control": 20}
-#: Runs Odissey through twistd after printing where the odissey package came from.
-BOOT = (
-    "import sys, odissey; print('odissey package:', odissey.__file__, flush=True); "
-    "from twisted.scripts.twistd import run; sys.argv[0] = 'twistd'; run()"
-)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_port(port: int, proc: subprocess.Popen, patience: float = 30) -> None:
-    deadline = time.monotonic() + patience
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"Odissey exited with status {proc.returncode} before listening")
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return
-        except OSError:
-            time.sleep(0.2)
-    raise RuntimeError(f"nothing listens on {port}")
 
 
 def proc_status(pid: int) -> Dict[str, int]:
@@ -92,12 +65,6 @@ def proc_status(pid: int) -> Dict[str, int]:
         if key in ("VmRSS", "VmHWM"):
             values[key] = int(rest.split()[0])
     return values
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process, from /proc."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return sum(int(fields[i]) for i in (11, 12)) / CLK_TCK
 
 
 def socket_counts(pid: int, listen_port: int, pg_port: int) -> Dict[str, int]:
@@ -138,38 +105,7 @@ def dsn(port: int, application: str) -> str:
             f"connect_timeout=10 application_name={application}")
 
 
-# --------------------------------------------------------------------------- processes
-
-
-def start_odissey(pg_port: int, pool_size: int, workdir: str) -> Tuple[subprocess.Popen, int, str]:
-    port = free_port()
-    conf = Path(workdir) / "odissey.yaml"
-    conf.write_text(
-        f"listen: ['tcp:{port}:interface=127.0.0.1']\n"
-        f"limits: {{max_clients: 2000}}\n"
-        f"storages: {{pg: {{host: 127.0.0.1, port: {pg_port}}}}}\n"
-        f"routes:\n"
-        f"  - {{database: {DB}, user: {USER}, storage: pg,\n"
-        f"     auth: {{method: md5, password: {PASSWORD}}},\n"
-        f"     pool: {{mode: transaction, size: {pool_size}}}}}\n"
-    )
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
-    out = open(Path(workdir) / "odissey.out", "w")
-    proc = subprocess.Popen(
-        [sys.executable, "-c", BOOT, "--pidfile=", "-n", "--logfile", f"{workdir}/odissey.log",
-         "odissey", "-c", str(conf)],
-        cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
-    )
-    out.close()
-    wait_port(port, proc)
-    text = (Path(workdir) / "odissey.out").read_text()
-    found = re.search(r"odissey package: (\S+)", text)
-    package = found.group(1) if found else "?"
-    if not package.startswith(str(ROOT / "odissey")):
-        proc.kill()
-        raise RuntimeError(f"Odissey runs {package}, not the working tree {ROOT}")
-    return proc, port, package
+# --------------------------------------------------------------------------- pgbench
 
 
 def pgbench_cmd(port: int, clients: int, seconds: int, builtin: str, connect: bool) -> List[str]:
@@ -527,32 +463,25 @@ def main() -> int:
 
     import psycopg
 
-    from odissey.postgres import LocalPostgres
-
     logging.getLogger("psycopg").setLevel(logging.ERROR)  # "error ignored terminating" after kills
 
     workdir = tempfile.mkdtemp(prefix="odissey-soak-")
     os.chmod(workdir, 0o755)
-    pg = LocalPostgres(
-        port=free_port(), users={USER: PASSWORD}, databases={DB: USER},
-        hba=["host all all 127.0.0.1/32 md5"],
-        settings={"listen_addresses": "127.0.0.1", "max_connections": "100", "password_encryption": "md5",
-                  "log_connections": "on", "log_disconnections": "on",
-                  "log_min_duration_statement": str(int(args.xact_age * 1000))},
-    )
+    pg: Optional[LocalPostgres] = None
     odissey: Optional[subprocess.Popen] = None
     loads: List[subprocess.Popen] = []
     ok = False
     try:
-        pg.start()
-        pgenv = {**os.environ, "PGPASSWORD": PASSWORD}
-        subprocess.run(["pgbench", "-i", "-q", "-s", str(args.scale), "-h", "127.0.0.1", "-p", str(pg.port),
-                        "-U", USER, DB], check=True, capture_output=True, env=pgenv)
+        pg = start_postgres(USER, PASSWORD, DB, scale=args.scale, settings={
+            "max_connections": "100", "log_connections": "on", "log_disconnections": "on",
+            "log_min_duration_statement": str(int(args.xact_age * 1000))})
+        pgenv = pg_env(PASSWORD)
         with psycopg.connect(f"host=127.0.0.1 port={pg.port} dbname={DB} user={USER} password={PASSWORD}",
                              autocommit=True) as conn:
             conn.execute(f"CREATE TABLE {TABLE} (id bigserial PRIMARY KEY, note text NOT NULL, kind text NOT NULL,"
                          " at timestamptz NOT NULL DEFAULT clock_timestamp())")
-        odissey, port, package = start_odissey(pg.port, args.pool_size, workdir)
+        odissey, port, package = start_odissey(pg.port, USER, PASSWORD, DB, mode="transaction",
+                                               pool_size=args.pool_size, workdir=workdir)
         print(f"PostgreSQL on 127.0.0.1:{pg.port}, Odissey (pid {odissey.pid}, {package}) on 127.0.0.1:{port}, "
               f"work directory {workdir}", flush=True)
         sampler = Sampler(f"host={pg.socket_dir} port={pg.port} dbname={DB} user=postgres", odissey.pid,
@@ -735,16 +664,12 @@ def main() -> int:
         for proc in loads:
             if proc.poll() is None:
                 proc.kill()
-        if odissey is not None and odissey.poll() is None:
-            odissey.send_signal(signal.SIGTERM)
-            try:
-                odissey.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                print("Odissey did not stop within 30 s of SIGTERM; killed", flush=True)
-                odissey.kill()
-        if pg.data_dir and os.path.exists(f"{pg.data_dir}/server.log"):
-            shutil.copy(f"{pg.data_dir}/server.log", f"{workdir}/postgres.log")
-        pg.stop()
+        if odissey is not None and not stop(odissey):
+            print("Odissey did not stop within 30 s of SIGTERM; killed", flush=True)
+        if pg is not None:
+            if pg.data_dir and os.path.exists(f"{pg.data_dir}/server.log"):
+                shutil.copy(f"{pg.data_dir}/server.log", f"{workdir}/postgres.log")
+            pg.stop()
         if ok and not args.keep:
             shutil.rmtree(workdir, ignore_errors=True)
         else:
