@@ -6,11 +6,15 @@ from __future__ import annotations
 from twisted.internet import reactor
 from twisted.internet.defer import inlineCallbacks
 from twisted.internet.endpoints import TCP4ServerEndpoint
+from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.testing import MemoryReactorClock
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from odissey.cancel import CancelKeys, send_cancel
 from odissey.config import Storage
+from odissey.testing import STORAGE, answer_cancel
 from odissey.wire import messages as m
 from tests.harness import free_port
 
@@ -82,3 +86,36 @@ class SendCancelTests(TestCase):
     def test_nobody_listening(self):
         landed, _received = yield self.outcome(close=True, port=free_port())
         self.assertTrue(landed)  # it was never delivered, so it can never land
+
+
+class SendCancelClockTests(SynchronousTestCase):
+    """send_cancel on a memory reactor: the outcome decided by the clock and the close."""
+
+    def test_true_once_postgres_closes(self) -> None:
+        """The packet carries the key; the result is True once PostgreSQL closes."""
+        reactor = MemoryReactorClock()
+        sent = send_cancel(reactor, STORAGE, 1234, 5678)
+        line = answer_cancel(reactor)
+        self.assertEqual(line.value(), m.cancel_request(1234, 5678))
+        self.assertNoResult(sent)
+        line.loseConnection()
+        self.assertIs(self.successResultOf(sent), True)
+
+    def test_false_on_giving_up(self) -> None:
+        """Silent past the storage's connect_timeout: aborted, and False (it may still land)."""
+        reactor = MemoryReactorClock()
+        sent = send_cancel(reactor, STORAGE, 1, 2)
+        line = answer_cancel(reactor)
+        reactor.advance(STORAGE.connect_timeout - 0.1)
+        self.assertNoResult(sent)
+        reactor.advance(0.1)
+        self.assertTrue(line.disconnected)
+        self.assertIs(self.successResultOf(sent), False)
+
+    def test_true_when_never_delivered(self) -> None:
+        """A connection that fails outright delivered nothing, so nothing can land: True."""
+        reactor = MemoryReactorClock()
+        sent = send_cancel(reactor, STORAGE, 1, 2)
+        _host, _port, factory, _timeout, _bind = reactor.tcpClients.pop()
+        factory.clientConnectionFailed(None, Failure(ConnectionRefusedError()))
+        self.assertIs(self.successResultOf(sent), True)

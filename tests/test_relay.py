@@ -7,8 +7,16 @@ import time
 
 import psycopg
 from twisted.internet.defer import inlineCallbacks
-from twisted.trial.unittest import SkipTest
+from twisted.internet.testing import MemoryReactorClock
+from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
+from odissey import config
+from odissey.flow import PENDING_LIMIT
+from odissey.params import params_from
+from odissey.pool import Pool, PoolKey
+from odissey.relay import Relay, RelayState
+from odissey.testing import DEFAULT_PARAMS, FakeBackends, FakeClient, command_complete, error
+from odissey.wire import messages as m
 from tests.harness import IntegrationTest, have, route, vanish
 
 
@@ -156,3 +164,145 @@ class CopyVanishTests(IntegrationTest):
                 )
 
         self.assertEqual((yield self.thread(after)), (pid, 0))
+
+
+def relay_setup(
+    mode: str = "transaction", size: int = 2, wanted: list[tuple[str, str]] | None = None, **options: object
+) -> tuple[Relay, FakeClient, Pool, FakeBackends, MemoryReactorClock]:
+    """A relay for a fake client on a pool of fake backends, all on one clock."""
+    cfg = config.parse({
+        "listen": ["tcp:0"], "storages": {"pg": {"host": "127.0.0.1"}},
+        "routes": [{"database": "db", "user": "u", "storage": "pg",
+                    "pool": {"mode": mode, "size": size, "reset_timeout": "5s"}}],
+    })
+    reactor = MemoryReactorClock()
+    backends = FakeBackends(reactor, **options)
+    pool = Pool(PoolKey("db", "u"), cfg.routes[0], reactor, backends)
+    pool.parameters_cache = list(DEFAULT_PARAMS)
+    params = params_from(wanted or DEFAULT_PARAMS)
+    client = FakeClient()
+    relay = Relay(client, pool, params, {k: v for k, (_n, v) in params.items()}, 1 << 20)
+    return relay, client, pool, backends, reactor
+
+
+def attached(relay: Relay, reactor: MemoryReactorClock, backends: FakeBackends, data: bytes) -> None:
+    """The client sends ``data``; the relay gets a server and the backend answers."""
+    relay.clientData(data)
+    reactor.advance(0)
+    backends.flush()
+
+
+class RelayUnitTests(SynchronousTestCase):
+    """The relay between a fake client and fake backends, step by step."""
+
+    def test_attaches_then_detaches_on_idle_ready(self) -> None:
+        """In transaction mode a query takes a server and ReadyForQuery 'I' gives it back."""
+        relay, client, pool, backends, reactor = relay_setup()
+        relay.clientData(m.query("select 1"))
+        self.assertEqual(relay.state, RelayState.WAITING)
+        reactor.advance(0)
+        self.assertEqual(relay.state, RelayState.ATTACHED)
+        backends.flush()
+        self.assertEqual(backends[0].queries(), ["select 1"])
+        self.assertTrue(client.received().endswith(m.ready_for_query(b"I")))
+        self.assertEqual(relay.state, RelayState.IDLE)
+        self.assertEqual(pool.idle, [backends[0].server])
+
+    def test_stays_attached_inside_a_transaction(self) -> None:
+        """A server stays attached until the transaction ends."""
+        relay, client, pool, backends, reactor = relay_setup()
+        attached(relay, reactor, backends, m.query("BEGIN"))
+        self.assertEqual(relay.state, RelayState.ATTACHED)
+        relay.clientData(m.query("COMMIT"))
+        backends.flush()
+        self.assertEqual(relay.state, RelayState.IDLE)
+        self.assertEqual(pool.idle, [backends[0].server])
+
+    def test_session_mode_never_detaches(self) -> None:
+        """In session mode the server stays attached after ReadyForQuery 'I'."""
+        relay, client, pool, backends, reactor = relay_setup(mode="session")
+        attached(relay, reactor, backends, m.query("select 1"))
+        self.assertEqual(relay.state, RelayState.ATTACHED)
+        self.assertEqual(pool.idle, [])
+
+    def test_idle_server_taken_synchronously(self) -> None:
+        """A second transaction takes the idle server at once, without waiting."""
+        relay, client, pool, backends, reactor = relay_setup()
+        attached(relay, reactor, backends, m.query("select 1"))
+        relay.clientData(m.query("select 2"))
+        self.assertEqual(relay.state, RelayState.ATTACHED)
+        self.assertEqual(len(backends.opened), 1)
+
+    def test_parameters_synced_with_set_first(self) -> None:
+        """A client whose parameters differ gets one SET before its query, whose replies
+        it never sees."""
+        wanted = [(n, "app" if n == "application_name" else v) for n, v in DEFAULT_PARAMS]
+        relay, client, pool, backends, reactor = relay_setup(wanted=wanted)
+        attached(relay, reactor, backends, m.query("select 1"))
+        self.assertEqual(backends[0].queries(), ["SET \"application_name\" TO E'app'", "select 1"])
+        self.assertEqual(client.received(), command_complete("SELECT 1") + m.ready_for_query(b"I"))
+        self.assertEqual(backends[0].server.params["application_name"], ("application_name", "app"))
+
+    def test_client_encoding_switched_alone_first(self) -> None:
+        """A server left in LATIN1 first gets SET client_encoding to UTF8 alone, then the
+        other values, with the client's encoding set last."""
+        latin = tuple((n, "LATIN1" if n == "client_encoding" else v) for n, v in DEFAULT_PARAMS)
+        wanted = [(n, "caf\u00e9" if n == "application_name" else v) for n, v in latin]
+        relay, client, pool, backends, reactor = relay_setup(wanted=wanted, params=latin)
+        attached(relay, reactor, backends, m.query("select 1"))
+        self.assertEqual(backends[0].queries(), [
+            "SET client_encoding TO 'UTF8'",
+            "SET \"application_name\" TO E'caf\u00e9'; SET \"client_encoding\" TO E'LATIN1'",
+            "select 1",
+        ])
+
+    def test_pending_bytes_pause_the_client_until_attached(self) -> None:
+        """A client that floods while waiting is paused past the bound, and everything
+        it sent reaches the server in order once it has one."""
+        relay, client, pool, backends, reactor = relay_setup(size=1)
+        other_client = FakeClient()
+        other = Relay(other_client, pool, dict(relay.wanted), dict(relay.told), 1 << 20)
+        attached(other, reactor, backends, m.query("BEGIN"))
+        big = m.query("select '" + "x" * (PENDING_LIMIT // 4) + "'")
+        for _ in range(5):
+            relay.clientData(big)
+        self.assertEqual(relay.state, RelayState.WAITING)
+        self.assertEqual(client.transport.producerState, "paused")
+        other.clientData(m.query("COMMIT"))
+        backends.flush()
+        reactor.advance(0)
+        self.assertEqual(client.transport.producerState, "producing")
+        backends.flush()
+        self.assertEqual(backends[0].queries()[2:], [big[5:-1].decode()] * 5)
+
+    def test_server_fatal_then_close_gives_one_error(self) -> None:
+        """A server's own FATAL is forwarded and the client is dropped without a second one."""
+        relay, client, pool, backends, reactor = relay_setup()
+        attached(relay, reactor, backends, m.query("BEGIN"))
+        client.received()
+        fatal = error("57P01", "terminating connection due to administrator command", "FATAL")
+        backends[0].send(fatal)
+        backends[0].close()
+        self.assertEqual(client.received(), fatal)
+        self.assertTrue(client.dropped)
+        self.assertEqual(client.errors, [])
+        self.assertEqual(pool.total, 0)
+
+    def test_server_gone_without_a_word(self) -> None:
+        """A server that closes without an error gives the client one 08006."""
+        relay, client, pool, backends, reactor = relay_setup()
+        attached(relay, reactor, backends, m.query("BEGIN"))
+        backends[0].close()
+        self.assertEqual([e.sqlstate for e in client.errors], ["08006"])
+        self.assertFalse(client.dropped)
+
+    def test_terminate_closes_the_client_and_keeps_the_server(self) -> None:
+        """Terminate is not forwarded: the client is closed and the server stays pooled."""
+        relay, client, pool, backends, reactor = relay_setup()
+        attached(relay, reactor, backends, m.query("select 1"))
+        relay.clientData(m.terminate())
+        relay.clientGone()
+        backends.flush()
+        self.assertTrue(client.dropped)
+        self.assertNotIn(b"X", backends[0].kinds())
+        self.assertEqual(pool.idle, [backends[0].server])
