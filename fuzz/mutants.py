@@ -1,11 +1,14 @@
-"""Check the checker: break ``odissey/wire/scanner.py`` in small ways and see the fuzzer notice.
+"""Check the checker: break ``odissey/wire/scanner.py`` or ``odissey/transaction.py`` in
+small ways and see the fuzzer notice.
 
 Each mutant is a copy of the module's source with one edit, loaded under another name (the
 real module is untouched); the fuzz cases of one seed then run against it until the first
 :class:`~fuzz.targets.PropertyFailure`. A mutant that survives the whole budget is either
-equivalent to the original (say so below) or a hole in the fuzzer.
+equivalent to the original (say so below) or a hole in the fuzzer. The tracker's mutants
+meet ``tracker-wild`` cases, less those the real tracker fails too.
 
     python fuzz/mutants.py --cases 200000
+    python fuzz/mutants.py --target tracker --cases 50000
 """
 
 from __future__ import annotations
@@ -20,9 +23,11 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import fuzz.targets as targets  # noqa: E402
+import odissey.transaction as real_tracker  # noqa: E402
 import odissey.wire.scanner as real  # noqa: E402
-from fuzz.run import make_case  # noqa: E402
+from fuzz.run import make_case, make_tracker_case  # noqa: E402
 from fuzz.targets import PropertyFailure, ScanCase  # noqa: E402
+from fuzz.tracker_model import check_tracker  # noqa: E402
 
 # (original text, replacement, why a miss is fine or "" when it must be caught)
 MUTANTS: List[Tuple[str, str, str]] = [
@@ -53,18 +58,56 @@ MUTANTS: List[Tuple[str, str, str]] = [
      "equivalent: collected types are tested before watched ones"),
 ]
 
+TRACKER_MUTANTS: List[Tuple[str, str, str]] = [
+    ("return ready and self.idle", "return ready", ""),
+    ("self.skipping = not pending", "self.skipping = False", ""),
+    ("if kind != SYNC or not self.copy_in:", "if True:", ""),
+    ("self.unsynced = True\n            elif kind in _ANSWERED_BY_Z",
+     "self.unsynced = False\n            elif kind in _ANSWERED_BY_Z", ""),
+    ("elif pending:  # the COPY", "elif False:  # the COPY", ""),
+    ("self.copy_in = False  # an error ends copy-in", "pass  # an error ends copy-in", ""),
+    ("while pending and pending[0] == _COPY_END:", "while False:", ""),
+    ("and not self.skipping and not self.unsynced and self.partial == 0)",
+     "and not self.skipping and self.partial == 0)", ""),
+    ("self.copy_in = not ended", "self.copy_in = True", ""),
+    ("while pending and pending[0] != Q and pending[0] != EXECUTE:",
+     "while pending and pending[0] != Q:", ""),
+    ("DESCRIBE: frozenset((ROW_DESCRIPTION, NO_DATA)),", "DESCRIBE: frozenset((ROW_DESCRIPTION,)),",
+     ""),
+    ("COMMAND_COMPLETE, EMPTY_QUERY, PORTAL_SUSPENDED)", "COMMAND_COMPLETE, EMPTY_QUERY)", ""),
+    ("_ANSWERED_BY_Z = frozenset((Q, F, SYNC))", "_ANSWERED_BY_Z = frozenset((Q, SYNC))", ""),
+    ("elif self.copy_in and kind not in _IN_COPY:", "elif False:", ""),
+    ("if kind == SYNC:\n                    self.skipping",
+     "if kind == SYNC or kind == Q:\n                    self.skipping", ""),
+    ("elif edge < 0:", "elif edge < -1:", ""),
+    ("COPY_FAIL, SYNC, FLUSH))", "COPY_FAIL, SYNC))", ""),
+    ("pending.append(_COPY_END)", "pass", ""),
+    ("if pending.popleft() != SYNC:", "if pending.popleft() not in (SYNC, Q):", ""),
+    ("self.status = body", "self.status = b'I'", ""),
+]
+
 PACKET_CLASSES = ("StartupMessage", "SSLRequest", "GSSENCRequest", "CancelRequest")
 
 
-def load_mutant(source: str, old: str, new: str) -> types.ModuleType:
+def load(source: str, old: str, new: str, name: str) -> types.ModuleType:
+    """``name``.py's source with one edit, as a module of its own."""
     if old not in source:
-        raise SystemExit(f"scanner.py changed: {old!r} is gone; update fuzz/mutants.py")
-    module = types.ModuleType("scanner_mutant")
+        raise SystemExit(f"{name}.py changed: {old!r} is gone; update fuzz/mutants.py")
+    module = types.ModuleType(f"{name}_mutant")
     sys.modules[module.__name__] = module  # dataclasses look their module up
-    exec(compile(source.replace(old, new, 1), "scanner_mutant", "exec"), module.__dict__)
+    exec(compile(source.replace(old, new, 1), module.__name__, "exec"), module.__dict__)
+    return module
+
+
+def load_mutant(source: str, old: str, new: str) -> types.ModuleType:
+    module = load(source, old, new, "scanner")
     for name in PACKET_CLASSES:  # compare equal to the reference's packets
         setattr(module, name, getattr(real, name))
     return module
+
+
+def load_tracker_mutant(source: str, old: str, new: str) -> types.ModuleType:
+    return load(source, old, new, "transaction")
 
 
 def first_failure(module: types.ModuleType, seed: int, cases: int) -> Optional[int]:
@@ -86,15 +129,36 @@ def first_failure(module: types.ModuleType, seed: int, cases: int) -> Optional[i
         targets.StartupReader = real_reader  # type: ignore[misc]
 
 
+def first_tracker_failure(module: types.ModuleType, seed: int, cases: int) -> Optional[int]:
+    """Index of the first ``tracker-wild`` case the mutant fails and the real tracker passes."""
+    for index in range(cases):
+        case = make_tracker_case(seed, index, wild=True)
+        try:
+            check_tracker(case, module.Transaction)
+        except PropertyFailure:
+            try:
+                check_tracker(case)
+            except PropertyFailure:
+                continue  # the real tracker fails it too: it says nothing of the mutant
+            return index
+    return None
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--target", choices=("wire", "tracker"), default="wire")
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--cases", type=int, default=200_000, help="budget per mutant")
     args = parser.parse_args(argv)
-    source = Path(real.__file__).read_text()
+    if args.target == "tracker":
+        source = Path(real_tracker.__file__).read_text()
+        mutants, load, first = TRACKER_MUTANTS, load_tracker_mutant, first_tracker_failure
+    else:
+        source = Path(real.__file__).read_text()
+        mutants, load, first = MUTANTS, load_mutant, first_failure
     holes = 0
-    for old, new, excuse in MUTANTS:
-        found = first_failure(load_mutant(source, old, new), args.seed, args.cases)
+    for old, new, excuse in mutants:
+        found = first(load(source, old, new), args.seed, args.cases)
         if found is not None:
             verdict = f"caught at case {found}"
         elif excuse:
@@ -102,7 +166,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         else:
             verdict = "SURVIVED: a hole in the fuzzer"
             holes += 1
-        print(f"{new.strip()[:60]:<62} {verdict}", flush=True)
+        print(f"{' '.join(new.split())[:60]:<62} {verdict}", flush=True)
     return 1 if holes else 0
 
 

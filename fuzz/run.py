@@ -1,14 +1,25 @@
-"""Long-running fuzzer for the wire codec: the message scanner and the startup reader.
+"""Long-running fuzzer: the wire codec (message scanner, startup reader) and the transaction tracker.
 
 Every case is generated from ``(seed, index)`` alone, so any failure is replayed with
-``--seed S --case I`` whatever ``--jobs`` was. Generation is structure-aware: valid
-streams built from real message and packet layouts, then mutated (bit flips, byte
-changes, truncation, deleted/duplicated/inserted ranges, length fields set to edge values,
-header type bytes changed), cut into chunks at random places or around headers; some
-cases are plain random bytes. Each case runs through :mod:`fuzz.targets`, which compares
-the real object with a simple reference.
+``--seed S --case I`` (and the same ``--target``) whatever ``--jobs`` was.
+
+``--target wire`` (the default): structure-aware byte streams, valid ones built from real
+message and packet layouts, then mutated (bit flips, byte changes, truncation,
+deleted/duplicated/inserted ranges, length fields set to edge values, header type bytes
+changed), cut into chunks at random places or around headers; some cases are plain random
+bytes. Each case runs through :mod:`fuzz.targets`, which compares the real object with a
+simple reference.
+
+``--target tracker``: client request sequences (what drivers send: simple queries,
+extended-protocol batches ending in Sync, Flush or nothing, COPY in both protocols, function
+calls, transaction blocks; and stray messages of every type), some failing, with a random
+schedule of client chunks, server processing and reply deliveries. Each case runs through
+:mod:`fuzz.tracker_model`, which checks the tracker against a model of PostgreSQL. Like a
+driver, the client ends each COPY FROM STDIN before it sends anything else;
+``--target tracker-wild`` sends anything anywhere.
 
     nice -n 10 python fuzz/run.py --count 10000000 --jobs 2
+    nice -n 10 python fuzz/run.py --target tracker --count 10000000 --jobs 2
     python fuzz/run.py --seed 12345 --case 678      # replay one case, verbosely
 
 It prints the seed first, progress with inputs per second, and each failure with its seed,
@@ -24,7 +35,7 @@ import sys
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from pathlib import Path
-from typing import Dict, List, Optional, Set, Tuple
+from typing import Callable, Dict, List, Optional, Set, Tuple
 
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -36,6 +47,29 @@ from fuzz.targets import (  # noqa: E402
     ScanCase,
     StartupCase,
     check,
+)
+from fuzz.tracker_model import (  # noqa: E402
+    CLIENT_KINDS,
+    COPY_DATA,
+    COPY_DONE,
+    COPY_FAIL,
+    DELIVER,
+    PROCESS,
+    SEND,
+    Action,
+    B,
+    C,
+    D,
+    E,
+    F,
+    H,
+    P,
+    Q,
+    Request,
+    S,
+    TrackerCase,
+    TrackerFailure,
+    check_tracker,
 )
 from odissey.wire import messages as m  # noqa: E402
 
@@ -241,45 +275,178 @@ def make_case(seed: int, index: int) -> Case:
     return scan_case(rng)
 
 
+# -- tracker cases -------------------------------------------------------------------------
+
+
+def request(rng: random.Random, kind: int, copies: bool = False, toggles: bool = False) -> Request:
+    """A request that fails one time in twelve."""
+    return Request(kind, rng.randrange(12) == 0, copies, toggles, rng.randrange(256))
+
+
+def extended_batch(rng: random.Random, wild: bool) -> List[Request]:
+    """Parse/Bind/Describe/Execute for one to three statements, a Close maybe, then
+    Sync, Flush, Sync and Flush, or nothing (a pipeline left open). An Execute that runs
+    COPY FROM STDIN is followed by its copy (a wild client may carry on without one)."""
+    out = []
+    for _ in range(rng.choice((1, 1, 2, 3))):
+        toggles = rng.randrange(10) == 0  # BEGIN, COMMIT, ROLLBACK
+        copies = rng.randrange(12) == 0
+        if rng.randrange(10) < 7:
+            out.append(request(rng, P, toggles=toggles))
+        out.append(request(rng, B, toggles=toggles))
+        if rng.randrange(10) < 3:
+            out.append(request(rng, D, toggles=toggles))
+        out.append(request(rng, E, copies, toggles))
+        if copies and (not wild or rng.randrange(3)):
+            out += copy_data(rng, libpq_sync=rng.randrange(2) == 0, may_stay_open=wild)
+    if rng.randrange(10) == 0:
+        out.append(request(rng, C))
+    end = rng.randrange(10)
+    if end < 7:
+        out.append(request(rng, S))
+    elif end == 7:
+        out.append(request(rng, H))
+    elif end == 8:
+        out += [request(rng, S), request(rng, H)]  # psycopg's pipeline end
+    return out
+
+
+def copy_data(rng: random.Random, libpq_sync: bool, may_stay_open: bool) -> List[Request]:
+    """What a client sends into a COPY FROM STDIN: a Sync first when libpq started it with
+    the extended protocol, CopyData (and a Flush now and then), then CopyDone or CopyFail
+    (or, when it may stay open, nothing yet), and libpq's Sync after an extended COPY."""
+    out = [request(rng, S)] if libpq_sync else []
+    for _ in range(rng.choice((0, 1, 1, 2, 3))):
+        out.append(request(rng, COPY_DATA if rng.randrange(8) else H))
+    end = rng.randrange(10)
+    if end < 7:
+        out.append(request(rng, COPY_DONE))
+    elif end < 9 or not may_stay_open:
+        out.append(request(rng, COPY_FAIL))
+    if libpq_sync and end < 9:
+        out.append(request(rng, S))
+    return out
+
+
+def tracker_requests(rng: random.Random, wild: bool) -> List[Request]:
+    """What a client sends. A driver ends every COPY FROM STDIN it starts with CopyDone or
+    CopyFail before it sends anything but CopyData, Flush or (libpq) Sync; a ``wild``
+    client sends anything anywhere."""
+    out: List[Request] = []
+    batches = rng.choice((1, 1, 2, 3, 4, 5, 7, 10))
+    for i in range(batches):
+        open_ok = wild or i == batches - 1  # a COPY may stay open: the client is not done
+        batch = rng.randrange(16)
+        if batch < 3:
+            copies = rng.randrange(12) == 0
+            out.append(request(rng, Q, copies, rng.randrange(6) == 0))
+            if copies and not wild:
+                out += copy_data(rng, libpq_sync=False, may_stay_open=open_ok)
+        elif batch < 8:
+            out += extended_batch(rng, wild)
+        elif batch < 10:  # COPY FROM STDIN by a simple Query, sent whole or not (psql)
+            out.append(request(rng, Q, copies=True))
+            out += copy_data(rng, libpq_sync=False, may_stay_open=open_ok)
+        elif batch == 10:  # ... and by libpq's extended protocol
+            out += [request(rng, P), request(rng, B), request(rng, E, copies=True)]
+            out += copy_data(rng, libpq_sync=True, may_stay_open=open_ok)
+        elif batch == 11:
+            out.append(request(rng, F))
+        elif batch == 12:  # a transaction block around a batch
+            out.append(request(rng, Q, toggles=True))
+            out += extended_batch(rng, wild)
+            out.append(request(rng, Q, toggles=True))
+        else:  # anything at all (a driver's strays start no COPY)
+            for _ in range(rng.randint(1, 4)):
+                kind = CLIENT_KINDS[rng.randrange(len(CLIENT_KINDS))]
+                copies = wild and rng.randrange(5) == 0
+                out.append(request(rng, kind, copies, rng.randrange(5) == 0))
+    return out
+
+
+def tracker_actions(rng: random.Random, n: int) -> List[Action]:
+    """A schedule: client chunks (whole messages, pieces, empty), the server processing
+    what it has, replies delivered in pieces, one message at a time or all at once."""
+    actions: List[Action] = []
+    for _ in range(rng.randint(0, 3 * n + 2)):
+        r = rng.randrange(20)
+        if r < 9:
+            size = rng.choice((-1, -1, -1, -2, 0, rng.randint(1, 6), rng.randint(1, 40)))
+            actions.append((SEND, size))
+        elif r < 14:
+            actions.append((PROCESS, rng.choice((1, 1, 1, 2, 3, 1000))))
+        else:
+            size = rng.choice((-1, -1, -2, -2, rng.randint(1, 6), rng.randint(1, 60)))
+            actions.append((DELIVER, size))
+    return actions
+
+
+def tracker_case(rng: random.Random, wild: bool = False) -> TrackerCase:
+    requests = tracker_requests(rng, wild)
+    return TrackerCase(tuple(requests), tuple(tracker_actions(rng, len(requests))))
+
+
+def make_tracker_case(seed: int, index: int, wild: bool = False) -> TrackerCase:
+    return tracker_case(case_rng(seed, index), wild)
+
+
 # -- running -------------------------------------------------------------------------------
 
 Failure = Tuple[int, str, str]  # (index, what failed, the case)
 
 
-def run_range(seed: int, start: int, stop: int) -> Tuple[Dict[str, int], List[Failure]]:
+TARGETS = ("wire", "tracker", "tracker-wild")
+PRINTED = 20  # failures printed in full; the rest are counted
+
+
+def run_one(target: str, seed: int, index: int) -> Tuple[str, str, Callable[[], str]]:
+    """Case ``index`` of ``target``: its name in the counts, its description, its check."""
+    if target.startswith("tracker"):
+        tracked = make_tracker_case(seed, index, wild=target == "tracker-wild")
+        return target, tracked.describe(), lambda: check_tracker(tracked)
+    case = make_case(seed, index)
+    name = "scan" if isinstance(case, ScanCase) else "startup"
+    return name, case.describe(), lambda: check(case)
+
+
+def run_range(
+    seed: int, start: int, stop: int, target: str = "wire"
+) -> Tuple[Dict[str, int], List[Failure]]:
     """Run cases ``start..stop-1``: counts by target and outcome, and the failures."""
     counts: Dict[str, int] = {}
     failures: List[Failure] = []
     for index in range(start, stop):
-        case = make_case(seed, index)
-        target = "scan" if isinstance(case, ScanCase) else "startup"
+        name, described, run = run_one(target, seed, index)
         try:
-            outcome = check(case)
+            outcome = run()
         except PropertyFailure as exc:
-            failures.append((index, str(exc), case.describe()))
-            outcome = "FAILED"
-        key = f"{target}/{outcome}"
+            failures.append((index, str(exc), described))
+            outcome = "FAILED" + (f" ({exc.label})" if isinstance(exc, TrackerFailure) else "")
+        key = f"{name}/{outcome}"
         counts[key] = counts.get(key, 0) + 1
     return counts, failures
 
 
-def fuzz(seed: int, count: int, start: int = 0) -> Tuple[Dict[str, int], List[Failure]]:
-    """Run ``count`` cases of ``seed`` in this process (what the unit test calls)."""
-    return run_range(seed, start, start + count)
+def fuzz(
+    seed: int, count: int, start: int = 0, target: str = "wire"
+) -> Tuple[Dict[str, int], List[Failure]]:
+    """Run ``count`` cases of ``seed`` in this process (what the unit tests call)."""
+    return run_range(seed, start, start + count, target)
 
 
-def report_failure(seed: int, failure: Failure) -> None:
+def report_failure(seed: int, failure: Failure, target: str = "wire") -> None:
     index, what, case = failure
     print(f"FAILURE seed={seed} case={index}: {what}", flush=True)
     print(f"  {case}", flush=True)
-    print(f"  replay: python fuzz/run.py --seed {seed} --case {index}", flush=True)
+    option = "" if target == "wire" else f"--target {target} "
+    print(f"  replay: python fuzz/run.py {option}--seed {seed} --case {index}", flush=True)
 
 
-def replay(seed: int, index: int) -> int:
-    case = make_case(seed, index)
-    print(case.describe())
+def replay(seed: int, index: int, target: str = "wire") -> int:
+    _, described, run = run_one(target, seed, index)
+    print(described)
     try:
-        print("outcome:", check(case))
+        print("outcome:", run())
     except PropertyFailure as exc:
         print("FAILURE:", exc)
         return 1
@@ -288,6 +455,7 @@ def replay(seed: int, index: int) -> int:
 
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--target", choices=TARGETS, default="wire", help="what to fuzz")
     parser.add_argument("--seed", type=int, help="run seed (default: random, printed)")
     parser.add_argument("--count", type=int, default=1_000_000, help="cases to run")
     parser.add_argument("--seconds", type=float, default=0.0, help="stop after this long")
@@ -299,9 +467,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parser.parse_args(argv)
     seed = args.seed if args.seed is not None else int.from_bytes(os.urandom(6), "big")
     if args.case is not None:
-        return replay(seed, args.case)
+        return replay(seed, args.case, args.target)
     print(
-        f"seed={seed} count={args.count} start={args.start} jobs={args.jobs} "
+        f"target={args.target} seed={seed} count={args.count} start={args.start} "
+        f"jobs={args.jobs} "
         f"python={sys.implementation.name} {sys.version.split()[0]}",
         flush=True,
     )
@@ -322,7 +491,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             )
             while not stop_submitting and next_start < end and len(running) < 2 * args.jobs:
                 stop = min(end, next_start + args.block)
-                running.add(pool.submit(run_range, seed, next_start, stop))
+                running.add(pool.submit(run_range, seed, next_start, stop, args.target))
                 next_start = stop
             if not running:
                 break
@@ -332,8 +501,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                 for key, value in counts.items():
                     totals[key] = totals.get(key, 0) + value
                     done += value
-                for failure in found:
-                    report_failure(seed, failure)
+                for failure in found[: max(0, PRINTED - len(failures))]:
+                    report_failure(seed, failure, args.target)
                 failures.extend(found)
             now = time.monotonic()
             if now - last_print >= 30 or not running:

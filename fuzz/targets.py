@@ -30,18 +30,11 @@ from typing import Callable, FrozenSet, List, Optional, Tuple, Type, Union
 
 from odissey.wire.errors import PoolerError, ProtocolViolation, UnsupportedProtocol
 from odissey.wire.messages import CANCEL_REQUEST_CODE, GSSENC_REQUEST_CODE, SSL_REQUEST_CODE
-from odissey.wire.scanner import (
-    CancelRequest,
-    GSSENCRequest,
-    Scanner,
-    SSLRequest,
-    StartupMessage,
-    StartupReader,
-)
+from odissey.wire import scanner as packets
+from odissey.wire.scanner import Scanner, StartupPacket as Packet, StartupReader
 
 MAX_STARTUP_LENGTH = 10000  # what Odissey accepts as a whole startup packet, length included
 
-Packet = Union[StartupMessage, SSLRequest, GSSENCRequest, CancelRequest]
 ScannerFactory = Callable[..., Scanner]
 
 
@@ -222,15 +215,15 @@ def reference_packet(body: bytes) -> Outcome:
     """A startup packet's body (after its length) -> packet, or the error class it earns."""
     code = int.from_bytes(body[:4], "big")
     if code == SSL_REQUEST_CODE:
-        return SSLRequest() if len(body) == 4 else ProtocolViolation
+        return packets.SSLRequest() if len(body) == 4 else ProtocolViolation
     if code == GSSENC_REQUEST_CODE:
-        return GSSENCRequest() if len(body) == 4 else ProtocolViolation
+        return packets.GSSENCRequest() if len(body) == 4 else ProtocolViolation
     if code == CANCEL_REQUEST_CODE:
         if len(body) != 12:
             return ProtocolViolation
         pid = int.from_bytes(body[4:8], "big", signed=True)
         secret = int.from_bytes(body[8:12], "big", signed=True)
-        return CancelRequest(pid, secret)
+        return packets.CancelRequest(pid, secret)
     if code >> 16 != 3:
         return UnsupportedProtocol
     # ProcessStartupPacket: name/value C strings until an empty name, which must be the
@@ -261,7 +254,7 @@ def reference_packet(body: bytes) -> Outcome:
         offset = value_end + 1
     if offset != n - 1:
         return ProtocolViolation
-    return StartupMessage(code & 0xFFFF, params, tuple(unsupported))
+    return packets.StartupMessage(code & 0xFFFF, params, tuple(unsupported))
 
 
 def reference_startup(

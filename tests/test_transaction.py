@@ -3,15 +3,31 @@ randomised schedules and chunk splits included."""
 
 from __future__ import annotations
 
-import copy
+import os
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
+from fuzz import run as fuzz_run
+from fuzz import tracker_model as tm
+from fuzz.targets import PropertyFailure
+from fuzz.tracker_model import (
+    CLIENT_KINDS,
+    COPY_DATA,
+    COPY_DONE,
+    DELIVER,
+    PROCESS,
+    SEND,
+    Request,
+    ServerModel,
+    TrackerCase,
+    check_tracker,
+    discipline,
+)
 from odissey.transaction import CLIENT_WATCH, Transaction
 from odissey.wire import messages as m
-from odissey.wire.scanner import Scanner
+from odissey.wire.scanner import Event, Scanner
 
 Q, S, E, P, B, H, D, c, f, X = b"QSEPBHdcfX"
 
@@ -25,7 +41,7 @@ def z(status: bytes) -> list:
     return [(ord("Z"), status, 0)]
 
 
-G = [(ord("G"), None, 0)]
+G: list[Event] = [(ord("G"), None, 0)]
 
 
 class Client:
@@ -77,7 +93,7 @@ class TransactionTests(SynchronousTestCase):
         client.send(P, B, E, H)
         self.assertEqual(list(client.tx.pending), [P, B, E])
         self.assertFalse(client.tx.idle)
-        error = [(ord("E"), b"SERROR\0\0", 0)]
+        error: list[Event] = [(ord("E"), b"SERROR\0\0", 0)]
         self.assertFalse(client.tx.server(error))  # an error before Sync does not free the server
 
     def test_next_batch_sent_before_the_answer(self) -> None:
@@ -254,104 +270,140 @@ class ExtendedErrorTests(SynchronousTestCase):
         self.assertTrue(client.tx.idle)
 
 
-class ServerModel:
-    """A small model of how PostgreSQL processes a client stream: which messages fail,
-    what each answers, when it discards until Sync, COPY in both protocols."""
+class ModelTests(SynchronousTestCase):
+    """The model of PostgreSQL the tracker is checked against answers as the protocol
+    documentation says (fuzz/tracker_model.py)."""
 
-    def __init__(self) -> None:
-        self.skipping = False
-        self.copy = ""  # "", "simple" or "extended": the protocol that started copy-in
-        self.block = False
-        self.failed_block = False
-        self.held = False  # extended work processed and not synced yet
+    def answers(self, *requests: Request) -> list[bytes]:
+        model = ServerModel()
+        return [bytes(kind for kind, _ in model.process(r)) for r in requests]
 
-    def settles(self, sent: list) -> bool:
-        """Would the messages still unread give no reply and leave the server clean?"""
-        future = copy.deepcopy(self)
-        if any(future.process(*message) for message in sent):
-            return False
-        return not future.skipping and not future.copy and not future.held and future.status() == b"I"
+    def test_describe_close_and_function_call(self) -> None:
+        """Describe of a statement: ParameterDescription then RowDescription or NoData; of
+        a portal: one of those; Close: CloseComplete; FunctionCall: its result, then
+        ReadyForQuery."""
+        self.assertEqual(
+            self.answers(Request(tm.D, variant=3), Request(tm.D, variant=0), Request(tm.C),
+                         Request(S), Request(tm.F)),
+            [b"tT", b"n", b"3", b"Z", b"VZ"],
+        )
 
-    def status(self) -> bytes:
-        return b"E" if self.failed_block else b"T" if self.block else b"I"
+    def test_extended_error_discards_until_sync(self) -> None:
+        """After a failed Bind everything up to the Sync is discarded, a Query and a
+        FunctionCall included; an error in a Query or FunctionCall discards nothing."""
+        self.assertEqual(
+            self.answers(Request(B, fails=True), Request(Q), Request(tm.F), Request(E),
+                         Request(S), Request(tm.F, fails=True), Request(Q)),
+            [b"E", b"", b"", b"", b"Z", b"EZ", b"CZ"],
+        )
 
-    def process(self, kind: int, fails: bool, copies: bool, toggles: bool) -> list:
-        out = []
-        if self.copy:
-            if kind == D or kind in (S, H):
-                return out
-            simple = self.copy == "simple"
-            self.copy = ""
-            if kind == c and not fails:
-                out.append(CC)
-            else:
-                out.append(ERR)
-                if not simple:
-                    self.skipping = True
-            if simple:
-                out += [ZI]
-                self.held = False
-            return [(k, self.status() if k == ZI else b"SERROR\0\0" if k == ERR else None, 0) for k in out]
-        if self.skipping and kind != S:
-            return out
-        if kind in (D, c, f, H):
-            return out
-        if kind == S:
-            self.skipping = False
-            self.held = False
-            return [(ZI, self.status(), 0)]
-        if kind == Q:
-            self.held = False
-            if fails:
-                if self.block:
-                    self.failed_block = True
-                return [(ERR, b"SERROR\0\0", 0), (ZI, self.status(), 0)]
-            if copies:
-                self.copy = "simple"
-                return [(GIN, None, 0)]
-            if toggles:
-                self.block = not self.block
-                self.failed_block = False
-            return [(CC, None, 0), (ZI, self.status(), 0)]
-        # Parse, Bind, Execute
-        if fails:
-            self.skipping = True
-            if self.block:
-                self.failed_block = True
-            return [(ERR, b"SERROR\0\0", 0)]
-        self.held = True
-        if kind == E and copies:
-            self.copy = "extended"
-            return [(GIN, None, 0)]
-        return [({P: ONE, B: TWO, E: CC}[kind], None, 0)]
+    def test_copy_in_both_protocols(self) -> None:
+        """Copy-in ignores Sync and Flush; a Query's COPY ends with ReadyForQuery, an
+        Execute's waits for a Sync, and a failed one makes the server discard until it."""
+        copy = Request(Q, copies=True)
+        self.assertEqual(
+            self.answers(copy, Request(S), Request(H), Request(COPY_DATA), Request(COPY_DONE)),
+            [b"G", b"", b"", b"", b"CZ"],
+        )
+        extended = Request(E, copies=True)
+        self.assertEqual(
+            self.answers(extended, Request(S), Request(COPY_DATA, fails=True), Request(Q),
+                         Request(S)),
+            [b"G", b"", b"E", b"", b"Z"],
+        )
+        self.assertEqual(self.answers(copy, Request(Q)), [b"G", b"EZ"])  # consumed by the copy
+
+    def test_failed_block_fails_all_but_its_end(self) -> None:
+        """In a failed transaction block everything fails until ROLLBACK, statuses T, E, I."""
+        model = ServerModel()
+        begin, fails = Request(Q, toggles=True), Request(Q, fails=True)
+        self.assertEqual(model.process(begin)[-1], (ord("Z"), b"T"))
+        self.assertEqual(model.process(fails)[-1], (ord("Z"), b"E"))
+        self.assertEqual(model.process(Request(Q))[-1], (ord("Z"), b"E"))
+        self.assertEqual(model.process(begin)[-1], (ord("Z"), b"I"))
+
+
+kind_st = st.sampled_from(list(CLIENT_KINDS))
+rarely_st = st.integers(0, 5).map(lambda n: n == 0)
+request_st = st.builds(Request, kind_st, rarely_st, rarely_st, rarely_st, st.integers(0, 255))
+action_st = st.tuples(st.sampled_from([SEND, PROCESS, DELIVER]), st.integers(-2, 60))
 
 
 class ModelScheduleTests(SynchronousTestCase):
-    @given(st.lists(st.tuples(st.sampled_from([Q, S, P, B, E, H, D, c, f]), st.booleans(), st.booleans(),
-                              st.booleans(), st.integers(0, 6)), max_size=40),
-           st.lists(st.integers(0, 10_000), max_size=3))
-    @settings(max_examples=400, deadline=None)
-    def test_tracker_agrees_with_the_model(self, steps: list, cuts: list[int]) -> None:
-        """Random client messages (some failing, some starting a COPY or a block), replies
-        delivered at random moments: the tracker frees the server exactly when the model's
-        server has answered everything, discards nothing, copies nothing, holds no
-        unsynced work and is outside a transaction block."""
+    @given(st.lists(request_st, max_size=25), st.lists(action_st, max_size=40))
+    @settings(max_examples=200, deadline=None)
+    def test_tracker_agrees_with_the_model(
+        self, requests: list[Request], actions: list[tuple[str, int]]
+    ) -> None:
+        """Any client requests (some failing, some starting a COPY or a block; COPYs ended
+        before anything else is sent), sent in any pieces, processed and answered at any
+        moment, replies cut anywhere: the tracker frees the server only when the model's
+        server is done with the client, and ``idle`` always says what the model says."""
+        check_tracker(TrackerCase(discipline(requests), tuple(actions)))
+
+    def test_fuzz_driver(self) -> None:
+        """The long-run driver's tracker cases pass for a thousand inputs of a fixed seed."""
+        seed = int(os.environ.get("ODISSEY_FUZZ_SEED", "20240517"))
+        print(f"fuzz/run.py --target tracker seed={seed} (set ODISSEY_FUZZ_SEED to change)")
+        counts, failures = fuzz_run.fuzz(seed, 1000, target="tracker")
+        for failure in failures:
+            fuzz_run.report_failure(seed, failure, "tracker")
+        self.assertEqual(failures, [])
+        for key in ("tracker/free+released", "tracker/held"):
+            self.assertIn(key, counts)
+
+    def test_checker_catches_a_tracker_that_frees_too_early(self) -> None:
+        """The check is not vacuous: a tracker that frees at any ReadyForQuery fails it."""
+
+        class Eager(Transaction):
+            def server(self, events: list) -> bool:
+                return super().server(events) or any(k == ord("Z") for k, _, _ in events)
+
+        case = TrackerCase((Request(Q, toggles=True), Request(Q)))
+        self.assertEqual(check_tracker(case), "held")  # in the block BEGIN opened
+        with self.assertRaises(PropertyFailure):
+            check_tracker(case, Eager)
+
+
+class CopyRaceTests(SynchronousTestCase):
+    """Known disagreements: a client that sends other messages into a COPY FROM STDIN
+    that fails on its data. The tracker decides when the client sends them that the copy
+    will consume them, but PostgreSQL has left copy-in mode at the bad row and runs them.
+    Drivers never do this (they end a COPY before sending anything else)."""
+
+    def test_query_sent_into_a_copy_that_fails(self) -> None:
+        """CopyData with a bad row, then BEGIN, in one chunk: the copy's ReadyForQuery must
+        not free the server, which is about to answer BEGIN and open a transaction."""
         client = Client()
-        model = ServerModel()
-        sent: list[tuple[int, bool, bool, bool]] = []
-        for kind, fails, copies, toggles, deliver in steps:
-            client.send(kind, cuts=tuple(cuts))
-            sent.append((kind, fails and kind in (P, B, E, Q, c), copies, toggles))
-            replies = []  # the answers to several messages may come in one read
-            for _ in range(deliver):
-                if sent:
-                    replies += model.process(*sent.pop(0))
-            if client.tx.server(replies):
-                self.assertTrue(model.settles(sent), (sent, vars(model)))
-        while sent:
-            client.tx.server(model.process(*sent.pop(0)))
-        truth = not model.skipping and not model.copy and not model.held and model.status() == b"I"
-        self.assertEqual(client.tx.idle, truth, vars(model))
+        client.send(Q)
+        self.assertFalse(client.tx.server(reply(GIN)))
+        client.send(D, Q)
+        self.assertFalse(client.tx.server(reply(ERR, ZI)))
+
+    test_query_sent_into_a_copy_that_fails.todo = "tracker: issue 6, copy race"  # type: ignore[attr-defined]
+
+    def test_sync_sent_into_a_simple_copy_that_fails(self) -> None:
+        """A Sync sent into a simple COPY that fails on its data is answered too: the
+        copy's ReadyForQuery must not free the server."""
+        client = Client()
+        client.send(Q)
+        client.tx.server(reply(GIN))
+        client.send(D, S)
+        self.assertFalse(client.tx.server(reply(ERR, ZI)))
+
+    test_sync_sent_into_a_simple_copy_that_fails.todo = "tracker: issue 6, copy race"  # type: ignore[attr-defined]
+
+    def test_sync_without_copy_done_after_an_extended_copy_fails(self) -> None:
+        """libpq's extended COPY, a bad row, then a Sync without CopyDone: that Sync ends
+        the discarding, and its ReadyForQuery leaves the server clean."""
+        client = Client()
+        client.send(P, B, E, S)
+        client.tx.server(reply(ONE, TWO, GIN))
+        client.send(D, S)
+        client.tx.server(reply(ERR, ZI))
+        self.assertTrue(client.tx.idle)
+
+    test_sync_without_copy_done_after_an_extended_copy_fails.todo = "tracker: issue 6, copy race"  # type: ignore[attr-defined]
 
 
 class OneReadTests(SynchronousTestCase):

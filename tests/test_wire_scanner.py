@@ -39,7 +39,7 @@ def splits(data: bytes, cuts: list[int]) -> list[bytes]:
 
 
 def scan_all(scanner: Scanner, chunks: list[bytes]) -> list[tuple[int, bytes | None]]:
-    out = []
+    out: list[tuple[int, bytes | None]] = []
     for chunk in chunks:
         out.extend((kind, body) for kind, body, _ in scanner.feed(chunk))
     return out
@@ -110,7 +110,8 @@ class ScannerTests(SynchronousTestCase):
             pos += len(mm)
             ends.append(pos)
         scanner = Scanner(collect_all=True)
-        seen, base = [], 0
+        seen: list[int] = []
+        base = 0
         for chunk in splits(data, cuts):
             seen.extend(base + end for _, _, end in scanner.feed(chunk))
             base += len(chunk)
