@@ -70,6 +70,7 @@ from fuzz.tracker_model import (  # noqa: E402
     TrackerCase,
     TrackerFailure,
     check_tracker,
+    discipline,
 )
 from odissey.wire import messages as m  # noqa: E402
 
@@ -361,7 +362,7 @@ def tracker_requests(rng: random.Random, wild: bool) -> List[Request]:
                 kind = CLIENT_KINDS[rng.randrange(len(CLIENT_KINDS))]
                 copies = wild and rng.randrange(5) == 0
                 out.append(request(rng, kind, copies, rng.randrange(5) == 0))
-    return out
+    return out if wild else list(discipline(out))
 
 
 def tracker_actions(rng: random.Random, n: int) -> List[Action]:

@@ -38,6 +38,7 @@ from fuzz.targets import PropertyFailure
 from odissey.server import SERVER_COLLECT
 from odissey.transaction import CLIENT_WATCH, SERVER_WATCH, Transaction
 from odissey.wire.messages import message
+from odissey.wire.errors import ProtocolViolation
 from odissey.wire.scanner import Scanner
 
 # Client message types.
@@ -251,8 +252,9 @@ class ServerModel:
 
 def discipline(requests: Sequence[Request]) -> Tuple[Request, ...]:
     """The requests as a driver sends them: a COPY FROM STDIN that a Query or Execute may
-    have started gets only CopyData and Flush (and, after an Execute, libpq's Sync) until
-    its CopyDone or CopyFail; a CopyDone is put in before anything else.
+    have started gets only CopyData and Flush (and, after an Execute and before any
+    CopyData, libpq's Sync) until its CopyDone or CopyFail, and so does any CopyData; a
+    CopyDone is put in before anything else.
 
     A client that sends other messages into a COPY cannot know whether the server will
     consume them as the copy's error or, when the copy has already failed on its data,
@@ -260,8 +262,13 @@ def discipline(requests: Sequence[Request]) -> Tuple[Request, ...]:
     """
     out: List[Request] = []
     section = ""  # "", or the protocol of a COPY that may be open
+    data = False  # CopyData sent and not ended: the tracker refuses anything else there
     for request in requests:
         kind = request.kind
+        if data and kind not in (COPY_DATA, COPY_DONE, COPY_FAIL, H):
+            out.append(Request(COPY_DONE))
+            section = ""
+        data = kind == COPY_DATA or (data and kind == H)
         if section:
             if kind in (COPY_DONE, COPY_FAIL):
                 section = ""
@@ -368,6 +375,8 @@ class _Run:
         self.log.append(f"c{len(chunk)}")
         try:
             terminate = self.tx.client(self.client_scanner.feed(chunk), len(chunk))
+        except ProtocolViolation:
+            raise  # refused: the relay drops the client and closes the server
         except Exception as exc:
             self.fail(f"Transaction.client raised {type(exc).__name__}: {exc}")
         if terminate is not None:
@@ -431,10 +440,15 @@ def check_tracker(case: TrackerCase, factory: TransactionFactory = Transaction) 
     when ``server()`` freed the server on the way), or raise PropertyFailure."""
     run = _Run(case, factory)
     do = {SEND: run.send, PROCESS: run.process, DELIVER: run.deliver}
-    for op, n in case.actions:
-        do[op](n)
-        run.check_idle()
-    run.send(-2)
+    try:
+        for op, n in case.actions:
+            do[op](n)
+            run.check_idle()
+        run.send(-2)
+    except ProtocolViolation:
+        # Messages sent inside COPY data: the tracker refuses them, and the relay closes
+        # the server rather than guess whether PostgreSQL will run them. Safe by design.
+        return "refused"
     run.process(len(case.requests))
     run.deliver(-2)
     run.check_idle()

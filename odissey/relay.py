@@ -123,10 +123,10 @@ class Relay:
         self.client_at = self._now()
         try:
             events = self.scanner.feed(data)
+            end = self.tx.client(events, len(data))
         except ProtocolViolation as exc:
             self._violation(exc)
             return
-        end = self.tx.client(events, len(data))
         if end is not None:
             self.goodbye = True
             if end < 0:  # Terminate's header began in the previous chunk, already sent

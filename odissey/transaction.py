@@ -34,6 +34,7 @@ from __future__ import annotations
 from collections import deque
 from typing import Optional
 
+from odissey.wire.errors import ProtocolViolation
 from odissey.wire.scanner import Event
 
 # Client message types.
@@ -61,31 +62,52 @@ _COMPLETES = {
     DESCRIBE: frozenset((ROW_DESCRIPTION, NO_DATA)),  # a statement's ParameterDescription comes first
     EXECUTE: frozenset((COMMAND_COMPLETE, EMPTY_QUERY, PORTAL_SUSPENDED)),
 }
+#: (request << 8 | reply) for each reply that completes the request at the queue's head:
+#: one set lookup per reply on the hot path.
+_ANSWERS = frozenset(request << 8 | reply for request, replies in _COMPLETES.items() for reply in replies)
 _ANSWERED_BY_Z = frozenset((Q, F, SYNC))
-#: What copy-in mode reads as copy messages (Sync and Flush it ignores); anything else
-#: fails the COPY and is consumed.
-_IN_COPY = frozenset((COPY_DATA, COPY_DONE, COPY_FAIL, SYNC, FLUSH))
+#: What a client may send between CopyData and the CopyDone/CopyFail that ends it.
+#: Anything else is refused: whether PostgreSQL runs it (the COPY failed on an earlier
+#: row and left copy-in mode) or consumes it (the COPY is still reading) depends on
+#: data the pooler does not parse, and guessing wrong would free a server about to
+#: answer it. No driver sends anything there.
+_IN_DATA = frozenset((COPY_DATA, COPY_DONE, COPY_FAIL, FLUSH, TERMINATE))
+
+# What the server does with what the client sends next (Transaction.mode).
+NORMAL, SKIPPING, COPYING = range(3)
+
 
 class Transaction:
-    __slots__ = ("pending", "status", "copy_in", "skipping", "unsynced", "partial", "edge")
+    __slots__ = ("pending", "status", "mode", "unsynced", "in_data", "partial", "edge")
 
     def __init__(self) -> None:
         #: Requests sent and not yet answered, oldest first (message types, or _COPY_END).
         self.pending: deque[int] = deque()
         self.status = b"I"
-        self.copy_in = False
-        #: An extended-protocol message failed and no Sync has been sent since: the server
-        #: discards everything the client sends until one.
-        self.skipping = False
+        #: NORMAL; SKIPPING: an extended-protocol message failed and no Sync has been sent
+        #: since, so the server discards everything the client sends until one; COPYING:
+        #: the server is in copy-in mode.
+        self.mode = NORMAL
         #: Extended-protocol messages were sent after the last Sync (or Query): the server
         #: holds that work (an Execute has even run, in an implicit transaction).
         self.unsynced = False
+        #: CopyData sent into a COPY (announced, or maybe about to be) that the client has
+        #: not ended yet with CopyDone or CopyFail.
+        self.in_data = False
         #: The type of a message still arriving: 0 when the stream ends between messages,
         #: -1 when even its header is incomplete.
         self.partial = 0
         #: Where the message still arriving ends (> 0) or starts (< 0, header incomplete),
         #: from the end of what the client sent.
         self.edge = 0
+
+    @property
+    def copy_in(self) -> bool:
+        return self.mode == COPYING
+
+    @property
+    def skipping(self) -> bool:
+        return self.mode == SKIPPING
 
     @property
     def busy(self) -> bool:
@@ -97,38 +119,55 @@ class Transaction:
     def idle(self) -> bool:
         """Nothing in flight or half-sent, no transaction open, not in COPY, not discarding
         until a Sync: the server may go."""
-        return (not self.pending and self.status == b"I" and not self.copy_in
-                and not self.skipping and not self.unsynced and self.partial == 0)
+        return (not self.pending and self.status == b"I" and self.mode == NORMAL
+                and not self.unsynced and self.partial == 0)
 
     def client(self, events: list[Event], length: int) -> Optional[int]:
         """Queue what the client sent in a chunk of ``length`` bytes; return where a
         Terminate starts, if one came (negative when its header began in an earlier chunk)."""
         start = self.edge  # each message starts where the previous one ended
         pending = self.pending
+        unsynced = self.unsynced
         for kind, _body, end in events:
-            if kind == TERMINATE:
+            mode = self.mode
+            if self.in_data and kind not in _IN_DATA:
+                raise ProtocolViolation(
+                    f"message type {chr(kind)!r} sent inside COPY data, before CopyDone or CopyFail")
+            if kind in _COMPLETES:
+                if mode == NORMAL:
+                    pending.append(kind)
+                    unsynced = True
+                elif mode == COPYING:
+                    self.mode = NORMAL  # the copy consumes it as an error, and ends
+            elif kind in _ANSWERED_BY_Z:
+                if mode == NORMAL:
+                    pending.append(kind)
+                    unsynced = False
+                elif kind == SYNC:
+                    if mode == SKIPPING:
+                        self.mode = NORMAL
+                        pending.append(SYNC)
+                        unsynced = False
+                    # (copy-in mode ignores a Sync)
+                else:
+                    if mode == COPYING:
+                        self.mode = NORMAL  # the copy consumes it as an error, and ends
+            elif kind == COPY_DATA:
+                if mode == COPYING or (mode == NORMAL and pending):
+                    self.in_data = True
+            elif kind == COPY_DONE or kind == COPY_FAIL:
+                self.in_data = False
+                if mode == COPYING:
+                    self.mode = NORMAL
+                elif mode == NORMAL and pending:  # the COPY may not have been announced yet
+                    pending.append(_COPY_END)
+            elif kind == TERMINATE:
+                self.unsynced = unsynced
                 self.edge, self.partial = end - length, 0
                 return start
-            start = end
-            if self.skipping:  # the server discards all but Sync
-                if kind == SYNC:
-                    self.skipping = self.unsynced = False
-                    pending.append(SYNC)
-            elif self.copy_in and kind not in _IN_COPY:
-                self.copy_in = False  # the copy consumes it as an error, and ends
-            elif kind in _COMPLETES:
-                pending.append(kind)
-                self.unsynced = True
-            elif kind in _ANSWERED_BY_Z:
-                if kind != SYNC or not self.copy_in:
-                    pending.append(kind)
-                    self.unsynced = False
-            elif kind == COPY_DONE or kind == COPY_FAIL:
-                if self.copy_in:
-                    self.copy_in = False
-                elif pending:  # the COPY may not have been announced yet
-                    pending.append(_COPY_END)
             # A Flush, and CopyData outside copy-in, change nothing the server holds.
+            start = end
+        self.unsynced = unsynced
         edge = start - length
         self.edge = edge
         if edge == 0:
@@ -151,7 +190,6 @@ class Transaction:
         ready = False
         pending = self.pending
         for kind, body, _end in events:
-            head = pending[0] if pending else 0
             if kind == Z:
                 # Everything up to the request this answers is done (the Sync of a batch).
                 while pending and pending.popleft() not in _ANSWERED_BY_Z:
@@ -159,16 +197,18 @@ class Transaction:
                 self.status = body  # type: ignore[assignment]
                 ready = True
             elif kind == ERROR:
-                self.copy_in = False  # an error ends copy-in; later copy messages are dropped
-                if head in _COMPLETES:  # discard until Sync, as the server now does
+                if self.mode == COPYING:
+                    self.mode = NORMAL  # an error ends copy-in; later copy messages are dropped
+                if pending and pending[0] in _COMPLETES:  # discard until Sync, as the server does
                     while pending and pending[0] != SYNC:
                         pending.popleft()
-                    self.skipping = not pending
+                    if not pending:
+                        self.mode = SKIPPING
                 continue
             elif kind == COPY_IN:
                 self._copy_started()
                 continue
-            elif head in _COMPLETES and kind in _COMPLETES[head]:
+            elif pending and (pending[0] << 8 | kind) in _ANSWERS:
                 pending.popleft()
             else:
                 continue
@@ -185,7 +225,7 @@ class Transaction:
         while pending and pending[0] != Q and pending[0] != EXECUTE:
             pending.popleft()  # answered before the copy could start
         if not pending:
-            self.copy_in = True
+            self.mode = COPYING
             return
         owner = pending.popleft()
         ended = False
@@ -194,7 +234,7 @@ class Transaction:
                 ended = True
                 break
         pending.appendleft(owner)
-        self.copy_in = not ended
+        self.mode = NORMAL if ended else COPYING
         # What the copy consumed no longer counts: judge by what is left.
         self.unsynced = False
         for kind in pending:

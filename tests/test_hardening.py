@@ -450,6 +450,29 @@ class HeldServerTests(IntegrationTest):
         self.assertEqual(ra.rows[-1], "7")
 
     @inlineCallbacks
+    def test_request_inside_copy_data_refused(self):
+        """A bad CopyData row and a BEGIN in one write: whether PostgreSQL runs the BEGIN
+        depends on the row, so Odissey refuses it (08P01) and closes that server; the
+        next client gets a server outside any transaction."""
+        a, _ = yield self.thread(trust_login_keyed, self.odissey.port)
+        ra = Replies(a)
+        try:
+            a.sendall(m.query("copy items (id, note) from stdin"))
+            yield self.thread(read_until, a, m.message(b"G", b"\0\0\2\0\0\0\0"))
+            a.sendall(m.message(b"d", b"not-a-number\tx\n") + m.query("begin"))
+            with self.assertRaises(ConnectionError):
+                yield self.thread(ra.until, 1)
+            self.assertEqual(ra.errors, ["08P01"])
+        finally:
+            a.close()
+
+        def status() -> str:
+            with self.odissey.connect(user="u_trust", password=None) as conn:
+                return str(conn.info.transaction_status.name)
+
+        self.assertEqual((yield self.thread(status)), "IDLE")
+
+    @inlineCallbacks
     def test_failed_parse_then_query_before_sync(self):
         """Parse fails, the Query before Sync is discarded: A's server serves B within 2 s."""
         a, _ = yield self.thread(trust_login_keyed, self.odissey.port)

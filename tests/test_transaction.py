@@ -27,6 +27,7 @@ from fuzz.tracker_model import (
 )
 from odissey.transaction import CLIENT_WATCH, Transaction
 from odissey.wire import messages as m
+from odissey.wire.errors import ProtocolViolation
 from odissey.wire.scanner import Event, Scanner
 
 Q, S, E, P, B, H, D, c, f, X = b"QSEPBHdcfX"
@@ -136,7 +137,7 @@ class TransactionTests(SynchronousTestCase):
         client = Client()
         client.send(P, B, E, S)
         self.assertFalse(client.tx.server(G))
-        client.send(D, D, S, D, c, S)  # a stray Sync in copy mode is ignored too
+        client.send(D, D, D, c, S)
         self.assertTrue(client.tx.server(z(b"I")))
 
     def test_copy_sent_whole_before_the_server_announces_it(self) -> None:
@@ -366,44 +367,50 @@ class ModelScheduleTests(SynchronousTestCase):
 
 
 class CopyRaceTests(SynchronousTestCase):
-    """Known disagreements: a client that sends other messages into a COPY FROM STDIN
-    that fails on its data. The tracker decides when the client sends them that the copy
-    will consume them, but PostgreSQL has left copy-in mode at the bad row and runs them.
-    Drivers never do this (they end a COPY before sending anything else)."""
+    """A client that sends other messages between CopyData and its CopyDone/CopyFail:
+    whether PostgreSQL runs them (the COPY failed on an earlier row and left copy-in mode)
+    or consumes them (the COPY is still reading) depends on the data. The tracker cannot
+    know, so it refuses them as a protocol violation (the relay then drops the client and
+    closes the server). Drivers never send anything there."""
 
-    def test_query_sent_into_a_copy_that_fails(self) -> None:
-        """CopyData with a bad row, then BEGIN, in one chunk: the copy's ReadyForQuery must
-        not free the server, which is about to answer BEGIN and open a transaction."""
+    def test_query_sent_into_copy_data(self) -> None:
+        """CopyData, then BEGIN, in one chunk: refused."""
         client = Client()
         client.send(Q)
         self.assertFalse(client.tx.server(reply(GIN)))
-        client.send(D, Q)
-        self.assertFalse(client.tx.server(reply(ERR, ZI)))
+        with self.assertRaises(ProtocolViolation):
+            client.send(D, Q)
 
-    test_query_sent_into_a_copy_that_fails.todo = "tracker: issue 6, copy race"  # type: ignore[attr-defined]
-
-    def test_sync_sent_into_a_simple_copy_that_fails(self) -> None:
-        """A Sync sent into a simple COPY that fails on its data is answered too: the
-        copy's ReadyForQuery must not free the server."""
+    def test_sync_sent_into_simple_copy_data(self) -> None:
+        """A Sync between the CopyData of a simple COPY and its end: refused."""
         client = Client()
         client.send(Q)
         client.tx.server(reply(GIN))
-        client.send(D, S)
-        self.assertFalse(client.tx.server(reply(ERR, ZI)))
+        with self.assertRaises(ProtocolViolation):
+            client.send(D, S)
 
-    test_sync_sent_into_a_simple_copy_that_fails.todo = "tracker: issue 6, copy race"  # type: ignore[attr-defined]
-
-    def test_sync_without_copy_done_after_an_extended_copy_fails(self) -> None:
-        """libpq's extended COPY, a bad row, then a Sync without CopyDone: that Sync ends
-        the discarding, and its ReadyForQuery leaves the server clean."""
+    def test_sync_sent_into_extended_copy_data(self) -> None:
+        """libpq's Sync right after an extended COPY's Execute is fine; one after its
+        CopyData, before CopyDone, is refused."""
         client = Client()
         client.send(P, B, E, S)
         client.tx.server(reply(ONE, TWO, GIN))
-        client.send(D, S)
-        client.tx.server(reply(ERR, ZI))
-        self.assertTrue(client.tx.idle)
+        with self.assertRaises(ProtocolViolation):
+            client.send(D, S)
 
-    test_sync_without_copy_done_after_an_extended_copy_fails.todo = "tracker: issue 6, copy race"  # type: ignore[attr-defined]
+    def test_request_after_early_copy_data(self) -> None:
+        """CopyData sent before the server announced the COPY, then a Query before
+        CopyDone: refused too, whatever the server answers later."""
+        client = Client()
+        with self.assertRaises(ProtocolViolation):
+            client.send(Q, D, Q)
+
+    def test_terminate_inside_copy_data(self) -> None:
+        """A client may say goodbye in the middle of its COPY data."""
+        client = Client()
+        client.send(Q)
+        client.tx.server(reply(GIN))
+        self.assertIsNotNone(client.send(D, X))
 
 
 class OneReadTests(SynchronousTestCase):
