@@ -112,6 +112,7 @@ class Relay:
         #: Cancels forwarded for the attached server: each must have landed before the
         #: server serves anyone else (fires True when PostgreSQL closed its connection).
         self.cancels: list[Deferred[bool]] = []
+        self._cancel_on_way: Deferred[bool] | None = None  # sent, PostgreSQL not done with it
         self.cancel_wanted = False  # a cancel came while the query waited for a server
         self._waiting: Deferred[ServerConnection] | None = None
         self._now = pool.reactor.seconds
@@ -187,10 +188,19 @@ class Relay:
     def _cancel_server(self, server: ServerConnection) -> "Deferred[bool]":
         """Forward one cancel, unless one is still on its way: a client's cancels are
         coalesced, never one PostgreSQL connection each."""
-        if self.cancels and not self.cancels[-1].called:
-            return self.cancels[-1]
+        if self._cancel_on_way is not None:
+            return self._cancel_on_way
         sent = server.cancel()
         self.cancels.append(sent)
+        self._cancel_on_way = sent
+
+        def landed(result: bool) -> bool:
+            # (``sent.called`` will not do: it is true as soon as the connection is made)
+            if self._cancel_on_way is sent:
+                self._cancel_on_way = None
+            return result
+
+        sent.addBoth(landed)
         return sent
 
     # -- getting a server ----------------------------------------------------------------
@@ -309,7 +319,7 @@ class Relay:
                 if self.transaction_mode:
                     self._detach()
                 elif self.cancels:  # session mode: only this client's next query is at stake
-                    self.cancels = [sent for sent in self.cancels if not sent.called]
+                    self.cancels = [sent for sent in self.cancels if sent is self._cancel_on_way]
 
     def serverLost(self) -> None:
         server, self.server = self.server, None
@@ -353,7 +363,7 @@ class Relay:
         self._uncouple(server)
         server.detach()
         server.last_client = self.client.id
-        cancels, self.cancels = self.cancels, []
+        cancels, self.cancels, self._cancel_on_way = self.cancels, [], None
         settings = self.pool.route.pool
         if not cancels and not settings.reset_after_transaction:
             self.pool.release(server)

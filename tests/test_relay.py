@@ -15,7 +15,7 @@ from odissey.flow import PENDING_LIMIT
 from odissey.params import params_from
 from odissey.pool import Pool, PoolKey
 from odissey.relay import Relay, RelayState
-from odissey.testing import DEFAULT_PARAMS, FakeBackends, FakeClient, command_complete, error
+from odissey.testing import DEFAULT_PARAMS, FakeBackends, FakeClient, answer_cancel, command_complete, error
 from odissey.wire import messages as m
 from tests.harness import IntegrationTest, have, route, vanish
 
@@ -306,3 +306,43 @@ class RelayUnitTests(SynchronousTestCase):
         self.assertTrue(client.dropped)
         self.assertNotIn(b"X", backends[0].kinds())
         self.assertEqual(pool.idle, [backends[0].server])
+
+
+class RelayCancelTests(SynchronousTestCase):
+    """Cancels forwarded by the relay: coalesced while one is on its way, settled before
+    the server is released, never carried over to the next attachment."""
+
+    def test_cancels_coalesced_until_postgresql_closes(self) -> None:
+        """Two cancel requests while the first is on its way open one cancel connection;
+        the server goes back only after PostgreSQL closed it and a Sync came back."""
+        relay, client, pool, backends, reactor = relay_setup()
+        attached(relay, reactor, backends, m.query("select pg_sleep(1)"))
+        backend = backends[0]
+        first = relay.cancelRequest()
+        backend.cancel_line = answer_cancel(reactor)  # connected; PostgreSQL not done yet
+        second = relay.cancelRequest()
+        self.assertEqual(len(reactor.tcpClients), 0)  # no second cancel connection
+        backend.held.pop(0)  # PostgreSQL signals the backend: the query fails
+        backend.send(error("57014", "canceling statement due to user request") + m.ready_for_query(b"I"))
+        backends.flush()
+        self.assertEqual(relay.state, RelayState.IDLE)  # detached, but not released yet
+        self.assertEqual(pool.idle, [])
+        self.assertFalse(first.called or second.called)
+        backend.close_cancel()
+        self.assertTrue(first.called and second.called)
+        backends.flush()
+        self.assertEqual(pool.idle, [backend.server])
+
+    def test_next_attachment_gets_a_cancel_of_its_own(self) -> None:
+        """A cancel still on its way when the query ended is not reused for the client's
+        next query: that one gets its own cancel connection."""
+        relay, client, pool, backends, reactor = relay_setup(size=2)
+        attached(relay, reactor, backends, m.query("select pg_sleep(1)"))
+        relay.cancelRequest()
+        backends[0].accept_cancel(close=False)
+        backends.flush()  # the first query ended; its server is settling its cancel
+        relay.clientData(m.query("select pg_sleep(1)"))
+        reactor.advance(0)
+        backends.flush()
+        relay.cancelRequest()
+        self.assertEqual(len(reactor.tcpClients), 1)  # a new cancel connection for the new query
