@@ -26,6 +26,11 @@ liveness
     whenever the client's stream ends at a boundary and every reply is delivered, ``idle``
     says exactly what the model says (and it is False at any other moment); the end of a
     case is such a moment.
+refusals
+    the tracker refuses (``ProtocolViolation``) a client that sends other messages inside
+    COPY data, where it cannot know whether PostgreSQL will run them or consume them; the
+    relay then closes the server. That ends a case, and is a failure when the client sent
+    what a driver sends (:func:`discipline` leaves its requests as they are).
 """
 
 from __future__ import annotations
@@ -437,7 +442,8 @@ class _Run:
 
 def check_tracker(case: TrackerCase, factory: TransactionFactory = Transaction) -> str:
     """Run one case; return its outcome (``"free"``/``"held"`` at the end, ``+released``
-    when ``server()`` freed the server on the way), or raise PropertyFailure."""
+    when ``server()`` freed the server on the way; ``"refused"`` when the tracker refused
+    a client that sent other messages inside COPY data), or raise PropertyFailure."""
     run = _Run(case, factory)
     do = {SEND: run.send, PROCESS: run.process, DELIVER: run.deliver}
     try:
@@ -445,9 +451,12 @@ def check_tracker(case: TrackerCase, factory: TransactionFactory = Transaction) 
             do[op](n)
             run.check_idle()
         run.send(-2)
-    except ProtocolViolation:
+    except ProtocolViolation as exc:
         # Messages sent inside COPY data: the tracker refuses them, and the relay closes
-        # the server rather than guess whether PostgreSQL will run them. Safe by design.
+        # the server rather than guess whether PostgreSQL will run them. Safe by design,
+        # but only for such clients: a driver's stream must never be refused.
+        if discipline(case.requests) == case.requests:
+            run.fail(f"a driver's stream was refused: {exc}", "refused")
         return "refused"
     run.process(len(case.requests))
     run.deliver(-2)

@@ -365,6 +365,25 @@ class ModelScheduleTests(SynchronousTestCase):
         with self.assertRaises(PropertyFailure):
             check_tracker(case, Eager)
 
+    def test_checker_fails_a_tracker_that_refuses_a_driver(self) -> None:
+        """Refusing a client that sends other messages inside COPY data is a safe outcome;
+        refusing what a driver sends (a Flush among its CopyData) is a failure."""
+
+        class NoFlushInCopy(Transaction):
+            def client(self, events: list, length: int) -> int | None:
+                if self.in_data and any(k == H for k, _, _ in events):
+                    raise ProtocolViolation("Flush inside COPY data")
+                return super().client(events, length)
+
+        copy = (Request(Q, copies=True), Request(COPY_DATA))
+        schedule = ((SEND, -1), (PROCESS, 1), (DELIVER, -2), (SEND, -1), (SEND, -1))
+        driver = TrackerCase(copy + (Request(H), Request(COPY_DONE)), schedule)
+        self.assertEqual(check_tracker(driver), "free+released")
+        with self.assertRaises(PropertyFailure):
+            check_tracker(driver, NoFlushInCopy)
+        wild = TrackerCase(copy + (Request(Q),), schedule)
+        self.assertEqual(check_tracker(wild), "refused")
+
 
 class CopyRaceTests(SynchronousTestCase):
     """A client that sends other messages between CopyData and its CopyDone/CopyFail:
