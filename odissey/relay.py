@@ -99,7 +99,7 @@ class Relay:
         self.reported = frozenset(name.lower() for name, _ in pool.parameters_cache or ())
         self.transaction_mode = pool.route.pool.mode == "transaction"
         self.state = RelayState.IDLE
-        self.scanner = Scanner(watch=CLIENT_WATCH, max_length=max_message_size)
+        self.scanner = Scanner(watch=CLIENT_WATCH, max_length=max_message_size, strict=True)
         self.tx = Transaction()
         self.server: ServerConnection | None = None
         self.coupled = False  # transports registered as each other's producers
@@ -395,7 +395,8 @@ class Relay:
             self.tx,
             cut=cut,
             goodbye=self.goodbye,
-            reset_query=route.pool.reset_query if not self.transaction_mode else "",
+            reset_query=route.pool.reset_query
+            if not self.transaction_mode or route.pool.reset_after_transaction else "",
             timeout=route.pool.reset_timeout,
             cancels=self.cancels,
         )

@@ -44,6 +44,9 @@ class _Drain:
         if tx.copy_in:  # a COPY the client started before it left: nobody will feed it
             self.server.transport.write(m.copy_fail("client disconnected") + m.sync())  # type: ignore[union-attr]
             tx.pooler_sent(b"fS")
+        elif tx.skipping:  # a batch that failed while draining: only a Sync ends it
+            self.server.transport.write(m.sync())  # type: ignore[union-attr]
+            tx.pooler_sent(b"S")
         if not tx.pending and not self.done.called:
             self.done.callback(None)
 

@@ -66,6 +66,10 @@ _COMPLETES = {
 #: one set lookup per reply on the hot path.
 _ANSWERS = frozenset(request << 8 | reply for request, replies in _COMPLETES.items() for reply in replies)
 _ANSWERED_BY_Z = frozenset((Q, F, SYNC))
+#: Messages PostgreSQL reads only up to SMALL_LIMIT bytes (it drops a client that sends
+#: a longer one); Flush and Sync have no body at all.
+_SMALL = frozenset((CLOSE, DESCRIBE, EXECUTE, FLUSH, SYNC, TERMINATE, COPY_DONE, COPY_FAIL))
+SMALL_LIMIT = 10000
 #: What a client may send between CopyData and the CopyDone/CopyFail that ends it.
 #: Anything else is refused: whether PostgreSQL runs it (the COPY failed on an earlier
 #: row and left copy-in mode) or consumes it (the COPY is still reading) depends on
@@ -133,6 +137,10 @@ class Transaction:
             if self.in_data and kind not in _IN_DATA:
                 raise ProtocolViolation(
                     f"message type {chr(kind)!r} sent inside COPY data, before CopyDone or CopyFail")
+            if kind in _SMALL:
+                size = end - start
+                if size > SMALL_LIMIT or (size != 5 and (kind == FLUSH or kind == SYNC)):
+                    raise ProtocolViolation(f"invalid message length {size - 1} for message type {chr(kind)!r}")
             if kind in _COMPLETES:
                 if mode == NORMAL:
                     pending.append(kind)

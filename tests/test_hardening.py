@@ -534,3 +534,26 @@ class PausedWaiterTests(IntegrationTest):
             yield until(lambda: len(factory.clients) == 1, 5, "B's connection is gone")
         finally:
             a.close()
+
+
+class ResetAfterTransactionTests(IntegrationTest):
+    """reset_after_transaction also runs for a client that leaves while attached."""
+
+    def routes(self) -> list[dict[str, Any]]:
+        return [trust_route(mode="transaction", size=1, wait_timeout="10s",
+                            reset_after_transaction=True)]
+
+    @inlineCallbacks
+    def test_reset_when_client_leaves_mid_query(self):
+        """A client that SETs work_mem and leaves during its next query: the next client
+        finds the default, because the server was reset, not just rolled back."""
+        a, _ = yield self.thread(trust_login_keyed, self.odissey.port)
+        a.sendall(m.query("set work_mem = '13MB'") + m.query("select pg_sleep(0.3)"))
+        yield self.thread(read_until, a, m.ready_for_query(b"I"))  # the SET's answer
+        a.close()
+
+        def work_mem() -> str:
+            with self.odissey.connect(user="u_trust", password=None) as conn:
+                return str(conn.execute("show work_mem").fetchone()[0])  # type: ignore[index]
+
+        self.assertEqual((yield self.thread(work_mem)), "4MB")

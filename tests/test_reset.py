@@ -84,3 +84,16 @@ class ResetTests(SynchronousTestCase):
         backend.flush()
         self.assertEqual(backend.server.state, ServerState.CLOSED)
         self.assertEqual(pool.total, 0)
+
+    def test_failed_batch_then_goodbye_is_synced(self) -> None:
+        """A failing Parse/Bind/Execute, a Query and Terminate in one write: the error
+        leaves the server discarding until a Sync, so the drain sends one before the
+        server is pooled."""
+        relay, client, pool, backends, reactor = relay_setup()
+        attached(relay, reactor, backends, m.query("select 1"))
+        relay.clientData(m.message(b"P", b"\0select 1/0\0\0\0") + m.message(b"B", b"\0\0\0\0\0\0\0\0")
+                         + m.message(b"E", b"\0\0\0\0\0") + m.query("select 2") + m.terminate())
+        relay.clientGone()
+        backends.flush()
+        self.assertEqual(backends[0].kinds()[-1:], b"S")
+        self.assertEqual(pool.idle, [backends[0].server])

@@ -440,3 +440,21 @@ class OneReadTests(SynchronousTestCase):
         client.send(Q, D, c, P, B, E, S)
         self.assertTrue(client.tx.server(reply(GIN, CC, ZI, ONE, TWO, CC, ZI)))
         self.assertEqual(list(client.tx.pending), [])
+
+
+class MessageShapeTests(SynchronousTestCase):
+    """Messages PostgreSQL would refuse only once it reads them are refused as they
+    arrive, before the server they would break could be handed to another client."""
+
+    def test_flush_or_sync_with_a_body(self) -> None:
+        """Flush and Sync have no body."""
+        for kind in (H, S):
+            tx = Transaction()
+            with self.assertRaises(ProtocolViolation):
+                tx.client(Scanner(watch=CLIENT_WATCH).feed(m.message(bytes([kind]), b"junk")), 9)
+
+    def test_small_message_over_the_limit(self) -> None:
+        """An Execute longer than the 10,000 bytes PostgreSQL reads of one is refused."""
+        data = m.message(b"E", b"\0" * 20000)
+        with self.assertRaises(ProtocolViolation):
+            Transaction().client(Scanner(watch=CLIENT_WATCH).feed(data), len(data))

@@ -191,3 +191,13 @@ class StartupReaderTests(SynchronousTestCase):
             StartupReader().feed(data)
         except PoolerError:
             pass
+
+
+class StrictTests(SynchronousTestCase):
+    def test_unknown_type_refused_when_strict(self) -> None:
+        """A strict scanner refuses a type nobody watches, pointing at its header."""
+        data = m.query("select 1") + m.message(b"z")
+        with self.assertRaises(ProtocolViolation) as caught:
+            Scanner(watch=frozenset(b"Q"), strict=True).feed(data)
+        self.assertEqual(caught.exception.offset, len(m.query("select 1")))
+        self.assertEqual(len(Scanner(watch=frozenset(b"Q")).feed(data)), 1)  # not strict: skipped

@@ -36,11 +36,13 @@ class Scanner:
     ``watch`` types are reported as soon as their header is seen; ``collect`` types (a
     subset of what is reported) are reported once their whole body has arrived, with the
     body. With ``collect_all`` every message is reported with its body (login phases).
-    A declared length below 4 or above ``max_length`` raises :class:`ProtocolViolation`.
+    A declared length below 4 or above ``max_length`` raises :class:`ProtocolViolation`,
+    and so does, when ``strict``, a type that is neither watched nor collected (the
+    caller watches every type the peer may send, as PostgreSQL knows them).
     """
 
     __slots__ = (
-        "watch", "collect", "collect_all", "max_length",
+        "watch", "collect", "collect_all", "max_length", "strict",
         "_skip", "_skip_type", "_head", "_body", "_body_type", "_body_need",
     )
 
@@ -51,11 +53,13 @@ class Scanner:
         *,
         collect_all: bool = False,
         max_length: int = 0x7FFFFFFF,
+        strict: bool = False,
     ) -> None:
         self.watch = watch | collect
         self.collect = collect
         self.collect_all = collect_all
         self.max_length = max_length
+        self.strict = strict
         self._skip = 0
         self._skip_type = 0
         self._head = b""
@@ -129,6 +133,8 @@ class Scanner:
                 break
             if kind in watch:
                 events.append((kind, None, end - shift))
+            elif self.strict:
+                raise ProtocolViolation(f"invalid frontend message type {kind}", pos - shift)
             if end > n:
                 self._skip = end - n
                 self._skip_type = kind
