@@ -22,7 +22,6 @@ Run ``r`` of configuration ``c`` (0..3 in the order above) has seed
 ``seed * 1_000_000 + r * 4 + c``; replay one in the test suite with
 ``ODISSEY_SEQ_SEED=<seed> python -m twisted.trial tests.test_sequence_fuzz.<Class>``
 (the class of that configuration), or here with ``--replay <seed> --configs <name>``.
-``--risky`` also generates what hits the bugs named by ``AVOID_KNOWN_BUGS`` there.
 """
 
 from __future__ import annotations
@@ -64,7 +63,7 @@ class Config:
 CONFIGS = [
     Config("tx1", "TransactionPoolOfOneTests", {"mode": "transaction", "size": 1}, 1, False),
     Config("reset", "ResetAfterTransactionTests",
-           {"mode": "transaction", "size": 1, "reset_after_transaction": True}, 1, not fz.AVOID_KNOWN_BUGS),
+           {"mode": "transaction", "size": 1, "reset_after_transaction": True}, 1, True),
     Config("session", "SessionPoolOfOneTests", {"mode": "session", "size": 1}, 1, True),
     Config("tx2", "TransactionPoolOfTwoTests", {"mode": "transaction", "size": 2}, 2, False),
 ]
@@ -152,13 +151,11 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=None, help="base seed (default: random, printed)")
     parser.add_argument("--configs", default=",".join(c.name for c in CONFIGS))
     parser.add_argument("--replay", type=int, default=None, help="run this one seed (per chosen config)")
-    parser.add_argument("--risky", action="store_true", help="also what hits the known bugs (AVOID_KNOWN_BUGS)")
     parser.add_argument("--verbose", action="store_true")
     args = parser.parse_args()
     base = args.seed if args.seed is not None else random.randrange(1 << 20)
     chosen = [c for c in CONFIGS if c.name in args.configs.split(",")]
-    print(f"sequence fuzz: seed {base}, {args.seconds:.0f} s, configs {[c.name for c in chosen]}"
-          f"{', risky' if args.risky else ''}", flush=True)
+    print(f"sequence fuzz: seed {base}, {args.seconds:.0f} s, configs {[c.name for c in chosen]}", flush=True)
 
     workdir = tempfile.mkdtemp(prefix="odissey-seqfuzz-")
     pg = LocalPostgres(
@@ -179,8 +176,7 @@ def main() -> int:
         odissey, port = start_odissey(pg.port, chosen, workdir)
         targets = []
         for c in chosen:
-            t = fz.Target(port, c.pool["size"], c.fuzzers, c.session_state or (args.risky and c.name == "reset"), connect,
-                          risky=args.risky, user=c.user)
+            t = fz.Target(port, c.pool["size"], c.fuzzers, c.session_state, connect, user=c.user)
             t.baseline = fz.baseline(t)
             targets.append(t)
         tallies = {c.name: Tally() for c in chosen}

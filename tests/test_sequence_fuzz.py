@@ -4,8 +4,8 @@ A fuzz client logs in over a raw socket and sends a random, mutated sequence of 
 messages a client may send once logged in (simple queries that open, fail, commit and roll
 back transactions and SET things; Parse/Bind/Describe/Execute/Close with names; Sync;
 Flush; CopyData/CopyDone/CopyFail inside and outside a COPY; FunctionCall; Terminate;
-CancelRequests for itself; truncated messages, wrong lengths, and where AVOID_KNOWN_BUGS
-allows, unknown types and malformed bodies) in random pieces, reading the replies or not,
+CancelRequests for itself; truncated messages, wrong lengths, unknown types and malformed
+bodies) in random pieces, reading the replies or not,
 then leaves normally, vanishes, or stays a while. Then checker clients on the same pool
 (size 1: the very server the fuzz client used) must find that server clean:
 
@@ -51,26 +51,6 @@ from tests.harness import IntegrationTest, direct, route, send_cancel_request
 
 SEED_ENV = "ODISSEY_SEQ_SEED"
 
-#: Bugs this fuzzer found in Odissey (at 7c07e94). While they stand (True), the generator
-#: steers clear of what triggers them; ``bench/sequence_fuzz.py --risky`` generates
-#: everything anyway. Set it to False once they are fixed.
-#:
-#: 1. A server is handed on at a ReadyForQuery 'I' although the client sent, after the
-#:    requests it answers, a message PostgreSQL then rejects: an unknown type or one
-#:    longer than PostgreSQL allows for its type (FATAL: the next client's session is
-#:    closed), or a Flush with a body (ERROR, then the server discards the next client's
-#:    requests until a Sync: the next client hangs). Avoided: no such message at all (not
-#:    even last), and the framing is broken only at the very end or by a length Odissey
-#:    itself refuses.
-#: 2. With reset_after_transaction, a transaction-mode client that leaves while attached
-#:    (vanishing, or Terminate, with requests in flight) gets its server cleaned without
-#:    the reset query: its session SETs, WITH HOLD cursors, LISTENs reach the next client.
-#:    Avoided: the reset-after-transaction class changes no session state.
-#: 3. A client that sends a failing Parse/Bind/Execute, then a Query (no Sync), then
-#:    Terminate before the error comes back: the server goes back to the pool still
-#:    discarding everything until a Sync, and the next client hangs. Avoided: a Sync
-#:    always comes right before a Terminate.
-AVOID_KNOWN_BUGS = False
 TABLE = "seq_fuzz_notes"
 USER, DATABASE = "u_trust", "app"
 
@@ -205,12 +185,10 @@ class Generator:
     no COMMIT, END or PREPARE TRANSACTION; Bind only of statements parsed with tail-safe
     text (every named statement is)."""
 
-    def __init__(self, rnd: random.Random, tag: str, session_state: bool,
-                 risky: bool = not AVOID_KNOWN_BUGS) -> None:
+    def __init__(self, rnd: random.Random, tag: str, session_state: bool) -> None:
         self.rnd = rnd
         self.tag = tag
         self.session_state = session_state
-        self.risky = risky
         self.n = 0
 
     def token(self) -> str:
@@ -291,7 +269,7 @@ class Generator:
         kind = r.choices(
             ["query", "queries", "extended", "named", "param", "describe", "close", "sync", "flush",
              "copy-in", "copy-in-extended", "copy-stray", "function", "terminate", "unknown", "malformed"],
-            [14, 5, 10, 6, 3, 2, 2, 4, 2, 5, 3, 2, 3, 1, self.risky, self.risky])[0]
+            [14, 5, 10, 6, 3, 2, 2, 4, 2, 5, 3, 2, 3, 1, 1, 1])[0]
         if kind == "query":
             sql = self.statement(tail)
             return f"Q {sql!r}", [m.query(sql)]
@@ -366,7 +344,7 @@ class Generator:
         return self.bad_message()
 
     def bad_message(self) -> tuple[str, list[bytes]]:
-        """A message PostgreSQL rejects only once it reads it (see AVOID_KNOWN_BUGS 1)."""
+        """A message PostgreSQL rejects only once it reads it."""
         r = self.rnd
         msg = r.choice([
             m.message(r.choice([b"z", b"A", b"0", b"K", b"p"]), b"fz\0"),  # unknown type: FATAL
@@ -386,11 +364,6 @@ class Generator:
         how = r.choice(["truncate", "length", "type", "duplicate", "drop", "swap"])
         bad = r.choice([0, 3, 2_000_000, 0x7FFFFFFF,  # Odissey refuses these (limit 1MB)
                         None, None, 50_000])  # (None: a little more or less than the body)
-        if not self.risky:  # see AVOID_KNOWN_BUGS 1
-            if how == "type":
-                how = "duplicate"
-            if how == "truncate" or (how == "length" and bad not in (0, 3, 2_000_000, 0x7FFFFFFF)):
-                i = len(msgs) - 1  # only where nothing follows
         msg = msgs[i]
         steps.append(f"mutation {how} of message {i} ({msg[:1]!r})")
         if how == "truncate":
@@ -445,10 +418,6 @@ class Generator:
             if r.random() < 0.3:
                 framed = self.mutate(tail, plan.steps)
             msgs += tail
-        if not self.risky:  # see AVOID_KNOWN_BUGS 3
-            msgs = [msg for i, msg in enumerate(msgs)
-                    for msg in ([SYNC, msg] if msg == TERMINATE and (i == 0 or msgs[i - 1] != SYNC) else [msg])]
-            plan.goodbye = SYNC + TERMINATE
         if not msgs:
             msgs.append(SYNC)
         plan.data = b"".join(msgs)
@@ -652,7 +621,6 @@ class Target:
     session_state: bool  # the route resets servers: the fuzzer may change session state
     direct: Callable[[], psycopg.Connection]
     baseline: dict[str, Optional[str]] = field(default_factory=dict)
-    risky: bool = not AVOID_KNOWN_BUGS
     user: str = USER
 
     @property
@@ -782,7 +750,7 @@ class Run:
 def run_once(target: Target, seed: int) -> Run:
     """One run: the fuzz clients, then the checkers, then the settle and commit checks."""
     rnd = random.Random(seed)
-    plans = [Generator(random.Random(rnd.random()), f"F{seed}x{i}", target.session_state, target.risky).plan()
+    plans = [Generator(random.Random(rnd.random()), f"F{seed}x{i}", target.session_state).plan()
              for i in range(target.fuzzers)]
     return run_plans(target, seed, plans, random.Random(rnd.random()))
 
@@ -890,10 +858,9 @@ class TransactionPoolOfOneTests(IntegrationTest):
 class ResetAfterTransactionTests(TransactionPoolOfOneTests):
     """Transaction mode resetting after every transaction: the fuzz client may also
     change session state (session SETs, LISTEN, advisory locks, temp tables, WITH HOLD
-    cursors, prepared statements), none of which may reach the next client (see
-    AVOID_KNOWN_BUGS 2)."""
+    cursors, prepared statements), none of which may reach the next client."""
 
-    session_state = not AVOID_KNOWN_BUGS
+    session_state = True
     budget = 5.0
     pool = {"mode": "transaction", "reset_after_transaction": True}
 
