@@ -25,7 +25,6 @@ from twisted.internet.interfaces import IProtocol, IReactorTime
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 
-from odissey.auth.secrets import md5_response, md5_stored
 from odissey.config import Secret, Storage
 from odissey.flow import Valve
 from odissey.server import LoginInfo, ServerConnection, ServerState
