@@ -26,6 +26,7 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from odissey.auth.secrets import InThread
 from odissey.auth.verifiers import ClientVerifiers
 from odissey.cancel import CancelKeys
 from odissey.config import Limits
@@ -340,6 +341,7 @@ class ClientFactory(Factory):
         router: Router,
         pools: Pools,
         limits: Limits,
+        threads: InThread,
         keys: CancelKeys[ClientConnection] | None = None,
     ) -> None:
         self.reactor = reactor
@@ -347,7 +349,7 @@ class ClientFactory(Factory):
         self.pools = pools
         self.limits = limits
         self.keys: CancelKeys[ClientConnection] = keys or CancelKeys()
-        self.verifiers = ClientVerifiers()
+        self.verifiers = ClientVerifiers(threads)
         self.startup_checks = StartupChecks()
         self.clients: set[ClientConnection] = set()
         #: Connections still logging in, oldest first (a dict keeps insertion order).

@@ -144,7 +144,7 @@ class OdisseyService(MultiService):
         self.pools = Pools(
             self.reactor, functools.partial(connect, tracker=self.live, threads=self.threads))
         self.factory = ClientFactory(
-            self.reactor, Router(self.config.routes), self.pools, self.config.limits
+            self.reactor, Router(self.config.routes), self.pools, self.config.limits, self.threads
         )
         for route in self.config.routes:
             if route.pool.min_size and ANY not in (route.database, route.user):

@@ -22,6 +22,7 @@ from odissey.auth.secrets import (
 )
 from odissey.auth.verifiers import ClientVerifiers, MD5Verifier, ScramVerifier, Verifier
 from odissey.config import ClientAuth, Secret
+from odissey.testing import in_this_thread
 from odissey.wire import messages as m
 from odissey.wire.errors import PoolerError, ProtocolViolation
 from odissey.wire.scanner import Scanner
@@ -98,24 +99,24 @@ class VerifierTests(TestCase):
         scram_text = (f"SCRAM-SHA-256${scram.iterations}:{base64.b64encode(scram.salt).decode()}"
                       f"${base64.b64encode(scram.stored_key).decode()}:{base64.b64encode(scram.server_key).decode()}")
         secrets = [Secret("plain", "pw"), Secret("md5", md5_hash("pw", "u")), Secret("scram", scram_text)]
-        checks = [check_cleartext(s, "u", pw) for s in secrets for pw in (b"pw", b"no")]
+        checks = [check_cleartext(s, "u", pw, in_this_thread) for s in secrets for pw in (b"pw", b"no")]
         return gatherResults(checks).addCallback(self.assertEqual, [True, False] * 3)
 
     def test_mock_is_indistinguishable_then_fails(self) -> None:
         """An unknown user gets a SCRAM challenge like any other and always fails 28P01."""
-        mock = ClientVerifiers().mock("scram-sha-256", "ghost")
+        mock = ClientVerifiers(in_this_thread).mock("scram-sha-256", "ghost")
         self.assertEqual(mock.start().reply, m.authentication_sasl(["SCRAM-SHA-256"]))
         self.assertFalse(libpq_scram(mock, "anything"))  # type: ignore[arg-type]
 
     def test_mock_trust_refuses(self) -> None:
         """Where every route is trust, an unknown user is refused with 28000."""
         with self.assertRaises(PoolerError) as caught:
-            ClientVerifiers().mock("trust", "ghost")
+            ClientVerifiers(in_this_thread).mock("trust", "ghost")
         self.assertEqual(caught.exception.sqlstate, "28000")
 
     def test_for_route_scram_derives_once(self) -> None:
         """Verifiers for a plain-password SCRAM route share one derived secret."""
-        verifiers = ClientVerifiers()
+        verifiers = ClientVerifiers(in_this_thread)
         auth = ClientAuth("scram-sha-256", Secret("plain", "pw"))
         d = maybeDeferred(verifiers.for_route, auth, "u")
         d.addCallback(lambda v1: verifiers.for_route(auth, "u").addCallback(lambda v2: (v1, v2)))
@@ -156,27 +157,27 @@ class CleartextTests(TestCase):
         """A SCRAM secret made with 10,000 iterations accepts its password and refuses others."""
         salt = b"sixteen byte slt"
         secret = Secret("scram", scram_text(b"pw", salt, 10000))
-        self.assertTrue((yield check_cleartext(secret, "u", b"pw")))
-        self.assertFalse((yield check_cleartext(secret, "u", b"pW")))
+        self.assertTrue((yield check_cleartext(secret, "u", b"pw", in_this_thread)))
+        self.assertFalse((yield check_cleartext(secret, "u", b"pW", in_this_thread)))
         self.assertEqual(self.derivations, [(salt, 10000)] * 2)
 
     @inlineCallbacks
     def test_scram_secret_through_verifier(self):
         """A cleartext route with a 10,000-iteration SCRAM secret lets in the right password."""
         auth = ClientAuth("cleartext", Secret("scram", scram_text(b"pw", b"0123456789abcdef", 10000)))
-        verifier = yield ClientVerifiers().for_route(auth, "u")
+        verifier = yield ClientVerifiers(in_this_thread).for_route(auth, "u")
         self.assertEqual(verifier.start().reply, m.authentication_cleartext())
         step = yield maybeDeferred(verifier.receive, b"pw\0")
         self.assertTrue(step.done)
-        yield self.refused((yield ClientVerifiers().for_route(auth, "u")), b"wrong")
+        yield self.refused((yield ClientVerifiers(in_this_thread).for_route(auth, "u")), b"wrong")
 
     @inlineCallbacks
     def test_scram_secret_normalized_like_postgres(self):
         """Passwords are SASLprepped as libpq does, and used raw when SASLprep does not apply."""
         nbsp = Secret("scram", scram_text(b"pass word", b"0123456789abcdef", 4096))
-        self.assertTrue((yield check_cleartext(nbsp, "u", "pass\u00a0word".encode())))
+        self.assertTrue((yield check_cleartext(nbsp, "u", "pass\u00a0word".encode(), in_this_thread)))
         raw = Secret("scram", scram_text(b"\xff\xfe", b"0123456789abcdef", 4096))
-        self.assertTrue((yield check_cleartext(raw, "u", b"\xff\xfe")))
+        self.assertTrue((yield check_cleartext(raw, "u", b"\xff\xfe", in_this_thread)))
 
     def test_derived_secret_matches_scramp(self) -> None:
         """Odissey derives the same SCRAM secret as scramp (and so as PostgreSQL) would."""
@@ -191,18 +192,18 @@ class CleartextTests(TestCase):
     @inlineCallbacks
     def test_unknown_user_derives_like_a_known_one(self):
         """An unknown user's cleartext password costs one default-count PBKDF2, like a wrong one."""
-        known = ClientVerifiers()
+        known = ClientVerifiers(in_this_thread)
         for secret in (Secret("plain", "pw"), Secret("md5", md5_hash("pw", "u")),
                        Secret("scram", scram_text(b"pw", b"0123456789abcdef", SCRAM_ITERATIONS))):
             verifier = yield known.for_route(ClientAuth("cleartext", secret), "u")
             yield self.refused(verifier, b"wrong")
-        yield self.refused(ClientVerifiers().mock("cleartext", "ghost"), b"wrong")
+        yield self.refused(ClientVerifiers(in_this_thread).mock("cleartext", "ghost"), b"wrong")
         self.assertEqual([count for _salt, count in self.derivations], [SCRAM_ITERATIONS] * 4)
 
     @inlineCallbacks
     def test_unknown_user_salt_stable(self):
         """Repeated tries for one unknown user derive with the same salt, as a real secret has."""
-        mocks = ClientVerifiers()
+        mocks = ClientVerifiers(in_this_thread)
         for user in ("ghost", "ghost", "spook"):
             yield self.refused(mocks.mock("cleartext", user), b"wrong")
         salts = [salt for salt, _count in self.derivations]
@@ -213,7 +214,7 @@ class CleartextTests(TestCase):
     @inlineCallbacks
     def test_route_without_password_is_mocked(self):
         """A route with no client password refuses everyone, after the usual work."""
-        verifier = yield ClientVerifiers().for_route(ClientAuth("cleartext", None), "u")
+        verifier = yield ClientVerifiers(in_this_thread).for_route(ClientAuth("cleartext", None), "u")
         yield self.refused(verifier, b"")
         yield self.refused(verifier, b"anything")
         self.assertEqual(len(self.derivations), 1)
@@ -228,7 +229,7 @@ class CleartextTests(TestCase):
             return real(stored, salt)
 
         self.patch(verifiers, "md5_response", counted)
-        for verifier in (MD5Verifier("u", Secret("plain", "pw")), ClientVerifiers().mock("md5", "ghost")):
+        for verifier in (MD5Verifier("u", Secret("plain", "pw")), ClientVerifiers(in_this_thread).mock("md5", "ghost")):
             with self.assertRaises(PoolerError):
                 verifier.receive(md5_response(md5_hash("no", "u"), b"abcd") + b"\0")
         self.assertEqual(len(calls), 2)
@@ -245,17 +246,17 @@ class ResponderTests(TestCase):
 
     def test_md5_from_hash(self) -> None:
         """An md5 hash answers an md5 challenge exactly as the plain password would."""
-        from_plain = self.answer(ServerAuthenticator("u", Secret("plain", "pw")), m.authentication_md5(b"abcd"))
-        from_hash = self.answer(ServerAuthenticator("u", Secret("md5", md5_hash("pw", "u"))), m.authentication_md5(b"abcd"))
+        from_plain = self.answer(ServerAuthenticator("u", Secret("plain", "pw"), in_this_thread), m.authentication_md5(b"abcd"))
+        from_hash = self.answer(ServerAuthenticator("u", Secret("md5", md5_hash("pw", "u")), in_this_thread), m.authentication_md5(b"abcd"))
         self.assertEqual(from_plain, from_hash)
 
     def test_cleartext_needs_plain(self) -> None:
         """A cleartext request cannot be answered from an md5 hash: a clear error, not a guess."""
-        auth = ServerAuthenticator("u", Secret("md5", md5_hash("pw", "u")))
+        auth = ServerAuthenticator("u", Secret("md5", md5_hash("pw", "u")), in_this_thread)
         error = self.refusal(auth, m.authentication_cleartext())
         self.assertIn("configure the plain server password", error.message)
 
     def test_no_password_configured(self) -> None:
         """A password request with no server password configured says so."""
-        error = self.refusal(ServerAuthenticator("u", None), m.authentication_md5(b"salt"))
+        error = self.refusal(ServerAuthenticator("u", None, in_this_thread), m.authentication_md5(b"salt"))
         self.assertIn("no server password", error.message)

@@ -13,7 +13,7 @@ from odissey import config
 from odissey.client import ClientConnection, ClientFactory, ClientState
 from odissey.pool import Pools
 from odissey.router import Router
-from odissey.testing import FakeServer
+from odissey.testing import FakeServer, in_this_thread
 from odissey.wire import messages as m
 from odissey.wire.scanner import Scanner
 
@@ -38,7 +38,7 @@ class ClientProtocolTests(SynchronousTestCase):
             self.opened.append(server)
             return succeed(server)
 
-        self.factory = ClientFactory(self.clock, Router(cfg.routes), Pools(self.clock, connect), cfg.limits)  # type: ignore[arg-type]
+        self.factory = ClientFactory(self.clock, Router(cfg.routes), Pools(self.clock, connect), cfg.limits, in_this_thread)  # type: ignore[arg-type]
 
     def connect(self) -> tuple[ClientConnection, StringTransport]:
         proto = self.factory.buildProtocol(None)

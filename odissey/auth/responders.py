@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import scramp
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.threads import deferToThread
 
 from odissey.auth.secrets import InThread, md5_response, md5_stored
 from odissey.config import Secret
@@ -23,7 +22,7 @@ class ServerAuthenticator:
     when the same password, salt and iteration count were seen before).
     """
 
-    def __init__(self, user: str, secret: Secret | None, threads: InThread = deferToThread) -> None:
+    def __init__(self, user: str, secret: Secret | None, threads: InThread) -> None:
         self.user = user
         self.secret = secret
         self._threads = threads

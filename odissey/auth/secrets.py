@@ -11,9 +11,8 @@ faster than a new one. Instead every cleartext check, for a known user of any se
 or for an unknown one, costs one fresh PBKDF2 in a thread (see :func:`check_cleartext`).
 
 Threads are whatever :data:`InThread` the caller passes: the service hands in its
-reactor's pool (:func:`reactor_threads`), tests may run the work inline. The default,
-Twisted's ``deferToThread`` on the global reactor, remains only for callers that do not
-pass one yet (the client-side verifiers).
+reactor's pool (:func:`reactor_threads`), tests may run the work inline
+(``odissey.testing.in_this_thread``). Nothing here reaches for the global reactor.
 """
 
 from __future__ import annotations
@@ -30,7 +29,7 @@ import scramp
 import scramp.core
 import scramp.utils
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.threads import deferToThread, deferToThreadPool
+from twisted.internet.threads import deferToThreadPool
 from twisted.python.failure import Failure
 
 from odissey.config import Secret
@@ -152,7 +151,7 @@ def derive_scram_secret(password: str, salt: bytes | None = None) -> ScramSecret
 class ScramSecrets:
     """SCRAM secrets for configured passwords, derived once (in a thread) and kept."""
 
-    def __init__(self, threads: InThread = deferToThread) -> None:
+    def __init__(self, threads: InThread) -> None:
         self._threads = threads
         self._done: dict[str, ScramSecret] = {}
         self._running: dict[str, Deferred[ScramSecret]] = {}
@@ -188,7 +187,7 @@ def _chain(result: object, waiter: Deferred[ScramSecret]) -> object:
 
 
 def check_cleartext(
-    secret: "Secret | ScramSecret", user: str, password: bytes, threads: InThread = deferToThread
+    secret: "Secret | ScramSecret", user: str, password: bytes, threads: InThread
 ) -> "Deferred[bool]":
     """Does a cleartext password match a secret (of any kind)?
 

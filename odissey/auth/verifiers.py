@@ -19,6 +19,7 @@ from twisted.internet.defer import Deferred, inlineCallbacks
 
 from odissey.auth.secrets import (
     ScramSecret,
+    InThread,
     ScramSecrets,
     check_cleartext,
     md5_response,
@@ -73,9 +74,10 @@ class CleartextVerifier(Verifier):
     """A password in the clear, checked by :func:`check_cleartext` (one PBKDF2 in a thread
     whatever the secret, so an unknown user's mock secret costs the same)."""
 
-    def __init__(self, user: str, secret: "Secret | ScramSecret") -> None:
+    def __init__(self, user: str, secret: "Secret | ScramSecret", threads: InThread) -> None:
         super().__init__(user)
         self.secret = secret
+        self.threads = threads
 
     def start(self) -> Step:
         return Step(m.authentication_cleartext(), False)
@@ -86,7 +88,7 @@ class CleartextVerifier(Verifier):
         # An empty password is refused at once, for known and unknown users alike.
         ok = False
         if password:
-            ok = yield check_cleartext(self.secret, self.user, password)
+            ok = yield check_cleartext(self.secret, self.user, password, self.threads)
         if not ok:
             raise password_failed(self.user)
         return Step(b"", True)
@@ -175,8 +177,9 @@ class ClientVerifiers:
     md5, the SCRAM exchange for SCRAM.
     """
 
-    def __init__(self) -> None:
-        self.scram_secrets = ScramSecrets()
+    def __init__(self, threads: InThread) -> None:
+        self.threads = threads
+        self.scram_secrets = ScramSecrets(threads)
         self._mock_key = os.urandom(32)
 
     @inlineCallbacks
@@ -186,7 +189,7 @@ class ClientVerifiers:
         if auth.password is None:  # the loader requires one; without it, nobody gets in
             return self.mock(auth.method, user)
         if auth.method == "cleartext":
-            return CleartextVerifier(user, auth.password)
+            return CleartextVerifier(user, auth.password, self.threads)
         if auth.method == "md5":
             return MD5Verifier(user, auth.password)
         secret = yield self.scram_secrets.get(auth.password)
@@ -199,7 +202,7 @@ class ClientVerifiers:
                 errors.INVALID_AUTHORIZATION_SPECIFICATION, f'role "{user}" does not exist'
             )
         if method == "cleartext":
-            return CleartextVerifier(user, mock_scram_secret(self._mock_key, user))
+            return CleartextVerifier(user, mock_scram_secret(self._mock_key, user), self.threads)
         if method == "md5":
             # 128 random bits as the plain password: hashed like a configured one.
             return MD5Verifier(user, Secret("plain", os.urandom(16).hex()))
