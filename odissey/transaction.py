@@ -188,8 +188,10 @@ class Transaction:
 
     def pooler_sent(self, kinds: bytes) -> None:
         """The pooler itself ended the departed client's stream with these messages
-        (CopyFail, Sync), right after a complete message."""
+        (CopyFail, Sync), right after a complete message; whatever the client was in the
+        middle of sending is over."""
         self.edge = self.partial = 0
+        self.in_data = False
         self.client([(kind, None, 5 * (i + 1)) for i, kind in enumerate(kinds)], 5 * len(kinds))
 
     def server(self, events: list[Event]) -> bool:

@@ -458,3 +458,15 @@ class MessageShapeTests(SynchronousTestCase):
         data = m.message(b"E", b"\0" * 20000)
         with self.assertRaises(ProtocolViolation):
             Transaction().client(Scanner(watch=CLIENT_WATCH).feed(data), len(data))
+
+    def test_pooler_ends_a_departed_clients_copy_data(self) -> None:
+        """A client gone inside its CopyData after the COPY failed: the Sync the pooler
+        sends to end the discarding is accepted, not refused as more COPY data."""
+        client = Client()
+        client.send(P, B, E, S)
+        client.tx.server(reply(ONE, TWO, GIN))
+        client.send(D)
+        client.tx.server(reply(ERR))
+        self.assertTrue(client.tx.skipping)
+        client.tx.pooler_sent(b"S")
+        self.assertTrue(client.tx.server(reply(ZI)))
