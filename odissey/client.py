@@ -253,7 +253,7 @@ class ClientConnection(Protocol):
         if route is None:
             if not f.router.knows_database(database):
                 raise PoolerError(errors.INVALID_CATALOG_NAME, f'database "{database}" does not exist')
-            verifier = f.verifiers.mock(f.router.mock_method(database), user)
+            verifier = f.verifiers.mock(f.router.mock_auth(database), user)
         else:
             verifier = yield f.verifiers.for_route(route.auth, user)
         step = verifier.start()

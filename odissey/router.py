@@ -7,7 +7,7 @@ from typing import Sequence
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint, UNIXClientEndpoint
 from twisted.internet.interfaces import IStreamClientEndpoint
 
-from odissey.config import ANY, Route, Storage
+from odissey.config import ANY, ClientAuth, Route, Storage
 
 
 class Router:
@@ -28,18 +28,19 @@ class Router:
     def knows_database(self, database: str) -> bool:
         return database in self._databases or ANY in self._databases
 
-    def mock_method(self, database: str) -> str:
-        """The auth method an unknown user of ``database`` is challenged with.
+    def mock_auth(self, database: str) -> ClientAuth:
+        """How an unknown user of ``database`` is challenged.
 
-        A password method used by known users of that database (the first in the
-        configuration), so that the challenge does not reveal whether the user exists;
-        trust only when every route of the database is trust (then nothing is secret).
+        Like known users of that database (the first password route in the
+        configuration: its method, and its secret, whose SCRAM iteration count the mock
+        copies), so that the challenge does not reveal whether the user exists; trust
+        only when every route of the database is trust (then nothing is secret).
         """
-        methods = [r.auth.method for (db, _user), r in self._routes.items() if db in (database, ANY)]
-        for method in methods:
-            if method != "trust":
-                return method
-        return "trust" if methods else "scram-sha-256"
+        auths = [r.auth for (db, _user), r in self._routes.items() if db in (database, ANY)]
+        for auth in auths:
+            if auth.method != "trust":
+                return auth
+        return ClientAuth("trust" if auths else "scram-sha-256", None)
 
 
 def storage_endpoint(reactor: object, storage: Storage) -> IStreamClientEndpoint:

@@ -104,14 +104,14 @@ class VerifierTests(TestCase):
 
     def test_mock_is_indistinguishable_then_fails(self) -> None:
         """An unknown user gets a SCRAM challenge like any other and always fails 28P01."""
-        mock = ClientVerifiers(in_this_thread).mock("scram-sha-256", "ghost")
+        mock = ClientVerifiers(in_this_thread).mock(ClientAuth("scram-sha-256", None), "ghost")
         self.assertEqual(mock.start().reply, m.authentication_sasl(["SCRAM-SHA-256"]))
         self.assertFalse(libpq_scram(mock, "anything"))  # type: ignore[arg-type]
 
     def test_mock_trust_refuses(self) -> None:
         """Where every route is trust, an unknown user is refused with 28000."""
         with self.assertRaises(PoolerError) as caught:
-            ClientVerifiers(in_this_thread).mock("trust", "ghost")
+            ClientVerifiers(in_this_thread).mock(ClientAuth("trust", None), "ghost")
         self.assertEqual(caught.exception.sqlstate, "28000")
 
     def test_for_route_scram_derives_once(self) -> None:
@@ -197,7 +197,7 @@ class CleartextTests(TestCase):
                        Secret("scram", scram_text(b"pw", b"0123456789abcdef", SCRAM_ITERATIONS))):
             verifier = yield known.for_route(ClientAuth("cleartext", secret), "u")
             yield self.refused(verifier, b"wrong")
-        yield self.refused(ClientVerifiers(in_this_thread).mock("cleartext", "ghost"), b"wrong")
+        yield self.refused(ClientVerifiers(in_this_thread).mock(ClientAuth("cleartext", None), "ghost"), b"wrong")
         self.assertEqual([count for _salt, count in self.derivations], [SCRAM_ITERATIONS] * 4)
 
     @inlineCallbacks
@@ -205,7 +205,7 @@ class CleartextTests(TestCase):
         """Repeated tries for one unknown user derive with the same salt, as a real secret has."""
         mocks = ClientVerifiers(in_this_thread)
         for user in ("ghost", "ghost", "spook"):
-            yield self.refused(mocks.mock("cleartext", user), b"wrong")
+            yield self.refused(mocks.mock(ClientAuth("cleartext", None), user), b"wrong")
         salts = [salt for salt, _count in self.derivations]
         self.assertEqual(salts[0], salts[1])
         self.assertNotEqual(salts[0], salts[2])
@@ -229,7 +229,7 @@ class CleartextTests(TestCase):
             return real(stored, salt)
 
         self.patch(verifiers, "md5_response", counted)
-        for verifier in (MD5Verifier("u", Secret("plain", "pw")), ClientVerifiers(in_this_thread).mock("md5", "ghost")):
+        for verifier in (MD5Verifier("u", Secret("plain", "pw")), ClientVerifiers(in_this_thread).mock(ClientAuth("md5", None), "ghost")):
             with self.assertRaises(PoolerError):
                 verifier.receive(md5_response(md5_hash("no", "u"), b"abcd") + b"\0")
         self.assertEqual(len(calls), 2)
@@ -260,3 +260,17 @@ class ResponderTests(TestCase):
         """A password request with no server password configured says so."""
         error = self.refusal(ServerAuthenticator("u", None, in_this_thread), m.authentication_md5(b"salt"))
         self.assertIn("no server password", error.message)
+
+
+class MockIterationTests(TestCase):
+    def test_mock_copies_the_known_users_iteration_count(self) -> None:
+        """An unknown user of a database whose users have 10,000-iteration SCRAM secrets
+        is checked (cleartext) and challenged (SCRAM) with 10,000 iterations too."""
+        secret = Secret("scram", scram_text(b"pw", b"0123456789abcdef", 10000))
+        verifiers = ClientVerifiers(in_this_thread)
+        cleartext = verifiers.mock(ClientAuth("cleartext", secret), "ghost")
+        self.assertEqual(cleartext.secret.iterations, 10000)  # type: ignore[attr-defined]
+        scram = verifiers.mock(ClientAuth("scram-sha-256", secret), "ghost")
+        scram.start()
+        first = scram.receive(m.sasl_initial_response("SCRAM-SHA-256", b"n,,n=,r=abcdefgh")[5:])
+        self.assertIn(b",i=10000", first.reply)  # type: ignore[union-attr]

@@ -221,11 +221,12 @@ def _matches_digest(expected: bytes, given: bytes, password: bytes) -> bool:
     return hmac.compare_digest(hashlib.sha256(given).digest(), hashlib.sha256(expected).digest())
 
 
-def mock_scram_secret(key: bytes, user: str) -> ScramSecret:
+def mock_scram_secret(key: bytes, user: str, iterations: int = SCRAM_ITERATIONS) -> ScramSecret:
     """A secret no password matches, stable per user name (so repeated tries look alike).
 
-    Made like PostgreSQL's own secrets (default iteration count, 16-byte salt), so that
-    checking a password against it costs what checking against a real one does.
+    Made like the known users' secrets (their iteration count, a 16-byte salt), so that
+    checking a password against it costs what checking against a real one does, and a
+    SCRAM challenge shows the same count.
     """
     salt = hmac.new(key, b"salt:" + user.encode(), hashlib.sha256).digest()[:SCRAM_SALT_LENGTH]
-    return ScramSecret(salt, os.urandom(32), os.urandom(32), SCRAM_ITERATIONS)
+    return ScramSecret(salt, os.urandom(32), os.urandom(32), iterations)

@@ -18,8 +18,9 @@ import scramp
 from twisted.internet.defer import Deferred, inlineCallbacks
 
 from odissey.auth.secrets import (
-    ScramSecret,
+    SCRAM_ITERATIONS,
     InThread,
+    ScramSecret,
     ScramSecrets,
     check_cleartext,
     md5_response,
@@ -187,7 +188,7 @@ class ClientVerifiers:
         if auth.method == "trust":
             return TrustVerifier(user)
         if auth.password is None:  # the loader requires one; without it, nobody gets in
-            return self.mock(auth.method, user)
+            return self.mock(auth, user)
         if auth.method == "cleartext":
             return CleartextVerifier(user, auth.password, self.threads)
         if auth.method == "md5":
@@ -195,15 +196,28 @@ class ClientVerifiers:
         secret = yield self.scram_secrets.get(auth.password)
         return ScramVerifier(user, secret)
 
-    def mock(self, method: str, user: str) -> Verifier:
-        """An exchange that looks like ``method`` and always ends in 28P01."""
+    def mock(self, like: ClientAuth, user: str) -> Verifier:
+        """An exchange that looks like the one ``like`` asks for (its method, and its
+        secret's SCRAM iteration count) and always ends in 28P01."""
+        method = like.method
+        iterations = _iterations(like.password)
         if method == "trust":
             raise PoolerError(
                 errors.INVALID_AUTHORIZATION_SPECIFICATION, f'role "{user}" does not exist'
             )
         if method == "cleartext":
-            return CleartextVerifier(user, mock_scram_secret(self._mock_key, user), self.threads)
+            return CleartextVerifier(user, mock_scram_secret(self._mock_key, user, iterations), self.threads)
         if method == "md5":
             # 128 random bits as the plain password: hashed like a configured one.
             return MD5Verifier(user, Secret("plain", os.urandom(16).hex()))
-        return ScramVerifier(user, mock_scram_secret(self._mock_key, user))
+        return ScramVerifier(user, mock_scram_secret(self._mock_key, user, iterations))
+
+
+def _iterations(secret: Secret | None) -> int:
+    """The SCRAM iteration count a secret was made with (PostgreSQL's default otherwise)."""
+    if secret is not None and secret.kind == "scram":
+        try:
+            return ScramSecret.parse(secret.value).iterations
+        except ValueError:
+            pass
+    return SCRAM_ITERATIONS
