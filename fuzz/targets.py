@@ -33,7 +33,7 @@ from odissey.wire.messages import CANCEL_REQUEST_CODE, GSSENC_REQUEST_CODE, SSL_
 from odissey.wire import scanner as packets
 from odissey.wire.scanner import Scanner, StartupPacket as Packet, StartupReader
 
-MAX_STARTUP_LENGTH = 10000  # what Odissey accepts as a whole startup packet, length included
+MAX_STARTUP_LENGTH = 10004  # what PostgreSQL accepts as a whole startup packet, length included
 
 ScannerFactory = Callable[..., Scanner]
 

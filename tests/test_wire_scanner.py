@@ -172,8 +172,9 @@ class StartupReaderTests(SynchronousTestCase):
         )
 
     def test_bad_lengths(self) -> None:
-        """Lengths under 8 or over 10000 are protocol violations."""
-        for length in (4, 7, 10001, 0x7FFFFFFF):
+        """Lengths under 8 or over 10004 (PostgreSQL's 10000, plus the length itself) are
+        protocol violations."""
+        for length in (4, 7, 10005, 0x7FFFFFFF):
             with self.assertRaises(ProtocolViolation):
                 StartupReader().feed(struct.pack("!i", length) + b"\0" * 8)
 

@@ -27,7 +27,9 @@ _2I32 = struct.Struct("!ii").unpack_from
 #: lie beyond that chunk when a watched message is reported from its header alone.
 Event = tuple[int, "bytes | None", int]
 
-MAX_STARTUP_PACKET = 10000  # PostgreSQL's own MAX_STARTUP_PACKET_LENGTH
+#: PostgreSQL's MAX_STARTUP_PACKET_LENGTH, which it compares with the length less the
+#: four bytes of the length itself.
+MAX_STARTUP_PACKET = 10000
 
 
 class Scanner:
@@ -187,7 +189,7 @@ class StartupReader:
             self.rest = buf
             return None
         (length,) = _U32(buf, 0)
-        if length < 8 or length > MAX_STARTUP_PACKET:
+        if length < 8 or length - 4 > MAX_STARTUP_PACKET:
             raise ProtocolViolation(f"invalid length of startup packet: {length}")
         if len(buf) < length:
             self.rest = buf
