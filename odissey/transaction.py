@@ -208,7 +208,11 @@ class Transaction:
                 ready = True
             elif kind == ERROR:
                 if self.mode == COPYING:
-                    self.mode = NORMAL  # an error ends copy-in; later copy messages are dropped
+                    # An error ends copy-in: later copy messages are dropped, and what the
+                    # client sends from now on (a driver that saw the error may go on
+                    # without CopyDone, as older pgjdbc does) is run, not consumed.
+                    self.mode = NORMAL
+                    self.in_data = False
                 if pending and pending[0] in _COMPLETES:  # discard until Sync, as the server does
                     while pending and pending[0] != SYNC:
                         pending.popleft()

@@ -470,3 +470,14 @@ class MessageShapeTests(SynchronousTestCase):
         self.assertTrue(client.tx.skipping)
         client.tx.pooler_sent(b"S")
         self.assertTrue(client.tx.server(reply(ZI)))
+
+    def test_statement_after_a_failed_copy_without_copy_done(self) -> None:
+        """A COPY that fails on its data ends copy-in: a driver that reacts to the error
+        with its next statement, without CopyDone, is served (older pgjdbc does this)."""
+        client = Client()
+        client.send(Q)
+        client.tx.server(reply(GIN))
+        client.send(D)
+        self.assertTrue(client.tx.server(reply(ERR, ZI)))
+        client.send(Q)
+        self.assertTrue(client.tx.server(reply(CC, ZI)))
