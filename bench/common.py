@@ -87,11 +87,12 @@ def start_postgres(user: str, password: str, db: str, *, scale: int,
 
 
 def start_odissey(pg_port: int, user: str, password: str, db: str, *, mode: str, pool_size: int,
-                  workdir: str) -> Tuple[subprocess.Popen, int, str]:
+                  workdir: str, root: Path = ROOT) -> Tuple[subprocess.Popen, int, str]:
     """Odissey (``twistd odissey``, this working tree's code) with one md5 route to
     127.0.0.1:``pg_port``, listening on a free port of 127.0.0.1. Its configuration, output
-    (``odissey.out``) and log (``odissey.log``) go to ``workdir``. Returns the process, its
-    port and the path of the odissey package it runs."""
+    (``odissey.out``) and log (``odissey.log``) go to ``workdir``; ``root`` is the checkout
+    whose code it runs. Returns the process, its port and the path of the odissey package
+    it runs."""
     port = free_port()
     conf = Path(workdir) / "odissey.yaml"
     conf.write_text(
@@ -104,19 +105,19 @@ def start_odissey(pg_port: int, user: str, password: str, db: str, *, mode: str,
         f"     pool: {{mode: {mode}, size: {pool_size}}}}}\n"
     )
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(root), env.get("PYTHONPATH", "")) if p)
     with open(Path(workdir) / "odissey.out", "w") as out:
         proc = subprocess.Popen(
             [sys.executable, "-c", BOOT, "--pidfile=", "-n", "--logfile", f"{workdir}/odissey.log",
              "odissey", "-c", str(conf)],
-            cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
+            cwd=root, env=env, stdout=out, stderr=subprocess.STDOUT,
         )
     try:
         wait_port(port, proc, name="Odissey")
         found = re.search(r"odissey package: (\S+)", (Path(workdir) / "odissey.out").read_text())
         package = found.group(1) if found else "?"
-        if not package.startswith(str(ROOT / "odissey")):
-            raise RuntimeError(f"Odissey runs {package}, not the working tree {ROOT}")
+        if not package.startswith(str(root / "odissey")):
+            raise RuntimeError(f"Odissey runs {package}, not the working tree {root}")
     except BaseException:
         stop(proc)
         raise
