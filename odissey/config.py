@@ -25,6 +25,7 @@ POOL_KEYS = (
     "reset_query", "reset_timeout", "reset_after_transaction",
     "server_idle_timeout", "server_lifetime",
     "client_idle_timeout", "idle_in_transaction_timeout", "query_timeout",
+    "max_prepared_statements",
 )
 
 #: Every key the loader accepts, by section; ``docs/configuration.md`` documents exactly these.
@@ -136,6 +137,9 @@ class PoolSettings:
     client_idle_timeout: float = 0.0
     idle_in_transaction_timeout: float = 0.0
     query_timeout: float = 0.0
+    #: Transaction mode: drivers' named statements carried across servers, at most this
+    #: many prepared on each server (0: off, statements are the client's problem).
+    max_prepared_statements: int = 200
 
 
 @dataclass(frozen=True)
@@ -445,6 +449,9 @@ def _read_pool(
             d.idle_in_transaction_timeout,
         ),
         query_timeout=po.value("query_timeout", parse_duration, off_duration, d.query_timeout),
+        max_prepared_statements=po.value(
+            "max_prepared_statements", _nonneg_int, "an integer >= 0", d.max_prepared_statements
+        ),
     )
     if pool.min_size > pool.size:
         po.problem(f"must not exceed size ({pool.size}), got {pool.min_size}", "min_size")

@@ -19,6 +19,7 @@ from twisted.python.failure import Failure
 
 from odissey.config import Route
 from odissey.server import ServerConnection, ServerState
+from odissey.statements import Registry
 from odissey.wire import errors
 from odissey.wire.errors import PoolerError
 
@@ -64,6 +65,12 @@ class Pool:
         self.retry_at = 0.0
         self.failed_at = float("-inf")  # when the last failure was seen
         self.last_error: PoolerError | None = None
+        #: Transaction mode's prepared statements, shared by the pool's clients.
+        settings = route.pool
+        self.statements = (
+            Registry(settings.max_prepared_statements)
+            if settings.mode == "transaction" and settings.max_prepared_statements else None
+        )
 
     @property
     def size(self) -> int:

@@ -27,6 +27,7 @@ from odissey.flow import PENDING_LIMIT, Valve, couple, send, uncouple
 from odissey.params import Params, differences, set_statements
 from odissey.pool import Pool
 from odissey.server import ServerConnection, server_error
+from odissey.statements import COLLECT, Statements
 from odissey.transaction import CLIENT_WATCH, Transaction
 from odissey.wire import errors
 from odissey.wire import messages as m
@@ -35,6 +36,7 @@ from odissey.wire.scanner import Event, Scanner
 
 log = Logger()
 
+_TERMINATE = m.terminate()
 _S, _E = b"SE"
 
 
@@ -99,11 +101,18 @@ class Relay:
         self.reported = frozenset(name.lower() for name, _ in pool.parameters_cache or ())
         self.transaction_mode = pool.route.pool.mode == "transaction"
         self.state = RelayState.IDLE
-        self.scanner = Scanner(watch=CLIENT_WATCH, max_length=max_message_size, strict=True)
         self.tx = Transaction()
+        #: Prepared statements carried across servers (transaction mode), or None.
+        self.statements = Statements(pool.statements, self.tx) if pool.statements is not None else None
+        self.scanner = Scanner(
+            watch=CLIENT_WATCH, collect=COLLECT if self.statements is not None else frozenset(),
+            max_length=max_message_size, strict=True)
         self.server: ServerConnection | None = None
         self.coupled = False  # transports registered as each other's producers
+        #: Client bytes waiting for a server. With prepared statements on, the chunks
+        #: with their scanner events: they are rewritten for the server they reach.
         self.pending: list[bytes] = []
+        self.unsent: list[tuple[bytes, list[Event], bool]] = []
         self.pending_size = 0
         self.paused = False
         self.goodbye = False  # the client sent Terminate
@@ -120,7 +129,15 @@ class Relay:
 
     # -- client side -------------------------------------------------------------------
 
+    @property
+    def busy(self) -> bool:
+        """The client has requests in flight, or waiting for a server."""
+        return self.tx.busy or bool(self.unsent)
+
     def clientData(self, data: bytes) -> None:
+        if self.statements is not None:
+            self._client_statements(data)
+            return
         self.client_at = self._now()
         try:
             events = self.scanner.feed(data)
@@ -148,6 +165,68 @@ class Relay:
         if self.goodbye:
             self.client.drop()
 
+    def _client_statements(self, data: bytes) -> None:
+        """clientData with prepared statements on: the chunk is rewritten for the server
+        it goes to, so the tracker sees it (as that server will) only when it is sent."""
+        self.client_at = self._now()
+        try:
+            events = self.scanner.feed(data)
+        except ProtocolViolation as exc:
+            self._violation(exc)
+            return
+        partial = self.scanner.in_message()
+        holding = partial is not None and partial[0] in COLLECT
+        if self.state is RelayState.ATTACHED:
+            self._forward(data, events, holding)
+            if self.state is RelayState.ATTACHED:
+                self._after_forward()
+            return
+        if self.state is RelayState.IDLE and not self.unsent and data == _TERMINATE:
+            self.goodbye = True
+            self.client.drop()
+            return
+        self.unsent.append((data, events, holding))
+        self.pending_size += len(data)
+        if self.state is RelayState.IDLE:
+            self._acquire()
+        if self.pending_size > PENDING_LIMIT and not self.paused:
+            self.paused = True
+            self.client.valve.pauseProducing()
+
+    def _forward(self, data: bytes, events: list[Event], holding: bool) -> None:
+        """Rewrite one client chunk for the attached server, track it, send it, and
+        send the client the replies Odissey owes it at once. ``holding``: the chunk
+        ends inside a message the rewriting needs whole."""
+        statements = self.statements
+        server = self.server
+        assert statements is not None and server is not None
+        try:
+            out, view = statements.client(data, events, holding)
+            end = self.tx.client(view, len(out))
+        except ProtocolViolation as exc:
+            self._violation(exc)
+            return
+        if end is not None:
+            self.goodbye = True
+            if end < 0:
+                self.stream_cut = True
+            out = out[: max(end, 0)]
+        if out and not send(server.transport, out) and not self.coupled:
+            self._couple()
+        self.tx.settle()
+        if statements.immediate:
+            replies, statements.immediate = statements.immediate, []
+            if not self._to_client(b"".join(replies)) and not self.coupled:
+                self._couple()
+
+    def _after_forward(self) -> None:
+        """A client that said goodbye goes; a transaction-mode server whose client has
+        nothing in flight (a lone Flush, requests Odissey answered) is released."""
+        if self.goodbye:
+            self.client.drop()
+        elif self.transaction_mode and self.tx.idle:
+            self._detach()
+
     def _violation(self, exc: ProtocolViolation) -> None:
         """Drop the client; none of the chunk goes to the server, whose stream may then
         stop inside a message (its bad one, or one this chunk would have completed), so
@@ -163,6 +242,7 @@ class Relay:
         """The client connection closed, for whatever reason."""
         state, self.state = self.state, RelayState.CLOSED
         self.pending = []
+        self.unsent = []
         if state is RelayState.WAITING and self._waiting is not None:
             self._waiting.cancel()
         elif state is RelayState.ATTACHED and self.server is not None:
@@ -177,7 +257,7 @@ class Relay:
 
         A query still waiting for a server is cancelled as soon as it has one (PgBouncer
         drops such a cancel, and the query then runs to the end)."""
-        if not self.tx.busy:
+        if not self.busy:
             return succeed(None)
         if self.state is RelayState.ATTACHED and self.server is not None:
             return _observe(self._cancel_server(self.server))
@@ -282,12 +362,24 @@ class Relay:
                 self._couple()
             self.pending = []
             self.pending_size = 0
+        statements = self.statements
+        if statements is not None:
+            statements.server = server.statements
+            server.statements.epoch += 1
+            unsent, self.unsent = self.unsent, []
+            self.pending_size = 0
+            for data, events, holding in unsent:
+                self._forward(data, events, holding)
+                if self.state is not RelayState.ATTACHED:
+                    return
         if self.cancel_wanted:
             self.cancel_wanted = False
             self._cancel_server(server)
         if self.paused:
             self.paused = False
             self.client.valve.resumeProducing()
+        if statements is not None:
+            self._after_forward()
 
     def _couple(self) -> None:
         """A write had to be queued: from now on each side throttles the other's reading."""
@@ -304,8 +396,14 @@ class Relay:
     # -- server side (the server calls these while attached) -----------------------------
 
     def serverData(self, data: bytes, events: list[Event]) -> None:
-        if not self._to_client(data) and not self.coupled:
+        statements = self.statements
+        # With replies of Odissey's own in the queue, the chunk is edited on its way.
+        edited = statements is not None and bool(statements.payloads or statements.held)
+        if edited:
+            data, events = statements.begin(data, events)  # type: ignore[union-attr]
+        elif not self._to_client(data) and not self.coupled:
             self._couple()
+        ready = False
         if events:
             self.server_at = self._now()
             for kind, body, _end in events:
@@ -313,13 +411,23 @@ class Relay:
                     for name, value in self.server.note_parameter(body):  # type: ignore[union-attr,arg-type]
                         self.wanted[name.lower()] = (name, value)
                         self.told[name.lower()] = value
-                elif kind == _E and (b"VFATAL\0" in body or b"VPANIC\0" in body):  # type: ignore[operator]
-                    self.server_fatal = True
-            if self.tx.server(events):
-                if self.transaction_mode:
-                    self._detach()
-                elif self.cancels:  # session mode: only this client's next query is at stake
-                    self.cancels = [sent for sent in self.cancels if sent is self._cancel_on_way]
+                elif kind == _E:
+                    if b"VFATAL\0" in body or b"VPANIC\0" in body:  # type: ignore[operator]
+                        self.server_fatal = True
+                    if statements is not None:
+                        statements.failed()
+            ready = self.tx.server(events)
+        if edited:
+            scanner = self.server.scanner  # type: ignore[union-attr]
+            partial = scanner.in_message()
+            out = statements.finish(partial[0] if partial else None, scanner.kept())  # type: ignore[union-attr]
+            if out and not self._to_client(out) and not self.coupled:
+                self._couple()
+        if ready:
+            if self.transaction_mode:
+                self._detach()
+            elif self.cancels:  # session mode: only this client's next query is at stake
+                self.cancels = [sent for sent in self.cancels if sent is self._cancel_on_way]
 
     def serverLost(self) -> None:
         server, self.server = self.server, None
@@ -338,7 +446,7 @@ class Relay:
         """Query timeout (cancel), idle-in-transaction and client idle timeouts (FATAL)."""
         settings = self.pool.route.pool
         quiet = now - max(self.client_at, self.server_at)
-        if self.tx.busy:
+        if self.busy:
             if (settings.query_timeout and quiet > settings.query_timeout
                     and not self.cancels and self.server is not None
                     and self.state is RelayState.ATTACHED):
@@ -363,6 +471,8 @@ class Relay:
         self._uncouple(server)
         server.detach()
         server.last_client = self.client.id
+        if self.statements is not None:
+            self.statements.server = None
         cancels, self.cancels, self._cancel_on_way = self.cancels, [], None
         settings = self.pool.route.pool
         if not cancels and not settings.reset_after_transaction:

@@ -28,7 +28,8 @@ from odissey.config import Route, Secret, Storage
 from odissey.flow import Valve, set_nodelay
 from odissey.params import Params, codec_for
 from odissey.router import storage_endpoint
-from odissey.transaction import SERVER_WATCH
+from odissey.statements import ServerStatements
+from odissey.transaction import DROPS_ALL, SERVER_WATCH
 from odissey.wire import errors
 from odissey.wire import messages as m
 from odissey.wire.errors import PoolerError, ProtocolViolation
@@ -38,8 +39,10 @@ log = Logger()
 _ids = itertools.count(1)
 
 R, S, K, Z, E, G = b"RSKZEG"
-#: Server messages whose bodies the pooler reads: login, parameters, status, errors.
-SERVER_COLLECT = frozenset(b"RSKZEv")
+#: Server messages whose bodies the pooler reads: login, parameters, status, errors,
+#: command tags (DISCARD ALL drops prepared statements).
+SERVER_COLLECT = frozenset(b"RSKZEvC")
+C = ord("C")
 
 
 class ServerState(Enum):
@@ -115,6 +118,8 @@ class ServerConnection(Protocol):
         self.login = login
         self.reactor = reactor
         self.state = ServerState.CONNECTING
+        #: Which of the pool's prepared statements this connection holds.
+        self.statements = ServerStatements()
         self.scanner = Scanner(watch=SERVER_WATCH, collect=SERVER_COLLECT)
         self.valve = Valve(self)
         self.params: Params = {}
@@ -275,6 +280,7 @@ class ServerConnection(Protocol):
         """Send the pooler's own messages and wait for ``replies`` ReadyForQuery."""
         assert self.state is ServerState.IDLE, self.state
         self._statements = _Statements(replies)
+        self.statements.unnamed = None  # a simple query drops it
         self.state = ServerState.QUERY
         self.transport.write(payload)  # type: ignore[union-attr]
         return self._statements.done
@@ -286,6 +292,8 @@ class ServerConnection(Protocol):
             statements.errors.append(m.parse_error_fields(body))
         elif kind == S:
             self.note_parameter(body)
+        elif kind == C and body in DROPS_ALL:
+            self.statements.forget()  # a reset query (DISCARD ALL) dropped them
         elif kind == Z:
             self.status = body
             statements.expected -= 1

@@ -32,7 +32,7 @@ head of the queue unused followed a COPY that failed before it began: PostgreSQL
 from __future__ import annotations
 
 from collections import deque
-from typing import Optional
+from typing import Optional, Protocol as TypingProtocol
 
 from odissey.wire.errors import ProtocolViolation
 from odissey.wire.scanner import Event
@@ -54,6 +54,29 @@ SERVER_WATCH = frozenset(b"ZGE123TnCIs")
 
 #: A queued CopyDone/CopyFail the client sent before the server announced its COPY.
 _COPY_END = -1
+
+# Entries the prepared-statement layer (statements.py) queues instead of the client's own
+# request: a request type with one of these bits. Each one that leaves the queue is
+# reported to the queue's Sink, which edits the reply stream and keeps its books.
+#: The pooler's own request, slipped in before the client's: its reply is dropped.
+SWALLOWED = 0x100
+#: A client request the pooler answers itself: no reply will come from the server.
+SYNTHESISED = 0x200
+#: A client request forwarded (renamed): its reply is the client's, but if the server
+#: refuses or skips it, the layer's bookkeeping is undone.
+TRACKED = 0x400
+#: A request sent only to make the server fail at this point (its error is replaced).
+REPLACED = 0x800
+INJECTED_PARSE = PARSE | SWALLOWED
+INJECTED_CLOSE = CLOSE | SWALLOWED
+TRACKED_PARSE = PARSE | TRACKED
+TRACKED_QUERY = Q | TRACKED
+SYNTH_PARSE = PARSE | SYNTHESISED
+SYNTH_CLOSE = CLOSE | SYNTHESISED
+SYNTH_QUERY = Q | SYNTHESISED
+FAILING_DESCRIBE = DESCRIBE | REPLACED
+FAILING_PARSE = PARSE | REPLACED
+
 #: Extended-protocol requests, and the reply types that complete each one.
 _COMPLETES = {
     PARSE: frozenset((PARSE_COMPLETE,)),
@@ -61,11 +84,22 @@ _COMPLETES = {
     CLOSE: frozenset((CLOSE_COMPLETE,)),
     DESCRIBE: frozenset((ROW_DESCRIPTION, NO_DATA)),  # a statement's ParameterDescription comes first
     EXECUTE: frozenset((COMMAND_COMPLETE, EMPTY_QUERY, PORTAL_SUSPENDED)),
+    INJECTED_PARSE: frozenset((PARSE_COMPLETE,)),
+    INJECTED_CLOSE: frozenset((CLOSE_COMPLETE,)),
+    TRACKED_PARSE: frozenset((PARSE_COMPLETE,)),
+    FAILING_DESCRIBE: frozenset((ROW_DESCRIPTION, NO_DATA)),
+    FAILING_PARSE: frozenset((PARSE_COMPLETE,)),
+    SYNTH_PARSE: frozenset(),
+    SYNTH_CLOSE: frozenset(),
 }
 #: (request << 8 | reply) for each reply that completes the request at the queue's head:
 #: one set lookup per reply on the hot path.
 _ANSWERS = frozenset(request << 8 | reply for request, replies in _COMPLETES.items() for reply in replies)
 _ANSWERED_BY_Z = frozenset((Q, F, SYNC))
+#: Command tags of statements that drop every prepared statement of a connection.
+DROPS_ALL = frozenset((b"DEALLOCATE ALL\0", b"DISCARD ALL\0"))
+#: What the client side queues like a Query: a Sync-like end of the extended batch.
+_QUERY_LIKE = _ANSWERED_BY_Z | {SYNTH_QUERY, TRACKED_QUERY}
 #: Messages PostgreSQL reads only up to SMALL_LIMIT bytes (it drops a client that sends
 #: a longer one); Flush and Sync have no body at all.
 _SMALL = frozenset((CLOSE, DESCRIBE, EXECUTE, FLUSH, SYNC, TERMINATE, COPY_DONE, COPY_FAIL))
@@ -81,8 +115,29 @@ _IN_DATA = frozenset((COPY_DATA, COPY_DONE, COPY_FAIL, FLUSH, TERMINATE))
 NORMAL, SKIPPING, COPYING = range(3)
 
 
+class Sink(TypingProtocol):
+    """Told about each special entry (a request type with a flag bit) as it leaves the
+    queue, in queue order: the prepared-statement layer."""
+
+    def answered(self, entry: int, kind: int, body: Optional[bytes], end: int) -> None:
+        """The server's reply ``kind`` (ending at ``end`` in the chunk) answers ``entry``.
+        An ErrorResponse is always followed by :meth:`discarded`."""
+
+    def discarded(self, entries: list[int]) -> None:
+        """The server skipped ``entries`` (after an error in their batch): no reply
+        comes. What they assumed is undone, last first, and so is what the request that
+        failed (just answered) assumed."""
+
+    def command(self, tag: bytes) -> None:
+        """DEALLOCATE ALL or DISCARD ALL completed, in order with the replies around it."""
+
+    def due(self, entry: int, end: int) -> None:
+        """A SYNTHESISED entry reached the head: its reply goes out now, after the
+        server's bytes up to ``end`` (-1: not in answer to a server chunk)."""
+
+
 class Transaction:
-    __slots__ = ("pending", "status", "mode", "unsynced", "in_data", "partial", "edge")
+    __slots__ = ("pending", "status", "mode", "unsynced", "in_data", "partial", "edge", "sink")
 
     def __init__(self) -> None:
         #: Requests sent and not yet answered, oldest first (message types, or _COPY_END).
@@ -104,6 +159,9 @@ class Transaction:
         #: Where the message still arriving ends (> 0) or starts (< 0, header incomplete),
         #: from the end of what the client sent.
         self.edge = 0
+        #: Who is told about special entries (only a relay with prepared statements on
+        #: queues any).
+        self.sink: Optional[Sink] = None
 
     @property
     def copy_in(self) -> bool:
@@ -147,7 +205,7 @@ class Transaction:
                     unsynced = True
                 elif mode == COPYING:
                     self.mode = NORMAL  # the copy consumes it as an error, and ends
-            elif kind in _ANSWERED_BY_Z:
+            elif kind in _QUERY_LIKE:
                 if mode == NORMAL:
                     pending.append(kind)
                     unsynced = False
@@ -199,11 +257,23 @@ class Transaction:
         just made the server idle (an error or a notice in mid-batch never frees it)."""
         ready = False
         pending = self.pending
-        for kind, body, _end in events:
+        for kind, body, end in events:
+            if kind == COMMAND_COMPLETE and self.sink is not None and body in DROPS_ALL:
+                self.sink.command(body)
             if kind == Z:
                 # Everything up to the request this answers is done (the Sync of a batch).
-                while pending and pending.popleft() not in _ANSWERED_BY_Z:
-                    pass
+                skipped = []
+                while pending:
+                    entry = pending.popleft()
+                    if entry in _ANSWERED_BY_Z:
+                        break
+                    if entry == TRACKED_QUERY:
+                        self.sink.answered(entry, kind, body, end)  # type: ignore[union-attr]
+                        break
+                    if entry > 0xFF:
+                        skipped.append(entry)
+                if skipped:
+                    self.sink.discarded(skipped)  # type: ignore[union-attr]
                 self.status = body  # type: ignore[assignment]
                 ready = True
             elif kind == ERROR:
@@ -214,8 +284,17 @@ class Transaction:
                     self.mode = NORMAL
                     self.in_data = False
                 if pending and pending[0] in _COMPLETES:  # discard until Sync, as the server does
+                    entry = pending.popleft()
+                    failed = entry > 0xFF
+                    if failed:
+                        self.sink.answered(entry, kind, body, end)  # type: ignore[union-attr]
+                    skipped = []
                     while pending and pending[0] != SYNC:
-                        pending.popleft()
+                        entry = pending.popleft()
+                        if entry > 0xFF:
+                            skipped.append(entry)
+                    if failed or skipped:
+                        self.sink.discarded(skipped)  # type: ignore[union-attr]
                     if not pending:
                         self.mode = SKIPPING
                 continue
@@ -223,12 +302,23 @@ class Transaction:
                 self._copy_started()
                 continue
             elif pending and (pending[0] << 8 | kind) in _ANSWERS:
-                pending.popleft()
+                entry = pending.popleft()
+                if entry > 0xFF:
+                    self.sink.answered(entry, kind, body, end)  # type: ignore[union-attr]
             else:
                 continue
             while pending and pending[0] == _COPY_END:  # a COPY that failed before it began
                 pending.popleft()
+            if pending and pending[0] > 0xFF:
+                self.settle(end)
         return ready and self.idle
+
+    def settle(self, end: int = -1) -> None:
+        """Answer the SYNTHESISED entries at the head of the queue: nothing the server
+        was asked before them is outstanding any more."""
+        pending = self.pending
+        while pending and pending[0] & SYNTHESISED and self.mode == NORMAL:
+            self.sink.due(pending.popleft(), end)  # type: ignore[union-attr]
 
     def _copy_started(self) -> None:
         """CopyInResponse for the request at the head: the Syncs the client sent since are
@@ -237,14 +327,16 @@ class Transaction:
         Execute leaves its implicit transaction open until a Sync after the copy."""
         pending = self.pending  # changed in place: the caller iterates over this deque
         while pending and pending[0] != Q and pending[0] != EXECUTE:
-            pending.popleft()  # answered before the copy could start
+            self._drop(pending.popleft())  # answered before the copy could start
         if not pending:
             self.mode = COPYING
             return
         owner = pending.popleft()
         ended = False
         while pending:
-            if pending.popleft() != SYNC:  # a copy end, or a request the copy consumes
+            entry = pending.popleft()
+            if entry != SYNC:  # a copy end, or a request the copy consumes
+                self._drop(entry)
                 ended = True
                 break
         pending.appendleft(owner)
@@ -256,3 +348,7 @@ class Transaction:
                 self.unsynced = True
             elif kind in _ANSWERED_BY_Z:
                 self.unsynced = False
+
+    def _drop(self, entry: int) -> None:
+        if entry > 0xFF:
+            self.sink.discarded([entry])  # type: ignore[union-attr]

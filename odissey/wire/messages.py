@@ -109,6 +109,15 @@ def ready_for_query(status: bytes = b"I") -> bytes:
     return message(b"Z", status)
 
 
+def command_complete(tag: bytes) -> bytes:
+    return message(b"C", tag + b"\0")
+
+
+#: The two fixed replies the pooler synthesises most.
+PARSE_COMPLETE = b"1\0\0\0\4"
+CLOSE_COMPLETE = b"3\0\0\0\4"
+
+
 def negotiate_protocol_version(minor: int, unrecognized: Sequence[str]) -> bytes:
     body = _I32.pack(minor) + _I32.pack(len(unrecognized))
     return message(b"v", body + b"".join(cstring(o) for o in unrecognized))
@@ -150,6 +159,26 @@ def sync() -> bytes:
     return message(b"S")
 
 
+def parse(name: bytes, tail: bytes) -> bytes:
+    """Parse of ``name``; ``tail`` is a Parse body after the name (query, types)."""
+    return message(b"P", name + b"\0" + tail)
+
+
+def bind(portal: bytes, statement: bytes, tail: bytes) -> bytes:
+    """Bind; ``tail`` is a Bind body after the two names (formats, values, result formats)."""
+    return message(b"B", portal + b"\0" + statement + b"\0" + tail)
+
+
+def describe(target: bytes, name: bytes) -> bytes:
+    """Describe of a statement (``target`` b"S") or a portal (b"P")."""
+    return message(b"D", target + name + b"\0")
+
+
+def close(target: bytes, name: bytes) -> bytes:
+    """Close of a statement (``target`` b"S") or a portal (b"P")."""
+    return message(b"C", target + name + b"\0")
+
+
 def copy_fail(reason: str) -> bytes:
     return message(b"f", cstring(reason))
 
@@ -169,6 +198,21 @@ def _cstrings(body: bytes, what: str) -> list[bytes]:
     if not body.endswith(b"\0"):
         raise ProtocolViolation(f"invalid {what} message: string is not terminated")
     return body[:-1].split(b"\0")
+
+
+def cstring_at(body: bytes, start: int, what: str) -> tuple[bytes, int]:
+    """The NUL-terminated string at ``start`` and the offset just after its NUL."""
+    end = body.find(b"\0", start)
+    if end < 0:
+        raise ProtocolViolation(f"invalid {what} message format: string is not terminated")
+    return body[start:end], end + 1
+
+
+def parse_target(body: bytes, what: str) -> tuple[bytes, bytes]:
+    """A Describe or Close body -> (b"S" or b"P", name)."""
+    if body[:1] not in (b"S", b"P") or not body.endswith(b"\0") or body.find(b"\0") != len(body) - 1:
+        raise ProtocolViolation(f"invalid {what} message format")
+    return body[:1], body[1:-1]
 
 
 def parse_error_fields(body: bytes) -> dict[str, str]:

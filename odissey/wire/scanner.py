@@ -82,6 +82,13 @@ class Scanner:
             return self._head[0], -1
         return None
 
+    def kept(self) -> int:
+        """How many bytes of an incomplete header or collected message have been fed so far
+        (0 when the stream stops between messages or inside a message only skipped)."""
+        if self._body is not None:
+            return 5 + len(self._body)
+        return len(self._head)
+
     def feed(self, data: bytes) -> list[Event]:
         events: list[Event] = []
         n = len(data)

@@ -1,0 +1,360 @@
+"""Drivers' prepared statements in transaction mode, end to end (odissey/statements.py).
+
+The strongest check is differential: random extended-protocol programs (Parse, Bind,
+Describe, Close, Execute, Flush, Sync over a few statement names, with errors of every
+kind) run once straight against PostgreSQL and once through Odissey on a pool of one
+server that another client keeps using between the batches, with its own statements of
+the same names. The replies must match message for message (types and SQLSTATEs).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import socket
+import time
+from typing import Any
+
+import asyncpg
+import psycopg
+
+from twisted.internet.defer import gatherResults, inlineCallbacks
+
+from odissey.pool import PoolKey
+from odissey.wire import messages as m
+from odissey.statements import SCRATCH
+from tests.harness import (
+    APP_PASSWORD, IntegrationTest, direct, read_message, route, run_seed, shared_postgres, trust_login,
+)
+
+#: Statements the programs choose from: fine, a parameter, an error at Execute, a syntax
+#: error at Parse, another result type.
+SQL = ["select 1", "select $1::int + 1", "select 1/0", "selec 1", "select 'x'::text, 2"]
+NAMES = [b"", b"a", b"b", b"c"]
+
+
+def parse(name: bytes, sql: str) -> bytes:
+    return m.parse(name, sql.encode() + b"\0\0\0")
+
+
+def bind(name: bytes, params: int) -> bytes:
+    values = b"".join(b"\0\0\0\x01" + b"7" for _ in range(params))
+    return m.bind(b"", name, b"\0\0" + params.to_bytes(2, "big") + values + b"\0\0")
+
+
+def execute() -> bytes:
+    return m.message(b"E", b"\0\0\0\0\0")
+
+
+def program(rnd: random.Random, batches: int) -> list[bytes]:
+    """Random batches of extended-protocol messages, each ending with a Sync."""
+    out = []
+    for _ in range(batches):
+        batch = b""
+        for _ in range(rnd.randrange(1, 7)):
+            name = rnd.choice(NAMES)
+            op = rnd.random()
+            if op < 0.3:
+                batch += parse(name, rnd.choice(SQL))
+            elif op < 0.6:
+                batch += bind(name, rnd.choice((0, 0, 1))) + execute()
+            elif op < 0.7:
+                batch += m.describe(b"S", name)
+            elif op < 0.8:
+                batch += m.close(b"S", name)
+            elif op < 0.85:
+                batch += m.message(b"H")  # Flush
+            elif op < 0.9:
+                batch += m.query(rnd.choice(["select 3", f"deallocate {rnd.choice(['a', 'b', 'zz'])}",
+                                             "deallocate all", "select 1/0"]))
+            else:
+                batch += bind(name, 0) + m.describe(b"P", b"") + execute()
+        out.append(batch + m.sync())
+    return out
+
+
+#: Ends each batch: a simple query after the Sync, whose row marks the end of the
+#: batch's replies (how many ReadyForQuery a batch gets depends on what was skipped).
+FENCE = m.query("select 'fence'")
+
+
+def replies(sock: socket.socket, buffer: bytes) -> tuple[list[str], bytes]:
+    """What answers one batch and its fence: message types, an error as its SQLSTATE,
+    a ReadyForQuery with its status, up to the fence's row."""
+    seen: list[str] = []
+    while True:
+        kind, body, buffer = read_message(sock, buffer)
+        if kind == b"D" and body.endswith(b"fence"):
+            break
+        if kind == b"E":
+            seen.append("E" + m.parse_error_fields(body).get("C", "?"))
+        elif kind == b"Z":
+            seen.append("Z" + body.decode())
+        elif kind not in (b"N", b"S"):
+            seen.append(kind.decode())
+    while True:
+        kind, body, buffer = read_message(sock, buffer)
+        if kind == b"Z":
+            return seen[:-1], buffer  # less the fence's RowDescription
+
+
+def run(sock: socket.socket, batches: list[bytes]) -> list[list[str]]:
+    out = []
+    buffer = b""
+    for batch in batches:
+        sock.sendall(batch + FENCE)
+        seen, buffer = replies(sock, buffer)
+        out.append(seen)
+    return out
+
+
+def direct_login() -> socket.socket:
+    pg = shared_postgres()
+    sock = socket.create_connection(("127.0.0.1", pg.port), timeout=10)
+    sock.sendall(m.startup_message({"user": "u_trust", "database": "app"}))
+    data = b""
+    while not data.endswith(m.ready_for_query(b"I")):
+        data += sock.recv(65536)
+    return sock
+
+
+def prepared_on_server(sock: socket.socket) -> str:
+    """Odissey's statements the client's current server has prepared, by name (asked
+    with a simple query through Odissey, so on that server)."""
+    sock.sendall(m.query("select coalesce(string_agg(name, ',' order by name), '') from pg_prepared_statements"
+                         f" where name like 'ODISSEY%' and name <> '{SCRATCH.decode()}'"))
+    buffer, value = b"", ""
+    while True:
+        kind, body, buffer = read_message(sock, buffer)
+        if kind == b"D":
+            value = body[6:6 + int.from_bytes(body[2:6], "big")].decode()
+        elif kind == b"Z":
+            return value
+
+
+class DifferentialTests(IntegrationTest):
+    """One server for everyone (pool size 1), two statements per server at most."""
+
+    def routes(self) -> list[dict[str, Any]]:
+        return [route("app", "u_trust", auth={"method": "trust"},
+                      pool={"mode": "transaction", "size": 1, "max_prepared_statements": 2})]
+
+    def compare(self, seed: int, i: int, check_cache: bool) -> None:
+        """Program ``i`` of ``seed`` straight to PostgreSQL and through Odissey, with a
+        second client using the same server between its batches."""
+        batches = program(random.Random(seed * 1000 + i), 8)
+        with direct_login() as sock:
+            expected = run(sock, batches)
+        other = program(random.Random(seed * 1000 + i + 500), 8)
+        ours, theirs = trust_login(self.odissey.port), trust_login(self.odissey.port)
+        try:
+            buffer = b""
+            for n, (mine, disturbing) in enumerate(zip(batches, other)):
+                ours.sendall(mine + FENCE)
+                got, buffer = replies(ours, buffer)
+                assert got == expected[n], (seed, i, n, batches[: n + 1], expected[n], got)
+                if check_cache:
+                    # What Odissey believes the server holds is what it holds.
+                    on_server = prepared_on_server(ours)
+                    pool = self.odissey.service.pools.pools[PoolKey("app", "u_trust")]
+                    deadline = time.monotonic() + 5
+                    while not pool.idle and time.monotonic() < deadline:  # released just after its reply
+                        time.sleep(0.001)
+                    (server,) = pool.idle
+                    believed = ",".join(sorted(name.decode() for name in server.statements.prepared))
+                    assert on_server == believed, (seed, i, n, batches[: n + 1], on_server, believed)
+                run(theirs, [disturbing])
+        finally:
+            ours.close()
+            theirs.close()
+
+    @inlineCallbacks
+    def test_programs_answer_as_postgresql_does(self):
+        """Random programs get, batch for batch, the replies PostgreSQL itself gives
+        them, and after each batch the server holds exactly the statements Odissey
+        believes it holds (eviction, skipped requests, DEALLOCATE ALL included)."""
+        seed = run_seed(self)
+
+        def sequential() -> None:
+            for i in range(40):
+                self.compare(seed, i, check_cache=True)
+
+        yield self.thread(sequential)
+
+    @inlineCallbacks
+    def test_programs_interleaved(self):
+        """Twelve programs at once on the one server: the same replies as PostgreSQL's."""
+        seed = run_seed(self)
+        yield gatherResults([self.thread(self.compare, seed, i, False) for i in range(12)])
+
+
+class DriverDefaultsTests(IntegrationTest):
+    """Real drivers with their default settings, fifty at a time on four servers."""
+
+    def routes(self) -> list[dict[str, Any]]:
+        return [route(pool={"mode": "transaction", "size": 4})]
+
+    @property
+    def registry(self):  # type: ignore[no-untyped-def]
+        return self.odissey.service.pools.pools[PoolKey("app", "app")].statements
+
+    def psycopg(self) -> psycopg.Connection:
+        """psycopg as an application gets it: prepare_threshold 5, autocommit off."""
+        return psycopg.connect(self.odissey.dsn(), connect_timeout=10)
+
+    @inlineCallbacks
+    def test_psycopg_defaults_fifty_clients_four_servers(self):
+        """Fifty psycopg clients with the default prepare_threshold run the same five
+        statements twenty times each (so each is prepared after five) on four servers:
+        every answer is right, and the servers parsed each statement at most once
+        each (at most 20 server-side Parses in all)."""
+        statements = [f"select %s::int + {k}" for k in range(5)]
+
+        def client(c: int) -> int:
+            wrong = 0
+            with self.psycopg() as conn:
+                for round_ in range(20):
+                    for k, sql in enumerate(statements):
+                        if conn.execute(sql, (c * 100 + round_,)).fetchone()[0] != c * 100 + round_ + k:
+                            wrong += 1
+                    conn.commit()
+            return wrong
+
+        wrong = yield gatherResults([self.thread(client, c) for c in range(50)])
+        self.assertEqual(sum(wrong), 0)
+        self.assertLessEqual(self.registry.server_parses, 20)
+        self.assertGreaterEqual(self.registry.client_parses, 250)  # five per client at least
+
+    @inlineCallbacks
+    def test_two_fresh_connections_prepare_the_same_name(self):
+        """Two connections in a row each run ``execute(sql, prepare=True)``: psycopg
+        names both statements ``_pg3_0``; the second works as it does against
+        PostgreSQL, and sees none of the first's statements under its own names."""
+        def once(i: int) -> tuple[int, list[str]]:
+            with self.psycopg() as conn:
+                value = conn.execute("select %s::int * 2", (i,), prepare=True).fetchone()[0]
+                names = [r[0] for r in conn.execute("select name from pg_prepared_statements")]
+                return value, names
+
+        first = yield self.thread(once, 1)
+        second = yield self.thread(once, 2)
+        self.assertEqual((first[0], second[0]), (2, 4))
+        self.assertNotIn("_pg3_0", second[1])
+        self.assertTrue(all(name.startswith("ODISSEY_") for name in second[1]), second[1])
+
+    @inlineCallbacks
+    def test_psycopg_pipeline_executemany_cursor_and_copy(self):
+        """Prepared statements in psycopg's pipeline mode, executemany, a server-side
+        cursor and COPY, on clients that keep changing servers."""
+        def client(c: int) -> tuple[list[int], int, list[int], int]:
+            with self.psycopg() as conn:
+                with conn.pipeline():
+                    cursors = [conn.execute("select %s::int + 1", (c * 10 + k,), prepare=True) for k in range(6)]
+                piped = [cur.fetchone()[0] for cur in cursors]
+                conn.commit()
+                with conn.cursor() as cur:
+                    cur.executemany("select %s::int", [(k,) for k in range(10)], returning=True)
+                    many = 0
+                    while True:
+                        many += cur.fetchone()[0]
+                        if not cur.nextset():
+                            break
+                conn.commit()
+                with conn.cursor(name=f"big{c}") as cur:  # server-side cursor, in a transaction
+                    cur.execute("select g from generate_series(1, 5) g")
+                    fetched = [row[0] for row in cur.fetchall()]
+                conn.commit()
+                with conn.cursor().copy("copy (select generate_series(1, 100)) to stdout") as copy:
+                    copied = sum(1 for _ in copy.rows())
+                conn.commit()
+                return piped, many, fetched, copied
+
+        results = yield gatherResults([self.thread(client, c) for c in range(12)])
+        for c, (piped, many, fetched, copied) in enumerate(results):
+            self.assertEqual(piped, [c * 10 + k + 1 for k in range(6)])
+            self.assertEqual((many, fetched, copied), (45, [1, 2, 3, 4, 5], 100))
+
+    @inlineCallbacks
+    def test_asyncpg_defaults_and_its_pool(self):
+        """asyncpg with its statement cache on (every query prepared), fifty
+        connections on four servers, and an asyncpg pool of five connections."""
+        async def main() -> tuple[int, list[int]]:
+            async def one(c: int) -> int:
+                conn = await asyncpg.connect(host="127.0.0.1", port=self.odissey.port, user="app",
+                                             password=APP_PASSWORD, database="app", ssl=False)
+                try:
+                    wrong = 0
+                    for round_ in range(10):
+                        for k in range(5):
+                            if await conn.fetchval(f"select $1::int + {k}", c + round_) != c + round_ + k:
+                                wrong += 1
+                    statement = await conn.prepare("select $1::int * 3")
+                    if [await statement.fetchval(i) for i in range(3)] != [0, 3, 6]:
+                        wrong += 1
+                    return wrong
+                finally:
+                    await conn.close()
+
+            wrong = sum(await asyncio.gather(*(one(c) for c in range(50))))
+            pool = await asyncpg.create_pool(host="127.0.0.1", port=self.odissey.port, user="app",
+                                             password=APP_PASSWORD, database="app", ssl=False,
+                                             min_size=5, max_size=5)
+            try:
+                values = await asyncio.gather(*(pool.fetchval("select $1::int - 1", i) for i in range(200)))
+            finally:
+                await pool.close()
+            return wrong, list(values)
+
+        wrong, values = yield self.thread(lambda: asyncio.run(main()))
+        self.assertEqual(wrong, 0)
+        self.assertEqual(values, [i - 1 for i in range(200)])
+
+    @inlineCallbacks
+    def test_deallocate_and_discard_all_drop_the_clients_statements(self):
+        """``DEALLOCATE ALL`` and ``DISCARD ALL`` sent as SQL drop the client's
+        statements (psycopg then prepares again), ``DEALLOCATE name`` of a
+        protocol-level statement is answered as PostgreSQL answers it."""
+        def run() -> list[Any]:
+            with self.psycopg() as conn:
+                conn.autocommit = True
+                seen = [conn.execute("select %s::int", (1,), prepare=True).fetchone()[0]]
+                conn.execute("deallocate all")
+                seen.append(conn.execute("select %s::int", (2,), prepare=True).fetchone()[0])
+                conn.execute("discard all")
+                seen.append(conn.execute("select %s::int", (3,), prepare=True).fetchone()[0])
+                pgconn = conn.pgconn
+                pgconn.prepare(b"mine", b"select 42")
+                pgconn.get_result()
+                seen.append(conn.execute("deallocate mine").statusmessage)
+                result = pgconn.exec_prepared(b"mine", [])
+                seen.append(result.error_field(psycopg.pq.DiagnosticField.SQLSTATE))
+                return seen
+
+        seen = yield self.thread(run)
+        self.assertEqual(seen, [1, 2, 3, "DEALLOCATE", b"26000"])
+
+    @inlineCallbacks
+    def test_ddl_that_changes_a_result_type(self):
+        """A statement whose table changed shape: PostgreSQL's own 0A000 (cached plan
+        must not change result type) from the server that had it prepared, as directly;
+        the same query unprepared sees the new shape."""
+        def run() -> list[str]:
+            with direct() as su:
+                su.execute("drop table if exists shape; create table shape (a int); grant all on shape to app")
+            states = []
+            with self.psycopg() as conn:
+                conn.autocommit = True
+                conn.execute("select * from shape", prepare=True)
+                with direct() as su:
+                    su.execute("alter table shape add column b int")
+                try:
+                    conn.execute("select * from shape", prepare=True)
+                    states.append("ok")
+                except psycopg.Error as exc:
+                    states.append(exc.sqlstate or "")
+                states.append(len(conn.execute("select * from shape", prepare=False).description))
+            return states
+
+        states = yield self.thread(run)
+        self.assertIn(states[0], ("0A000", "ok"))  # "ok" when the query landed on a fresh server
+        self.assertEqual(states[1], 2)
