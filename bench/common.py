@@ -1,7 +1,9 @@
 """What the bench scripts share: a throwaway PostgreSQL, an Odissey process in front of it,
-free ports, and a process's CPU time.
+free ports, a process's (and PostgreSQL's) CPU time, and one pgbench run that either gives a
+TPS or fails.
 
-Imported as ``common`` by ``bench/compare.py`` and ``bench/soak.py`` (run as scripts, so
+Imported as ``common`` by ``bench/compare.py``, ``bench/ab.py`` and ``bench/soak.py`` (run
+as scripts, so
 ``bench/`` is first on ``sys.path``). Importing it puts the working tree first on
 ``sys.path`` too, and the Odissey it starts runs this working tree's code (it checks
 ``odissey.__file__``), not an installed copy.
@@ -17,7 +19,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Dict, Mapping, Optional, Tuple
+from typing import Dict, List, Mapping, Optional, Tuple
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
@@ -59,6 +61,64 @@ def cpu_seconds(pid: int) -> float:
     """User + system CPU time of a process, from /proc."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return sum(int(fields[i]) for i in (11, 12)) / CLK_TCK
+
+
+def postgres_cpu_seconds(pg: LocalPostgres) -> float:
+    """User + system CPU time of a PostgreSQL cluster: the postmaster, its live children
+    (backends and background processes) and the children it has reaped. A backend that
+    was alive at an earlier reading and has exited since is counted whole, so a difference
+    between two readings is exact only when the backends alive at the first one either
+    outlive the second or were idle before it (true for a pooler's servers and for
+    pgbench's own connections, which start and end within one run)."""
+    postmaster = int(Path(pg.data_dir, "postmaster.pid").read_text().split()[0])
+
+    def own_and_reaped() -> Tuple[int, int]:
+        fields = Path(f"/proc/{postmaster}/stat").read_text().rsplit(")", 1)[1].split()
+        return int(fields[11]) + int(fields[12]), int(fields[13]) + int(fields[14])
+
+    while True:
+        own, reaped = own_and_reaped()
+        children = 0
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == postmaster:
+                children += int(fields[11]) + int(fields[12])
+        # A child reaped during the scan would be missed or counted twice: scan again.
+        if own_and_reaped()[1] == reaped:
+            return (own + reaped + children) / CLK_TCK
+
+
+class PgbenchFailed(RuntimeError):
+    """pgbench exited with an error, aborted clients or counted failed transactions;
+    ``reason`` is its first error line, the message its whole output."""
+
+    def __init__(self, reason: str, output: str) -> None:
+        super().__init__(f"{reason}\n{output}")
+        self.reason = reason
+
+
+def pgbench(port: int, user: str, password: str, db: str, *, clients: int, jobs: int,
+            protocol: str, seconds: int, select_only: bool = True) -> float:
+    """One ``pgbench -n [-S] -c clients -j jobs -M protocol -T seconds`` run against
+    127.0.0.1:``port``; returns its TPS (without the initial connection time). Raises
+    :class:`PgbenchFailed` unless pgbench exited with status 0, printed a TPS and counted
+    no failed transaction, so that a target that cannot run a protocol is never reported
+    as a number."""
+    command = ["pgbench", "-h", "127.0.0.1", "-p", str(port), "-U", user, "-n",
+               "-c", str(clients), "-j", str(min(clients, jobs)), "-T", str(seconds), "-M", protocol]
+    done = subprocess.run(command + (["-S"] if select_only else []) + [db],
+                          capture_output=True, text=True, env=pg_env(password))
+    output = f"{' '.join(command)}\nexit status {done.returncode}\n{done.stdout}{done.stderr}"
+    errors: List[str] = [line for line in done.stderr.splitlines() if "error" in line.lower()]
+    failed = re.search(r"number of failed transactions: (\d+)", done.stdout)
+    match = re.search(r"tps = ([\d.]+)", done.stdout)
+    if done.returncode != 0 or errors or not match or (failed and int(failed.group(1))):
+        reason = errors[0] if errors else f"pgbench exited with status {done.returncode}"
+        raise PgbenchFailed(reason.strip(), output)
+    return float(match.group(1))
 
 
 def pg_env(password: str) -> Dict[str, str]:

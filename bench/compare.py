@@ -2,11 +2,18 @@
 
 Runs are interleaved (direct, pgbouncer, odissey, direct, ...) so that noise on a shared
 machine hits every target alike; the report gives median TPS, the ratio to PostgreSQL
-direct and to PgBouncer, and the pooler's CPU seconds per 1000 transactions (from
-/proc, user + system time of the pooler process during its runs).
+direct and to PgBouncer, the pooler's CPU microseconds per transaction (from /proc, user +
+system time of the pooler process during its runs) and PostgreSQL's (the postmaster and
+all its processes), and, when both were run, each target's prepared against extended.
 
-    python bench/compare.py --mode transaction --clients 8,32 --protocol simple,extended \
-        --seconds 20 --rounds 3 --pool-size 20
+    python bench/compare.py --mode transaction --clients 32,200 \
+        --protocol simple,extended,prepared --seconds 20 --rounds 3 --pool-size 20
+
+``--protocol`` takes pgbench's ``-M`` values: simple, extended, prepared. PgBouncer before
+1.21 has no prepared statements in transaction mode, so with it ``prepared`` is skipped
+there (and said so in the report); ``--try-unsupported`` runs it anyway, to show how it
+fails. A run whose pgbench fails (exit status, an error line, an aborted client, a failed
+transaction) is reported as failed with pgbench's first error, never as a number.
 
 Needs PostgreSQL's server binaries and pgbench; PgBouncer is used when ``pgbouncer`` is on
 the PATH (or /usr/sbin). Everything listens on 127.0.0.1 only and is stopped at the end.
@@ -24,15 +31,29 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from common import cpu_seconds, free_port, pg_env, start_odissey, start_postgres, stop, wait_port
+from common import (PgbenchFailed, cpu_seconds, free_port, pgbench, postgres_cpu_seconds, start_odissey,
+                    start_postgres, stop, wait_port)
 
 USER, PASSWORD, DB = "bench", "bench-pw", "bench"
+PROTOCOLS = ("simple", "extended", "prepared")
+#: The first PgBouncer with protocol-level prepared statements in transaction mode.
+PGBOUNCER_PREPARED = (1, 21)
 
 
-def start_pgbouncer(pg_port: int, mode: str, pool_size: int, workdir: str) -> tuple[subprocess.Popen, int] | None:
-    binary = shutil.which("pgbouncer") or ("/usr/sbin/pgbouncer" if os.path.exists("/usr/sbin/pgbouncer") else None)
-    if binary is None:
-        return None
+def pgbouncer_binary() -> str | None:
+    return shutil.which("pgbouncer") or ("/usr/sbin/pgbouncer" if os.path.exists("/usr/sbin/pgbouncer") else None)
+
+
+def pgbouncer_version(binary: str) -> tuple[int, ...]:
+    out = subprocess.run([binary, "--version"], capture_output=True, text=True).stdout
+    found = re.search(r"PgBouncer (\d+)\.(\d+)", out)
+    return (int(found.group(1)), int(found.group(2))) if found else (0, 0)
+
+
+def start_pgbouncer(binary: str, pg_port: int, mode: str, pool_size: int, workdir: str,
+                    prepared: bool) -> tuple[subprocess.Popen, int]:
+    """PgBouncer with one md5 database in front of 127.0.0.1:``pg_port``; ``prepared``
+    turns on its prepared statements (1.21+), 200 per server as Odissey's default."""
     port = free_port()
     userlist = Path(workdir) / "userlist.txt"
     userlist.write_text(f'"{USER}" "{PASSWORD}"\n')
@@ -45,6 +66,7 @@ def start_pgbouncer(pg_port: int, mode: str, pool_size: int, workdir: str) -> tu
         f"auth_type = md5\nauth_file = {userlist}\n"
         f"pool_mode = {mode}\ndefault_pool_size = {pool_size}\nmax_client_conn = 2000\n"
         f"logfile = {workdir}/pgbouncer.log\n"
+        + ("max_prepared_statements = 200\n" if prepared else "")
     )
     user = None
     if os.geteuid() == 0:
@@ -62,78 +84,154 @@ def start_pgbouncer(pg_port: int, mode: str, pool_size: int, workdir: str) -> tu
     return proc, port
 
 
-def pgbench(port: int, clients: int, protocol: str, seconds: int) -> float:
-    done = subprocess.run(
-        ["pgbench", "-h", "127.0.0.1", "-p", str(port), "-U", USER, "-S", "-n",
-         "-c", str(clients), "-j", str(min(clients, 4)), "-T", str(seconds), "-M", protocol, DB],
-        capture_output=True, text=True, env=pg_env(PASSWORD),
-    )
-    failed = re.search(r"number of failed transactions: (\d+)", done.stdout)
-    match = re.search(r"tps = ([\d.]+)", done.stdout)
-    if done.returncode != 0 or not match or (failed and int(failed.group(1))):
-        raise RuntimeError(f"pgbench failed on port {port}:\n{done.stdout}\n{done.stderr}")
-    return float(match.group(1))
+def protocols(text: str) -> list[str]:
+    chosen = [p for p in text.split(",") if p]
+    unknown = set(chosen) - set(PROTOCOLS)
+    if unknown or not chosen:
+        raise argparse.ArgumentTypeError(f"protocols are {', '.join(PROTOCOLS)}, not {text!r}")
+    return chosen
+
+
+def clients_list(text: str) -> list[int]:
+    return [int(c) for c in text.split(",") if c]
+
+
+#: (target, clients, protocol)
+Key = tuple[str, int, str]
+
+
+def median_text(values: list[float] | None, digits: int = 1) -> str:
+    return f"{statistics.median(values):.{digits}f}" if values else "-"
+
+
+def median_difference(cpu: dict[Key, list[float]], first: Key, second: Key) -> str:
+    """The median of ``first`` minus that of ``second``, signed, or ``-``."""
+    if first not in cpu or second not in cpu:
+        return "-"
+    return f"{statistics.median(cpu[first]) - statistics.median(cpu[second]):+.1f}"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--mode", default="transaction", choices=("session", "transaction"))
-    parser.add_argument("--clients", default="8,32")
-    parser.add_argument("--protocol", default="simple,extended")
+    parser.add_argument("--clients", type=clients_list, default=[8, 32])
+    parser.add_argument("--protocol", type=protocols, default=["simple", "extended"],
+                        help="comma-separated pgbench -M values: simple, extended, prepared")
     parser.add_argument("--seconds", type=int, default=20)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--pool-size", type=int, default=20)
     parser.add_argument("--scale", type=int, default=10)
+    parser.add_argument("--jobs", type=int, default=2, help="pgbench -j (at most the clients)")
     parser.add_argument("--no-pgbouncer", action="store_true")
+    parser.add_argument("--try-unsupported", action="store_true",
+                        help="run -M prepared through a PgBouncer without prepared statements too")
     args = parser.parse_args()
 
     workdir = tempfile.mkdtemp(prefix="odissey-bench-")
     pg = None
     procs: list[subprocess.Popen] = []
+    #: Targets that are not run for a protocol, and why.
+    skipped: dict[tuple[str, str], str] = {}
     try:
-        pg = start_postgres(USER, PASSWORD, DB, scale=args.scale, settings={"max_connections": "300"})
+        pg = start_postgres(USER, PASSWORD, DB, scale=args.scale,
+                            settings={"max_connections": str(max(300, max(args.clients) + 50))})
         targets: dict[str, tuple[int, int | None]] = {"postgres": (pg.port, None)}
-        if not args.no_pgbouncer:
-            started = start_pgbouncer(pg.port, args.mode, args.pool_size, workdir)
-            if started:
-                procs.append(started[0])
-                targets["pgbouncer"] = (started[1], started[0].pid)
+        binary = None if args.no_pgbouncer else pgbouncer_binary()
+        if binary:
+            version = pgbouncer_version(binary)
+            prepared = version >= PGBOUNCER_PREPARED
+            proc, port = start_pgbouncer(binary, pg.port, args.mode, args.pool_size, workdir, prepared)
+            procs.append(proc)
+            targets["pgbouncer"] = (port, proc.pid)
+            if args.mode == "transaction" and not prepared and not args.try_unsupported:
+                skipped[("pgbouncer", "prepared")] = (
+                    f"PgBouncer {'.'.join(map(str, version))} has no prepared statements in "
+                    f"transaction mode (they came in 1.21)")
         odissey, port, _package = start_odissey(pg.port, USER, PASSWORD, DB, mode=args.mode,
                                                 pool_size=args.pool_size, workdir=workdir)
         procs.append(odissey)
         targets["odissey"] = (port, odissey.pid)
 
-        results: dict[tuple[str, int, str], list[float]] = {}
-        cpu: dict[tuple[str, int, str], list[float]] = {}
-        for _round in range(args.rounds):
-            for clients in map(int, args.clients.split(",")):
-                for protocol in args.protocol.split(","):
+        results: dict[Key, list[float]] = {}
+        pooler_cpu: dict[Key, list[float]] = {}
+        server_cpu: dict[Key, list[float]] = {}
+        failures: dict[Key, list[str]] = {}
+        for round_ in range(args.rounds):
+            for clients in args.clients:
+                for protocol in args.protocol:
                     for name, (port, pid) in targets.items():
-                        before = cpu_seconds(pid) if pid else 0.0
-                        tps = pgbench(port, clients, protocol, args.seconds)
+                        if (name, protocol) in skipped:
+                            continue
                         key = (name, clients, protocol)
+                        before = cpu_seconds(pid) if pid else 0.0
+                        server_before = postgres_cpu_seconds(pg)
+                        try:
+                            tps = pgbench(port, USER, PASSWORD, DB, clients=clients, jobs=args.jobs,
+                                          protocol=protocol, seconds=args.seconds)
+                        except PgbenchFailed as exc:
+                            failures.setdefault(key, []).append(exc.reason)
+                            print(f"round {round_ + 1}: {name:9} -c {clients:3} -M {protocol:8} "
+                                  f"FAILED: {exc.reason}", flush=True)
+                            continue
+                        transactions = tps * args.seconds
                         results.setdefault(key, []).append(tps)
+                        server_cpu.setdefault(key, []).append(
+                            (postgres_cpu_seconds(pg) - server_before) / transactions * 1e6)
                         if pid:
-                            used = cpu_seconds(pid) - before
-                            cpu.setdefault(key, []).append(used / (tps * args.seconds / 1000))
-                        print(f"round {_round + 1}: {name:9} -c {clients:3} -M {protocol:8} {tps:10.0f} tps",
-                              flush=True)
+                            pooler_cpu.setdefault(key, []).append((cpu_seconds(pid) - before) / transactions * 1e6)
+                        print(f"round {round_ + 1}: {name:9} -c {clients:3} -M {protocol:8} {tps:10.0f} tps"
+                              f"  pooler {median_text(pooler_cpu.get(key, [])[-1:]):>5} µs/tx"
+                              f"  postgres {server_cpu[key][-1]:5.1f} µs/tx", flush=True)
 
-        print(f"\npgbench -S, {args.mode} pooling, pool size {args.pool_size}, {args.seconds}s x {args.rounds} "
-              f"rounds, medians\n")
-        print("| clients | protocol | target | TPS | vs direct | vs PgBouncer | pooler CPU s / 1000 tx |")
-        print("|---|---|---|---|---|---|---|")
-        for clients in map(int, args.clients.split(",")):
-            for protocol in args.protocol.split(","):
-                direct = statistics.median(results[("postgres", clients, protocol)])
-                bouncer = results.get(("pgbouncer", clients, protocol))
+        def tps_of(key: Key) -> float | None:
+            """The median TPS, or None when any round failed or nothing ran."""
+            return None if key in failures or key not in results else statistics.median(results[key])
+
+        print(f"\npgbench -S -j {args.jobs}, {args.mode} pooling, pool size {args.pool_size}, "
+              f"{args.seconds}s x {args.rounds} rounds, medians\n")
+        print("| clients | protocol | target | TPS | vs direct | vs PgBouncer | pooler CPU µs / tx "
+              "| PostgreSQL CPU µs / tx |")
+        print("|---|---|---|---|---|---|---|---|")
+        for clients in args.clients:
+            for protocol in args.protocol:
+                direct = tps_of(("postgres", clients, protocol))
+                bouncer = tps_of(("pgbouncer", clients, protocol))
                 for name in targets:
-                    tps = statistics.median(results[(name, clients, protocol)])
-                    vs_bouncer = f"{tps / statistics.median(bouncer):.2f}" if bouncer else "n/a"
-                    per_k = cpu.get((name, clients, protocol))
-                    per_k_text = f"{statistics.median(per_k):.3f}" if per_k else "-"
-                    print(f"| {clients} | {protocol} | {name} | {tps:.0f} | {tps / direct:.2f} | "
-                          f"{vs_bouncer} | {per_k_text} |")
+                    key = (name, clients, protocol)
+                    if (name, protocol) in skipped:
+                        print(f"| {clients} | {protocol} | {name} | skipped: {skipped[(name, protocol)]} "
+                              f"| | | | |")
+                        continue
+                    if key in failures:
+                        print(f"| {clients} | {protocol} | {name} | failed in {len(failures[key])} of "
+                              f"{args.rounds} rounds: {failures[key][0]} | | | | |")
+                        continue
+                    median = statistics.median(results[key])
+                    vs_direct = f"{median / direct:.2f}" if direct else "n/a"
+                    vs_bouncer = f"{median / bouncer:.2f}" if bouncer else "n/a"
+                    print(f"| {clients} | {protocol} | {name} | {median:.0f} | {vs_direct} | {vs_bouncer} | "
+                          f"{median_text(pooler_cpu.get(key))} | {median_text(server_cpu.get(key))} |")
+
+        if "prepared" in args.protocol and "extended" in args.protocol:
+            print("\nprepared against extended, same target (medians; CPU as differences)\n")
+            print("| clients | target | TPS prepared / extended | pooler CPU µs / tx | PostgreSQL CPU µs / tx |")
+            print("|---|---|---|---|---|")
+            for clients in args.clients:
+                for name in targets:
+                    prepared_key, extended_key = (name, clients, "prepared"), (name, clients, "extended")
+                    prepared_tps, extended_tps = tps_of(prepared_key), tps_of(extended_key)
+                    if prepared_tps is None or extended_tps is None:
+                        continue
+                    print(f"| {clients} | {name} | {prepared_tps / extended_tps:.2f} | "
+                          f"{median_difference(pooler_cpu, prepared_key, extended_key)} | "
+                          f"{median_difference(server_cpu, prepared_key, extended_key)} |")
+        if skipped or failures:
+            print()
+            for (name, protocol), why in skipped.items():
+                print(f"skipped: {name} -M {protocol}: {why}")
+            for (name, clients, protocol), reasons in failures.items():
+                print(f"failed: {name} -c {clients} -M {protocol} in {len(reasons)} of {args.rounds} rounds: "
+                      f"{reasons[0]}")
     finally:
         for proc in procs:
             stop(proc)
