@@ -25,7 +25,7 @@ POOL_KEYS = (
     "reset_query", "reset_timeout", "reset_after_transaction",
     "server_idle_timeout", "server_lifetime",
     "client_idle_timeout", "idle_in_transaction_timeout", "query_timeout",
-    "max_prepared_statements",
+    "max_prepared_statements", "pin_listeners",
 )
 
 #: Every key the loader accepts, by section; ``docs/configuration.md`` documents exactly these.
@@ -140,6 +140,8 @@ class PoolSettings:
     #: Transaction mode: drivers' named statements carried across servers, at most this
     #: many prepared on each server (0: off, statements are the client's problem).
     max_prepared_statements: int = 200
+    #: Transaction mode: a client that LISTENs keeps its server for the rest of its session.
+    pin_listeners: bool = False
 
 
 @dataclass(frozen=True)
@@ -452,6 +454,7 @@ def _read_pool(
         max_prepared_statements=po.value(
             "max_prepared_statements", _nonneg_int, "an integer >= 0", d.max_prepared_statements
         ),
+        pin_listeners=po.value("pin_listeners", _bool, "true or false", d.pin_listeners),
     )
     if pool.min_size > pool.size:
         po.problem(f"must not exceed size ({pool.size}), got {pool.min_size}", "min_size")

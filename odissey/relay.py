@@ -27,6 +27,7 @@ from odissey.flow import PENDING_LIMIT, Valve, couple, send, uncouple
 from odissey.params import Params, differences, set_statements
 from odissey.pool import Pool
 from odissey.server import ServerConnection, server_error
+from odissey.session_state import LISTEN, cleanup, left_by
 from odissey.statements import COLLECT, Statements
 from odissey.transaction import CLIENT_WATCH, Transaction
 from odissey.wire import errors
@@ -37,7 +38,10 @@ from odissey.wire.scanner import Event, Scanner
 log = Logger()
 
 _TERMINATE = m.terminate()
-_S, _E = b"SE"
+_S, _E, _Q, _P = b"SEQP"
+#: What a transaction-mode relay reads whole even without prepared statements: the
+#: texts that may leave session state on a server (session_state.py).
+_TEXTS = frozenset(b"PQ")
 
 
 def _observe(d: "Deferred[bool]") -> "Deferred[None]":
@@ -105,8 +109,13 @@ class Relay:
         #: Prepared statements carried across servers (transaction mode), or None.
         self.statements = Statements(pool.statements, self.tx) if pool.statements is not None else None
         self.scanner = Scanner(
-            watch=CLIENT_WATCH, collect=COLLECT if self.statements is not None else frozenset(),
+            watch=CLIENT_WATCH,
+            collect=COLLECT if self.statements is not None else _TEXTS if self.transaction_mode else frozenset(),
             max_length=max_message_size, strict=True)
+        #: Session state this client's texts may have left, not yet marked on a server.
+        self.leaving = 0
+        #: Transaction mode, pin_listeners: the client LISTENs, so it keeps its server.
+        self.pinned = False
         self.server: ServerConnection | None = None
         self.coupled = False  # transports registered as each other's producers
         #: Client bytes waiting for a server. With prepared statements on, the chunks
@@ -150,6 +159,8 @@ class Relay:
             if end < 0:  # Terminate's header began in the previous chunk, already sent
                 self.stream_cut = True
             data = data[: max(end, 0)]
+        if self.transaction_mode:
+            self._note(events)
         if self.state is RelayState.ATTACHED:
             if data and not send(self.server.transport, data) and not self.coupled:  # type: ignore[union-attr]
                 self._couple()
@@ -211,6 +222,7 @@ class Relay:
             if end < 0:
                 self.stream_cut = True
             out = out[: max(end, 0)]
+        self._note(events)
         if out and not send(server.transport, out) and not self.coupled:
             self._couple()
         self.tx.settle()
@@ -224,8 +236,24 @@ class Relay:
         nothing in flight (a lone Flush, requests Odissey answered) is released."""
         if self.goodbye:
             self.client.drop()
-        elif self.transaction_mode and self.tx.idle:
+        elif self.transaction_mode and self.tx.idle and not self.pinned:
             self._detach()
+
+    def _note(self, events: list[Event]) -> None:
+        """Mark the server with the session state the client's Query and Parse texts
+        may leave on it (transaction mode), so that it is cleaned before it serves
+        anyone else."""
+        flags = 0
+        for kind, body, _end in events:
+            if body is not None and (kind == _Q or kind == _P):
+                flags |= left_by(body, self.reported)
+        if flags:
+            if flags & LISTEN and self.pool.route.pool.pin_listeners:
+                self.pinned = True
+            if self.state is RelayState.ATTACHED:
+                self.server.left |= flags  # type: ignore[union-attr]
+            else:
+                self.leaving |= flags
 
     def _violation(self, exc: ProtocolViolation) -> None:
         """Drop the client; none of the chunk goes to the server, whose stream may then
@@ -312,6 +340,27 @@ class Relay:
 
     def _use(self, server: ServerConnection) -> None:
         self.server = server
+        if server.left and server.last_client != self.client.id:
+            # Another client's session state is on it: cleaned first.
+            self.state = RelayState.SYNCING
+            cleaning = server.run(cleanup(server.left))
+            cleaning.addCallbacks(self._cleaned, self._sync_lost, callbackArgs=(server,))
+            return
+        self._sync(server)
+
+    def _cleaned(self, failures: list[dict[str, str]], server: ServerConnection) -> None:
+        if self.state is RelayState.CLOSED or failures:
+            self.server = None
+            self.pool.discard(server)  # cannot be made clean: never reused
+            if self.state is not RelayState.CLOSED:
+                self.state = RelayState.IDLE
+                self._acquire()
+            return
+        server.left = 0
+        self._sync(server)
+
+    def _sync(self, server: ServerConnection) -> None:
+        """Give the server the client's parameters, if they differ, then attach."""
         if self.wanted == server.params:  # the usual case, one C-level comparison
             self._attach(server)
             return
@@ -357,6 +406,9 @@ class Relay:
     def _attach(self, server: ServerConnection) -> None:
         server.attach(self)
         self.state = RelayState.ATTACHED
+        if self.leaving:
+            server.left |= self.leaving
+            self.leaving = 0
         if self.pending:
             if not send(server.transport, b"".join(self.pending)):
                 self._couple()
@@ -424,7 +476,7 @@ class Relay:
             if out and not self._to_client(out) and not self.coupled:
                 self._couple()
         if ready:
-            if self.transaction_mode:
+            if self.transaction_mode and not self.pinned:
                 self._detach()
             elif self.cancels:  # session mode: only this client's next query is at stake
                 self.cancels = [sent for sent in self.cancels if sent is self._cancel_on_way]

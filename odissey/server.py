@@ -131,6 +131,8 @@ class ServerConnection(Protocol):
         self.handler: Handler | None = None
         self.owner: ServerOwner | None = None
         self.last_client: str | None = None
+        #: Session state (session_state flags) the last client may have left on it.
+        self.left = 0
         self.created_at = reactor.seconds()
         self.used_at = self.created_at
         self.ready: Deferred[ServerConnection] = Deferred()

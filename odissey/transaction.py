@@ -317,7 +317,7 @@ class Transaction:
         """Answer the SYNTHESISED entries at the head of the queue: nothing the server
         was asked before them is outstanding any more."""
         pending = self.pending
-        while pending and pending[0] & SYNTHESISED and self.mode == NORMAL:
+        while pending and pending[0] > 0xFF and pending[0] & SYNTHESISED and self.mode == NORMAL:
             self.sink.due(pending.popleft(), end)  # type: ignore[union-attr]
 
     def _copy_started(self) -> None:

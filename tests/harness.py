@@ -167,13 +167,10 @@ class Odissey:
         return make_conninfo(**parts)
 
     def connect(self, **kwargs: Any) -> psycopg.Connection:
-        """A psycopg connection through Odissey. Automatic server-side prepared statements
-        are off: under transaction pooling their names would meet other clients' on a shared
-        server (see docs/transaction-pooling.md); session-mode tests turn them on explicitly."""
+        """A psycopg connection through Odissey, with psycopg's defaults (it prepares a
+        statement after five executions) except autocommit, on unless asked otherwise."""
         autocommit = kwargs.pop("autocommit", True)
-        conn = psycopg.connect(self.dsn(**kwargs), autocommit=autocommit, connect_timeout=10)
-        conn.prepare_threshold = None
-        return conn
+        return psycopg.connect(self.dsn(**kwargs), autocommit=autocommit, connect_timeout=10)
 
     def env(self, password: str = APP_PASSWORD) -> dict[str, str]:
         return {**os.environ, "PGPASSWORD": password, "PGSSLMODE": "disable"}

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import random
 import socket
+import subprocess
 import time
 from typing import Any
 
@@ -19,12 +20,13 @@ import asyncpg
 import psycopg
 
 from twisted.internet.defer import gatherResults, inlineCallbacks
+from twisted.trial.unittest import SkipTest
 
 from odissey.pool import PoolKey
 from odissey.wire import messages as m
 from odissey.statements import SCRATCH
 from tests.harness import (
-    APP_PASSWORD, IntegrationTest, direct, read_message, route, run_seed, shared_postgres, trust_login,
+    APP_PASSWORD, IntegrationTest, direct, have, read_message, route, run_seed, shared_postgres, trust_login,
 )
 
 #: Statements the programs choose from: fine, a parameter, an error at Execute, a syntax
@@ -192,7 +194,7 @@ class DriverDefaultsTests(IntegrationTest):
     """Real drivers with their default settings, fifty at a time on four servers."""
 
     def routes(self) -> list[dict[str, Any]]:
-        return [route(pool={"mode": "transaction", "size": 4})]
+        return [route(pool={"mode": "transaction", "size": 4, "wait_timeout": "30s"})]
 
     @property
     def registry(self):  # type: ignore[no-untyped-def]
@@ -358,3 +360,25 @@ class DriverDefaultsTests(IntegrationTest):
         states = yield self.thread(run)
         self.assertIn(states[0], ("0A000", "ok"))  # "ok" when the query landed on a fresh server
         self.assertEqual(states[1], 2)
+
+    @inlineCallbacks
+    def test_pgbench_prepared_fifty_clients_four_servers(self):
+        """pgbench -M prepared (its simple-update script: named statements, explicit
+        transactions) with fifty clients on four servers: no failed transaction, and the
+        servers parsed each of its statements at most once each."""
+        if not have("pgbench"):
+            raise SkipTest("pgbench not installed")
+
+        def bench() -> subprocess.CompletedProcess[str]:
+            return subprocess.run(
+                # One thread per client: pgbench prepares with the synchronous PQprepare, so a
+                # thread blocked on a client that waits for a server would stall the clients
+                # holding the servers (through any transaction pooler, PgBouncer's included).
+                ["pgbench", "-n", "-N", "-M", "prepared", "-c", "50", "-j", "50", "-T", "5",
+                 "-h", "127.0.0.1", "-p", str(self.odissey.port), "-U", "app", "app"],
+                capture_output=True, text=True, env=self.odissey.env(), timeout=120)
+
+        done = yield self.thread(bench)
+        self.assertEqual(done.returncode, 0, done.stderr[-2000:])
+        self.assertIn("number of failed transactions: 0 (0.000%)", done.stdout)
+        self.assertLessEqual(self.registry.server_parses, 4 * 5)  # five statements in the script

@@ -1,0 +1,78 @@
+"""What a transaction-mode client may leave on a server for the next one, and how to
+clean exactly that.
+
+Session-level state outlives a transaction: a temp table, a LISTEN, a session advisory
+lock, an SQL-level prepared statement, a cursor WITH HOLD, a SET of a parameter the
+server does not report (reported ones are carried per client, see ``params.py``), a SET
+ROLE or SET SESSION AUTHORIZATION. The relay reads each Query and Parse a client sends
+and marks its server with what the text may create (erring towards "may": a false alarm
+costs one statement at hand-over, a miss would hand the state to a stranger). A marked
+server that goes to a different client is cleaned first; a client that gets its own
+server back keeps its state, and a clean server costs nothing.
+
+Pure: text in, flags out; flags in, statements out.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import FrozenSet, List
+
+TEMP, LISTEN, LOCKS, PREPARED, HOLD, SETTINGS, ROLE = (1 << i for i in range(7))
+
+#: Cheap first look: most statements mention none of these.
+_HINT = re.compile(rb"temp|listen|advisory_lock|prepare|hold|set|role|authorization", re.IGNORECASE)
+_TEMP = re.compile(rb"\btemp(?:orary)?\b|\bpg_temp", re.IGNORECASE)
+_LISTEN = re.compile(rb"(?<!un)listen\s", re.IGNORECASE)
+_LOCKS = re.compile(rb"advisory_lock", re.IGNORECASE)  # not the _xact_ ones
+_PREPARE = re.compile(rb"(?:^|;)\s*prepare\s+(?!transaction\b)", re.IGNORECASE)
+_HOLD = re.compile(rb"\bwith\s+hold\b", re.IGNORECASE)
+_SET = re.compile(rb"(?:^|;)\s*set\s+(?:session\s+)?([a-z_][a-z0-9_.]*)", re.IGNORECASE)
+_SET_CONFIG = re.compile(rb"\bset_config\s*\(", re.IGNORECASE)
+#: SET forms that end with the transaction (or are not parameters).
+_TRANSIENT = frozenset((b"local", b"transaction", b"constraints"))
+
+#: The statements that undo each kind of state, in the order they run (the role first:
+#: the rest may need the connection's own privileges).
+_CLEANUP = (
+    (ROLE, ("RESET ROLE", "SET SESSION AUTHORIZATION DEFAULT")),
+    (SETTINGS, ("RESET ALL",)),
+    (PREPARED, ("DEALLOCATE ALL",)),
+    (HOLD, ("CLOSE ALL",)),
+    (TEMP, ("DISCARD TEMP",)),
+    (LISTEN, ("UNLISTEN *",)),
+    (LOCKS, ("SELECT pg_advisory_unlock_all()",)),
+)
+
+
+def left_by(text: bytes, reported: FrozenSet[str]) -> int:
+    """The kinds of session state a Query's or Parse's text may leave on its server.
+    ``reported``: lower-case names of the parameters the server reports (a SET of one
+    of those is carried per client, not left behind)."""
+    if _HINT.search(text) is None:
+        return 0
+    flags = 0
+    if _TEMP.search(text):
+        flags |= TEMP
+    if _LISTEN.search(text):
+        flags |= LISTEN
+    if _LOCKS.search(text):
+        flags |= LOCKS
+    if _PREPARE.search(text):
+        flags |= PREPARED
+    if _HOLD.search(text):
+        flags |= HOLD
+    if _SET_CONFIG.search(text):
+        flags |= SETTINGS
+    for found in _SET.finditer(text):
+        name = found.group(1).lower()
+        if name == b"role" or name == b"authorization":
+            flags |= ROLE
+        elif name not in _TRANSIENT and name.decode("ascii", "replace") not in reported:
+            flags |= SETTINGS
+    return flags
+
+
+def cleanup(flags: int) -> List[str]:
+    """Statements that clean what ``flags`` say a server holds."""
+    return [sql for flag, statements in _CLEANUP if flags & flag for sql in statements]

@@ -1,0 +1,135 @@
+"""Session state one transaction-mode client leaves on a server never reaches the next
+client (odissey/session_state.py and the relay's hand-over)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import psycopg
+from twisted.internet.defer import inlineCallbacks
+from twisted.trial import unittest
+
+from odissey import session_state as s
+from tests.harness import IntegrationTest, route
+
+REPORTED = frozenset({"application_name", "client_encoding", "datestyle", "timezone"})
+
+
+class TextTests(unittest.TestCase):
+    def test_what_texts_may_leave(self):
+        cases = {
+            b"select 1": 0,
+            b"create temp table t (x int)": s.TEMP,
+            b"CREATE TEMPORARY TABLE t AS SELECT 1": s.TEMP,
+            b"create table pg_temp.t (x int)": s.TEMP,
+            b"select attempt, template from items": 0,
+            b"listen jobs": s.LISTEN,
+            b"unlisten *": 0,
+            b"select pg_advisory_lock(1)": s.LOCKS,
+            b"select pg_try_advisory_lock_shared(1)": s.LOCKS,
+            b"select pg_advisory_xact_lock(1)": 0,
+            b"prepare q as select 1": s.PREPARED,
+            b"prepare transaction 'x'": 0,
+            b"declare c cursor with hold for select 1": s.HOLD,
+            b"set work_mem = '8MB'": s.SETTINGS,
+            b"SET SESSION statement_timeout = 5": s.SETTINGS,
+            b"set local work_mem = '8MB'": 0,
+            b"set transaction isolation level serializable": 0,
+            b"set application_name = 'x'": 0,  # reported: carried per client
+            b"select set_config('work_mem', '8MB', false)": s.SETTINGS,
+            b"set role other": s.ROLE,
+            b"set session authorization other": s.ROLE,
+            b"select 1; set search_path = x": s.SETTINGS,
+            b"select offset_value from t": 0,
+        }
+        for text, flags in cases.items():
+            self.assertEqual(s.left_by(text, REPORTED), flags, text)
+
+    def test_cleanup_runs_exactly_whats_needed_role_first(self):
+        self.assertEqual(s.cleanup(0), [])
+        self.assertEqual(s.cleanup(s.TEMP | s.LISTEN), ["DISCARD TEMP", "UNLISTEN *"])
+        self.assertEqual(s.cleanup(s.SETTINGS | s.ROLE)[:2], ["RESET ROLE", "SET SESSION AUTHORIZATION DEFAULT"])
+
+
+class HandOverTests(IntegrationTest):
+    """One server (pool size 1) that two clients take in turn."""
+
+    def routes(self) -> list[dict[str, Any]]:
+        return [route(pool={"mode": "transaction", "size": 1})]
+
+    def connect(self) -> psycopg.Connection:
+        return psycopg.connect(self.odissey.dsn(), autocommit=True, connect_timeout=10)
+
+    @inlineCallbacks
+    def test_next_client_sees_none_of_the_last_ones_session_state(self):
+        """A leaves a SQL-prepared statement, a temp table, a LISTEN, an advisory lock,
+        a cursor WITH HOLD and an unreported SET on the server; B, on the same backend,
+        sees none of them. A keeps its state as long as nobody else used its server."""
+        def run() -> dict[str, Any]:
+            seen: dict[str, Any] = {}
+            a, b = self.connect(), self.connect()
+            try:
+                a.execute("prepare mine as select 1")
+                a.execute("create temp table scratch (x int)")
+                a.execute("listen jobs")
+                a.execute("select pg_advisory_lock(77)")
+                a.execute("begin; declare held cursor with hold for select 1; commit")
+                a.execute("set work_mem = '7MB'")
+                seen["a_pid"] = a.execute("select pg_backend_pid()").fetchone()[0]
+                seen["a_keeps"] = a.execute("select count(*) from scratch").fetchone()[0]
+                seen["b_pid"] = b.execute("select pg_backend_pid()").fetchone()[0]
+                seen["prepared"] = b.execute(
+                    "select count(*) from pg_prepared_statements where name = 'mine'").fetchone()[0]
+                seen["temp"] = b.execute("select count(*) from pg_tables where tablename = 'scratch'").fetchone()[0]
+                seen["listening"] = b.execute("select count(*) from pg_listening_channels()").fetchone()[0]
+                seen["locks"] = b.execute(
+                    "select count(*) from pg_locks where locktype = 'advisory' and pid = pg_backend_pid()").fetchone()[0]
+                seen["cursors"] = b.execute("select count(*) from pg_cursors").fetchone()[0]
+                seen["work_mem"] = b.execute("show work_mem").fetchone()[0]
+            finally:
+                a.close()
+                b.close()
+            return seen
+
+        seen = yield self.thread(run)
+        self.assertEqual(seen["a_pid"], seen["b_pid"])  # the same backend, handed over
+        self.assertEqual(seen["a_keeps"], 0)  # A's own temp table was still there for A
+        self.assertEqual((seen["prepared"], seen["temp"], seen["listening"], seen["locks"], seen["cursors"]),
+                         (0, 0, 0, 0, 0))
+        self.assertEqual(seen["work_mem"], "4MB")
+
+    @inlineCallbacks
+    def test_protocol_statements_of_another_client_are_not_visible_by_name(self):
+        """B's pg_prepared_statements holds none of A's own names, only Odissey's."""
+        def run() -> list[str]:
+            with self.connect() as a:
+                a.execute("select %s::int", (1,), prepare=True)
+            with self.connect() as b:
+                return [r[0] for r in b.execute("select name from pg_prepared_statements")]
+
+        names = yield self.thread(run)
+        self.assertEqual([n for n in names if not n.startswith("ODISSEY_")], [])
+
+
+class PinnedListenerTests(IntegrationTest):
+    def routes(self) -> list[dict[str, Any]]:
+        return [route(pool={"mode": "transaction", "size": 2, "pin_listeners": True})]
+
+    @inlineCallbacks
+    def test_listener_keeps_its_server_and_gets_notifications(self):
+        """With pin_listeners a client that LISTENs keeps its server, so a NOTIFY sent
+        later from elsewhere reaches it."""
+        def run() -> tuple[str, int, int]:
+            with psycopg.connect(self.odissey.dsn(), autocommit=True) as listener:
+                listener.execute("listen jobs")
+                pid = listener.execute("select pg_backend_pid()").fetchone()[0]
+                with psycopg.connect(self.odissey.dsn(), autocommit=True) as other:
+                    other.execute("notify jobs, 'hello'")
+                    other_pid = other.execute("select pg_backend_pid()").fetchone()[0]
+                for note in listener.notifies(timeout=5, stop_after=1):
+                    return note.payload, pid, other_pid
+            return "", pid, other_pid
+
+        payload, pid, other_pid = yield self.thread(run)
+        self.assertEqual(payload, "hello")
+        self.assertNotEqual(pid, other_pid)
