@@ -155,6 +155,8 @@ class Statements:
         self.immediate: List[bytes] = []
         #: The payload of a request the server refused, undone with those it skipped.
         self._failed: Optional[_Payload] = None
+        #: DEALLOCATE ALL / DISCARD ALL sent and not answered yet (see _reclose).
+        self._doubt = 0
         self._data = b""
         self._pos = 0
         #: The edited chunk's pieces, None outside begin/finish (a drain after the
@@ -264,11 +266,12 @@ class Statements:
             registry.client_parses += 1
             statement = registry.statement(body[i:])
             self.named[name] = statement
-            if statement.name in server.prepared:
+            if statement.name in server.prepared and not self._doubt:
                 self._touch(statement)
                 self.payloads.append((SYNTH_PARSE, _CLIENT, name, statement))
                 return [(SYNTH_PARSE, b"")]
-            items = self._evict()
+            items = self._reclose(statement)
+            items += self._evict()
             registry.server_parses += 1
             server.prepared[statement.name] = (statement, server.epoch)
             self.payloads.append((TRACKED_PARSE, _CLIENT, name, statement))
@@ -316,6 +319,7 @@ class Statements:
         the same batch already goes without its statements (restored if the server
         skips the query)."""
         self.payloads.append((TRACKED_QUERY, _CLIENT, self.named, self.unnamed))
+        self._doubt += 1
         self.named = {}
         self.unnamed = self.server.unnamed = None  # type: ignore[union-attr]
         return [(TRACKED_QUERY, None)]
@@ -330,15 +334,28 @@ class Statements:
         """Prepare ``statement`` on the server first unless it has it."""
         server = self.server
         assert server is not None
-        if statement.name in server.prepared:
+        if statement.name in server.prepared and not self._doubt:
             self._touch(statement)
             return []
-        items = self._evict()
+        items = self._reclose(statement)
+        items += self._evict()
         self.registry.server_parses += 1
         server.prepared[statement.name] = (statement, server.epoch)
         self.payloads.append((INJECTED_PARSE, _NAMED, statement, None))
         items.append((INJECTED_PARSE, m.parse(statement.name, statement.tail)))
         return items
+
+    def _reclose(self, statement: Statement) -> List[Tuple[int, Optional[bytes]]]:
+        """While a DEALLOCATE ALL or DISCARD ALL the client sent is unanswered, whether
+        the server still has a statement is unknown: it is closed (a Close of a missing
+        statement is no error) before it is parsed again."""
+        server = self.server
+        assert server is not None
+        known = server.prepared.pop(statement.name, None)
+        if known is None:
+            return []
+        self.payloads.append((INJECTED_CLOSE, _NAMED, known[0], known[1]))
+        return [(INJECTED_CLOSE, m.close(b"S", statement.name))]
 
     def _ensure_unnamed(self, kind: int) -> Optional[List[Tuple[int, Optional[bytes]]]]:
         """Make the server's unnamed statement the client's own, or none at all, before
@@ -432,6 +449,9 @@ class Statements:
 
     def answered(self, entry: int, kind: int, body: Optional[bytes], end: int) -> None:
         payload = self._pop(entry)
+        if entry == TRACKED_QUERY:  # its ReadyForQuery: DEALLOCATE ALL has run, or failed
+            self._doubt -= 1
+            return
         if kind == ERROR:
             if entry & REPLACED:
                 self._cut(end - 5 - len(body or b""))
@@ -504,6 +524,7 @@ class Statements:
             a.update(self.named)
             self.named = a
             self.unnamed = b
+            self._doubt -= 1
 
     # -- what the server reports -----------------------------------------------------------
 

@@ -14,10 +14,12 @@ import random
 import socket
 import subprocess
 import time
-from typing import Any
+from typing import Any, Callable, Sequence
 
 import asyncpg
 import psycopg
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from twisted.internet.defer import gatherResults, inlineCallbacks
 from twisted.trial.unittest import SkipTest
@@ -48,31 +50,38 @@ def execute() -> bytes:
     return m.message(b"E", b"\0\0\0\0\0")
 
 
+def operation(pick: Callable[[Sequence[Any]], Any]) -> bytes:
+    """One step of a program, its choices made by ``pick`` (random or hypothesis)."""
+    name = pick(NAMES)
+    op = pick(range(9))
+    if op < 3:
+        return parse(name, pick(SQL))
+    if op < 5:
+        return bind(name, pick((0, 0, 1))) + execute()
+    if op == 5:
+        return m.describe(b"S", name)
+    if op == 6:
+        return m.close(b"S", name)
+    if op == 7:
+        return pick([m.message(b"H"), m.query("select 3"), m.query("select 1/0"), m.query("deallocate all"),
+                     m.query("deallocate a"), m.query("deallocate zz")])
+    return bind(name, 0) + m.describe(b"P", b"") + execute()
+
+
 def program(rnd: random.Random, batches: int) -> list[bytes]:
     """Random batches of extended-protocol messages, each ending with a Sync."""
-    out = []
-    for _ in range(batches):
-        batch = b""
-        for _ in range(rnd.randrange(1, 7)):
-            name = rnd.choice(NAMES)
-            op = rnd.random()
-            if op < 0.3:
-                batch += parse(name, rnd.choice(SQL))
-            elif op < 0.6:
-                batch += bind(name, rnd.choice((0, 0, 1))) + execute()
-            elif op < 0.7:
-                batch += m.describe(b"S", name)
-            elif op < 0.8:
-                batch += m.close(b"S", name)
-            elif op < 0.85:
-                batch += m.message(b"H")  # Flush
-            elif op < 0.9:
-                batch += m.query(rnd.choice(["select 3", f"deallocate {rnd.choice(['a', 'b', 'zz'])}",
-                                             "deallocate all", "select 1/0"]))
-            else:
-                batch += bind(name, 0) + m.describe(b"P", b"") + execute()
-        out.append(batch + m.sync())
-    return out
+    return [b"".join(operation(rnd.choice) for _ in range(rnd.randrange(1, 7))) + m.sync()
+            for _ in range(batches)]
+
+
+@st.composite
+def programs(draw: Callable[..., Any]) -> list[bytes]:
+    """The same programs drawn by hypothesis, which shrinks a failing one to its core."""
+    def pick(options: Sequence[Any]) -> Any:
+        return draw(st.sampled_from(list(options)))
+
+    return [b"".join(operation(pick) for _ in range(draw(st.integers(1, 6)))) + m.sync()
+            for _ in range(draw(st.integers(1, 8)))]
 
 
 #: Ends each batch: a simple query after the Sync, whose row marks the end of the
@@ -141,20 +150,18 @@ class DifferentialTests(IntegrationTest):
         return [route("app", "u_trust", auth={"method": "trust"},
                       pool={"mode": "transaction", "size": 1, "max_prepared_statements": 2})]
 
-    def compare(self, seed: int, i: int, check_cache: bool) -> None:
-        """Program ``i`` of ``seed`` straight to PostgreSQL and through Odissey, with a
-        second client using the same server between its batches."""
-        batches = program(random.Random(seed * 1000 + i), 8)
+    def compare(self, batches: list[bytes], other: list[bytes], check_cache: bool) -> None:
+        """A program straight to PostgreSQL and through Odissey, with a second client
+        running ``other`` on the same server between its batches."""
         with direct_login() as sock:
             expected = run(sock, batches)
-        other = program(random.Random(seed * 1000 + i + 500), 8)
         ours, theirs = trust_login(self.odissey.port), trust_login(self.odissey.port)
         try:
             buffer = b""
-            for n, (mine, disturbing) in enumerate(zip(batches, other)):
+            for n, mine in enumerate(batches):
                 ours.sendall(mine + FENCE)
                 got, buffer = replies(ours, buffer)
-                assert got == expected[n], (seed, i, n, batches[: n + 1], expected[n], got)
+                assert got == expected[n], (n, batches[: n + 1], expected[n], got)
                 if check_cache:
                     # What Odissey believes the server holds is what it holds.
                     on_server = prepared_on_server(ours)
@@ -164,30 +171,33 @@ class DifferentialTests(IntegrationTest):
                         time.sleep(0.001)
                     (server,) = pool.idle
                     believed = ",".join(sorted(name.decode() for name in server.statements.prepared))
-                    assert on_server == believed, (seed, i, n, batches[: n + 1], on_server, believed)
-                run(theirs, [disturbing])
+                    assert on_server == believed, (n, batches[: n + 1], on_server, believed)
+                if n < len(other):
+                    run(theirs, [other[n]])
         finally:
             ours.close()
             theirs.close()
 
     @inlineCallbacks
     def test_programs_answer_as_postgresql_does(self):
-        """Random programs get, batch for batch, the replies PostgreSQL itself gives
-        them, and after each batch the server holds exactly the statements Odissey
-        believes it holds (eviction, skipped requests, DEALLOCATE ALL included)."""
-        seed = run_seed(self)
+        """Programs drawn by hypothesis get, batch for batch, the replies PostgreSQL
+        itself gives them, and after each batch the server holds exactly the statements
+        Odissey believes it holds (eviction, skipped requests, DEALLOCATE ALL included)."""
+        @settings(max_examples=60, deadline=None, database=None)
+        @given(programs(), programs())
+        def check(mine: list[bytes], other: list[bytes]) -> None:
+            self.compare(mine, other, check_cache=True)
 
-        def sequential() -> None:
-            for i in range(40):
-                self.compare(seed, i, check_cache=True)
-
-        yield self.thread(sequential)
+        yield self.thread(check)
 
     @inlineCallbacks
     def test_programs_interleaved(self):
-        """Twelve programs at once on the one server: the same replies as PostgreSQL's."""
+        """Twelve random programs at once on the one server: the same replies as
+        PostgreSQL's."""
         seed = run_seed(self)
-        yield gatherResults([self.thread(self.compare, seed, i, False) for i in range(12)])
+        yield gatherResults([
+            self.thread(self.compare, program(random.Random(seed + i), 8), program(random.Random(-seed - i), 8), False)
+            for i in range(12)])
 
 
 class DriverDefaultsTests(IntegrationTest):
