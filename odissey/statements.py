@@ -163,10 +163,6 @@ class Statements:
         #: client left runs the tracker without editing anything).
         self._out: Optional[List[bytes]] = None
 
-    @property
-    def outstanding(self) -> bool:
-        return bool(self.payloads)
-
     # -- client -> server ----------------------------------------------------------------
 
     def client(self, data: bytes, events: List[Event], holding: bool) -> Tuple[bytes, List[Event]]:
