@@ -119,7 +119,7 @@ class ClientConnection(Protocol):
         if self._login_timer is not None and self._login_timer.active():
             self._login_timer.cancel()
         if self.key is not None:
-            self.factory.keys.release(self.key[0])
+            self.factory.keys.release(self.key)
         if self.route_index is not None:
             self.factory.route_clients[self.route_index] -= 1
         if self.relay is not None:
