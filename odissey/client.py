@@ -291,8 +291,9 @@ class ClientConnection(Protocol):
         told = {key: value for key, (_name, value) in wanted.items()}
         for name, value in wants:
             key = name.lower()
-            if key in wanted:
+            if key in wanted:  # reported: told, and carried, as PostgreSQL spells it
                 name = wanted[key][0]
+                value = f.startup_checks.canonical(pool, key, value)
                 told[key] = value
             wanted[key] = (name, value)
         self.key = f.keys.issue(self)

@@ -4,16 +4,14 @@ from __future__ import annotations
 
 import struct
 
-from twisted.internet.defer import succeed
-from twisted.internet.task import Clock
-from twisted.internet.testing import StringTransport
+from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 
 from odissey import config
 from odissey.client import ClientConnection, ClientFactory, ClientState
 from odissey.pool import Pools
 from odissey.router import Router
-from odissey.testing import FakeServer, in_this_thread
+from odissey.testing import FakeBackends, in_this_thread
 from odissey.wire import messages as m
 from odissey.wire.scanner import Scanner
 
@@ -22,29 +20,34 @@ def messages(data: bytes) -> list[tuple[str, bytes]]:
     return [(chr(k), b or b"") for k, b, _ in Scanner(collect_all=True).feed(data)]
 
 
+def client_factory(**pool: object) -> tuple[ClientFactory, MemoryReactorClock, FakeBackends]:
+    """A client factory for one trust route whose pool opens fake backends."""
+    cfg = config.parse({
+        "listen": ["tcp:0"],
+        "limits": {"max_clients": 2, "max_login_clients": 3, "login_timeout": "3s"},
+        "storages": {"pg": {"host": "127.0.0.1"}},
+        "routes": [{"database": "db", "user": "u", "storage": "pg", "auth": {"method": "trust"},
+                    "pool": pool}],
+    })
+    clock = MemoryReactorClock()
+    backends = FakeBackends(clock)
+    pools = Pools(clock, lambda *_args: backends())
+    return ClientFactory(clock, Router(cfg.routes), pools, cfg.limits, in_this_thread), clock, backends
+
+
+def connect(factory: ClientFactory) -> tuple[ClientConnection, StringTransport]:
+    proto = factory.buildProtocol(None)
+    transport = StringTransport()
+    proto.makeConnection(transport)
+    return proto, transport
+
+
 class ClientProtocolTests(SynchronousTestCase):
     def setUp(self) -> None:
-        cfg = config.parse({
-            "listen": ["tcp:0"],
-            "limits": {"max_clients": 2, "max_login_clients": 3, "login_timeout": "3s"},
-            "storages": {"pg": {"host": "127.0.0.1"}},
-            "routes": [{"database": "db", "user": "u", "storage": "pg", "auth": {"method": "trust"}}],
-        })
-        self.clock = Clock()
-        self.opened: list[FakeServer] = []
-
-        def connect(*_args: object) -> object:
-            server = FakeServer()
-            self.opened.append(server)
-            return succeed(server)
-
-        self.factory = ClientFactory(self.clock, Router(cfg.routes), Pools(self.clock, connect), cfg.limits, in_this_thread)  # type: ignore[arg-type]
+        self.factory, self.clock, self.backends = client_factory()
 
     def connect(self) -> tuple[ClientConnection, StringTransport]:
-        proto = self.factory.buildProtocol(None)
-        transport = StringTransport()
-        proto.makeConnection(transport)
-        return proto, transport
+        return connect(self.factory)
 
     def test_ssl_and_gssenc_answered_no(self) -> None:
         """SSLRequest and GSSENCRequest get 'N'; the startup may follow."""
@@ -66,7 +69,7 @@ class ClientProtocolTests(SynchronousTestCase):
         self.assertEqual(params["application_name"], "t")
         self.assertEqual(params["TimeZone"], "UTC")
         self.assertEqual(proto.state, ClientState.READY)
-        self.assertEqual(len(self.opened), 1)  # one server, for the parameter cache
+        self.assertEqual(len(self.backends.opened), 1)  # one server, for the parameter cache
 
     def test_bad_startup_gets_protocol_violation(self) -> None:
         """An invalid startup length gets 08P01 and a closed connection."""
@@ -152,3 +155,46 @@ class ClientProtocolTests(SynchronousTestCase):
         kind, body = messages(transport.value())[0]
         self.assertEqual(kind, "v")
         self.assertEqual(body, struct.pack("!ii", 0, 1) + b"_pq_.x\0")
+
+
+def greeting(transport: StringTransport) -> tuple[dict[str, str], tuple[int, int] | None, list[str]]:
+    """What a login was told: its ParameterStatus set, its BackendKeyData, the message types."""
+    got = messages(transport.value())
+    params = dict(m.parse_parameter_status(body) for kind, body in got if kind == "S")
+    keys = [m.parse_backend_key_data(body) for kind, body in got if kind == "K"]
+    return params, keys[0] if keys else None, [kind for kind, _ in got]
+
+
+class ToldValuesTests(SynchronousTestCase):
+    """A login is told the values PostgreSQL would report for what it asked."""
+
+    def told(self, mode: str, **startup: str) -> dict[str, str]:
+        factory, clock, backends = client_factory(mode=mode)
+        proto, transport = connect(factory)
+        proto.dataReceived(m.startup_message({"user": "u", "database": "db", **startup}))
+        backends.flush()
+        self.assertEqual(proto.state, ClientState.READY)
+        return greeting(transport)[0]
+
+    def test_told_values_as_postgresql_spells_them(self) -> None:
+        """client_encoding=utf-8 and DateStyle=iso are told UTF8 and ISO, MDY at login,
+        in both modes, and the relay carries those values."""
+        for mode in ("session", "transaction"):
+            params = self.told(mode, client_encoding="utf-8", DateStyle="iso")
+            self.assertEqual((params["client_encoding"], params["DateStyle"]), ("UTF8", "ISO, MDY"), mode)
+
+    def test_relative_value_from_the_default_not_the_last_client(self) -> None:
+        """DateStyle=iso is checked from the default (ISO, MDY), not from the order a
+        previous transaction-mode client left on the server (DMY)."""
+        factory, clock, backends = client_factory(mode="transaction", size=1)
+        first, _ = connect(factory)
+        first.dataReceived(m.startup_message({"user": "u", "database": "db", "DateStyle": "SQL, DMY"}))
+        backends.flush()
+        first.dataReceived(m.query("select 1"))
+        backends.flush()
+        self.assertIn(("DateStyle", "SQL, DMY"), backends[0].params)
+        proto, transport = connect(factory)
+        proto.dataReceived(m.startup_message({"user": "u", "database": "db", "DateStyle": "iso"}))
+        backends.flush()
+        self.assertEqual(greeting(transport)[0]["DateStyle"], "ISO, MDY")
+        self.assertEqual(proto.relay.wanted["datestyle"], ("DateStyle", "ISO, MDY"))  # type: ignore[union-attr]
