@@ -109,9 +109,18 @@ class ClientAuthTests(IntegrationTest):
         done = yield self.thread(self.odissey.psql, "select 1", dbname="nodb")
         self.assertIn('database "nodb" does not exist', done.stderr)
 
+
+
+class BackendKeyTests(IntegrationTest):
+    """Whose pid a transaction-mode client is told."""
+
+    def routes(self) -> list[dict]:
+        return [route(pool={"mode": "transaction"})]
+
     @inlineCallbacks
-    def test_backend_key_is_odisseys_own(self):
-        """The BackendKeyData a client gets is not its server's pid."""
+    def test_transaction_mode_key_is_odisseys_own(self):
+        """In transaction mode the BackendKeyData a client gets is not its server's pid
+        (the server changes under the client; session mode's is the real one)."""
         def check() -> tuple[int, int]:
             with self.odissey.connect() as conn:
                 return conn.info.backend_pid, conn.execute("select pg_backend_pid()").fetchone()[0]
