@@ -47,7 +47,9 @@ LOST_UNTOLD = "connection lost, no SQLSTATE"
 #: A FATAL at login reaches psycopg without its SQLSTATE (libpq keeps only the text of a
 #: refused connection); session-mode clients meet these, as each login takes a server.
 LOGIN_REFUSALS = {
-    "could not connect to server": "08006",
+    "FATAL:  could not connect to server": "08006",
+    "FATAL:  server closed the connection": "08006",  # during its login, or once attached
+    "FATAL:  server connection lost": "08006",  # while its parameters were being set
     "the database system is starting up": "57P03",
     "the database system is shutting down": "57P03",
 }
