@@ -1,8 +1,11 @@
-"""Cancel keys: Odissey's own BackendKeyData per client, and cancel forwarding.
+"""Cancel keys: the BackendKeyData each client gets, and cancel forwarding.
 
-A client never learns a server's real key (its server changes under transaction
-pooling). It gets a key of ours; a CancelRequest carrying it is mapped back to the
-client, and from there to the server that client is using right now.
+A client never learns a server's secret. It gets a secret of ours; a CancelRequest
+carrying it is mapped back to the client, and from there to the server that client is
+using right now. The pid is ours too in transaction mode (the client's server changes
+under it); in session mode it is its server's real pid, so that what the driver reports
+agrees with ``pg_backend_pid()``. Two servers on different storages may share a pid, so
+a key is the pair: one pid may belong to several clients, each with its own secret.
 """
 
 from __future__ import annotations
@@ -28,33 +31,45 @@ _LOCAL_BITS = 31 - WORKER_BITS
 
 
 class CancelKeys(Generic[Owner]):
-    """Issues unique (pid, secret) pairs; the pid's top bits name the worker process."""
+    """Issues unique (pid, secret) pairs; a pid of ours has the worker number in its top
+    bits."""
 
     def __init__(self, worker: int = 0) -> None:
         if not 0 <= worker < (1 << WORKER_BITS):
             raise ValueError("worker number out of range")
         self.worker = worker
-        self._owners: dict[int, tuple[int, Owner]] = {}
+        self._owners: dict[int, dict[int, Owner]] = {}  # pid -> secret -> owner
 
-    def issue(self, owner: Owner) -> tuple[int, int]:
+    def issue(self, owner: Owner, pid: int | None = None) -> tuple[int, int]:
+        """A fresh key for ``owner``: with ``pid`` (a real backend's), a secret no other
+        owner of that pid has; without, a pid of ours that nobody has."""
+        while pid is None:
+            mine = (self.worker << _LOCAL_BITS) | secrets.randbits(_LOCAL_BITS)
+            if mine and mine not in self._owners:
+                pid = mine
+        entries = self._owners.setdefault(pid, {})
         while True:
-            pid = (self.worker << _LOCAL_BITS) | secrets.randbits(_LOCAL_BITS)
-            if pid and pid not in self._owners:
+            secret = secrets.randbits(32) - (1 << 31)
+            if secret not in entries:
                 break
-        secret = secrets.randbits(32) - (1 << 31)
-        self._owners[pid] = (secret, owner)
+        entries[secret] = owner
         return pid, secret
 
-    def release(self, pid: int) -> None:
-        self._owners.pop(pid, None)
+    def release(self, key: tuple[int, int]) -> None:
+        pid, secret = key
+        entries = self._owners.get(pid)
+        if entries is not None:
+            entries.pop(secret, None)
+            if not entries:
+                del self._owners[pid]
 
     def find(self, pid: int, secret: int) -> Owner | None:
-        entry = self._owners.get(pid)
-        if entry is None:
-            return None
-        good = hmac.compare_digest(entry[0].to_bytes(4, "big", signed=True),
-                                   secret.to_bytes(4, "big", signed=True))
-        return entry[1] if good else None
+        """The owner of this key; secrets compared in constant time."""
+        wanted = secret.to_bytes(4, "big", signed=True)
+        for candidate, owner in self._owners.get(pid, {}).items():
+            if hmac.compare_digest(candidate.to_bytes(4, "big", signed=True), wanted):
+                return owner
+        return None
 
     @staticmethod
     def worker_of(pid: int) -> int:

@@ -1,9 +1,11 @@
 """The client side: SSL negotiation, startup, authentication, then the relay.
 
 A client connection goes ``STARTUP -> AUTH -> PARAMS -> READY``, then ``CLOSING`` once
-an error has been sent (nothing more is read or said) and ``GONE``. Login never needs a
-server once its pool has cached the server's ParameterStatus set; the fake BackendKeyData
-it gets is Odissey's own.
+an error has been sent (nothing more is read or said) and ``GONE``. A transaction-mode
+login never needs a server once its pool has cached the server's ParameterStatus set,
+and its BackendKeyData is Odissey's own. A session-mode login takes its server before
+ReadyForQuery, so that its BackendKeyData carries that server's real pid (the secret is
+still ours).
 
 Connections still logging in have a budget of their own (``limits.max_login_clients``):
 past it the oldest of them that has kept us waiting for STALL_GRACE is dropped, so a
@@ -35,6 +37,7 @@ from odissey.params import params_from, startup_wants
 from odissey.pool import Pools
 from odissey.relay import Relay
 from odissey.router import Router
+from odissey.server import ServerConnection
 from odissey.startup_check import StartupChecks
 from odissey.wire import errors
 from odissey.wire import messages as m
@@ -83,6 +86,7 @@ class ClientConnection(Protocol):
         self._buffer = b""  # what the client sent during login, beyond what was read
         self._paused = False
         self._parameters: Deferred[list[tuple[str, str]]] | None = None
+        self._attaching: Deferred[ServerConnection] | None = None  # session mode: the server, at login
         self._login_timer: IDelayedCall | None = None
         self._asked_at = factory.reactor.seconds()  # when we last waited for the client
 
@@ -119,7 +123,7 @@ class ClientConnection(Protocol):
         if self._login_timer is not None and self._login_timer.active():
             self._login_timer.cancel()
         if self.key is not None:
-            self.factory.keys.release(self.key[0])
+            self.factory.keys.release(self.key)
         if self.route_index is not None:
             self.factory.route_clients[self.route_index] -= 1
         if self.relay is not None:
@@ -128,6 +132,8 @@ class ClientConnection(Protocol):
             self._password.errback(PoolerError(errors.CONNECTION_FAILURE, "client left"))
         if self._parameters is not None:  # stop waiting: the pool keeps no trace of us
             self._parameters.cancel()
+        if self._attaching is not None:  # the relay has let the server go (or never had one)
+            self._attaching.cancel()
 
     def fail(self, error: PoolerError) -> None:
         """Send an error and close; FATAL, as PostgreSQL ends a session it refuses.
@@ -275,6 +281,10 @@ class ClientConnection(Protocol):
         self.send(step.reply + m.authentication_ok())
         self.state = ClientState.PARAMS
         f.logged_in_now(self)
+        # The client has done its part: what is left is ours to wait for, bounded by the
+        # storage's connect_timeout and the route's wait_timeout, not by login_timeout.
+        if self._login_timer is not None and self._login_timer.active():
+            self._login_timer.cancel()
         pool = f.pools.get(route, database, user)
         self._parameters = pool.parameters()
         server_params = yield self._parameters
@@ -291,18 +301,26 @@ class ClientConnection(Protocol):
         told = {key: value for key, (_name, value) in wanted.items()}
         for name, value in wants:
             key = name.lower()
-            if key in wanted:
+            if key in wanted:  # reported: told, and carried, as PostgreSQL spells it
                 name = wanted[key][0]
+                value = f.startup_checks.canonical(pool, key, value)
                 told[key] = value
             wanted[key] = (name, value)
-        self.key = f.keys.issue(self)
+        self.relay = Relay(self, pool, wanted, told, f.limits.max_message_size)
+        pid = None
+        if not self.relay.transaction_mode:
+            self._attaching = self.relay.attach_at_login()
+            server = yield self._attaching
+            self._attaching = None
+            if self.state is not ClientState.PARAMS:
+                return
+            if server.key is not None:
+                pid = server.key[0]
+        self.key = f.keys.issue(self, pid)
         greeting = [m.parameter_status(wanted[k][0], v) for k, v in told.items()]
         greeting += [m.backend_key_data(*self.key), m.ready_for_query(b"I")]
         self.send(b"".join(greeting))
-        self.relay = Relay(self, pool, wanted, told, f.limits.max_message_size)
         self.state = ClientState.READY
-        if self._login_timer is not None and self._login_timer.active():
-            self._login_timer.cancel()
         if self._paused:
             self._paused = False
             self.transport.resumeProducing()  # type: ignore[union-attr]

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from twisted.internet.interfaces import IReactorTime
 
-from odissey.client import ClientFactory
+from odissey.client import ClientFactory, ClientState
 from odissey.flow import peer_closed
 from odissey.pool import Pools
 
@@ -30,5 +30,7 @@ class Janitor:
         for client in list(self.factory.clients):
             if client.paused and peer_closed(client.transport):
                 client.transport.abortConnection()  # type: ignore[union-attr]
-            elif client.relay is not None:
+            elif client.relay is not None and client.state is not ClientState.PARAMS:
+                # (a session client still logging in waits for its server: wait_timeout
+                # bounds that, the client's idle timeout does not)
                 client.relay.enforce_timeouts(now)

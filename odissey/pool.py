@@ -244,8 +244,15 @@ class Pool:
 
     def _unreachable(self) -> PoolerError:
         """The last failure, as seen by a client arriving during the back-off: the same
-        SQLSTATE (57P03 while PostgreSQL starts, 08006 while it refuses), whenever it comes."""
+        SQLSTATE (57P03 while PostgreSQL starts, 08006 while it refuses), whenever it comes.
+
+        A database that does not exist gets PostgreSQL's own 3D000 word for word, as on
+        the attempt that failed: it is the answer to what the client asked, not news
+        about the pooler's connection (the back-off only spares PostgreSQL a login per
+        client until the next attempt)."""
         last = self.last_error
+        if last is not None and last.sqlstate == errors.INVALID_CATALOG_NAME:
+            return last.copy()
         reason = last.message if last else "unreachable"
         wait = max(0.0, self.retry_at - self.reactor.seconds())
         return PoolerError(

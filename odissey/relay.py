@@ -133,6 +133,7 @@ class Relay:
         self._cancel_on_way: Deferred[bool] | None = None  # sent, PostgreSQL not done with it
         self.cancel_wanted = False  # a cancel came while the query waited for a server
         self._waiting: Deferred[ServerConnection] | None = None
+        self._attached: Deferred[ServerConnection] | None = None  # see attach_at_login
         self._now = pool.reactor.seconds
         self.client_at = self.server_at = self._now()  # last client chunk / server event
 
@@ -430,6 +431,9 @@ class Relay:
         if self.paused:
             self.paused = False
             self.client.valve.resumeProducing()
+        if self._attached is not None:
+            attached, self._attached = self._attached, None
+            attached.callback(server)
         if statements is not None:
             self._after_forward()
 
@@ -563,3 +567,16 @@ class Relay:
             cancels=self.cancels,
         )
         cleaning.addCallback(self._settled, server)
+
+    # -- session mode: the server taken at login -----------------------------------------
+
+    def attach_at_login(self) -> "Deferred[ServerConnection]":
+        """Take and attach a server before the client has sent anything, the way its
+        first query would (take or wait, wait_timeout, parameter sync): a session-mode
+        client learns its server's real pid in its BackendKeyData. Fires with the
+        server once attached. If none can be had the client is failed as for a query,
+        and the Deferred is left to the client to cancel when it goes."""
+        self._attached = Deferred()
+        attached = self._attached
+        self._acquire()
+        return attached

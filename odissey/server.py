@@ -228,7 +228,10 @@ class ServerConnection(Protocol):
         elif kind == K:
             self.key = m.parse_backend_key_data(body)
         elif kind == E:
-            self._fail_login(server_error(m.parse_error_fields(body), "server login failed: "))
+            fields = m.parse_error_fields(body)
+            # A database that does not exist is the client's own answer: PostgreSQL's words.
+            prefix = "" if fields.get("C") == errors.INVALID_CATALOG_NAME else "server login failed: "
+            self._fail_login(server_error(fields, prefix))
             self.abort()
         elif kind == Z:
             self.status = body

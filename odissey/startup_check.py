@@ -6,13 +6,18 @@ SQLSTATE). Odissey logs clients in without a server, then carries their paramete
 each server with SET; unchecked, a bad one would fail the client's first query instead.
 So each (parameter, value) pair a pool has not seen accepted yet is tried once on one of
 its servers, inside a transaction that is rolled back (``SET LOCAL``), and remembered.
-Drivers send the same few pairs on every login, so this costs one round trip per pool
+Drivers send the same few pairs on every login, so this costs two round trips per pool
 and pair, not one per login. application_name is never checked: PostgreSQL accepts any.
+
+The same try tells how PostgreSQL spells an accepted value of a parameter it reports
+(client_encoding ``utf-8`` is ``UTF8``, DateStyle ``iso`` is ``ISO, MDY``): a client is
+told that spelling in its ParameterStatus at login, as PostgreSQL tells it, and the
+relay carries it, so the client is never told another value at its first query.
 """
 
 from __future__ import annotations
 
-from typing import Dict, Iterable, Set, Tuple
+from typing import Dict, Iterable, Tuple
 
 from twisted.internet.defer import Deferred, inlineCallbacks
 
@@ -29,15 +34,21 @@ _ALWAYS_ACCEPTED = frozenset({"application_name"})
 
 
 class StartupChecks:
-    """The pairs each pool's servers have accepted."""
+    """The pairs each pool's servers have accepted, with each value as reported."""
 
     def __init__(self) -> None:
-        self._accepted: Dict[PoolKey, Set[Pair]] = {}
+        #: (lower-case name, value asked for) -> value as PostgreSQL reports it
+        self._accepted: Dict[PoolKey, Dict[Pair, str]] = {}
 
     def unchecked(self, pool: Pool, wants: Iterable[Pair]) -> list[Pair]:
-        accepted = self._accepted.get(pool.key, set())
+        accepted = self._accepted.get(pool.key, {})
         return [(name, value) for name, value in wants
                 if name.lower() not in _ALWAYS_ACCEPTED and (name.lower(), value) not in accepted]
+
+    def canonical(self, pool: Pool, key: str, value: str) -> str:
+        """How PostgreSQL reports the reported parameter ``key`` set to ``value``, as
+        seen when the pair was checked (the value itself for a pair never checked)."""
+        return self._accepted.get(pool.key, {}).get((key, value), value)
 
     @inlineCallbacks
     def check(self, pool: Pool, client_id: str, pairs: list[Pair]):
@@ -46,21 +57,37 @@ class StartupChecks:
         server = pool.take(client_id)
         if server is None:
             server = yield pool.wait(client_id)
-        failures = yield _try(server, pairs)
+        reported = frozenset(name.lower() for name, _ in pool.parameters_cache or ())
+        failures = yield _try(server, pairs, reported)
+        spelled = {key: server.params[key][1] for key in reported if key in server.params}
+        failures += yield server.run(["ROLLBACK"])
         pool.release(server)
         if failures:
             raise server_error(failures[0])
-        accepted = self._accepted.setdefault(pool.key, set())
+        accepted = self._accepted.setdefault(pool.key, {})
         if len(accepted) + len(pairs) > MAX_REMEMBERED:
             accepted.clear()
-        accepted.update((name.lower(), value) for name, value in pairs)
+        last = {name.lower(): value for name, value in pairs}
+        for key, value in ((name.lower(), value) for name, value in pairs):
+            # (of a name given twice, only the spelling of the value that won is known)
+            accepted[(key, value)] = spelled.get(key, value) if last[key] == value else value
 
 
-def _try(server: ServerConnection, pairs: list[Pair]) -> "Deferred[list[dict[str, str]]]":
-    """BEGIN; SET LOCAL …; ROLLBACK, read as UTF-8 (see params.set_statements)."""
+def _try(server: ServerConnection, pairs: list[Pair], reported: frozenset[str]) -> "Deferred[list[dict[str, str]]]":
+    """BEGIN; SET LOCAL …, read as UTF-8 (see params.set_statements), leaving the
+    transaction open: the server has reported the values it took (PostgreSQL reports a
+    changed parameter before its ReadyForQuery) until the caller's ROLLBACK.
+
+    A reported parameter is first RESET to the session's default, as a fresh session
+    would have it: some values are relative to the current one (DateStyle ``iso``
+    keeps the current day/month order), which another client's SET may have changed."""
     statements = []
     encoding = server.params.get("client_encoding", ("client_encoding", "UTF8"))[1]
     if encoding.upper() not in ("UTF8", "UNICODE"):
         statements.append("SET client_encoding TO 'UTF8'")
-    statements += ["BEGIN", set_query(list(pairs), local=True), "ROLLBACK"]
+    defaults: dict[str, tuple[str, None]] = {}
+    for name, _value in pairs:
+        if name.lower() in reported:
+            defaults.setdefault(name.lower(), (name, None))
+    statements += ["BEGIN", set_query(list(defaults.values()) + list(pairs), local=True)]
     return server.run(statements)

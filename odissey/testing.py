@@ -27,6 +27,7 @@ from twisted.python.failure import Failure
 
 from odissey.config import Secret, Storage
 from odissey.flow import Valve
+from odissey.params import CODECS
 from odissey.server import LoginInfo, ServerConnection, ServerState
 from odissey.wire import messages as m
 from odissey.wire.errors import PoolerError
@@ -92,8 +93,31 @@ REPORTED = frozenset(name.lower() for name, _ in DEFAULT_PARAMS)
 STORAGE = Storage(name="pg", host="127.0.0.1", port=5432, connect_timeout=2.0)
 
 _SET = re.compile(
-    r"""\s*(SET|RESET)\s+("(?:[^"]|"")*"(?:\."(?:[^"]|"")*")*|[\w.]+)"""
+    r"""\s*(SET|RESET)\s+(LOCAL\s+)?("(?:[^"]|"")*"(?:\."(?:[^"]|"")*")*|[\w.]+)"""
     r"""(?:\s+TO\s+E?'((?:[^'\\]|''|\\.)*)')?\s*$""", re.I | re.S)
+
+
+def spelled(name: str, value: str, current: str) -> str:
+    """A value as PostgreSQL reports it: client_encoding by its canonical name
+    (``utf-8`` is ``UTF8``), DateStyle as both its parts, a part not given kept from
+    ``current`` (``iso`` after ``ISO, MDY`` is ``ISO, MDY``); others as given."""
+    key = name.lower()
+    if key == "client_encoding":
+        plain = re.sub(r"[^A-Z0-9]", "", value.upper())
+        return "UTF8" if plain == "UNICODE" else _ENCODINGS.get(plain, value)
+    if key == "datestyle":
+        style, order = (part.strip() for part in (current.split(",") + [""])[:2])
+        for part in value.split(","):
+            part = part.strip().upper()
+            if part in ("ISO", "SQL", "POSTGRES", "GERMAN"):
+                style = part.title() if part in ("POSTGRES", "GERMAN") else part
+            elif part in ("MDY", "DMY", "YMD"):
+                order = part
+        return f"{style}, {order}"
+    return value
+
+
+_ENCODINGS = {re.sub(r"[^A-Z0-9]", "", name): name for name in CODECS}
 
 
 def _unquote_name(name: str) -> str:
@@ -144,8 +168,11 @@ def answer_cancel(reactor: MemoryReactorClock) -> CancelLine:
 class FakeBackend:
     """One backend: logs a ServerConnection in and answers what it sends.
 
-    Rules: ``BEGIN``/``COMMIT``/``ROLLBACK`` move the transaction status; ``SET``/``RESET``
-    change parameters (reported ones are announced); a query containing ``1/0`` fails
+    Rules: ``BEGIN``/``COMMIT``/``ROLLBACK`` move the transaction status; ``SET``,
+    ``SET LOCAL`` and ``RESET`` change parameters as PostgreSQL does (a ROLLBACK undoes
+    them, a COMMIT keeps all but the LOCAL ones; values spelled as PostgreSQL spells
+    them, see :func:`spelled`), and a reported parameter whose value changed is
+    announced before the next ReadyForQuery, as PostgreSQL 14 and later do; a query containing ``1/0`` fails
     with 22012 (status ``E`` inside a transaction); ``COPY … FROM STDIN`` enters copy-in
     (CopyData is swallowed, CopyDone completes, CopyFail fails it); a query containing
     ``pg_sleep`` is held until :meth:`accept_cancel` cancels it or :meth:`finish` ends it;
@@ -164,7 +191,11 @@ class FakeBackend:
         refuse: str | None = None,
     ) -> None:
         self.reactor = reactor if reactor is not None else MemoryReactorClock()
-        self.params = list(params)
+        self.params = list(params)  # as they are now, spelled as reported
+        self.defaults = list(params)  # what RESET goes back to
+        self._reported = {name.lower(): value for name, value in params}  # last announced
+        self._session: list[tuple[str, str]] | None = None  # in a transaction: without SET LOCAL
+        self._at_begin: list[tuple[str, str]] | None = None  # in a transaction: for ROLLBACK
         self.key = key
         self.md5_salt = md5_salt
         self.refuse = refuse  # a SQLSTATE: the login ends in that FATAL error
@@ -250,7 +281,14 @@ class FakeBackend:
     # -- the rules -----------------------------------------------------------------------
 
     def _ready(self) -> bytes:
-        return m.ready_for_query(self.status)
+        """ReadyForQuery, after the reported parameters that changed since announced."""
+        reports = []
+        for name, value in self.params:
+            key = name.lower()
+            if key in REPORTED and self._reported.get(key) != value:
+                self._reported[key] = value
+                reports.append(m.parameter_status(name, value))
+        return b"".join(reports) + m.ready_for_query(self.status)
 
     def _answer_all(self) -> list[bytes]:
         replies: list[bytes] = []
@@ -338,8 +376,14 @@ class FakeBackend:
     def _statement(self, sql: str) -> bytes:
         word = sql.split()[0].upper()
         if word == "BEGIN":
-            self.status = b"T" if self.status == b"I" else self.status
+            if self.status == b"I":
+                self.status = b"T"
+                self._at_begin, self._session = list(self.params), list(self.params)
         elif word in ("COMMIT", "ROLLBACK"):
+            if self._session is not None and self._at_begin is not None:
+                committed = word == "COMMIT" and self.status == b"T"  # (COMMIT of a failed one rolls back)
+                self.params = self._session if committed else self._at_begin
+                self._session = self._at_begin = None
             self.status = b"I"
         elif word in ("SET", "RESET"):
             return self._set(sql)
@@ -351,16 +395,32 @@ class FakeBackend:
         match = _SET.match(sql)
         if match is None:
             return error("42601", f"syntax error: {sql}")
-        verb, name, value = match.groups()
+        verb, local, name, value = match.groups()
         name = _unquote_name(name)
-        defaults = dict((n.lower(), v) for n, v in DEFAULT_PARAMS)
-        value = _unquote_value(value) if value is not None else defaults.get(name.lower(), "")
-        spelled = next((n for n, _ in self.params if n.lower() == name.lower()), name)
-        self.params = [(n, v) for n, v in self.params if n.lower() != name.lower()] + [(spelled, value)]
-        tag = command_complete(verb.upper())
-        if name.lower() in REPORTED:
-            return tag + m.parameter_status(spelled, value)
-        return tag
+        key = name.lower()
+        if value is None:
+            value = next((v for n, v in self.defaults if n.lower() == key), None)
+        else:
+            current = next((v for n, v in self.params if n.lower() == key), "")
+            value = spelled(name, _unquote_value(value), current)
+        if not local or self._session is not None:  # SET LOCAL outside a transaction does nothing
+            self.params = _with(self.params, name, value)
+            if not local and self._session is not None:
+                self._session = _with(self._session, name, value)
+        return command_complete(verb.upper())
+
+
+def _with(params: list[tuple[str, str]], name: str, value: str | None) -> list[tuple[str, str]]:
+    """``params`` with ``name`` set to ``value`` (in its place, spelled as before), or
+    without it when ``value`` is None."""
+    key = name.lower()
+    spelled = next((n for n, _ in params if n.lower() == key), name)
+    out = [(n, v) for n, v in params if n.lower() != key or value is not None]
+    if value is None:
+        return out
+    if any(n.lower() == key for n, _ in out):
+        return [(n, value if n.lower() == key else v) for n, v in out]
+    return out + [(spelled, value)]
 
 
 class FakeBackends:

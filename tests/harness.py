@@ -204,10 +204,11 @@ def until(condition: Callable[[], Any], timeout: float, what: str, interval: flo
     return waiting()
 
 
-def direct(user: str = "postgres", dbname: str = "app") -> psycopg.Connection:
-    """A connection straight to PostgreSQL (superuser, over its socket) for checking."""
+def direct(user: str = "postgres", dbname: str = "app", **extra: str) -> psycopg.Connection:
+    """A connection straight to PostgreSQL (superuser, over its socket) for checking, or
+    for comparing (``extra``: more connection parameters)."""
     pg = shared_postgres()
-    return psycopg.connect(host=pg.socket_dir, port=pg.port, user=user, dbname=dbname, autocommit=True)
+    return psycopg.connect(host=pg.socket_dir, port=pg.port, user=user, dbname=dbname, autocommit=True, **extra)
 
 
 def server_pids(user: str = "app") -> set[int]:
@@ -311,6 +312,21 @@ def trust_login_keyed(port: int) -> tuple[socket.socket, tuple[int, int]]:
         data += sock.recv(65536)
     at = data.index(b"K\0\0\0\x0c") + 5
     return sock, m.parse_backend_key_data(data[at:at + 8])
+
+
+def login_outcome(port: int, user: str = "u_trust", database: str = "app", **params: str) -> tuple[str, str]:
+    """Log in as a trust user with these startup parameters: ("ready", "") or the FATAL's
+    (SQLSTATE, message), which libpq does not give its callers at login."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(m.startup_message({"user": user, "database": database, **params}))
+        data = b""
+        while True:
+            kind, body, data = read_message(sock, data)
+            if kind == b"Z":
+                return "ready", ""
+            if kind == b"E":
+                fields = m.parse_error_fields(body)
+                return fields["C"], fields["M"]
 
 
 def send_cancel_request(port: int, key: tuple[int, int]) -> None:

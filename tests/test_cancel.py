@@ -26,8 +26,22 @@ class CancelKeyTests(SynchronousTestCase):
         pid, secret = keys.issue("client-a")
         self.assertEqual(keys.find(pid, secret), "client-a")
         self.assertIsNone(keys.find(pid, secret ^ 1))
-        keys.release(pid)
+        keys.release((pid, secret))
         self.assertIsNone(keys.find(pid, secret))
+
+    def test_real_pid_shared_by_two_owners(self) -> None:
+        """Two session clients whose servers (on different storages) have the same real
+        pid get different secrets; each key finds its own client, before and after the
+        other is released."""
+        keys: CancelKeys[str] = CancelKeys()
+        a = keys.issue("client-a", pid=4242)
+        b = keys.issue("client-b", pid=4242)
+        self.assertEqual((a[0], b[0]), (4242, 4242))
+        self.assertNotEqual(a[1], b[1])
+        self.assertEqual((keys.find(*a), keys.find(*b)), ("client-a", "client-b"))
+        keys.release(a)
+        self.assertIsNone(keys.find(*a))
+        self.assertEqual(keys.find(*b), "client-b")
 
     def test_worker_number_in_pid(self) -> None:
         """The pid carries the worker number, so a cancel can be routed to its worker."""

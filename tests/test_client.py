@@ -9,9 +9,10 @@ import psycopg
 from twisted.internet.defer import inlineCallbacks
 
 from odissey.auth.secrets import md5_hash
+from odissey.pool import Pool
 from odissey.wire import messages as m
 from odissey.wire.scanner import Scanner
-from tests.harness import IntegrationTest, route
+from tests.harness import IntegrationTest, login_outcome, route
 
 SCRAM_SECRET = (
     "SCRAM-SHA-256$4096:MDEyMzQ1Njc4OWFiY2RlZg==$jnoAddh6TtzfJ9fu4TjjGNWdiR8HivX+MQIbDgD6KrY="
@@ -109,15 +110,51 @@ class ClientAuthTests(IntegrationTest):
         done = yield self.thread(self.odissey.psql, "select 1", dbname="nodb")
         self.assertIn('database "nodb" does not exist', done.stderr)
 
+
+
+class BackendKeyTests(IntegrationTest):
+    """Whose pid a transaction-mode client is told."""
+
+    def routes(self) -> list[dict]:
+        return [route(pool={"mode": "transaction"})]
+
     @inlineCallbacks
-    def test_backend_key_is_odisseys_own(self):
-        """The BackendKeyData a client gets is not its server's pid."""
+    def test_transaction_mode_key_is_odisseys_own(self):
+        """In transaction mode the BackendKeyData a client gets is not its server's pid
+        (the server changes under the client; session mode's is the real one)."""
         def check() -> tuple[int, int]:
             with self.odissey.connect() as conn:
                 return conn.info.backend_pid, conn.execute("select pg_backend_pid()").fetchone()[0]
 
         fake, real = yield self.thread(check)
         self.assertNotEqual(fake, real)
+
+
+class MissingDatabaseTests(IntegrationTest):
+    """A database the storage does not have, behind a route for any database."""
+
+    def routes(self) -> list[dict]:
+        return [route("*", "u_trust", auth={"method": "trust"})]
+
+    @inlineCallbacks
+    def test_3D000_in_postgresqls_words_during_back_off(self):
+        """Login after login gets PostgreSQL's own 3D000 and wording, also the logins
+        answered from the pool's back-off without asking PostgreSQL again."""
+        opened: list[Pool] = []
+        original = Pool._open
+
+        def counting(pool: Pool) -> None:
+            opened.append(pool)
+            original(pool)
+
+        self.patch(Pool, "_open", counting)
+        outcomes = []
+        for _ in range(10):
+            outcomes.append((yield self.thread(login_outcome, self.odissey.port, database="nosuch_db")))
+        self.assertEqual(set(outcomes), {("3D000", 'database "nosuch_db" does not exist')})
+        self.assertLess(len(opened), 10)  # some were answered during the back-off
+        done = yield self.thread(self.odissey.psql, "select 1", user="u_trust", dbname="nosuch_db")
+        self.assertTrue(done.stderr.endswith('FATAL:  database "nosuch_db" does not exist\n'), done.stderr)
 
 
 class StartupRefusalTests(IntegrationTest):

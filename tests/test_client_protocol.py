@@ -4,16 +4,14 @@ from __future__ import annotations
 
 import struct
 
-from twisted.internet.defer import succeed
-from twisted.internet.task import Clock
-from twisted.internet.testing import StringTransport
+from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 
 from odissey import config
 from odissey.client import ClientConnection, ClientFactory, ClientState
 from odissey.pool import Pools
 from odissey.router import Router
-from odissey.testing import FakeServer, in_this_thread
+from odissey.testing import FakeBackends, in_this_thread
 from odissey.wire import messages as m
 from odissey.wire.scanner import Scanner
 
@@ -22,29 +20,34 @@ def messages(data: bytes) -> list[tuple[str, bytes]]:
     return [(chr(k), b or b"") for k, b, _ in Scanner(collect_all=True).feed(data)]
 
 
+def client_factory(**pool: object) -> tuple[ClientFactory, MemoryReactorClock, FakeBackends]:
+    """A client factory for one trust route whose pool opens fake backends."""
+    cfg = config.parse({
+        "listen": ["tcp:0"],
+        "limits": {"max_clients": 2, "max_login_clients": 3, "login_timeout": "3s"},
+        "storages": {"pg": {"host": "127.0.0.1"}},
+        "routes": [{"database": "db", "user": "u", "storage": "pg", "auth": {"method": "trust"},
+                    "pool": pool}],
+    })
+    clock = MemoryReactorClock()
+    backends = FakeBackends(clock)
+    pools = Pools(clock, lambda *_args: backends())
+    return ClientFactory(clock, Router(cfg.routes), pools, cfg.limits, in_this_thread), clock, backends
+
+
+def connect(factory: ClientFactory) -> tuple[ClientConnection, StringTransport]:
+    proto = factory.buildProtocol(None)
+    transport = StringTransport()
+    proto.makeConnection(transport)
+    return proto, transport
+
+
 class ClientProtocolTests(SynchronousTestCase):
     def setUp(self) -> None:
-        cfg = config.parse({
-            "listen": ["tcp:0"],
-            "limits": {"max_clients": 2, "max_login_clients": 3, "login_timeout": "3s"},
-            "storages": {"pg": {"host": "127.0.0.1"}},
-            "routes": [{"database": "db", "user": "u", "storage": "pg", "auth": {"method": "trust"}}],
-        })
-        self.clock = Clock()
-        self.opened: list[FakeServer] = []
-
-        def connect(*_args: object) -> object:
-            server = FakeServer()
-            self.opened.append(server)
-            return succeed(server)
-
-        self.factory = ClientFactory(self.clock, Router(cfg.routes), Pools(self.clock, connect), cfg.limits, in_this_thread)  # type: ignore[arg-type]
+        self.factory, self.clock, self.backends = client_factory()
 
     def connect(self) -> tuple[ClientConnection, StringTransport]:
-        proto = self.factory.buildProtocol(None)
-        transport = StringTransport()
-        proto.makeConnection(transport)
-        return proto, transport
+        return connect(self.factory)
 
     def test_ssl_and_gssenc_answered_no(self) -> None:
         """SSLRequest and GSSENCRequest get 'N'; the startup may follow."""
@@ -58,6 +61,7 @@ class ClientProtocolTests(SynchronousTestCase):
         """A trust login gets AuthenticationOk, cached parameters, our own key, ReadyForQuery."""
         proto, transport = self.connect()
         proto.dataReceived(m.startup_message({"user": "u", "database": "db", "application_name": "t"}))
+        self.backends.flush()  # (session mode: application_name is set on its server)
         got = messages(transport.value())
         kinds = [k for k, _ in got]
         self.assertEqual(kinds[0], "R")
@@ -66,7 +70,7 @@ class ClientProtocolTests(SynchronousTestCase):
         self.assertEqual(params["application_name"], "t")
         self.assertEqual(params["TimeZone"], "UTC")
         self.assertEqual(proto.state, ClientState.READY)
-        self.assertEqual(len(self.opened), 1)  # one server, for the parameter cache
+        self.assertEqual(len(self.backends.opened), 1)  # for the parameter cache, then the session
 
     def test_bad_startup_gets_protocol_violation(self) -> None:
         """An invalid startup length gets 08P01 and a closed connection."""
@@ -84,6 +88,7 @@ class ClientProtocolTests(SynchronousTestCase):
         for _ in range(2):
             proto, _transport = self.connect()
             proto.dataReceived(m.startup_message({"user": "u", "database": "db"}))
+            self.clock.advance(0)  # a waiter for a server is served on a later turn
             self.assertEqual(proto.state, ClientState.READY)
         proto, transport = self.connect()
         proto.dataReceived(m.startup_message({"user": "u", "database": "db"}))
@@ -152,3 +157,138 @@ class ClientProtocolTests(SynchronousTestCase):
         kind, body = messages(transport.value())[0]
         self.assertEqual(kind, "v")
         self.assertEqual(body, struct.pack("!ii", 0, 1) + b"_pq_.x\0")
+
+
+def greeting(transport: StringTransport) -> tuple[dict[str, str], tuple[int, int] | None, list[str]]:
+    """What a login was told: its ParameterStatus set, its BackendKeyData, the message types."""
+    got = messages(transport.value())
+    params = dict(m.parse_parameter_status(body) for kind, body in got if kind == "S")
+    keys = [m.parse_backend_key_data(body) for kind, body in got if kind == "K"]
+    return params, keys[0] if keys else None, [kind for kind, _ in got]
+
+
+class SessionIdentityTests(SynchronousTestCase):
+    """Session mode: a login takes its server, so its key carries that backend's pid."""
+
+    def test_session_key_is_the_backend_pid_with_our_secret(self) -> None:
+        """A session login's BackendKeyData has its server's real pid but a secret of
+        Odissey's; a cancel with that key reaches the server with the server's own key."""
+        factory, clock, backends = client_factory(mode="session")
+        proto, transport = connect(factory)
+        proto.dataReceived(m.startup_message({"user": "u", "database": "db"}))
+        _params, key, kinds = greeting(transport)
+        backend = backends[0]
+        self.assertEqual(kinds[-2:], ["K", "Z"])
+        self.assertEqual(key[0], backend.key[0])  # type: ignore[index]
+        self.assertNotEqual(key[1], backend.key[1])  # type: ignore[index]
+        self.assertIs(backend.server.handler, proto.relay)  # attached before ReadyForQuery
+        proto.dataReceived(m.query("select pg_sleep(10)"))
+        backends.flush()
+        landed = factory.cancel(*key)  # type: ignore[misc]
+        self.assertEqual(backend.accept_cancel(), m.cancel_request(*backend.key))
+        self.successResultOf(landed)
+        self.assertIn(b"C57014\0", transport.value())
+
+    def test_transaction_key_is_odisseys_own(self) -> None:
+        """A transaction-mode login holds no server, and its pid is not a backend's."""
+        factory, clock, backends = client_factory(mode="transaction")
+        proto, transport = connect(factory)
+        proto.dataReceived(m.startup_message({"user": "u", "database": "db"}))
+        _params, key, kinds = greeting(transport)
+        self.assertEqual(kinds[-1], "Z")
+        self.assertNotEqual(key[0], backends[0].key[0])  # type: ignore[index]
+        self.assertIsNone(backends[0].server.handler)
+
+    def test_two_sessions_on_one_pid_keep_their_own_keys(self) -> None:
+        """Two sessions whose servers (on different storages) share a pid get distinct
+        keys, and each cancel finds its own client."""
+        factory, clock, backends = client_factory(mode="session")
+        first, first_transport = connect(factory)
+        first.dataReceived(m.startup_message({"user": "u", "database": "db"}))
+        second, second_transport = connect(factory)
+        second.dataReceived(m.startup_message({"user": "u", "database": "db"}))
+        clock.advance(0)
+        a, b = greeting(first_transport)[1], greeting(second_transport)[1]
+        self.assertEqual(a[0], b[0])  # type: ignore[index]  # (every fake backend's pid is 4242)
+        self.assertNotEqual(a, b)
+        self.assertIs(factory.keys.find(*a), first)  # type: ignore[misc]
+        self.assertIs(factory.keys.find(*b), second)  # type: ignore[misc]
+        first.connectionLost(None)
+        self.assertIsNone(factory.keys.find(*a))  # type: ignore[misc]
+        self.assertIs(factory.keys.find(*b), second)  # type: ignore[misc]
+
+    def test_session_login_waits_for_a_server_then_53300(self) -> None:
+        """With the pool's only server held, a session login waits after authentication
+        (past login_timeout, which covers only what the client does) and gets 53300 at
+        wait_timeout, with no BackendKeyData or ReadyForQuery before it."""
+        factory, clock, backends = client_factory(mode="session", size=1, wait_timeout="5s")
+        holder, _ = connect(factory)
+        holder.dataReceived(m.startup_message({"user": "u", "database": "db"}))
+        proto, transport = connect(factory)
+        proto.dataReceived(m.startup_message({"user": "u", "database": "db"}))
+        clock.advance(4.9)
+        self.assertEqual(proto.state, ClientState.PARAMS)
+        clock.advance(0.1)
+        got = messages(transport.value())
+        self.assertEqual([kind for kind, _ in got], ["R", "E"])
+        self.assertEqual(m.parse_error_fields(got[-1][1])["C"], "53300")
+
+    def test_session_login_served_when_the_server_comes_back(self) -> None:
+        """A waiting session login gets the server its holder left, with that backend's pid."""
+        factory, clock, backends = client_factory(mode="session", size=1, reset_query="")
+        holder, _ = connect(factory)
+        holder.dataReceived(m.startup_message({"user": "u", "database": "db"}))
+        proto, transport = connect(factory)
+        proto.dataReceived(m.startup_message({"user": "u", "database": "db"}))
+        holder.connectionLost(None)
+        backends.flush()
+        clock.advance(0)
+        self.assertEqual(proto.state, ClientState.READY)
+        self.assertEqual(greeting(transport)[1][0], backends[0].key[0])  # type: ignore[index]
+
+    def test_left_while_waiting_leaves_no_trace(self) -> None:
+        """A session login that goes while it waits for a server leaves the pool's queue."""
+        factory, clock, backends = client_factory(mode="session", size=1)
+        holder, _ = connect(factory)
+        holder.dataReceived(m.startup_message({"user": "u", "database": "db"}))
+        proto, transport = connect(factory)
+        proto.dataReceived(m.startup_message({"user": "u", "database": "db"}))
+        pool = next(iter(factory.pools.pools.values()))
+        self.assertEqual(len(pool.waiters), 1)
+        proto.connectionLost(None)
+        self.assertEqual(len(pool.waiters), 0)
+        self.assertEqual(proto.state, ClientState.GONE)
+
+class ToldValuesTests(SynchronousTestCase):
+    """A login is told the values PostgreSQL would report for what it asked."""
+
+    def told(self, mode: str, **startup: str) -> dict[str, str]:
+        factory, clock, backends = client_factory(mode=mode)
+        proto, transport = connect(factory)
+        proto.dataReceived(m.startup_message({"user": "u", "database": "db", **startup}))
+        backends.flush()
+        self.assertEqual(proto.state, ClientState.READY)
+        return greeting(transport)[0]
+
+    def test_told_values_as_postgresql_spells_them(self) -> None:
+        """client_encoding=utf-8 and DateStyle=iso are told UTF8 and ISO, MDY at login,
+        in both modes, and the relay carries those values."""
+        for mode in ("session", "transaction"):
+            params = self.told(mode, client_encoding="utf-8", DateStyle="iso")
+            self.assertEqual((params["client_encoding"], params["DateStyle"]), ("UTF8", "ISO, MDY"), mode)
+
+    def test_relative_value_from_the_default_not_the_last_client(self) -> None:
+        """DateStyle=iso is checked from the default (ISO, MDY), not from the order a
+        previous transaction-mode client left on the server (DMY)."""
+        factory, clock, backends = client_factory(mode="transaction", size=1)
+        first, _ = connect(factory)
+        first.dataReceived(m.startup_message({"user": "u", "database": "db", "DateStyle": "SQL, DMY"}))
+        backends.flush()
+        first.dataReceived(m.query("select 1"))
+        backends.flush()
+        self.assertIn(("DateStyle", "SQL, DMY"), backends[0].params)
+        proto, transport = connect(factory)
+        proto.dataReceived(m.startup_message({"user": "u", "database": "db", "DateStyle": "iso"}))
+        backends.flush()
+        self.assertEqual(greeting(transport)[0]["DateStyle"], "ISO, MDY")
+        self.assertEqual(proto.relay.wanted["datestyle"], ("DateStyle", "ISO, MDY"))  # type: ignore[union-attr]

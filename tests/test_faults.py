@@ -44,6 +44,15 @@ RESTART_STATES = (*SERVER_GONE, "57P03")
 #: connection (a trace shows it received) and the next query finds the connection closed.
 #: Clients connected to PostgreSQL directly see the same; at most once per client per outage.
 LOST_UNTOLD = "connection lost, no SQLSTATE"
+#: A FATAL at login reaches psycopg without its SQLSTATE (libpq keeps only the text of a
+#: refused connection); session-mode clients meet these, as each login takes a server.
+LOGIN_REFUSALS = {
+    "FATAL:  could not connect to server": "08006",
+    "FATAL:  server closed the connection": "08006",  # during its login, or once attached
+    "FATAL:  server connection lost": "08006",  # while its parameters were being set
+    "the database system is starting up": "57P03",
+    "the database system is shutting down": "57P03",
+}
 #: Issue 6's target: a waiting client finds the storage back within about a second of it
 #: returning (the half second more is slack for a loaded 2-core machine).
 RECOVERY_BOUND = 1.5
@@ -659,6 +668,8 @@ class StorageRestart(FaultTest):
                     what = exc.sqlstate or f"{type(exc).__name__}: {exc}"
                     if not exc.sqlstate and "server closed the connection unexpectedly" in str(exc):
                         what = LOST_UNTOLD
+                    if not exc.sqlstate and str(exc).startswith("connection failed:"):
+                        what = next((state for words, state in LOGIN_REFUSALS.items() if words in str(exc)), what)
                     log.append((time.monotonic(), n, what))
                     time.sleep(0.01)
 

@@ -115,6 +115,25 @@ class PoolTests(SynchronousTestCase):
         servers.succeed_next()
         self.assertEqual((pool.backoff, pool.retry_at), (0.0, 0.0))
 
+    def test_missing_database_keeps_postgresqls_words_during_back_off(self) -> None:
+        """A 3D000 from PostgreSQL is what every waiter gets during the back-off, word
+        for word; a connection failure is framed with the pool and the next attempt."""
+        pool, servers, clock = make_pool(size=1)
+        first = pool.wait("a")
+        servers.fail_next(PoolerError("3D000", 'database "db" does not exist'))
+        later = [pool.wait("b"), pool.parameters()]
+        self.assertEqual(servers.attempts, [])  # backing off
+        for waiting in [first] + later:
+            error = self.failureResultOf(waiting, PoolerError).value
+            self.assertEqual((error.sqlstate, error.message), ("3D000", 'database "db" does not exist'))
+        clock.advance(pool.backoff)
+        again = pool.wait("c")
+        servers.fail_next(PoolerError("08006", 'could not connect to server "pg": refused'))
+        self.failureResultOf(again, PoolerError)
+        framed = self.failureResultOf(pool.wait("d"), PoolerError).value
+        self.assertEqual(framed.sqlstate, "08006")
+        self.assertIn('(pool "db/u", next attempt in', framed.message)
+
     def test_idle_timeout_lifetime_and_min_size(self) -> None:
         """Idle servers past their idle timeout or lifetime are closed; min_size stays open."""
         pool, servers, clock = make_pool(size=3, min_size=1, server_idle_timeout="10s",

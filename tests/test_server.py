@@ -188,6 +188,13 @@ class ServerLoginTests(SynchronousTestCase):
         self.assertIn("server login failed: ", failure.value.message)
         self.assertTrue(backend.transport.disconnected)
 
+    def test_missing_database_in_postgresqls_words(self) -> None:
+        """A 3D000 at login keeps PostgreSQL's own message: it answers the client's
+        request, so no "server login failed" is put in front of it."""
+        backend = FakeBackend(refuse="3D000")
+        failure = self.failureResultOf(backend.start().ready, PoolerError)
+        self.assertEqual((failure.value.sqlstate, failure.value.message), ("3D000", "login refused"))
+
     def test_closed_during_login(self) -> None:
         """A backend that closes during login fails ``ready`` with 08006."""
         backend = FakeBackend(md5_salt=b"salt", secret=Secret("plain", "pw"))

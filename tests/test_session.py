@@ -1,8 +1,12 @@
-"""Session pooling end to end: limits, waiting, reuse and reset, vanished clients, cancel."""
+"""Session pooling end to end: limits, waiting, reuse and reset, vanished clients, cancel,
+the backend identity a session client sees."""
 
 from __future__ import annotations
 
+import json
 import socket
+import subprocess
+import sys
 import threading
 import time
 
@@ -11,24 +15,27 @@ from twisted.internet.defer import gatherResults, inlineCallbacks
 
 from odissey.pool import PoolKey
 from odissey.wire import messages as m
-from tests.harness import IntegrationTest, Replies, committed, route, trust_login, until
+from tests.harness import (
+    IntegrationTest, Replies, committed, direct, login_outcome, route, server_pids, trust_login, until,
+)
 
 
 class PoolLimitTests(IntegrationTest):
     """Pool size is enforced; waiters queue FIFO and time out with 53300."""
 
     def routes(self) -> list[dict]:
-        return [route(pool={"size": 1, "wait_timeout": "1s"})]
+        return [route(pool={"size": 1, "wait_timeout": "1s"}),
+                route("app", "u_trust", auth={"method": "trust"}, pool={"size": 1, "wait_timeout": "1s"})]
 
     @inlineCallbacks
     def test_wait_timeout(self):
-        """With the only server taken, a second client gets 53300 naming the pool."""
-        holder = yield self.thread(self.odissey.connect)
+        """With the only server taken, a second client gets 53300 naming the pool, at
+        login (a session takes its server then)."""
+        holder = yield self.thread(self.odissey.connect, user="u_trust", password=None)
         try:
-            yield self.thread(lambda: holder.execute("select 1").close())
-            outcome = yield self.thread(self.query_outcome)
-            self.assertTrue(outcome.startswith("53300"), outcome)
-            self.assertIn('pool "app/app"', outcome)
+            state, message = yield self.thread(login_outcome, self.odissey.port)
+            self.assertEqual(state, "53300")
+            self.assertIn('pool "app/u_trust"', message)
         finally:
             yield self.thread(holder.close)
 
@@ -191,3 +198,138 @@ class ProtocolViolationTests(IntegrationTest):
         self.assertEqual(status, psycopg.pq.TransactionStatus.IDLE)
         self.assertNotEqual(backend, pid)
         self.assertFalse((yield self.thread(committed, "violation")))
+
+
+#: A client in a process of its own: libpq's PQcancel (psycopg's ``conn.cancel()``)
+#: blocks holding the GIL, which would freeze the in-process Odissey that must answer it.
+CANCEL_CLIENT = """
+import json, sys, threading, time
+import psycopg
+conn = psycopg.connect(sys.argv[1], autocommit=True)
+method = getattr(conn, sys.argv[2])
+driver_pid = conn.info.backend_pid
+threading.Timer(0.5, method).start()
+started = time.monotonic()
+try:
+    conn.execute("select pg_sleep(30)")
+    state = "finished"
+except psycopg.errors.QueryCanceled as exc:
+    state = exc.sqlstate
+elapsed = time.monotonic() - started
+backend_pid = conn.execute("select pg_backend_pid()").fetchone()[0]
+print(json.dumps([driver_pid, backend_pid, state, elapsed]))
+"""
+
+
+class SessionIdentityTests(IntegrationTest):
+    """A session client is pinned to one backend and is told its real pid: the driver,
+    pg_backend_pid(), NOTIFY and pg_terminate_backend agree; cancels still reach it."""
+
+    @inlineCallbacks
+    def test_driver_pid_is_the_backend_pid(self):
+        """psycopg's conn.info.backend_pid is what pg_backend_pid() says, and PostgreSQL
+        knows that backend as this user's."""
+        def pids() -> tuple[int, int, object]:
+            with self.odissey.connect() as conn:
+                real = conn.execute("select pg_backend_pid()").fetchone()[0]
+                with direct() as su:
+                    user = su.execute("select usename from pg_stat_activity where pid = %s", (real,)).fetchone()
+                return conn.info.backend_pid, real, user
+
+        told, real, user = yield self.thread(pids)
+        self.assertEqual(told, real)
+        self.assertEqual(user, ("app",))
+
+    @inlineCallbacks
+    def test_terminating_own_backend(self):
+        """pg_terminate_backend(pg_backend_pid()) ends that session with PostgreSQL's own
+        57P01, the backend the driver named is the one gone, and a session opened before
+        it and one opened after it are served."""
+        other = yield self.thread(self.odissey.connect)
+        try:
+            def terminate() -> tuple[str, str, bool, bool, bool]:
+                conn = self.odissey.connect()
+                pid = conn.info.backend_pid
+                was_there = pid in server_pids()
+                state, message = "survived", ""
+                try:
+                    conn.execute("select pg_terminate_backend(pg_backend_pid())")
+                except psycopg.errors.AdminShutdown as exc:
+                    state, message = exc.sqlstate or "", str(exc)
+                finally:
+                    conn.close()
+                deadline = time.monotonic() + 10
+                while pid in server_pids() and time.monotonic() < deadline:
+                    time.sleep(0.02)
+                return state, message, conn.closed, was_there, pid not in server_pids()
+
+            state, message, closed, was_there, gone = yield self.thread(terminate)
+            self.assertEqual(state, "57P01")
+            self.assertIn("terminating connection due to administrator command", message)
+            self.assertTrue(closed)
+            self.assertEqual((was_there, gone), (True, True))
+            self.assertEqual((yield self.thread(lambda: other.execute("select 1").fetchone())), (1,))
+            self.assertEqual((yield self.thread(self.query_outcome)), "served")
+        finally:
+            yield self.thread(other.close)
+
+    @inlineCallbacks
+    def test_notify_sender_pid(self):
+        """A LISTENing session sees the notifier's driver-reported pid as the sender's."""
+        def run() -> tuple[int, int, str]:
+            with self.odissey.connect() as listener, self.odissey.connect() as sender:
+                listener.execute("listen identity_channel")
+                sender.execute("notify identity_channel, 'hi'")
+                for note in listener.notifies(timeout=10, stop_after=1):
+                    return note.pid, sender.info.backend_pid, note.payload
+            raise AssertionError("no notification")
+
+        sent_by, sender, payload = yield self.thread(run)
+        self.assertEqual(payload, "hi")
+        self.assertEqual(sent_by, sender)
+
+    @inlineCallbacks
+    def test_other_session_cancels_by_reported_pid(self):
+        """pg_cancel_backend with the pid a session's driver reports cancels that session's query."""
+        target = yield self.thread(self.odissey.connect)
+        try:
+            def sleep() -> str:
+                try:
+                    target.execute("select pg_sleep(10)")
+                except psycopg.errors.QueryCanceled as exc:
+                    return exc.sqlstate or ""
+                return "finished"
+
+            running = self.thread(sleep)
+
+            def cancel_by_pid() -> bool:
+                deadline = time.monotonic() + 10
+                with direct() as su:
+                    while not su.execute("select 1 from pg_stat_activity where pid = %s and query like %s",
+                                         (target.info.backend_pid, "select pg_sleep%")).fetchone():
+                        if time.monotonic() > deadline:
+                            raise AssertionError("no backend with the reported pid runs the sleep")
+                        time.sleep(0.02)
+                with self.odissey.connect() as other:
+                    return other.execute("select pg_cancel_backend(%s)", (target.info.backend_pid,)).fetchone()[0]
+
+            self.assertTrue((yield self.thread(cancel_by_pid)))
+            self.assertEqual((yield running), "57014")
+        finally:
+            yield self.thread(target.close)
+
+    def cancel_in_another_process(self, method: str) -> list:
+        done = subprocess.run([sys.executable, "-c", CANCEL_CLIENT, self.odissey.dsn(), method],
+                              capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        return json.loads(done.stdout)
+
+    @inlineCallbacks
+    def test_cancel_with_the_real_pid(self):
+        """psycopg's cancel() (libpq's PQcancel) and cancel_safe() send the key with the
+        real pid and Odissey's secret: pg_sleep(30) ends with 57014 within seconds."""
+        for method in ("cancel", "cancel_safe"):
+            driver_pid, backend_pid, state, elapsed = yield self.thread(self.cancel_in_another_process, method)
+            self.assertEqual(driver_pid, backend_pid, method)
+            self.assertEqual(state, "57014", method)
+            self.assertLess(elapsed, 10, method)

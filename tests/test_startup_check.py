@@ -3,29 +3,13 @@ SQLSTATE; accepted pairs are remembered per pool."""
 
 from __future__ import annotations
 
-import socket
-from typing import Any
+from typing import Any, Callable
 
+import psycopg
 from twisted.internet.defer import inlineCallbacks
 
 from odissey.server import ServerConnection
-from odissey.wire import messages as m
-from tests.harness import IntegrationTest, read_message, route
-
-
-def login(port: int, **params: str) -> tuple[str, str]:
-    """Log in as u_trust with these startup parameters: ("ready", "") or the FATAL's
-    (SQLSTATE, message)."""
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
-        sock.sendall(m.startup_message({"user": "u_trust", "database": "app", **params}))
-        data = b""
-        while True:
-            kind, body, data = read_message(sock, data)
-            if kind == b"Z":
-                return "ready", ""
-            if kind == b"E":
-                fields = m.parse_error_fields(body)
-                return fields["C"], fields["M"]
+from tests.harness import IntegrationTest, direct, login_outcome as login, route
 
 
 class StartupCheckTests(IntegrationTest):
@@ -60,4 +44,35 @@ class StartupCheckTests(IntegrationTest):
                              ("ready", ""))
         checks = [r for r in runs if "BEGIN" in r]
         self.assertEqual(len(checks), 1)
-        self.assertIn("SET LOCAL \"TimeZone\" TO E'Europe/Paris'", checks[0][-2])
+        self.assertIn("SET LOCAL \"TimeZone\" TO E'Europe/Paris'", checks[0][-1])
+
+
+class ToldValuesTests(IntegrationTest):
+    """A login is told the values PostgreSQL would report for what it asked, before its
+    first query, in both modes; what it is told later agrees."""
+
+    def routes(self) -> list[dict[str, Any]]:
+        return [route("app", "u_trust", auth={"method": "trust"}, pool={"mode": "session"}),
+                route(pool={"mode": "transaction"})]
+
+    def told(self, connect: Callable[..., psycopg.Connection]) -> tuple[tuple[str, ...], ...]:
+        """What a login asking for client_encoding=utf-8 and DateStyle=iso is told at
+        login, what the server shows, and what it has been told after a query."""
+        names = ("client_encoding", "DateStyle")
+        with connect(client_encoding="utf-8", options="-c DateStyle=iso") as conn:
+            at_login = tuple(conn.info.parameter_status(name) or "" for name in names)
+            shown = tuple(conn.execute("select current_setting('client_encoding'), "
+                                       "current_setting('DateStyle')").fetchone())
+            after = tuple(conn.info.parameter_status(name) or "" for name in names)
+        return at_login, shown, after
+
+    @inlineCallbacks
+    def test_canonical_values_at_login(self):
+        """client_encoding=utf-8 and DateStyle=iso are told UTF8 and ISO, MDY at login,
+        exactly as PostgreSQL itself tells them, in session and transaction mode."""
+        postgresql = yield self.thread(self.told, lambda **kw: direct(**kw))
+        self.assertEqual(postgresql, (("UTF8", "ISO, MDY"),) * 3)
+        session = yield self.thread(self.told, lambda **kw: self.odissey.connect(user="u_trust", password=None, **kw))
+        transaction = yield self.thread(self.told, lambda **kw: self.odissey.connect(**kw))
+        self.assertEqual(session, postgresql)
+        self.assertEqual(transaction, postgresql)
