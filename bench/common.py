@@ -19,7 +19,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List, Mapping, Optional, Tuple
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
@@ -101,14 +101,15 @@ class PgbenchFailed(RuntimeError):
 
 
 def pgbench(port: int, user: str, password: str, db: str, *, clients: int, jobs: int,
-            protocol: str, seconds: int, select_only: bool = True) -> float:
-    """One ``pgbench -n [-S] -c clients -j jobs -M protocol -T seconds`` run against
-    127.0.0.1:``port``; returns its TPS (without the initial connection time). Raises
-    :class:`PgbenchFailed` unless pgbench exited with status 0, printed a TPS and counted
-    no failed transaction, so that a target that cannot run a protocol is never reported
-    as a number."""
+            protocol: str, seconds: int = 0, transactions: int = 0, select_only: bool = True) -> float:
+    """One ``pgbench -n [-S] -c clients -j jobs -M protocol -T seconds`` run (``-t
+    transactions`` per client instead when given) against 127.0.0.1:``port``; returns its
+    TPS (without the initial connection time). Raises :class:`PgbenchFailed` unless pgbench
+    exited with status 0, printed a TPS and counted no failed transaction, so that a
+    target that cannot run a protocol is never reported as a number."""
+    length = ["-t", str(transactions)] if transactions else ["-T", str(seconds)]
     command = ["pgbench", "-h", "127.0.0.1", "-p", str(port), "-U", user, "-n",
-               "-c", str(clients), "-j", str(min(clients, jobs)), "-T", str(seconds), "-M", protocol]
+               "-c", str(clients), "-j", str(min(clients, jobs)), *length, "-M", protocol]
     done = subprocess.run(command + (["-S"] if select_only else []) + [db],
                           capture_output=True, text=True, env=pg_env(password))
     output = f"{' '.join(command)}\nexit status {done.returncode}\n{done.stdout}{done.stderr}"
@@ -147,12 +148,14 @@ def start_postgres(user: str, password: str, db: str, *, scale: int,
 
 
 def start_odissey(pg_port: int, user: str, password: str, db: str, *, mode: str, pool_size: int,
-                  workdir: str, root: Path = ROOT) -> Tuple[subprocess.Popen, int, str]:
+                  workdir: str, root: Path = ROOT, wrapper: Sequence[str] = (),
+                  patience: float = 30) -> Tuple[subprocess.Popen, int, str]:
     """Odissey (``twistd odissey``, this working tree's code) with one md5 route to
     127.0.0.1:``pg_port``, listening on a free port of 127.0.0.1. Its configuration, output
     (``odissey.out``) and log (``odissey.log``) go to ``workdir``; ``root`` is the checkout
-    whose code it runs. Returns the process, its port and the path of the odissey package
-    it runs."""
+    whose code it runs; ``wrapper`` goes before the Python command (``valgrind …``), and
+    ``patience`` is how long it may take to listen. Returns the process, its port and the
+    path of the odissey package it runs."""
     port = free_port()
     conf = Path(workdir) / "odissey.yaml"
     conf.write_text(
@@ -168,12 +171,12 @@ def start_odissey(pg_port: int, user: str, password: str, db: str, *, mode: str,
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(root), env.get("PYTHONPATH", "")) if p)
     with open(Path(workdir) / "odissey.out", "w") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-c", BOOT, "--pidfile=", "-n", "--logfile", f"{workdir}/odissey.log",
+            [*wrapper, sys.executable, "-c", BOOT, "--pidfile=", "-n", "--logfile", f"{workdir}/odissey.log",
              "odissey", "-c", str(conf)],
             cwd=root, env=env, stdout=out, stderr=subprocess.STDOUT,
         )
     try:
-        wait_port(port, proc, name="Odissey")
+        wait_port(port, proc, patience=patience, name="Odissey")
         found = re.search(r"odissey package: (\S+)", (Path(workdir) / "odissey.out").read_text())
         package = found.group(1) if found else "?"
         if not package.startswith(str(root / "odissey")):

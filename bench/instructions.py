@@ -1,0 +1,130 @@
+"""Odissey's instructions per transaction, counted by callgrind, for one or more commits.
+
+CPU time on the shared 2-core machine moves by 10-20 % from run to run; instruction counts
+do not. Each commit (checked out in a temporary git worktree; ``.`` is this working tree)
+runs as ``twistd odissey`` under ``valgrind --tool=callgrind`` with ``PYTHONHASHSEED=0``,
+one transaction-mode route (pool 20) in front of one throwaway PostgreSQL. For each
+protocol: a warm-up, then ``pgbench -S -c 4 -j 1 -t N`` and ``-t 3N``, the counters zeroed
+before and dumped after each (``callgrind_control``); the report gives the marginal count,
+(I(3N) - I(N)) / (2N x 4) instructions per transaction, in which start-up, logins and
+idle polling cancel out. User-space instructions only: the kernel's work in the system
+calls is not in them, so they say what Odissey's own code costs, not the whole CPU time.
+
+    python bench/instructions.py b74d9f9 efcef45 d17cb2b --protocol simple,extended,prepared
+
+A protocol that a commit cannot run (``-M prepared`` before prepared statements existed)
+is reported as failed, never as a number.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Dict, List, Tuple
+
+from common import ROOT, PgbenchFailed, pgbench, start_odissey, start_postgres, stop
+from compare import DB, PASSWORD, USER, protocols
+
+CLIENTS = 4
+
+
+def checkout(commit: str, parent: Path) -> Tuple[str, Path, bool]:
+    """The short hash and tree of ``commit`` (a new worktree under ``parent``, or this
+    working tree for ``.``), and whether a worktree was made."""
+    if commit == ".":
+        return "this tree", ROOT, False
+    short = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", commit],
+                           check=True, capture_output=True, text=True).stdout.strip()
+    tree = parent / short
+    subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "-q", "--detach", str(tree), commit], check=True)
+    return short, tree, True
+
+
+def counted(pid: int, workdir: str, port: int, protocol: str, transactions: int) -> int:
+    """Instructions Odissey (``pid``, under callgrind) spends on ``pgbench -t transactions``."""
+    subprocess.run(["callgrind_control", "-z", str(pid)], check=True, capture_output=True)
+    pgbench(port, USER, PASSWORD, DB, clients=CLIENTS, jobs=1, protocol=protocol, transactions=transactions)
+    dumps = set(glob.glob(f"{workdir}/callgrind.out*"))
+    subprocess.run(["callgrind_control", "-d", str(pid)], check=True, capture_output=True)
+    (dump,) = set(glob.glob(f"{workdir}/callgrind.out*")) - dumps
+    for line in Path(dump).read_text().splitlines():
+        if line.startswith(("summary:", "totals:")):
+            return int(line.split()[1])
+    raise RuntimeError(f"no instruction total in {dump}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("commits", nargs="+", help="commits to count (. for this working tree)")
+    parser.add_argument("--protocol", type=protocols, default=["simple", "extended"],
+                        help="comma-separated pgbench -M values: simple, extended, prepared")
+    parser.add_argument("--transactions", type=int, default=1000, help="N, per client")
+    args = parser.parse_args()
+    if shutil.which("valgrind") is None or shutil.which("callgrind_control") is None:
+        parser.error("needs valgrind (callgrind) and callgrind_control")
+
+    os.environ["PYTHONHASHSEED"] = "0"
+    trees = Path(tempfile.mkdtemp(prefix="odissey-instructions-"))
+    made: List[Path] = []
+    names: List[str] = []
+    pg = None
+    counts: Dict[Tuple[str, str], float] = {}
+    failures: Dict[Tuple[str, str], str] = {}
+    try:
+        pg = start_postgres(USER, PASSWORD, DB, scale=10)
+        for commit in args.commits:
+            name, root, new = checkout(commit, trees)
+            names.append(name)
+            if new:
+                made.append(root)
+            workdir = tempfile.mkdtemp(prefix="run-", dir=trees)
+            proc, port, _package = start_odissey(
+                pg.port, USER, PASSWORD, DB, mode="transaction", pool_size=20, workdir=workdir, root=root,
+                wrapper=["valgrind", "--tool=callgrind", f"--callgrind-out-file={workdir}/callgrind.out"],
+                patience=600)
+            try:
+                for protocol in args.protocol:
+                    try:
+                        pgbench(port, USER, PASSWORD, DB, clients=CLIENTS, jobs=1, protocol=protocol,
+                                transactions=200)
+                        short = counted(proc.pid, workdir, port, protocol, args.transactions)
+                        long = counted(proc.pid, workdir, port, protocol, 3 * args.transactions)
+                    except PgbenchFailed as exc:
+                        failures[(name, protocol)] = exc.reason
+                        print(f"{name} -M {protocol}: FAILED: {exc.reason}", flush=True)
+                        continue
+                    counts[(name, protocol)] = (long - short) / (2 * args.transactions * CLIENTS)
+                    print(f"{name} -M {protocol}: {counts[(name, protocol)]:,.0f} instructions / tx", flush=True)
+            finally:
+                stop(proc, patience=120)
+
+        print(f"\npgbench -S -c {CLIENTS} -j 1, transaction pooling, pool size 20: Odissey's instructions per "
+              f"transaction (callgrind, marginal between -t {args.transactions} and -t {3 * args.transactions})\n")
+        print("| protocol | " + " | ".join(names) + " |")
+        print("|---|" + "---|" * len(names))
+        for protocol in args.protocol:
+            first = counts.get((names[0], protocol))
+            cells = []
+            for name in names:
+                if (name, protocol) in failures:
+                    cells.append(f"failed: {failures[(name, protocol)]}")
+                    continue
+                count = counts[(name, protocol)]
+                versus = f" ({(count / first - 1) * 100:+.0f} %)" if first and name != names[0] else ""
+                cells.append(f"{count:,.0f}{versus}")
+            print(f"| {protocol} | " + " | ".join(cells) + " |")
+    finally:
+        if pg is not None:
+            pg.stop()
+        for tree in made:
+            subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(tree)], check=False)
+        shutil.rmtree(trees, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
