@@ -20,15 +20,17 @@ from typing import FrozenSet, List
 
 TEMP, LISTEN, LOCKS, PREPARED, HOLD, SETTINGS, ROLE = (1 << i for i in range(7))
 
-#: Cheap first look: most statements mention none of these.
-_HINT = re.compile(rb"temp|listen|advisory_lock|prepare|hold|set|role|authorization", re.IGNORECASE)
-_TEMP = re.compile(rb"\btemp(?:orary)?\b|\bpg_temp", re.IGNORECASE)
-_LISTEN = re.compile(rb"(?<!un)listen\s", re.IGNORECASE)
-_LOCKS = re.compile(rb"advisory_lock", re.IGNORECASE)  # not the _xact_ ones
-_PREPARE = re.compile(rb"(?:^|;)\s*prepare\s+(?!transaction\b)", re.IGNORECASE)
-_HOLD = re.compile(rb"\bwith\s+hold\b", re.IGNORECASE)
-_SET = re.compile(rb"(?:^|;)\s*set\s+(?:session\s+)?([a-z_][a-z0-9_.]*)", re.IGNORECASE)
-_SET_CONFIG = re.compile(rb"\bset_config\s*\(", re.IGNORECASE)
+#: Cheap first look, on the lower-cased text (a case-insensitive search costs four
+#: times as much): most statements mention none of these.
+_HINT = re.compile(rb"temp|listen|advisory_lock|prepare|hold|set|role|authorization")
+# The closer looks, on lower-cased text.
+_TEMP = re.compile(rb"\btemp(?:orary)?\b|\bpg_temp")
+_LISTEN = re.compile(rb"(?<!un)listen\s")
+_LOCKS = re.compile(rb"advisory_lock")  # not the _xact_ ones
+_PREPARE = re.compile(rb"(?:^|;)\s*prepare\s+(?!transaction\b)")
+_HOLD = re.compile(rb"\bwith\s+hold\b")
+_SET = re.compile(rb"(?:^|;)\s*set\s+(?:session\s+)?([a-z_][a-z0-9_.]*)")
+_SET_CONFIG = re.compile(rb"\bset_config\s*\(")
 #: SET forms that end with the transaction (or are not parameters).
 _TRANSIENT = frozenset((b"local", b"transaction", b"constraints"))
 
@@ -49,6 +51,7 @@ def left_by(text: bytes, reported: FrozenSet[str]) -> int:
     """The kinds of session state a Query's or Parse's text may leave on its server.
     ``reported``: lower-case names of the parameters the server reports (a SET of one
     of those is carried per client, not left behind)."""
+    text = text.lower()
     if _HINT.search(text) is None:
         return 0
     flags = 0
@@ -65,7 +68,7 @@ def left_by(text: bytes, reported: FrozenSet[str]) -> int:
     if _SET_CONFIG.search(text):
         flags |= SETTINGS
     for found in _SET.finditer(text):
-        name = found.group(1).lower()
+        name = found.group(1)
         if name == b"role" or name == b"authorization":
             flags |= ROLE
         elif name not in _TRANSIENT and name.decode("ascii", "replace") not in reported:
