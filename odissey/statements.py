@@ -61,6 +61,8 @@ _names = itertools.count(1)
 _DEALLOCATE = re.compile(
     rb'\s*deallocate\s+(?:prepare\s+)?("(?:[^"]|"")+"|[^\s;"]+)\s*;?\s*\0\Z', re.IGNORECASE
 )
+#: How a Query that may be one of those starts (most are rejected on this byte).
+_MAY_DROP = frozenset(b" \t\n\rdD")
 #: ``DISCARD ALL`` alone in a Query (``DEALLOCATE ALL`` matches _DEALLOCATE).
 _DISCARD_ALL = re.compile(rb"\s*discard\s+all\s*;?\s*\0\Z", re.IGNORECASE)
 
@@ -297,16 +299,17 @@ class Statements:
             self.payloads.append((SYNTH_CLOSE, _CLIENT, name, self.named.pop(name, None)))
             return [(SYNTH_CLOSE, b"")]
         # A Query.
-        found = _DEALLOCATE.match(body) if body[:1] in b" \t\n\rdD" else None
-        if found is not None:
-            name = _identifier(found.group(1))
-            if name in self.named:
-                self.payloads.append((SYNTH_QUERY, _CLIENT, name, self.named.pop(name)))
-                return [(SYNTH_QUERY, b"")]
-            if name == b"all":
+        if body and body[0] in _MAY_DROP:
+            found = _DEALLOCATE.match(body)
+            if found is not None:
+                name = _identifier(found.group(1))
+                if name in self.named:
+                    self.payloads.append((SYNTH_QUERY, _CLIENT, name, self.named.pop(name)))
+                    return [(SYNTH_QUERY, b"")]
+                if name == b"all":
+                    return self._drop_all()
+            elif _DISCARD_ALL.match(body):
                 return self._drop_all()
-        elif _DISCARD_ALL.match(body):
-            return self._drop_all()
         self.unnamed = server.unnamed = None  # a simple query drops the unnamed statement
         return None
 
