@@ -4,7 +4,7 @@ setup(
     name="odissey",
     version="0.1.0",
     description="A PostgreSQL connection pooler and request router on Twisted",
-    python_requires=">=3.10",
+    python_requires=">=3.9",  # CPython 3.10+ and PyPy 3 (Python 3.9)
     packages=["odissey", "odissey.wire", "odissey.auth", "twisted.plugins"],
     install_requires=[
         "twisted>=23.8",
@@ -12,6 +12,9 @@ setup(
         "service-identity",
         "pyyaml",
         "scramp>=1.4",
+        # PyPy 3.9 (Debian's pypy3) has wheels up to these; newer ones would need Rust.
+        "cryptography<44; platform_python_implementation == 'PyPy'",
+        "pyopenssl<25; platform_python_implementation == 'PyPy'",
     ],
     extras_require={
         "test": [

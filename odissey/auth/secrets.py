@@ -27,7 +27,6 @@ from typing import Any, Callable
 
 import scramp
 import scramp.core
-import scramp.utils
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.threads import deferToThreadPool
 from twisted.python.failure import Failure
@@ -127,7 +126,7 @@ def normalize_password(password: bytes) -> bytes:
     """SASLprep the way PostgreSQL does: a password that is not valid UTF-8, or that
     SASLprep rejects, is used as it is (libpq does the same, so both sides agree)."""
     try:
-        return scramp.utils.saslprep(password.decode("utf-8")).encode("utf-8")
+        return scramp.core.saslprep(password.decode("utf-8")).encode("utf-8")  # (1.4 has no utils.saslprep)
     except (UnicodeDecodeError, scramp.ScramException):
         return password
 
