@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -12,22 +13,17 @@ from pathlib import Path
 import yaml
 from twisted.internet.defer import inlineCallbacks
 from twisted.internet.threads import deferToThread
-from twisted.trial.unittest import TestCase
+from twisted.trial.unittest import SkipTest, TestCase
 
 from tests.harness import free_port, shared_postgres
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-TWISTD = [sys.executable, "-c", "import sys; from twisted.scripts.twistd import run; sys.argv[0] = 'twistd'; run()"]
-
-
-def twistd(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [*TWISTD, "--pidfile=", "-n", *args],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        env={**os.environ, **(env or {})}, cwd=ROOT,
-    )
+#: twistd on this checkout's code (``-c`` puts the working directory, ROOT, first on the path).
+BOOT = ["-c", "import sys; from twisted.scripts.twistd import run; sys.argv[0] = 'twistd'; run()"]
+#: PyPy with Odissey's dependencies, as .ci/install sets it up (or named by ODISSEY_PYPY).
+PYPY = os.environ.get("ODISSEY_PYPY") or str(ROOT / ".ci" / "pypy" / "bin" / "python")
 
 
 def psql_until_up(port: int, sql: str, user: str, password: str, dbname: str, patience: float = 30) -> str:
@@ -50,6 +46,18 @@ def stop(proc: subprocess.Popen[str]) -> str:
 
 class TapTests(TestCase):
     timeout = 120
+    #: The interpreter Odissey runs on in these tests.
+    interpreter = sys.executable
+
+    def twistd_command(self) -> list[str]:
+        return [self.interpreter, *BOOT]
+
+    def twistd(self, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+        return subprocess.Popen(
+            [*self.twistd_command(), "--pidfile=", "-n", *args],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            env={**os.environ, **(env or {})}, cwd=ROOT,
+        )
 
     def write_config(self, document: dict) -> str:
         path = Path(self.mktemp() + ".yaml").resolve()
@@ -58,7 +66,7 @@ class TapTests(TestCase):
 
     def test_check_good_and_bad(self) -> None:
         """--check exits 0 on a good config and 1 listing every problem on a bad one."""
-        good = subprocess.run([*TWISTD, "odissey", "-c",
+        good = subprocess.run([*self.twistd_command(), "odissey", "-c",
                                str(ROOT / "docs/examples/demo.yaml"), "--check"],
                               capture_output=True, text=True, cwd=ROOT)
         self.assertEqual(good.returncode, 0, good.stderr)
@@ -66,7 +74,7 @@ class TapTests(TestCase):
         bad_doc = yaml.safe_load((ROOT / "docs/examples/demo.yaml").read_text())
         bad_doc["routes"][0]["pool"]["size"] = "ten"
         bad_doc["routes"][0]["storage"] = "elsewhere"
-        bad = subprocess.run([*TWISTD, "odissey", "-c",
+        bad = subprocess.run([*self.twistd_command(), "odissey", "-c",
                               self.write_config(bad_doc), "--check"],
                              capture_output=True, text=True, cwd=ROOT)
         self.assertEqual(bad.returncode, 1)
@@ -77,7 +85,7 @@ class TapTests(TestCase):
         """Starting with a bad config exits non-zero without listening."""
         port = free_port()
         path = self.write_config({"listen": [f"tcp:{port}:interface=127.0.0.1"], "routes": []})
-        proc = twistd("odissey", "-c", path)
+        proc = self.twistd("odissey", "-c", path)
         out, _ = proc.communicate(timeout=60)
         self.assertNotEqual(proc.returncode, 0)
         self.assertIn("storages: is required", out)
@@ -89,7 +97,7 @@ class TapTests(TestCase):
         demo = yaml.safe_load((ROOT / "docs/examples/demo.yaml").read_text())
         demo["listen"] = [f"tcp:{port}:interface=127.0.0.1"]
         demo["storages"]["local"]["port"] = free_port()
-        proc = twistd("odissey", "-c", self.write_config(demo))
+        proc = self.twistd("odissey", "-c", self.write_config(demo))
         try:
             answer = yield deferToThread(psql_until_up, port, "select current_user || '/' || current_database()",
                                          "demo", "demo", "demo")
@@ -116,9 +124,51 @@ class TapTests(TestCase):
             "routes": [{"database": "app", "user": "app", "storage": "pg",
                         "auth": {"method": "md5", "password": "app-secret"}}],
         })
-        proc = twistd("-y", str(ROOT / "odissey.tac"), env={"ODISSEY_CONFIG": path})
+        proc = self.twistd("-y", str(ROOT / "odissey.tac"), env={"ODISSEY_CONFIG": path})
         try:
             answer = yield deferToThread(psql_until_up, port, "select 40 + 2", "app", "app-secret", "app")
             self.assertEqual(answer, "42")
         finally:
             yield deferToThread(stop, proc)
+
+    @inlineCallbacks
+    def test_pgbench_through_the_process(self):
+        """pgbench, simple and with prepared statements, through a transaction-mode pool
+        of the process: no failed transaction."""
+        if not shutil.which("pgbench"):
+            raise SkipTest("pgbench not installed")
+        pg = shared_postgres()
+        port = free_port()
+        path = self.write_config({
+            "listen": [f"tcp:{port}:interface=127.0.0.1"],
+            "storages": {"pg": {"host": pg.socket_dir, "port": pg.port}},
+            "routes": [{"database": "app", "user": "app", "storage": "pg",
+                        "auth": {"method": "md5", "password": "app-secret"},
+                        "pool": {"mode": "transaction", "size": 4}}],
+        })
+        proc = self.twistd("odissey", "-c", path)
+
+        def bench(mode: str) -> subprocess.CompletedProcess[str]:
+            return subprocess.run(
+                ["pgbench", "-n", "-S", "-M", mode, "-c", "8", "-j", "2", "-t", "300",
+                 "-h", "127.0.0.1", "-p", str(port), "-U", "app", "app"],
+                capture_output=True, text=True, env={**os.environ, "PGPASSWORD": "app-secret"}, timeout=120)
+
+        try:
+            yield deferToThread(psql_until_up, port, "select 1", "app", "app-secret", "app")
+            for mode in ("simple", "prepared"):
+                done = yield deferToThread(bench, mode)
+                self.assertEqual(done.returncode, 0, done.stderr[-2000:])
+                self.assertIn("number of failed transactions: 0 (0.000%)", done.stdout)
+        finally:
+            yield deferToThread(stop, proc)
+
+
+class PyPyTapTests(TapTests):
+    """The same, with Odissey under PyPy 3 (the tests' clients stay on CPython)."""
+
+    interpreter = PYPY
+
+    def setUp(self) -> None:
+        if not os.access(PYPY, os.X_OK):
+            raise SkipTest(f"no PyPy at {PYPY} (.ci/install test sets it up where pypy3 can be installed)")
