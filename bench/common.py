@@ -149,15 +149,17 @@ def start_postgres(user: str, password: str, db: str, *, scale: int,
 
 def start_odissey(pg_port: int, user: str, password: str, db: str, *, mode: str, pool_size: int,
                   workdir: str, root: Path = ROOT, wrapper: Sequence[str] = (),
-                  patience: float = 30) -> Tuple[subprocess.Popen, int, str]:
+                  patience: float = 30, python: str = sys.executable,
+                  name: str = "odissey") -> Tuple[subprocess.Popen, int, str]:
     """Odissey (``twistd odissey``, this working tree's code) with one md5 route to
     127.0.0.1:``pg_port``, listening on a free port of 127.0.0.1. Its configuration, output
     (``odissey.out``) and log (``odissey.log``) go to ``workdir``; ``root`` is the checkout
     whose code it runs; ``wrapper`` goes before the Python command (``valgrind …``), and
-    ``patience`` is how long it may take to listen. Returns the process, its port and the
-    path of the odissey package it runs."""
+    ``patience`` is how long it may take to listen; ``python`` the interpreter (PyPy's, say)
+    and ``name`` what its files in ``workdir`` are called. Returns the process, its port and
+    the path of the odissey package it runs."""
     port = free_port()
-    conf = Path(workdir) / "odissey.yaml"
+    conf = Path(workdir) / f"{name}.yaml"
     conf.write_text(
         f"listen: ['tcp:{port}:interface=127.0.0.1']\n"
         f"limits: {{max_clients: 2000}}\n"
@@ -169,15 +171,15 @@ def start_odissey(pg_port: int, user: str, password: str, db: str, *, mode: str,
     )
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(root), env.get("PYTHONPATH", "")) if p)
-    with open(Path(workdir) / "odissey.out", "w") as out:
+    with open(Path(workdir) / f"{name}.out", "w") as out:
         proc = subprocess.Popen(
-            [*wrapper, sys.executable, "-c", BOOT, "--pidfile=", "-n", "--logfile", f"{workdir}/odissey.log",
+            [*wrapper, python, "-c", BOOT, "--pidfile=", "-n", "--logfile", f"{workdir}/{name}.log",
              "odissey", "-c", str(conf)],
             cwd=root, env=env, stdout=out, stderr=subprocess.STDOUT,
         )
     try:
         wait_port(port, proc, patience=patience, name="Odissey")
-        found = re.search(r"odissey package: (\S+)", (Path(workdir) / "odissey.out").read_text())
+        found = re.search(r"odissey package: (\S+)", (Path(workdir) / f"{name}.out").read_text())
         package = found.group(1) if found else "?"
         if not package.startswith(str(root / "odissey")):
             raise RuntimeError(f"Odissey runs {package}, not the working tree {root}")
@@ -185,6 +187,21 @@ def start_odissey(pg_port: int, user: str, password: str, db: str, *, mode: str,
         stop(proc)
         raise
     return proc, port, package
+
+
+def start_floor(pg_port: int, workdir: str, python: str = sys.executable,
+                name: str = "floor") -> Tuple[subprocess.Popen, int]:
+    """bench/floor.py, the bare Twisted relay, in front of 127.0.0.1:``pg_port``."""
+    port = free_port()
+    with open(Path(workdir) / f"{name}.out", "w") as out:
+        proc = subprocess.Popen([python, str(ROOT / "bench" / "floor.py"), str(port), "127.0.0.1", str(pg_port)],
+                                stdout=out, stderr=subprocess.STDOUT)
+    try:
+        wait_port(port, proc, name=name)
+    except BaseException:
+        stop(proc)
+        raise
+    return proc, port
 
 
 def stop(proc: subprocess.Popen, patience: float = 30) -> bool:

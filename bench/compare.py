@@ -28,11 +28,12 @@ import re
 import shutil
 import statistics
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
-from common import (PgbenchFailed, cpu_seconds, free_port, pgbench, postgres_cpu_seconds, start_odissey,
-                    start_postgres, stop, wait_port)
+from common import (PgbenchFailed, cpu_seconds, free_port, pgbench, postgres_cpu_seconds, start_floor,
+                    start_odissey, start_postgres, stop, wait_port)
 
 USER, PASSWORD, DB = "bench", "bench-pw", "bench"
 PROTOCOLS = ("simple", "extended", "prepared")
@@ -123,6 +124,12 @@ def main() -> None:
     parser.add_argument("--scale", type=int, default=10)
     parser.add_argument("--jobs", type=int, default=2, help="pgbench -j (at most the clients)")
     parser.add_argument("--no-pgbouncer", action="store_true")
+    parser.add_argument("--floor", action="store_true",
+                        help="also bench/floor.py, the bare Twisted relay (one server connection per client)")
+    parser.add_argument("--pypy", metavar="PYTHON",
+                        help="also Odissey (and with --floor the floor) under this PyPy interpreter")
+    parser.add_argument("--warmup", type=int, default=0,
+                        help="seconds of unmeasured pgbench per target first (PyPy's JIT)")
     parser.add_argument("--try-unsupported", action="store_true",
                         help="run -M prepared through a PgBouncer without prepared statements too")
     args = parser.parse_args()
@@ -151,6 +158,27 @@ def main() -> None:
                                                 pool_size=args.pool_size, workdir=workdir)
         procs.append(odissey)
         targets["odissey"] = (port, odissey.pid)
+        if args.pypy:
+            proc, port, _package = start_odissey(pg.port, USER, PASSWORD, DB, mode=args.mode,
+                                                 pool_size=args.pool_size, workdir=workdir,
+                                                 python=args.pypy, name="odissey-pypy")
+            procs.append(proc)
+            targets["odissey-pypy"] = (port, proc.pid)
+        if args.floor:
+            for name, python in (("floor", sys.executable), ("floor-pypy", args.pypy)):
+                if python:
+                    proc, port = start_floor(pg.port, workdir, python, name)
+                    procs.append(proc)
+                    targets[name] = (port, proc.pid)
+        for name, (port, _pid) in targets.items():
+            if args.warmup:
+                for protocol in args.protocol:
+                    if (name, protocol) not in skipped:
+                        try:
+                            pgbench(port, USER, PASSWORD, DB, clients=max(args.clients), jobs=args.jobs,
+                                    protocol=protocol, seconds=args.warmup)
+                        except PgbenchFailed as exc:
+                            print(f"warm-up of {name} -M {protocol} failed: {exc.reason}", flush=True)
 
         results: dict[Key, list[float]] = {}
         pooler_cpu: dict[Key, list[float]] = {}
