@@ -172,3 +172,7 @@ class PyPyTapTests(TapTests):
     def setUp(self) -> None:
         if not os.access(PYPY, os.X_OK):
             raise SkipTest(f"no PyPy at {PYPY} (.ci/install test sets it up where pypy3 can be installed)")
+        ready = subprocess.run([PYPY, "-c", "import twisted, yaml, scramp, OpenSSL, service_identity"],
+                               capture_output=True, text=True)
+        if ready.returncode != 0:
+            raise SkipTest(f"PyPy at {PYPY} lacks Odissey's dependencies: {ready.stderr.strip()[-200:]}")
