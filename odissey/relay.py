@@ -168,12 +168,7 @@ class Relay:
         elif data and not (self.state is RelayState.IDLE and self.tx.idle):
             # (an idle client's lone Flush has nothing to flush: it needs no server)
             self.pending.append(data)
-            self.pending_size += len(data)
-            if self.state is RelayState.IDLE:
-                self._acquire()
-            if self.pending_size > PENDING_LIMIT and not self.paused:
-                self.paused = True
-                self.client.valve.pauseProducing()
+            self._waits_for_server(len(data))
         if self.goodbye:
             self.client.drop()
 
@@ -198,7 +193,12 @@ class Relay:
             self.client.drop()
             return
         self.unsent.append((data, events, holding))
-        self.pending_size += len(data)
+        self._waits_for_server(len(data))
+
+    def _waits_for_server(self, size: int) -> None:
+        """``size`` more bytes wait for a server: take one if the client has none coming,
+        and stop reading the client past PENDING_LIMIT."""
+        self.pending_size += size
         if self.state is RelayState.IDLE:
             self._acquire()
         if self.pending_size > PENDING_LIMIT and not self.paused:

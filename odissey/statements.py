@@ -362,15 +362,16 @@ class Statements:
         server = self.server
         assert server is not None
         mine = self.unnamed
-        if server.unnamed is mine:
+        if mine is not None and server.unnamed is mine:
             return None
         previous = server.unnamed
         server.unnamed = mine
         if mine is not None:
             self.payloads.append((INJECTED_PARSE, _UNNAMED, previous, None))
             return [(INJECTED_PARSE, m.parse(b"", mine)), (kind, None)]
-        # Another client's unnamed statement: closed, so the client's message fails as
-        # PostgreSQL would fail it.
+        # The client has none, and the server may hold another client's (None on the
+        # server means unknown, after an error say): closed, so the client's message
+        # fails as PostgreSQL would fail it.
         self.payloads.append((INJECTED_CLOSE, _UNNAMED, previous, None))
         return [(INJECTED_CLOSE, m.close(b"S", b"")), (kind, None)]
 
