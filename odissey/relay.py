@@ -454,7 +454,7 @@ class Relay:
     def serverData(self, data: bytes, events: list[Event]) -> None:
         statements = self.statements
         # With replies of Odissey's own in the queue, the chunk is edited on its way.
-        edited = statements is not None and bool(statements.payloads or statements.held)
+        edited = statements is not None and bool(statements.editing or statements.held)
         if edited:
             data, events = statements.begin(data, events)  # type: ignore[union-attr]
         elif not self._to_client(data) and not self.coupled:

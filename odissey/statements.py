@@ -36,7 +36,8 @@ from typing import Any, Deque, Dict, List, Optional, Tuple
 
 from odissey.transaction import (
     BIND, CLOSE, COPY_DATA, COPY_DONE, COPY_FAIL, COPYING, DESCRIBE, ERROR,
-    FAILING_DESCRIBE, FAILING_PARSE, REPLACED, INJECTED_CLOSE, INJECTED_PARSE, NORMAL, PARSE, SKIPPING, SWALLOWED, SYNC,
+    FAILING_DESCRIBE, FAILING_PARSE, REPLACED, INJECTED_CLOSE, INJECTED_PARSE, NORMAL, PARSE, SKIPPING, SWALLOWED,
+    SYNC, SYNTHESISED,
     SYNTH_CLOSE, SYNTH_PARSE, SYNTH_QUERY, TRACKED_PARSE, TRACKED_QUERY, Transaction,
 )
 from odissey.wire import errors
@@ -129,6 +130,8 @@ class ServerStatements:
 # Payloads kept beside special entries: (entry, what, a, b).
 _Payload = Tuple[int, int, Any, Any]
 _NAMED, _UNNAMED, _CLIENT, _SCRATCH = range(4)
+#: Entries whose replies are edited.
+_EDITS = SWALLOWED | SYNTHESISED | REPLACED
 #: Entries whose undo gives back a statement or a name.
 _RESTORING = frozenset((INJECTED_CLOSE, SYNTH_CLOSE, SYNTH_QUERY))
 
@@ -149,6 +152,9 @@ class Statements:
         self.server: Optional[ServerStatements] = None
         #: Payloads of the special entries in the tracker's queue, in its order.
         self.payloads: Deque[_Payload] = deque()
+        #: How many of them have replies to edit (dropped, replaced or synthesised): only
+        #: then does a server chunk take the editing path.
+        self.editing = 0
         #: Where the next client chunk's first message starts, relative to that chunk.
         self.edge = 0
         #: Server bytes held back (an editable reply cut by a read).
@@ -256,8 +262,11 @@ class Statements:
         if kind == PARSE:
             name, i = m.cstring_at(body, 0, "Parse")
             if not name:
+                # Forwarded as it came, but tracked: if the server skips or refuses it,
+                # the client's unnamed statement is the one it had before.
+                self._queue((TRACKED_PARSE, _UNNAMED, self.unnamed, None))
                 self.unnamed = server.unnamed = body[i:]
-                return None
+                return [(TRACKED_PARSE, None)]
             if name in self.named:
                 return self._taken(name, body[i:])
             registry = self.registry
@@ -266,13 +275,13 @@ class Statements:
             self.named[name] = statement
             if statement.name in server.prepared and not self._doubt:
                 self._touch(statement)
-                self.payloads.append((SYNTH_PARSE, _CLIENT, name, statement))
+                self._queue((SYNTH_PARSE, _CLIENT, name, statement))
                 return [(SYNTH_PARSE, b"")]
             items = self._reclose(statement)
             items += self._evict()
             registry.server_parses += 1
             server.prepared[statement.name] = (statement, server.epoch)
-            self.payloads.append((TRACKED_PARSE, _CLIENT, name, statement))
+            self._queue((TRACKED_PARSE, _CLIENT, name, statement))
             items.append((TRACKED_PARSE, m.parse(statement.name, statement.tail)))
             return items
         if kind == DESCRIBE:
@@ -296,7 +305,7 @@ class Statements:
                 self.unnamed = server.unnamed = None
                 return None
             # Closing a statement that does not exist is no error in PostgreSQL either.
-            self.payloads.append((SYNTH_CLOSE, _CLIENT, name, self.named.pop(name, None)))
+            self._queue((SYNTH_CLOSE, _CLIENT, name, self.named.pop(name, None)))
             return [(SYNTH_CLOSE, b"")]
         # A Query.
         if body and body[0] in _MAY_DROP:
@@ -304,7 +313,9 @@ class Statements:
             if found is not None:
                 name = _identifier(found.group(1))
                 if name in self.named:
-                    self.payloads.append((SYNTH_QUERY, _CLIENT, name, self.named.pop(name)))
+                    # Answered here; as a simple query it drops the unnamed statement too.
+                    self._queue((SYNTH_QUERY, _CLIENT, name, (self.named.pop(name), self.unnamed)))
+                    self.unnamed = None
                     return [(SYNTH_QUERY, b"")]
                 if name == b"all":
                     return self._drop_all()
@@ -317,7 +328,7 @@ class Statements:
         """DEALLOCATE ALL or DISCARD ALL, forwarded: what the client sends after it in
         the same batch already goes without its statements (restored if the server
         skips the query)."""
-        self.payloads.append((TRACKED_QUERY, _CLIENT, self.named, self.unnamed))
+        self._queue((TRACKED_QUERY, _CLIENT, self.named, self.unnamed))
         self._doubt += 1
         self.named = {}
         self.unnamed = self.server.unnamed = None  # type: ignore[union-attr]
@@ -340,7 +351,7 @@ class Statements:
         items += self._evict()
         self.registry.server_parses += 1
         server.prepared[statement.name] = (statement, server.epoch)
-        self.payloads.append((INJECTED_PARSE, _NAMED, statement, None))
+        self._queue((INJECTED_PARSE, _NAMED, statement, None))
         items.append((INJECTED_PARSE, m.parse(statement.name, statement.tail)))
         return items
 
@@ -353,7 +364,7 @@ class Statements:
         known = server.prepared.pop(statement.name, None)
         if known is None:
             return []
-        self.payloads.append((INJECTED_CLOSE, _NAMED, known[0], known[1]))
+        self._queue((INJECTED_CLOSE, _NAMED, known[0], known[1]))
         return [(INJECTED_CLOSE, m.close(b"S", statement.name))]
 
     def _ensure_unnamed(self, kind: int) -> Optional[List[Tuple[int, Optional[bytes]]]]:
@@ -367,12 +378,12 @@ class Statements:
         previous = server.unnamed
         server.unnamed = mine
         if mine is not None:
-            self.payloads.append((INJECTED_PARSE, _UNNAMED, previous, None))
+            self._queue((INJECTED_PARSE, _UNNAMED, previous, None))
             return [(INJECTED_PARSE, m.parse(b"", mine)), (kind, None)]
         # The client has none, and the server may hold another client's (None on the
         # server means unknown, after an error say): closed, so the client's message
         # fails as PostgreSQL would fail it.
-        self.payloads.append((INJECTED_CLOSE, _UNNAMED, previous, None))
+        self._queue((INJECTED_CLOSE, _UNNAMED, previous, None))
         return [(INJECTED_CLOSE, m.close(b"S", b"")), (kind, None)]
 
     def _evict(self) -> List[Tuple[int, Optional[bytes]]]:
@@ -387,7 +398,7 @@ class Statements:
             if epoch == server.epoch:
                 break
             del prepared[name]
-            self.payloads.append((INJECTED_CLOSE, _NAMED, statement, epoch))
+            self._queue((INJECTED_CLOSE, _NAMED, statement, epoch))
             items.append((INJECTED_CLOSE, m.close(b"S", name)))
         return items
 
@@ -399,15 +410,15 @@ class Statements:
         error = m.error_response(PoolerError(
             errors.DUPLICATE_PREPARED_STATEMENT, f'prepared statement "{_text(name)}" already exists',
             severity="ERROR"))
-        self.payloads.append((INJECTED_CLOSE, _SCRATCH, None, None))
-        self.payloads.append((INJECTED_PARSE, _SCRATCH, None, None))
-        self.payloads.append((FAILING_PARSE, _CLIENT, error, None))
+        self._queue((INJECTED_CLOSE, _SCRATCH, None, None))
+        self._queue((INJECTED_PARSE, _SCRATCH, None, None))
+        self._queue((FAILING_PARSE, _CLIENT, error, None))
         return [(INJECTED_CLOSE, m.close(b"S", SCRATCH)), (INJECTED_PARSE, m.parse(SCRATCH, tail)),
                 (FAILING_PARSE, m.parse(SCRATCH, tail))]
 
     def _fail(self, sqlstate: str, text: str) -> List[Tuple[int, Optional[bytes]]]:
         error = m.error_response(PoolerError(sqlstate, text, severity="ERROR"))
-        self.payloads.append((FAILING_DESCRIBE, _CLIENT, error, None))
+        self._queue((FAILING_DESCRIBE, _CLIENT, error, None))
         return [(FAILING_DESCRIBE, m.describe(b"S", NO_SUCH_STATEMENT))]
 
     # -- server -> client: the tracker's Sink --------------------------------------------
@@ -488,10 +499,17 @@ class Statements:
             self._cut(end)
             self._put(reply)
 
+    def _queue(self, payload: _Payload) -> None:
+        self.payloads.append(payload)
+        if payload[0] & _EDITS:
+            self.editing += 1
+
     def _pop(self, entry: int) -> _Payload:
         payload = self.payloads.popleft()
         if payload[0] != entry:
             raise AssertionError(f"statement queue out of step: {payload[0]:#x} != {entry:#x}")
+        if entry & _EDITS:
+            self.editing -= 1
         return payload
 
     def _undo(self, payload: _Payload) -> None:
@@ -509,6 +527,10 @@ class Statements:
                 server.prepared.move_to_end(a.name, last=False)
             elif what == _UNNAMED and server is not None:
                 server.unnamed = a
+        elif entry == TRACKED_PARSE and what == _UNNAMED:
+            self.unnamed = a
+            if server is not None:
+                server.unnamed = None  # whatever it holds now is not known
         elif entry == TRACKED_PARSE:
             if self.named.get(a) is b:
                 del self.named[a]
@@ -517,9 +539,12 @@ class Statements:
         elif entry == SYNTH_PARSE:
             if self.named.get(a) is b:
                 del self.named[a]
-        elif entry in (SYNTH_CLOSE, SYNTH_QUERY):
+        elif entry == SYNTH_CLOSE:
             if b is not None:
                 self.named[a] = b
+        elif entry == SYNTH_QUERY:
+            if b is not None:
+                self.named[a], self.unnamed = b
         elif entry == TRACKED_QUERY:
             a.update(self.named)
             self.named = a
