@@ -31,6 +31,9 @@ _PREPARE = re.compile(rb"(?:^|;)\s*prepare\s+(?!transaction\b)")
 _HOLD = re.compile(rb"\bwith\s+hold\b")
 _SET = re.compile(rb"(?:^|;)\s*set\s+(?:session\s+)?([a-z_][a-z0-9_.]*)")
 _SET_CONFIG = re.compile(rb"\bset_config\s*\(")
+#: What each closer look marks.
+_MARKS = ((_TEMP, TEMP), (_LISTEN, LISTEN), (_LOCKS, LOCKS), (_PREPARE, PREPARED), (_HOLD, HOLD),
+          (_SET_CONFIG, SETTINGS))
 #: SET forms that end with the transaction (or are not parameters).
 _TRANSIENT = frozenset((b"local", b"transaction", b"constraints"))
 
@@ -55,18 +58,9 @@ def left_by(text: bytes, reported: FrozenSet[str]) -> int:
     if _HINT.search(text) is None:
         return 0
     flags = 0
-    if _TEMP.search(text):
-        flags |= TEMP
-    if _LISTEN.search(text):
-        flags |= LISTEN
-    if _LOCKS.search(text):
-        flags |= LOCKS
-    if _PREPARE.search(text):
-        flags |= PREPARED
-    if _HOLD.search(text):
-        flags |= HOLD
-    if _SET_CONFIG.search(text):
-        flags |= SETTINGS
+    for pattern, flag in _MARKS:
+        if pattern.search(text):
+            flags |= flag
     for found in _SET.finditer(text):
         name = found.group(1)
         if name == b"role" or name == b"authorization":
