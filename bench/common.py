@@ -57,10 +57,15 @@ def wait_port(port: int, proc: Optional[subprocess.Popen] = None, patience: floa
     raise RuntimeError(f"nothing listens on {port}")
 
 
+def cpu_times(pid: int) -> Tuple[float, float]:
+    """User and system CPU time of a process, in seconds, from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[11]) / CLK_TCK, int(fields[12]) / CLK_TCK
+
+
 def cpu_seconds(pid: int) -> float:
     """User + system CPU time of a process, from /proc."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return sum(int(fields[i]) for i in (11, 12)) / CLK_TCK
+    return sum(cpu_times(pid))
 
 
 def postgres_cpu_seconds(pg: LocalPostgres) -> float:
@@ -101,16 +106,17 @@ class PgbenchFailed(RuntimeError):
 
 
 def pgbench(port: int, user: str, password: str, db: str, *, clients: int, jobs: int,
-            protocol: str, seconds: int = 0, transactions: int = 0, select_only: bool = True) -> float:
-    """One ``pgbench -n [-S] -c clients -j jobs -M protocol -T seconds`` run (``-t
+            protocol: str, seconds: int = 0, transactions: int = 0, select_only: bool = True,
+            connect: bool = False) -> float:
+    """One ``pgbench -n [-S] [-C] -c clients -j jobs -M protocol -T seconds`` run (``-t
     transactions`` per client instead when given) against 127.0.0.1:``port``; returns its
-    TPS (without the initial connection time). Raises :class:`PgbenchFailed` unless pgbench
+    TPS (with ``connect``, a new connection per transaction, connecting included). Raises :class:`PgbenchFailed` unless pgbench
     exited with status 0, printed a TPS and counted no failed transaction, so that a
     target that cannot run a protocol is never reported as a number."""
     length = ["-t", str(transactions)] if transactions else ["-T", str(seconds)]
     command = ["pgbench", "-h", "127.0.0.1", "-p", str(port), "-U", user, "-n",
                "-c", str(clients), "-j", str(min(clients, jobs)), *length, "-M", protocol]
-    done = subprocess.run(command + (["-S"] if select_only else []) + [db],
+    done = subprocess.run(command + (["-S"] if select_only else []) + (["-C"] if connect else []) + [db],
                           capture_output=True, text=True, env=pg_env(password))
     output = f"{' '.join(command)}\nexit status {done.returncode}\n{done.stdout}{done.stderr}"
     errors: List[str] = [line for line in done.stderr.splitlines() if "error" in line.lower()]
@@ -190,11 +196,13 @@ def start_odissey(pg_port: int, user: str, password: str, db: str, *, mode: str,
 
 
 def start_floor(pg_port: int, workdir: str, python: str = sys.executable,
-                name: str = "floor") -> Tuple[subprocess.Popen, int]:
+                name: str = "floor", twisted_write: bool = False) -> Tuple[subprocess.Popen, int]:
     """bench/floor.py, the bare Twisted relay, in front of 127.0.0.1:``pg_port``."""
     port = free_port()
+    flags = ["--twisted-write"] if twisted_write else []
     with open(Path(workdir) / f"{name}.out", "w") as out:
-        proc = subprocess.Popen([python, str(ROOT / "bench" / "floor.py"), str(port), "127.0.0.1", str(pg_port)],
+        proc = subprocess.Popen([python, str(ROOT / "bench" / "floor.py"), str(port), "127.0.0.1", str(pg_port),
+                                 *flags],
                                 stdout=out, stderr=subprocess.STDOUT)
     try:
         wait_port(port, proc, name=name)

@@ -2,14 +2,16 @@
 
 Runs are interleaved (direct, pgbouncer, odissey, direct, ...) so that noise on a shared
 machine hits every target alike; the report gives median TPS, the ratio to PostgreSQL
-direct and to PgBouncer, the pooler's CPU microseconds per transaction (from /proc, user +
-system time of the pooler process during its runs) and PostgreSQL's (the postmaster and
+direct and to PgBouncer, the pooler's CPU microseconds per transaction (from /proc, user
+and system time of the pooler process during its runs) and PostgreSQL's (the postmaster and
 all its processes), and, when both were run, each target's prepared against extended.
 
     python bench/compare.py --mode transaction --clients 32,200 \
         --protocol simple,extended,prepared --seconds 20 --rounds 3 --pool-size 20
 
-``--protocol`` takes pgbench's ``-M`` values: simple, extended, prepared. PgBouncer before
+``--protocol`` takes pgbench's ``-M`` values: simple, extended, prepared; each runs the
+select-only script (``-S``), and also ``--tpcb`` the built-in tpcb-like one and ``--connect``
+select-only with a new connection per transaction (``-C``, churn). PgBouncer before
 1.21 has no prepared statements in transaction mode, so with it ``prepared`` is skipped
 there (and said so in the report); ``--try-unsupported`` runs it anyway, to show how it
 fails. A run whose pgbench fails (exit status, an error line, an aborted client, a failed
@@ -32,7 +34,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from common import (PgbenchFailed, cpu_seconds, free_port, pgbench, postgres_cpu_seconds, start_floor,
+from common import (PgbenchFailed, cpu_times, free_port, pgbench, postgres_cpu_seconds, start_floor,
                     start_odissey, start_postgres, stop, wait_port)
 
 USER, PASSWORD, DB = "bench", "bench-pw", "bench"
@@ -97,8 +99,16 @@ def clients_list(text: str) -> list[int]:
     return [int(c) for c in text.split(",") if c]
 
 
-#: (target, clients, protocol)
+#: (target, clients, load): the load is the -M protocol, with " tpcb" (the tpcb-like script
+#: instead of -S) or " -C" (a connection per transaction) after it.
 Key = tuple[str, int, str]
+
+
+def pgbench_load(port: int, load: str, clients: int, jobs: int, seconds: int) -> float:
+    """One pgbench run of ``load`` (see :data:`Key`)."""
+    protocol, _, variant = load.partition(" ")
+    return pgbench(port, USER, PASSWORD, DB, clients=clients, jobs=jobs, protocol=protocol,
+                   seconds=seconds, select_only=variant != "tpcb", connect=variant == "-C")
 
 
 def median_text(values: list[float] | None, digits: int = 1) -> str:
@@ -118,6 +128,11 @@ def main() -> None:
     parser.add_argument("--clients", type=clients_list, default=[8, 32])
     parser.add_argument("--protocol", type=protocols, default=["simple", "extended"],
                         help="comma-separated pgbench -M values: simple, extended, prepared")
+    parser.add_argument("--tpcb", action="store_true", help="also the tpcb-like script, each protocol")
+    parser.add_argument("--connect", action="store_true",
+                        help="also -S with a new connection per transaction (-C), each protocol")
+    parser.add_argument("--twisted-write", action="store_true",
+                        help="the floor writes with plain transport.write (see bench/floor.py)")
     parser.add_argument("--seconds", type=int, default=20)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--pool-size", type=int, default=20)
@@ -133,6 +148,12 @@ def main() -> None:
     parser.add_argument("--try-unsupported", action="store_true",
                         help="run -M prepared through a PgBouncer without prepared statements too")
     args = parser.parse_args()
+    loads = list(args.protocol)
+    loads += [f"{protocol} tpcb" for protocol in args.protocol] if args.tpcb else []
+    loads += [f"{protocol} -C" for protocol in args.protocol] if args.connect else []
+
+    def skip_reason(name: str, load: str) -> str | None:
+        return skipped.get((name, load.partition(" ")[0]))
 
     workdir = tempfile.mkdtemp(prefix="odissey-bench-")
     pg = None
@@ -167,35 +188,35 @@ def main() -> None:
         if args.floor:
             for name, python in (("floor", sys.executable), ("floor-pypy", args.pypy)):
                 if python:
-                    proc, port = start_floor(pg.port, workdir, python, name)
+                    proc, port = start_floor(pg.port, workdir, python, name, twisted_write=args.twisted_write)
                     procs.append(proc)
                     targets[name] = (port, proc.pid)
         for name, (port, _pid) in targets.items():
             if args.warmup:
-                for protocol in args.protocol:
-                    if (name, protocol) not in skipped:
+                for load in loads:
+                    if not skip_reason(name, load):
                         try:
-                            pgbench(port, USER, PASSWORD, DB, clients=max(args.clients), jobs=args.jobs,
-                                    protocol=protocol, seconds=args.warmup)
+                            pgbench_load(port, load, max(args.clients), args.jobs, args.warmup)
                         except PgbenchFailed as exc:
-                            print(f"warm-up of {name} -M {protocol} failed: {exc.reason}", flush=True)
+                            print(f"warm-up of {name} -M {load} failed: {exc.reason}", flush=True)
 
         results: dict[Key, list[float]] = {}
         pooler_cpu: dict[Key, list[float]] = {}
+        pooler_user: dict[Key, list[float]] = {}
+        pooler_system: dict[Key, list[float]] = {}
         server_cpu: dict[Key, list[float]] = {}
         failures: dict[Key, list[str]] = {}
         for round_ in range(args.rounds):
             for clients in args.clients:
-                for protocol in args.protocol:
+                for protocol in loads:
                     for name, (port, pid) in targets.items():
-                        if (name, protocol) in skipped:
+                        if skip_reason(name, protocol):
                             continue
                         key = (name, clients, protocol)
-                        before = cpu_seconds(pid) if pid else 0.0
+                        user_before, system_before = cpu_times(pid) if pid else (0.0, 0.0)
                         server_before = postgres_cpu_seconds(pg)
                         try:
-                            tps = pgbench(port, USER, PASSWORD, DB, clients=clients, jobs=args.jobs,
-                                          protocol=protocol, seconds=args.seconds)
+                            tps = pgbench_load(port, protocol, clients, args.jobs, args.seconds)
                         except PgbenchFailed as exc:
                             failures.setdefault(key, []).append(exc.reason)
                             print(f"round {round_ + 1}: {name:9} -c {clients:3} -M {protocol:8} "
@@ -206,7 +227,12 @@ def main() -> None:
                         server_cpu.setdefault(key, []).append(
                             (postgres_cpu_seconds(pg) - server_before) / transactions * 1e6)
                         if pid:
-                            pooler_cpu.setdefault(key, []).append((cpu_seconds(pid) - before) / transactions * 1e6)
+                            user, system = cpu_times(pid)
+                            user = (user - user_before) / transactions * 1e6
+                            system = (system - system_before) / transactions * 1e6
+                            pooler_user.setdefault(key, []).append(user)
+                            pooler_system.setdefault(key, []).append(system)
+                            pooler_cpu.setdefault(key, []).append(user + system)
                         print(f"round {round_ + 1}: {name:9} -c {clients:3} -M {protocol:8} {tps:10.0f} tps"
                               f"  pooler {median_text(pooler_cpu.get(key, [])[-1:]):>5} µs/tx"
                               f"  postgres {server_cpu[key][-1]:5.1f} µs/tx", flush=True)
@@ -217,28 +243,29 @@ def main() -> None:
 
         print(f"\npgbench -S -j {args.jobs}, {args.mode} pooling, pool size {args.pool_size}, "
               f"{args.seconds}s x {args.rounds} rounds, medians\n")
-        print("| clients | protocol | target | TPS | vs direct | vs PgBouncer | pooler CPU µs / tx "
-              "| PostgreSQL CPU µs / tx |")
-        print("|---|---|---|---|---|---|---|---|")
+        print("| clients | load | target | TPS | vs direct | vs PgBouncer | pooler CPU µs / tx "
+              "| user | system | PostgreSQL CPU µs / tx |")
+        print("|---|---|---|---|---|---|---|---|---|---|")
         for clients in args.clients:
-            for protocol in args.protocol:
+            for protocol in loads:
                 direct = tps_of(("postgres", clients, protocol))
                 bouncer = tps_of(("pgbouncer", clients, protocol))
                 for name in targets:
                     key = (name, clients, protocol)
-                    if (name, protocol) in skipped:
-                        print(f"| {clients} | {protocol} | {name} | skipped: {skipped[(name, protocol)]} "
-                              f"| | | | |")
+                    if skip_reason(name, protocol):
+                        print(f"| {clients} | {protocol} | {name} | skipped: {skip_reason(name, protocol)} "
+                              f"| | | | | | |")
                         continue
                     if key in failures:
                         print(f"| {clients} | {protocol} | {name} | failed in {len(failures[key])} of "
-                              f"{args.rounds} rounds: {failures[key][0]} | | | | |")
+                              f"{args.rounds} rounds: {failures[key][0]} | | | | | | |")
                         continue
                     median = statistics.median(results[key])
                     vs_direct = f"{median / direct:.2f}" if direct else "n/a"
                     vs_bouncer = f"{median / bouncer:.2f}" if bouncer else "n/a"
                     print(f"| {clients} | {protocol} | {name} | {median:.0f} | {vs_direct} | {vs_bouncer} | "
-                          f"{median_text(pooler_cpu.get(key))} | {median_text(server_cpu.get(key))} |")
+                          f"{median_text(pooler_cpu.get(key))} | {median_text(pooler_user.get(key))} | "
+                          f"{median_text(pooler_system.get(key))} | {median_text(server_cpu.get(key))} |")
 
         if "prepared" in args.protocol and "extended" in args.protocol:
             print("\nprepared against extended, same target (medians; CPU as differences)\n")

@@ -1,12 +1,17 @@
 """The floor: the least a Twisted relay can do between pgbench and PostgreSQL.
 
 One server connection per client (no pooling, no login of its own, no parsing): bytes
-from the client go to PostgreSQL and back exactly as they come, through Twisted's own
-``transport.write``, with TCP_NODELAY on both sides. What Odissey spends beyond this is
-what its pooling, parsing and bookkeeping cost; what this spends is Twisted's (and the
-interpreter's) price for moving the bytes at all. Run it with CPython and with PyPy:
+from the client go to PostgreSQL and back exactly as they come, with TCP_NODELAY on both
+sides. What Odissey spends beyond this is what its pooling, parsing and bookkeeping cost;
+what this spends is Twisted's (and the interpreter's) price for moving the bytes at all.
 
-    python bench/floor.py LISTEN_PORT PG_HOST PG_PORT
+Each write goes straight to the socket when Twisted has nothing queued for it, as
+Odissey's own writes do (``odissey.flow.send``): Twisted's ``transport.write`` would
+register the socket for writability and send on the next reactor turn, a cost Odissey
+does not pay, and a floor that paid it would not be a floor. ``--twisted-write`` measures
+that plain ``transport.write`` relay instead. Run it with CPython and with PyPy:
+
+    python bench/floor.py LISTEN_PORT PG_HOST PG_PORT [--twisted-write]
 
 It prints ``listening on LISTEN_PORT`` once it accepts connections.
 """
@@ -18,6 +23,24 @@ import sys
 from typing import List, Optional
 
 from twisted.internet import protocol, reactor
+
+
+def send(transport: object, data: bytes) -> None:
+    """``transport.write``, but ``send()`` at once when nothing is queued ahead."""
+    if not (transport._tempDataLen or transport.dataBuffer or transport.disconnecting):  # type: ignore[attr-defined]
+        sent = transport.writeSomeData(data)  # type: ignore[attr-defined]
+        if type(sent) is int:
+            if sent == len(data):
+                return
+            data = data[sent:]
+    transport.write(data)  # type: ignore[attr-defined]
+
+
+def twisted_write(transport: object, data: bytes) -> None:
+    transport.write(data)  # type: ignore[attr-defined]
+
+
+write = send
 
 
 def nodelay(transport: object) -> None:
@@ -33,7 +56,7 @@ class ServerSide(protocol.Protocol):
         self.client.attach(self)
 
     def dataReceived(self, data: bytes) -> None:
-        self.client.transport.write(data)  # type: ignore[union-attr]
+        write(self.client.transport, data)
 
     def connectionLost(self, reason: object = None) -> None:
         self.client.transport.loseConnection()  # type: ignore[union-attr]
@@ -65,12 +88,12 @@ class ClientSide(protocol.Protocol):
     def attach(self, server: ServerSide) -> None:
         self.server = server
         if self.early:
-            server.transport.write(b"".join(self.early))  # type: ignore[union-attr]
+            write(server.transport, b"".join(self.early))
             self.early = []
 
     def dataReceived(self, data: bytes) -> None:
         if self.server is not None:
-            self.server.transport.write(data)  # type: ignore[union-attr]
+            write(self.server.transport, data)
         else:
             self.early.append(data)
 
@@ -90,7 +113,10 @@ class ClientFactory(protocol.Factory):
 
 
 def main() -> None:
+    global write
     listen_port, pg_host, pg_port = int(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+    if "--twisted-write" in sys.argv[4:]:
+        write = twisted_write
     reactor.listenTCP(listen_port, ClientFactory(pg_host, pg_port), backlog=1024, interface="127.0.0.1")  # type: ignore[attr-defined]
     print(f"listening on {listen_port}", flush=True)
     reactor.run()  # type: ignore[attr-defined]
