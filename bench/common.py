@@ -196,16 +196,18 @@ def start_odissey(pg_port: int, user: str, password: str, db: str, *, mode: str,
 
 
 def start_floor(pg_port: int, workdir: str, python: str = sys.executable,
-                name: str = "floor", twisted_write: bool = False) -> Tuple[subprocess.Popen, int]:
-    """bench/floor.py, the bare Twisted relay, in front of 127.0.0.1:``pg_port``."""
+                name: str = "floor", twisted_write: bool = False, wrapper: Sequence[str] = (),
+                patience: float = 30) -> Tuple[subprocess.Popen, int]:
+    """bench/floor.py, the bare Twisted relay, in front of 127.0.0.1:``pg_port`` (``wrapper``
+    and ``patience`` as for :func:`start_odissey`)."""
     port = free_port()
     flags = ["--twisted-write"] if twisted_write else []
     with open(Path(workdir) / f"{name}.out", "w") as out:
-        proc = subprocess.Popen([python, str(ROOT / "bench" / "floor.py"), str(port), "127.0.0.1", str(pg_port),
-                                 *flags],
+        proc = subprocess.Popen([*wrapper, python, str(ROOT / "bench" / "floor.py"), str(port), "127.0.0.1",
+                                 str(pg_port), *flags],
                                 stdout=out, stderr=subprocess.STDOUT)
     try:
-        wait_port(port, proc, name=name)
+        wait_port(port, proc, patience=patience, name=name)
     except BaseException:
         stop(proc)
         raise

@@ -3,14 +3,19 @@
 CPU time on the shared 2-core machine moves by 10-20 % from run to run; instruction counts
 do not. Each commit (checked out in a temporary git worktree; ``.`` is this working tree)
 runs as ``twistd odissey`` under ``valgrind --tool=callgrind`` with ``PYTHONHASHSEED=0``,
-one transaction-mode route (pool 20) in front of one throwaway PostgreSQL. For each
-protocol: a warm-up, then ``pgbench -S -c 4 -j 1 -t N`` and ``-t 3N``, the counters zeroed
+one transaction-mode route (pool 20, ``--pool-size``) in front of one throwaway PostgreSQL.
+For each protocol: a warm-up, then ``pgbench -S -c 4 -j 1 -t N`` and ``-t 3N`` (``--clients``:
+more clients than the pool has servers exercises the path where clients wait), the counters zeroed
 before and dumped after each (``callgrind_control``); the report gives the marginal count,
 (I(3N) - I(N)) / (2N x 4) instructions per transaction, in which start-up, logins and
 idle polling cancel out. User-space instructions only: the kernel's work in the system
 calls is not in them, so they say what Odissey's own code costs, not the whole CPU time.
 
     python bench/instructions.py b74d9f9 efcef45 d17cb2b --protocol simple,extended,prepared
+    python bench/instructions.py HEAD . --clients 32 --pool-size 20 --floor
+
+``--floor`` counts bench/floor.py too (this tree's, under the same interpreter): the bare
+Twisted relay, what moving the bytes costs at all.
 
 A protocol that a commit cannot run (``-M prepared`` before prepared statements existed)
 is reported as failed, never as a number.
@@ -27,10 +32,9 @@ import tempfile
 from pathlib import Path
 from typing import Dict, List, Tuple
 
-from common import ROOT, PgbenchFailed, pgbench, start_odissey, start_postgres, stop
+from common import ROOT, PgbenchFailed, pgbench, start_floor, start_odissey, start_postgres, stop
 from compare import DB, PASSWORD, USER, protocols
 
-CLIENTS = 4
 
 
 def checkout(commit: str, parent: Path) -> Tuple[str, Path, bool]:
@@ -45,10 +49,10 @@ def checkout(commit: str, parent: Path) -> Tuple[str, Path, bool]:
     return short, tree, True
 
 
-def counted(pid: int, workdir: str, port: int, protocol: str, transactions: int) -> int:
-    """Instructions Odissey (``pid``, under callgrind) spends on ``pgbench -t transactions``."""
+def counted(pid: int, workdir: str, port: int, protocol: str, clients: int, transactions: int) -> int:
+    """Instructions a process (``pid``, under callgrind) spends on ``pgbench -t transactions``."""
     subprocess.run(["callgrind_control", "-z", str(pid)], check=True, capture_output=True)
-    pgbench(port, USER, PASSWORD, DB, clients=CLIENTS, jobs=1, protocol=protocol, transactions=transactions)
+    pgbench(port, USER, PASSWORD, DB, clients=clients, jobs=1, protocol=protocol, transactions=transactions)
     dumps = set(glob.glob(f"{workdir}/callgrind.out*"))
     subprocess.run(["callgrind_control", "-d", str(pid)], check=True, capture_output=True)
     (dump,) = set(glob.glob(f"{workdir}/callgrind.out*")) - dumps
@@ -64,6 +68,9 @@ def main() -> None:
     parser.add_argument("--protocol", type=protocols, default=["simple", "extended"],
                         help="comma-separated pgbench -M values: simple, extended, prepared")
     parser.add_argument("--transactions", type=int, default=1000, help="N, per client")
+    parser.add_argument("--clients", type=int, default=4)
+    parser.add_argument("--pool-size", type=int, default=20)
+    parser.add_argument("--floor", action="store_true", help="also count bench/floor.py")
     args = parser.parse_args()
     if shutil.which("valgrind") is None or shutil.which("callgrind_control") is None:
         parser.error("needs valgrind (callgrind) and callgrind_control")
@@ -77,33 +84,38 @@ def main() -> None:
     failures: Dict[Tuple[str, str], str] = {}
     try:
         pg = start_postgres(USER, PASSWORD, DB, scale=10)
-        for commit in args.commits:
-            name, root, new = checkout(commit, trees)
-            names.append(name)
-            if new:
-                made.append(root)
+        for commit in args.commits + (["floor"] if args.floor else []):
             workdir = tempfile.mkdtemp(prefix="run-", dir=trees)
-            proc, port, _package = start_odissey(
-                pg.port, USER, PASSWORD, DB, mode="transaction", pool_size=20, workdir=workdir, root=root,
-                wrapper=["valgrind", "--tool=callgrind", f"--callgrind-out-file={workdir}/callgrind.out"],
-                patience=600)
+            wrapper = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={workdir}/callgrind.out"]
+            if commit == "floor":
+                name = "floor"
+                proc, port = start_floor(pg.port, workdir, wrapper=wrapper, patience=600)
+            else:
+                name, root, new = checkout(commit, trees)
+                if new:
+                    made.append(root)
+                proc, port, _package = start_odissey(
+                    pg.port, USER, PASSWORD, DB, mode="transaction", pool_size=args.pool_size, workdir=workdir,
+                    root=root, wrapper=wrapper, patience=600)
+            names.append(name)
             try:
                 for protocol in args.protocol:
                     try:
-                        pgbench(port, USER, PASSWORD, DB, clients=CLIENTS, jobs=1, protocol=protocol,
+                        pgbench(port, USER, PASSWORD, DB, clients=args.clients, jobs=1, protocol=protocol,
                                 transactions=200)
-                        short = counted(proc.pid, workdir, port, protocol, args.transactions)
-                        long = counted(proc.pid, workdir, port, protocol, 3 * args.transactions)
+                        short = counted(proc.pid, workdir, port, protocol, args.clients, args.transactions)
+                        long = counted(proc.pid, workdir, port, protocol, args.clients, 3 * args.transactions)
                     except PgbenchFailed as exc:
                         failures[(name, protocol)] = exc.reason
                         print(f"{name} -M {protocol}: FAILED: {exc.reason}", flush=True)
                         continue
-                    counts[(name, protocol)] = (long - short) / (2 * args.transactions * CLIENTS)
+                    counts[(name, protocol)] = (long - short) / (2 * args.transactions * args.clients)
                     print(f"{name} -M {protocol}: {counts[(name, protocol)]:,.0f} instructions / tx", flush=True)
             finally:
                 stop(proc, patience=120)
 
-        print(f"\npgbench -S -c {CLIENTS} -j 1, transaction pooling, pool size 20: Odissey's instructions per "
+        print(f"\npgbench -S -c {args.clients} -j 1, transaction pooling, pool size {args.pool_size}: "
+              f"instructions per "
               f"transaction (callgrind, marginal between -t {args.transactions} and -t {3 * args.transactions})\n")
         print("| protocol | " + " | ".join(names) + " |")
         print("|---|" + "---|" * len(names))

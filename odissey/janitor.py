@@ -1,8 +1,8 @@
 """Periodic upkeep, like PgBouncer's janitor: pool upkeep and per-client timeouts.
 
 Timeouts are checked here, about twice a second, rather than with a timer per client:
-the relay only stores timestamps on its hot path, and one pass over the clients is
-cheaper than rescheduling thousands of DelayedCalls on every message. The same pass
+the relay only sets a flag on its hot path (no clock read per chunk), and one pass over
+the clients is cheaper than rescheduling thousands of DelayedCalls on every message. The same pass
 notices clients that left while their reading was paused.
 """
 

@@ -1,7 +1,10 @@
 """One Pool per (database, user): idle servers, waiting clients, the size limit.
 
-Taking an idle server is synchronous (the hot path of transaction pooling); only a client
-that must wait gets a Deferred. Waiters are served strictly first-come first-served: a
+Taking an idle server is synchronous (the hot path of transaction pooling), and so is
+handing a released server to a waiting client: with more clients than servers, most
+transactions wait, so waiting must cost no Deferred and no timer of its own. A waiter is
+told through :class:`Waiter`; one timer per pool, armed for the oldest waiter's deadline,
+enforces ``wait_timeout``. Waiters are served strictly first-come first-served: a
 released server goes to the head of the queue, and newcomers cannot take an idle server
 while anyone is queued. Among idle servers, the one the same client used last is
 preferred (its parameters already match), then the most recently used.
@@ -10,7 +13,7 @@ preferred (its parameters already match), then the most recently used.
 from __future__ import annotations
 
 from collections import deque
-from typing import Callable, NamedTuple
+from typing import Callable, NamedTuple, Optional, Protocol as TypingProtocol
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
@@ -18,6 +21,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from odissey.config import Route
+from odissey.params import Fingerprints
 from odissey.server import ServerConnection, ServerState
 from odissey.statements import Registry
 from odissey.wire import errors
@@ -37,13 +41,38 @@ class PoolKey(NamedTuple):
         return f"{self.database}/{self.user}"
 
 
-class _Waiter:
-    __slots__ = ("client_id", "deferred", "timer")
+class Waiter(TypingProtocol):
+    """Who queues for a server (a relay): told once, synchronously, of the outcome."""
 
-    def __init__(self, client_id: str, deferred: "Deferred[ServerConnection]") -> None:
+    def granted(self, server: ServerConnection) -> None:
+        """The server is the waiter's now (it is in the pool's ``active`` set)."""
+
+    def refused(self, error: PoolerError) -> None:
+        """No server: the wait timed out, connecting failed, or the pool closed."""
+
+
+class _Queued:
+    __slots__ = ("client_id", "waiter", "deadline")
+
+    def __init__(self, client_id: str, waiter: Waiter, deadline: float) -> None:
         self.client_id = client_id
+        self.waiter = waiter
+        self.deadline = deadline
+
+
+class _DeferredWaiter:
+    """:meth:`Pool.wait`'s adapter: fires a Deferred (login-time callers)."""
+
+    __slots__ = ("deferred",)
+
+    def __init__(self, deferred: "Deferred[ServerConnection]") -> None:
         self.deferred = deferred
-        self.timer: IDelayedCall | None = None
+
+    def granted(self, server: ServerConnection) -> None:
+        self.deferred.callback(server)
+
+    def refused(self, error: PoolerError) -> None:
+        self.deferred.errback(error)
 
 
 class Pool:
@@ -57,7 +86,9 @@ class Pool:
         self.idle: list[ServerConnection] = []
         self.active: set[ServerConnection] = set()
         self.opening = 0
-        self.waiters: deque[_Waiter] = deque()
+        self.waiters: deque[_Queued] = deque()
+        #: Fires at the oldest waiter's deadline (or earlier: it then re-arms itself).
+        self._timer: Optional[IDelayedCall] = None
         self.parameters_cache: list[tuple[str, str]] | None = None
         self._parameter_waiters: list[Deferred[list[tuple[str, str]]]] = []
         self.closed = False
@@ -65,6 +96,7 @@ class Pool:
         self.retry_at = 0.0
         self.failed_at = float("-inf")  # when the last failure was seen
         self.last_error: PoolerError | None = None
+        self.fingerprints = Fingerprints()
         #: Transaction mode's prepared statements, shared by the pool's clients.
         settings = route.pool
         self.statements = (
@@ -97,39 +129,59 @@ class Pool:
         self.active.add(chosen)
         return chosen
 
-    def wait(self, client_id: str) -> "Deferred[ServerConnection]":
-        """Queue for a server; fails with 53300 after the route's wait timeout."""
-        waiter = _Waiter(client_id, Deferred(lambda d: self._cancel(waiter)))
-        waiter.timer = self.reactor.callLater(self.route.pool.wait_timeout, self._expire, waiter)
-        self.waiters.append(waiter)
+    def queue(self, client_id: str, waiter: Waiter) -> None:
+        """Queue for a server: ``waiter`` is told once, maybe before this returns (the
+        storage is backing off after failures); 53300 after the route's wait timeout."""
+        deadline = self.reactor.seconds() + self.route.pool.wait_timeout
+        self.waiters.append(_Queued(client_id, waiter, deadline))
+        timer = self._timer
+        if timer is None:
+            self._timer = self.reactor.callLater(self.route.pool.wait_timeout, self._expire)
+        elif timer.getTime() > deadline:  # the wait timeout was shortened
+            timer.reset(self.route.pool.wait_timeout)
         self._grow()
-        return waiter.deferred
 
-    def _cancel(self, waiter: _Waiter) -> None:
-        if waiter in self.waiters:
-            self.waiters.remove(waiter)
-        if waiter.timer is not None and waiter.timer.active():
-            waiter.timer.cancel()
+    def leave(self, waiter: Waiter) -> None:
+        """``waiter`` stops waiting (its client went); it is told nothing more."""
+        for queued in self.waiters:
+            if queued.waiter is waiter:
+                self.waiters.remove(queued)
+                return
 
-    def _expire(self, waiter: _Waiter) -> None:
-        waiter.timer = None
-        if waiter in self.waiters:
-            self.waiters.remove(waiter)
-            waiter.deferred.errback(PoolerError(
+    def wait(self, client_id: str) -> "Deferred[ServerConnection]":
+        """:meth:`queue`, as a Deferred; cancelling it leaves the queue."""
+        adapter = _DeferredWaiter(Deferred(lambda d: self.leave(adapter)))
+        self.queue(client_id, adapter)
+        return adapter.deferred
+
+    def _expire(self) -> None:
+        """Refuse the waiters whose deadline has passed; re-arm for the next one."""
+        self._timer = None
+        now = self.reactor.seconds()
+        waiters = self.waiters
+        expired = [queued for queued in waiters if queued.deadline <= now]
+        for queued in expired:
+            waiters.remove(queued)
+        if waiters:
+            self._timer = self.reactor.callLater(
+                max(0.0, min(queued.deadline for queued in waiters) - now), self._expire)
+        for queued in expired:
+            queued.waiter.refused(PoolerError(
                 errors.TOO_MANY_CONNECTIONS,
                 f'no server connection available in pool "{self.key}" '
                 f"within {self.route.pool.wait_timeout:g}s",
                 detail=f"pool size is {self.size}: {len(self.active)} in use, {self.opening} connecting, "
-                       f"{len(self.waiters)} other clients waiting",
+                       f"{len(waiters)} other clients waiting",
             ))
 
     def release(self, server: ServerConnection) -> None:
         """A clean, idle server comes back: to the first waiter, or to the idle list.
 
-        A server past its lifetime is closed here, when nobody is using it.
+        A server past its lifetime (marked by :meth:`maintain`) is closed here, when
+        nobody is using it.
         """
         self.active.discard(server)
-        if self.closed or server.state is not ServerState.IDLE or self._expired(server):
+        if self.closed or server.state is not ServerState.IDLE or server.retiring:
             server.owner = None
             server.close()
             self._grow()
@@ -153,25 +205,13 @@ class Pool:
         self._grow()
 
     def _hand_out(self, server: ServerConnection) -> None:
+        """To the first waiter, at once (its timer is left to notice it has gone), or
+        to the idle list."""
         if self.waiters:
-            waiter = self.waiters.popleft()
-            if waiter.timer is not None and waiter.timer.active():
-                waiter.timer.cancel()
             self.active.add(server)
-            self.reactor.callLater(0, self._deliver, waiter, server)
+            self.waiters.popleft().waiter.granted(server)
         else:
             self.idle.append(server)
-
-    def _deliver(self, waiter: _Waiter, server: ServerConnection) -> None:
-        """Fire a waiter on a later turn; if it gave up meanwhile, take the server back."""
-        if waiter.deferred.called:
-            self.release(server)
-        elif server.state is not ServerState.IDLE:
-            self.active.discard(server)
-            self.waiters.appendleft(waiter)
-            self._grow()
-        else:
-            waiter.deferred.callback(server)
 
     # -- servers ---------------------------------------------------------------------------
 
@@ -237,10 +277,7 @@ class Pool:
             for d in waiting:
                 d.errback(error.copy())
         while len(self.waiters) > self.opening:
-            waiter = self.waiters.pop()
-            if waiter.timer is not None and waiter.timer.active():
-                waiter.timer.cancel()
-            waiter.deferred.errback(error.copy())
+            self.waiters.pop().waiter.refused(error.copy())
 
     def _unreachable(self) -> PoolerError:
         """The last failure, as seen by a client arriving during the back-off: the same
@@ -263,21 +300,29 @@ class Pool:
 
     # -- upkeep (the janitor calls this about twice a second) ------------------------------
 
-    def _expired(self, server: ServerConnection) -> bool:
-        lifetime = self.route.pool.server_lifetime
-        return bool(lifetime) and self.reactor.seconds() - server.created_at > lifetime
-
     def maintain(self) -> None:
-        """Close idle servers past their idle timeout or lifetime; keep min_size open."""
+        """Close idle servers past their idle timeout or lifetime, and mark busy ones past
+        their lifetime to be closed when released; keep min_size open.
+
+        The release path reads no clock: a server's idle time counts from the first pass
+        that finds it released (``touched``), so it closes up to one period late."""
         now = self.reactor.seconds()
         settings = self.route.pool
+        lifetime = settings.server_lifetime
+        if lifetime:
+            for server in self.active:
+                if now - server.created_at > lifetime:
+                    server.retiring = True
         for server in list(self.idle):
+            if server.touched:
+                server.touched = False
+                server.used_at = now
             idle_too_long = (
                 settings.server_idle_timeout
                 and now - server.used_at > settings.server_idle_timeout
                 and self.total > settings.min_size
             )
-            if idle_too_long or self._expired(server):
+            if idle_too_long or (lifetime and now - server.created_at > lifetime):
                 self.idle.remove(server)
                 server.owner = None
                 server.close()
@@ -299,11 +344,11 @@ class Pool:
         for server in list(self.idle):
             server.close()
         self.idle.clear()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         while self.waiters:
-            waiter = self.waiters.popleft()
-            if waiter.timer is not None and waiter.timer.active():
-                waiter.timer.cancel()
-            waiter.deferred.errback(PoolerError(errors.ADMIN_SHUTDOWN, "the pooler is shutting down"))
+            self.waiters.popleft().waiter.refused(PoolerError(errors.ADMIN_SHUTDOWN, "the pooler is shutting down"))
 
 
 class Pools:

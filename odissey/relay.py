@@ -18,7 +18,7 @@ from __future__ import annotations
 from enum import Enum
 from typing import Any, Callable, Protocol as TypingProtocol
 
-from twisted.internet.defer import CancelledError, Deferred, succeed
+from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -101,6 +101,8 @@ class Relay:
         self._to_client = client.writer()
         self.pool = pool
         self.wanted = wanted
+        #: ``wanted``'s fingerprint (params.Fingerprints), None after a change.
+        self._wanted_print: frozenset | None = None
         self.told = told
         self.reported = frozenset(name.lower() for name, _ in pool.parameters_cache or ())
         self.transaction_mode = pool.route.pool.mode == "transaction"
@@ -132,10 +134,11 @@ class Relay:
         self.cancels: list[Deferred[bool]] = []
         self._cancel_on_way: Deferred[bool] | None = None  # sent, PostgreSQL not done with it
         self.cancel_wanted = False  # a cancel came while the query waited for a server
-        self._waiting: Deferred[ServerConnection] | None = None
         self._attached: Deferred[ServerConnection] | None = None  # see attach_at_login
-        self._now = pool.reactor.seconds
-        self.client_at = self.server_at = self._now()  # last client chunk / server event
+        #: Set on every client chunk and server event; the janitor turns it into
+        #: ``heard_at`` on its next pass, so the hot path never reads the clock.
+        self.heard = False
+        self.heard_at = pool.reactor.seconds()
 
     # -- client side -------------------------------------------------------------------
 
@@ -148,7 +151,7 @@ class Relay:
         if self.statements is not None:
             self._client_statements(data)
             return
-        self.client_at = self._now()
+        self.heard = True
         try:
             events = self.scanner.feed(data)
             end = self.tx.client(events, len(data))
@@ -175,7 +178,7 @@ class Relay:
     def _client_statements(self, data: bytes) -> None:
         """clientData with prepared statements on: the chunk is rewritten for the server
         it goes to, so the tracker sees it (as that server will) only when it is sent."""
-        self.client_at = self._now()
+        self.heard = True
         try:
             events = self.scanner.feed(data)
         except ProtocolViolation as exc:
@@ -272,8 +275,8 @@ class Relay:
         state, self.state = self.state, RelayState.CLOSED
         self.pending = []
         self.unsent = []
-        if state is RelayState.WAITING and self._waiting is not None:
-            self._waiting.cancel()
+        if state is RelayState.WAITING:
+            self.pool.leave(self)
         elif state is RelayState.ATTACHED and self.server is not None:
             self._clean(self.server)
 
@@ -320,24 +323,16 @@ class Relay:
             self._use(server)
             return
         self.state = RelayState.WAITING
-        self._waiting = self.pool.wait(self.client.id)
-        self._waiting.addCallbacks(self._granted, self._refused)
+        self.pool.queue(self.client.id, self)
 
-    def _granted(self, server: ServerConnection) -> None:
-        self._waiting = None
-        if self.state is RelayState.CLOSED:
-            self.pool.release(server)
-            return
+    # (the pool's Waiter: a client that leaves while waiting leaves the queue, so neither
+    # comes after clientGone)
+
+    def granted(self, server: ServerConnection) -> None:
         self._use(server)
 
-    def _refused(self, failure: Failure) -> None:
-        self._waiting = None
-        if failure.check(CancelledError) or self.state is RelayState.CLOSED:
-            return
-        error = failure.value
-        if not isinstance(error, PoolerError):
-            error = PoolerError(errors.CONNECTION_FAILURE, str(error))
-        self.client.fail(error)
+    def refused(self, error: PoolerError) -> None:
+        self.client.fail(error)  # (staying WAITING: nothing more is queued)
 
     def _use(self, server: ServerConnection) -> None:
         self.server = server
@@ -362,7 +357,13 @@ class Relay:
 
     def _sync(self, server: ServerConnection) -> None:
         """Give the server the client's parameters, if they differ, then attach."""
-        if self.wanted == server.params:  # the usual case, one C-level comparison
+        wanted = self._wanted_print
+        if wanted is None:
+            wanted = self._wanted_print = self.pool.fingerprints.of(self.wanted)
+        current = server.params_print
+        if current is None:
+            current = server.params_print = self.pool.fingerprints.of(server.params)
+        if wanted is current:  # the usual case
             self._attach(server)
             return
         changes = differences(self.wanted, server.params, self.reported)
@@ -382,6 +383,7 @@ class Relay:
             if failures and self.state is not RelayState.CLOSED:
                 self.client.fail(server_error(failures[0], "invalid client parameter: "))
             return
+        self._wanted_print = server.params_print = None
         updates = []
         for name, value in changes:
             key = name.lower()
@@ -461,9 +463,10 @@ class Relay:
             self._couple()
         ready = False
         if events:
-            self.server_at = self._now()
+            self.heard = True
             for kind, body, _end in events:
                 if kind == _S:
+                    self._wanted_print = None
                     for name, value in self.server.note_parameter(body):  # type: ignore[union-attr,arg-type]
                         self.wanted[name.lower()] = (name, value)
                         self.told[name.lower()] = value
@@ -499,9 +502,15 @@ class Relay:
     # -- timeouts (the janitor calls this about twice a second) --------------------------
 
     def enforce_timeouts(self, now: float) -> None:
-        """Query timeout (cancel), idle-in-transaction and client idle timeouts (FATAL)."""
+        """Query timeout (cancel), idle-in-transaction and client idle timeouts (FATAL).
+
+        Quiet time counts from the first pass that found the relay had heard something
+        since the previous one: a timeout fires up to two periods late, never early."""
+        if self.heard:
+            self.heard = False
+            self.heard_at = now
         settings = self.pool.route.pool
-        quiet = now - max(self.client_at, self.server_at)
+        quiet = now - self.heard_at
         if self.busy:
             if (settings.query_timeout and quiet > settings.query_timeout
                     and not self.cancels and self.server is not None
@@ -524,7 +533,8 @@ class Relay:
         assert server is not None
         self.server = None
         self.state = RelayState.IDLE
-        self._uncouple(server)
+        if self.coupled:
+            self._uncouple(server)
         server.detach()
         server.last_client = self.client.id
         if self.statements is not None:

@@ -123,6 +123,8 @@ class ServerConnection(Protocol):
         self.scanner = Scanner(watch=SERVER_WATCH, collect=SERVER_COLLECT)
         self.valve = Valve(self)
         self.params: Params = {}
+        #: ``params``' fingerprint (params.Fingerprints), None after a change.
+        self.params_print: frozenset | None = None
         self.codec = "utf-8"  # of the connection's client_encoding: how its reports are written
         self._recent: list[tuple[str, str, bytes]] = []  # reports in this read, raw
         self.login_params: list[tuple[str, str]] = []
@@ -135,6 +137,8 @@ class ServerConnection(Protocol):
         self.left = 0
         self.created_at = reactor.seconds()
         self.used_at = self.created_at
+        self.touched = False  # released since the janitor last looked
+        self.retiring = False  # past server_lifetime: closed when released
         self.ready: Deferred[ServerConnection] = Deferred()
         self.closed: Deferred[None] = Deferred()
         self._auth = ServerAuthenticator(login.user, login.secret, threads)
@@ -265,6 +269,7 @@ class ServerConnection(Protocol):
         spelled = name.decode("ascii", "replace")
         key = spelled.lower()
         self._recent.append((key, spelled, raw))
+        self.params_print = None
         if key == "client_encoding":
             codec = codec_for(raw.decode("ascii", "replace"))
             if codec != self.codec:
@@ -316,7 +321,7 @@ class ServerConnection(Protocol):
     def detach(self) -> None:
         self.state = ServerState.IDLE
         self.handler = None
-        self.used_at = self.reactor.seconds()
+        self.touched = True  # (the janitor turns this into used_at: no clock read here)
 
     def cancel(self) -> "Deferred[bool]":
         """Ask PostgreSQL to cancel what this connection is running (new connection)."""

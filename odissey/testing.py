@@ -46,6 +46,7 @@ class FakeServer:
     def __init__(self, params: list[tuple[str, str]] | None = None, now: float = 0.0) -> None:
         self.id = f"fake{next(_ids)}"
         self.created_at = self.used_at = now
+        self.touched = self.retiring = False
         self.state = ServerState.IDLE
         self.last_client: str | None = None
         self.login_params = params or [

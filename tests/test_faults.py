@@ -52,6 +52,7 @@ LOGIN_REFUSALS = {
     "FATAL:  server connection lost": "08006",  # while its parameters were being set
     "the database system is starting up": "57P03",
     "the database system is shutting down": "57P03",
+    "the database system is not yet accepting connections": "57P03",  # recovering after -m immediate
 }
 #: Issue 6's target: a waiting client finds the storage back within about a second of it
 #: returning (the half second more is slack for a loaded 2-core machine).

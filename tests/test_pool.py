@@ -33,23 +33,58 @@ class PoolTests(SynchronousTestCase):
         self.assertEqual(len(servers.attempts), 2)
         self.assertEqual(pool.total, 2)
 
-    def test_fifo_and_later_turn(self) -> None:
-        """A released server goes to the first waiter, on a later reactor turn."""
+    def test_fifo_at_once(self) -> None:
+        """A released server goes to the first waiter, at once (no timer, no turn)."""
         pool, servers, clock = make_pool(size=1)
         first = pool.wait("a")
         got: list[object] = []
         first.addCallback(got.append)
         server = servers.succeed_next()
-        self.assertEqual(got, [])  # not re-entrant
-        clock.advance(0)
         self.assertEqual(got, [server])
         second, third = pool.wait("b"), pool.wait("c")
         order: list[str] = []
         second.addCallback(lambda _: order.append("b"))
         third.addCallback(lambda _: order.append("c"))
         pool.release(server)  # type: ignore[arg-type]
-        clock.advance(0)
         self.assertEqual(order, ["b"])
+        self.assertEqual(clock.getDelayedCalls()[0].getTime(), 5.0)  # the pool's one timer
+
+    def test_each_waiter_expires_at_its_own_deadline(self) -> None:
+        """One timer per pool still gives every waiter exactly its wait_timeout, also
+        when waiters ahead of it were served, and a shortened timeout takes effect."""
+        pool, servers, clock = make_pool(size=1, wait="2s")
+        pool.wait("holder")
+        servers.succeed_next()
+        first = pool.wait("a")
+        clock.advance(1.5)
+        second = pool.wait("b")
+        clock.advance(0.5)
+        self.failureResultOf(first, PoolerError)
+        self.assertNoResult(second)
+        clock.advance(1.4)
+        self.assertNoResult(second)
+        clock.advance(0.1)
+        self.assertEqual(self.failureResultOf(second, PoolerError).value.sqlstate, "53300")
+        self.assertEqual(clock.getDelayedCalls(), [])
+        third = pool.wait("c")
+        object.__setattr__(pool.route.pool, "wait_timeout", 0.5)  # (what a reload will do)
+        fourth = pool.wait("d")
+        clock.advance(0.5)
+        self.assertNoResult(third)
+        self.failureResultOf(fourth, PoolerError)
+        clock.advance(1.5)
+        self.failureResultOf(third, PoolerError)
+
+    def test_a_cancelled_wait_leaves_the_queue(self) -> None:
+        pool, servers, clock = make_pool(size=1)
+        holder = pool.wait("a")
+        server = servers.succeed_next()
+        gone = pool.wait("b")
+        gone.addErrback(lambda _: None)
+        gone.cancel()
+        self.assertEqual(len(pool.waiters), 0)
+        pool.release(self.successResultOf(holder))
+        self.assertEqual(pool.idle, [server])
 
     def test_newcomer_cannot_jump_queue(self) -> None:
         """While anyone waits, take() gives nothing even if a server is idle."""
@@ -77,7 +112,6 @@ class PoolTests(SynchronousTestCase):
         pool, servers, clock = make_pool(size=1, wait="2s")
         holder = pool.wait("a")
         servers.succeed_next()
-        clock.advance(0)
         waiting = pool.wait("b")
         clock.advance(2)
         error = self.failureResultOf(waiting, PoolerError).value
