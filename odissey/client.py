@@ -53,6 +53,7 @@ from odissey.wire.scanner import (
 log = Logger()
 _ids = itertools.count(1)
 _P, _X = b"pX"
+_READY = m.ready_for_query(b"I")
 #: The longest password-type message accepted (a SCRAM exchange's are far shorter).
 MAX_PASSWORD_MESSAGE = 65536
 #: How long a connection still logging in must have kept us waiting for its next bytes
@@ -317,9 +318,8 @@ class ClientConnection(Protocol):
             if server.key is not None:
                 pid = server.key[0]
         self.key = f.keys.issue(self, pid)
-        greeting = [m.parameter_status(wanted[k][0], v) for k, v in told.items()]
-        greeting += [m.backend_key_data(*self.key), m.ready_for_query(b"I")]
-        self.send(b"".join(greeting))
+        greeting = pool.greeting(tuple((wanted[k][0], v) for k, v in told.items()))
+        self.send(greeting + m.backend_key_data(*self.key) + _READY)
         self.state = ClientState.READY
         if self._paused:
             self._paused = False
@@ -339,7 +339,7 @@ class ClientConnection(Protocol):
 
     def send(self, data: bytes) -> None:
         if data and self.transport is not None:
-            self.transport.write(data)
+            send(self.transport, data)
 
     def writer(self) -> Callable[[bytes], bool]:
         """The relay's way to write to this client: ``flow.send`` bound to the transport,

@@ -25,6 +25,7 @@ from odissey.params import Fingerprints
 from odissey.server import ServerConnection, ServerState
 from odissey.statements import Registry
 from odissey.wire import errors
+from odissey.wire import messages as m
 from odissey.wire.errors import PoolerError
 
 log = Logger()
@@ -90,6 +91,10 @@ class Pool:
         #: Fires at the oldest waiter's deadline (or earlier: it then re-arms itself).
         self._timer: Optional[IDelayedCall] = None
         self.parameters_cache: list[tuple[str, str]] | None = None
+        #: Lower-case names of the parameters the servers report (from the cache).
+        self.reported: frozenset[str] = frozenset()
+        #: A login's ParameterStatus messages, by the values it is told (see greeting).
+        self._greetings: dict[tuple[tuple[str, str], ...], bytes] = {}
         self._parameter_waiters: list[Deferred[list[tuple[str, str]]]] = []
         self.closed = False
         self.backoff = 0.0  # delay before the next attempt after failures; 0 when healthy
@@ -248,6 +253,7 @@ class Pool:
         self._hand_out(server)  # first: a login woken below may take it at once
         if self.parameters_cache is None:
             self.parameters_cache = list(server.login_params)
+            self.reported = frozenset(name.lower() for name, _ in self.parameters_cache)
             waiting, self._parameter_waiters = self._parameter_waiters, []
             for d in waiting:
                 d.callback(self.parameters_cache)
@@ -329,6 +335,16 @@ class Pool:
         if not self.closed and not self.waiters and now >= self.retry_at:
             while self.total < settings.min_size:
                 self._open()
+
+    def greeting(self, told: tuple[tuple[str, str], ...]) -> bytes:
+        """The ParameterStatus messages for a login told these (name, value) pairs:
+        built once per distinct set, since most clients of a pool are told the same."""
+        greeting = self._greetings.get(told)
+        if greeting is None:
+            if len(self._greetings) >= 256:
+                self._greetings.clear()
+            greeting = self._greetings[told] = b"".join(m.parameter_status(name, value) for name, value in told)
+        return greeting
 
     def parameters(self) -> "Deferred[list[tuple[str, str]]]":
         """The server's ParameterStatus set, cached after the first login of this pool."""

@@ -104,7 +104,7 @@ class Relay:
         #: ``wanted``'s fingerprint (params.Fingerprints), None after a change.
         self._wanted_print: frozenset | None = None
         self.told = told
-        self.reported = frozenset(name.lower() for name, _ in pool.parameters_cache or ())
+        self.reported = pool.reported
         self.transaction_mode = pool.route.pool.mode == "transaction"
         self.state = RelayState.IDLE
         self.tx = Transaction()

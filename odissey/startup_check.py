@@ -57,7 +57,7 @@ class StartupChecks:
         server = pool.take(client_id)
         if server is None:
             server = yield pool.wait(client_id)
-        reported = frozenset(name.lower() for name, _ in pool.parameters_cache or ())
+        reported = pool.reported
         failures = yield _try(server, pairs, reported)
         spelled = {key: server.params[key][1] for key in reported if key in server.params}
         failures += yield server.run(["ROLLBACK"])

@@ -8,6 +8,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from odissey.params import (
     CODECS,
+    Fingerprints,
     differences,
     params_from,
     parse_options,
@@ -89,3 +90,15 @@ class EncodingStatementsTests(SynchronousTestCase):
         import codecs
         for name in CODECS.values():
             codecs.lookup(name)
+
+
+class FingerprintTests(SynchronousTestCase):
+    def test_equal_sets_share_one_object(self) -> None:
+        """Equal parameter sets get the very same fingerprint (compared by identity on
+        every attach); a changed set a different one."""
+        prints = Fingerprints()
+        a = {"timezone": ("TimeZone", "UTC"), "datestyle": ("DateStyle", "ISO, MDY")}
+        b = dict(reversed(list(a.items())))
+        self.assertIs(prints.of(a), prints.of(b))
+        b["timezone"] = ("TimeZone", "Europe/Paris")
+        self.assertIsNot(prints.of(a), prints.of(b))
