@@ -25,6 +25,10 @@ skipping to the Sync as it would) and only the error's text is replaced.
 The unnamed statement is left unnamed, but a server remembers whose it holds: a Bind or
 Describe of the unnamed statement in a later batch (asyncpg parses in one Sync cycle and
 binds in the next) re-parses it first when the server was used by someone else since.
+What the client's unnamed statement is, is kept as a chain of the changes still in play
+(see :class:`Change`): a change the server skips falls out of the chain, and one the server
+refuses leaves none, so an undo can never give back a statement that a simple query sent
+after it has dropped.
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ from __future__ import annotations
 import itertools
 import re
 from collections import OrderedDict, deque
-from typing import Any, Deque, Dict, List, Optional, Tuple
+from typing import Any, Deque, Dict, List, Optional, Set, Tuple
 
 from odissey.transaction import (
     BIND, CLOSE, COPY_DATA, COPY_DONE, COPY_FAIL, COPYING, DESCRIBE, ERROR,
@@ -127,13 +131,27 @@ class ServerStatements:
         self.unnamed = None
 
 
+class Change:
+    """A change of a client's unnamed statement that the server may still skip: a Parse
+    of it, or a DEALLOCATE (a simple query, which drops it) that is tracked or answered
+    by Odissey. ``body`` is the statement it leaves (None: none), ``before`` the change
+    it follows, kept only until the server has done (or refused) this one; a change the
+    server skipped is ``skipped``, and the statement is then whatever ``before`` left.
+    Any other simple query, and a Close of the unnamed statement, end the chain."""
+
+    __slots__ = ("body", "before", "skipped")
+
+    def __init__(self, body: Optional[bytes], before: "Optional[Change]") -> None:
+        self.body = body
+        self.before = before
+        self.skipped = False
+
+
 # Payloads kept beside special entries: (entry, what, a, b).
 _Payload = Tuple[int, int, Any, Any]
 _NAMED, _UNNAMED, _CLIENT, _SCRATCH = range(4)
 #: Entries whose replies are edited.
 _EDITS = SWALLOWED | SYNTHESISED | REPLACED
-#: Entries whose undo gives back a statement or a name.
-_RESTORING = frozenset((INJECTED_CLOSE, SYNTH_CLOSE, SYNTH_QUERY))
 
 
 class Statements:
@@ -147,8 +165,8 @@ class Statements:
         tx.sink = self
         #: The client's statement names -> statements.
         self.named: Dict[bytes, Statement] = {}
-        #: The Parse body of the client's unnamed statement.
-        self.unnamed: Optional[bytes] = None
+        #: The latest change of the client's unnamed statement (None: it has none).
+        self._unnamed: Optional[Change] = None
         self.server: Optional[ServerStatements] = None
         #: Payloads of the special entries in the tracker's queue, in its order.
         self.payloads: Deque[_Payload] = deque()
@@ -170,6 +188,23 @@ class Statements:
         #: The edited chunk's pieces, None outside begin/finish (a drain after the
         #: client left runs the tracker without editing anything).
         self._out: Optional[List[bytes]] = None
+
+    @property
+    def unnamed(self) -> Optional[bytes]:
+        """The Parse body of the client's unnamed statement (the very object it sent):
+        what the latest change the server did not skip left."""
+        change = self._unnamed
+        while change is not None and change.skipped:
+            change = change.before
+        return None if change is None else change.body
+
+    def _change(self, body: Optional[bytes]) -> Change:
+        """A tracked change of the client's unnamed statement, now its latest."""
+        before = self._unnamed
+        while before is not None and before.skipped:
+            before = before.before
+        change = self._unnamed = Change(body, before)
+        return change
 
     # -- client -> server ----------------------------------------------------------------
 
@@ -262,10 +297,10 @@ class Statements:
         if kind == PARSE:
             name, i = m.cstring_at(body, 0, "Parse")
             if not name:
-                # Forwarded as it came, but tracked: if the server skips or refuses it,
-                # the client's unnamed statement is the one it had before.
-                self._queue((TRACKED_PARSE, _UNNAMED, self.unnamed, None))
-                self.unnamed = server.unnamed = body[i:]
+                # Forwarded as it came, but tracked: if the server skips it, the client's
+                # unnamed statement is the one it had before; if it refuses it, none.
+                tail = server.unnamed = body[i:]
+                self._queue((TRACKED_PARSE, _UNNAMED, self._change(tail), None))
                 return [(TRACKED_PARSE, None)]
             if name in self.named:
                 return self._taken(name, body[i:])
@@ -302,7 +337,7 @@ class Statements:
             if target != b"S":
                 return None
             if not name:
-                self.unnamed = server.unnamed = None
+                self._unnamed = server.unnamed = None
                 return None
             # Closing a statement that does not exist is no error in PostgreSQL either.
             self._queue((SYNTH_CLOSE, _CLIENT, name, self.named.pop(name, None)))
@@ -313,25 +348,25 @@ class Statements:
             if found is not None:
                 name = _identifier(found.group(1))
                 if name in self.named:
-                    # Answered here; as a simple query it drops the unnamed statement too.
-                    self._queue((SYNTH_QUERY, _CLIENT, name, (self.named.pop(name), self.unnamed)))
-                    self.unnamed = None
+                    # Answered here; as a simple query it drops the client's unnamed
+                    # statement too (the server, which never sees it, keeps its own).
+                    self._queue((SYNTH_QUERY, _CLIENT, name, (self.named.pop(name), self._change(None))))
                     return [(SYNTH_QUERY, b"")]
                 if name == b"all":
                     return self._drop_all()
             elif _DISCARD_ALL.match(body):
                 return self._drop_all()
-        self.unnamed = server.unnamed = None  # a simple query drops the unnamed statement
+        self._unnamed = server.unnamed = None  # a simple query drops the unnamed statement
         return None
 
     def _drop_all(self) -> List[Tuple[int, Optional[bytes]]]:
         """DEALLOCATE ALL or DISCARD ALL, forwarded: what the client sends after it in
         the same batch already goes without its statements (restored if the server
         skips the query)."""
-        self._queue((TRACKED_QUERY, _CLIENT, self.named, self.unnamed))
+        self._queue((TRACKED_QUERY, _CLIENT, self.named, self._change(None)))
         self._doubt += 1
         self.named = {}
-        self.unnamed = self.server.unnamed = None  # type: ignore[union-attr]
+        self.server.unnamed = None  # type: ignore[union-attr]
         return [(TRACKED_QUERY, None)]
 
     def _touch(self, statement: Statement) -> None:
@@ -375,15 +410,14 @@ class Statements:
         mine = self.unnamed
         if mine is not None and server.unnamed is mine:
             return None
-        previous = server.unnamed
         server.unnamed = mine
         if mine is not None:
-            self._queue((INJECTED_PARSE, _UNNAMED, previous, None))
+            self._queue((INJECTED_PARSE, _UNNAMED, None, None))
             return [(INJECTED_PARSE, m.parse(b"", mine)), (kind, None)]
         # The client has none, and the server may hold another client's (None on the
         # server means unknown, after an error say): closed, so the client's message
         # fails as PostgreSQL would fail it.
-        self._queue((INJECTED_CLOSE, _UNNAMED, previous, None))
+        self._queue((INJECTED_CLOSE, _UNNAMED, None, None))
         return [(INJECTED_CLOSE, m.close(b"S", b"")), (kind, None)]
 
     def _evict(self) -> List[Tuple[int, Optional[bytes]]]:
@@ -462,18 +496,25 @@ class Statements:
         payload = self._pop(entry)
         if entry == TRACKED_QUERY:  # its ReadyForQuery: DEALLOCATE ALL has run, or failed
             self._doubt -= 1
+            payload[3].before = None
             return
         if kind == ERROR:
             if entry & REPLACED:
                 self._cut(end - 5 - len(body or b""))
                 self._pos = end
                 self._put(payload[2])
+            elif payload[1] == _UNNAMED and entry == TRACKED_PARSE:
+                # PostgreSQL drops the unnamed statement before it parses the new one.
+                change = payload[2]
+                change.body = change.before = None
             else:  # a Parse the server refused: it prepared nothing
                 self._failed = payload
             return
         if entry & SWALLOWED:
             self._cut(end - 5)
             self._pos = end
+        elif entry == TRACKED_PARSE and payload[1] == _UNNAMED:
+            payload[2].before = None  # done: what came before no longer matters
 
     def discarded(self, entries: List[int]) -> None:
         # Undone last first: a statement evicted and then parsed again in the same
@@ -486,12 +527,13 @@ class Statements:
             self._undo(payload)
 
     def due(self, entry: int, end: int) -> None:
-        self._pop(entry)
+        payload = self._pop(entry)
         if entry == SYNTH_PARSE:
             reply = m.PARSE_COMPLETE
         elif entry == SYNTH_CLOSE:
             reply = m.CLOSE_COMPLETE
         else:
+            payload[3][1].before = None
             reply = m.command_complete(b"DEALLOCATE") + m.ready_for_query(self.tx.status)
         if end < 0:
             self.immediate.append(reply)
@@ -516,21 +558,21 @@ class Statements:
         """The server never did what this entry assumed."""
         entry, what, a, b = payload
         server = self.server
-        if entry == INJECTED_PARSE:
+        if entry == INJECTED_PARSE or entry == INJECTED_CLOSE:
             if what == _NAMED and server is not None:
-                server.prepared.pop(a.name, None)
+                if entry == INJECTED_PARSE:
+                    server.prepared.pop(a.name, None)
+                else:
+                    server.prepared[a.name] = (a, b)
+                    server.prepared.move_to_end(a.name, last=False)
             elif what == _UNNAMED and server is not None:
+                # Whatever it holds now is not known: a simple query sent since may have
+                # dropped what it held before (None makes the next user parse or close).
                 server.unnamed = None
-        elif entry == INJECTED_CLOSE:
-            if what == _NAMED and server is not None:
-                server.prepared[a.name] = (a, b)
-                server.prepared.move_to_end(a.name, last=False)
-            elif what == _UNNAMED and server is not None:
-                server.unnamed = a
         elif entry == TRACKED_PARSE and what == _UNNAMED:
-            self.unnamed = a
+            a.skipped = True
             if server is not None:
-                server.unnamed = None  # whatever it holds now is not known
+                server.unnamed = None
         elif entry == TRACKED_PARSE:
             if self.named.get(a) is b:
                 del self.named[a]
@@ -543,12 +585,14 @@ class Statements:
             if b is not None:
                 self.named[a] = b
         elif entry == SYNTH_QUERY:
-            if b is not None:
-                self.named[a], self.unnamed = b
+            statement, change = b
+            if statement is not None:
+                self.named[a] = statement
+            change.skipped = True
         elif entry == TRACKED_QUERY:
             a.update(self.named)
             self.named = a
-            self.unnamed = b
+            b.skipped = True
             self._doubt -= 1
 
     # -- what the server reports -----------------------------------------------------------
@@ -561,21 +605,46 @@ class Statements:
 
     def command(self, tag: bytes) -> None:
         """DEALLOCATE ALL or DISCARD ALL dropped the server's statements and, for the
-        client, its own: all but those parsed by requests sent after it (still queued)."""
-        # Requests after it can no longer give back what it dropped, should the server
-        # skip them: their undo would resurrect a statement or a name.
-        self.payloads = deque(
-            (entry, _SCRATCH, None, None) if entry in _RESTORING else (entry, what, a, b)
-            for entry, what, a, b in self.payloads)
-        later = [payload for payload in self.payloads if payload[1] == _CLIENT or payload[1] == _NAMED]
-        named = {p[2]: p[3] for p in later if p[0] == TRACKED_PARSE or p[0] == SYNTH_PARSE}
-        self.named = {name: statement for name, statement in self.named.items() if named.get(name) is statement}
-        self.unnamed = None
+        client, its own: all but those parsed by requests sent after it (still queued).
+        (The client's unnamed statement went with the simple query at the time it was
+        sent, see :class:`Change`.)"""
+        # Requests after it, should the server skip them, may give back only what
+        # requests after it (and before them) made: what it dropped is gone for good.
+        names: Dict[bytes, Statement] = {}  # the client's names, as those requests leave them
+        made: Set[bytes] = set()  # Odissey's names they prepare on the server
+        payloads: Deque[_Payload] = deque()
+        for payload in self.payloads:
+            entry, what, a, b = payload
+            if entry == TRACKED_PARSE or entry == SYNTH_PARSE:
+                if what == _CLIENT:
+                    names[a] = b
+                    if entry == TRACKED_PARSE:
+                        made.add(b.name)
+            elif entry == INJECTED_PARSE:
+                if what == _NAMED:
+                    made.add(a.name)
+            elif entry == INJECTED_CLOSE:
+                if what == _NAMED and a.name not in made:
+                    payload = (entry, _SCRATCH, None, None)
+            elif entry == SYNTH_CLOSE:
+                if b is not None and names.get(a) is b:
+                    del names[a]
+                else:
+                    payload = (entry, what, a, None)
+            elif entry == SYNTH_QUERY:
+                if names.get(a) is b[0]:
+                    del names[a]
+                else:
+                    payload = (entry, what, a, (None, b[1]))
+            elif entry == TRACKED_QUERY:  # another DEALLOCATE ALL, or this one
+                payload = (entry, what, {n: s for n, s in a.items() if names.get(n) is s}, b)
+                names = {}
+            payloads.append(payload)
+        self.payloads = payloads
+        self.named = {name: statement for name, statement in self.named.items() if names.get(name) is statement}
         server = self.server
         if server is not None:
-            kept = {p[3].name for p in later if p[0] == TRACKED_PARSE} | {
-                p[2].name for p in later if p[0] == INJECTED_PARSE}
-            for name in [name for name in server.prepared if name not in kept]:
+            for name in [name for name in server.prepared if name not in made]:
                 del server.prepared[name]
             server.unnamed = None
 
