@@ -24,7 +24,8 @@ skipping to the Sync as it would) and only the error's text is replaced.
 
 The unnamed statement is left unnamed, but a server remembers whose it holds: a Bind or
 Describe of the unnamed statement in a later batch (asyncpg parses in one Sync cycle and
-binds in the next) re-parses it first when the server was used by someone else since.
+binds in the next) re-parses it first when the server was used by someone else since,
+or when the Parse that put it there went before the last Sync and may yet be skipped.
 What the client's unnamed statement is, is kept as a chain of the changes still in play
 (see :class:`Change`): a change the server skips falls out of the chain, and one the server
 refuses leaves none, so an undo can never give back a statement that a simple query sent
@@ -183,6 +184,12 @@ class Statements:
         self._failed: Optional[_Payload] = None
         #: DEALLOCATE ALL / DISCARD ALL sent and not answered yet (see _reclose).
         self._doubt = 0
+        #: Syncs the client has sent (in NORMAL and SKIPPING mode).
+        self.syncs = 0
+        #: The unnamed statement last put on the server by a request that the server
+        #: may skip, and self.syncs when it was sent (see _ensure_unnamed).
+        self._unsure: Optional[bytes] = None
+        self._unsure_at = 0
         self._data = b""
         self._pos = 0
         #: The edited chunk's pieces, None outside begin/finish (a drain after the
@@ -228,7 +235,7 @@ class Statements:
             items = None
             if kind in COLLECT:
                 if mode == NORMAL and not in_data:
-                    items = self._rewrite(kind, body)  # type: ignore[arg-type]
+                    items = self._rewrite(kind, body, queued)  # type: ignore[arg-type]
                 if items is None and start < 0:  # its first bytes were held back: rebuild
                     items = [(kind, m.message(bytes((kind,)), body))]  # type: ignore[arg-type]
             if items is None:  # forwarded as it came, copied lazily
@@ -238,6 +245,7 @@ class Statements:
                     if kind == SYNC:
                         mode = NORMAL
                         queued = True
+                        self.syncs += 1
                 elif kind == COPY_DATA:
                     in_data = in_data or mode == COPYING or queued
                 elif kind == COPY_DONE or kind == COPY_FAIL:
@@ -250,6 +258,8 @@ class Statements:
                             mode = NORMAL  # the copy consumes it as an error
                     else:
                         queued = True
+                        if kind == SYNC:
+                            self.syncs += 1
                 continue
             if start > pos:
                 out.append(data[pos:start])
@@ -274,18 +284,19 @@ class Statements:
             out.append(data[pos:stop])
         return b"".join(out), view
 
-    def _rewrite(self, kind: int, body: bytes) -> Optional[List[Tuple[int, Optional[bytes]]]]:
+    def _rewrite(self, kind: int, body: bytes, queued: bool) -> Optional[List[Tuple[int, Optional[bytes]]]]:
         """What one whole client message becomes for the server, in NORMAL mode: None
         when it goes unchanged, else (queue entry, bytes or None for the message as
         it came) for each message to send in its place (bytes may be empty: answered
-        by Odissey)."""
+        by Odissey). ``queued``: requests went before it that are not answered yet (with
+        none, the server cannot skip it: nothing before it can fail any more)."""
         server = self.server
         assert server is not None
         if kind == BIND:
             portal, i = m.cstring_at(body, 0, "Bind")
             name, j = m.cstring_at(body, i, "Bind")
             if not name:
-                return self._ensure_unnamed(BIND)
+                return self._ensure_unnamed(BIND, queued)
             statement = self.named.get(name)
             if statement is None:
                 return self._fail(errors.UNDEFINED_PREPARED_STATEMENT,
@@ -300,6 +311,8 @@ class Statements:
                 # Forwarded as it came, but tracked: if the server skips it, the client's
                 # unnamed statement is the one it had before; if it refuses it, none.
                 tail = server.unnamed = body[i:]
+                self._unsure = tail if queued else None
+                self._unsure_at = self.syncs
                 self._queue((TRACKED_PARSE, _UNNAMED, self._change(tail), None))
                 return [(TRACKED_PARSE, None)]
             if name in self.named:
@@ -324,7 +337,7 @@ class Statements:
             if target != b"S":
                 return None
             if not name:
-                return self._ensure_unnamed(DESCRIBE)
+                return self._ensure_unnamed(DESCRIBE, queued)
             statement = self.named.get(name)
             if statement is None:
                 return self._fail(errors.UNDEFINED_PREPARED_STATEMENT,
@@ -402,16 +415,27 @@ class Statements:
         self._queue((INJECTED_CLOSE, _NAMED, known[0], known[1]))
         return [(INJECTED_CLOSE, m.close(b"S", statement.name))]
 
-    def _ensure_unnamed(self, kind: int) -> Optional[List[Tuple[int, Optional[bytes]]]]:
+    def _ensure_unnamed(self, kind: int, queued: bool) -> Optional[List[Tuple[int, Optional[bytes]]]]:
         """Make the server's unnamed statement the client's own, or none at all, before
-        the client's Bind or Describe (``kind``) of it."""
+        the client's Bind or Describe (``kind``) of it.
+
+        The server is trusted to hold the client's statement unless the request that
+        put it there may yet be skipped and was sent before the last Sync: a Bind after
+        that Sync is not skipped with it, and would bind whatever the server held before
+        (another client's statement, say). The statement is parsed again instead."""
         server = self.server
         assert server is not None
-        mine = self.unnamed
-        if mine is not None and server.unnamed is mine:
+        change = self._unnamed  # (self.unnamed, inlined)
+        while change is not None and change.skipped:
+            change = change.before
+        mine = None if change is None else change.body
+        if mine is not None and server.unnamed is mine and (
+                self._unsure is not mine or self._unsure_at == self.syncs):
             return None
         server.unnamed = mine
         if mine is not None:
+            self._unsure = mine if queued else None
+            self._unsure_at = self.syncs
             self._queue((INJECTED_PARSE, _UNNAMED, None, None))
             return [(INJECTED_PARSE, m.parse(b"", mine)), (kind, None)]
         # The client has none, and the server may hold another client's (None on the

@@ -222,6 +222,33 @@ class DifferentialTests(IntegrationTest):
         yield self.thread(check)
 
     @inlineCallbacks
+    def test_a_bind_pipelined_behind_a_failed_batch_never_runs_another_clients_statement(self):
+        """Another client leaves its unnamed statement on the one server; a client
+        pipelines a batch that fails before its Parse of the unnamed statement and,
+        behind that batch's Sync, a Bind of it: never the other client's row."""
+        def run() -> list[bytes]:
+            other, mine = trust_login(self.odissey.port), trust_login(self.odissey.port)
+            try:
+                other.sendall(parse(b"", "select 42") + m.sync())
+                kind, buffer = b"", b""
+                while kind != b"Z":
+                    kind, _body, buffer = read_message(other, buffer)
+                mine.sendall(bind(b"zz", 0) + parse(b"", "select 1") + m.sync() + bind(b"", 0) + execute() + m.sync())
+                rows, ready, buffer = [], 0, b""
+                while ready < 2:
+                    kind, body, buffer = read_message(mine, buffer)
+                    ready += kind == b"Z"
+                    if kind == b"D":
+                        rows.append(body[6:])
+                return rows
+            finally:
+                other.close()
+                mine.close()
+
+        rows = yield self.thread(run)
+        self.assertNotIn(b"42", rows)
+
+    @inlineCallbacks
     def test_programs_interleaved(self):
         """Twelve random programs at once on the one server: the same replies as
         PostgreSQL's."""

@@ -200,6 +200,33 @@ class RewriteTests(unittest.TestCase):
         sent = link.send(bind(b"") + EXECUTE + m.sync())
         self.assertEqual(messages(sent), [m.close(b"S", b""), bind(b""), EXECUTE, m.sync()])
 
+    def test_a_bind_pipelined_behind_a_batch_that_may_skip_its_parse_parses_again(self):
+        """A Parse of the unnamed statement that an error before it in its batch would
+        skip, and a Bind of it pipelined behind that batch's Sync: the Parse is sent
+        again before the Bind, which otherwise would bind what the server held before
+        (here another client's statement)."""
+        registry = Registry(10)
+        server = ServerStatements()
+        other = Link(registry, server)
+        other.send(parse(b"", b"select 42") + m.sync())
+        other.receive(m.PARSE_COMPLETE + m.ready_for_query())
+        link = Link(registry, server)
+        sent = link.send(bind(b"zz") + parse(b"", b"select 1") + m.sync() + bind(b"") + EXECUTE + m.sync())
+        self.assertEqual(messages(sent), [
+            m.describe(b"S", NO_SUCH_STATEMENT), parse(b"", b"select 1"), m.sync(),
+            parse(b"", b"select 1"), bind(b""), EXECUTE, m.sync()])
+
+    def test_a_bind_behind_a_parse_that_cannot_be_skipped_goes_as_it_came(self):
+        """A Parse sent with nothing unanswered before it (nothing can make the server
+        skip it), or a Bind in the Parse's own batch: the Bind is sent alone (if the
+        Parse fails, PostgreSQL's answer is the server's own)."""
+        link = Link()
+        sent = link.send(parse(b"", b"select 1") + m.sync() + bind(b"") + EXECUTE + m.sync()
+                         + bind(b"zz") + parse(b"", b"select 2") + bind(b"") + EXECUTE + m.sync())
+        self.assertEqual(messages(sent), [
+            parse(b"", b"select 1"), m.sync(), bind(b""), EXECUTE, m.sync(),
+            m.describe(b"S", NO_SUCH_STATEMENT), parse(b"", b"select 2"), bind(b""), EXECUTE, m.sync()])
+
     def test_a_close_skipped_after_deallocate_all_gives_back_a_name_parsed_after_it(self):
         """DEALLOCATE ALL, then a Parse, an error and a Close of the new name in the
         same batch: the Close was skipped, so the client keeps the name."""
