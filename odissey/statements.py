@@ -24,7 +24,12 @@ skipping to the Sync as it would) and only the error's text is replaced.
 
 The unnamed statement is left unnamed, but a server remembers whose it holds: a Bind or
 Describe of the unnamed statement in a later batch (asyncpg parses in one Sync cycle and
-binds in the next) re-parses it first when the server was used by someone else since.
+binds in the next) re-parses it first when the server was used by someone else since,
+or when the Parse that put it there went before the last Sync and may yet be skipped.
+What the client's unnamed statement is, is kept as a chain of the changes still in play
+(see :class:`Change`): a change the server skips falls out of the chain, and one the server
+refuses leaves none, so an undo can never give back a statement that a simple query sent
+after it has dropped.
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ from __future__ import annotations
 import itertools
 import re
 from collections import OrderedDict, deque
-from typing import Any, Deque, Dict, List, Optional, Tuple
+from typing import Any, Deque, Dict, List, Optional, Set, Tuple
 
 from odissey.transaction import (
     BIND, CLOSE, COPY_DATA, COPY_DONE, COPY_FAIL, COPYING, DESCRIBE, ERROR,
@@ -127,13 +132,27 @@ class ServerStatements:
         self.unnamed = None
 
 
+class Change:
+    """A change of a client's unnamed statement that the server may still skip: a Parse
+    of it, or a DEALLOCATE (a simple query, which drops it) that is tracked or answered
+    by Odissey. ``body`` is the statement it leaves (None: none), ``before`` the change
+    it follows, kept only until the server has done (or refused) this one; a change the
+    server skipped is ``skipped``, and the statement is then whatever ``before`` left.
+    Any other simple query, and a Close of the unnamed statement, end the chain."""
+
+    __slots__ = ("body", "before", "skipped")
+
+    def __init__(self, body: Optional[bytes], before: "Optional[Change]") -> None:
+        self.body = body
+        self.before = before
+        self.skipped = False
+
+
 # Payloads kept beside special entries: (entry, what, a, b).
 _Payload = Tuple[int, int, Any, Any]
 _NAMED, _UNNAMED, _CLIENT, _SCRATCH = range(4)
 #: Entries whose replies are edited.
 _EDITS = SWALLOWED | SYNTHESISED | REPLACED
-#: Entries whose undo gives back a statement or a name.
-_RESTORING = frozenset((INJECTED_CLOSE, SYNTH_CLOSE, SYNTH_QUERY))
 
 
 class Statements:
@@ -147,8 +166,8 @@ class Statements:
         tx.sink = self
         #: The client's statement names -> statements.
         self.named: Dict[bytes, Statement] = {}
-        #: The Parse body of the client's unnamed statement.
-        self.unnamed: Optional[bytes] = None
+        #: The latest change of the client's unnamed statement (None: it has none).
+        self._unnamed: Optional[Change] = None
         self.server: Optional[ServerStatements] = None
         #: Payloads of the special entries in the tracker's queue, in its order.
         self.payloads: Deque[_Payload] = deque()
@@ -165,11 +184,34 @@ class Statements:
         self._failed: Optional[_Payload] = None
         #: DEALLOCATE ALL / DISCARD ALL sent and not answered yet (see _reclose).
         self._doubt = 0
+        #: Syncs the client has sent (in NORMAL and SKIPPING mode).
+        self.syncs = 0
+        #: The unnamed statement last put on the server by a request that the server
+        #: may skip, and self.syncs when it was sent (see _ensure_unnamed).
+        self._unsure: Optional[bytes] = None
+        self._unsure_at = 0
         self._data = b""
         self._pos = 0
         #: The edited chunk's pieces, None outside begin/finish (a drain after the
         #: client left runs the tracker without editing anything).
         self._out: Optional[List[bytes]] = None
+
+    @property
+    def unnamed(self) -> Optional[bytes]:
+        """The Parse body of the client's unnamed statement (the very object it sent):
+        what the latest change the server did not skip left."""
+        change = self._unnamed
+        while change is not None and change.skipped:
+            change = change.before
+        return None if change is None else change.body
+
+    def _change(self, body: Optional[bytes]) -> Change:
+        """A tracked change of the client's unnamed statement, now its latest."""
+        before = self._unnamed
+        while before is not None and before.skipped:
+            before = before.before
+        change = self._unnamed = Change(body, before)
+        return change
 
     # -- client -> server ----------------------------------------------------------------
 
@@ -193,7 +235,7 @@ class Statements:
             items = None
             if kind in COLLECT:
                 if mode == NORMAL and not in_data:
-                    items = self._rewrite(kind, body)  # type: ignore[arg-type]
+                    items = self._rewrite(kind, body, queued)  # type: ignore[arg-type]
                 if items is None and start < 0:  # its first bytes were held back: rebuild
                     items = [(kind, m.message(bytes((kind,)), body))]  # type: ignore[arg-type]
             if items is None:  # forwarded as it came, copied lazily
@@ -203,6 +245,7 @@ class Statements:
                     if kind == SYNC:
                         mode = NORMAL
                         queued = True
+                        self.syncs += 1
                 elif kind == COPY_DATA:
                     in_data = in_data or mode == COPYING or queued
                 elif kind == COPY_DONE or kind == COPY_FAIL:
@@ -215,6 +258,8 @@ class Statements:
                             mode = NORMAL  # the copy consumes it as an error
                     else:
                         queued = True
+                        if kind == SYNC:
+                            self.syncs += 1
                 continue
             if start > pos:
                 out.append(data[pos:start])
@@ -239,18 +284,19 @@ class Statements:
             out.append(data[pos:stop])
         return b"".join(out), view
 
-    def _rewrite(self, kind: int, body: bytes) -> Optional[List[Tuple[int, Optional[bytes]]]]:
+    def _rewrite(self, kind: int, body: bytes, queued: bool) -> Optional[List[Tuple[int, Optional[bytes]]]]:
         """What one whole client message becomes for the server, in NORMAL mode: None
         when it goes unchanged, else (queue entry, bytes or None for the message as
         it came) for each message to send in its place (bytes may be empty: answered
-        by Odissey)."""
+        by Odissey). ``queued``: requests went before it that are not answered yet (with
+        none, the server cannot skip it: nothing before it can fail any more)."""
         server = self.server
         assert server is not None
         if kind == BIND:
             portal, i = m.cstring_at(body, 0, "Bind")
             name, j = m.cstring_at(body, i, "Bind")
             if not name:
-                return self._ensure_unnamed(BIND)
+                return self._ensure_unnamed(BIND, queued)
             statement = self.named.get(name)
             if statement is None:
                 return self._fail(errors.UNDEFINED_PREPARED_STATEMENT,
@@ -262,10 +308,12 @@ class Statements:
         if kind == PARSE:
             name, i = m.cstring_at(body, 0, "Parse")
             if not name:
-                # Forwarded as it came, but tracked: if the server skips or refuses it,
-                # the client's unnamed statement is the one it had before.
-                self._queue((TRACKED_PARSE, _UNNAMED, self.unnamed, None))
-                self.unnamed = server.unnamed = body[i:]
+                # Forwarded as it came, but tracked: if the server skips it, the client's
+                # unnamed statement is the one it had before; if it refuses it, none.
+                tail = server.unnamed = body[i:]
+                self._unsure = tail if queued else None
+                self._unsure_at = self.syncs
+                self._queue((TRACKED_PARSE, _UNNAMED, self._change(tail), None))
                 return [(TRACKED_PARSE, None)]
             if name in self.named:
                 return self._taken(name, body[i:])
@@ -289,7 +337,7 @@ class Statements:
             if target != b"S":
                 return None
             if not name:
-                return self._ensure_unnamed(DESCRIBE)
+                return self._ensure_unnamed(DESCRIBE, queued)
             statement = self.named.get(name)
             if statement is None:
                 return self._fail(errors.UNDEFINED_PREPARED_STATEMENT,
@@ -302,7 +350,7 @@ class Statements:
             if target != b"S":
                 return None
             if not name:
-                self.unnamed = server.unnamed = None
+                self._unnamed = server.unnamed = None
                 return None
             # Closing a statement that does not exist is no error in PostgreSQL either.
             self._queue((SYNTH_CLOSE, _CLIENT, name, self.named.pop(name, None)))
@@ -313,25 +361,25 @@ class Statements:
             if found is not None:
                 name = _identifier(found.group(1))
                 if name in self.named:
-                    # Answered here; as a simple query it drops the unnamed statement too.
-                    self._queue((SYNTH_QUERY, _CLIENT, name, (self.named.pop(name), self.unnamed)))
-                    self.unnamed = None
+                    # Answered here; as a simple query it drops the client's unnamed
+                    # statement too (the server, which never sees it, keeps its own).
+                    self._queue((SYNTH_QUERY, _CLIENT, name, (self.named.pop(name), self._change(None))))
                     return [(SYNTH_QUERY, b"")]
                 if name == b"all":
                     return self._drop_all()
             elif _DISCARD_ALL.match(body):
                 return self._drop_all()
-        self.unnamed = server.unnamed = None  # a simple query drops the unnamed statement
+        self._unnamed = server.unnamed = None  # a simple query drops the unnamed statement
         return None
 
     def _drop_all(self) -> List[Tuple[int, Optional[bytes]]]:
         """DEALLOCATE ALL or DISCARD ALL, forwarded: what the client sends after it in
         the same batch already goes without its statements (restored if the server
         skips the query)."""
-        self._queue((TRACKED_QUERY, _CLIENT, self.named, self.unnamed))
+        self._queue((TRACKED_QUERY, _CLIENT, self.named, self._change(None)))
         self._doubt += 1
         self.named = {}
-        self.unnamed = self.server.unnamed = None  # type: ignore[union-attr]
+        self.server.unnamed = None  # type: ignore[union-attr]
         return [(TRACKED_QUERY, None)]
 
     def _touch(self, statement: Statement) -> None:
@@ -367,23 +415,33 @@ class Statements:
         self._queue((INJECTED_CLOSE, _NAMED, known[0], known[1]))
         return [(INJECTED_CLOSE, m.close(b"S", statement.name))]
 
-    def _ensure_unnamed(self, kind: int) -> Optional[List[Tuple[int, Optional[bytes]]]]:
+    def _ensure_unnamed(self, kind: int, queued: bool) -> Optional[List[Tuple[int, Optional[bytes]]]]:
         """Make the server's unnamed statement the client's own, or none at all, before
-        the client's Bind or Describe (``kind``) of it."""
+        the client's Bind or Describe (``kind``) of it.
+
+        The server is trusted to hold the client's statement unless the request that
+        put it there may yet be skipped and was sent before the last Sync: a Bind after
+        that Sync is not skipped with it, and would bind whatever the server held before
+        (another client's statement, say). The statement is parsed again instead."""
         server = self.server
         assert server is not None
-        mine = self.unnamed
-        if mine is not None and server.unnamed is mine:
+        change = self._unnamed  # (self.unnamed, inlined)
+        while change is not None and change.skipped:
+            change = change.before
+        mine = None if change is None else change.body
+        if mine is not None and server.unnamed is mine and (
+                self._unsure is not mine or self._unsure_at == self.syncs):
             return None
-        previous = server.unnamed
         server.unnamed = mine
         if mine is not None:
-            self._queue((INJECTED_PARSE, _UNNAMED, previous, None))
+            self._unsure = mine if queued else None
+            self._unsure_at = self.syncs
+            self._queue((INJECTED_PARSE, _UNNAMED, None, None))
             return [(INJECTED_PARSE, m.parse(b"", mine)), (kind, None)]
         # The client has none, and the server may hold another client's (None on the
         # server means unknown, after an error say): closed, so the client's message
         # fails as PostgreSQL would fail it.
-        self._queue((INJECTED_CLOSE, _UNNAMED, previous, None))
+        self._queue((INJECTED_CLOSE, _UNNAMED, None, None))
         return [(INJECTED_CLOSE, m.close(b"S", b"")), (kind, None)]
 
     def _evict(self) -> List[Tuple[int, Optional[bytes]]]:
@@ -462,18 +520,25 @@ class Statements:
         payload = self._pop(entry)
         if entry == TRACKED_QUERY:  # its ReadyForQuery: DEALLOCATE ALL has run, or failed
             self._doubt -= 1
+            payload[3].before = None
             return
         if kind == ERROR:
             if entry & REPLACED:
                 self._cut(end - 5 - len(body or b""))
                 self._pos = end
                 self._put(payload[2])
+            elif payload[1] == _UNNAMED and entry == TRACKED_PARSE:
+                # PostgreSQL drops the unnamed statement before it parses the new one.
+                change = payload[2]
+                change.body = change.before = None
             else:  # a Parse the server refused: it prepared nothing
                 self._failed = payload
             return
         if entry & SWALLOWED:
             self._cut(end - 5)
             self._pos = end
+        elif entry == TRACKED_PARSE and payload[1] == _UNNAMED:
+            payload[2].before = None  # done: what came before no longer matters
 
     def discarded(self, entries: List[int]) -> None:
         # Undone last first: a statement evicted and then parsed again in the same
@@ -486,12 +551,13 @@ class Statements:
             self._undo(payload)
 
     def due(self, entry: int, end: int) -> None:
-        self._pop(entry)
+        payload = self._pop(entry)
         if entry == SYNTH_PARSE:
             reply = m.PARSE_COMPLETE
         elif entry == SYNTH_CLOSE:
             reply = m.CLOSE_COMPLETE
         else:
+            payload[3][1].before = None
             reply = m.command_complete(b"DEALLOCATE") + m.ready_for_query(self.tx.status)
         if end < 0:
             self.immediate.append(reply)
@@ -516,21 +582,21 @@ class Statements:
         """The server never did what this entry assumed."""
         entry, what, a, b = payload
         server = self.server
-        if entry == INJECTED_PARSE:
+        if entry == INJECTED_PARSE or entry == INJECTED_CLOSE:
             if what == _NAMED and server is not None:
-                server.prepared.pop(a.name, None)
+                if entry == INJECTED_PARSE:
+                    server.prepared.pop(a.name, None)
+                else:
+                    server.prepared[a.name] = (a, b)
+                    server.prepared.move_to_end(a.name, last=False)
             elif what == _UNNAMED and server is not None:
+                # Whatever it holds now is not known: a simple query sent since may have
+                # dropped what it held before (None makes the next user parse or close).
                 server.unnamed = None
-        elif entry == INJECTED_CLOSE:
-            if what == _NAMED and server is not None:
-                server.prepared[a.name] = (a, b)
-                server.prepared.move_to_end(a.name, last=False)
-            elif what == _UNNAMED and server is not None:
-                server.unnamed = a
         elif entry == TRACKED_PARSE and what == _UNNAMED:
-            self.unnamed = a
+            a.skipped = True
             if server is not None:
-                server.unnamed = None  # whatever it holds now is not known
+                server.unnamed = None
         elif entry == TRACKED_PARSE:
             if self.named.get(a) is b:
                 del self.named[a]
@@ -543,12 +609,14 @@ class Statements:
             if b is not None:
                 self.named[a] = b
         elif entry == SYNTH_QUERY:
-            if b is not None:
-                self.named[a], self.unnamed = b
+            statement, change = b
+            if statement is not None:
+                self.named[a] = statement
+            change.skipped = True
         elif entry == TRACKED_QUERY:
             a.update(self.named)
             self.named = a
-            self.unnamed = b
+            b.skipped = True
             self._doubt -= 1
 
     # -- what the server reports -----------------------------------------------------------
@@ -561,21 +629,46 @@ class Statements:
 
     def command(self, tag: bytes) -> None:
         """DEALLOCATE ALL or DISCARD ALL dropped the server's statements and, for the
-        client, its own: all but those parsed by requests sent after it (still queued)."""
-        # Requests after it can no longer give back what it dropped, should the server
-        # skip them: their undo would resurrect a statement or a name.
-        self.payloads = deque(
-            (entry, _SCRATCH, None, None) if entry in _RESTORING else (entry, what, a, b)
-            for entry, what, a, b in self.payloads)
-        later = [payload for payload in self.payloads if payload[1] == _CLIENT or payload[1] == _NAMED]
-        named = {p[2]: p[3] for p in later if p[0] == TRACKED_PARSE or p[0] == SYNTH_PARSE}
-        self.named = {name: statement for name, statement in self.named.items() if named.get(name) is statement}
-        self.unnamed = None
+        client, its own: all but those parsed by requests sent after it (still queued).
+        (The client's unnamed statement went with the simple query at the time it was
+        sent, see :class:`Change`.)"""
+        # Requests after it, should the server skip them, may give back only what
+        # requests after it (and before them) made: what it dropped is gone for good.
+        names: Dict[bytes, Statement] = {}  # the client's names, as those requests leave them
+        made: Set[bytes] = set()  # Odissey's names they prepare on the server
+        payloads: Deque[_Payload] = deque()
+        for payload in self.payloads:
+            entry, what, a, b = payload
+            if entry == TRACKED_PARSE or entry == SYNTH_PARSE:
+                if what == _CLIENT:
+                    names[a] = b
+                    if entry == TRACKED_PARSE:
+                        made.add(b.name)
+            elif entry == INJECTED_PARSE:
+                if what == _NAMED:
+                    made.add(a.name)
+            elif entry == INJECTED_CLOSE:
+                if what == _NAMED and a.name not in made:
+                    payload = (entry, _SCRATCH, None, None)
+            elif entry == SYNTH_CLOSE:
+                if b is not None and names.get(a) is b:
+                    del names[a]
+                else:
+                    payload = (entry, what, a, None)
+            elif entry == SYNTH_QUERY:
+                if names.get(a) is b[0]:
+                    del names[a]
+                else:
+                    payload = (entry, what, a, (None, b[1]))
+            elif entry == TRACKED_QUERY:  # another DEALLOCATE ALL, or this one
+                payload = (entry, what, {n: s for n, s in a.items() if names.get(n) is s}, b)
+                names = {}
+            payloads.append(payload)
+        self.payloads = payloads
+        self.named = {name: statement for name, statement in self.named.items() if names.get(name) is statement}
         server = self.server
         if server is not None:
-            kept = {p[3].name for p in later if p[0] == TRACKED_PARSE} | {
-                p[2].name for p in later if p[0] == INJECTED_PARSE}
-            for name in [name for name in server.prepared if name not in kept]:
+            for name in [name for name in server.prepared if name not in made]:
                 del server.prepared[name]
             server.unnamed = None
 

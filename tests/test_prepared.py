@@ -10,6 +10,7 @@ the same names. The replies must match message for message (types and SQLSTATEs)
 from __future__ import annotations
 
 import asyncio
+import random
 import socket
 import subprocess
 import time
@@ -27,7 +28,7 @@ from odissey.pool import PoolKey
 from odissey.wire import messages as m
 from odissey.statements import SCRATCH
 from tests.harness import (
-    APP_PASSWORD, IntegrationTest, direct, have, read_message, route, shared_postgres, trust_login,
+    APP_PASSWORD, IntegrationTest, direct, have, read_message, route, run_seed, shared_postgres, trust_login,
 )
 
 #: Statements the programs choose from: fine, a parameter, an error at Execute, a syntax
@@ -50,7 +51,7 @@ def execute() -> bytes:
 
 
 def operation(pick: Callable[[Sequence[Any]], Any]) -> bytes:
-    """One step of a program, its choices made by ``pick``."""
+    """One step of a program, its choices made by ``pick`` (random or hypothesis)."""
     name = pick(NAMES)
     op = pick(range(9))
     if op < 3:
@@ -65,6 +66,12 @@ def operation(pick: Callable[[Sequence[Any]], Any]) -> bytes:
         return pick([m.message(b"H"), m.query("select 3"), m.query("select 1/0"), m.query("deallocate all"),
                      m.query("deallocate a"), m.query("deallocate zz")])
     return bind(name, 0) + m.describe(b"P", b"") + execute()
+
+
+def program(rnd: random.Random, batches: int) -> list[bytes]:
+    """Random batches of extended-protocol messages, each ending with a Sync."""
+    return [b"".join(operation(rnd.choice) for _ in range(rnd.randrange(1, 7))) + m.sync()
+            for _ in range(batches)]
 
 
 @st.composite
@@ -189,6 +196,66 @@ class DifferentialTests(IntegrationTest):
             self.compare(mine, other, check_cache=True)
 
         yield self.thread(check)
+
+    @inlineCallbacks
+    def test_what_a_simple_query_dropped_stays_dropped(self):
+        """What the interleaved test found, shrunk: requests skipped after an error
+        (a Parse of the unnamed statement, a DEALLOCATE, a Close) are undone without
+        undoing the fence's simple query sent after them, and a refused Parse of the
+        unnamed statement leaves none (PostgreSQL drops the old one first)."""
+        S = m.sync()
+        fail = bind(b"zz", 0)  # 26000: the client has no "zz"
+        unnamed = bind(b"", 0) + execute() + S
+        cases = [
+            [parse(b"", "select 1") + bind(b"", 0) + execute() + parse(b"", "selec 1") + S, unnamed],
+            [parse(b"", "select 1") + fail + parse(b"", "select 2") + S, unnamed],
+            [parse(b"a", "select 1") + parse(b"", "select 2") + fail + m.query("deallocate a") + S, unnamed],
+            [parse(b"", "select 2") + fail + m.query("deallocate all") + S, unnamed],
+            [m.query("deallocate all") + parse(b"c", "select 1") + fail + m.close(b"S", b"c") + S,
+             m.describe(b"S", b"c") + S],
+        ]
+
+        def check() -> None:
+            for batches in cases:
+                self.compare(batches, [], False)
+
+        yield self.thread(check)
+
+    @inlineCallbacks
+    def test_a_bind_pipelined_behind_a_failed_batch_never_runs_another_clients_statement(self):
+        """Another client leaves its unnamed statement on the one server; a client
+        pipelines a batch that fails before its Parse of the unnamed statement and,
+        behind that batch's Sync, a Bind of it: never the other client's row."""
+        def run() -> list[bytes]:
+            other, mine = trust_login(self.odissey.port), trust_login(self.odissey.port)
+            try:
+                other.sendall(parse(b"", "select 42") + m.sync())
+                kind, buffer = b"", b""
+                while kind != b"Z":
+                    kind, _body, buffer = read_message(other, buffer)
+                mine.sendall(bind(b"zz", 0) + parse(b"", "select 1") + m.sync() + bind(b"", 0) + execute() + m.sync())
+                rows, ready, buffer = [], 0, b""
+                while ready < 2:
+                    kind, body, buffer = read_message(mine, buffer)
+                    ready += kind == b"Z"
+                    if kind == b"D":
+                        rows.append(body[6:])
+                return rows
+            finally:
+                other.close()
+                mine.close()
+
+        rows = yield self.thread(run)
+        self.assertNotIn(b"42", rows)
+
+    @inlineCallbacks
+    def test_programs_interleaved(self):
+        """Twelve random programs at once on the one server: the same replies as
+        PostgreSQL's."""
+        seed = run_seed(self)
+        yield gatherResults([
+            self.thread(self.compare, program(random.Random(seed + i), 8), program(random.Random(-seed - i), 8), False)
+            for i in range(12)])
 
 
 class DriverDefaultsTests(IntegrationTest):

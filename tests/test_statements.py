@@ -25,6 +25,9 @@ def bind(name: bytes) -> bytes:
 
 EXECUTE = m.message(b"E", b"\0\0\0\0\0")
 BIND_COMPLETE = m.message(b"2")
+#: The server's error for a Describe of Odissey's missing statement (a client's unknown name).
+UNDEFINED = m.error_response(PoolerError(
+    "26000", 'prepared statement "ODISSEY_NONE" does not exist', severity="ERROR"))
 
 
 def messages(stream: bytes) -> list[bytes]:
@@ -148,6 +151,96 @@ class RewriteTests(unittest.TestCase):
             "26000", "unnamed prepared statement does not exist", severity="ERROR")) + m.ready_for_query())
         self.assertNotIn(b"late", link.statements.named)
         self.assertEqual(len(link.statements.server.prepared), 0)  # type: ignore[union-attr]
+
+    def test_a_skipped_unnamed_parse_does_not_outlive_a_later_simple_query(self):
+        """A Parse of the unnamed statement skipped after an error, and a simple query
+        sent after the Sync: the client has no unnamed statement (the query dropped it,
+        whatever the undo of the Parse would give back), so its next Bind fails."""
+        link = Link()
+        link.send(parse(b"", b"select 1") + bind(b"zz") + parse(b"", b"select 2") + m.sync()
+                  + m.query("select 3"))
+        link.receive(m.PARSE_COMPLETE + UNDEFINED + m.ready_for_query()
+                     + m.command_complete(b"SELECT 1") + m.ready_for_query())
+        self.assertIsNone(link.statements.unnamed)
+        sent = link.send(bind(b"") + EXECUTE + m.sync())
+        self.assertEqual(messages(sent), [m.close(b"S", b""), bind(b""), EXECUTE, m.sync()])
+
+    def test_a_skipped_deallocate_does_not_give_back_the_unnamed_statement_past_a_later_query(self):
+        """A DEALLOCATE of a name parsed in the same batch (answered by Odissey) skipped
+        after an error, then a simple query: no unnamed statement either."""
+        link = Link()
+        link.send(parse(b"a", b"select 1") + parse(b"", b"select 2") + bind(b"zz")
+                  + m.query("deallocate a") + m.sync() + m.query("select 3"))
+        link.receive(m.PARSE_COMPLETE * 2 + UNDEFINED + m.ready_for_query()
+                     + m.command_complete(b"SELECT 1") + m.ready_for_query())
+        self.assertIsNone(link.statements.unnamed)
+        self.assertIn(b"a", link.statements.named)  # the DEALLOCATE never ran
+        sent = link.send(bind(b"") + EXECUTE + m.sync())
+        self.assertEqual(messages(sent), [m.close(b"S", b""), bind(b""), EXECUTE, m.sync()])
+
+    def test_a_skipped_unnamed_parse_leaves_the_one_before(self):
+        """With no simple query in between, a skipped Parse of the unnamed statement
+        leaves the client the one it had."""
+        link = Link()
+        link.send(parse(b"", b"select 1") + m.sync())
+        link.receive(m.PARSE_COMPLETE + m.ready_for_query())
+        link.send(bind(b"zz") + parse(b"", b"select 2") + m.sync())
+        link.receive(UNDEFINED + m.ready_for_query())
+        self.assertEqual(link.statements.unnamed, b"select 1\0\0\0")
+
+    def test_a_refused_unnamed_parse_leaves_no_unnamed_statement(self):
+        """PostgreSQL drops the unnamed statement before it parses a new one: after a
+        Parse it refuses, the client has none."""
+        link = Link()
+        link.send(parse(b"", b"select 1") + m.sync())
+        link.receive(m.PARSE_COMPLETE + m.ready_for_query())
+        link.send(parse(b"", b"selec 1") + m.sync())
+        link.receive(m.error_response(PoolerError("42601", "syntax error", severity="ERROR")) + m.ready_for_query())
+        self.assertIsNone(link.statements.unnamed)
+        sent = link.send(bind(b"") + EXECUTE + m.sync())
+        self.assertEqual(messages(sent), [m.close(b"S", b""), bind(b""), EXECUTE, m.sync()])
+
+    def test_a_bind_pipelined_behind_a_batch_that_may_skip_its_parse_parses_again(self):
+        """A Parse of the unnamed statement that an error before it in its batch would
+        skip, and a Bind of it pipelined behind that batch's Sync: the Parse is sent
+        again before the Bind, which otherwise would bind what the server held before
+        (here another client's statement)."""
+        registry = Registry(10)
+        server = ServerStatements()
+        other = Link(registry, server)
+        other.send(parse(b"", b"select 42") + m.sync())
+        other.receive(m.PARSE_COMPLETE + m.ready_for_query())
+        link = Link(registry, server)
+        sent = link.send(bind(b"zz") + parse(b"", b"select 1") + m.sync() + bind(b"") + EXECUTE + m.sync())
+        self.assertEqual(messages(sent), [
+            m.describe(b"S", NO_SUCH_STATEMENT), parse(b"", b"select 1"), m.sync(),
+            parse(b"", b"select 1"), bind(b""), EXECUTE, m.sync()])
+
+    def test_a_bind_behind_a_parse_that_cannot_be_skipped_goes_as_it_came(self):
+        """A Parse sent with nothing unanswered before it (nothing can make the server
+        skip it), or a Bind in the Parse's own batch: the Bind is sent alone (if the
+        Parse fails, PostgreSQL's answer is the server's own)."""
+        link = Link()
+        sent = link.send(parse(b"", b"select 1") + m.sync() + bind(b"") + EXECUTE + m.sync()
+                         + bind(b"zz") + parse(b"", b"select 2") + bind(b"") + EXECUTE + m.sync())
+        self.assertEqual(messages(sent), [
+            parse(b"", b"select 1"), m.sync(), bind(b""), EXECUTE, m.sync(),
+            m.describe(b"S", NO_SUCH_STATEMENT), parse(b"", b"select 2"), bind(b""), EXECUTE, m.sync()])
+
+    def test_a_close_skipped_after_deallocate_all_gives_back_a_name_parsed_after_it(self):
+        """DEALLOCATE ALL, then a Parse, an error and a Close of the new name in the
+        same batch: the Close was skipped, so the client keeps the name."""
+        registry = Registry(10)
+        link = Link(registry)
+        link.send(m.query("deallocate all") + parse(b"c", b"select 1") + bind(b"zz")
+                  + m.close(b"S", b"c") + m.sync())
+        link.receive(m.command_complete(b"DEALLOCATE ALL") + m.ready_for_query()
+                     + m.PARSE_COMPLETE + UNDEFINED + m.ready_for_query())
+        statement = registry.statement(b"select 1\0\0\0")
+        self.assertIs(link.statements.named.get(b"c"), statement)
+        self.assertIn(statement.name, link.statements.server.prepared)
+        self.assertEqual(messages(link.send(m.describe(b"S", b"c") + m.sync())),
+                         [m.describe(b"S", statement.name), m.sync()])
 
     def test_reply_cut_by_a_read_is_still_dropped(self):
         link = Link()
