@@ -17,6 +17,7 @@ counts logged-in clients; all connections together stay under the sum of both.
 from __future__ import annotations
 
 import itertools
+import platform
 from collections import Counter
 from enum import Enum
 from functools import partial
@@ -54,6 +55,7 @@ log = Logger()
 _ids = itertools.count(1)
 _P, _X = b"pX"
 _READY = m.ready_for_query(b"I")
+_PYPY = platform.python_implementation() == "PyPy"
 #: The longest password-type message accepted (a SCRAM exchange's are far shorter).
 MAX_PASSWORD_MESSAGE = 65536
 #: How long a connection still logging in must have kept us waiting for its next bytes
@@ -342,8 +344,16 @@ class ClientConnection(Protocol):
             send(self.transport, data)
 
     def writer(self) -> Callable[[bytes], bool]:
-        """The relay's way to write to this client: ``flow.send`` bound to the transport,
-        a C-level partial, so the hot path adds no Python call of ours per chunk."""
+        """The relay's way to write to this client: ``flow.send`` bound to the transport.
+        On CPython a C-level partial, so the hot path adds no Python call of ours per
+        chunk; on PyPy, whose ``partial`` is written in Python, a closure the JIT inlines."""
+        if _PYPY:
+            transport = self.transport
+
+            def write(data: bytes) -> bool:
+                return send(transport, data)
+
+            return write
         return partial(send, self.transport)
 
 

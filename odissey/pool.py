@@ -90,7 +90,7 @@ class Pool:
         self.waiters: deque[_Queued] = deque()
         #: Fires at the oldest waiter's deadline (or earlier: it then re-arms itself).
         self._timer: Optional[IDelayedCall] = None
-        self.parameters_cache: list[tuple[str, str]] | None = None
+        self._parameters_cache: list[tuple[str, str]] | None = None
         #: Lower-case names of the parameters the servers report (from the cache).
         self.reported: frozenset[str] = frozenset()
         #: A login's ParameterStatus messages, by the values it is told (see greeting).
@@ -108,6 +108,16 @@ class Pool:
             Registry(settings.max_prepared_statements)
             if settings.mode == "transaction" and settings.max_prepared_statements else None
         )
+
+    @property
+    def parameters_cache(self) -> list[tuple[str, str]] | None:
+        """The server's ParameterStatus set, as the pool's first login received it."""
+        return self._parameters_cache
+
+    @parameters_cache.setter
+    def parameters_cache(self, value: list[tuple[str, str]] | None) -> None:
+        self._parameters_cache = value
+        self.reported = frozenset(name.lower() for name, _ in value or ())
 
     @property
     def size(self) -> int:
@@ -228,7 +238,7 @@ class Pool:
         """
         if self.closed:
             return
-        if self.reactor.seconds() < self.retry_at:
+        if self.retry_at and self.reactor.seconds() < self.retry_at:  # (0 when healthy: no clock read)
             self._fail_uncovered(self._unreachable())
             return
         while self._wanted() > self.opening and self.total < self.size:
@@ -253,7 +263,6 @@ class Pool:
         self._hand_out(server)  # first: a login woken below may take it at once
         if self.parameters_cache is None:
             self.parameters_cache = list(server.login_params)
-            self.reported = frozenset(name.lower() for name, _ in self.parameters_cache)
             waiting, self._parameter_waiters = self._parameter_waiters, []
             for d in waiting:
                 d.callback(self.parameters_cache)
