@@ -195,13 +195,16 @@ class Pool:
         A server past its lifetime (marked by :meth:`maintain`) is closed here, when
         nobody is using it.
         """
-        self.active.discard(server)
         if self.closed or server.state is not ServerState.IDLE or server.retiring:
+            self.active.discard(server)
             server.owner = None
             server.close()
             self._grow()
-            return
-        self._hand_out(server)
+        elif self.waiters:  # (_hand_out, inlined: this runs once per transaction)
+            self.waiters.popleft().waiter.granted(server)
+        else:
+            self.active.discard(server)
+            self.idle.append(server)
 
     def discard(self, server: ServerConnection) -> None:
         """A server in doubt: close it, never reuse it."""
