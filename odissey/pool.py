@@ -252,7 +252,9 @@ class Pool:
         if self.retry_at and self.reactor.seconds() < self.retry_at:  # (0 when healthy: no clock read)
             self._fail_uncovered(self._unreachable())
             return
-        while self._wanted() > self.opening and self.total < self.size:
+        size = self.route.pool.size
+        # (a full pool, the usual case for a client that queues, is seen with no call)
+        while len(self.idle) + len(self.active) + self.opening < size and self._wanted() > self.opening:
             self._open()
 
     def _wanted(self) -> int:
