@@ -95,14 +95,14 @@ def parse_valid_until(text: str) -> Optional[float]:
     year, month, day, hour, minute, second, fraction, sign, oh, om, os_, bc = match.groups()
     if bc:
         return float("-inf")  # long gone
-    seconds = calendar.timegm((int(year), int(month), int(day), int(hour or 0), int(minute or 0),
-                               int(second or 0), 0, 0, 0))
+    seconds = float(calendar.timegm((int(year), int(month), int(day), int(hour or 0), int(minute or 0),
+                                     int(second or 0), 0, 0, 0)))
     if fraction:
         seconds += float("0." + fraction)
     if sign:
         offset = int(oh) * 3600 + int(om or 0) * 60 + int(os_ or 0)
         seconds -= offset if sign == "+" else -offset
-    return float(seconds)
+    return seconds
 
 
 def found_in(rows: List[bytes], user: str) -> Found:

@@ -16,8 +16,11 @@ from typing import Any
 import psycopg
 import scramp
 from twisted.internet.defer import inlineCallbacks
+from twisted.trial.unittest import SynchronousTestCase
 
+from odissey.auth_query import NOT_FOUND, found_in, parse_valid_until
 from odissey.wire import messages as m
+from odissey.wire.scanner import Scanner
 from tests.harness import IntegrationTest, direct, read_message, route
 
 LOOKUP_QUERY = "SELECT usename, passwd, valuntil FROM public.odissey_lookup(btrim($1))"
@@ -234,3 +237,46 @@ class PassThroughTests(IntegrationTest):
             return "connected"
         text = yield self.thread(attempt)
         self.assertIn("same SCRAM secret", text)
+
+
+class LookupParsingTests(SynchronousTestCase):
+    """What a lookup sends and how its answer is read, without a network."""
+
+    def test_user_name_is_a_bind_value(self) -> None:
+        """The user name travels as Bind's parameter; the SQL is sent exactly as configured."""
+        evil = "x' OR '1'='1"
+        sent = m.parameterised_query(LOOKUP_QUERY, [evil])
+        events = Scanner(collect_all=True).feed(sent)
+        self.assertEqual([chr(kind) for kind, _b, _e in events], ["P", "B", "E", "S"])
+        parse_body, bind_body = events[0][1] or b"", events[1][1] or b""
+        self.assertEqual(parse_body, b"\0" + LOOKUP_QUERY.encode() + b"\0\0\0")
+        self.assertNotIn(evil.encode(), parse_body)
+        self.assertIn(len(evil).to_bytes(4, "big") + evil.encode(), bind_body)
+
+    def test_valid_until_forms(self) -> None:
+        """ISO timestamps (any offset, fractions), dates and infinities are read; BC is long past."""
+        self.assertEqual(parse_valid_until("2001-01-01 00:00:00+00"), 978307200.0)
+        self.assertEqual(parse_valid_until("2001-01-01 02:00:00.25+02"), 978307200.25)
+        self.assertEqual(parse_valid_until("2001-01-01"), 978307200.0)
+        self.assertIsNone(parse_valid_until("infinity"))
+        self.assertEqual(parse_valid_until("-infinity"), float("-inf"))
+        self.assertEqual(parse_valid_until("0044-03-15 00:00:00+00 BC"), float("-inf"))
+        self.assertRaises(ValueError, parse_valid_until, "next tuesday")
+
+    def test_rows_to_found(self) -> None:
+        """One row with a secret is found; none, several, or a NULL secret are nobody; an
+        unreadable expiry counts as expired."""
+        def row(*values: bytes | None) -> bytes:
+            body = len(values).to_bytes(2, "big")
+            for v in values:
+                body += (-1).to_bytes(4, "big", signed=True) if v is None else len(v).to_bytes(4, "big") + v
+            return body
+        secret = b"SCRAM-SHA-256$4096:c2FsdA==$a:b"
+        found = found_in([row(b"u", secret, b"2001-01-01 00:00:00+00")], "u")
+        self.assertEqual((found.secret.kind, found.expired(978307200.0), found.expired(978307199.0)),
+                         ("scram", True, False))
+        self.assertFalse(found_in([row(b"u", secret, None)], "u").expired(1e12))
+        self.assertFalse(found_in([row(b"u", secret)], "u").expired(1e12))
+        self.assertTrue(found_in([row(b"u", secret, b"soon")], "u").expired(0))
+        for rows in ([], [row(b"u", secret)] * 2, [row(b"u", None, None)]):
+            self.assertIs(found_in(rows, "u"), NOT_FOUND)

@@ -91,7 +91,8 @@ class ServerAuthenticator:
                 )
             raise self._refuse(
                 f"server asked for {method} authentication but the route has no server password"
-                " (and no client has logged in with SCRAM yet to lend its key for pass-through)"
+                " (SCRAM pass-through lends a client's key only after a client of this pool has"
+                " logged in with SCRAM, and only to log in as that same user)"
             )
         return self.secret
 
