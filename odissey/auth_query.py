@@ -55,6 +55,8 @@ IDLE_CLOSE = 60.0
 #: Cached lookups per source; past it the cache starts afresh (users invented by
 #: clients cannot make it grow without bound).
 MAX_CACHED = 10000
+#: (route, database) pairs with lookup state; past it those without a connection go.
+MAX_SOURCES = 1000
 
 
 @dataclass(frozen=True)
@@ -264,8 +266,16 @@ class AuthQueries:
         where = query.database or database
         source = self._sources.get((route.index, where))
         if source is None:
+            if len(self._sources) >= MAX_SOURCES:  # database names a client invented
+                self._forget_idle()
             source = self._sources[(route.index, where)] = _Source(self, route, query, where)
         return source.lookup(user)
+
+    def _forget_idle(self) -> None:
+        for key, source in list(self._sources.items()):
+            if source.server is None and not source.running:
+                source.close()
+                del self._sources[key]
 
     def close(self) -> None:
         self.closed = True

@@ -39,7 +39,7 @@ from odissey.params import params_from, startup_wants
 from odissey.pool import Pools
 from odissey.relay import Relay
 from odissey.router import Router
-from odissey.server import ServerConnection
+from odissey.server import ServerConnection, borrows_credentials
 from odissey.startup_check import StartupChecks
 from odissey.wire import errors
 from odissey.wire import messages as m
@@ -283,9 +283,10 @@ class ClientConnection(Protocol):
                 errors.TOO_MANY_CONNECTIONS,
                 f'too many clients for database "{database}" user "{user}" (max_clients {limit})',
             )
-        credential = verifier.credential()
-        if credential is not None:  # for this pool's server logins (SCRAM pass-through)
-            f.credentials.remember(database, user, credential)
+        if borrows_credentials(route, user):  # for this pool's server logins (SCRAM pass-through)
+            credential = verifier.credential()
+            if credential is not None:
+                f.credentials.remember(database, user, credential)
         f.route_clients[route.index] += 1
         self.route_index = route.index
         self.send(step.reply + m.authentication_ok())

@@ -351,6 +351,21 @@ class ServerConnection(Protocol):
         return self.tracker.cancelling(sent) if self.tracker is not None else sent
 
 
+def _configured_secret(route: Route) -> Secret | None:
+    """The password the config gives for a route's server logins, if any."""
+    secret = route.server.password
+    if secret is None and route.auth.password is not None and route.auth.password.kind == "plain":
+        secret = route.auth.password
+    return secret
+
+
+def borrows_credentials(route: Route, user: str) -> bool:
+    """Whether ``user``'s server logins on ``route`` use what its clients' logins prove
+    (no configured password, the same user on both sides): only then is a recovered
+    ClientKey worth keeping in memory at all."""
+    return _configured_secret(route) is None and (route.server.user or user) == user
+
+
 def connect(
     reactor: IReactorTime,
     route: Route,
@@ -367,10 +382,8 @@ def connect(
     left in ``credentials`` for this pool: a looked-up md5 secret, or the SCRAM keys
     recovered from a client's proof (pass-through). That needs the same user on both
     sides, so a route with another ``server.user`` never uses them."""
+    secret = _configured_secret(route)
     server_user = route.server.user or user
-    secret = route.server.password
-    if secret is None and route.auth.password is not None and route.auth.password.kind == "plain":
-        secret = route.auth.password
     keys = None
     if secret is None and server_user == user and credentials is not None:
         left = credentials.get(database, user)

@@ -101,6 +101,20 @@ class VerifierRecoveryTests(TestCase):
         self.assertFalse(libpq_scram(verifier, "anything"))  # type: ignore[arg-type]
 
 
+    def test_unknown_user_mocked_like_the_found_ones(self) -> None:
+        """On an md5 auth_query route whose users have 10,000-iteration SCRAM secrets, an
+        unknown user is challenged with SCRAM and 10,000 iterations too (as PostgreSQL
+        mocks with its password_encryption)."""
+        verifiers = ClientVerifiers(in_this_thread)
+        auth = ClientAuth("md5", None)
+        known = verifiers.for_lookup(auth, "u", Secret("scram", scram_text(b"pw", SALT, 10000)), False)
+        ghost = verifiers.for_lookup(auth, "ghost", None, False)
+        for verifier in (known, ghost):
+            self.assertEqual(verifier.start().reply, m.authentication_sasl(["SCRAM-SHA-256"]))
+            step = verifier.receive(m.sasl_initial_response("SCRAM-SHA-256", b"n,,n=,r=abcdefgh")[5:])
+            self.assertIn(b",i=10000", step.reply)  # type: ignore[union-attr]
+
+
 class PassThroughExchangeTests(TestCase):
     def exchange(self, server_secret: ScramSecret, held: PassThrough) -> PoolerError | None:
         """Odissey's ServerAuthenticator (pass-through) against Odissey's own SCRAM

@@ -237,6 +237,8 @@ class ClientVerifiers:
         self.threads = threads
         self.scram_secrets = ScramSecrets(threads)
         self._mock_key = os.urandom(32)
+        #: auth_query routes: the SCRAM iteration count their lookups last found.
+        self._seen_iterations: dict[ClientAuth, int] = {}
 
     @inlineCallbacks
     def for_route(self, auth: ClientAuth, user: str):
@@ -259,26 +261,38 @@ class ClientVerifiers:
         Like PostgreSQL, an md5 route whose user has a SCRAM secret speaks SCRAM; a
         scram-sha-256 route cannot check an md5 secret, so that user is mocked."""
         verifier: Verifier
-        if secret is None or (auth.method == "scram-sha-256" and secret.kind not in ("scram", "plain")):
-            return self.mock(auth, user)
-        if auth.method == "cleartext":
-            verifier = CleartextVerifier(user, secret, self.threads)
-        elif auth.method == "md5" and secret.kind != "scram":
-            verifier = MD5Verifier(user, secret, pass_on=True)
-        elif secret.kind == "scram":
+        scram = None
+        if secret is not None and secret.kind == "scram":
             try:
-                verifier = ScramVerifier(user, ScramSecret.parse(secret.value))
+                scram = ScramSecret.parse(secret.value)
             except ValueError:
-                return self.mock(auth, user)
-        else:  # a plain password in the catalog: nothing PostgreSQL itself stores today
-            return self.mock(auth, user)
+                pass
+            else:  # unknown users' mocks show the count real users' challenges show
+                self._seen_iterations[auth] = scram.iterations
+        mock_iterations = self._seen_iterations.get(auth)
+        like = auth
+        if auth.method == "md5" and mock_iterations is not None:
+            # Users with SCRAM secrets get SCRAM on an md5 route: so do unknown ones (as
+            # PostgreSQL mocks with its password_encryption).
+            like = ClientAuth("scram-sha-256", None)
+        if secret is None:
+            return self.mock(like, user, mock_iterations)
+        if auth.method == "cleartext":
+            verifier = CleartextVerifier(user, scram or secret, self.threads)
+        elif auth.method == "md5" and secret.kind == "md5":
+            verifier = MD5Verifier(user, secret, pass_on=True)
+        elif scram is not None:
+            verifier = ScramVerifier(user, scram)
+        else:  # md5 for SCRAM, a malformed secret, a plain one (PostgreSQL stores none)
+            return self.mock(like, user, mock_iterations)
         return ExpiredVerifier(verifier) if expired else verifier
 
-    def mock(self, like: ClientAuth, user: str) -> Verifier:
+    def mock(self, like: ClientAuth, user: str, iterations: int | None = None) -> Verifier:
         """An exchange that looks like the one ``like`` asks for (its method, and its
-        secret's SCRAM iteration count) and always ends in 28P01."""
+        secret's SCRAM iteration count, or ``iterations``) and always ends in 28P01."""
         method = like.method
-        iterations = _iterations(like.password)
+        if iterations is None:
+            iterations = _iterations(like.password)
         if method == "trust":
             raise PoolerError(
                 errors.INVALID_AUTHORIZATION_SPECIFICATION, f'role "{user}" does not exist'
