@@ -29,8 +29,10 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from odissey.auth.passthrough import Credentials
 from odissey.auth.secrets import InThread
 from odissey.auth.verifiers import ClientVerifiers
+from odissey.auth_query import AuthQueries
 from odissey.cancel import CancelKeys
 from odissey.config import Limits
 from odissey.flow import PENDING_LIMIT, Valve, send, set_nodelay
@@ -38,7 +40,7 @@ from odissey.params import params_from, startup_wants
 from odissey.pool import Pools
 from odissey.relay import Relay
 from odissey.router import Router
-from odissey.server import ServerConnection
+from odissey.server import ServerConnection, borrows_credentials
 from odissey.startup_check import StartupChecks
 from odissey.wire import errors
 from odissey.wire import messages as m
@@ -263,6 +265,10 @@ class ClientConnection(Protocol):
             if not f.router.knows_database(database):
                 raise PoolerError(errors.INVALID_CATALOG_NAME, f'database "{database}" does not exist')
             verifier = f.verifiers.mock(f.router.mock_auth(database), user)
+        elif route.auth.query is not None and f.auth_queries is not None:
+            found = yield f.auth_queries.lookup(route, database, user)
+            verifier = f.verifiers.for_lookup(
+                route.auth, user, found.secret, found.expired(f.reactor.seconds()))
         else:
             verifier = yield f.verifiers.for_route(route.auth, user)
         step = verifier.start()
@@ -279,6 +285,10 @@ class ClientConnection(Protocol):
                 errors.TOO_MANY_CONNECTIONS,
                 f'too many clients for database "{database}" user "{user}" (max_clients {limit})',
             )
+        if borrows_credentials(route, user):  # for this pool's server logins (SCRAM pass-through)
+            credential = verifier.credential()
+            if credential is not None:
+                f.credentials.remember(database, user, credential)
         f.route_clients[route.index] += 1
         self.route_index = route.index
         self.send(step.reply + m.authentication_ok())
@@ -371,6 +381,9 @@ class ClientFactory(Factory):
         limits: Limits,
         threads: InThread,
         keys: CancelKeys[ClientConnection] | None = None,
+        *,
+        auth_queries: AuthQueries | None = None,
+        credentials: Credentials | None = None,
     ) -> None:
         self.reactor = reactor
         self.router = router
@@ -378,6 +391,9 @@ class ClientFactory(Factory):
         self.limits = limits
         self.keys: CancelKeys[ClientConnection] = keys or CancelKeys()
         self.verifiers = ClientVerifiers(threads)
+        self.auth_queries = auth_queries
+        #: What clients' logins leave for their pools' server logins (pass-through).
+        self.credentials = credentials if credentials is not None else Credentials()
         self.startup_checks = StartupChecks()
         self.clients: set[ClientConnection] = set()
         #: Connections still logging in, oldest first (a dict keeps insertion order).

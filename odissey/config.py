@@ -36,7 +36,10 @@ SCHEMA: dict[str, tuple[str, ...]] = {
     "storages.*.managed": ("data_dir", "users", "databases", "hba", "settings"),
     "routes[]": ("database", "user", "storage", "server", "auth", "pool"),
     "routes[].server": ("database", "user", "password"),
-    "routes[].auth": ("method", "password"),
+    "routes[].auth": (
+        "method", "password", "query", "query_user", "query_password", "query_database",
+        "query_cache_ttl",
+    ),
     "pool_defaults": POOL_KEYS,
     "routes[].pool": POOL_KEYS,
 }
@@ -114,10 +117,31 @@ class ServerLogin:
     password: Secret | None
 
 
+#: auth_query's default: schema-qualified (a client's search_path cannot redirect it, and
+#: the lookup connection's own is pg_catalog anyway), the user name a Bind parameter, and
+#: the expiry, so that an expired password is refused (CVE-2025-2291).
+DEFAULT_AUTH_QUERY = (
+    "SELECT usename, passwd, valuntil FROM pg_catalog.pg_shadow WHERE usename = $1"
+)
+
+
+@dataclass(frozen=True)
+class AuthQuery:
+    """Where a route looks up its users' secrets: a query run as a dedicated user."""
+
+    query: str
+    user: str
+    password: Secret | None
+    database: str | None  # None: the client's database
+    cache_ttl: float = 5.0
+
+
 @dataclass(frozen=True)
 class ClientAuth:
     method: str
     password: Secret | None
+    #: Set when the route looks secrets up in PostgreSQL instead of holding one.
+    query: AuthQuery | None = None
 
 
 @dataclass(frozen=True)
@@ -368,6 +392,36 @@ def _read_secret(section: _Section, key: str, base: Path | None) -> Secret | Non
     return None
 
 
+def _read_auth_query(au: _Section, method: str, base: Path | None) -> AuthQuery | None:
+    """``routes[].auth.query*``: present when ``query_user`` is given."""
+    others = [key for key in ("query", "query_password", "query_database", "query_cache_ttl") if au.has(key)]
+    if not au.has("query_user"):
+        for key in others:
+            au.problem("needs query_user (the user that runs the lookup)", key)
+        return None
+    user = au.value("query_user", _string, "a user name")
+    if method == "trust":
+        au.problem("a trust route checks no password: there is nothing to look up", "query_user")
+    if au.has("password"):
+        au.problem("give either password or query_user (a looked-up secret), not both", "password")
+    query = au.value("query", _string, "a SQL query with $1 for the user name", DEFAULT_AUTH_QUERY)
+    if query is not None and "$1" not in query:
+        au.problem("must take the user name as the parameter $1 (it is never spliced in)", "query")
+    password = _read_secret(au, "query_password", base)
+    if password is not None and password.kind == "scram":
+        au.problem(
+            "a SCRAM secret cannot answer a server's challenge; give the plain password",
+            "query_password",
+        )
+    return AuthQuery(
+        query=query or DEFAULT_AUTH_QUERY,
+        user=user or "",
+        password=password,
+        database=au.value("query_database", _string, "a database name"),
+        cache_ttl=au.value("query_cache_ttl", parse_duration, "a duration like 5s (0: no cache)", 5.0),
+    )
+
+
 # -- sections ------------------------------------------------------------------------------
 
 
@@ -498,7 +552,7 @@ def _read_route(
     au = _Section(problems, s.at("auth"), s.data.get("auth"), "routes[].auth")
     method = au.value("method", _choice(AUTH_METHODS), " or ".join(AUTH_METHODS), "trust")
     secret = _read_secret(au, "password", base)
-    if method != "trust" and secret is None and not au.has("password"):
+    if method != "trust" and secret is None and not au.has("password") and not au.has("query_user"):
         au.problem(f"is required for method {method}", "password")
     if method == "md5" and secret is not None and secret.kind == "scram":
         au.problem("md5 needs a plain password or an md5 secret, not a SCRAM secret", "password")
@@ -509,6 +563,7 @@ def _read_route(
         )
     if method == "scram-sha-256" and secret is not None and secret.kind == "md5":
         au.problem("scram-sha-256 needs a plain password or a SCRAM secret", "password")
+    lookup = _read_auth_query(au, method, base)
 
     pool = _read_pool(problems, s.at("pool"), s.data.get("pool"), "routes[].pool", pool_defaults)
     if storage is None:
@@ -518,7 +573,7 @@ def _read_route(
         user=user,
         storage=storage,
         server=server,
-        auth=ClientAuth(method, secret),
+        auth=ClientAuth(method, secret, lookup),
         pool=pool,
         index=index,
     )

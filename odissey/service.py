@@ -12,7 +12,9 @@ from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
 
+from odissey.auth.passthrough import Credentials
 from odissey.auth.secrets import reactor_threads
+from odissey.auth_query import AuthQueries
 from odissey.client import ClientFactory
 from odissey.config import ANY, Config, Storage
 from odissey.janitor import PERIOD, Janitor
@@ -121,6 +123,7 @@ class OdisseyService(MultiService):
         self.ports: list[IListeningPort] = []
         self.factory: ClientFactory | None = None
         self.pools: Pools | None = None
+        self.auth_queries: AuthQueries | None = None
         self.live = Live()
         self.threads = reactor_threads(reactor)
         self.ready: Deferred[list[IListeningPort]] = Deferred()
@@ -141,10 +144,13 @@ class OdisseyService(MultiService):
                      dir=postgres.socket_dir)
             hosts[name] = postgres.socket_dir
         self.config = with_storage_hosts(self.config, hosts)
-        self.pools = Pools(
-            self.reactor, functools.partial(connect, tracker=self.live, threads=self.threads))
+        credentials = Credentials()
+        self.pools = Pools(self.reactor, functools.partial(
+            connect, tracker=self.live, threads=self.threads, credentials=credentials))
+        self.auth_queries = AuthQueries(self.reactor, self.threads, self.live)
         self.factory = ClientFactory(
-            self.reactor, Router(self.config.routes), self.pools, self.config.limits, self.threads
+            self.reactor, Router(self.config.routes), self.pools, self.config.limits, self.threads,
+            auth_queries=self.auth_queries, credentials=credentials,
         )
         for route in self.config.routes:
             if route.pool.min_size and ANY not in (route.database, route.user):
@@ -184,6 +190,8 @@ class OdisseyService(MultiService):
             yield within(self.reactor, self.factory.drained(), 5.0, self._abort_clients)
         if self.pools is not None:
             self.pools.close()
+        if self.auth_queries is not None:
+            self.auth_queries.close()
         yield within(self.reactor, self.live.closed(), 5.0, self.live.abort_servers)
         for postgres in self.managed.values():
             yield self.threads(postgres.stop)

@@ -153,3 +153,31 @@ class ConfigTests(SynchronousTestCase):
         tx = by_db["demo_tx"]
         self.assertEqual((tx.user, tx.pool.mode, tx.pool.size, tx.server.database), ("demo", "transaction", 4, "demo"))
         self.assertEqual(tx.auth.password.value, "demo")
+
+
+class AuthQueryConfigTests(SynchronousTestCase):
+    def test_defaults(self) -> None:
+        """query_user alone turns auth_query on with the schema-qualified default query."""
+        auth = parse(minimal(user="*", auth={"method": "scram-sha-256", "query_user": "lookup"})).routes[0].auth
+        assert auth.query is not None
+        self.assertEqual(auth.query.query, config.DEFAULT_AUTH_QUERY)
+        self.assertIn("pg_catalog.pg_shadow", auth.query.query)
+        self.assertEqual((auth.query.user, auth.query.password, auth.query.database, auth.query.cache_ttl),
+                         ("lookup", None, None, 5.0))
+        self.assertIsNone(auth.password)
+
+    def test_mistakes_named(self) -> None:
+        """A query without $1, a password beside query_user, query keys without a query
+        user and a trust route with a lookup are each refused by key path."""
+        def problems(auth: dict) -> list[str]:
+            with self.assertRaises(ConfigError) as caught:
+                parse(minimal(auth=auth))
+            return caught.exception.problems
+        self.assertEqual(problems({"method": "md5", "query_user": "l", "query": "SELECT 1"}),
+                         ["routes[0].auth.query: must take the user name as the parameter $1 "
+                          "(it is never spliced in)"])
+        self.assertIn("give either password or query_user",
+                      problems({"method": "md5", "query_user": "l", "password": "pw"})[0])
+        self.assertEqual(problems({"method": "md5", "password": "pw", "query_database": "x"}),
+                         ["routes[0].auth.query_database: needs query_user (the user that runs the lookup)"])
+        self.assertIn("nothing to look up", problems({"method": "trust", "query_user": "l"})[0])
