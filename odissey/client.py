@@ -23,7 +23,7 @@ from functools import partial
 from typing import Callable
 
 from twisted.internet.defer import Deferred, inlineCallbacks, maybeDeferred, succeed
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IReactorTime, ISSLTransport
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -36,7 +36,7 @@ from odissey.flow import PENDING_LIMIT, Valve, send, set_nodelay
 from odissey.params import params_from, startup_wants
 from odissey.pool import Pools
 from odissey.relay import Relay
-from odissey.router import Router
+from odissey.router import Router, client_address
 from odissey.server import ServerConnection
 from odissey.startup_check import StartupChecks
 from odissey.wire import errors
@@ -256,19 +256,34 @@ class ClientConnection(Protocol):
             raise PoolerError(
                 errors.FEATURE_NOT_SUPPORTED, "replication connections are not supported"
             )
-        route = f.router.match(database, user)
+        client = client_address(self.transport.getPeer())  # type: ignore[union-attr]
+        route = f.router.match(database, user, client)
+        auth = None
         if route is None:
             if not f.router.knows_database(database):
                 raise PoolerError(errors.INVALID_CATALOG_NAME, f'database "{database}" does not exist')
-            verifier = f.verifiers.mock(f.router.mock_auth(database), user)
+            if not f.router.serves(database, client):  # PostgreSQL's own check, before any password
+                raise PoolerError(errors.INVALID_AUTHORIZATION_SPECIFICATION,
+                                  f'no pg_hba.conf entry for host "{client.shown}", user "{user}", '
+                                  f'database "{database}", {self._encryption()}')
         else:
-            verifier = yield f.verifiers.for_route(route.auth, user)
+            auth = f.router.auth_of(route, database, user, client)
+        if auth is None:
+            verifier = f.verifiers.mock(f.router.mock_auth(database, client), user)
+        else:
+            verifier = yield f.verifiers.for_route(auth, user)
         step = verifier.start()
         while not step.done:
             self.send(step.reply)
             body = yield self._next_password()
             step = yield maybeDeferred(verifier.receive, body)
         assert route is not None
+        if route.block:  # only now: before the password, a block must look like anything else
+            log.info("{id}: {user}@{database} from {client} is blocked by routes[{index}]",
+                     id=self.id, user=user, database=database, client=client.shown, index=route.index)
+            raise PoolerError(errors.INVALID_AUTHORIZATION_SPECIFICATION,
+                              f'pg_hba.conf rejects connection for host "{client.shown}", '
+                              f'user "{user}", database "{database}", {self._encryption()}')
         if f.logged_in >= f.limits.max_clients:
             raise PoolerError(errors.TOO_MANY_CONNECTIONS, "sorry, too many clients already")
         limit = route.pool.max_clients
@@ -327,6 +342,10 @@ class ClientConnection(Protocol):
         if self._buffer:
             early, self._buffer = self._buffer, b""
             self.relay.clientData(early)
+
+    def _encryption(self) -> str:
+        """How PostgreSQL's refusals end: whether the client's connection is encrypted."""
+        return "SSL encryption" if ISSLTransport.providedBy(self.transport) else "no encryption"
 
     def _login_failed(self, failure: Failure) -> None:
         if self.state is ClientState.GONE or self.state is ClientState.CLOSING:
