@@ -368,6 +368,16 @@ class AddressIntegrationTests(IntegrationTest):
         self.assertIn('password authentication failed for user "u_trust"', got)
 
     @inlineCallbacks
+    def test_each_route_of_a_pair_has_its_own_pool(self):
+        """u_trust over the socket and over TCP is served by two routes: two pools, each
+        with its route's settings (a pool is never shared across routes)."""
+        self.assertEqual((yield self.thread(refusal, self.unix_dsn("u_trust"))), "served")
+        self.assertEqual((yield self.thread(refusal, self.odissey.dsn(user="u_trust"))), "served")
+        pools = self.odissey.service.pools.pools  # type: ignore[union-attr]
+        self.assertEqual(sorted((str(k), p.route.index) for k, p in pools.items()),
+                         [("app/u_trust (routes[0])", 0), ("app/u_trust (routes[1])", 1)])
+
+    @inlineCallbacks
     def test_ipv4_mapped_client_matches_ipv4_network(self):
         """A client seen as ::ffff:127.0.0.1 is served by the 127.0.0.0/8 route."""
         port = self.odissey.service.ports[1].getHost().port
