@@ -24,7 +24,7 @@ from functools import partial
 from typing import Callable
 
 from twisted.internet.defer import Deferred, inlineCallbacks, maybeDeferred, succeed
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IReactorTime, ISSLTransport
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -39,7 +39,7 @@ from odissey.flow import PENDING_LIMIT, Valve, send, set_nodelay
 from odissey.params import params_from, startup_wants
 from odissey.pool import Pools
 from odissey.relay import Relay
-from odissey.router import Router
+from odissey.router import Router, client_address
 from odissey.server import ServerConnection, borrows_credentials
 from odissey.startup_check import StartupChecks
 from odissey.wire import errors
@@ -260,23 +260,38 @@ class ClientConnection(Protocol):
             raise PoolerError(
                 errors.FEATURE_NOT_SUPPORTED, "replication connections are not supported"
             )
-        route = f.router.match(database, user)
+        client = client_address(self.transport.getPeer())  # type: ignore[union-attr]
+        route = f.router.match(database, user, client)
         if route is None:
             if not f.router.knows_database(database):
                 raise PoolerError(errors.INVALID_CATALOG_NAME, f'database "{database}" does not exist')
-            verifier = f.verifiers.mock(f.router.mock_auth(database), user)
-        elif route.auth.query is not None and f.auth_queries is not None:
-            found = yield f.auth_queries.lookup(route, database, user)
-            verifier = f.verifiers.for_lookup(
-                route.auth, user, found.secret, found.expired(f.reactor.seconds()))
+            if not f.router.serves(database, client):  # PostgreSQL's own check, before any password
+                raise PoolerError(errors.INVALID_AUTHORIZATION_SPECIFICATION,
+                                  f'no pg_hba.conf entry for host "{client.shown}", user "{user}", '
+                                  f'database "{database}", {self._encryption()}')
+            owner = None
         else:
-            verifier = yield f.verifiers.for_route(route.auth, user)
+            owner = f.router.auth_route_of(route, database, user, client)
+        if owner is None:
+            verifier = f.verifiers.mock(f.router.mock_auth(database, client), user)
+        elif owner.auth.query is not None and f.auth_queries is not None:
+            found = yield f.auth_queries.lookup(owner, database, user)
+            verifier = f.verifiers.for_lookup(
+                owner.auth, user, found.secret, found.expired(f.reactor.seconds()))
+        else:
+            verifier = yield f.verifiers.for_route(owner.auth, user)
         step = verifier.start()
         while not step.done:
             self.send(step.reply)
             body = yield self._next_password()
             step = yield maybeDeferred(verifier.receive, body)
         assert route is not None
+        if route.block:  # only now: before the password, a block must look like anything else
+            log.info("{id}: {user}@{database} from {client} is blocked by routes[{index}]",
+                     id=self.id, user=user, database=database, client=client.shown, index=route.index)
+            raise PoolerError(errors.INVALID_AUTHORIZATION_SPECIFICATION,
+                              f'pg_hba.conf rejects connection for host "{client.shown}", '
+                              f'user "{user}", database "{database}", {self._encryption()}')
         if f.logged_in >= f.limits.max_clients:
             raise PoolerError(errors.TOO_MANY_CONNECTIONS, "sorry, too many clients already")
         limit = route.pool.max_clients
@@ -339,6 +354,10 @@ class ClientConnection(Protocol):
         if self._buffer:
             early, self._buffer = self._buffer, b""
             self.relay.clientData(early)
+
+    def _encryption(self) -> str:
+        """How PostgreSQL's refusals end: whether the client's connection is encrypted."""
+        return "SSL encryption" if ISSLTransport.providedBy(self.transport) else "no encryption"
 
     def _login_failed(self, failure: Failure) -> None:
         if self.state is ClientState.GONE or self.state is ClientState.CLOSING:

@@ -8,17 +8,24 @@ refuses to start if there are any. The keys each section accepts are declared in
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Union
 
 import yaml
 
 ANY = "*"
 POOL_MODES = ("session", "transaction")
 AUTH_METHODS = ("trust", "cleartext", "md5", "scram-sha-256")
+#: In ``routes[].clients``: connections that came through a unix-socket listener.
+UNIX = "unix"
+#: One entry of ``routes[].clients``: an IPv4 or IPv6 network, or :data:`UNIX`.
+ClientNetwork = Union[ipaddress.IPv4Network, ipaddress.IPv6Network, str]
+#: IPv4-mapped IPv6 addresses (``::ffff:a.b.c.d``): a dual-stack listener's IPv4 clients.
+IPV4_MAPPED = ipaddress.IPv6Network("::ffff:0:0/96")
 
 POOL_KEYS = (
     "mode", "size", "min_size", "max_clients", "wait_timeout",
@@ -34,7 +41,7 @@ SCHEMA: dict[str, tuple[str, ...]] = {
     "limits": ("max_clients", "max_login_clients", "login_timeout", "max_message_size"),
     "storages.*": ("host", "port", "connect_timeout", "retry_backoff", "managed"),
     "storages.*.managed": ("data_dir", "users", "databases", "hba", "settings"),
-    "routes[]": ("database", "user", "storage", "server", "auth", "pool"),
+    "routes[]": ("database", "user", "clients", "block", "storage", "server", "auth", "pool"),
     "routes[].server": ("database", "user", "password"),
     "routes[].auth": (
         "method", "password", "query", "query_user", "query_password", "query_database",
@@ -177,6 +184,13 @@ class Route:
     auth: ClientAuth
     pool: PoolSettings
     index: int = 0
+    #: The client networks served (``UNIX`` for unix-socket clients); None: every address.
+    clients: tuple[ClientNetwork, ...] | None = None
+    #: Refuse this route's clients (28000) once they have passed its authentication.
+    block: bool = False
+    #: False for a blocked route without an ``auth`` section: its clients are asked what
+    #: the route it shadows would ask, so a block shows nothing before the password.
+    own_auth: bool = True
 
     @property
     def name(self) -> str:
@@ -365,6 +379,58 @@ def _string_list(value: Any) -> tuple[str, ...]:
     return tuple(value)
 
 
+def _read_clients(section: _Section) -> tuple[ClientNetwork, ...] | None:
+    """``routes[].clients``: networks in CIDR form (a bare address is a /32 or /128) and
+    ``"unix"``. Absent means every address. Host bits must be zero, so that a typo like
+    ``10.0.0.1/8`` is caught rather than silently widened; IPv4-mapped IPv6 networks are
+    kept as the IPv4 networks they are, since a mapped client is matched as IPv4."""
+    key = "clients"
+    if not section.has(key):
+        return None
+    raw = section.data[key]
+    expected = f'networks like 10.0.0.0/8 or "{UNIX}"'
+    if not isinstance(raw, list) or not raw:
+        section.problem(
+            f"must be a non-empty list of {expected} (leave it out to serve every address), "
+            f"got {_show(raw)}", key)
+        return None
+    out: list[ClientNetwork] = []
+    for i, item in enumerate(raw):
+        where = f"{section.at(key)}[{i}]"
+        if item == UNIX:
+            out.append(UNIX)
+            continue
+        if not isinstance(item, str):
+            section.problems.append(f"{where}: must be a network like 10.0.0.0/8 or "
+                                    f'"{UNIX}", got {_show(item)}')
+            continue
+        try:
+            network = ipaddress.ip_network(item.strip(), strict=True)
+        except ValueError as exc:
+            section.problems.append(f"{where}: must be a network like 10.0.0.0/8 or "
+                                    f'"{UNIX}", got {_show(item)} ({exc})')
+            continue
+        if isinstance(network, ipaddress.IPv6Network) and network.subnet_of(IPV4_MAPPED):
+            network = ipaddress.IPv4Network(
+                (int(network.network_address) & 0xFFFFFFFF, network.prefixlen - 96))
+        out.append(network)
+    return tuple(out)
+
+
+def _covers(earlier: tuple[ClientNetwork, ...] | None, entry: ClientNetwork) -> bool:
+    """Does a ``clients`` list (None: every address) take in all of ``entry``?"""
+    if earlier is None:
+        return True
+    for network in earlier:
+        if network == entry:
+            return True
+        if isinstance(network, str) or isinstance(entry, str) or network.version != entry.version:
+            continue
+        if entry.subnet_of(network):  # type: ignore[arg-type]
+            return True
+    return False
+
+
 def _read_secret(section: _Section, key: str, base: Path | None) -> Secret | None:
     """A password: a string, or ``{env: NAME}``, or ``{file: path}`` (relative to the config)."""
     if not section.has(key):
@@ -531,6 +597,8 @@ def _read_route(
         return None
     database = s.value("database", _string, f'a database name or "{ANY}"', ANY)
     user = s.value("user", _string, f'a user name or "{ANY}"', ANY)
+    clients = _read_clients(s)
+    block = s.value("block", _bool, "true or false", False)
     storage_name = s.value("storage", _string, "a storage name", required=True)
     storage = storages.get(storage_name) if storage_name else None
     if storage_name and storage is None:
@@ -576,7 +644,31 @@ def _read_route(
         auth=ClientAuth(method, secret, lookup),
         pool=pool,
         index=index,
+        clients=clients,
+        block=block,
+        own_auth=not (block and not s.has("auth")),
     )
+
+
+def _unreachable(route: Route, earlier: list[Route]) -> str | None:
+    """Why ``route`` can never be chosen, if routes before it for the same (database,
+    user) already serve every address it lists (the first route that fits wins)."""
+    where = f"routes[{route.index}]"
+    pair = f"(database {route.database!r}, user {route.user!r})"
+    if route.clients is None:
+        for r in earlier:
+            if r.clients is None:
+                return f"{where}: duplicates routes[{r.index}] {pair}"
+        return None
+    covering = set()
+    for entry in route.clients:
+        found = [r.index for r in earlier if _covers(r.clients, entry)]
+        if not found:
+            return None
+        covering.add(found[0])
+    names = ", ".join(f"routes[{i}]" for i in sorted(covering))
+    verb = "serves" if len(covering) == 1 else "serve"
+    return f"{where}: never used: {names} before it already {verb} every address it lists {pair}"
 
 
 def parse(data: Any, source: str | None = None) -> Config:
@@ -613,18 +705,15 @@ def parse(data: Any, source: str | None = None) -> Config:
         if top.ok:
             top.problem("must be a non-empty list of routes", "routes")
     else:
-        seen: dict[tuple[str, str], int] = {}
+        seen: dict[tuple[str, str], list[Route]] = {}
         for i, body in enumerate(raw_routes):
             route = _read_route(problems, i, body, storages, base, pool_defaults)
             if route is None:
                 continue
-            key = (route.database, route.user)
-            if key in seen:
-                problems.append(
-                    f"routes[{i}]: duplicates routes[{seen[key]}] "
-                    f"(database {route.database!r}, user {route.user!r})"
-                )
-            seen[key] = i
+            problem = _unreachable(route, seen.setdefault((route.database, route.user), []))
+            if problem:
+                problems.append(problem)
+            seen[(route.database, route.user)].append(route)
             routes.append(route)
 
     if problems:

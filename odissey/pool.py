@@ -37,9 +37,15 @@ ServerConnector = Callable[[IReactorTime, Route, str, str], "Deferred[ServerConn
 class PoolKey(NamedTuple):
     database: str
     user: str
+    #: The route's index when that route has address rules (``clients``): one pair may
+    #: then be served by several routes, with other server logins and settings, and each
+    #: gets pools of its own. None otherwise, where a pair has exactly one route.
+    route: Optional[int] = None
 
     def __str__(self) -> str:
-        return f"{self.database}/{self.user}"
+        if self.route is None:
+            return f"{self.database}/{self.user}"
+        return f"{self.database}/{self.user} (routes[{self.route}])"
 
 
 class Waiter(TypingProtocol):
@@ -399,7 +405,7 @@ class Pools:
         self.pools: dict[PoolKey, Pool] = {}
 
     def get(self, route: Route, database: str, user: str) -> Pool:
-        key = PoolKey(database, user)
+        key = PoolKey(database, user, None if route.clients is None else route.index)
         pool = self.pools.get(key)
         if pool is None:
             pool = Pool(key, route, self.reactor,

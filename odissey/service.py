@@ -153,7 +153,7 @@ class OdisseyService(MultiService):
             auth_queries=self.auth_queries, credentials=credentials,
         )
         for route in self.config.routes:
-            if route.pool.min_size and ANY not in (route.database, route.user):
+            if route.pool.min_size and not route.block and ANY not in (route.database, route.user):
                 self.pools.get(route, route.database, route.user)  # warmed by the janitor
         janitor = TimerService(PERIOD, Janitor(self.reactor, self.pools, self.factory).tick)
         janitor.clock = self.reactor
