@@ -85,6 +85,7 @@ def main() -> None:
     parser.add_argument("--protocol", default="simple")
     parser.add_argument("--seconds", type=int, default=15)
     parser.add_argument("--warmup", type=int, default=15)
+    parser.add_argument("--connect", action="store_true", help="a new connection per transaction (-C)")
     args = parser.parse_args()
     pypy = "pypy" in subprocess.run([args.python, "-c", "import sys; print(sys.implementation.name)"],
                                     capture_output=True, text=True, check=True).stdout
@@ -103,11 +104,11 @@ def main() -> None:
         proc, port, _package = start_odissey(pg.port, USER, PASSWORD, DB, mode="transaction", pool_size=20,
                                              workdir=workdir, python=args.python)
         pgbench(port, USER, PASSWORD, DB, clients=args.clients, jobs=2, protocol=args.protocol,
-                seconds=args.warmup)
+                seconds=args.warmup, connect=args.connect)
         if pypy:
             os.kill(proc.pid, signal.SIGUSR1)
             tps = pgbench(port, USER, PASSWORD, DB, clients=args.clients, jobs=2, protocol=args.protocol,
-                          seconds=args.seconds)
+                          seconds=args.seconds, connect=args.connect)
             os.kill(proc.pid, signal.SIGUSR2)
             time.sleep(1)
             leaves = list(vmprof_leaves(args.python, output))
@@ -116,7 +117,7 @@ def main() -> None:
                                     "-f", "raw", "-o", output, "--nonblocking"],
                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             tps = pgbench(port, USER, PASSWORD, DB, clients=args.clients, jobs=2, protocol=args.protocol,
-                          seconds=args.seconds + 1)
+                          seconds=args.seconds + 1, connect=args.connect)
             spy.wait()
             with open(output) as raw:
                 leaves = list(py_spy_leaves(raw.read()))
@@ -129,7 +130,8 @@ def main() -> None:
         shares[area(function, path)] += count
     total = sum(shares.values()) or 1
     outside = sum(count for name, count in shares.items() if name not in KERNEL) or 1
-    print(f"\n{'PyPy (vmprof)' if pypy else 'CPython (py-spy)'}, pgbench -S -c {args.clients} -M {args.protocol}, "
+    print(f"\n{'PyPy (vmprof)' if pypy else 'CPython (py-spy)'}, pgbench -S{' -C' if args.connect else ''} "
+          f"-c {args.clients} -M {args.protocol}, "
           f"{tps:.0f} tps while sampled\n")
     print("| area | share of samples | share outside the socket and epoll calls |")
     print("|---|---|---|")
