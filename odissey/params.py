@@ -166,11 +166,20 @@ def set_statements(changes: list[tuple[str, str | None]], wanted: Params, curren
     return ["SET client_encoding TO 'UTF8'"] + ([set_query(rest)] if rest else [])
 
 
+#: Parameters PostgreSQL reads as a list of possibly quoted names (GUC_LIST_QUOTE): from
+#: a startup packet, ``search_path=a,b`` is two schemas, while ``SET search_path TO
+#: 'a,b'`` is one schema called "a,b". ``set_config`` reads its value as the startup
+#: packet does.
+_LIST_QUOTED = frozenset(("search_path", "temp_tablespaces", "session_preload_libraries",
+                          "local_preload_libraries"))
+
+
 def set_query(changes: list[tuple[str, str | None]], local: bool = False) -> str:
     verb = "SET LOCAL" if local else "SET"
     return "; ".join(
-        f"{verb} {quote_ident(name)} TO {quote_literal(value)}"
-        if value is not None
-        else f"RESET {quote_ident(name)}"
+        f"RESET {quote_ident(name)}" if value is None
+        else f"SELECT pg_catalog.set_config({quote_literal(name)}, {quote_literal(value)}, {str(local).lower()})"
+        if name.lower() in _LIST_QUOTED
+        else f"{verb} {quote_ident(name)} TO {quote_literal(value)}"
         for name, value in changes
     )

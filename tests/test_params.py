@@ -52,6 +52,14 @@ class ParamsTests(SynchronousTestCase):
             "RESET \"search_path\"",
         )
 
+    def test_list_parameters_read_as_from_a_startup_packet(self) -> None:
+        """A list parameter (search_path=a,b is two schemas at startup) is set with
+        set_config, which reads the value as the startup packet does; SET would take
+        'a,b' for one schema name."""
+        self.assertEqual(
+            set_query([("search_path", "a,b"), ("TimeZone", "UTC")], local=True),
+            "SELECT pg_catalog.set_config(E'search_path', E'a,b', true); SET LOCAL \"TimeZone\" TO E'UTC'")
+
     @given(st.text(alphabet=st.characters(blacklist_characters="\0"), max_size=40))
     def test_literal_never_ends_early(self, value: str) -> None:
         """A quoted value is one literal: no unescaped quote can end it early."""

@@ -278,18 +278,41 @@ class ParameterIsolationTests(IntegrationTest):
 
     @inlineCallbacks
     def test_options_injection_does_not_execute(self):
-        """A search_path value crafted to break out of its quotes is set verbatim, never run."""
+        """A value crafted to break out of its quotes is a value, never run: a search_path
+        that is no valid list is refused at login as PostgreSQL refuses it, and a plain
+        parameter is set verbatim."""
         evil = "public'; create table pwned (x int); --"
-        conn = yield self.thread(self.odissey.connect, options=f"-c search_path={evil.replace(' ', chr(92) + ' ')}")
+        escaped = evil.replace(" ", chr(92) + " ")
+        with self.assertRaises(psycopg.OperationalError) as direct_refusal:
+            direct(options=f"-c search_path={escaped}").close()
+        with self.assertRaises(psycopg.OperationalError) as refusal:
+            yield self.thread(self.odissey.connect, options=f"-c search_path={escaped}")
+        self.assertIn("invalid value for parameter", str(direct_refusal.exception))
+        self.assertIn('invalid value for parameter "search_path"', str(refusal.exception))
+        conn = yield self.thread(self.odissey.connect, options=f"-c application_name={escaped}")
         try:
-            path = yield self.thread(lambda: conn.execute("show search_path").fetchone()[0])
-            self.assertIn("pwned", path)
+            name = yield self.thread(lambda: conn.execute("show application_name").fetchone()[0])
+            self.assertIn("pwned", name)
 
             def pwned() -> int:
                 with direct() as su:
                     return su.execute("select count(*) from pg_class where relname = 'pwned'").fetchone()[0]
 
             self.assertEqual((yield self.thread(pwned)), 0)
+        finally:
+            yield self.thread(conn.close)
+
+    @inlineCallbacks
+    def test_list_setting_from_options_is_a_list(self):
+        """options=-csearch_path=a,b gives two schemas, as PostgreSQL itself does."""
+        options = "-c search_path=pg_catalog,public"
+        look = "select current_setting('search_path'), current_schemas(false)"
+        with direct(options=options) as conn:
+            expected = conn.execute(look).fetchone()
+        self.assertEqual(expected[1], ["pg_catalog", "public"])
+        conn = yield self.thread(self.odissey.connect, options=options)
+        try:
+            self.assertEqual((yield self.thread(lambda: conn.execute(look).fetchone())), expected)
         finally:
             yield self.thread(conn.close)
 
