@@ -12,6 +12,12 @@ past it the oldest of them that has kept us waiting for STALL_GRACE is dropped, 
 flood of connections that never finish logging in cannot keep real clients out, while a
 burst of real logins (which always answer at once) is never cut. ``limits.max_clients``
 counts logged-in clients; all connections together stay under the sum of both.
+
+TLS (``tls.py`` makes the context): an SSLRequest is answered ``S`` and the same
+transport switches to TLS (``startTLS``), or ``N``; a first byte 0x16 is PostgreSQL 17's
+direct TLS, whose ClientHello is handed to the TLS layer once started. Bytes sent behind
+an SSLRequest before the handshake are an injection attempt (CVE-2021-23214) and close
+the connection. A CancelRequest is served in plaintext whatever the mode.
 """
 
 from __future__ import annotations
@@ -23,13 +29,14 @@ from functools import partial
 from typing import Callable
 
 from twisted.internet.defer import Deferred, inlineCallbacks, maybeDeferred, succeed
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IHandshakeListener, IReactorTime
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from odissey.auth.secrets import InThread
-from odissey.auth.verifiers import ClientVerifiers
+from odissey.auth.verifiers import CertVerifier, ClientVerifiers
 from odissey.cancel import CancelKeys
 from odissey.config import Limits
 from odissey.flow import PENDING_LIMIT, Valve, send, set_nodelay
@@ -39,6 +46,8 @@ from odissey.relay import Relay
 from odissey.router import Router
 from odissey.server import ServerConnection
 from odissey.startup_check import StartupChecks
+from odissey.tls import ClientSide, HANDSHAKE_RECORD, common_name, describe_failure, peer_certificate
+from odissey.tls import ALPN, negotiated_protocol
 from odissey.wire import errors
 from odissey.wire import messages as m
 from odissey.wire.errors import PoolerError, ProtocolViolation, UnsupportedProtocol
@@ -70,6 +79,7 @@ class ClientState(Enum):
     GONE = "gone"
 
 
+@implementer(IHandshakeListener)
 class ClientConnection(Protocol):
     def __init__(self, factory: "ClientFactory") -> None:
         self.id = f"c{next(_ids)}"
@@ -90,6 +100,11 @@ class ClientConnection(Protocol):
         self._attaching: Deferred[ServerConnection] | None = None  # session mode: the server, at login
         self._login_timer: IDelayedCall | None = None
         self._asked_at = factory.reactor.seconds()  # when we last waited for the client
+        self.tls_started = False  # startTLS called: every byte from now on is TLS
+        self.encrypted = False  # the handshake completed
+        self.direct_tls = False  # began with a ClientHello (sslnegotiation=direct)
+        #: The CN of the client certificate (verified against tls.ca_file), if one was sent.
+        self.peer_cn: str | None = None
 
     def __repr__(self) -> str:
         return f"<client {self.id} {self.user}@{self.database} {self.state.value}>"
@@ -118,6 +133,9 @@ class ClientConnection(Protocol):
             self.fail(exc)
 
     def connectionLost(self, reason: Failure | None = None) -> None:
+        if self.tls_started and not self.encrypted and reason is not None:
+            log.info("{id}: TLS handshake failed: {why}", id=self.id,
+                     why=describe_failure(reason.value))
         self.state = ClientState.GONE
         self.factory.forget(self)
         self._buffer = b""
@@ -168,7 +186,38 @@ class ClientConnection(Protocol):
 
     # -- startup -----------------------------------------------------------------------------
 
+    def handshakeCompleted(self) -> None:
+        """TLS is up: note the client's certificate; a direct-TLS client must have
+        agreed on ALPN ``postgresql`` (PostgreSQL 17 closes without a word otherwise)."""
+        self.encrypted = True
+        if self.direct_tls and negotiated_protocol(self.transport) != ALPN:
+            log.info("{id}: direct TLS without ALPN postgresql, closing", id=self.id)
+            self.state = ClientState.CLOSING
+            self.transport.abortConnection()  # type: ignore[union-attr]
+            return
+        cert = peer_certificate(self.transport)
+        self.peer_cn = common_name(cert) if cert is not None else None
+
+    def _start_tls(self) -> None:
+        tls = self.factory.tls
+        assert tls is not None
+        self.tls_started = True
+        self._negotiated.add(SSLRequest)  # another one, inside TLS, is refused
+        self.transport.startTLS(tls)  # type: ignore[union-attr]
+
     def _startup(self, data: bytes) -> None:
+        if (data[0] == HANDSHAKE_RECORD and not self.tls_started and not self._negotiated
+                and not self._reader.rest):
+            # PostgreSQL 17's direct TLS: a ClientHello instead of an SSLRequest.
+            if self.factory.tls is None:
+                log.info("{id}: direct TLS attempted but TLS is off, closing", id=self.id)
+                self.state = ClientState.CLOSING
+                self.transport.abortConnection()  # type: ignore[union-attr]
+                return
+            self.direct_tls = True
+            self._start_tls()
+            self.transport.protocol.dataReceived(data)  # type: ignore[union-attr]
+            return
         packet = self._reader.feed(data)
         if packet is None:
             return
@@ -180,9 +229,13 @@ class ClientConnection(Protocol):
                 raise UnsupportedProtocol(
                     f"unsupported frontend protocol {code >> 16}.{code & 0xFFFF}: "
                     "server supports 3.0 to 3.0")
-            if rest:
+            if rest:  # never protocol, never handed to TLS (CVE-2021-23214)
                 raise ProtocolViolation(f"received unencrypted data after {what}")
             self._negotiated.add(type(packet))
+            if isinstance(packet, SSLRequest) and self.factory.tls is not None and not self.tls_started:
+                self.transport.write(b"S")  # type: ignore[union-attr]
+                self._start_tls()  # (what was written before goes out first, in the clear)
+                return
             self.transport.write(b"N")  # type: ignore[union-attr]
             return
         if isinstance(packet, CancelRequest):
@@ -252,6 +305,9 @@ class ClientConnection(Protocol):
             )
         database = params.get("database") or user
         self.user, self.database = user, database
+        tls = f.tls
+        if tls is not None and tls.require and not self.encrypted:
+            raise self._no_encryption(f"tls.mode is {tls.mode}")
         if params.get("replication", "false").lower() not in ("false", "off", "no", "0"):
             raise PoolerError(
                 errors.FEATURE_NOT_SUPPORTED, "replication connections are not supported"
@@ -262,7 +318,17 @@ class ClientConnection(Protocol):
                 raise PoolerError(errors.INVALID_CATALOG_NAME, f'database "{database}" does not exist')
             verifier = f.verifiers.mock(f.router.mock_auth(database), user)
         else:
-            verifier = yield f.verifiers.for_route(route.auth, user)
+            if route.auth.require_tls and not self.encrypted:
+                raise self._no_encryption(f"route {route.name} requires TLS")
+            if tls is not None and tls.verify_user and self.encrypted and self.peer_cn != user:
+                raise PoolerError(
+                    errors.INVALID_AUTHORIZATION_SPECIFICATION,
+                    f'certificate validation (tls.mode verify-full) failed for user "{user}": '
+                    "CN mismatch")
+            if route.auth.method == "cert":
+                verifier = CertVerifier(user, self.peer_cn if self.encrypted else None)
+            else:
+                verifier = yield f.verifiers.for_route(route.auth, user)
         step = verifier.start()
         while not step.done:
             self.send(step.reply)
@@ -328,6 +394,17 @@ class ClientConnection(Protocol):
             early, self._buffer = self._buffer, b""
             self.relay.clientData(early)
 
+    def _no_encryption(self, why: str) -> PoolerError:
+        """A plaintext login where TLS is required: 28000, like PostgreSQL's hostssl-only
+        pg_hba.conf refusal (before any password is asked, so none crosses in clear)."""
+        peer = getattr(self.transport, "getPeer", lambda: None)()
+        host = getattr(peer, "host", "[local]")
+        return PoolerError(
+            errors.INVALID_AUTHORIZATION_SPECIFICATION,
+            f'no encryption: TLS is required for host "{host}", user "{self.user}", '
+            f'database "{self.database}" ({why})',
+            hint="Connect with sslmode=require or stronger.")
+
     def _login_failed(self, failure: Failure) -> None:
         if self.state is ClientState.GONE or self.state is ClientState.CLOSING:
             return
@@ -361,8 +438,11 @@ class ClientFactory(Factory):
         limits: Limits,
         threads: InThread,
         keys: CancelKeys[ClientConnection] | None = None,
+        tls: ClientSide | None = None,
     ) -> None:
         self.reactor = reactor
+        #: The TLS offered to clients; None when tls.mode is disable (SSLRequest gets N).
+        self.tls = tls
         self.router = router
         self.pools = pools
         self.limits = limits

@@ -111,7 +111,9 @@ def peer_closed(transport: Any) -> bool:
     behind whatever the peer sent last. poll() reports it (POLLRDHUP on Linux) without
     reading anything."""
     try:
-        fileno = transport.getHandle().fileno()
+        # After startTLS, getHandle() is the TLS object (no fileno): ask the socket.
+        fileno = getattr(transport, "socket", None) or transport.getHandle()
+        fileno = fileno.fileno()
     except Exception:  # not a socket transport (tests), or already closed
         return False
     if fileno < 0:

@@ -20,6 +20,7 @@ from odissey.pool import Pools
 from odissey.postgres import LocalPostgres
 from odissey.router import Router
 from odissey.server import ServerConnection, connect
+from odissey import tls
 from odissey.wire import errors
 from odissey.wire.errors import PoolerError
 
@@ -141,10 +142,13 @@ class OdisseyService(MultiService):
                      dir=postgres.socket_dir)
             hosts[name] = postgres.socket_dir
         self.config = with_storage_hosts(self.config, hosts)
-        self.pools = Pools(
-            self.reactor, functools.partial(connect, tracker=self.live, threads=self.threads))
+        # Certificates and keys are read once, here: rotating them takes a restart.
+        client_tls, server_tls = tls.load(self.config)
+        self.pools = Pools(self.reactor, functools.partial(
+            connect, tracker=self.live, threads=self.threads, tls=server_tls))
         self.factory = ClientFactory(
-            self.reactor, Router(self.config.routes), self.pools, self.config.limits, self.threads
+            self.reactor, Router(self.config.routes), self.pools, self.config.limits, self.threads,
+            tls=client_tls,
         )
         for route in self.config.routes:
             if route.pool.min_size and ANY not in (route.database, route.user):
