@@ -18,7 +18,7 @@ from typing import Optional
 
 from cryptography import x509
 from cryptography.x509.oid import NameOID
-from OpenSSL import SSL
+from OpenSSL import SSL, crypto
 from twisted.internet.interfaces import (
     IOpenSSLClientConnectionCreator,
     IOpenSSLServerConnectionCreator,
@@ -188,9 +188,7 @@ def _pem_certificates(path: str) -> list:
         return x509.load_pem_x509_certificates(fh.read())
 
 
-def _x509_name(cert: x509.Certificate) -> object:
-    from OpenSSL import crypto
-
+def _x509_name(cert: x509.Certificate) -> "crypto.X509Name":
     return crypto.X509.from_cryptography(cert).get_subject()
 
 
@@ -246,10 +244,9 @@ class ServerSide:
                 verify_certificate_hostname(cert, self.name)
             else:
                 verify_certificate_ip_address(cert, str(address))
-        except (VerificationError, CertificateError) as exc:
-            names = ", ".join(_subject_names(cert)) or "none"
-            return (f'server certificate does not match host name "{self.name}" '
-                    f"(it names: {names}; {type(exc).__name__})")
+        except (VerificationError, CertificateError):
+            names = ", ".join(_subject_names(cert)) or "no name"
+            return f'server certificate does not match host name "{self.name}" (it names {names})'
         return None
 
 

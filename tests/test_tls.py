@@ -186,9 +186,13 @@ def outcome(port: int, sslmode: str, client_cert: tuple[str, str] | None = None,
         parts["sslrootcert"] = certs().ca_file
     if client_cert is not None:
         parts["sslcert"], parts["sslkey"] = client_cert
+    big = parts.pop("big", None)
     try:
         with psycopg.connect(make_conninfo(**parts), autocommit=True, connect_timeout=10) as conn:
             conn.execute("select 1").fetchone()
+            if big:  # a reply larger than the socket takes at once: writes queue behind TLS
+                rows = conn.execute("select repeat('x', 3000000) from generate_series(1, 3)").fetchall()
+                assert [len(r[0]) for r in rows] == [3000000] * 3, "reply damaged"
             return "tls" if conn.pgconn.ssl_in_use else "plain"
     except psycopg.OperationalError as exc:
         return f"refused: {exc}"
@@ -265,6 +269,8 @@ class ClientSideTests(_Base):
         same port; with TLS off the connection is closed."""
         port = yield self.odissey(document(serving("require")))
         got = yield self.thread(outcome, port, "verify-full", sslnegotiation="direct")
+        self.assertEqual(got, "tls")
+        got = yield self.thread(outcome, port, "require", sslnegotiation="direct", big="1")
         self.assertEqual(got, "tls")
         port = yield self.odissey(document())
         got = yield self.thread(outcome, port, "require", sslnegotiation="direct")
