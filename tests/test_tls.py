@@ -349,6 +349,17 @@ class ClientSideTests(_Base):
         self.assertIn("route app/* requires TLS", message)
 
     @inlineCallbacks
+    def test_channel_binding_cannot_pass(self):  # type: ignore[no-untyped-def]
+        """A client with channel_binding=require is refused by its own libpq: a pooler
+        that terminates TLS cannot offer SCRAM-SHA-256-PLUS (the client's TLS channel
+        is not the one PostgreSQL sees)."""
+        port = yield self.odissey(document(serving("require")))
+        got = yield self.thread(outcome, port, "require", channel_binding="require")
+        self.assertIn("channel binding is required, but server did not offer an "
+                      "authentication method that supports channel binding", got)
+        self.assertEqual((yield self.thread(outcome, port, "require", channel_binding="prefer")), "tls")
+
+    @inlineCallbacks
     def test_expired_certificate_refused_by_verifying_client(self):  # type: ignore[no-untyped-def]
         """An expired certificate still encrypts (sslmode=require) but fails verify-ca
         (libpq says only "certificate verify failed"; Odissey logs OpenSSL's alert)."""
