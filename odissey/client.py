@@ -160,6 +160,13 @@ class ClientConnection(Protocol):
         if self.state is ClientState.GONE or self.state is ClientState.CLOSING or self.transport is None:
             return
         self.state = ClientState.CLOSING
+        if self.tls_started and not self.encrypted:
+            # Mid-handshake nothing can be said, and Twisted would hold the connection
+            # open until a stalled handshake finished to deliver it: cut it instead.
+            log.info("{id}: {sqlstate} {message} (during the TLS handshake)", id=self.id,
+                     sqlstate=error.sqlstate, message=error.message)
+            self.transport.abortConnection()  # type: ignore[attr-defined]
+            return
         error.severity = "FATAL"
         log.info("{id}: {sqlstate} {message}", id=self.id, sqlstate=error.sqlstate,
                  message=error.message)

@@ -327,6 +327,29 @@ class ClientSideTests(_Base):
         self.assertEqual((fields["C"], fields["M"]), ("08P01", "received unencrypted data after SSL request"))
 
     @inlineCallbacks
+    def test_stalled_handshake_closed_at_login_timeout(self):  # type: ignore[no-untyped-def]
+        """A client that asks for TLS and then never finishes the handshake is cut at
+        limits.login_timeout (nothing can be said to it before the handshake)."""
+        doc = document(serving("require"))
+        doc["limits"] = {"login_timeout": "500ms"}
+        port = yield self.odissey(doc)
+
+        def stall() -> tuple[bytes, float]:
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+                sock.sendall(m.ssl_request())
+                answer = sock.recv(1)
+                started = time.monotonic()
+                rest = sock.recv(1024)  # b"" (or a reset) when Odissey cuts it
+                return answer + rest, time.monotonic() - started
+
+        try:
+            data, waited = yield self.thread(stall)
+        except ConnectionResetError:
+            data, waited = b"S", 0.0
+        self.assertEqual(data, b"S")
+        self.assertLess(waited, 5)
+
+    @inlineCallbacks
     def test_cert_auth(self):  # type: ignore[no-untyped-def]
         """auth.method cert lets in a client whose verified certificate's CN is its user
         name, and refuses (28000) another CN or no certificate at all."""
