@@ -46,8 +46,15 @@ from odissey.relay import Relay
 from odissey.router import Router
 from odissey.server import ServerConnection
 from odissey.startup_check import StartupChecks
-from odissey.tls import ClientSide, HANDSHAKE_RECORD, common_name, describe_failure, peer_certificate
-from odissey.tls import ALPN, negotiated_protocol
+from odissey.tls import (
+    ALPN,
+    HANDSHAKE_RECORD,
+    ClientSide,
+    common_name,
+    describe_failure,
+    negotiated_protocol,
+    peer_certificate,
+)
 from odissey.wire import errors
 from odissey.wire import messages as m
 from odissey.wire.errors import PoolerError, ProtocolViolation, UnsupportedProtocol

@@ -152,7 +152,8 @@ def ssl_postgres() -> LocalPostgres:
 
 
 def document(client_tls: dict | None = None, storage_tls: dict | None = None,
-             auth: dict | None = None, storage_port: int | None = None) -> dict:
+             auth: dict | None = None, storage_port: int | None = None,
+             pool_mode: str = "session") -> dict:
     storage: dict[str, Any] = {"host": "127.0.0.1", "port": storage_port or ssl_postgres().port,
                                "connect_timeout": "5s", "retry_backoff": "250ms"}
     if storage_tls is not None:
@@ -164,7 +165,7 @@ def document(client_tls: dict | None = None, storage_tls: dict | None = None,
             "database": "app", "user": "*", "storage": "pg",
             "auth": auth or {"method": "scram-sha-256", "password": APP_PASSWORD},
             "server": {"user": "app", "password": APP_PASSWORD},
-            "pool": {"mode": "session", "size": 4, "wait_timeout": "5s"},
+            "pool": {"mode": pool_mode, "size": 4, "wait_timeout": "5s"},
         }],
     }
     if client_tls is not None:
@@ -266,15 +267,34 @@ class ClientSideTests(_Base):
     @inlineCallbacks
     def test_direct_tls(self):  # type: ignore[no-untyped-def]
         """PostgreSQL 17's direct TLS (a ClientHello first, no SSLRequest) is served on the
-        same port; with TLS off the connection is closed."""
+        same port, large replies included; with TLS off the connection is closed."""
         port = yield self.odissey(document(serving("require")))
         got = yield self.thread(outcome, port, "verify-full", sslnegotiation="direct")
         self.assertEqual(got, "tls")
-        got = yield self.thread(outcome, port, "require", sslnegotiation="direct", big="1")
+        # Both sides encrypted, transaction mode: a 9 MB reply crosses two TLS layers.
+        port_tx = yield self.odissey(document(serving("require"), storage_tls={"mode": "require"},
+                                              pool_mode="transaction"))
+        got = yield self.thread(outcome, port_tx, "require", sslnegotiation="direct", big="1")
         self.assertEqual(got, "tls")
         port = yield self.odissey(document())
         got = yield self.thread(outcome, port, "require", sslnegotiation="direct")
         self.assertTrue(got.startswith("refused"), got)
+
+    @inlineCallbacks
+    def test_transaction_mode_over_tls(self):  # type: ignore[no-untyped-def]
+        """Transaction mode over TLS on both sides: each transaction attaches and detaches
+        a server, and the producers coupled behind Twisted's TLS layer are uncoupled
+        each time (they were not: the second transaction failed)."""
+        port = yield self.odissey(document(serving("require"), storage_tls={"mode": "require"},
+                                           pool_mode="transaction"))
+
+        def run() -> list[int]:
+            dsn = make_conninfo(host="127.0.0.1", port=str(port), user="app", dbname="app",
+                                password=APP_PASSWORD, sslmode="require")
+            with psycopg.connect(dsn, autocommit=True, connect_timeout=10) as conn:
+                return [conn.execute("select %s::int", (i,)).fetchone()[0] for i in range(20)]
+
+        self.assertEqual((yield self.thread(run)), list(range(20)))
 
     @inlineCallbacks
     def test_direct_tls_needs_alpn_postgresql(self):  # type: ignore[no-untyped-def]
