@@ -27,6 +27,7 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThreadPool
 from twisted.python.threadpool import ThreadPool
 from twisted.trial.unittest import SynchronousTestCase, TestCase
@@ -295,6 +296,38 @@ class ClientSideTests(_Base):
                 return [conn.execute("select %s::int", (i,)).fetchone()[0] for i in range(20)]
 
         self.assertEqual((yield self.thread(run)), list(range(20)))
+
+    @inlineCallbacks
+    def test_slow_tls_reader_pauses_server(self):  # type: ignore[no-untyped-def]
+        """A TLS client that stops reading a 300 MB result makes Odissey stop reading
+        the server: back-pressure works through Twisted's TLS layer on both sides."""
+        port = yield self.odissey(document(serving("require"), storage_tls={"mode": "require"},
+                                           auth={"method": "trust"}))
+        raw = socket.create_connection(("127.0.0.1", port), timeout=10)
+        self.addCleanup(raw.close)
+
+        def start() -> ssl.SSLSocket:
+            raw.sendall(m.ssl_request())
+            assert raw.recv(1) == b"S"
+            sock = ssl.create_default_context(cafile=certs().ca_file).wrap_socket(
+                raw, server_hostname="localhost")
+            sock.sendall(m.startup_message({"user": "app", "database": "app"}))
+            data = b""
+            while not data.endswith(m.ready_for_query(b"I")):
+                data += sock.recv(65536)
+            sock.sendall(m.query("select repeat('x', 1000) from generate_series(1, 300000)"))
+            return sock
+
+        sock = yield self.thread(start)
+        self.addCleanup(sock.close)
+        client = next(iter(self.services[-1].factory.clients))  # type: ignore[union-attr]
+        deadline = time.monotonic() + 20
+        while not client.transport.producerPaused:
+            self.assertLess(time.monotonic(), deadline, "the client's writes never backed up")
+            yield deferLater(reactor, 0.02, lambda: None)
+        yield deferLater(reactor, 0.5, lambda: None)  # let anything in flight land
+        buffered = len(client.transport.dataBuffer) + client.transport._tempDataLen
+        self.assertLess(buffered, 4 * 1024 * 1024)
 
     @inlineCallbacks
     def test_direct_tls_needs_alpn_postgresql(self):  # type: ignore[no-untyped-def]
