@@ -23,28 +23,31 @@ the connection. A CancelRequest is served in plaintext whatever the mode.
 from __future__ import annotations
 
 import itertools
+import platform
 from collections import Counter
 from enum import Enum
 from functools import partial
 from typing import Callable
 
 from twisted.internet.defer import Deferred, inlineCallbacks, maybeDeferred, succeed
-from twisted.internet.interfaces import IDelayedCall, IHandshakeListener, IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IHandshakeListener, IReactorTime, ISSLTransport
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from odissey.auth.passthrough import Credentials
 from odissey.auth.secrets import InThread
 from odissey.auth.verifiers import CertVerifier, ClientVerifiers
+from odissey.auth_query import AuthQueries
 from odissey.cancel import CancelKeys
 from odissey.config import Limits
 from odissey.flow import PENDING_LIMIT, Valve, send, set_nodelay
 from odissey.params import params_from, startup_wants
 from odissey.pool import Pools
 from odissey.relay import Relay
-from odissey.router import Router
-from odissey.server import ServerConnection
+from odissey.router import Router, client_address
+from odissey.server import ServerConnection, borrows_credentials
 from odissey.startup_check import StartupChecks
 from odissey.tls import (
     ALPN,
@@ -70,6 +73,7 @@ log = Logger()
 _ids = itertools.count(1)
 _P, _X = b"pX"
 _READY = m.ready_for_query(b"I")
+_PYPY = platform.python_implementation() == "PyPy"
 #: The longest password-type message accepted (a SCRAM exchange's are far shorter).
 MAX_PASSWORD_MESSAGE = 65536
 #: How long a connection still logging in must have kept us waiting for its next bytes
@@ -319,36 +323,55 @@ class ClientConnection(Protocol):
             )
         database = params.get("database") or user
         self.user, self.database = user, database
+        client = client_address(self.transport.getPeer())  # type: ignore[union-attr]
         tls = f.tls
         if tls is not None and tls.require and not self.encrypted:
-            raise self._no_encryption(f"tls.mode is {tls.mode}")
+            raise self._no_encryption(client.shown, f"tls.mode is {tls.mode}")
         if params.get("replication", "false").lower() not in ("false", "off", "no", "0"):
             raise PoolerError(
                 errors.FEATURE_NOT_SUPPORTED, "replication connections are not supported"
             )
-        route = f.router.match(database, user)
+        route = f.router.match(database, user, client)
         if route is None:
             if not f.router.knows_database(database):
                 raise PoolerError(errors.INVALID_CATALOG_NAME, f'database "{database}" does not exist')
-            verifier = f.verifiers.mock(f.router.mock_auth(database), user)
+            if not f.router.serves(database, client):  # PostgreSQL's own check, before any password
+                raise PoolerError(errors.INVALID_AUTHORIZATION_SPECIFICATION,
+                                  f'no pg_hba.conf entry for host "{client.shown}", user "{user}", '
+                                  f'database "{database}", {self._encryption()}')
+            owner = None
         else:
-            if route.auth.require_tls and not self.encrypted:
-                raise self._no_encryption(f"route {route.name} requires TLS")
+            owner = f.router.auth_route_of(route, database, user, client)
+            # TLS checks, before any password is asked (as PostgreSQL's hostssl/clientcert).
+            if owner is not None and owner.auth.require_tls and not self.encrypted:
+                raise self._no_encryption(client.shown, f"route {owner.name} requires TLS")
             if tls is not None and tls.verify_user and self.encrypted and self.peer_cn != user:
                 raise PoolerError(
                     errors.INVALID_AUTHORIZATION_SPECIFICATION,
                     f'certificate validation (tls.mode verify-full) failed for user "{user}": '
                     "CN mismatch")
-            if route.auth.method == "cert":
-                verifier = CertVerifier(user, self.peer_cn if self.encrypted else None)
-            else:
-                verifier = yield f.verifiers.for_route(route.auth, user)
+        if owner is None:
+            verifier = f.verifiers.mock(f.router.mock_auth(database, client), user)
+        elif owner.auth.method == "cert":
+            verifier = CertVerifier(user, self.peer_cn if self.encrypted else None)
+        elif owner.auth.query is not None and f.auth_queries is not None:
+            found = yield f.auth_queries.lookup(owner, database, user)
+            verifier = f.verifiers.for_lookup(
+                owner.auth, user, found.secret, found.expired(f.reactor.seconds()))
+        else:
+            verifier = yield f.verifiers.for_route(owner.auth, user)
         step = verifier.start()
         while not step.done:
             self.send(step.reply)
             body = yield self._next_password()
             step = yield maybeDeferred(verifier.receive, body)
         assert route is not None
+        if route.block:  # only now: before the password, a block must look like anything else
+            log.info("{id}: {user}@{database} from {client} is blocked by routes[{index}]",
+                     id=self.id, user=user, database=database, client=client.shown, index=route.index)
+            raise PoolerError(errors.INVALID_AUTHORIZATION_SPECIFICATION,
+                              f'pg_hba.conf rejects connection for host "{client.shown}", '
+                              f'user "{user}", database "{database}", {self._encryption()}')
         if f.logged_in >= f.limits.max_clients:
             raise PoolerError(errors.TOO_MANY_CONNECTIONS, "sorry, too many clients already")
         limit = route.pool.max_clients
@@ -357,6 +380,10 @@ class ClientConnection(Protocol):
                 errors.TOO_MANY_CONNECTIONS,
                 f'too many clients for database "{database}" user "{user}" (max_clients {limit})',
             )
+        if borrows_credentials(route, user):  # for this pool's server logins (SCRAM pass-through)
+            credential = verifier.credential()
+            if credential is not None:
+                f.credentials.remember(database, user, credential)
         f.route_clients[route.index] += 1
         self.route_index = route.index
         self.send(step.reply + m.authentication_ok())
@@ -408,16 +435,18 @@ class ClientConnection(Protocol):
             early, self._buffer = self._buffer, b""
             self.relay.clientData(early)
 
-    def _no_encryption(self, why: str) -> PoolerError:
+    def _no_encryption(self, host: str, why: str) -> PoolerError:
         """A plaintext login where TLS is required: 28000, like PostgreSQL's hostssl-only
         pg_hba.conf refusal (before any password is asked, so none crosses in clear)."""
-        peer = getattr(self.transport, "getPeer", lambda: None)()
-        host = getattr(peer, "host", "[local]")
         return PoolerError(
             errors.INVALID_AUTHORIZATION_SPECIFICATION,
             f'no encryption: TLS is required for host "{host}", user "{self.user}", '
             f'database "{self.database}" ({why})',
             hint="Connect with sslmode=require or stronger.")
+
+    def _encryption(self) -> str:
+        """How PostgreSQL's refusals end: whether the client's connection is encrypted."""
+        return "SSL encryption" if ISSLTransport.providedBy(self.transport) else "no encryption"
 
     def _login_failed(self, failure: Failure) -> None:
         if self.state is ClientState.GONE or self.state is ClientState.CLOSING:
@@ -433,8 +462,16 @@ class ClientConnection(Protocol):
             send(self.transport, data)
 
     def writer(self) -> Callable[[bytes], bool]:
-        """The relay's way to write to this client: ``flow.send`` bound to the transport,
-        a C-level partial, so the hot path adds no Python call of ours per chunk."""
+        """The relay's way to write to this client: ``flow.send`` bound to the transport.
+        On CPython a C-level partial, so the hot path adds no Python call of ours per
+        chunk; on PyPy, whose ``partial`` is written in Python, a closure the JIT inlines."""
+        if _PYPY:
+            transport = self.transport
+
+            def write(data: bytes) -> bool:
+                return send(transport, data)
+
+            return write
         return partial(send, self.transport)
 
 
@@ -452,6 +489,9 @@ class ClientFactory(Factory):
         limits: Limits,
         threads: InThread,
         keys: CancelKeys[ClientConnection] | None = None,
+        *,
+        auth_queries: AuthQueries | None = None,
+        credentials: Credentials | None = None,
         tls: ClientSide | None = None,
     ) -> None:
         self.reactor = reactor
@@ -462,6 +502,9 @@ class ClientFactory(Factory):
         self.limits = limits
         self.keys: CancelKeys[ClientConnection] = keys or CancelKeys()
         self.verifiers = ClientVerifiers(threads)
+        self.auth_queries = auth_queries
+        #: What clients' logins leave for their pools' server logins (pass-through).
+        self.credentials = credentials if credentials is not None else Credentials()
         self.startup_checks = StartupChecks()
         self.clients: set[ClientConnection] = set()
         #: Connections still logging in, oldest first (a dict keeps insertion order).

@@ -8,11 +8,12 @@ refuses to start if there are any. The keys each section accepts are declared in
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Union
 
 import yaml
 
@@ -25,6 +26,12 @@ CLIENT_TLS_MODES = ("disable", "allow", "require", "verify-ca", "verify-full")
 SERVER_TLS_MODES = ("disable", "prefer", "require", "verify-ca", "verify-full")
 #: Spelled as PostgreSQL's ssl_min_protocol_version.
 TLS_VERSIONS = ("TLSv1", "TLSv1.1", "TLSv1.2", "TLSv1.3")
+#: In ``routes[].clients``: connections that came through a unix-socket listener.
+UNIX = "unix"
+#: One entry of ``routes[].clients``: an IPv4 or IPv6 network, or :data:`UNIX`.
+ClientNetwork = Union[ipaddress.IPv4Network, ipaddress.IPv6Network, str]
+#: IPv4-mapped IPv6 addresses (``::ffff:a.b.c.d``): a dual-stack listener's IPv4 clients.
+IPV4_MAPPED = ipaddress.IPv6Network("::ffff:0:0/96")
 
 POOL_KEYS = (
     "mode", "size", "min_size", "max_clients", "wait_timeout",
@@ -42,9 +49,12 @@ SCHEMA: dict[str, tuple[str, ...]] = {
     "storages.*": ("host", "port", "connect_timeout", "retry_backoff", "tls", "managed"),
     "storages.*.tls": ("mode", "ca_file", "cert_file", "key_file", "server_name"),
     "storages.*.managed": ("data_dir", "users", "databases", "hba", "settings"),
-    "routes[]": ("database", "user", "storage", "server", "auth", "pool"),
+    "routes[]": ("database", "user", "clients", "block", "storage", "server", "auth", "pool"),
     "routes[].server": ("database", "user", "password"),
-    "routes[].auth": ("method", "password", "require_tls"),
+    "routes[].auth": (
+        "method", "password", "query", "query_user", "query_password", "query_database",
+        "query_cache_ttl", "require_tls",
+    ),
     "pool_defaults": POOL_KEYS,
     "routes[].pool": POOL_KEYS,
 }
@@ -146,10 +156,31 @@ class ServerLogin:
     password: Secret | None
 
 
+#: auth_query's default: schema-qualified (a client's search_path cannot redirect it, and
+#: the lookup connection's own is pg_catalog anyway), the user name a Bind parameter, and
+#: the expiry, so that an expired password is refused (CVE-2025-2291).
+DEFAULT_AUTH_QUERY = (
+    "SELECT usename, passwd, valuntil FROM pg_catalog.pg_shadow WHERE usename = $1"
+)
+
+
+@dataclass(frozen=True)
+class AuthQuery:
+    """Where a route looks up its users' secrets: a query run as a dedicated user."""
+
+    query: str
+    user: str
+    password: Secret | None
+    database: str | None  # None: the client's database
+    cache_ttl: float = 5.0
+
+
 @dataclass(frozen=True)
 class ClientAuth:
     method: str
     password: Secret | None
+    #: Set when the route looks secrets up in PostgreSQL instead of holding one.
+    query: AuthQuery | None = None
     #: Refuse this route's clients unless their connection is encrypted.
     require_tls: bool = False
 
@@ -187,6 +218,13 @@ class Route:
     auth: ClientAuth
     pool: PoolSettings
     index: int = 0
+    #: The client networks served (``UNIX`` for unix-socket clients); None: every address.
+    clients: tuple[ClientNetwork, ...] | None = None
+    #: Refuse this route's clients (28000) once they have passed its authentication.
+    block: bool = False
+    #: False for a blocked route without an ``auth`` section: its clients are asked what
+    #: the route it shadows would ask, so a block shows nothing before the password.
+    own_auth: bool = True
 
     @property
     def name(self) -> str:
@@ -376,6 +414,58 @@ def _string_list(value: Any) -> tuple[str, ...]:
     return tuple(value)
 
 
+def _read_clients(section: _Section) -> tuple[ClientNetwork, ...] | None:
+    """``routes[].clients``: networks in CIDR form (a bare address is a /32 or /128) and
+    ``"unix"``. Absent means every address. Host bits must be zero, so that a typo like
+    ``10.0.0.1/8`` is caught rather than silently widened; IPv4-mapped IPv6 networks are
+    kept as the IPv4 networks they are, since a mapped client is matched as IPv4."""
+    key = "clients"
+    if not section.has(key):
+        return None
+    raw = section.data[key]
+    expected = f'networks like 10.0.0.0/8 or "{UNIX}"'
+    if not isinstance(raw, list) or not raw:
+        section.problem(
+            f"must be a non-empty list of {expected} (leave it out to serve every address), "
+            f"got {_show(raw)}", key)
+        return None
+    out: list[ClientNetwork] = []
+    for i, item in enumerate(raw):
+        where = f"{section.at(key)}[{i}]"
+        if item == UNIX:
+            out.append(UNIX)
+            continue
+        if not isinstance(item, str):
+            section.problems.append(f"{where}: must be a network like 10.0.0.0/8 or "
+                                    f'"{UNIX}", got {_show(item)}')
+            continue
+        try:
+            network = ipaddress.ip_network(item.strip(), strict=True)
+        except ValueError as exc:
+            section.problems.append(f"{where}: must be a network like 10.0.0.0/8 or "
+                                    f'"{UNIX}", got {_show(item)} ({exc})')
+            continue
+        if isinstance(network, ipaddress.IPv6Network) and network.subnet_of(IPV4_MAPPED):
+            network = ipaddress.IPv4Network(
+                (int(network.network_address) & 0xFFFFFFFF, network.prefixlen - 96))
+        out.append(network)
+    return tuple(out)
+
+
+def _covers(earlier: tuple[ClientNetwork, ...] | None, entry: ClientNetwork) -> bool:
+    """Does a ``clients`` list (None: every address) take in all of ``entry``?"""
+    if earlier is None:
+        return True
+    for network in earlier:
+        if network == entry:
+            return True
+        if isinstance(network, str) or isinstance(entry, str) or network.version != entry.version:
+            continue
+        if entry.subnet_of(network):  # type: ignore[arg-type]
+            return True
+    return False
+
+
 def _read_secret(section: _Section, key: str, base: Path | None) -> Secret | None:
     """A password: a string, or ``{env: NAME}``, or ``{file: path}`` (relative to the config)."""
     if not section.has(key):
@@ -419,6 +509,36 @@ def _read_path(section: _Section, key: str, base: Path | None, allow: tuple[str,
         section.problem(f"cannot read {str(path)!r}: {exc.strerror}", key)
         return None
     return str(path.resolve())
+
+
+def _read_auth_query(au: _Section, method: str, base: Path | None) -> AuthQuery | None:
+    """``routes[].auth.query*``: present when ``query_user`` is given."""
+    others = [key for key in ("query", "query_password", "query_database", "query_cache_ttl") if au.has(key)]
+    if not au.has("query_user"):
+        for key in others:
+            au.problem("needs query_user (the user that runs the lookup)", key)
+        return None
+    user = au.value("query_user", _string, "a user name")
+    if method == "trust":
+        au.problem("a trust route checks no password: there is nothing to look up", "query_user")
+    if au.has("password"):
+        au.problem("give either password or query_user (a looked-up secret), not both", "password")
+    query = au.value("query", _string, "a SQL query with $1 for the user name", DEFAULT_AUTH_QUERY)
+    if query is not None and "$1" not in query:
+        au.problem("must take the user name as the parameter $1 (it is never spliced in)", "query")
+    password = _read_secret(au, "query_password", base)
+    if password is not None and password.kind == "scram":
+        au.problem(
+            "a SCRAM secret cannot answer a server's challenge; give the plain password",
+            "query_password",
+        )
+    return AuthQuery(
+        query=query or DEFAULT_AUTH_QUERY,
+        user=user or "",
+        password=password,
+        database=au.value("query_database", _string, "a database name"),
+        cache_ttl=au.value("query_cache_ttl", parse_duration, "a duration like 5s (0: no cache)", 5.0),
+    )
 
 
 # -- sections ------------------------------------------------------------------------------
@@ -578,6 +698,8 @@ def _read_route(
         return None
     database = s.value("database", _string, f'a database name or "{ANY}"', ANY)
     user = s.value("user", _string, f'a user name or "{ANY}"', ANY)
+    clients = _read_clients(s)
+    block = s.value("block", _bool, "true or false", False)
     storage_name = s.value("storage", _string, "a storage name", required=True)
     storage = storages.get(storage_name) if storage_name else None
     if storage_name and storage is None:
@@ -599,11 +721,14 @@ def _read_route(
     au = _Section(problems, s.at("auth"), s.data.get("auth"), "routes[].auth")
     method = au.value("method", _choice(AUTH_METHODS), " or ".join(AUTH_METHODS), "trust")
     secret = _read_secret(au, "password", base)
-    if method not in ("trust", "cert") and secret is None and not au.has("password"):
+    if (method not in ("trust", "cert") and secret is None and not au.has("password")
+            and not au.has("query_user")):
         au.problem(f"is required for method {method}", "password")
     if method == "cert" and au.has("password"):
         au.problem("method cert takes no password (the client certificate is the proof)",
                    "password")
+    if method == "cert" and au.has("query_user"):
+        au.problem("method cert looks up no password", "query_user")
     require_tls = au.value("require_tls", _bool, "true or false", False)
     if method == "cert" and (tls.mode == "disable" or tls.ca_file is None):
         au.problem("method cert needs client TLS with a CA: set tls.mode and tls.ca_file",
@@ -619,6 +744,7 @@ def _read_route(
         )
     if method == "scram-sha-256" and secret is not None and secret.kind == "md5":
         au.problem("scram-sha-256 needs a plain password or a SCRAM secret", "password")
+    lookup = _read_auth_query(au, method, base)
 
     pool = _read_pool(problems, s.at("pool"), s.data.get("pool"), "routes[].pool", pool_defaults)
     if storage is None:
@@ -628,10 +754,34 @@ def _read_route(
         user=user,
         storage=storage,
         server=server,
-        auth=ClientAuth(method, secret, require_tls),
+        auth=ClientAuth(method, secret, lookup, require_tls),
         pool=pool,
         index=index,
+        clients=clients,
+        block=block,
+        own_auth=not (block and not s.has("auth")),
     )
+
+
+def _unreachable(route: Route, earlier: list[Route]) -> str | None:
+    """Why ``route`` can never be chosen, if routes before it for the same (database,
+    user) already serve every address it lists (the first route that fits wins)."""
+    where = f"routes[{route.index}]"
+    pair = f"(database {route.database!r}, user {route.user!r})"
+    if route.clients is None:
+        for r in earlier:
+            if r.clients is None:
+                return f"{where}: duplicates routes[{r.index}] {pair}"
+        return None
+    covering = set()
+    for entry in route.clients:
+        found = [r.index for r in earlier if _covers(r.clients, entry)]
+        if not found:
+            return None
+        covering.add(found[0])
+    names = ", ".join(f"routes[{i}]" for i in sorted(covering))
+    verb = "serves" if len(covering) == 1 else "serve"
+    return f"{where}: never used: {names} before it already {verb} every address it lists {pair}"
 
 
 def parse(data: Any, source: str | None = None) -> Config:
@@ -669,18 +819,15 @@ def parse(data: Any, source: str | None = None) -> Config:
         if top.ok:
             top.problem("must be a non-empty list of routes", "routes")
     else:
-        seen: dict[tuple[str, str], int] = {}
+        seen: dict[tuple[str, str], list[Route]] = {}
         for i, body in enumerate(raw_routes):
             route = _read_route(problems, i, body, storages, base, pool_defaults, tls)
             if route is None:
                 continue
-            key = (route.database, route.user)
-            if key in seen:
-                problems.append(
-                    f"routes[{i}]: duplicates routes[{seen[key]}] "
-                    f"(database {route.database!r}, user {route.user!r})"
-                )
-            seen[key] = i
+            problem = _unreachable(route, seen.setdefault((route.database, route.user), []))
+            if problem:
+                problems.append(problem)
+            seen[(route.database, route.user)].append(route)
             routes.append(route)
 
     if problems:

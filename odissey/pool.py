@@ -37,9 +37,15 @@ ServerConnector = Callable[[IReactorTime, Route, str, str], "Deferred[ServerConn
 class PoolKey(NamedTuple):
     database: str
     user: str
+    #: The route's index when that route has address rules (``clients``): one pair may
+    #: then be served by several routes, with other server logins and settings, and each
+    #: gets pools of its own. None otherwise, where a pair has exactly one route.
+    route: Optional[int] = None
 
     def __str__(self) -> str:
-        return f"{self.database}/{self.user}"
+        if self.route is None:
+            return f"{self.database}/{self.user}"
+        return f"{self.database}/{self.user} (routes[{self.route}])"
 
 
 class Waiter(TypingProtocol):
@@ -85,12 +91,15 @@ class Pool:
         self.reactor = reactor
         self._connect = connect
         self.idle: list[ServerConnection] = []
+        #: Client id -> the idle server that client released last (affinity in O(1):
+        #: a scan of the idle list per transaction grew with the pool).
+        self._idle_of: dict[str, ServerConnection] = {}
         self.active: set[ServerConnection] = set()
         self.opening = 0
         self.waiters: deque[_Queued] = deque()
         #: Fires at the oldest waiter's deadline (or earlier: it then re-arms itself).
         self._timer: Optional[IDelayedCall] = None
-        self.parameters_cache: list[tuple[str, str]] | None = None
+        self._parameters_cache: list[tuple[str, str]] | None = None
         #: Lower-case names of the parameters the servers report (from the cache).
         self.reported: frozenset[str] = frozenset()
         #: A login's ParameterStatus messages, by the values it is told (see greeting).
@@ -110,6 +119,16 @@ class Pool:
         )
 
     @property
+    def parameters_cache(self) -> list[tuple[str, str]] | None:
+        """The server's ParameterStatus set, as the pool's first login received it."""
+        return self._parameters_cache
+
+    @parameters_cache.setter
+    def parameters_cache(self, value: list[tuple[str, str]] | None) -> None:
+        self._parameters_cache = value
+        self.reported = frozenset(name.lower() for name, _ in value or ())
+
+    @property
     def size(self) -> int:
         return self.route.pool.size
 
@@ -123,16 +142,21 @@ class Pool:
         """An idle server right now, or None (then call :meth:`wait`)."""
         if self.waiters or not self.idle:
             return None
-        idle = self.idle
-        chosen = idle[-1]
-        if chosen.last_client != client_id:
-            for server in reversed(idle):
-                if server.last_client == client_id:
-                    chosen = server
-                    break
-        idle.remove(chosen)
+        chosen = self._idle_of.get(client_id) or self.idle[-1]
+        self._leave_idle(chosen)
         self.active.add(chosen)
         return chosen
+
+    def _enter_idle(self, server: ServerConnection) -> None:
+        self.idle.append(server)
+        if server.last_client is not None:
+            self._idle_of[server.last_client] = server
+
+    def _leave_idle(self, server: ServerConnection) -> None:
+        self.idle.remove(server)
+        last = server.last_client
+        if last is not None and self._idle_of.get(last) is server:
+            del self._idle_of[last]
 
     def queue(self, client_id: str, waiter: Waiter) -> None:
         """Queue for a server: ``waiter`` is told once, maybe before this returns (the
@@ -185,19 +209,22 @@ class Pool:
         A server past its lifetime (marked by :meth:`maintain`) is closed here, when
         nobody is using it.
         """
-        self.active.discard(server)
         if self.closed or server.state is not ServerState.IDLE or server.retiring:
+            self.active.discard(server)
             server.owner = None
             server.close()
             self._grow()
-            return
-        self._hand_out(server)
+        elif self.waiters:  # (_hand_out, inlined: this runs once per transaction)
+            self.waiters.popleft().waiter.granted(server)
+        else:
+            self.active.discard(server)
+            self._enter_idle(server)
 
     def discard(self, server: ServerConnection) -> None:
         """A server in doubt: close it, never reuse it."""
         self.active.discard(server)
         if server in self.idle:
-            self.idle.remove(server)
+            self._leave_idle(server)
         server.owner = None
         server.abort()
         self._grow()
@@ -206,7 +233,7 @@ class Pool:
         """A server connection closed under us."""
         self.active.discard(server)
         if server in self.idle:
-            self.idle.remove(server)
+            self._leave_idle(server)
         self._grow()
 
     def _hand_out(self, server: ServerConnection) -> None:
@@ -216,7 +243,7 @@ class Pool:
             self.active.add(server)
             self.waiters.popleft().waiter.granted(server)
         else:
-            self.idle.append(server)
+            self._enter_idle(server)
 
     # -- servers ---------------------------------------------------------------------------
 
@@ -228,10 +255,12 @@ class Pool:
         """
         if self.closed:
             return
-        if self.reactor.seconds() < self.retry_at:
+        if self.retry_at and self.reactor.seconds() < self.retry_at:  # (0 when healthy: no clock read)
             self._fail_uncovered(self._unreachable())
             return
-        while self._wanted() > self.opening and self.total < self.size:
+        size = self.route.pool.size
+        # (a full pool, the usual case for a client that queues, is seen with no call)
+        while len(self.idle) + len(self.active) + self.opening < size and self._wanted() > self.opening:
             self._open()
 
     def _wanted(self) -> int:
@@ -253,7 +282,6 @@ class Pool:
         self._hand_out(server)  # first: a login woken below may take it at once
         if self.parameters_cache is None:
             self.parameters_cache = list(server.login_params)
-            self.reported = frozenset(name.lower() for name, _ in self.parameters_cache)
             waiting, self._parameter_waiters = self._parameter_waiters, []
             for d in waiting:
                 d.callback(self.parameters_cache)
@@ -329,7 +357,7 @@ class Pool:
                 and self.total > settings.min_size
             )
             if idle_too_long or (lifetime and now - server.created_at > lifetime):
-                self.idle.remove(server)
+                self._leave_idle(server)
                 server.owner = None
                 server.close()
         if not self.closed and not self.waiters and now >= self.retry_at:
@@ -360,6 +388,7 @@ class Pool:
         for server in list(self.idle):
             server.close()
         self.idle.clear()
+        self._idle_of.clear()
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -376,7 +405,7 @@ class Pools:
         self.pools: dict[PoolKey, Pool] = {}
 
     def get(self, route: Route, database: str, user: str) -> Pool:
-        key = PoolKey(database, user)
+        key = PoolKey(database, user, None if route.clients is None else route.index)
         pool = self.pools.get(key)
         if pool is None:
             pool = Pool(key, route, self.reactor,

@@ -110,6 +110,9 @@ class Relay:
         self.tx = Transaction()
         #: Prepared statements carried across servers (transaction mode), or None.
         self.statements = Statements(pool.statements, self.tx) if pool.statements is not None else None
+        #: The hot path's entry for client bytes, chosen once (one call per chunk fewer).
+        self.clientData: Callable[[bytes], None] = (
+            self._client_statements if self.statements is not None else self._client_plain)
         self.scanner = Scanner(
             watch=CLIENT_WATCH,
             collect=COLLECT if self.statements is not None else _TEXTS if self.transaction_mode else frozenset(),
@@ -147,10 +150,8 @@ class Relay:
         """The client has requests in flight, or waiting for a server."""
         return self.tx.busy or bool(self.unsent)
 
-    def clientData(self, data: bytes) -> None:
-        if self.statements is not None:
-            self._client_statements(data)
-            return
+    def _client_plain(self, data: bytes) -> None:
+        """clientData without prepared statements: the chunk goes as it came."""
         self.heard = True
         try:
             events = self.scanner.feed(data)

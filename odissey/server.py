@@ -28,6 +28,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from odissey.auth.passthrough import Credentials, PassThrough
 from odissey.auth.responders import ServerAuthenticator
 from odissey.auth.secrets import InThread
 from odissey.cancel import send_cancel
@@ -50,7 +51,8 @@ R, S, K, Z, E, G = b"RSKZEG"
 #: Server messages whose bodies the pooler reads: login, parameters, status, errors,
 #: command tags (DISCARD ALL drops prepared statements).
 SERVER_COLLECT = frozenset(b"RSKZEvC")
-C = ord("C")
+C, D = b"CD"
+_ROWS = frozenset(b"D")
 
 
 class ServerState(Enum):
@@ -93,6 +95,11 @@ class LoginInfo:
     database: str
     user: str
     secret: Secret | None
+    #: SCRAM pass-through keys, used when the server asks for SCRAM and no plain password
+    #: is configured (auth/passthrough.py).
+    passthrough: PassThrough | None = None
+    #: More startup parameters (the pooler's own connections: auth_query's lookups).
+    options: tuple[tuple[str, str], ...] = ()
 
 
 def server_error(fields: dict[str, str], prefix: str = "") -> PoolerError:
@@ -112,6 +119,7 @@ class _Statements:
     def __init__(self, expected: int) -> None:
         self.expected = expected
         self.errors: list[dict[str, str]] = []
+        self.rows: list[bytes] = []  # DataRow bodies, on connections that collect them
         self.done: Deferred[list[dict[str, str]]] = Deferred()
 
 
@@ -123,6 +131,7 @@ class ServerConnection(Protocol):
         reactor: IReactorTime,
         threads: InThread,
         tracker: Tracker | None = None,
+        collect_rows: bool = False,
         tls: Optional[ServerSide] = None,
     ) -> None:
         self.id = f"s{next(_ids)}"
@@ -131,7 +140,8 @@ class ServerConnection(Protocol):
         self.state = ServerState.CONNECTING
         #: Which of the pool's prepared statements this connection holds.
         self.statements = ServerStatements()
-        self.scanner = Scanner(watch=SERVER_WATCH, collect=SERVER_COLLECT)
+        self.scanner = Scanner(
+            watch=SERVER_WATCH, collect=SERVER_COLLECT | _ROWS if collect_rows else SERVER_COLLECT)
         self.valve = Valve(self)
         self.params: Params = {}
         #: ``params``' fingerprint (params.Fingerprints), None after a change.
@@ -152,7 +162,7 @@ class ServerConnection(Protocol):
         self.retiring = False  # past server_lifetime: closed when released
         self.ready: Deferred[ServerConnection] = Deferred()
         self.closed: Deferred[None] = Deferred()
-        self._auth = ServerAuthenticator(login.user, login.secret, threads)
+        self._auth = ServerAuthenticator(login.user, login.secret, threads, login.passthrough)
         self._statements: _Statements | None = None
         self.tracker = tracker
         #: TLS to this storage (None: plaintext); unix sockets never speak TLS.
@@ -176,7 +186,8 @@ class ServerConnection(Protocol):
     def _send_startup(self) -> None:
         self.state = ServerState.LOGIN
         self.transport.write(  # type: ignore[union-attr]
-            m.startup_message({"user": self.login.user, "database": self.login.database})
+            m.startup_message(
+                {"user": self.login.user, "database": self.login.database, **dict(self.login.options)})
         )
 
     def _tls_answer(self, data: bytes) -> None:
@@ -364,10 +375,20 @@ class ServerConnection(Protocol):
         self.transport.write(payload)  # type: ignore[union-attr]
         return self._statements.done
 
+    def fetch(self, payload: bytes) -> "Deferred[tuple[list[dict[str, str]], list[bytes]]]":
+        """Send one request of the pooler's own that ends in one Sync (or is one Query);
+        its errors and its DataRow bodies. Only on a connection made with ``collect_rows``."""
+        running = self.exchange(payload, 1)
+        statements = self._statements
+        assert statements is not None and D in self.scanner.collect
+        return running.addCallback(lambda errors: (errors, statements.rows))
+
     def _statement_message(self, kind: int, body: bytes) -> None:
         statements = self._statements
         assert statements is not None
-        if kind == E:
+        if kind == D:
+            statements.rows.append(body)
+        elif kind == E:
             statements.errors.append(m.parse_error_fields(body))
         elif kind == S:
             self.note_parameter(body)
@@ -399,6 +420,21 @@ class ServerConnection(Protocol):
         return self.tracker.cancelling(sent) if self.tracker is not None else sent
 
 
+def _configured_secret(route: Route) -> Secret | None:
+    """The password the config gives for a route's server logins, if any."""
+    secret = route.server.password
+    if secret is None and route.auth.password is not None and route.auth.password.kind == "plain":
+        secret = route.auth.password
+    return secret
+
+
+def borrows_credentials(route: Route, user: str) -> bool:
+    """Whether ``user``'s server logins on ``route`` use what its clients' logins prove
+    (no configured password, the same user on both sides): only then is a recovered
+    ClientKey worth keeping in memory at all."""
+    return _configured_secret(route) is None and (route.server.user or user) == user
+
+
 def connect(
     reactor: IReactorTime,
     route: Route,
@@ -407,18 +443,34 @@ def connect(
     *,
     tracker: Tracker,
     threads: InThread,
+    credentials: Credentials | None = None,
     tls: Optional[Mapping[str, ServerSide]] = None,
 ) -> "Deferred[ServerConnection]":
-    """Open and log in one server connection for a route, within its connect timeout."""
+    """Open and log in one server connection for a route, within its connect timeout.
+
+    Without a server password of its own, a route logs in with what its clients' logins
+    left in ``credentials`` for this pool: a looked-up md5 secret, or the SCRAM keys
+    recovered from a client's proof (pass-through). That needs the same user on both
+    sides, so a route with another ``server.user`` never uses them."""
+    secret = _configured_secret(route)
     server_user = route.server.user or user
-    secret = route.server.password
-    if secret is None and route.auth.password is not None and route.auth.password.kind == "plain":
-        secret = route.auth.password
-    login = LoginInfo(route.storage, route.server.database or database, server_user, secret)
+    keys = None
+    if secret is None and server_user == user and credentials is not None:
+        left = credentials.get(database, user)
+        if isinstance(left, PassThrough):
+            keys = left
+        elif left is not None:
+            secret = left
+    login = LoginInfo(route.storage, route.server.database or database, server_user, secret, keys)
     server = ServerConnection(login, reactor, threads, tracker,
-                              (tls or {}).get(route.storage.name))
+                              tls=(tls or {}).get(route.storage.name))
     tracker.add(server)
-    connecting = connectProtocol(storage_endpoint(reactor, route.storage), server)
+    return open_connection(reactor, server, route.storage)
+
+
+def open_connection(reactor: IReactorTime, server: ServerConnection, storage: Storage) -> "Deferred[ServerConnection]":
+    """Connect ``server`` to ``storage`` and wait for its login, within the connect timeout."""
+    connecting = connectProtocol(storage_endpoint(reactor, storage), server)
 
     def connected(_proto: object) -> "Deferred[ServerConnection]":
         return server.ready
@@ -430,13 +482,13 @@ def connect(
             return failure
         reason = failure.getErrorMessage()
         if failure.check(defer.TimeoutError):
-            reason = f"timed out after {route.storage.connect_timeout:g}s"
+            reason = f"timed out after {storage.connect_timeout:g}s"
         raise PoolerError(
             errors.CONNECTION_FAILURE,
-            f'could not connect to server "{route.storage.name}": {reason}',
+            f'could not connect to server "{storage.name}": {reason}',
         )
 
     connecting.addCallback(connected)
-    connecting.addTimeout(route.storage.connect_timeout, reactor)
+    connecting.addTimeout(storage.connect_timeout, reactor)
     connecting.addErrback(failed)
     return connecting

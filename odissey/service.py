@@ -12,7 +12,9 @@ from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
 
+from odissey.auth.passthrough import Credentials
 from odissey.auth.secrets import reactor_threads
+from odissey.auth_query import AuthQueries
 from odissey.client import ClientFactory
 from odissey.config import ANY, Config, Storage
 from odissey.janitor import PERIOD, Janitor
@@ -122,6 +124,7 @@ class OdisseyService(MultiService):
         self.ports: list[IListeningPort] = []
         self.factory: ClientFactory | None = None
         self.pools: Pools | None = None
+        self.auth_queries: AuthQueries | None = None
         self.live = Live()
         self.threads = reactor_threads(reactor)
         self.ready: Deferred[list[IListeningPort]] = Deferred()
@@ -144,14 +147,17 @@ class OdisseyService(MultiService):
         self.config = with_storage_hosts(self.config, hosts)
         # Certificates and keys are read once, here: rotating them takes a restart.
         client_tls, server_tls = tls.load(self.config)
+        credentials = Credentials()
         self.pools = Pools(self.reactor, functools.partial(
-            connect, tracker=self.live, threads=self.threads, tls=server_tls))
+            connect, tracker=self.live, threads=self.threads, credentials=credentials,
+            tls=server_tls))
+        self.auth_queries = AuthQueries(self.reactor, self.threads, self.live, tls=server_tls)
         self.factory = ClientFactory(
             self.reactor, Router(self.config.routes), self.pools, self.config.limits, self.threads,
-            tls=client_tls,
+            auth_queries=self.auth_queries, credentials=credentials, tls=client_tls,
         )
         for route in self.config.routes:
-            if route.pool.min_size and ANY not in (route.database, route.user):
+            if route.pool.min_size and not route.block and ANY not in (route.database, route.user):
                 self.pools.get(route, route.database, route.user)  # warmed by the janitor
         janitor = TimerService(PERIOD, Janitor(self.reactor, self.pools, self.factory).tick)
         janitor.clock = self.reactor
@@ -188,6 +194,8 @@ class OdisseyService(MultiService):
             yield within(self.reactor, self.factory.drained(), 5.0, self._abort_clients)
         if self.pools is not None:
             self.pools.close()
+        if self.auth_queries is not None:
+            self.auth_queries.close()
         yield within(self.reactor, self.live.closed(), 5.0, self.live.abort_servers)
         for postgres in self.managed.values():
             yield self.threads(postgres.stop)

@@ -456,9 +456,12 @@ class FakeClient:
         self.valve = Valve(self)
         self.errors: list[PoolerError] = []
         self.dropped = False
+        #: Each write the relay made, as made (pipelining: how many sends a reply took).
+        self.writes: list[bytes] = []
 
     def writer(self) -> Callable[[bytes], bool]:
         def write(data: bytes) -> bool:
+            self.writes.append(data)
             self.transport.write(data)
             return True
 

@@ -135,12 +135,13 @@ class Odissey:
     """An Odissey service on an ephemeral port in front of the shared PostgreSQL."""
 
     def __init__(
-        self, routes: list[dict[str, Any]], limits: dict[str, Any] | None = None, storage_port: int | None = None
+        self, routes: list[dict[str, Any]], limits: dict[str, Any] | None = None, storage_port: int | None = None,
+        listen: list[str] | None = None,
     ) -> None:
         self.pg = shared_postgres()
         port = storage_port or self.pg.port
         document = {
-            "listen": ["tcp:0:interface=127.0.0.1"],
+            "listen": listen or ["tcp:0:interface=127.0.0.1"],  # the first must be TCP: self.port
             "storages": {"pg": {"host": "127.0.0.1", "port": port, "connect_timeout": "10s"}},
             "routes": routes,
         }
@@ -228,6 +229,11 @@ class IntegrationTest(unittest.TestCase):
     limits: dict[str, Any] | None = None
     storage_port: int | None = None  # None: the shared PostgreSQL
 
+    def listeners(self) -> list[str] | None:
+        """Odissey's ``listen`` list for this test, the first entry a TCP port (None: one
+        TCP port on 127.0.0.1)."""
+        return None
+
     def routes(self) -> list[dict[str, Any]]:
         return [route()]
 
@@ -236,7 +242,7 @@ class IntegrationTest(unittest.TestCase):
         # uses for PBKDF2) a hundred blocked clients would starve the pooler they wait for.
         self.clients = ThreadPool(minthreads=0, maxthreads=200, name="test-clients")
         self.clients.start()
-        self.odissey = Odissey(self.routes(), self.limits, self.storage_port)
+        self.odissey = Odissey(self.routes(), self.limits, self.storage_port, self.listeners())
         return self.odissey.start()
 
     @inlineCallbacks

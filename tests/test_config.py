@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 from pathlib import Path
+from typing import Any
 
 import yaml
 from twisted.trial.unittest import SynchronousTestCase
@@ -22,6 +24,15 @@ def minimal(**route_extra: object) -> dict:
         "routes": [{"database": "db", "user": "u", "storage": "pg",
                     "auth": {"method": "trust"}, **route_extra}],
     }
+
+
+def routes(*bodies: dict[str, Any]) -> tuple[config.Route, ...]:
+    """Parsed routes (each body defaults to trust on storage pg)."""
+    return parse({
+        "listen": ["tcp:0"],
+        "storages": {"pg": {"host": "127.0.0.1"}},
+        "routes": [{"storage": "pg", **body} for body in bodies],
+    }).routes
 
 
 class ConfigTests(SynchronousTestCase):
@@ -153,3 +164,89 @@ class ConfigTests(SynchronousTestCase):
         tx = by_db["demo_tx"]
         self.assertEqual((tx.user, tx.pool.mode, tx.pool.size, tx.server.database), ("demo", "transaction", 4, "demo"))
         self.assertEqual(tx.auth.password.value, "demo")
+
+
+class AuthQueryConfigTests(SynchronousTestCase):
+    def test_defaults(self) -> None:
+        """query_user alone turns auth_query on with the schema-qualified default query."""
+        auth = parse(minimal(user="*", auth={"method": "scram-sha-256", "query_user": "lookup"})).routes[0].auth
+        assert auth.query is not None
+        self.assertEqual(auth.query.query, config.DEFAULT_AUTH_QUERY)
+        self.assertIn("pg_catalog.pg_shadow", auth.query.query)
+        self.assertEqual((auth.query.user, auth.query.password, auth.query.database, auth.query.cache_ttl),
+                         ("lookup", None, None, 5.0))
+        self.assertIsNone(auth.password)
+
+    def test_mistakes_named(self) -> None:
+        """A query without $1, a password beside query_user, query keys without a query
+        user and a trust route with a lookup are each refused by key path."""
+        def problems(auth: dict) -> list[str]:
+            with self.assertRaises(ConfigError) as caught:
+                parse(minimal(auth=auth))
+            return caught.exception.problems
+        self.assertEqual(problems({"method": "md5", "query_user": "l", "query": "SELECT 1"}),
+                         ["routes[0].auth.query: must take the user name as the parameter $1 "
+                          "(it is never spliced in)"])
+        self.assertIn("give either password or query_user",
+                      problems({"method": "md5", "query_user": "l", "password": "pw"})[0])
+        self.assertEqual(problems({"method": "md5", "password": "pw", "query_database": "x"}),
+                         ["routes[0].auth.query_database: needs query_user (the user that runs the lookup)"])
+        self.assertIn("nothing to look up", problems({"method": "trust", "query_user": "l"})[0])
+
+
+class AccessRuleTests(SynchronousTestCase):
+    """routes[].clients and routes[].block as the loader reads them; problems named by key path."""
+
+    def problems(self, *bodies: dict[str, Any]) -> list[str]:
+        with self.assertRaises(ConfigError) as caught:
+            routes(*bodies)
+        return caught.exception.problems
+
+    def test_clients_parsed(self) -> None:
+        """CIDRs, bare addresses and "unix"; mapped IPv6 networks become IPv4; absent is None."""
+        got = routes({"clients": ["10.0.0.0/8", "192.0.2.7", "::1", "unix", "::ffff:10.0.0.0/104"]},
+                     {"user": "x"})
+        self.assertEqual(got[0].clients, (ipaddress.ip_network("10.0.0.0/8"), ipaddress.ip_network("192.0.2.7/32"),
+                                          ipaddress.ip_network("::1/128"), "unix", ipaddress.ip_network("10.0.0.0/8")))
+        self.assertIsNone(got[1].clients)
+        self.assertEqual((got[0].block, got[0].own_auth), (False, True))
+
+    def test_bad_network_named_by_position(self) -> None:
+        """A bad CIDR names routes[i].clients[j] and what was given."""
+        found = self.problems({"user": "a"}, {"user": "b"},
+                              {"user": "c", "clients": ["10.0.0.300/8", "10.0.0.1/8", "unix", 7, "localhost"]})
+        self.assertEqual(len(found), 4, found)
+        self.assertTrue(found[0].startswith('routes[2].clients[0]: must be a network like 10.0.0.0/8 or "unix", '
+                                            'got "10.0.0.300/8" ('), found)
+        self.assertIn("routes[2].clients[1]", found[1])
+        self.assertIn("has host bits set", found[1])
+        self.assertEqual(found[2], 'routes[2].clients[3]: must be a network like 10.0.0.0/8 or "unix", got 7')
+        self.assertIn('routes[2].clients[4]: must be a network like 10.0.0.0/8 or "unix", got "localhost"', found[3])
+
+    def test_clients_must_be_a_non_empty_list(self) -> None:
+        """An empty list would serve nobody: refused, saying how to serve everyone."""
+        self.assertEqual(self.problems({"clients": []}),
+                         ['routes[0].clients: must be a non-empty list of networks like 10.0.0.0/8 or "unix" '
+                          '(leave it out to serve every address), got list'])
+        self.assertIn("routes[0].clients", self.problems({"clients": "10.0.0.0/8"})[0])
+
+    def test_block_is_a_boolean(self) -> None:
+        """block takes true or false; a blocked route without auth asks what it shadows."""
+        self.assertEqual(self.problems({"block": "yes"}), ['routes[0].block: must be true or false, got "yes"'])
+        blocked = routes({"block": True}, {"user": "x", "block": True, "auth": {"method": "trust"}})
+        self.assertEqual([(r.block, r.own_auth) for r in blocked], [(True, False), (True, True)])
+
+    def test_same_pair_with_different_clients(self) -> None:
+        """One pair may have several routes, unless a later one could never be chosen."""
+        routes({"user": "u", "clients": ["unix"]}, {"user": "u", "clients": ["10.0.0.0/8"]}, {"user": "u"})
+        self.assertEqual(self.problems({"user": "u", "clients": ["10.0.0.0/8", "unix"]},
+                                       {"user": "u", "clients": ["10.1.0.0/16"]}),
+                         ["routes[1]: never used: routes[0] before it already serves every address it lists "
+                          "(database '*', user 'u')"])
+        self.assertEqual(self.problems({"user": "u"}, {"user": "u", "clients": ["unix"]}),
+                         ["routes[1]: never used: routes[0] before it already serves every address it lists "
+                          "(database '*', user 'u')"])
+        self.assertEqual(self.problems({"user": "u", "clients": ["unix"]}, {"user": "u", "clients": ["::1"]},
+                                       {"user": "u", "clients": ["unix", "::1"]}),
+                         ["routes[2]: never used: routes[0], routes[1] before it already serve every address it "
+                          "lists (database '*', user 'u')"])

@@ -175,7 +175,9 @@ def relay_setup(
     cfg = config.parse({
         "listen": ["tcp:0"], "storages": {"pg": {"host": "127.0.0.1"}},
         "routes": [{"database": "db", "user": "u", "storage": "pg",
-                    "pool": {"mode": mode, "size": size, "reset_timeout": "5s"}}],
+                    "pool": {"mode": mode, "size": size, "reset_timeout": "5s",
+                             **({"max_prepared_statements": options.pop("max_prepared_statements")}
+                                if "max_prepared_statements" in options else {})}}],
     })
     reactor = MemoryReactorClock()
     backends = FakeBackends(reactor, **options)
@@ -207,6 +209,20 @@ class RelayUnitTests(SynchronousTestCase):
         self.assertTrue(client.received().endswith(m.ready_for_query(b"I")))
         self.assertEqual(relay.state, RelayState.IDLE)
         self.assertEqual(pool.idle, [backends[0].server])
+
+    def test_replies_that_arrive_together_leave_together(self) -> None:
+        """Pipelining: a batch's replies that arrive in one read go to the client in one
+        write, with and without the prepared-statement layer (which edits the chunk)."""
+        for statements in (0, 200):
+            relay, client, pool, backends, reactor = relay_setup(max_prepared_statements=statements)
+            self.assertEqual(relay.statements is not None, bool(statements))
+            batch = (m.query("select 1") + m.query("select 2")
+                     + m.parse(b"s1", b"select 3\0\0\0") + m.bind(b"", b"s1", b"\0\0\0\0\0\0")
+                     + m.message(b"E", b"\0\0\0\0\0") + m.sync())
+            attached(relay, reactor, backends, batch)
+            self.assertEqual(len(client.writes), 1, client.writes)
+            self.assertTrue(client.writes[0].endswith(m.ready_for_query(b"I")))
+            self.assertEqual(client.writes[0].count(m.ready_for_query(b"I")), 3)
 
     def test_stays_attached_inside_a_transaction(self) -> None:
         """A server stays attached until the transaction ends."""

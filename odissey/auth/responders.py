@@ -5,6 +5,7 @@ from __future__ import annotations
 import scramp
 from twisted.internet.defer import Deferred, succeed
 
+from odissey.auth.passthrough import PassThrough, PassThroughClient
 from odissey.auth.secrets import InThread, md5_response, md5_stored
 from odissey.config import Secret
 from odissey.wire import errors
@@ -22,11 +23,15 @@ class ServerAuthenticator:
     when the same password, salt and iteration count were seen before).
     """
 
-    def __init__(self, user: str, secret: Secret | None, threads: InThread) -> None:
+    def __init__(
+        self, user: str, secret: Secret | None, threads: InThread, passthrough: PassThrough | None = None
+    ) -> None:
         self.user = user
         self.secret = secret
+        self.passthrough = passthrough
         self._threads = threads
         self._scram: scramp.ScramClient | None = None
+        self._relayed: PassThroughClient | None = None
 
     def answer(self, code: int, payload: bytes) -> "Deferred[bytes]":
         if code == m.AUTH_OK:
@@ -40,9 +45,14 @@ class ServerAuthenticator:
             mechanisms = m.parse_sasl_mechanisms(payload)
             if SCRAM not in mechanisms:
                 raise self._refuse(f"server offers no supported SASL mechanism ({', '.join(mechanisms)})")
+            if self.passthrough is not None and (self.secret is None or self.secret.kind != "plain"):
+                self._relayed = PassThroughClient(self.passthrough)
+                return succeed(m.sasl_initial_response(SCRAM, self._relayed.first()))
             self._scram = scramp.ScramClient([SCRAM], self.user or "*", self._plain("SCRAM-SHA-256"))
             first = self._scram.get_client_first()
             return succeed(m.sasl_initial_response(SCRAM, first.encode()))
+        if self._relayed is not None and code in (m.AUTH_SASL_CONTINUE, m.AUTH_SASL_FINAL):
+            return succeed(self._pass_through(code, payload))
         if code == m.AUTH_SASL_CONTINUE and self._scram is not None:
             client = self._scram
             try:
@@ -60,10 +70,29 @@ class ServerAuthenticator:
             return succeed(b"")
         raise self._refuse(f"server asked for an unsupported authentication method ({code})")
 
+    def _pass_through(self, code: int, payload: bytes) -> bytes:
+        """SCRAM with the ClientKey a client's proof gave (auth/passthrough.py)."""
+        relayed = self._relayed
+        assert relayed is not None
+        try:
+            if code == m.AUTH_SASL_CONTINUE:
+                return m.password_message(relayed.final(payload))
+            relayed.check(payload)
+            return b""
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise self._refuse(f"SCRAM pass-through for user \"{self.user}\": {exc}") from None
+
     def _needed(self, method: str) -> Secret:
         if self.secret is None:
+            if self.passthrough is not None:
+                raise self._refuse(
+                    f"server asked for {method} authentication, but SCRAM pass-through needs "
+                    f"PostgreSQL to authenticate user \"{self.user}\" with scram-sha-256"
+                )
             raise self._refuse(
                 f"server asked for {method} authentication but the route has no server password"
+                " (SCRAM pass-through lends a client's key only after a client of this pool has"
+                " logged in with SCRAM, and only to log in as that same user)"
             )
         return self.secret
 

@@ -9,6 +9,7 @@ raises 28P01. An unknown user goes through the same exchange as a known one (Pos
 
 from __future__ import annotations
 
+import base64
 import hmac
 import os
 from abc import ABC, abstractmethod
@@ -17,6 +18,7 @@ from dataclasses import dataclass
 import scramp
 from twisted.internet.defer import Deferred, inlineCallbacks
 
+from odissey.auth.passthrough import Credential, PassThrough, recover_client_key
 from odissey.auth.secrets import (
     SCRAM_ITERATIONS,
     InThread,
@@ -62,6 +64,11 @@ class Verifier(ABC):
     def receive(self, body: bytes) -> "Step | Deferred[Step]":
         """Judge one password-type message; raise PoolerError to refuse."""
 
+    def credential(self) -> Credential | None:
+        """Once the client is in: what its exchange lets Odissey log in to PostgreSQL
+        with in its name (SCRAM pass-through keys, a looked-up md5 secret), if anything."""
+        return None
+
 
 class TrustVerifier(Verifier):
     def start(self) -> Step:
@@ -96,10 +103,16 @@ class CleartextVerifier(Verifier):
 
 
 class MD5Verifier(Verifier):
-    def __init__(self, user: str, secret: Secret) -> None:
+    def __init__(self, user: str, secret: Secret, pass_on: bool = False) -> None:
         super().__init__(user)
         self.stored = md5_stored(secret, user)
         self.salt = os.urandom(4)
+        #: An md5 secret looked up for this user answers the server's md5 challenge too.
+        self._pass_on = pass_on and secret.kind == "md5"
+        self._secret = secret
+
+    def credential(self) -> Credential | None:
+        return self._secret if self._pass_on else None
 
     def start(self) -> Step:
         return Step(m.authentication_md5(self.salt), False)
@@ -121,8 +134,16 @@ class ScramVerifier(Verifier):
 
     def __init__(self, user: str, secret: ScramSecret) -> None:
         super().__init__(user)
+        self.secret = secret
         self.server = _MECHANISM.make_server(lambda _name: secret.auth_info())
         self.stage = 0
+        #: The client's ClientKey, recovered from its proof (SCRAM pass-through).
+        self.client_key: bytes | None = None
+
+    def credential(self) -> Credential | None:
+        if self.client_key is None:
+            return None
+        return PassThrough(self.secret, self.client_key)
 
     def start(self) -> Step:
         return Step(m.authentication_sasl([SCRAM]), False)
@@ -155,12 +176,46 @@ class ScramVerifier(Verifier):
             raise ProtocolViolation("malformed SCRAM message") from None
 
     def _client_final(self, body: bytes) -> Step:
+        text = _decode(body)
         try:
-            self.server.set_client_final(_decode(body))
+            self.server.set_client_final(text)
             final = self.server.get_server_final()
         except scramp.ScramException:
             raise password_failed(self.user) from None
+        self.client_key = self._recover(text)
         return Step(m.authentication_sasl_final(final.encode()), True)
+
+    def _recover(self, client_final: str) -> bytes | None:
+        """The ClientKey behind the proof scramp has just accepted (RFC 5802's
+        AuthMessage: client-first-bare, server-first, client-final without its proof)."""
+        without_proof, _, proof = client_final.rpartition(",p=")
+        server = self.server
+        auth_message = f"{server.client_first_bare},{server.server_first},{without_proof}"
+        try:
+            return recover_client_key(
+                self.secret.stored_key, auth_message.encode("utf-8"), base64.b64decode(proof))
+        except ValueError:
+            return None
+
+
+class ExpiredVerifier(Verifier):
+    """A user whose password has expired (``rolvaliduntil`` in the past): the exchange of
+    its real secret runs to the end, then 28P01, as PostgreSQL does, so the right password
+    and a wrong one cannot be told apart (CVE-2025-2291)."""
+
+    def __init__(self, inner: Verifier) -> None:
+        super().__init__(inner.user)
+        self.inner = inner
+
+    def start(self) -> Step:
+        return self.inner.start()
+
+    @inlineCallbacks
+    def receive(self, body: bytes):
+        step = yield self.inner.receive(body)
+        if step.done:
+            raise password_failed(self.user)
+        return step
 
 
 class CertVerifier(Verifier):
@@ -204,6 +259,8 @@ class ClientVerifiers:
         self.threads = threads
         self.scram_secrets = ScramSecrets(threads)
         self._mock_key = os.urandom(32)
+        #: auth_query routes: the SCRAM iteration count their lookups last found.
+        self._seen_iterations: dict[ClientAuth, int] = {}
 
     @inlineCallbacks
     def for_route(self, auth: ClientAuth, user: str):
@@ -218,11 +275,46 @@ class ClientVerifiers:
         secret = yield self.scram_secrets.get(auth.password)
         return ScramVerifier(user, secret)
 
-    def mock(self, like: ClientAuth, user: str) -> Verifier:
+    def for_lookup(self, auth: ClientAuth, user: str, secret: Secret | None, expired: bool) -> Verifier:
+        """The verifier for a secret auth_query found (None: no such user, or no usable
+        secret): unknown users get the mock exchange, expired ones their real exchange
+        and then the same 28P01.
+
+        Like PostgreSQL, an md5 route whose user has a SCRAM secret speaks SCRAM; a
+        scram-sha-256 route cannot check an md5 secret, so that user is mocked."""
+        verifier: Verifier
+        scram = None
+        if secret is not None and secret.kind == "scram":
+            try:
+                scram = ScramSecret.parse(secret.value)
+            except ValueError:
+                pass
+            else:  # unknown users' mocks show the count real users' challenges show
+                self._seen_iterations[auth] = scram.iterations
+        mock_iterations = self._seen_iterations.get(auth)
+        like = auth
+        if auth.method == "md5" and mock_iterations is not None:
+            # Users with SCRAM secrets get SCRAM on an md5 route: so do unknown ones (as
+            # PostgreSQL mocks with its password_encryption).
+            like = ClientAuth("scram-sha-256", None)
+        if secret is None:
+            return self.mock(like, user, mock_iterations)
+        if auth.method == "cleartext":
+            verifier = CleartextVerifier(user, scram or secret, self.threads)
+        elif auth.method == "md5" and secret.kind == "md5":
+            verifier = MD5Verifier(user, secret, pass_on=True)
+        elif scram is not None:
+            verifier = ScramVerifier(user, scram)
+        else:  # md5 for SCRAM, a malformed secret, a plain one (PostgreSQL stores none)
+            return self.mock(like, user, mock_iterations)
+        return ExpiredVerifier(verifier) if expired else verifier
+
+    def mock(self, like: ClientAuth, user: str, iterations: int | None = None) -> Verifier:
         """An exchange that looks like the one ``like`` asks for (its method, and its
-        secret's SCRAM iteration count) and always ends in 28P01."""
+        secret's SCRAM iteration count, or ``iterations``) and always ends in 28P01."""
         method = like.method
-        iterations = _iterations(like.password)
+        if iterations is None:
+            iterations = _iterations(like.password)
         if method == "trust":
             raise PoolerError(
                 errors.INVALID_AUTHORIZATION_SPECIFICATION, f'role "{user}" does not exist'

@@ -266,3 +266,43 @@ def parse_sasl_initial_response(body: bytes) -> tuple[str, bytes]:
     elif length != len(data):
         raise ProtocolViolation("invalid SASLInitialResponse message: length mismatch")
     return mechanism, data
+
+
+def execute(portal: bytes, max_rows: int = 0) -> bytes:
+    return message(b"E", portal + b"\0" + _I32.pack(max_rows))
+
+
+def parameterised_query(sql: str, values: Sequence[str]) -> bytes:
+    """One extended-protocol round (Parse, Bind, Execute, Sync of the unnamed statement)
+    with ``values`` as text parameters $1, $2…: they travel apart from the SQL and are
+    never spliced into it."""
+    bound = b"".join(
+        _I32.pack(len(data)) + data for data in (value.encode("utf-8") for value in values))
+    return (
+        parse(b"", cstring(sql) + b"\0\0")
+        + bind(b"", b"", b"\0\0" + len(values).to_bytes(2, "big") + bound + b"\0\0")
+        + execute(b"")
+        + sync()
+    )
+
+
+def parse_data_row(body: bytes) -> list["bytes | None"]:
+    """DataRow body -> its column values (None for NULL)."""
+    if len(body) < 2:
+        raise ProtocolViolation("invalid DataRow message")
+    count = int.from_bytes(body[:2], "big")
+    values: list[bytes | None] = []
+    at = 2
+    for _ in range(count):
+        if at + 4 > len(body):
+            raise ProtocolViolation("invalid DataRow message")
+        (size,) = _I32.unpack_from(body, at)
+        at += 4
+        if size < 0:
+            values.append(None)
+            continue
+        if at + size > len(body):
+            raise ProtocolViolation("invalid DataRow message")
+        values.append(body[at:at + size])
+        at += size
+    return values
