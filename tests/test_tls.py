@@ -135,7 +135,10 @@ def ssl_postgres() -> LocalPostgres:
     if _postgres is None:
         c = certs()
         pg = LocalPostgres(
-            port=free_port(), users={"app": APP_PASSWORD}, databases={"app": "app"},
+            port=free_port(), users={"app": APP_PASSWORD, "tls_lookup": "lookup-pw"},
+            databases={"app": "app"},
+            # The lookup user may only come over TLS: proof that auth_query uses it.
+            hba=("hostnossl all tls_lookup 127.0.0.1/32 reject",),
             settings={"listen_addresses": "127.0.0.1", "ssl": "on",
                       "ssl_cert_file": f"'{c.pg_cert}'", "ssl_key_file": f"'{c.pg_key}'"},
         )
@@ -145,6 +148,13 @@ def ssl_postgres() -> LocalPostgres:
             pg.stop()
             raise
         atexit.register(pg.stop)
+        pg.psql(
+            "CREATE FUNCTION public.odissey_lookup(p_user text)"
+            " RETURNS TABLE (usename name, passwd text, valuntil timestamptz)"
+            " LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog AS"
+            " $$ SELECT usename, passwd, valuntil FROM pg_catalog.pg_shadow WHERE usename = p_user $$;"
+            "REVOKE ALL ON FUNCTION public.odissey_lookup(text) FROM PUBLIC;"
+            "GRANT EXECUTE ON FUNCTION public.odissey_lookup(text) TO tls_lookup;", database="app")
         _postgres = pg
     return _postgres
 
@@ -546,6 +556,33 @@ class ServerSideTests(_Base):
         storage_tls["mode"] = "verify-ca"
         port = yield self.odissey(document(storage_tls=storage_tls, auth=self.trust()))
         self.assertEqual((yield self.thread(login_outcome, port, user="app")), ("ready", ""))
+
+    @inlineCallbacks
+    def test_auth_query_over_tls(self):  # type: ignore[no-untyped-def]
+        """auth_query's lookup connections use the storage's TLS like the pools' logins
+        (PostgreSQL refuses the lookup user without TLS here), and the SCRAM pass-through
+        login that follows is encrypted too."""
+        def doc(mode: str) -> dict:
+            d = document(storage_tls={"mode": mode}, auth={
+                "method": "scram-sha-256", "query_user": "tls_lookup", "query_password": "lookup-pw",
+                "query": "SELECT usename, passwd, valuntil FROM public.odissey_lookup($1)"})
+            del d["routes"][0]["server"]  # no password of Odissey's: SCRAM pass-through
+            return d
+
+        def encrypted(port: int) -> Any:
+            dsn = make_conninfo(host="127.0.0.1", port=str(port), user="app", dbname="app",
+                                password=APP_PASSWORD, sslmode="disable")
+            try:
+                with psycopg.connect(dsn, autocommit=True, connect_timeout=10) as conn:
+                    return conn.execute(
+                        "select ssl from pg_stat_ssl where pid = pg_backend_pid()").fetchone()[0]
+            except psycopg.OperationalError as exc:
+                return str(exc)
+
+        port = yield self.odissey(doc("require"))
+        self.assertIs((yield self.thread(encrypted, port)), True)
+        port = yield self.odissey(doc("disable"))
+        self.assertIn("could not look up the password", (yield self.thread(encrypted, port)))
 
     @inlineCallbacks
     def test_verify_ca_unknown_issuer(self):  # type: ignore[no-untyped-def]
