@@ -459,10 +459,12 @@ class ClientSideTests(_Base):
     @inlineCallbacks
     def test_plaintext_cancel_of_tls_session(self):  # type: ignore[no-untyped-def]
         """A CancelRequest in plaintext (as libpq's PQcancel sends it) is served even
-        though tls.mode is require, and the TLS session's long query is cancelled. (Raw
+        though tls.mode is require, and the TLS session's long query, on a TLS server
+        connection, is cancelled by Odissey's own plaintext CancelRequest. (Raw
         sockets: psycopg's PQcancel would hold the GIL, and so this in-process Odissey,
         while it waits for the close.)"""
-        port = yield self.odissey(document(serving("require"), auth={"method": "trust"}))
+        port = yield self.odissey(document(serving("require"), auth={"method": "trust"},
+                                           storage_tls={"mode": "verify-full", "ca_file": certs().ca_file}))
 
         def session() -> list[str]:
             raw = socket.create_connection(("127.0.0.1", port), timeout=10)
