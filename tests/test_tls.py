@@ -27,7 +27,8 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.internet.protocol import Factory, Protocol
-from twisted.internet.task import deferLater
+from twisted.internet.task import Clock, deferLater
+from twisted.internet.testing import StringTransport
 from twisted.internet.threads import deferToThreadPool
 from twisted.python.threadpool import ThreadPool
 from twisted.trial.unittest import SynchronousTestCase, TestCase
@@ -35,6 +36,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from odissey import config, tls
 from odissey.config import ConfigError
 from odissey.postgres import LocalPostgres
+from odissey.server import LoginInfo, ServerConnection
 from odissey.service import OdisseyService
 from odissey.wire import messages as m
 from tests.harness import APP_PASSWORD, free_port, login_outcome, read_message, send_cancel_request
@@ -625,6 +627,51 @@ class ServerSideTests(_Base):
         self.assertEqual(state, "08006")  # the fake closes at the StartupMessage
         self.assertEqual(received[0], m.ssl_request())
         self.assertEqual(b"".join(received[1:]), m.startup_message({"user": "app", "database": "app"}))
+
+
+class NegotiationTests(SynchronousTestCase):
+    """The server connection's reading of the answer to its SSLRequest, byte by byte
+    (no network: a StringTransport)."""
+
+    def answer(self, mode: str, data: bytes) -> tuple[ServerConnection, list[Any]]:
+        from odissey.config import ServerTLS
+        from odissey.testing import STORAGE, in_this_thread
+
+        side = tls.ServerSide(ServerTLS(mode=mode), STORAGE)
+        server = ServerConnection(LoginInfo(STORAGE, "app", "app", None), Clock(), in_this_thread,
+                                  tls=side)
+        failures: list[Any] = []
+        server.ready.addErrback(failures.append)
+        transport = StringTransport()
+        server.makeConnection(transport)
+        self.assertEqual(transport.value(), m.ssl_request())  # nothing else before the answer
+        transport.clear()
+        server.dataReceived(data)
+        self.sent = transport.value()
+        return server, failures
+
+    def test_refusals(self) -> None:
+        """Anything but a lone S (or N for prefer) fails the login with 08006 and why,
+        and nothing (no StartupMessage) is sent."""
+        for mode, data, why in [
+            ("require", b"S\0\0", "received unencrypted data after SSL response"),
+            ("prefer", b"Nx", "received unencrypted data after SSL response"),
+            ("require", b"N", "server does not support SSL, but tls.mode require requires it"),
+            ("require", b"E\0\0\0\x08abc\0", "received invalid response to SSL negotiation: 'E'"),
+        ]:
+            _server, failures = self.answer(mode, data)
+            self.assertEqual(len(failures), 1, (mode, data))
+            error = failures[0].value
+            self.assertEqual(error.sqlstate, "08006")
+            self.assertEqual(error.message, f'could not connect to server "pg": {why}')
+            self.assertEqual(self.sent, b"")
+
+    def test_prefer_goes_on_in_plaintext(self) -> None:
+        """prefer: N is followed by the StartupMessage in plaintext."""
+        server, failures = self.answer("prefer", b"N")
+        self.assertEqual(failures, [])
+        self.assertEqual(self.sent, m.startup_message({"user": "app", "database": "app"}))
+        self.assertFalse(server.encrypted)
 
 
 # -- configuration --------------------------------------------------------------------------
