@@ -26,7 +26,7 @@ from __future__ import annotations
 import calendar
 import re
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Mapping, Optional, Tuple
 
 from twisted.internet.defer import Deferred, DeferredLock, inlineCallbacks
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
@@ -36,6 +36,7 @@ from twisted.python.failure import Failure
 from odissey.auth.secrets import InThread
 from odissey.config import AuthQuery, Route, Secret
 from odissey.server import LoginInfo, ServerConnection, ServerState, Tracker, open_connection
+from odissey.tls import ServerSide
 from odissey.wire import errors
 from odissey.wire import messages as m
 from odissey.wire.errors import PoolerError
@@ -212,7 +213,7 @@ class _Source:
         self.server = None
         owner = self.owner
         server = ServerConnection(self.login, owner.reactor, owner.threads, owner.tracker,
-                                  collect_rows=True)
+                                  collect_rows=True, tls=owner.tls.get(self.route.storage.name))
         if owner.tracker is not None:
             owner.tracker.add(server)
         try:
@@ -248,10 +249,13 @@ class _Source:
 class AuthQueries:
     """Every route's lookups, by (route, database); owned by the service, which closes it."""
 
-    def __init__(self, reactor: IReactorTime, threads: InThread, tracker: Optional[Tracker] = None) -> None:
+    def __init__(self, reactor: IReactorTime, threads: InThread, tracker: Optional[Tracker] = None,
+                 tls: "Optional[Mapping[str, ServerSide]]" = None) -> None:
         self.reactor = reactor
         self.threads = threads
         self.tracker = tracker
+        #: TLS to each storage (storages.*.tls): lookups use it like the pools' logins.
+        self.tls: Mapping[str, ServerSide] = tls or {}
         self.closed = False
         self._sources: Dict[Tuple[int, str], _Source] = {}
 

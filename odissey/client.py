@@ -12,6 +12,12 @@ past it the oldest of them that has kept us waiting for STALL_GRACE is dropped, 
 flood of connections that never finish logging in cannot keep real clients out, while a
 burst of real logins (which always answer at once) is never cut. ``limits.max_clients``
 counts logged-in clients; all connections together stay under the sum of both.
+
+TLS (``tls.py`` makes the context): an SSLRequest is answered ``S`` and the same
+transport switches to TLS (``startTLS``), or ``N``; a first byte 0x16 is PostgreSQL 17's
+direct TLS, whose ClientHello is handed to the TLS layer once started. Bytes sent behind
+an SSLRequest before the handshake are an injection attempt (CVE-2021-23214) and close
+the connection. A CancelRequest is served in plaintext whatever the mode.
 """
 
 from __future__ import annotations
@@ -24,14 +30,15 @@ from functools import partial
 from typing import Callable
 
 from twisted.internet.defer import Deferred, inlineCallbacks, maybeDeferred, succeed
-from twisted.internet.interfaces import IDelayedCall, IReactorTime, ISSLTransport
+from twisted.internet.interfaces import IDelayedCall, IHandshakeListener, IReactorTime, ISSLTransport
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from odissey.auth.passthrough import Credentials
 from odissey.auth.secrets import InThread
-from odissey.auth.verifiers import ClientVerifiers
+from odissey.auth.verifiers import CertVerifier, ClientVerifiers
 from odissey.auth_query import AuthQueries
 from odissey.cancel import CancelKeys
 from odissey.config import Limits
@@ -42,6 +49,15 @@ from odissey.relay import Relay
 from odissey.router import Router, client_address
 from odissey.server import ServerConnection, borrows_credentials
 from odissey.startup_check import StartupChecks
+from odissey.tls import (
+    ALPN,
+    HANDSHAKE_RECORD,
+    ClientSide,
+    common_name,
+    describe_failure,
+    negotiated_protocol,
+    peer_certificate,
+)
 from odissey.wire import errors
 from odissey.wire import messages as m
 from odissey.wire.errors import PoolerError, ProtocolViolation, UnsupportedProtocol
@@ -74,6 +90,7 @@ class ClientState(Enum):
     GONE = "gone"
 
 
+@implementer(IHandshakeListener)
 class ClientConnection(Protocol):
     def __init__(self, factory: "ClientFactory") -> None:
         self.id = f"c{next(_ids)}"
@@ -94,6 +111,11 @@ class ClientConnection(Protocol):
         self._attaching: Deferred[ServerConnection] | None = None  # session mode: the server, at login
         self._login_timer: IDelayedCall | None = None
         self._asked_at = factory.reactor.seconds()  # when we last waited for the client
+        self.tls_started = False  # startTLS called: every byte from now on is TLS
+        self.encrypted = False  # the handshake completed
+        self.direct_tls = False  # began with a ClientHello (sslnegotiation=direct)
+        #: The CN of the client certificate (verified against tls.ca_file), if one was sent.
+        self.peer_cn: str | None = None
 
     def __repr__(self) -> str:
         return f"<client {self.id} {self.user}@{self.database} {self.state.value}>"
@@ -122,6 +144,9 @@ class ClientConnection(Protocol):
             self.fail(exc)
 
     def connectionLost(self, reason: Failure | None = None) -> None:
+        if self.tls_started and not self.encrypted and reason is not None:
+            log.info("{id}: TLS handshake failed: {why}", id=self.id,
+                     why=describe_failure(reason.value))
         self.state = ClientState.GONE
         self.factory.forget(self)
         self._buffer = b""
@@ -146,6 +171,13 @@ class ClientConnection(Protocol):
         if self.state is ClientState.GONE or self.state is ClientState.CLOSING or self.transport is None:
             return
         self.state = ClientState.CLOSING
+        if self.tls_started and not self.encrypted:
+            # Mid-handshake nothing can be said, and Twisted would hold the connection
+            # open until a stalled handshake finished to deliver it: cut it instead.
+            log.info("{id}: {sqlstate} {message} (during the TLS handshake)", id=self.id,
+                     sqlstate=error.sqlstate, message=error.message)
+            self.transport.abortConnection()  # type: ignore[attr-defined]
+            return
         error.severity = "FATAL"
         log.info("{id}: {sqlstate} {message}", id=self.id, sqlstate=error.sqlstate,
                  message=error.message)
@@ -172,7 +204,38 @@ class ClientConnection(Protocol):
 
     # -- startup -----------------------------------------------------------------------------
 
+    def handshakeCompleted(self) -> None:
+        """TLS is up: note the client's certificate; a direct-TLS client must have
+        agreed on ALPN ``postgresql`` (PostgreSQL 17 closes without a word otherwise)."""
+        self.encrypted = True
+        if self.direct_tls and negotiated_protocol(self.transport) != ALPN:
+            log.info("{id}: direct TLS without ALPN postgresql, closing", id=self.id)
+            self.state = ClientState.CLOSING
+            self.transport.abortConnection()  # type: ignore[union-attr]
+            return
+        cert = peer_certificate(self.transport)
+        self.peer_cn = common_name(cert) if cert is not None else None
+
+    def _start_tls(self) -> None:
+        tls = self.factory.tls
+        assert tls is not None
+        self.tls_started = True
+        self._negotiated.add(SSLRequest)  # another one, inside TLS, is refused
+        self.transport.startTLS(tls)  # type: ignore[union-attr]
+
     def _startup(self, data: bytes) -> None:
+        if (data[0] == HANDSHAKE_RECORD and not self.tls_started and not self._negotiated
+                and not self._reader.rest):
+            # PostgreSQL 17's direct TLS: a ClientHello instead of an SSLRequest.
+            if self.factory.tls is None:
+                log.info("{id}: direct TLS attempted but TLS is off, closing", id=self.id)
+                self.state = ClientState.CLOSING
+                self.transport.abortConnection()  # type: ignore[union-attr]
+                return
+            self.direct_tls = True
+            self._start_tls()
+            self.transport.protocol.dataReceived(data)  # type: ignore[union-attr]
+            return
         packet = self._reader.feed(data)
         if packet is None:
             return
@@ -184,9 +247,13 @@ class ClientConnection(Protocol):
                 raise UnsupportedProtocol(
                     f"unsupported frontend protocol {code >> 16}.{code & 0xFFFF}: "
                     "server supports 3.0 to 3.0")
-            if rest:
+            if rest:  # never protocol, never handed to TLS (CVE-2021-23214)
                 raise ProtocolViolation(f"received unencrypted data after {what}")
             self._negotiated.add(type(packet))
+            if isinstance(packet, SSLRequest) and self.factory.tls is not None and not self.tls_started:
+                self.transport.write(b"S")  # type: ignore[union-attr]
+                self._start_tls()  # (what was written before goes out first, in the clear)
+                return
             self.transport.write(b"N")  # type: ignore[union-attr]
             return
         if isinstance(packet, CancelRequest):
@@ -256,11 +323,14 @@ class ClientConnection(Protocol):
             )
         database = params.get("database") or user
         self.user, self.database = user, database
+        client = client_address(self.transport.getPeer())  # type: ignore[union-attr]
+        tls = f.tls
+        if tls is not None and tls.require and not self.encrypted:
+            raise self._no_encryption(client.shown, f"tls.mode is {tls.mode}")
         if params.get("replication", "false").lower() not in ("false", "off", "no", "0"):
             raise PoolerError(
                 errors.FEATURE_NOT_SUPPORTED, "replication connections are not supported"
             )
-        client = client_address(self.transport.getPeer())  # type: ignore[union-attr]
         route = f.router.match(database, user, client)
         if route is None:
             if not f.router.knows_database(database):
@@ -272,8 +342,18 @@ class ClientConnection(Protocol):
             owner = None
         else:
             owner = f.router.auth_route_of(route, database, user, client)
+            # TLS checks, before any password is asked (as PostgreSQL's hostssl/clientcert).
+            if owner is not None and owner.auth.require_tls and not self.encrypted:
+                raise self._no_encryption(client.shown, f"route {owner.name} requires TLS")
+            if tls is not None and tls.verify_user and self.encrypted and self.peer_cn != user:
+                raise PoolerError(
+                    errors.INVALID_AUTHORIZATION_SPECIFICATION,
+                    f'certificate validation (tls.mode verify-full) failed for user "{user}": '
+                    "CN mismatch")
         if owner is None:
             verifier = f.verifiers.mock(f.router.mock_auth(database, client), user)
+        elif owner.auth.method == "cert":
+            verifier = CertVerifier(user, self.peer_cn if self.encrypted else None)
         elif owner.auth.query is not None and f.auth_queries is not None:
             found = yield f.auth_queries.lookup(owner, database, user)
             verifier = f.verifiers.for_lookup(
@@ -355,6 +435,15 @@ class ClientConnection(Protocol):
             early, self._buffer = self._buffer, b""
             self.relay.clientData(early)
 
+    def _no_encryption(self, host: str, why: str) -> PoolerError:
+        """A plaintext login where TLS is required: 28000, like PostgreSQL's hostssl-only
+        pg_hba.conf refusal (before any password is asked, so none crosses in clear)."""
+        return PoolerError(
+            errors.INVALID_AUTHORIZATION_SPECIFICATION,
+            f'no encryption: TLS is required for host "{host}", user "{self.user}", '
+            f'database "{self.database}" ({why})',
+            hint="Connect with sslmode=require or stronger.")
+
     def _encryption(self) -> str:
         """How PostgreSQL's refusals end: whether the client's connection is encrypted."""
         return "SSL encryption" if ISSLTransport.providedBy(self.transport) else "no encryption"
@@ -403,8 +492,11 @@ class ClientFactory(Factory):
         *,
         auth_queries: AuthQueries | None = None,
         credentials: Credentials | None = None,
+        tls: ClientSide | None = None,
     ) -> None:
         self.reactor = reactor
+        #: The TLS offered to clients; None when tls.mode is disable (SSLRequest gets N).
+        self.tls = tls
         self.router = router
         self.pools = pools
         self.limits = limits

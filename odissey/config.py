@@ -19,7 +19,13 @@ import yaml
 
 ANY = "*"
 POOL_MODES = ("session", "transaction")
-AUTH_METHODS = ("trust", "cleartext", "md5", "scram-sha-256")
+AUTH_METHODS = ("trust", "cleartext", "md5", "scram-sha-256", "cert")
+#: Client-facing TLS modes (PgBouncer's client_tls_sslmode, without the redundant prefer).
+CLIENT_TLS_MODES = ("disable", "allow", "require", "verify-ca", "verify-full")
+#: Server-facing TLS modes: libpq's sslmode values Odissey implements.
+SERVER_TLS_MODES = ("disable", "prefer", "require", "verify-ca", "verify-full")
+#: Spelled as PostgreSQL's ssl_min_protocol_version.
+TLS_VERSIONS = ("TLSv1", "TLSv1.1", "TLSv1.2", "TLSv1.3")
 #: In ``routes[].clients``: connections that came through a unix-socket listener.
 UNIX = "unix"
 #: One entry of ``routes[].clients``: an IPv4 or IPv6 network, or :data:`UNIX`.
@@ -37,15 +43,17 @@ POOL_KEYS = (
 
 #: Every key the loader accepts, by section; ``docs/configuration.md`` documents exactly these.
 SCHEMA: dict[str, tuple[str, ...]] = {
-    "": ("listen", "limits", "storages", "pool_defaults", "routes"),
+    "": ("listen", "limits", "tls", "storages", "pool_defaults", "routes"),
     "limits": ("max_clients", "max_login_clients", "login_timeout", "max_message_size"),
-    "storages.*": ("host", "port", "connect_timeout", "retry_backoff", "managed"),
+    "tls": ("mode", "cert_file", "key_file", "ca_file", "min_version", "ciphers"),
+    "storages.*": ("host", "port", "connect_timeout", "retry_backoff", "tls", "managed"),
+    "storages.*.tls": ("mode", "ca_file", "cert_file", "key_file", "server_name"),
     "storages.*.managed": ("data_dir", "users", "databases", "hba", "settings"),
     "routes[]": ("database", "user", "clients", "block", "storage", "server", "auth", "pool"),
     "routes[].server": ("database", "user", "password"),
     "routes[].auth": (
         "method", "password", "query", "query_user", "query_password", "query_database",
-        "query_cache_ttl",
+        "query_cache_ttl", "require_tls",
     ),
     "pool_defaults": POOL_KEYS,
     "routes[].pool": POOL_KEYS,
@@ -98,6 +106,29 @@ class ManagedPostgres:
 
 
 @dataclass(frozen=True)
+class ClientTLS:
+    """TLS offered to clients (``tls:``); file paths are absolute once loaded."""
+
+    mode: str = "disable"
+    cert_file: str | None = None
+    key_file: str | None = None
+    ca_file: str | None = None
+    min_version: str = "TLSv1.2"
+    ciphers: str | None = None
+
+
+@dataclass(frozen=True)
+class ServerTLS:
+    """TLS to one storage (``storages.*.tls``), with libpq's sslmode meanings."""
+
+    mode: str = "disable"
+    ca_file: str | None = None  # or "system": the machine's trust store
+    cert_file: str | None = None
+    key_file: str | None = None
+    server_name: str | None = None  # checked by verify-full, sent as SNI; default: host
+
+
+@dataclass(frozen=True)
 class Storage:
     name: str
     host: str  # a host name/address, or a unix socket directory (starts with "/")
@@ -105,6 +136,7 @@ class Storage:
     connect_timeout: float
     retry_backoff: float = 1.0
     managed: ManagedPostgres | None = None
+    tls: ServerTLS = ServerTLS()
 
     @property
     def is_unix(self) -> bool:
@@ -149,6 +181,8 @@ class ClientAuth:
     password: Secret | None
     #: Set when the route looks secrets up in PostgreSQL instead of holding one.
     query: AuthQuery | None = None
+    #: Refuse this route's clients unless their connection is encrypted.
+    require_tls: bool = False
 
 
 @dataclass(frozen=True)
@@ -212,6 +246,7 @@ class Config:
     storages: Mapping[str, Storage]
     routes: tuple[Route, ...]
     source: str | None = field(default=None, compare=False)
+    tls: ClientTLS = ClientTLS()
 
 
 # -- parsing helpers -----------------------------------------------------------------------
@@ -458,6 +493,24 @@ def _read_secret(section: _Section, key: str, base: Path | None) -> Secret | Non
     return None
 
 
+def _read_path(section: _Section, key: str, base: Path | None, allow: tuple[str, ...] = ()) -> str | None:
+    """A file path (relative to the config file) that must be readable now; returned
+    absolute. Certificates and keys are read at start, so a wrong path is caught here."""
+    raw = section.value(key, _string, "a file path")
+    if raw is None or raw in allow:
+        return raw
+    path = Path(raw)
+    if base is not None and not path.is_absolute():
+        path = base / path
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as exc:
+        section.problem(f"cannot read {str(path)!r}: {exc.strerror}", key)
+        return None
+    return str(path.resolve())
+
+
 def _read_auth_query(au: _Section, method: str, base: Path | None) -> AuthQuery | None:
     """``routes[].auth.query*``: present when ``query_user`` is given."""
     others = [key for key in ("query", "query_password", "query_database", "query_cache_ttl") if au.has(key)]
@@ -491,6 +544,45 @@ def _read_auth_query(au: _Section, method: str, base: Path | None) -> AuthQuery 
 # -- sections ------------------------------------------------------------------------------
 
 
+def _read_client_tls(problems: list[str], data: Any, base: Path | None) -> ClientTLS:
+    s = _Section(problems, "tls", data, "tls")
+    d = ClientTLS()
+    tls = ClientTLS(
+        mode=s.value("mode", _choice(CLIENT_TLS_MODES), " or ".join(CLIENT_TLS_MODES), d.mode),
+        cert_file=_read_path(s, "cert_file", base),
+        key_file=_read_path(s, "key_file", base),
+        ca_file=_read_path(s, "ca_file", base),
+        min_version=s.value("min_version", _choice(TLS_VERSIONS), " or ".join(TLS_VERSIONS),
+                            d.min_version),
+        ciphers=s.value("ciphers", _string, "an OpenSSL cipher list"),
+    )
+    if tls.mode != "disable":
+        for key in ("cert_file", "key_file"):
+            if not s.has(key):
+                s.problem(f"is required for mode {tls.mode}", key)
+    if tls.mode in ("verify-ca", "verify-full") and not s.has("ca_file"):
+        s.problem(f"is required for mode {tls.mode} (client certificates are checked against it)",
+                  "ca_file")
+    return tls
+
+
+def _read_server_tls(problems: list[str], path: str, data: Any, base: Path | None) -> ServerTLS:
+    s = _Section(problems, path, data, "storages.*.tls")
+    tls = ServerTLS(
+        mode=s.value("mode", _choice(SERVER_TLS_MODES), " or ".join(SERVER_TLS_MODES), "disable"),
+        ca_file=_read_path(s, "ca_file", base, allow=("system",)),
+        cert_file=_read_path(s, "cert_file", base),
+        key_file=_read_path(s, "key_file", base),
+        server_name=s.value("server_name", _string, "a host name or address"),
+    )
+    if tls.mode in ("verify-ca", "verify-full") and not s.has("ca_file"):
+        s.problem(f'is required for mode {tls.mode} (a CA file, or "system")', "ca_file")
+    if s.has("cert_file") != s.has("key_file"):
+        s.problem("cert_file and key_file go together (a client certificate and its key)")
+    return tls
+
+
+
 def _read_limits(problems: list[str], data: Any) -> Limits:
     s = _Section(problems, "limits", data, "limits")
     d = Limits()
@@ -519,7 +611,7 @@ def _read_managed(problems: list[str], path: str, data: Any) -> ManagedPostgres:
     )
 
 
-def _read_storage(problems: list[str], name: str, data: Any) -> Storage:
+def _read_storage(problems: list[str], name: str, data: Any, base: Path | None = None) -> Storage:
     path = f"storages.{name}"
     s = _Section(problems, path, data, "storages.*")
     managed = None
@@ -530,6 +622,13 @@ def _read_storage(problems: list[str], name: str, data: Any) -> Storage:
     host = s.value("host", _string, "a host name or a unix socket directory")
     if host is None and managed is None:
         s.problem("is required (or give `managed` to have Odissey start a PostgreSQL)", "host")
+    tls = ServerTLS()
+    if s.has("tls"):
+        tls = _read_server_tls(problems, s.at("tls"), s.data["tls"], base)
+        unix = managed is not None or (host or "").startswith("/")
+        if unix and tls.mode not in ("disable", "prefer"):
+            s.problem(f"mode {tls.mode} needs TCP: PostgreSQL speaks no TLS on a unix socket",
+                      "tls")
     return Storage(
         name=name,
         host=host or "",
@@ -539,6 +638,7 @@ def _read_storage(problems: list[str], name: str, data: Any) -> Storage:
         ),
         retry_backoff=s.value("retry_backoff", _positive_duration, "a duration like 1s", 1.0),
         managed=managed,
+        tls=tls,
     )
 
 
@@ -590,6 +690,7 @@ def _read_route(
     storages: Mapping[str, Storage],
     base: Path | None,
     pool_defaults: PoolSettings,
+    tls: ClientTLS = ClientTLS(),
 ) -> Route | None:
     path = f"routes[{index}]"
     s = _Section(problems, path, data, "routes[]")
@@ -620,8 +721,20 @@ def _read_route(
     au = _Section(problems, s.at("auth"), s.data.get("auth"), "routes[].auth")
     method = au.value("method", _choice(AUTH_METHODS), " or ".join(AUTH_METHODS), "trust")
     secret = _read_secret(au, "password", base)
-    if method != "trust" and secret is None and not au.has("password") and not au.has("query_user"):
+    if (method not in ("trust", "cert") and secret is None and not au.has("password")
+            and not au.has("query_user")):
         au.problem(f"is required for method {method}", "password")
+    if method == "cert" and au.has("password"):
+        au.problem("method cert takes no password (the client certificate is the proof)",
+                   "password")
+    if method == "cert" and au.has("query_user"):
+        au.problem("method cert looks up no password", "query_user")
+    require_tls = au.value("require_tls", _bool, "true or false", False)
+    if method == "cert" and (tls.mode == "disable" or tls.ca_file is None):
+        au.problem("method cert needs client TLS with a CA: set tls.mode and tls.ca_file",
+                   "method")
+    if require_tls and tls.mode == "disable":
+        au.problem("needs client TLS: tls.mode is disable", "require_tls")
     if method == "md5" and secret is not None and secret.kind == "scram":
         au.problem("md5 needs a plain password or an md5 secret, not a SCRAM secret", "password")
     if secret is not None and secret.kind == "md5" and user == ANY:
@@ -641,7 +754,7 @@ def _read_route(
         user=user,
         storage=storage,
         server=server,
-        auth=ClientAuth(method, secret, lookup),
+        auth=ClientAuth(method, secret, lookup, require_tls),
         pool=pool,
         index=index,
         clients=clients,
@@ -684,6 +797,7 @@ def parse(data: Any, source: str | None = None) -> Config:
         top.problem("needs at least one endpoint, e.g. tcp:6432:interface=127.0.0.1", "listen")
 
     limits = _read_limits(problems, top.data.get("limits"))
+    tls = _read_client_tls(problems, top.data.get("tls"), base)
 
     storages: dict[str, Storage] = {}
     raw_storages = top.data.get("storages")
@@ -693,7 +807,7 @@ def parse(data: Any, source: str | None = None) -> Config:
         top.problem(f"must be a mapping of name: storage, got {_show(raw_storages)}", "storages")
     else:
         for name, body in (raw_storages or {}).items():
-            storages[str(name)] = _read_storage(problems, str(name), body)
+            storages[str(name)] = _read_storage(problems, str(name), body, base)
 
     pool_defaults = _read_pool(
         problems, "pool_defaults", top.data.get("pool_defaults"), "pool_defaults", PoolSettings()
@@ -707,7 +821,7 @@ def parse(data: Any, source: str | None = None) -> Config:
     else:
         seen: dict[tuple[str, str], list[Route]] = {}
         for i, body in enumerate(raw_routes):
-            route = _read_route(problems, i, body, storages, base, pool_defaults)
+            route = _read_route(problems, i, body, storages, base, pool_defaults, tls)
             if route is None:
                 continue
             problem = _unreachable(route, seen.setdefault((route.database, route.user), []))
@@ -724,6 +838,7 @@ def parse(data: Any, source: str | None = None) -> Config:
         storages=storages,
         routes=tuple(routes),
         source=source,
+        tls=tls,
     )
 
 

@@ -62,10 +62,17 @@ def couple(a: HasTransport, a_valve: Valve, b: HasTransport, b_valve: Valve) -> 
 def uncouple(a: HasTransport, a_valve: Valve, b: HasTransport, b_valve: Valve) -> None:
     """Undo :func:`couple` and let both sides read again."""
     for transport, valve in ((a.transport, b_valve), (b.transport, a_valve)):
-        if transport is not None and getattr(transport, "producer", None) is valve:
+        if transport is not None and _registered(transport, valve):
             transport.unregisterProducer()
     a_valve.resumeProducing()
     b_valve.resumeProducing()
+
+
+def _registered(transport: Any, valve: Valve) -> bool:
+    """Is ``valve`` the transport's producer? After ``startTLS`` the socket's producer is
+    Twisted's TLS wrapper (a ``_ProducerMembrane``) holding ours, not ours itself."""
+    producer = getattr(transport, "producer", None)
+    return producer is valve or getattr(producer, "_producer", None) is valve
 
 
 def set_nodelay(transport: object) -> None:
@@ -111,7 +118,9 @@ def peer_closed(transport: Any) -> bool:
     behind whatever the peer sent last. poll() reports it (POLLRDHUP on Linux) without
     reading anything."""
     try:
-        fileno = transport.getHandle().fileno()
+        # After startTLS, getHandle() is the TLS object (no fileno): ask the socket.
+        fileno = getattr(transport, "socket", None) or transport.getHandle()
+        fileno = fileno.fileno()
     except Exception:  # not a socket transport (tests), or already closed
         return False
     if fileno < 0:

@@ -4,6 +4,12 @@ A server connection goes ``CONNECTING -> LOGIN -> IDLE``, then alternates betwee
 ``IDLE`` (in its pool), ``ACTIVE`` (bytes go to a handler: the relay of the client it is
 attached to, or the cleanup draining it) and ``QUERY`` (running the pooler's own
 statements: parameter SETs, ROLLBACK, reset), until ``CLOSED``.
+
+With ``storages.*.tls`` on, ``CONNECTING`` is followed by ``TLS``: an SSLRequest is sent,
+and the answer must be the single byte ``S`` (anything after it was not encrypted by the
+server and may be an injection: CVE-2021-23222) before ``startTLS``; ``N`` continues in
+plaintext only in ``prefer`` mode. The StartupMessage goes out once the handshake is done
+and the certificate checked, so a user name never reaches a server that failed the check.
 """
 
 from __future__ import annotations
@@ -11,15 +17,16 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass
 from enum import Enum
-from typing import Protocol as TypingProtocol
+from typing import Mapping, Optional, Protocol as TypingProtocol
 
 from twisted.internet import defer
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.endpoints import connectProtocol
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IHandshakeListener, IReactorTime
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from odissey.auth.passthrough import Credentials, PassThrough
 from odissey.auth.responders import ServerAuthenticator
@@ -30,6 +37,7 @@ from odissey.flow import Valve, set_nodelay
 from odissey.params import Params, codec_for
 from odissey.router import storage_endpoint
 from odissey.statements import ServerStatements
+from odissey.tls import Connector, ServerSide, describe_failure, peer_certificate
 from odissey.transaction import DROPS_ALL, SERVER_WATCH
 from odissey.wire import errors
 from odissey.wire import messages as m
@@ -49,6 +57,7 @@ _ROWS = frozenset(b"D")
 
 class ServerState(Enum):
     CONNECTING = "connecting"
+    TLS = "tls"
     LOGIN = "login"
     IDLE = "idle"
     ACTIVE = "active"
@@ -114,6 +123,7 @@ class _Statements:
         self.done: Deferred[list[dict[str, str]]] = Deferred()
 
 
+@implementer(IHandshakeListener)
 class ServerConnection(Protocol):
     def __init__(
         self,
@@ -122,6 +132,7 @@ class ServerConnection(Protocol):
         threads: InThread,
         tracker: Tracker | None = None,
         collect_rows: bool = False,
+        tls: Optional[ServerSide] = None,
     ) -> None:
         self.id = f"s{next(_ids)}"
         self.login = login
@@ -154,6 +165,10 @@ class ServerConnection(Protocol):
         self._auth = ServerAuthenticator(login.user, login.secret, threads, login.passthrough)
         self._statements: _Statements | None = None
         self.tracker = tracker
+        #: TLS to this storage (None: plaintext); unix sockets never speak TLS.
+        self.tls = tls if tls is not None and not login.storage.is_unix else None
+        self._connector: Connector | None = None
+        self.encrypted = False
 
     def __repr__(self) -> str:
         return f"<server {self.id} {self.login.user}@{self.login.database} {self.state.value}>"
@@ -162,13 +177,60 @@ class ServerConnection(Protocol):
 
     def connectionMade(self) -> None:
         set_nodelay(self.transport)
+        if self.tls is not None:
+            self.state = ServerState.TLS
+            self.transport.write(m.ssl_request())  # type: ignore[union-attr]
+            return
+        self._send_startup()
+
+    def _send_startup(self) -> None:
         self.state = ServerState.LOGIN
         self.transport.write(  # type: ignore[union-attr]
             m.startup_message(
                 {"user": self.login.user, "database": self.login.database, **dict(self.login.options)})
         )
 
+    def _tls_answer(self, data: bytes) -> None:
+        """The server's answer to our SSLRequest: ``S`` alone, or ``N`` (prefer only)."""
+        tls = self.tls
+        assert tls is not None
+        if data == b"S":
+            self._connector = tls.connector()
+            self.transport.startTLS(self._connector)  # type: ignore[union-attr]
+            return
+        if data[:1] == b"S":
+            self._tls_failed("received unencrypted data after SSL response")
+        elif data == b"N" and not tls.required:
+            log.info("{id}: server refused TLS, continuing in plaintext (prefer)", id=self.id)
+            self._send_startup()
+        elif data[:1] == b"N":
+            self._tls_failed(f"server does not support SSL, but tls.mode {tls.mode} requires it"
+                             if len(data) == 1 else "received unencrypted data after SSL response")
+        else:
+            self._tls_failed(f"received invalid response to SSL negotiation: {chr(data[0])!r}")
+
+    def handshakeCompleted(self) -> None:
+        """TLS is up: check who answered (verify-full) before saying who we are."""
+        if self.state is not ServerState.TLS:
+            return
+        assert self.tls is not None
+        problem = self.tls.check(peer_certificate(self.transport))
+        if problem is not None:
+            self._tls_failed(problem)
+            return
+        self.encrypted = True
+        self._send_startup()
+
+    def _tls_failed(self, why: str) -> None:
+        self._fail_login(PoolerError(
+            errors.CONNECTION_FAILURE,
+            f'could not connect to server "{self.login.storage.name}": {why}'))
+        self.abort()
+
     def dataReceived(self, data: bytes) -> None:
+        if self.state is ServerState.TLS:
+            self._tls_answer(data)
+            return
         if self._recent:
             self._recent = []
         try:
@@ -199,7 +261,14 @@ class ServerConnection(Protocol):
     def connectionLost(self, reason: Failure | None = None) -> None:
         before = self.state
         self.state = ServerState.CLOSED
-        if before in (ServerState.CONNECTING, ServerState.LOGIN):
+        if before is ServerState.TLS and not self.ready.called:
+            why = "server closed the connection during TLS negotiation"
+            if self._connector is not None:
+                why = "TLS handshake failed: " + (
+                    self._connector.error
+                    or (describe_failure(reason.value) if reason is not None else "closed"))
+            self._tls_failed(why)
+        elif before in (ServerState.CONNECTING, ServerState.LOGIN):
             self._fail_login(PoolerError(
                 errors.CONNECTION_FAILURE, "server closed the connection during login"))
         elif before is ServerState.ACTIVE and self.handler is not None:
@@ -222,7 +291,7 @@ class ServerConnection(Protocol):
     def close(self) -> None:
         """Say goodbye properly (Terminate) and close."""
         if self.transport is not None and self.state is not ServerState.CLOSED:
-            if self.state is not ServerState.CONNECTING:
+            if self.state is not ServerState.CONNECTING and self.state is not ServerState.TLS:
                 self.transport.write(m.terminate())
             self.transport.loseConnection()
 
@@ -375,6 +444,7 @@ def connect(
     tracker: Tracker,
     threads: InThread,
     credentials: Credentials | None = None,
+    tls: Optional[Mapping[str, ServerSide]] = None,
 ) -> "Deferred[ServerConnection]":
     """Open and log in one server connection for a route, within its connect timeout.
 
@@ -392,7 +462,8 @@ def connect(
         elif left is not None:
             secret = left
     login = LoginInfo(route.storage, route.server.database or database, server_user, secret, keys)
-    server = ServerConnection(login, reactor, threads, tracker)
+    server = ServerConnection(login, reactor, threads, tracker,
+                              tls=(tls or {}).get(route.storage.name))
     tracker.add(server)
     return open_connection(reactor, server, route.storage)
 

@@ -22,6 +22,7 @@ from odissey.pool import Pools
 from odissey.postgres import LocalPostgres
 from odissey.router import Router
 from odissey.server import ServerConnection, connect
+from odissey import tls
 from odissey.wire import errors
 from odissey.wire.errors import PoolerError
 
@@ -144,13 +145,16 @@ class OdisseyService(MultiService):
                      dir=postgres.socket_dir)
             hosts[name] = postgres.socket_dir
         self.config = with_storage_hosts(self.config, hosts)
+        # Certificates and keys are read once, here: rotating them takes a restart.
+        client_tls, server_tls = tls.load(self.config)
         credentials = Credentials()
         self.pools = Pools(self.reactor, functools.partial(
-            connect, tracker=self.live, threads=self.threads, credentials=credentials))
-        self.auth_queries = AuthQueries(self.reactor, self.threads, self.live)
+            connect, tracker=self.live, threads=self.threads, credentials=credentials,
+            tls=server_tls))
+        self.auth_queries = AuthQueries(self.reactor, self.threads, self.live, tls=server_tls)
         self.factory = ClientFactory(
             self.reactor, Router(self.config.routes), self.pools, self.config.limits, self.threads,
-            auth_queries=self.auth_queries, credentials=credentials,
+            auth_queries=self.auth_queries, credentials=credentials, tls=client_tls,
         )
         for route in self.config.routes:
             if route.pool.min_size and not route.block and ANY not in (route.database, route.user):

@@ -6,7 +6,7 @@ import sys
 
 from twisted.python import usage
 
-from odissey import config
+from odissey import config, tls
 from odissey.service import OdisseyService
 
 
@@ -19,6 +19,7 @@ class Options(usage.Options):
     def postOptions(self) -> None:
         try:
             self.loaded = config.load(self["config"])
+            tls.load(self.loaded)  # certificates and keys must load too
         except config.ConfigError as exc:
             sys.stderr.write(f"{self['config']}: invalid configuration:\n")
             for problem in exc.problems:

@@ -218,6 +218,28 @@ class ExpiredVerifier(Verifier):
         return step
 
 
+class CertVerifier(Verifier):
+    """``cert`` authentication: the client's certificate, already verified against
+    ``tls.ca_file`` during the handshake, must name the user in its CN. No exchange, so
+    nothing is asked; refusals are PostgreSQL's 28000 wording."""
+
+    def __init__(self, user: str, common_name: "str | None") -> None:
+        super().__init__(user)
+        self.common_name = common_name
+
+    def start(self) -> Step:
+        if self.common_name is None:
+            raise PoolerError(errors.INVALID_AUTHORIZATION_SPECIFICATION,
+                              "connection requires a valid client certificate")
+        if not hmac.compare_digest(self.common_name.encode(), self.user.encode()):
+            raise PoolerError(errors.INVALID_AUTHORIZATION_SPECIFICATION,
+                              f'certificate authentication failed for user "{self.user}"')
+        return Step(b"", True)
+
+    def receive(self, body: bytes) -> Step:
+        raise ProtocolViolation("unexpected password message")
+
+
 def _decode(data: bytes) -> str:
     try:
         return data.decode("utf-8")
