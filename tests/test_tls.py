@@ -294,6 +294,42 @@ class ClientSideTests(_Base):
         self.assertTrue(got.startswith("refused"), got)
 
     @inlineCallbacks
+    def test_asyncpg(self):  # type: ignore[no-untyped-def]
+        """asyncpg (its own protocol code, Python's ssl module): 'require' and a verifying
+        context are served in transaction mode, prepared statements included; without TLS
+        it is refused with 28000; a context trusting another CA fails its handshake."""
+        import asyncio
+
+        import asyncpg
+
+        port = yield self.odissey(document(serving("require"), pool_mode="transaction"))
+
+        async def run(ssl_arg: Any) -> Any:
+            conn = await asyncpg.connect(host="127.0.0.1", port=port, user="app", password=APP_PASSWORD,
+                                         database="app", ssl=ssl_arg, timeout=10)
+            try:
+                statement = await conn.prepare("select $1::int * 2")
+                return [await statement.fetchval(i) for i in range(3)] + [await conn.fetchval("select 7")]
+            finally:
+                await conn.close()
+
+        def attempt(ssl_arg: Any) -> Any:
+            try:
+                return asyncio.run(run(ssl_arg))
+            except Exception as exc:  # what each refusal looks like to asyncpg
+                return f"{type(exc).__name__}: {exc}"
+
+        verifying = ssl.create_default_context(cafile=certs().ca_file)
+        stranger = ssl.create_default_context(cafile=certs().stranger_ca_file)
+        self.assertEqual((yield self.thread(attempt, "require")), [0, 2, 4, 7])
+        self.assertEqual((yield self.thread(attempt, verifying)), [0, 2, 4, 7])
+        plain = yield self.thread(attempt, False)
+        self.assertIn("no encryption: TLS is required", plain)
+        self.assertIn("InvalidAuthorizationSpecification", plain)  # 28000
+        refused = yield self.thread(attempt, stranger)
+        self.assertIn("CERTIFICATE_VERIFY_FAILED", refused)
+
+    @inlineCallbacks
     def test_transaction_mode_over_tls(self):  # type: ignore[no-untyped-def]
         """Transaction mode over TLS on both sides: each transaction attaches and detaches
         a server, and the producers coupled behind Twisted's TLS layer are uncoupled
