@@ -156,14 +156,15 @@ def start_postgres(user: str, password: str, db: str, *, scale: int,
 def start_odissey(pg_port: int, user: str, password: str, db: str, *, mode: str, pool_size: int,
                   workdir: str, root: Path = ROOT, wrapper: Sequence[str] = (),
                   patience: float = 30, python: str = sys.executable,
-                  name: str = "odissey") -> Tuple[subprocess.Popen, int, str]:
+                  name: str = "odissey", extra: str = "") -> Tuple[subprocess.Popen, int, str]:
     """Odissey (``twistd odissey``, this working tree's code) with one md5 route to
     127.0.0.1:``pg_port``, listening on a free port of 127.0.0.1. Its configuration, output
     (``odissey.out``) and log (``odissey.log``) go to ``workdir``; ``root`` is the checkout
     whose code it runs; ``wrapper`` goes before the Python command (``valgrind …``), and
     ``patience`` is how long it may take to listen; ``python`` the interpreter (PyPy's, say)
-    and ``name`` what its files in ``workdir`` are called. Returns the process, its port and
-    the path of the odissey package it runs."""
+    and ``name`` what its files in ``workdir`` are called; ``extra`` is YAML appended to the
+    configuration (top-level keys such as ``tls:``). Returns the process, its port and the
+    path of the odissey package it runs."""
     port = free_port()
     conf = Path(workdir) / f"{name}.yaml"
     conf.write_text(
@@ -174,6 +175,7 @@ def start_odissey(pg_port: int, user: str, password: str, db: str, *, mode: str,
         f"  - {{database: {db}, user: {user}, storage: pg,\n"
         f"     auth: {{method: md5, password: {password}}},\n"
         f"     pool: {{mode: {mode}, size: {pool_size}}}}}\n"
+        + extra
     )
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(root), env.get("PYTHONPATH", "")) if p)

@@ -36,8 +36,8 @@ from __future__ import annotations
 
 import itertools
 import re
-from collections import OrderedDict, deque
-from typing import Any, Deque, Dict, List, Optional, Set, Tuple
+from collections import OrderedDict
+from typing import Any, Dict, List, Optional, Set, Tuple
 
 from odissey.transaction import (
     BIND, CLOSE, COPY_DATA, COPY_DONE, COPY_FAIL, COPYING, DESCRIBE, ERROR,
@@ -170,7 +170,9 @@ class Statements:
         self._unnamed: Optional[Change] = None
         self.server: Optional[ServerStatements] = None
         #: Payloads of the special entries in the tracker's queue, in its order.
-        self.payloads: Deque[_Payload] = deque()
+        #: (A list, not a deque: it holds a batch's few entries, and an empty deque
+        #: costs 760 bytes per client on CPython against a list's 56.)
+        self.payloads: List[_Payload] = []
         #: How many of them have replies to edit (dropped, replaced or synthesised): only
         #: then does a server chunk take the editing path.
         self.editing = 0
@@ -571,7 +573,7 @@ class Statements:
             self.editing += 1
 
     def _pop(self, entry: int) -> _Payload:
-        payload = self.payloads.popleft()
+        payload = self.payloads.pop(0)
         if payload[0] != entry:
             raise AssertionError(f"statement queue out of step: {payload[0]:#x} != {entry:#x}")
         if entry & _EDITS:
@@ -636,7 +638,7 @@ class Statements:
         # requests after it (and before them) made: what it dropped is gone for good.
         names: Dict[bytes, Statement] = {}  # the client's names, as those requests leave them
         made: Set[bytes] = set()  # Odissey's names they prepare on the server
-        payloads: Deque[_Payload] = deque()
+        payloads: List[_Payload] = []
         for payload in self.payloads:
             entry, what, a, b = payload
             if entry == TRACKED_PARSE or entry == SYNTH_PARSE:
