@@ -129,6 +129,21 @@ class RouterTests(SynchronousTestCase):
         assert eve is not None
         self.assertEqual(router.auth_of(eve, "d", "eve", UNIX), ClientAuth("md5", Secret("plain", "x")))
 
+    def test_blocked_route_names_the_route_whose_auth_it_borrows(self) -> None:
+        """auth_route_of gives the shadowed route itself, so that an auth_query lookup for
+        a blocked user runs on that route's storage and query, as the login does."""
+        router = Router(routes({"database": "d", "user": "mallory", "block": True},
+                               {"database": "d", "user": "*",
+                                "auth": {"method": "scram-sha-256", "query_user": "lookup"}}))
+        mallory = router.match("d", "mallory", UNIX)
+        assert mallory is not None
+        owner = router.auth_route_of(mallory, "d", "mallory", UNIX)
+        assert owner is not None
+        self.assertIsNot(owner, mallory)
+        self.assertEqual(owner.user, "*")
+        self.assertIsNotNone(owner.auth.query)
+        self.assertIs(router.auth_route_of(owner, "d", "someone", UNIX), owner)
+
     def test_blocked_route_with_nothing_below_is_mocked(self) -> None:
         """A blocked route without auth and nothing under it gets an unknown user's exchange."""
         router = Router(routes({"database": "d", "user": "mallory", "block": True},
