@@ -41,13 +41,13 @@ from odissey.auth.secrets import InThread
 from odissey.auth.verifiers import CertVerifier, ClientVerifiers
 from odissey.auth_query import AuthQueries
 from odissey.cancel import CancelKeys
-from odissey.config import Limits
+from odissey.config import Limits, Route
 from odissey.console import Console, ConsoleSession, console_parameters
 from odissey.flow import PENDING_LIMIT, Valve, send, set_nodelay
 from odissey.params import params_from, startup_wants
 from odissey.pool import Pools
 from odissey.relay import Relay
-from odissey.router import Router, client_address
+from odissey.router import ClientAddress, Router, client_address
 from odissey.server import ServerConnection, borrows_credentials
 from odissey.startup_check import StartupChecks
 from odissey.tls import (
@@ -434,7 +434,8 @@ class ClientConnection(Protocol):
             self.relay.clientData(early)
 
     @inlineCallbacks
-    def _authenticate(self, owner, database: str, user: str, client, lookup_database: str):
+    def _authenticate(self, owner: Route | None, database: str, user: str, client: ClientAddress,
+                      lookup_database: str):  # -> Deferred[(verifier, step)]
         """Run ``owner``'s authentication (an unknown user's mock exchange when None);
         returns (verifier, its last step), whose reply goes out with AuthenticationOk."""
         f = self.factory
@@ -456,7 +457,8 @@ class ClientConnection(Protocol):
         return verifier, step
 
     @inlineCallbacks
-    def _console_login(self, user: str, database: str, client, params):
+    def _console_login(self, user: str, database: str, client: ClientAddress,
+                       params: dict[str, str]):  # -> Deferred[None]
         """A login to the admin console: the password its routes ask for (see
         ``Console.auth_route``), then ``admin_users``/``stats_users``, checked only after
         the password (as PgBouncer does), so a refusal tells nothing to a guesser."""

@@ -230,8 +230,10 @@ class Console:
                 continue
             addr, port = _address(transport.getPeer())
             local_addr, local_port = _address(transport.getHost())
-            if client.console is not None:  # a console session: busy right now, answering this
-                state, request, wait, link, app = "active", now, 0.0, None, client.console.application_name
+            session = client.console
+            if session is not None:  # active only while running a command (this one)
+                state = "active" if session.busy else "idle"
+                request, wait, link, app = session.request_at, 0.0, None, session.application_name
             else:
                 state = {"waiting": "waiting", "idle": "idle"}.get(relay.state.value, "active")
                 request = relay.heard_at
@@ -413,11 +415,16 @@ class ConsoleSession:
         self.client_id = client_id
         self.application_name = application_name
         self._buffer = b""
+        #: Running a command now (SHOW CLIENTS calls such a session active, others idle).
+        self.busy = False
+        #: When the client last sent a message (SHOW CLIENTS's request_time).
+        self.request_at = console.reactor.seconds()
         self._skipping = False  # an extended-protocol error was sent: skip to Sync
 
     def data(self, data: bytes) -> None:
         """Bytes from the client: every whole message is handled, in order."""
         buffer = self._buffer + data
+        self.request_at = self.console.reactor.seconds()
         start = 0
         out: list[bytes] = []
         while len(buffer) - start >= 5:
@@ -481,14 +488,18 @@ class ConsoleSession:
         if not commands:
             out.append(m.EMPTY_QUERY_RESPONSE)
             return
-        for command in commands:
-            try:
-                out.append(self._run(command))
-            except PoolerError as exc:
-                log.info("{id}: console: {sqlstate} {message}", id=self.client_id,
-                         sqlstate=exc.sqlstate, message=exc.message)
-                out.append(m.error_response(exc))
-                return
+        self.busy = True
+        try:
+            for command in commands:
+                try:
+                    out.append(self._run(command))
+                except PoolerError as exc:
+                    log.info("{id}: console: {sqlstate} {message}", id=self.client_id,
+                             sqlstate=exc.sqlstate, message=exc.message)
+                    out.append(m.error_response(exc))
+                    return
+        finally:
+            self.busy = False
 
     def _run(self, command: str) -> bytes:
         words = command.split()

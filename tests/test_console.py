@@ -8,8 +8,16 @@ from typing import Any
 
 import psycopg
 from twisted.internet.defer import inlineCallbacks
-from twisted.trial.unittest import SkipTest
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
+from odissey.config import parse
+from odissey.console import ADMIN, STATS, Console, ConsoleSession
+from odissey.pool import Pools
+from odissey.router import Router
+from odissey.wire import messages as m
+from odissey.wire.errors import PoolerError
+from odissey.wire.scanner import Scanner
 from tests.harness import APP_PASSWORD, IntegrationTest, route
 
 #: PgBouncer 1.25's SHOW POOLS columns, in order, less those Odissey leaves out.
@@ -108,6 +116,8 @@ class ConsoleTests(IntegrationTest):
             self.assertEqual(len(ours), 1)
             client = ours[0]
             clients = yield self.thread(self.show, "CLIENTS")
+            mine = [r for r in clients if r["database"] == "odissey"]
+            self.assertEqual([r["state"] for r in mine], ["active"])  # this very SHOW
             row = next(r for r in clients if r["ptr"] == client.id)
             self.assertEqual((row["type"], row["user"], row["database"], row["state"],
                               row["application_name"], row["id"]),
@@ -210,3 +220,69 @@ class ConsoleTests(IntegrationTest):
             self.assertEqual(by_name["app"]["current_client_connections"], 2)  # with the console
         finally:
             yield self.thread(conn.close)
+
+
+class SessionTests(SynchronousTestCase):
+    """A ConsoleSession fed bytes directly: message framing and the replies' shape."""
+
+    def session(self, role: str = ADMIN) -> ConsoleSession:
+        config = parse({"listen": ["tcp:0"], "storages": {"pg": {"host": "127.0.0.1"}},
+                        "routes": [{"database": "db", "user": "u", "storage": "pg"}],
+                        "admin_users": ["u"]})
+        clock = Clock()
+        console = Console(config, Router(config.routes), Pools(clock, None), lambda: (), clock)  # type: ignore[arg-type]
+        self.written: list[bytes] = []
+        self.closed: list[PoolerError] = []
+        self.dropped: list[bool] = []
+        return ConsoleSession(console, role, self.written.append, self.closed.append,
+                              lambda: self.dropped.append(True), "c1")
+
+    def replies(self) -> list[tuple[str, bytes]]:
+        data = b"".join(self.written)
+        return [(chr(k), b or b"") for k, b, _ in Scanner(collect_all=True).feed(data)]
+
+    def test_pipelined_and_split_queries(self) -> None:
+        """Two queries in one chunk, and one cut anywhere, are each answered in order."""
+        session = self.session()
+        data = m.query("SHOW VERSION") + m.query("SHOW LISTS")
+        session.data(data[:3])
+        session.data(data[3:20])
+        session.data(data[20:])
+        kinds = "".join(kind for kind, _ in self.replies())
+        self.assertEqual(kinds, "TDCZ" + "T" + "D" * 6 + "CZ")
+
+    def test_several_commands_in_one_query(self) -> None:
+        """Commands separated by ; run in turn; an error stops the rest, then one
+        ReadyForQuery; an empty query gets EmptyQueryResponse."""
+        session = self.session()
+        session.data(m.query("SHOW VERSION; SHOW NOPE; SHOW VERSION"))
+        session.data(m.query(" ; "))
+        kinds = "".join(kind for kind, _ in self.replies())
+        self.assertEqual(kinds, "TDCEZIZ")
+
+    def test_extended_protocol_skipped_to_sync(self) -> None:
+        """Parse/Bind/Execute get one 0A000 error; the Sync gets ReadyForQuery."""
+        session = self.session()
+        session.data(m.parse(b"", b"SHOW POOLS\0\0\0") + m.bind(b"", b"", b"\0\0\0\0\0\0")
+                     + m.execute(b"") + m.sync())
+        replies = self.replies()
+        self.assertEqual("".join(kind for kind, _ in replies), "EZ")
+        self.assertEqual(m.parse_error_fields(replies[0][1])["C"], "0A000")
+
+    def test_stats_user(self) -> None:
+        """A stats user may SHOW; any admin command is 42501."""
+        session = self.session(STATS)
+        session.data(m.query("show pools") + m.query("RESUME"))
+        replies = self.replies()
+        self.assertEqual("".join(kind for kind, _ in replies), "TCZEZ")
+        self.assertEqual(m.parse_error_fields(replies[3][1])["C"], "42501")
+
+    def test_bad_message_closes(self) -> None:
+        """A message type the console does not speak closes it with 08P01; Terminate
+        drops it quietly."""
+        session = self.session()
+        session.data(m.message(b"F", b"\0\0\0\0"))
+        self.assertEqual([e.sqlstate for e in self.closed], ["08P01"])
+        session = self.session()
+        session.data(m.terminate())
+        self.assertEqual(self.dropped, [True])
