@@ -222,6 +222,40 @@ class ConsoleTests(IntegrationTest):
             yield self.thread(conn.close)
 
 
+class ConsoleLoginTests(IntegrationTest):
+    """Which route's auth a console login goes through: the first naming the user."""
+
+    top = {"admin_users": ["u_trust"], "stats_users": ["u_clear"]}
+
+    def routes(self) -> list[dict[str, Any]]:
+        return [
+            route("app", "app"),
+            route("*", "u_trust", auth={"method": "trust"}, server={"password": "trust-pw"}),
+            {**route("app", "u_clear", auth={"method": "cleartext", "password": "clear-pw"}),
+             "block": True},
+        ]
+
+    def login(self, user: str, password: str) -> str:
+        try:
+            with psycopg.connect(self.odissey.dsn(user=user, password=password, dbname="pgbouncer"),
+                                 autocommit=True, cursor_factory=psycopg.ClientCursor,
+                                 connect_timeout=10) as conn:
+                return str(conn.execute("SHOW VERSION").fetchone()[0])
+        except psycopg.OperationalError as exc:
+            return str(exc)
+
+    @inlineCallbacks
+    def test_catch_all_database_route_and_block(self):
+        """A user served by a database-"*" trust route logs in to the console without a
+        password; a stats user whose route is blocked is refused after its password."""
+        version = yield self.thread(self.login, "u_trust", "anything")
+        self.assertTrue(version.startswith("Odissey "), version)
+        blocked = yield self.thread(self.login, "u_clear", "clear-pw")
+        self.assertIn("pg_hba.conf rejects connection", blocked)
+        wrong = yield self.thread(self.login, "u_clear", "wrong")
+        self.assertIn("password authentication failed", wrong)
+
+
 class SessionTests(SynchronousTestCase):
     """A ConsoleSession fed bytes directly: message framing and the replies' shape."""
 
