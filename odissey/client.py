@@ -41,12 +41,13 @@ from odissey.auth.secrets import InThread
 from odissey.auth.verifiers import CertVerifier, ClientVerifiers
 from odissey.auth_query import AuthQueries
 from odissey.cancel import CancelKeys
-from odissey.config import Limits
+from odissey.config import Limits, Route
+from odissey.console import Console, ConsoleSession, console_parameters
 from odissey.flow import PENDING_LIMIT, Valve, send, set_nodelay
 from odissey.params import params_from, startup_wants
 from odissey.pool import Pools
 from odissey.relay import Relay
-from odissey.router import Router, client_address
+from odissey.router import ClientAddress, Router, client_address
 from odissey.server import ServerConnection, borrows_credentials
 from odissey.startup_check import StartupChecks
 from odissey.tls import (
@@ -86,6 +87,8 @@ class ClientState(Enum):
     AUTH = "auth"
     PARAMS = "params"
     READY = "ready"
+    #: Logged in to the admin console: bytes go to a ConsoleSession, never a relay.
+    CONSOLE = "console"
     CLOSING = "closing"
     GONE = "gone"
 
@@ -102,6 +105,9 @@ class ClientConnection(Protocol):
         self.user = ""
         self.database = ""
         self.route_index: int | None = None
+        #: The admin console session, for a client logged in to the console database.
+        self.console: ConsoleSession | None = None
+        self.connected_at = factory.reactor.seconds()
         self._reader = StartupReader()
         self._negotiated: set[type] = set()  # SSLRequest / GSSENCRequest already answered
         self._password: Deferred[bytes] | None = None
@@ -132,6 +138,9 @@ class ClientConnection(Protocol):
     def dataReceived(self, data: bytes) -> None:
         if self.state is ClientState.READY:
             self.relay.clientData(data)  # type: ignore[union-attr]
+            return
+        if self.state is ClientState.CONSOLE:
+            self.console.data(data)  # type: ignore[union-attr]
             return
         self._asked_at = self.factory.reactor.seconds()
         try:
@@ -331,6 +340,9 @@ class ClientConnection(Protocol):
             raise PoolerError(
                 errors.FEATURE_NOT_SUPPORTED, "replication connections are not supported"
             )
+        if f.console is not None and f.console.serves(database):
+            yield self._console_login(user, database, client, params)
+            return
         route = f.router.match(database, user, client)
         if route is None:
             if not f.router.knows_database(database):
@@ -350,21 +362,7 @@ class ClientConnection(Protocol):
                     errors.INVALID_AUTHORIZATION_SPECIFICATION,
                     f'certificate validation (tls.mode verify-full) failed for user "{user}": '
                     "CN mismatch")
-        if owner is None:
-            verifier = f.verifiers.mock(f.router.mock_auth(database, client), user)
-        elif owner.auth.method == "cert":
-            verifier = CertVerifier(user, self.peer_cn if self.encrypted else None)
-        elif owner.auth.query is not None and f.auth_queries is not None:
-            found = yield f.auth_queries.lookup(owner, database, user)
-            verifier = f.verifiers.for_lookup(
-                owner.auth, user, found.secret, found.expired(f.reactor.seconds()))
-        else:
-            verifier = yield f.verifiers.for_route(owner.auth, user)
-        step = verifier.start()
-        while not step.done:
-            self.send(step.reply)
-            body = yield self._next_password()
-            step = yield maybeDeferred(verifier.receive, body)
+        verifier, step = yield self._authenticate(owner, database, user, client, database)
         assert route is not None
         if route.block:  # only now: before the password, a block must look like anything else
             log.info("{id}: {user}@{database} from {client} is blocked by routes[{index}]",
@@ -435,6 +433,81 @@ class ClientConnection(Protocol):
             early, self._buffer = self._buffer, b""
             self.relay.clientData(early)
 
+    @inlineCallbacks
+    def _authenticate(self, owner: Route | None, database: str, user: str, client: ClientAddress,
+                      lookup_database: str):  # -> Deferred[(verifier, step)]
+        """Run ``owner``'s authentication (an unknown user's mock exchange when None);
+        returns (verifier, its last step), whose reply goes out with AuthenticationOk."""
+        f = self.factory
+        if owner is None:
+            verifier = f.verifiers.mock(f.router.mock_auth(database, client), user)
+        elif owner.auth.method == "cert":
+            verifier = CertVerifier(user, self.peer_cn if self.encrypted else None)
+        elif owner.auth.query is not None and f.auth_queries is not None:
+            found = yield f.auth_queries.lookup(owner, lookup_database, user)
+            verifier = f.verifiers.for_lookup(
+                owner.auth, user, found.secret, found.expired(f.reactor.seconds()))
+        else:
+            verifier = yield f.verifiers.for_route(owner.auth, user)
+        step = verifier.start()
+        while not step.done:
+            self.send(step.reply)
+            body = yield self._next_password()
+            step = yield maybeDeferred(verifier.receive, body)
+        return verifier, step
+
+    @inlineCallbacks
+    def _console_login(self, user: str, database: str, client: ClientAddress,
+                       params: dict[str, str]):  # -> Deferred[None]
+        """A login to the admin console: the password its routes ask for (see
+        ``Console.auth_route``), then ``admin_users``/``stats_users``, checked only after
+        the password (as PgBouncer does), so a refusal tells nothing to a guesser."""
+        f = self.factory
+        console = f.console
+        assert console is not None
+        owner = console.auth_route(user, client)
+        if owner is not None and owner.auth.require_tls and not self.encrypted:
+            raise self._no_encryption(client.shown, f"route {owner.name} requires TLS")
+        tls = f.tls
+        if tls is not None and tls.verify_user and self.encrypted and self.peer_cn != user:
+            raise PoolerError(
+                errors.INVALID_AUTHORIZATION_SPECIFICATION,
+                f'certificate validation (tls.mode verify-full) failed for user "{user}": '
+                "CN mismatch")
+        lookup = console.lookup_database(owner) if owner is not None else database
+        _verifier, step = yield self._authenticate(owner, database, user, client, lookup)
+        if owner is not None and owner.block:
+            log.info("{id}: {user} on the console from {client} is blocked by routes[{index}]",
+                     id=self.id, user=user, client=client.shown, index=owner.index)
+            raise PoolerError(errors.INVALID_AUTHORIZATION_SPECIFICATION,
+                              f'pg_hba.conf rejects connection for host "{client.shown}", '
+                              f'user "{user}", database "{database}", {self._encryption()}')
+        role = console.role(user)
+        if role is None:
+            raise PoolerError(
+                errors.INVALID_AUTHORIZATION_SPECIFICATION,
+                f'user "{user}" is not allowed to use the admin console',
+                hint="The console is for the users named in admin_users and stats_users.")
+        if f.logged_in >= f.limits.max_clients:
+            raise PoolerError(errors.TOO_MANY_CONNECTIONS, "sorry, too many clients already")
+        application_name = params.get("application_name", "")
+        self.console = ConsoleSession(console, role, self.send, self.fail, self.drop, self.id,
+                                      application_name)
+        f.logged_in_now(self)
+        if self._login_timer is not None and self._login_timer.active():
+            self._login_timer.cancel()
+        log.info("{id}: {user} logged in to the admin console ({role})", id=self.id, user=user,
+                 role=role)
+        greeting = b"".join(m.parameter_status(k, v) for k, v in console_parameters(application_name))
+        self.send(step.reply + m.authentication_ok() + greeting + _READY)
+        self.state = ClientState.CONSOLE
+        if self._paused:
+            self._paused = False
+            self.transport.resumeProducing()  # type: ignore[union-attr]
+        if self._buffer:
+            early, self._buffer = self._buffer, b""
+            self.console.data(early)
+
     def _no_encryption(self, host: str, why: str) -> PoolerError:
         """A plaintext login where TLS is required: 28000, like PostgreSQL's hostssl-only
         pg_hba.conf refusal (before any password is asked, so none crosses in clear)."""
@@ -493,8 +566,11 @@ class ClientFactory(Factory):
         auth_queries: AuthQueries | None = None,
         credentials: Credentials | None = None,
         tls: ClientSide | None = None,
+        console: Console | None = None,
     ) -> None:
         self.reactor = reactor
+        #: The admin console (None: the console databases are routed like any other).
+        self.console = console
         #: The TLS offered to clients; None when tls.mode is disable (SSLRequest gets N).
         self.tls = tls
         self.router = router
@@ -543,7 +619,7 @@ class ClientFactory(Factory):
         self.clients.discard(client)
         if client in self.logging_in:
             del self.logging_in[client]
-        elif client.route_index is not None:
+        elif client.route_index is not None or client.console is not None:
             self.logged_in -= 1
         if not self.clients:
             waiting, self._drained = self._drained, []

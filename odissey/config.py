@@ -20,6 +20,9 @@ import yaml
 ANY = "*"
 POOL_MODES = ("session", "transaction")
 AUTH_METHODS = ("trust", "cleartext", "md5", "scram-sha-256", "cert")
+#: The admin console's database names: Odissey's own, and PgBouncer's (scripts and
+#: exporters written for PgBouncer connect to "pgbouncer"). No route may use them.
+CONSOLE_DATABASES = ("odissey", "pgbouncer")
 #: Client-facing TLS modes (PgBouncer's client_tls_sslmode, without the redundant prefer).
 CLIENT_TLS_MODES = ("disable", "allow", "require", "verify-ca", "verify-full")
 #: Server-facing TLS modes: libpq's sslmode values Odissey implements.
@@ -43,7 +46,8 @@ POOL_KEYS = (
 
 #: Every key the loader accepts, by section; ``docs/configuration.md`` documents exactly these.
 SCHEMA: dict[str, tuple[str, ...]] = {
-    "": ("listen", "limits", "tls", "storages", "pool_defaults", "routes"),
+    "": ("listen", "limits", "tls", "storages", "pool_defaults", "routes", "admin_users",
+         "stats_users"),
     "limits": ("max_clients", "max_login_clients", "login_timeout", "max_message_size"),
     "tls": ("mode", "cert_file", "key_file", "ca_file", "min_version", "ciphers"),
     "storages.*": ("host", "port", "connect_timeout", "retry_backoff", "tls", "managed"),
@@ -247,6 +251,10 @@ class Config:
     routes: tuple[Route, ...]
     source: str | None = field(default=None, compare=False)
     tls: ClientTLS = ClientTLS()
+    #: Users allowed every admin console command.
+    admin_users: tuple[str, ...] = ()
+    #: Users allowed the admin console's SHOW commands only.
+    stats_users: tuple[str, ...] = ()
 
 
 # -- parsing helpers -----------------------------------------------------------------------
@@ -784,6 +792,20 @@ def _unreachable(route: Route, earlier: list[Route]) -> str | None:
     return f"{where}: never used: {names} before it already {verb} every address it lists {pair}"
 
 
+def _read_console_users(top: _Section, key: str, routes: list[Route]) -> tuple[str, ...]:
+    """``admin_users`` / ``stats_users``: user names. A console user proves its password
+    with the ``auth`` of its routes (docs/operations.md), so a name that no route serves
+    (neither by name nor with user "*") could never log in: that is a mistake to report."""
+    users = top.value(key, _string_list, "a list of user names", ())
+    for i, name in enumerate(users):
+        if not name:
+            top.problem("must not be empty", f"{key}[{i}]")
+        elif routes and not any(r.user in (name, ANY) and r.own_auth for r in routes):
+            top.problem(f'no route serves user "{name}", so it has no password to log in to '
+                        "the console with", f"{key}[{i}]")
+    return tuple(users)
+
+
 def parse(data: Any, source: str | None = None) -> Config:
     """A YAML document (already loaded) -> Config, or ConfigError listing every problem."""
     problems: list[str] = []
@@ -830,9 +852,18 @@ def parse(data: Any, source: str | None = None) -> Config:
             seen[(route.database, route.user)].append(route)
             routes.append(route)
 
+    admin_users = _read_console_users(top, "admin_users", routes)
+    stats_users = _read_console_users(top, "stats_users", routes)
+    for route in routes:
+        if route.database in CONSOLE_DATABASES:
+            problems.append(f'routes[{route.index}].database: "{route.database}" is the admin '
+                            f"console's (reserved: {', '.join(CONSOLE_DATABASES)})")
+
     if problems:
         raise ConfigError(problems)
     return Config(
+        admin_users=admin_users,
+        stats_users=stats_users,
         listen=tuple(listen),
         limits=limits,
         storages=storages,

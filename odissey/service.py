@@ -17,6 +17,7 @@ from odissey.auth.secrets import reactor_threads
 from odissey.auth_query import AuthQueries
 from odissey.client import ClientFactory
 from odissey.config import ANY, Config, Storage
+from odissey.console import Console
 from odissey.janitor import PERIOD, Janitor
 from odissey.pool import Pools
 from odissey.postgres import LocalPostgres
@@ -152,9 +153,14 @@ class OdisseyService(MultiService):
             connect, tracker=self.live, threads=self.threads, credentials=credentials,
             tls=server_tls))
         self.auth_queries = AuthQueries(self.reactor, self.threads, self.live, tls=server_tls)
+        router = Router(self.config.routes)
+        console = Console(self.config, router, self.pools,
+                          lambda: self.factory.clients if self.factory is not None else (),
+                          self.reactor)
         self.factory = ClientFactory(
-            self.reactor, Router(self.config.routes), self.pools, self.config.limits, self.threads,
+            self.reactor, router, self.pools, self.config.limits, self.threads,
             auth_queries=self.auth_queries, credentials=credentials, tls=client_tls,
+            console=console,
         )
         for route in self.config.routes:
             if route.pool.min_size and not route.block and ANY not in (route.database, route.user):

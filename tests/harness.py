@@ -136,7 +136,7 @@ class Odissey:
 
     def __init__(
         self, routes: list[dict[str, Any]], limits: dict[str, Any] | None = None, storage_port: int | None = None,
-        listen: list[str] | None = None,
+        listen: list[str] | None = None, top: dict[str, Any] | None = None,
     ) -> None:
         self.pg = shared_postgres()
         port = storage_port or self.pg.port
@@ -147,6 +147,7 @@ class Odissey:
         }
         if limits:
             document["limits"] = limits
+        document.update(top or {})  # more top-level keys (admin_users, ...)
         self.config = config.parse(document)
         self.service = OdisseyService(self.config, reactor)
         self.port = 0
@@ -228,6 +229,8 @@ class IntegrationTest(unittest.TestCase):
     timeout = 120
     limits: dict[str, Any] | None = None
     storage_port: int | None = None  # None: the shared PostgreSQL
+    #: More top-level configuration keys (admin_users, stats_users, ...).
+    top: dict[str, Any] | None = None
 
     def listeners(self) -> list[str] | None:
         """Odissey's ``listen`` list for this test, the first entry a TCP port (None: one
@@ -242,7 +245,8 @@ class IntegrationTest(unittest.TestCase):
         # uses for PBKDF2) a hundred blocked clients would starve the pooler they wait for.
         self.clients = ThreadPool(minthreads=0, maxthreads=200, name="test-clients")
         self.clients.start()
-        self.odissey = Odissey(self.routes(), self.limits, self.storage_port, self.listeners())
+        self.odissey = Odissey(self.routes(), self.limits, self.storage_port, self.listeners(),
+                               self.top)
         return self.odissey.start()
 
     @inlineCallbacks

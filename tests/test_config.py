@@ -164,6 +164,25 @@ class ConfigTests(SynchronousTestCase):
         tx = by_db["demo_tx"]
         self.assertEqual((tx.user, tx.pool.mode, tx.pool.size, tx.server.database), ("demo", "transaction", 4, "demo"))
         self.assertEqual(tx.auth.password.value, "demo")
+        self.assertEqual(cfg.admin_users, ("demo",))  # README: psql -U demo odissey -c 'SHOW POOLS'
+
+    def test_console_users(self) -> None:
+        """admin_users/stats_users must name users some route serves; no route may use a
+        console database name."""
+        doc = minimal()
+        doc["admin_users"] = ["u"]
+        doc["stats_users"] = ["nobody", 3]
+        self.assertEqual(self.problems(doc), ['stats_users: must be a list of user names, got list'])
+        doc["stats_users"] = ["nobody"]
+        self.assertEqual(self.problems(doc), [
+            'stats_users[0]: no route serves user "nobody", so it has no password to log in to '
+            'the console with'])
+        doc = minimal(database="pgbouncer")
+        self.assertEqual(self.problems(doc), [
+            'routes[0].database: "pgbouncer" is the admin console\'s (reserved: odissey, pgbouncer)'])
+        doc = minimal(user="*")
+        doc["stats_users"] = ["anyone"]
+        self.assertEqual(parse(doc).stats_users, ("anyone",))
 
 
 class AuthQueryConfigTests(SynchronousTestCase):

@@ -113,6 +113,41 @@ def command_complete(tag: bytes) -> bytes:
     return message(b"C", tag + b"\0")
 
 
+def notice_response(sqlstate: str, text: str, detail: str | None = None) -> bytes:
+    """A NOTICE: what the admin console's SHOW HELP says (as PgBouncer's does)."""
+    return message(b"N", error_fields("NOTICE", sqlstate, text, detail))
+
+
+#: Type OIDs of the columns the pooler's own result sets use.
+TEXT_OID = 25
+INT4_OID = 23
+INT8_OID = 20
+
+
+def row_description(columns: Sequence[tuple[str, int]]) -> bytes:
+    """A RowDescription for (name, type OID) columns, all in text format."""
+    body = [len(columns).to_bytes(2, "big")]
+    for name, oid in columns:
+        size = 8 if oid == INT8_OID else 4 if oid == INT4_OID else -1
+        body.append(cstring(name) + struct.pack("!IhIhih", 0, 0, oid, size, -1, 0))
+    return message(b"T", b"".join(body))
+
+
+def data_row(values: Sequence[object]) -> bytes:
+    """A DataRow of values in text format; None is NULL."""
+    body = [len(values).to_bytes(2, "big")]
+    for value in values:
+        if value is None:
+            body.append(b"\xff\xff\xff\xff")
+        else:
+            data = str(value).encode()
+            body.append(_I32.pack(len(data)) + data)
+    return message(b"D", b"".join(body))
+
+
+EMPTY_QUERY_RESPONSE = b"I\0\0\0\4"
+
+
 #: The two fixed replies the pooler synthesises most.
 PARSE_COMPLETE = b"1\0\0\0\4"
 CLOSE_COMPLETE = b"3\0\0\0\4"

@@ -1,0 +1,536 @@
+"""The admin console: a virtual database (``odissey``, alias ``pgbouncer``) that Odissey
+serves itself, on its own listeners, to the users named in ``admin_users`` and
+``stats_users``; spoken to with psql, like PgBouncer's.
+
+Where PgBouncer 1.25 has the same command, the columns are its columns, in its order and
+with its meaning, so that tools written for PgBouncer read Odissey unchanged; a column
+Odissey has nothing real to put in is left out rather than filled with a constant (the
+omissions are listed in docs/operations.md).
+
+A console client is logged in by ``client.py`` like any other (its password is the one
+its routes ask for: see :meth:`Console.auth_route`), then its bytes go to a
+:class:`ConsoleSession` instead of a relay: the relay's hot path knows nothing of it.
+Only the simple query protocol is spoken (as PgBouncer's console); an extended-protocol
+request gets 0A000 and is skipped up to its Sync, so the session goes on.
+"""
+
+from __future__ import annotations
+
+import datetime
+import platform
+from typing import Any, Callable, Iterable, Optional, Protocol as TypingProtocol, Sequence
+
+from twisted.internet.interfaces import IReactorTime, ISSLTransport
+from twisted.logger import Logger
+
+import odissey
+from odissey.config import ANY, CONSOLE_DATABASES, Config, Route
+from odissey.pool import Pool, Pools
+from odissey.router import ClientAddress, Router
+from odissey.server import ServerConnection, ServerState
+from odissey.wire import errors
+from odissey.wire import messages as m
+from odissey.wire.errors import PoolerError
+
+log = Logger()
+
+TEXT, INT4, INT8 = m.TEXT_OID, m.INT4_OID, m.INT8_OID
+ADMIN, STATS = "admin", "stats"
+#: The longest console message accepted (a command is a line of text).
+MAX_MESSAGE = 1 << 20
+VERSION = f"Odissey {odissey.__version__}"
+#: What the console tells a login in ParameterStatus (psql reads server_version and the
+#: encodings; PgBouncer's console sends the same set, with its own version).
+GREETING = (
+    ("server_version", f"{odissey.__version__}/odissey"),
+    ("server_encoding", "UTF8"),
+    ("client_encoding", "UTF8"),
+    ("DateStyle", "ISO"),
+    ("TimeZone", "UTC"),
+    ("standard_conforming_strings", "on"),
+    ("integer_datetimes", "on"),
+    ("is_superuser", "on"),
+)
+
+#: PgBouncer's commands that change things: not in this version of the console yet.
+COMING = ("PAUSE", "RESUME", "DISABLE", "ENABLE", "RECONNECT", "KILL", "KILL_CLIENT",
+          "SUSPEND", "RELOAD", "SHUTDOWN", "WAIT_CLOSE", "SET")
+#: PgBouncer's SHOW commands that Odissey does not answer (yet, or at all).
+SHOW_COMING = ("STATS", "STATS_TOTALS", "STATS_AVERAGES", "TOTALS", "STATE")
+SHOW_NEVER = ("PEERS", "PEER_POOLS", "FDS", "SOCKETS", "ACTIVE_SOCKETS", "MEM",
+              "DNS_HOSTS", "DNS_ZONES")
+
+HELP = """SHOW HELP|VERSION|POOLS|CLIENTS|SERVERS|DATABASES|USERS|CONFIG|LISTS|ROUTES
+Coming (answered 0A000 for now):
+\tSHOW STATS|STATS_TOTALS|STATS_AVERAGES|TOTALS|STATE
+\tPAUSE [<db>], RESUME [<db>], DISABLE <db>, ENABLE <db>, RECONNECT [<db>], KILL [<db>],
+\tKILL_CLIENT <id>, RELOAD, SHUTDOWN [WAIT_FOR_CLIENTS], WAIT_CLOSE [<db>], SET key = arg"""
+
+
+class ConsoleClient(TypingProtocol):
+    """What the console reads of a client connection (``ClientConnection`` is one)."""
+
+    id: str
+    user: str
+    database: str
+    connected_at: float
+    relay: Any
+    console: Optional["ConsoleSession"]
+
+    @property
+    def transport(self) -> Any: ...
+
+
+def _when(seconds: float) -> str:
+    """A wall-clock time as PgBouncer's console shows it."""
+    return datetime.datetime.fromtimestamp(seconds, datetime.timezone.utc).strftime(
+        "%Y-%m-%d %H:%M:%S UTC")
+
+
+def _address(address: object) -> tuple[Optional[str], Optional[int]]:
+    """(addr, port) of a Twisted address: ``unix`` and no port for a unix socket."""
+    host = getattr(address, "host", None)
+    if host is None:
+        return "unix", None
+    return host, getattr(address, "port", None)
+
+
+def _tls(transport: object) -> str:
+    """The TLS protocol and cipher of a connection ("" in plaintext), as PgBouncer's tls column."""
+    if transport is None or not ISSLTransport.providedBy(transport):
+        return ""
+    try:
+        handle = transport.getHandle()  # type: ignore[attr-defined]
+        return f"{handle.get_protocol_version_name()}/{handle.get_cipher_name()}"
+    except Exception:  # a transport mid-handshake or closing: nothing to say
+        return ""
+
+
+def _id_number(connection_id: str) -> int:
+    """PgBouncer's numeric ``id`` column: the number of an id like ``c17``."""
+    return int(connection_id[1:])
+
+
+class Console:
+    """What every console session shares: the configuration, the router (for logins),
+    the pools and the client connections (for SHOW)."""
+
+    def __init__(
+        self,
+        config: Config,
+        router: Router,
+        pools: Pools,
+        clients: Callable[[], Iterable[ConsoleClient]],
+        reactor: IReactorTime,
+    ) -> None:
+        self.config = config
+        self.router = router
+        self.pools = pools
+        self.clients = clients
+        self.reactor = reactor
+        self.admin_users = frozenset(config.admin_users)
+        self.stats_users = frozenset(config.stats_users)
+
+    # -- login -------------------------------------------------------------------------
+
+    @staticmethod
+    def serves(database: str) -> bool:
+        return database in CONSOLE_DATABASES
+
+    def role(self, user: str) -> Optional[str]:
+        """``admin``, ``stats`` or None (not allowed in)."""
+        if user in self.admin_users:
+            return ADMIN
+        if user in self.stats_users:
+            return STATS
+        return None
+
+    def auth_route(self, user: str, client: ClientAddress) -> Optional[Route]:
+        """The route whose ``auth`` a console login of ``user`` goes through.
+
+        PgBouncer's admin users log in with their auth_file password, the one they use
+        for every database. Odissey keeps passwords on routes, so: the first route in the
+        file that names this user (any database) and serves the client's address, else
+        the route a database-``*`` rule would pick (a catch-all). None: no password is
+        known, and the login gets an unknown user's mock exchange (then 28P01)."""
+        for route in self.config.routes:
+            if route.user == user and route.own_auth and client.within(route.clients):
+                return route
+        matched = self.router.match(CONSOLE_DATABASES[0], user, client)
+        if matched is not None and not matched.own_auth:
+            return self.router.auth_route_of(matched, CONSOLE_DATABASES[0], user, client)
+        return matched
+
+    @staticmethod
+    def lookup_database(route: Route) -> str:
+        """Where an auth_query for a console login runs: its query_database, else the
+        route's database (or its server database), else ``postgres``."""
+        query = route.auth.query
+        if query is not None and query.database:
+            return query.database
+        if route.database != ANY:
+            return route.server.database or route.database
+        return route.server.database or "postgres"
+
+    # -- the commands ------------------------------------------------------------------
+
+    def _consoles(self) -> list[ConsoleClient]:
+        return [c for c in self.clients() if c.console is not None]
+
+    def _pool_clients(self) -> dict[Pool, list[ConsoleClient]]:
+        by_pool: dict[Pool, list[ConsoleClient]] = {}
+        for client in self.clients():
+            relay = client.relay
+            if relay is not None:
+                by_pool.setdefault(relay.pool, []).append(client)
+        return by_pool
+
+    def _waited(self, pool: Pool, now: float) -> dict[object, float]:
+        """Waiter -> seconds it has waited (from its deadline and the route's wait_timeout)."""
+        timeout = pool.route.pool.wait_timeout
+        return {queued.waiter: max(0.0, now - (queued.deadline - timeout)) for queued in pool.waiters}
+
+    def show_pools(self) -> tuple[list, list]:
+        columns = [("database", TEXT), ("user", TEXT), ("cl_active", INT4), ("cl_waiting", INT4),
+                   ("sv_active", INT4), ("sv_idle", INT4), ("sv_tested", INT4), ("sv_login", INT4),
+                   ("maxwait", INT4), ("maxwait_us", INT4), ("pool_mode", TEXT)]
+        now = self.reactor.seconds()
+        by_pool = self._pool_clients()
+        rows = []
+        for pool in list(self.pools.pools.values()):
+            clients = by_pool.get(pool, [])
+            waiting = sum(1 for c in clients if c.relay.state.value == "waiting")
+            waited = max(self._waited(pool, now).values(), default=0.0)
+            active_servers = [s for s in pool.active if s.state is ServerState.ACTIVE]
+            rows.append([
+                pool.key.database, pool.key.user, len(clients) - waiting, waiting,
+                len(active_servers), len(pool.idle), len(pool.active) - len(active_servers),
+                pool.opening, int(waited), int(waited * 1_000_000) % 1_000_000,
+                pool.route.pool.mode,
+            ])
+        return columns, rows
+
+    _SOCKET_COLUMNS = [("type", TEXT), ("user", TEXT), ("database", TEXT), ("state", TEXT),
+                       ("addr", TEXT), ("port", INT4), ("local_addr", TEXT), ("local_port", INT4),
+                       ("connect_time", TEXT)]
+
+    def show_clients(self) -> tuple[list, list]:
+        columns = self._SOCKET_COLUMNS + [
+            ("request_time", TEXT), ("wait", INT4), ("wait_us", INT4), ("ptr", TEXT), ("link", TEXT),
+            ("tls", TEXT), ("application_name", TEXT), ("id", INT8)]
+        now = self.reactor.seconds()
+        rows = []
+        waited: dict[Pool, dict[object, float]] = {}
+        for client in sorted(self.clients(), key=lambda c: _id_number(c.id)):
+            relay = client.relay
+            if relay is None and client.console is None:
+                continue  # still logging in (PgBouncer lists those only in SHOW SOCKETS)
+            transport = client.transport
+            if transport is None:
+                continue
+            addr, port = _address(transport.getPeer())
+            local_addr, local_port = _address(transport.getHost())
+            session = client.console
+            if session is not None:  # active only while running a command (this one)
+                state = "active" if session.busy else "idle"
+                request, wait, link, app = session.request_at, 0.0, None, session.application_name
+            else:
+                state = {"waiting": "waiting", "idle": "idle"}.get(relay.state.value, "active")
+                request = relay.heard_at
+                wait = 0.0
+                if state == "waiting":
+                    if relay.pool not in waited:
+                        waited[relay.pool] = self._waited(relay.pool, now)
+                    wait = waited[relay.pool].get(relay, 0.0)
+                link = relay.server.id if relay.server is not None else None
+                app_param = relay.wanted.get("application_name")
+                app = app_param[1] if app_param else ""
+            rows.append([
+                "C", client.user, client.database, state, addr, port, local_addr, local_port,
+                _when(client.connected_at), _when(request), int(wait),
+                int(wait * 1_000_000) % 1_000_000, client.id, link or "", _tls(transport), app,
+                _id_number(client.id),
+            ])
+        return columns, rows
+
+    def show_servers(self) -> tuple[list, list]:
+        columns = self._SOCKET_COLUMNS + [
+            ("ptr", TEXT), ("link", TEXT), ("remote_pid", INT4), ("tls", TEXT),
+            ("application_name", TEXT), ("prepared_statements", INT4), ("id", INT8)]
+        rows = []
+        for pool in list(self.pools.pools.values()):
+            servers: list[tuple[ServerConnection, str]] = []
+            for server in pool.active:
+                servers.append((server, "active" if server.state is ServerState.ACTIVE else "tested"))
+            servers.extend((server, "idle") for server in pool.idle)
+            for server, state in sorted(servers, key=lambda pair: _id_number(pair[0].id)):
+                transport = server.transport
+                if transport is None:
+                    continue
+                addr, port = _address(transport.getPeer())
+                local_addr, local_port = _address(transport.getHost())
+                handler = server.handler if state == "active" else None
+                client = getattr(handler, "client", None)
+                relay = getattr(client, "relay", None)
+                app_param = relay.wanted.get("application_name") if relay is not None else None
+                rows.append([
+                    "S", pool.key.user, pool.key.database, state, addr, port, local_addr, local_port,
+                    _when(server.created_at), server.id, getattr(client, "id", ""),
+                    server.key[0] if server.key is not None else None, _tls(transport),
+                    app_param[1] if app_param else "", len(server.statements.prepared),
+                    _id_number(server.id),
+                ])
+        return columns, rows
+
+    def show_databases(self) -> tuple[list, list]:
+        """One row per route (PgBouncer's database entry: where a name leads, with which
+        pool settings); counts are over the route's pools and clients."""
+        columns = [("name", TEXT), ("host", TEXT), ("port", INT4), ("database", TEXT),
+                   ("force_user", TEXT), ("pool_size", INT4), ("min_pool_size", INT4),
+                   ("server_lifetime", INT4), ("pool_mode", TEXT), ("current_connections", INT4),
+                   ("max_client_connections", INT4), ("current_client_connections", INT4)]
+        servers: dict[int, int] = {}
+        for pool in self.pools.pools.values():
+            servers[pool.route.index] = servers.get(pool.route.index, 0) + pool.total
+        clients: dict[int, int] = {}
+        for client in self.clients():
+            index = getattr(client, "route_index", None)
+            if index is not None:
+                clients[index] = clients.get(index, 0) + 1
+        rows = []
+        for route in self.config.routes:
+            storage = route.storage
+            rows.append([
+                route.database, storage.host, storage.port, route.server.database or route.database,
+                route.server.user, route.pool.size, route.pool.min_size, int(route.pool.server_lifetime),
+                route.pool.mode, servers.get(route.index, 0), route.pool.max_clients,
+                clients.get(route.index, 0),
+            ])
+        return columns, rows
+
+    def show_users(self) -> tuple[list, list]:
+        """Users that have pools or clients now (PgBouncer's user list is those it has
+        seen); connection counts over all their pools."""
+        columns = [("name", TEXT), ("current_connections", INT4), ("current_client_connections", INT4)]
+        servers: dict[str, int] = {}
+        for pool in self.pools.pools.values():
+            servers[pool.key.user] = servers.get(pool.key.user, 0) + pool.total
+        clients: dict[str, int] = {}
+        for client in self.clients():
+            if client.relay is not None or client.console is not None:
+                clients[client.user] = clients.get(client.user, 0) + 1
+        names = sorted(set(servers) | set(clients))
+        return columns, [[name, servers.get(name, 0), clients.get(name, 0)] for name in names]
+
+    def show_lists(self) -> tuple[list, list]:
+        pools = list(self.pools.pools.values())
+        all_clients = list(self.clients())
+        logged_in = [c for c in all_clients if c.relay is not None or c.console is not None]
+        rows = [
+            ["databases", len({r.database for r in self.config.routes})],
+            ["users", len({p.key.user for p in pools} | {c.user for c in logged_in})],
+            ["pools", len(pools)],
+            ["used_clients", len(all_clients)],
+            ["login_clients", len(all_clients) - len(logged_in)],
+            ["used_servers", sum(p.total for p in pools)],
+        ]
+        return [("list", TEXT), ("items", INT4)], rows
+
+    def show_config(self) -> tuple[list, list]:
+        """Odissey's global settings (key, value); per-route settings are in SHOW ROUTES."""
+        c = self.config
+        limits = c.limits
+        values = [
+            ("listen", ", ".join(c.listen)),
+            ("admin_users", ", ".join(c.admin_users)),
+            ("stats_users", ", ".join(c.stats_users)),
+            ("limits.max_clients", limits.max_clients),
+            ("limits.max_login_clients", limits.max_login_clients),
+            ("limits.login_timeout", f"{limits.login_timeout:g}s"),
+            ("limits.max_message_size", limits.max_message_size),
+            ("tls.mode", c.tls.mode),
+            ("tls.min_version", c.tls.min_version),
+        ]
+        return [("key", TEXT), ("value", TEXT)], [[k, v] for k, v in values]
+
+    def show_routes(self) -> tuple[list, list]:
+        """Odissey's own: every route as configured, with its pools' server counts."""
+        columns = [("index", INT4), ("database", TEXT), ("user", TEXT), ("clients", TEXT),
+                   ("block", TEXT), ("storage", TEXT), ("server_database", TEXT),
+                   ("server_user", TEXT), ("auth", TEXT), ("pool_mode", TEXT), ("pool_size", INT4),
+                   ("min_pool_size", INT4), ("max_clients", INT4), ("pools", INT4),
+                   ("servers", INT4)]
+        pools: dict[int, list[Pool]] = {}
+        for pool in self.pools.pools.values():
+            pools.setdefault(pool.route.index, []).append(pool)
+        rows = []
+        for r in self.config.routes:
+            auth = r.auth.method if r.own_auth else "(shadowed route's)"
+            if r.own_auth and r.auth.query is not None:
+                auth += " (auth_query)"
+            if r.own_auth and r.auth.require_tls:
+                auth += " (require_tls)"
+            mine = pools.get(r.index, [])
+            rows.append([
+                r.index, r.database, r.user,
+                "*" if r.clients is None else ", ".join(str(n) for n in r.clients),
+                "yes" if r.block else "no", r.storage.name, r.server.database or r.database,
+                r.server.user or r.user, auth, r.pool.mode, r.pool.size, r.pool.min_size,
+                r.pool.max_clients, len(mine), sum(p.total for p in mine),
+            ])
+        return columns, rows
+
+    def show_version(self) -> tuple[list, list]:
+        return [("version", TEXT)], [[f"{VERSION} ({platform.python_implementation()} "
+                                      f"{platform.python_version()})"]]
+
+    SHOW = {
+        "POOLS": show_pools, "CLIENTS": show_clients, "SERVERS": show_servers,
+        "DATABASES": show_databases, "USERS": show_users, "LISTS": show_lists,
+        "CONFIG": show_config, "ROUTES": show_routes, "VERSION": show_version,
+    }
+
+
+def _error(sqlstate: str, message: str, **kwargs: Any) -> PoolerError:
+    return PoolerError(sqlstate, message, severity="ERROR", **kwargs)
+
+
+def _unknown(text: str) -> PoolerError:
+    return _error(errors.SYNTAX_ERROR, f"invalid command '{text}', use SHOW HELP;",
+                  hint="Commands: SHOW HELP|VERSION|POOLS|CLIENTS|SERVERS|DATABASES|USERS|"
+                       "CONFIG|LISTS|ROUTES")
+
+
+class ConsoleSession:
+    """One logged-in console client: reads its messages, answers each command."""
+
+    def __init__(self, console: Console, role: str, write: Callable[[bytes], object],
+                 close: Callable[[PoolerError], None], drop: Callable[[], None],
+                 client_id: str, application_name: str = "") -> None:
+        self.console = console
+        self.role = role
+        self._write = write
+        self._close = close
+        self._drop = drop
+        self.client_id = client_id
+        self.application_name = application_name
+        self._buffer = b""
+        #: Running a command now (SHOW CLIENTS calls such a session active, others idle).
+        self.busy = False
+        #: When the client last sent a message (SHOW CLIENTS's request_time).
+        self.request_at = console.reactor.seconds()
+        self._skipping = False  # an extended-protocol error was sent: skip to Sync
+
+    def data(self, data: bytes) -> None:
+        """Bytes from the client: every whole message is handled, in order."""
+        buffer = self._buffer + data
+        self.request_at = self.console.reactor.seconds()
+        start = 0
+        out: list[bytes] = []
+        while len(buffer) - start >= 5:
+            kind = buffer[start]
+            length = int.from_bytes(buffer[start + 1:start + 5], "big")
+            if length < 4 or length > MAX_MESSAGE:
+                self._flush(out)
+                self._close(PoolerError(errors.PROTOCOL_VIOLATION,
+                                        f"invalid message length {length} for the admin console"))
+                return
+            end = start + 1 + length
+            if end > len(buffer):
+                break
+            body = buffer[start + 5:end]
+            start = end
+            if not self._message(kind, body, out):
+                self._flush(out)
+                return
+        self._buffer = buffer[start:]
+        self._flush(out)
+
+    def _flush(self, out: list[bytes]) -> None:
+        if out:
+            self._write(b"".join(out))
+            out.clear()
+
+    def _message(self, kind: int, body: bytes, out: list[bytes]) -> bool:
+        """Handle one message; False once the session is over."""
+        if kind == ord("Q"):
+            text = body.rstrip(b"\0").decode("utf-8", "replace")
+            self._query(text, out)
+            out.append(m.ready_for_query(b"I"))
+        elif kind == ord("X"):
+            self._drop()
+            return False
+        elif kind in b"PBDEC":
+            if not self._skipping:
+                self._skipping = True
+                out.append(m.error_response(_error(
+                    errors.FEATURE_NOT_SUPPORTED,
+                    "extended query protocol not supported by the admin console",
+                    hint="Use the simple query protocol (psql does; in psycopg, "
+                         "cursor.execute(..., prepare=False) still uses the extended protocol: "
+                         "use conn.pgconn.exec_() or psql).")))
+        elif kind == ord("S"):
+            self._skipping = False
+            out.append(m.ready_for_query(b"I"))
+        elif kind == ord("H"):
+            pass  # Flush: everything is written at once anyway
+        else:
+            self._flush(out)
+            self._close(PoolerError(errors.PROTOCOL_VIOLATION,
+                                    f"unsupported message type {chr(kind)!r} for the admin console"))
+            return False
+        return True
+
+    def _query(self, text: str, out: list[bytes]) -> None:
+        """A simple query: one or more commands separated by ``;`` (none quote one)."""
+        commands = [part.strip() for part in text.split(";")]
+        commands = [c for c in commands if c]
+        if not commands:
+            out.append(m.EMPTY_QUERY_RESPONSE)
+            return
+        self.busy = True
+        try:
+            for command in commands:
+                try:
+                    out.append(self._run(command))
+                except PoolerError as exc:
+                    log.info("{id}: console: {sqlstate} {message}", id=self.client_id,
+                             sqlstate=exc.sqlstate, message=exc.message)
+                    out.append(m.error_response(exc))
+                    return
+        finally:
+            self.busy = False
+
+    def _run(self, command: str) -> bytes:
+        words = command.split()
+        verb = words[0].upper()
+        if verb == "SHOW":
+            if len(words) != 2:
+                raise _unknown(command)
+            what = words[1].upper()
+            if what == "HELP":
+                return m.notice_response("00000", "Console usage", HELP) + m.command_complete(b"SHOW")
+            show = Console.SHOW.get(what)
+            if show is not None:
+                columns, rows = show(self.console)
+                return (m.row_description(columns) + b"".join(m.data_row(r) for r in rows)
+                        + m.command_complete(b"SHOW"))
+            if what in SHOW_COMING:
+                raise _error(errors.FEATURE_NOT_SUPPORTED, f"SHOW {what} is not supported yet",
+                             hint="See SHOW HELP for what the console answers today.")
+            if what in SHOW_NEVER:
+                raise _error(errors.FEATURE_NOT_SUPPORTED,
+                             f"SHOW {what} is PgBouncer's; Odissey has nothing to show for it")
+            raise _unknown(command)
+        if verb in COMING:
+            if self.role != ADMIN:
+                raise _error(errors.INSUFFICIENT_PRIVILEGE, "admin access needed",
+                             detail=f"{verb} is for admin_users; stats_users may only SHOW.")
+            raise _error(errors.FEATURE_NOT_SUPPORTED, f"{verb} is not supported yet",
+                         hint="See SHOW HELP for what the console answers today.")
+        raise _unknown(command)
+
+
+def console_parameters(application_name: str) -> Sequence[tuple[str, str]]:
+    """The ParameterStatus set a console login is told."""
+    return GREETING + (("application_name", application_name),)
