@@ -425,13 +425,7 @@ class ClientConnection(Protocol):
         self.key = f.keys.issue(self, pid)
         greeting = pool.greeting(tuple((wanted[k][0], v) for k, v in told.items()))
         self.send(greeting + m.backend_key_data(*self.key) + _READY)
-        self.state = ClientState.READY
-        if self._paused:
-            self._paused = False
-            self.transport.resumeProducing()  # type: ignore[union-attr]
-        if self._buffer:
-            early, self._buffer = self._buffer, b""
-            self.relay.clientData(early)
+        self._logged_in(ClientState.READY, self.relay.clientData)
 
     @inlineCallbacks
     def _authenticate(self, owner: Route | None, database: str, user: str, client: ClientAddress,
@@ -500,13 +494,18 @@ class ClientConnection(Protocol):
                  role=role)
         greeting = b"".join(m.parameter_status(k, v) for k, v in console_parameters(application_name))
         self.send(step.reply + m.authentication_ok() + greeting + _READY)
-        self.state = ClientState.CONSOLE
+        self._logged_in(ClientState.CONSOLE, self.console.data)
+
+    def _logged_in(self, state: ClientState, deliver: Callable[[bytes], None]) -> None:
+        """The login is over: read again, and hand what the client sent meanwhile (a
+        driver may pipeline its first query behind its password) to its new reader."""
+        self.state = state
         if self._paused:
             self._paused = False
             self.transport.resumeProducing()  # type: ignore[union-attr]
         if self._buffer:
             early, self._buffer = self._buffer, b""
-            self.console.data(early)
+            deliver(early)
 
     def _no_encryption(self, host: str, why: str) -> PoolerError:
         """A plaintext login where TLS is required: 28000, like PostgreSQL's hostssl-only
