@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import hmac
 import secrets
-from typing import Generic, TypeVar
+from typing import Generic, NamedTuple, TypeVar
 
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import connectProtocol
@@ -26,30 +26,73 @@ from odissey.wire import messages as m
 
 Owner = TypeVar("Owner")
 
-WORKER_BITS = 7
-_LOCAL_BITS = 31 - WORKER_BITS
+PEER_BITS = 8  # peer ids 1..255, in the top bits of every secret once peers are configured
+MAX_WORKERS = 64
+
+
+class KeyLayout(NamedTuple):
+    """Where a cancel key names its owner, so that any worker of any peer can route it.
+
+    The tag sits in the top bits of the *secret*, not the pid: in session mode the pid is
+    the server's real one (drivers compare it with ``pg_backend_pid()``). From the top:
+    the peer id (``PEER_BITS``, only when peers are configured, so every peer reads it the
+    same way), then the worker number (only as many bits as this instance's workers need,
+    read only by this instance); the rest is random. With neither, all 32 bits are random.
+    """
+
+    peer_id: int = 0
+    peer_bits: int = 0
+    worker: int = 0
+    worker_bits: int = 0
+
+    @classmethod
+    def of(cls, peer_id: int, peers: bool, worker: int, workers: int) -> "KeyLayout":
+        if not 1 <= workers <= MAX_WORKERS or not 0 <= worker < workers:
+            raise ValueError("worker number out of range")
+        if peers and not 1 <= peer_id < (1 << PEER_BITS):
+            raise ValueError("peer id out of range")
+        return cls(peer_id if peers else 0, PEER_BITS if peers else 0,
+                   worker, (workers - 1).bit_length())
+
+    @property
+    def random_bits(self) -> int:
+        return 32 - self.peer_bits - self.worker_bits
+
+    def secret(self, random: int) -> int:
+        """A signed 32-bit secret: this layout's tag over ``random`` (random_bits wide)."""
+        tag = (self.peer_id << self.worker_bits) | self.worker
+        unsigned = (tag << self.random_bits) | random
+        return unsigned - (1 << 32) if unsigned >= (1 << 31) else unsigned
+
+    def peer_of(self, secret: int) -> int | None:
+        """The peer that issued ``secret``; None when peers are not configured."""
+        if not self.peer_bits:
+            return None
+        return (secret & 0xFFFFFFFF) >> (32 - self.peer_bits)
+
+    def worker_of(self, secret: int) -> int:
+        """The worker of this instance that issued ``secret``."""
+        return ((secret & 0xFFFFFFFF) >> self.random_bits) & ((1 << self.worker_bits) - 1)
 
 
 class CancelKeys(Generic[Owner]):
-    """Issues unique (pid, secret) pairs; a pid of ours has the worker number in its top
-    bits."""
+    """Issues unique (pid, secret) pairs whose secret carries this worker's tag."""
 
-    def __init__(self, worker: int = 0) -> None:
-        if not 0 <= worker < (1 << WORKER_BITS):
-            raise ValueError("worker number out of range")
-        self.worker = worker
+    def __init__(self, layout: KeyLayout = KeyLayout()) -> None:
+        self.layout = layout
         self._owners: dict[int, dict[int, Owner]] = {}  # pid -> secret -> owner
 
     def issue(self, owner: Owner, pid: int | None = None) -> tuple[int, int]:
         """A fresh key for ``owner``: with ``pid`` (a real backend's), a secret no other
         owner of that pid has; without, a pid of ours that nobody has."""
         while pid is None:
-            mine = (self.worker << _LOCAL_BITS) | secrets.randbits(_LOCAL_BITS)
+            mine = secrets.randbits(31)
             if mine and mine not in self._owners:
                 pid = mine
         entries = self._owners.setdefault(pid, {})
+        layout = self.layout
         while True:
-            secret = secrets.randbits(32) - (1 << 31)
+            secret = layout.secret(secrets.randbits(layout.random_bits))
             if secret not in entries:
                 break
         entries[secret] = owner
@@ -70,10 +113,6 @@ class CancelKeys(Generic[Owner]):
             if hmac.compare_digest(candidate.to_bytes(4, "big", signed=True), wanted):
                 return owner
         return None
-
-    @staticmethod
-    def worker_of(pid: int) -> int:
-        return pid >> _LOCAL_BITS
 
 
 class _CancelSender(Protocol):

@@ -12,7 +12,7 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from odissey.cancel import CancelKeys, send_cancel
+from odissey.cancel import CancelKeys, KeyLayout, send_cancel
 from odissey.config import Storage
 from odissey.testing import STORAGE, answer_cancel
 from odissey.wire import messages as m
@@ -43,13 +43,37 @@ class CancelKeyTests(SynchronousTestCase):
         self.assertIsNone(keys.find(*a))
         self.assertEqual(keys.find(*b), "client-b")
 
-    def test_worker_number_in_pid(self) -> None:
-        """The pid carries the worker number, so a cancel can be routed to its worker."""
-        keys: CancelKeys[int] = CancelKeys(worker=5)
+    def test_full_entropy_without_workers_or_peers(self) -> None:
+        """One worker, no peers: the secret is all random, signed like PostgreSQL's."""
+        keys: CancelKeys[int] = CancelKeys()
+        secrets_ = [keys.issue(i)[1] for i in range(2000)]
+        self.assertTrue(all(-(2**31) <= s < 2**31 for s in secrets_))
+        self.assertTrue(any(s < 0 for s in secrets_) and any(s > 0 for s in secrets_))
         pids = {keys.issue(i)[0] for i in range(1000)}
-        self.assertEqual(len(pids), 1000)
-        self.assertEqual({CancelKeys.worker_of(p) for p in pids}, {5})
         self.assertTrue(all(0 < p < 2**31 for p in pids))
+
+    def test_owner_in_secret(self) -> None:
+        """Peer id and worker number are read back from the secret alone, in any layout;
+        the pid may be a real backend's (session mode), so it carries nothing."""
+        for peers, peer_id, workers in ((False, 0, 1), (False, 0, 3), (True, 255, 1),
+                                        (True, 7, 64), (True, 1, 2)):
+            for worker in {0, workers - 1, workers // 2}:
+                layout = KeyLayout.of(peer_id, peers, worker, workers)
+                keys: CancelKeys[int] = CancelKeys(layout)
+                for i in range(300):
+                    _pid, secret = keys.issue(i, pid=4242 if i % 2 else None)
+                    self.assertEqual(layout.worker_of(secret), worker)
+                    self.assertEqual(layout.peer_of(secret), peer_id if peers else None)
+                    self.assertTrue(-(2**31) <= secret < 2**31)
+
+    def test_layout_bounds(self) -> None:
+        self.assertEqual(KeyLayout.of(0, False, 0, 1).random_bits, 32)
+        self.assertEqual(KeyLayout.of(0, False, 0, 2).random_bits, 31)
+        self.assertEqual(KeyLayout.of(3, True, 0, 16).random_bits, 20)
+        for bad in ((0, False, 0, 0), (0, False, 2, 2), (0, False, 0, 65), (0, True, 0, 1),
+                    (256, True, 0, 1)):
+            with self.assertRaises(ValueError):
+                KeyLayout.of(*bad)
 
 
 class _Listener(Protocol):
