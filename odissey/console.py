@@ -20,8 +20,10 @@ import datetime
 import platform
 from typing import Any, Callable, Iterable, Optional, Protocol as TypingProtocol, Sequence
 
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime, ISSLTransport
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 import odissey
 from odissey.config import ANY, CONSOLE_DATABASES, Config, Route
@@ -53,18 +55,18 @@ GREETING = (
 )
 
 #: PgBouncer's commands that change things: not in this version of the console yet.
-COMING = ("PAUSE", "RESUME", "DISABLE", "ENABLE", "RECONNECT", "KILL", "KILL_CLIENT",
-          "SUSPEND", "RELOAD", "SHUTDOWN", "WAIT_CLOSE", "SET")
+COMING = ("SUSPEND", "RELOAD", "SHUTDOWN", "SET")
 #: PgBouncer's SHOW commands that Odissey does not answer (yet, or at all).
 SHOW_COMING = ("STATS", "STATS_TOTALS", "STATS_AVERAGES", "TOTALS", "STATE")
 SHOW_NEVER = ("PEERS", "PEER_POOLS", "FDS", "SOCKETS", "ACTIVE_SOCKETS", "MEM",
               "DNS_HOSTS", "DNS_ZONES")
 
 HELP = """SHOW HELP|VERSION|POOLS|CLIENTS|SERVERS|DATABASES|USERS|CONFIG|LISTS|ROUTES
+PAUSE [<db>], RESUME [<db>], DISABLE <db>, ENABLE <db>, RECONNECT [<db>], KILL [<db>],
+KILL_CLIENT <id>, WAIT_CLOSE [<db>]
 Coming (answered 0A000 for now):
 \tSHOW STATS|STATS_TOTALS|STATS_AVERAGES|TOTALS|STATE
-\tPAUSE [<db>], RESUME [<db>], DISABLE <db>, ENABLE <db>, RECONNECT [<db>], KILL [<db>],
-\tKILL_CLIENT <id>, RELOAD, SHUTDOWN [WAIT_FOR_CLIENTS], WAIT_CLOSE [<db>], SET key = arg"""
+\tRELOAD, SHUTDOWN [WAIT_FOR_CLIENTS], SUSPEND, SET key = arg"""
 
 
 class ConsoleClient(TypingProtocol):
@@ -79,6 +81,9 @@ class ConsoleClient(TypingProtocol):
 
     @property
     def transport(self) -> Any: ...
+
+    def fail(self, error: PoolerError) -> None:
+        """Send one FATAL error and close (KILL, KILL_CLIENT)."""
 
 
 def _when(seconds: float) -> str:
@@ -288,7 +293,8 @@ class Console:
         columns = [("name", TEXT), ("host", TEXT), ("port", INT4), ("database", TEXT),
                    ("force_user", TEXT), ("pool_size", INT4), ("min_pool_size", INT4),
                    ("server_lifetime", INT4), ("pool_mode", TEXT), ("current_connections", INT4),
-                   ("max_client_connections", INT4), ("current_client_connections", INT4)]
+                   ("max_client_connections", INT4), ("current_client_connections", INT4),
+                   ("paused", INT4), ("disabled", INT4)]
         servers: dict[int, int] = {}
         for pool in self.pools.pools.values():
             servers[pool.route.index] = servers.get(pool.route.index, 0) + pool.total
@@ -304,7 +310,8 @@ class Console:
                 route.database, storage.host, storage.port, route.server.database or route.database,
                 route.server.user, route.pool.size, route.pool.min_size, int(route.pool.server_lifetime),
                 route.pool.mode, servers.get(route.index, 0), route.pool.max_clients,
-                clients.get(route.index, 0),
+                clients.get(route.index, 0), int(self.pools.is_paused(route.database)),
+                int(route.database in self.pools.disabled),
             ])
         return columns, rows
 
@@ -384,6 +391,93 @@ class Console:
         return [("version", TEXT)], [[f"{VERSION} ({platform.python_implementation()} "
                                       f"{platform.python_version()})"]]
 
+    # -- the control commands (admin_users only; PgBouncer's words in the errors) -----
+
+    def _database(self, name: Optional[str], doing: str) -> Optional[str]:
+        """A database named to a command: one some route serves (or has pools of)."""
+        if name is None:
+            return None
+        if self.serves(name):
+            raise _error(errors.FEATURE_NOT_SUPPORTED, f"cannot {doing} admin db: {name}")
+        if not any(route.database in (name, ANY) for route in self.config.routes) and not self.pools.of(name):
+            raise _error(errors.INVALID_CATALOG_NAME, f"no such database: {name}")
+        return name
+
+    @staticmethod
+    def _required(name: Optional[str], verb: str) -> str:
+        if name is None:
+            raise _error(errors.SYNTAX_ERROR, "a database is required", hint=f"{verb} <db>")
+        return name
+
+    def _not_paused(self) -> None:
+        if self.pools.paused_all:
+            raise _error(errors.OBJECT_NOT_IN_PREREQUISITE_STATE, "already suspended/paused",
+                         hint="RESUME first.")
+
+    def pause(self, name: Optional[str]) -> "Deferred[None]":
+        """No new server assignments; done once every server of the database (all:
+        None) has been released and closed."""
+        self._not_paused()
+        database = self._database(name, "pause")
+        done = self.pools.pause(database)
+        done.addCallback(lambda _: log.info("PAUSE {what}: no server left open", what=database or "(all)"))
+        return done
+
+    def resume(self, name: Optional[str]) -> None:
+        pools = self.pools
+        if name is None:
+            if not pools.paused_all and not pools.paused:
+                raise _error(errors.OBJECT_NOT_IN_PREREQUISITE_STATE, "pooler is not paused/suspended")
+        elif self._database(name, "resume") not in pools.paused:
+            raise _error(errors.OBJECT_NOT_IN_PREREQUISITE_STATE, f"database {name} is not paused")
+        pools.resume(name)
+
+    def disable(self, name: Optional[str]) -> None:
+        self.pools.disabled.add(self._required(self._database(name, "disable"), "DISABLE"))
+
+    def enable(self, name: Optional[str]) -> None:
+        self.pools.disabled.discard(self._required(self._database(name, "enable"), "ENABLE"))
+
+    def reconnect(self, name: Optional[str]) -> None:
+        self.pools.reconnect(self._database(name, "reconnect"))
+
+    def kill(self, name: Optional[str]) -> None:
+        """Drop the database's clients and servers at once; it stays paused until RESUME."""
+        self._not_paused()
+        database = self._database(name, "kill")
+        command = "KILL" if database is None else f"KILL {database}"
+        error = PoolerError(errors.ADMIN_SHUTDOWN, "terminating connection due to administrator command",
+                            detail=f"{command} on the admin console")
+        for client in list(self.clients()):
+            if (client.console is None and client.database and not self.serves(client.database)
+                    and database in (None, client.database)):
+                client.fail(error.copy())
+        self.pools.kill(database)
+
+    def kill_client(self, name: Optional[str]) -> None:
+        """Drop one client, by its id as SHOW CLIENTS and the logs show it (17 or c17)."""
+        text = name or ""
+        number = text[1:] if text[:1] in ("c", "C") else text
+        if not number.isdigit():
+            raise _error(errors.SYNTAX_ERROR, "invalid client pointer supplied",
+                         hint="KILL_CLIENT <id>, the id column of SHOW CLIENTS.")
+        wanted = f"c{int(number)}"
+        client = next((c for c in self.clients() if c.id == wanted), None)
+        if client is None:
+            raise _error(errors.UNDEFINED_OBJECT, "client not found")
+        client.fail(PoolerError(errors.ADMIN_SHUTDOWN, "terminating connection due to administrator command",
+                                detail=f"KILL_CLIENT {name} on the admin console"))
+
+    def wait_close(self, name: Optional[str]) -> "Deferred[None]":
+        """Done once every server marked to close when released (RECONNECT,
+        server_lifetime) has closed."""
+        return self.pools.closing(self._database(name, "wait in"))
+
+    CONTROL: "dict[str, Callable[[Console, Optional[str]], Optional[Deferred[None]]]]" = {
+        "PAUSE": pause, "RESUME": resume, "DISABLE": disable, "ENABLE": enable,
+        "RECONNECT": reconnect, "KILL": kill, "KILL_CLIENT": kill_client, "WAIT_CLOSE": wait_close,
+    }
+
     SHOW = {
         "POOLS": show_pools, "CLIENTS": show_clients, "SERVERS": show_servers,
         "DATABASES": show_databases, "USERS": show_users, "LISTS": show_lists,
@@ -402,7 +496,10 @@ def _unknown(text: str) -> PoolerError:
 
 
 class ConsoleSession:
-    """One logged-in console client: reads its messages, answers each command."""
+    """One logged-in console client: reads its messages, answers each command.
+
+    A command may answer later (PAUSE, WAIT_CLOSE wait for servers): until it does,
+    the session reads on but runs nothing more, so replies keep the order of requests."""
 
     def __init__(self, console: Console, role: str, write: Callable[[bytes], object],
                  close: Callable[[PoolerError], None], drop: Callable[[], None],
@@ -420,46 +517,72 @@ class ConsoleSession:
         #: When the client last sent a message (SHOW CLIENTS's request_time).
         self.request_at = console.reactor.seconds()
         self._skipping = False  # an extended-protocol error was sent: skip to Sync
+        self._commands: list[str] = []  # the rest of the query being run
+        self._waiting: Optional[Deferred[bytes]] = None  # a command that answers later
+        self._out: list[bytes] = []
+        self._draining = False
+        self._over = False
 
     def data(self, data: bytes) -> None:
         """Bytes from the client: every whole message is handled, in order."""
-        buffer = self._buffer + data
+        self._buffer += data
         self.request_at = self.console.reactor.seconds()
-        start = 0
-        out: list[bytes] = []
-        while len(buffer) - start >= 5:
-            kind = buffer[start]
-            length = int.from_bytes(buffer[start + 1:start + 5], "big")
-            if length < 4 or length > MAX_MESSAGE:
-                self._flush(out)
-                self._close(PoolerError(errors.PROTOCOL_VIOLATION,
-                                        f"invalid message length {length} for the admin console"))
-                return
-            end = start + 1 + length
-            if end > len(buffer):
-                break
-            body = buffer[start + 5:end]
-            start = end
-            if not self._message(kind, body, out):
-                self._flush(out)
-                return
-        self._buffer = buffer[start:]
-        self._flush(out)
+        self._drain()
 
-    def _flush(self, out: list[bytes]) -> None:
-        if out:
-            self._write(b"".join(out))
-            out.clear()
+    def _drain(self) -> None:
+        """Run what can run now: the rest of the current query, then the next messages."""
+        self._draining = True
+        try:
+            while self._waiting is None and not self._over:
+                if self._commands:
+                    self._command()
+                elif not self._next_message():
+                    break
+        finally:
+            self._draining = False
+            self._flush()
 
-    def _message(self, kind: int, body: bytes, out: list[bytes]) -> bool:
-        """Handle one message; False once the session is over."""
+    def _flush(self) -> None:
+        if self._out:
+            out, self._out = b"".join(self._out), []
+            self._write(out)
+
+    def _next_message(self) -> bool:
+        """Handle the next whole message; False when there is none (or the session is over)."""
+        buffer = self._buffer
+        if len(buffer) < 5:
+            return False
+        kind = buffer[0]
+        length = int.from_bytes(buffer[1:5], "big")
+        if length < 4 or length > MAX_MESSAGE:
+            self._end(PoolerError(errors.PROTOCOL_VIOLATION,
+                                  f"invalid message length {length} for the admin console"))
+            return False
+        if len(buffer) < 1 + length:
+            return False
+        body, self._buffer = buffer[5:1 + length], buffer[1 + length:]
+        self._message(kind, body)
+        return not self._over
+
+    def _end(self, error: Optional[PoolerError]) -> None:
+        """The session is over: what was answered goes first, then the error (or none)."""
+        self._over = True
+        self._flush()
+        if error is None:
+            self._drop()
+        else:
+            self._close(error)
+
+    def _message(self, kind: int, body: bytes) -> None:
+        out = self._out
         if kind == ord("Q"):
             text = body.rstrip(b"\0").decode("utf-8", "replace")
-            self._query(text, out)
-            out.append(m.ready_for_query(b"I"))
+            # (one or more commands separated by ;, none of which quotes one)
+            self._commands = [part.strip() for part in text.split(";") if part.strip()]
+            if not self._commands:
+                out.append(m.EMPTY_QUERY_RESPONSE + m.ready_for_query(b"I"))
         elif kind == ord("X"):
-            self._drop()
-            return False
+            self._end(None)
         elif kind in b"PBDEC":
             if not self._skipping:
                 self._skipping = True
@@ -475,33 +598,51 @@ class ConsoleSession:
         elif kind == ord("H"):
             pass  # Flush: everything is written at once anyway
         else:
-            self._flush(out)
-            self._close(PoolerError(errors.PROTOCOL_VIOLATION,
-                                    f"unsupported message type {chr(kind)!r} for the admin console"))
-            return False
-        return True
+            self._end(PoolerError(errors.PROTOCOL_VIOLATION,
+                                  f"unsupported message type {chr(kind)!r} for the admin console"))
 
-    def _query(self, text: str, out: list[bytes]) -> None:
-        """A simple query: one or more commands separated by ``;`` (none quote one)."""
-        commands = [part.strip() for part in text.split(";")]
-        commands = [c for c in commands if c]
-        if not commands:
-            out.append(m.EMPTY_QUERY_RESPONSE)
-            return
+    def _command(self) -> None:
+        """Run the query's next command; an error ends the query."""
+        command = self._commands.pop(0)
         self.busy = True
         try:
-            for command in commands:
-                try:
-                    out.append(self._run(command))
-                except PoolerError as exc:
-                    log.info("{id}: console: {sqlstate} {message}", id=self.client_id,
-                             sqlstate=exc.sqlstate, message=exc.message)
-                    out.append(m.error_response(exc))
-                    return
-        finally:
-            self.busy = False
+            reply = self._run(command)
+        except PoolerError as exc:
+            self._failed(exc)
+            return
+        if isinstance(reply, Deferred):
+            self._waiting = reply
+            reply.addCallbacks(self._answered, self._failed_later)
+            return
+        self._answered(reply)
 
-    def _run(self, command: str) -> bytes:
+    def _answered(self, reply: bytes) -> None:
+        self._waiting = None
+        self._out.append(reply)
+        if not self._commands:
+            self._out.append(m.ready_for_query(b"I"))
+            self.busy = False
+        if not self._draining:  # it answered later: go on with what has come meanwhile
+            self._drain()
+
+    def _failed(self, exc: PoolerError) -> None:
+        log.info("{id}: console: {sqlstate} {message}", id=self.client_id,
+                 sqlstate=exc.sqlstate, message=exc.message)
+        self._waiting = None
+        self._commands = []
+        self.busy = False
+        self._out.append(m.error_response(exc) + m.ready_for_query(b"I"))
+        if not self._draining:
+            self._drain()
+
+    def _failed_later(self, failure: Failure) -> None:
+        error = failure.value
+        if not isinstance(error, PoolerError):
+            log.failure("{id}: console command failed", failure, id=self.client_id)
+            error = _error(errors.INTERNAL_ERROR, "internal error in the admin console")
+        self._failed(error)
+
+    def _run(self, command: str) -> "bytes | Deferred[bytes]":
         words = command.split()
         verb = words[0].upper()
         if verb == "SHOW":
@@ -522,12 +663,23 @@ class ConsoleSession:
                 raise _error(errors.FEATURE_NOT_SUPPORTED,
                              f"SHOW {what} is PgBouncer's; Odissey has nothing to show for it")
             raise _unknown(command)
-        if verb in COMING:
+        control = Console.CONTROL.get(verb)
+        if control is not None or verb in COMING:
             if self.role != ADMIN:
                 raise _error(errors.INSUFFICIENT_PRIVILEGE, "admin access needed",
                              detail=f"{verb} is for admin_users; stats_users may only SHOW.")
-            raise _error(errors.FEATURE_NOT_SUPPORTED, f"{verb} is not supported yet",
-                         hint="See SHOW HELP for what the console answers today.")
+            if control is None:
+                raise _error(errors.FEATURE_NOT_SUPPORTED, f"{verb} is not supported yet",
+                             hint="See SHOW HELP for what the console answers today.")
+            if len(words) > 2:
+                raise _unknown(command)
+            arg = words[1].strip('"') if len(words) == 2 else None
+            log.info("{id}: console: {command}", id=self.client_id, command=command)
+            done = control(self.console, arg)
+            tag = verb.encode()
+            if isinstance(done, Deferred):
+                return done.addCallback(lambda _: m.command_complete(tag))
+            return m.command_complete(tag)
         raise _unknown(command)
 
 

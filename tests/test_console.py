@@ -15,6 +15,7 @@ from odissey.config import parse
 from odissey.console import ADMIN, STATS, Console, ConsoleSession
 from odissey.pool import Pools
 from odissey.router import Router
+from odissey.testing import FakeServers
 from odissey.wire import messages as m
 from odissey.wire.errors import PoolerError
 from odissey.wire.scanner import Scanner
@@ -137,13 +138,13 @@ class ConsoleTests(IntegrationTest):
     @inlineCallbacks
     def test_stats_user_may_only_show(self):
         """A stats user reads SHOW POOLS but gets 42501 for PAUSE; an admin gets 0A000
-        (not supported yet) for the same command."""
+        for SUSPEND (not supported)."""
         rows = yield self.thread(self.show, "POOLS", user="u_clear", password="clear-pw")
         self.assertIsInstance(rows, list)
         refused = yield self.thread(self.error, "PAUSE", user="u_clear", password="clear-pw")
         self.assertEqual(refused.sqlstate, "42501")
         self.assertIn("admin access needed", str(refused))
-        coming = yield self.thread(self.error, "PAUSE app")
+        coming = yield self.thread(self.error, "SUSPEND")
         self.assertEqual(coming.sqlstate, "0A000")
         done = yield self.psql("RELOAD", user="u_clear", password="clear-pw", dbname="odissey")
         self.assertNotEqual(done.returncode, 0)
@@ -256,15 +257,38 @@ class ConsoleLoginTests(IntegrationTest):
         self.assertIn("password authentication failed", wrong)
 
 
+class FakeConsoleClient:
+    """What the console reads of a client connection, and the error it was failed with."""
+
+    def __init__(self, number: int, database: str = "db") -> None:
+        self.id = f"c{number}"
+        self.user = "u"
+        self.database = database
+        self.connected_at = 0.0
+        self.relay = None
+        self.console = None
+        self.transport = None
+        self.failed: list[PoolerError] = []
+
+    def fail(self, error: PoolerError) -> None:
+        self.failed.append(error)
+
+
 class SessionTests(SynchronousTestCase):
     """A ConsoleSession fed bytes directly: message framing and the replies' shape."""
 
     def session(self, role: str = ADMIN) -> ConsoleSession:
         config = parse({"listen": ["tcp:0"], "storages": {"pg": {"host": "127.0.0.1"}},
-                        "routes": [{"database": "db", "user": "u", "storage": "pg"}],
+                        "routes": [{"database": "db", "user": "u", "storage": "pg"},
+                                   {"database": "other", "user": "u", "storage": "pg"}],
                         "admin_users": ["u"]})
         clock = Clock()
-        console = Console(config, Router(config.routes), Pools(clock, None), lambda: (), clock)  # type: ignore[arg-type]
+        self.servers = FakeServers(clock)
+        self.pools = Pools(clock, lambda *_: self.servers())  # type: ignore[arg-type]
+        self.route = config.routes[0]
+        self.clients: list[FakeConsoleClient] = []
+        console = Console(config, Router(config.routes), self.pools,
+                          lambda: self.clients, clock)  # type: ignore[arg-type,return-value]
         self.written: list[bytes] = []
         self.closed: list[PoolerError] = []
         self.dropped: list[bool] = []
@@ -274,6 +298,12 @@ class SessionTests(SynchronousTestCase):
     def replies(self) -> list[tuple[str, bytes]]:
         data = b"".join(self.written)
         return [(chr(k), b or b"") for k, b, _ in Scanner(collect_all=True).feed(data)]
+
+    def kinds(self) -> str:
+        return "".join(kind for kind, _ in self.replies())
+
+    def sqlstates(self) -> list[str]:
+        return [m.parse_error_fields(body)["C"] for kind, body in self.replies() if kind == "E"]
 
     def test_pipelined_and_split_queries(self) -> None:
         """Two queries in one chunk, and one cut anywhere, are each answered in order."""
@@ -320,3 +350,99 @@ class SessionTests(SynchronousTestCase):
         session = self.session()
         session.data(m.terminate())
         self.assertEqual(self.dropped, [True])
+
+    def test_pause_answers_once_servers_are_released(self) -> None:
+        """PAUSE db answers only when the database's busy server has been released (and
+        closed); a command sent behind it waits its turn, then runs."""
+        session = self.session()
+        pool = self.pools.get(self.route, "db", "u")
+        held = pool.wait("c9")
+        server = self.servers.succeed_next()
+        self.successResultOf(held)
+        session.data(m.query("PAUSE db") + m.query("SHOW VERSION"))
+        self.assertEqual(self.written, [])
+        self.assertTrue(session.busy)
+        pool.release(server)  # type: ignore[arg-type]
+        self.assertEqual(self.kinds(), "CZTDCZ")
+        self.assertEqual(self.replies()[0][1], b"PAUSE\0")
+        self.assertFalse(session.busy)
+
+    def test_resume_during_pause_ends_it_with_an_error(self) -> None:
+        """RESUME from another session while PAUSE waits: the PAUSE gets 57014."""
+        waiting = self.session()
+        resumed: list[bytes] = []
+        resuming = ConsoleSession(waiting.console, ADMIN, resumed.append, self.closed.append,
+                                  lambda: None, "c2")
+        pool = self.pools.get(self.route, "db", "u")
+        pool.wait("c9")
+        self.servers.succeed_next()
+        waiting.data(m.query("PAUSE"))
+        self.assertEqual(self.written, [])
+        resuming.data(m.query("RESUME"))
+        self.assertEqual(self.kinds(), "EZ")
+        self.assertEqual(self.sqlstates(), ["57014"])
+        self.assertEqual(b"".join(resumed), m.command_complete(b"RESUME") + m.ready_for_query(b"I"))
+
+    def test_control_errors(self) -> None:
+        """Each refusal carries its SQLSTATE and PgBouncer's words."""
+        session = self.session()
+        for sql in ("RESUME", "PAUSE nope", "PAUSE pgbouncer", "DISABLE", "KILL_CLIENT x",
+                    "KILL_CLIENT 999", "PAUSE; PAUSE db", "RESUME db", "PAUSE db extra"):
+            session.data(m.query(sql))
+        self.assertEqual(self.sqlstates(),
+                         ["55000", "3D000", "0A000", "42601", "42601", "42704", "55000", "55000",
+                          "42601"])
+        messages = [m.parse_error_fields(body)["M"] for kind, body in self.replies() if kind == "E"]
+        self.assertEqual(messages[:7], [
+            "pooler is not paused/suspended", "no such database: nope",
+            "cannot pause admin db: pgbouncer", "a database is required",
+            "invalid client pointer supplied", "client not found", "already suspended/paused"])
+
+    def test_stats_user_may_not_control(self) -> None:
+        """Every control command is 42501 for a stats user, and changes nothing."""
+        session = self.session(STATS)
+        for verb in Console.CONTROL:
+            session.data(m.query(f"{verb} db"))
+        self.assertEqual(self.sqlstates(), ["42501"] * len(Console.CONTROL))
+        self.assertEqual((self.pools.paused, self.pools.disabled), (set(), set()))
+
+    def test_kill_client_by_either_id(self) -> None:
+        """KILL_CLIENT takes the id column (17) or the logs' id (c17) and fails exactly
+        that client with 57P01."""
+        session = self.session()
+        self.clients.extend([FakeConsoleClient(17), FakeConsoleClient(18)])
+        session.data(m.query("KILL_CLIENT 17"))
+        session.data(m.query("kill_client c18"))
+        self.assertEqual(self.kinds(), "CZCZ")
+        self.assertEqual([[e.sqlstate for e in c.failed] for c in self.clients], [["57P01"], ["57P01"]])
+
+    def test_kill_database(self) -> None:
+        """KILL db drops that database's clients (not other databases', not the
+        console's) and servers, and leaves it paused."""
+        session = self.session()
+        mine, other, admin = FakeConsoleClient(1), FakeConsoleClient(2, "other"), FakeConsoleClient(3, "odissey")
+        self.clients.extend([mine, other, admin])
+        pool = self.pools.get(self.route, "db", "u")
+        pool.wait("c1")
+        server = self.servers.succeed_next()
+        session.data(m.query("KILL db"))
+        self.assertEqual(self.kinds(), "CZ")
+        self.assertEqual([len(c.failed) for c in (mine, other, admin)], [1, 0, 0])
+        self.assertEqual(server.state.value, "closed")
+        self.assertTrue(self.pools.is_paused("db"))
+
+    def test_show_databases_paused_and_disabled(self) -> None:
+        """SHOW DATABASES's last two columns follow PAUSE/RESUME and DISABLE/ENABLE."""
+        session = self.session()
+
+        def flags() -> list[tuple[bytes | None, bytes | None]]:
+            self.written.clear()
+            session.data(m.query("SHOW DATABASES"))
+            rows = [m.parse_data_row(body) for kind, body in self.replies() if kind == "D"]
+            return [(row[-2], row[-1]) for row in rows]
+
+        self.assertEqual(flags(), [(b"0", b"0"), (b"0", b"0")])
+        session.data(m.query("PAUSE db; DISABLE other"))
+        self.assertEqual(flags(), [(b"1", b"0"), (b"0", b"1")])
+        session.data(m.query("RESUME db; ENABLE other"))
+        self.assertEqual(flags(), [(b"0", b"0"), (b"0", b"0")])
