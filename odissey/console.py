@@ -260,7 +260,7 @@ class Console:
 
     def show_servers(self) -> tuple[list, list]:
         columns = self._SOCKET_COLUMNS + [
-            ("ptr", TEXT), ("link", TEXT), ("remote_pid", INT4), ("tls", TEXT),
+            ("close_needed", INT4), ("ptr", TEXT), ("link", TEXT), ("remote_pid", INT4), ("tls", TEXT),
             ("application_name", TEXT), ("prepared_statements", INT4), ("id", INT8)]
         rows = []
         for pool in list(self.pools.pools.values()):
@@ -280,7 +280,7 @@ class Console:
                 app_param = relay.wanted.get("application_name") if relay is not None else None
                 rows.append([
                     "S", pool.key.user, pool.key.database, state, addr, port, local_addr, local_port,
-                    _when(server.created_at), server.id, getattr(client, "id", ""),
+                    _when(server.created_at), int(server.retiring), server.id, getattr(client, "id", ""),
                     server.key[0] if server.key is not None else None, _tls(transport),
                     app_param[1] if app_param else "", len(server.statements.prepared),
                     _id_number(server.id),

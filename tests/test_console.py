@@ -384,8 +384,12 @@ class ControlTests(ConsoleTest):
             session_before = yield self.thread(self.pid, session)
             done = yield self.psql("RECONNECT", dbname="odissey")
             self.assertEqual(done.returncode, 0, done.stderr)
-            self.assertNotEqual((yield self.thread(self.pid, tx)), tx_before)
+            tx_after = yield self.thread(self.pid, tx)
+            self.assertNotEqual(tx_after, tx_before)
             self.assertEqual((yield self.thread(self.pid, session)), session_before)
+            servers = yield self.thread(self.show, "SERVERS")  # (close_needed: to close when free)
+            self.assertEqual(sorted((r["database"], r["remote_pid"], r["close_needed"]) for r in servers),
+                             [("app", tx_after, 0), ("sess", session_before, 1)])
             closed = self.thread(self.admin, "WAIT_CLOSE sess")
             yield deferLater(reactor, 0.5, lambda: None)  # (to see that it has not answered)
             self.assertFalse(closed.called)
