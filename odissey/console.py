@@ -27,6 +27,7 @@ from twisted.python.failure import Failure
 
 import odissey
 from odissey.config import ANY, CONSOLE_DATABASES, Config, Route
+from odissey.control import Control, serves
 from odissey.pool import Pool, Pools
 from odissey.router import ClientAddress, Router
 from odissey.server import ServerConnection, ServerState
@@ -83,7 +84,7 @@ class ConsoleClient(TypingProtocol):
     def transport(self) -> Any: ...
 
     def fail(self, error: PoolerError) -> None:
-        """Send one FATAL error and close (KILL, KILL_CLIENT)."""
+        """Send one FATAL error and close (KILL, KILL_CLIENT: see control.py)."""
 
 
 def _when(seconds: float) -> str:
@@ -135,12 +136,11 @@ class Console:
         self.reactor = reactor
         self.admin_users = frozenset(config.admin_users)
         self.stats_users = frozenset(config.stats_users)
+        self.control = Control(lambda: self.config.routes, pools, clients)
 
     # -- login -------------------------------------------------------------------------
 
-    @staticmethod
-    def serves(database: str) -> bool:
-        return database in CONSOLE_DATABASES
+    serves = staticmethod(serves)
 
     def role(self, user: str) -> Optional[str]:
         """``admin``, ``stats`` or None (not allowed in)."""
@@ -391,93 +391,6 @@ class Console:
         return [("version", TEXT)], [[f"{VERSION} ({platform.python_implementation()} "
                                       f"{platform.python_version()})"]]
 
-    # -- the control commands (admin_users only; PgBouncer's words in the errors) -----
-
-    def _database(self, name: Optional[str], doing: str) -> Optional[str]:
-        """A database named to a command: one some route serves (or has pools of)."""
-        if name is None:
-            return None
-        if self.serves(name):
-            raise _error(errors.FEATURE_NOT_SUPPORTED, f"cannot {doing} admin db: {name}")
-        if not any(route.database in (name, ANY) for route in self.config.routes) and not self.pools.of(name):
-            raise _error(errors.INVALID_CATALOG_NAME, f"no such database: {name}")
-        return name
-
-    @staticmethod
-    def _required(name: Optional[str], verb: str) -> str:
-        if name is None:
-            raise _error(errors.SYNTAX_ERROR, "a database is required", hint=f"{verb} <db>")
-        return name
-
-    def _not_paused(self) -> None:
-        if self.pools.paused_all:
-            raise _error(errors.OBJECT_NOT_IN_PREREQUISITE_STATE, "already suspended/paused",
-                         hint="RESUME first.")
-
-    def pause(self, name: Optional[str]) -> "Deferred[None]":
-        """No new server assignments; done once every server of the database (all:
-        None) has been released and closed."""
-        self._not_paused()
-        database = self._database(name, "pause")
-        done = self.pools.pause(database)
-        done.addCallback(lambda _: log.info("PAUSE {what}: no server left open", what=database or "(all)"))
-        return done
-
-    def resume(self, name: Optional[str]) -> None:
-        pools = self.pools
-        if name is None:
-            if not pools.paused_all and not pools.paused:
-                raise _error(errors.OBJECT_NOT_IN_PREREQUISITE_STATE, "pooler is not paused/suspended")
-        elif self._database(name, "resume") not in pools.paused:
-            raise _error(errors.OBJECT_NOT_IN_PREREQUISITE_STATE, f"database {name} is not paused")
-        pools.resume(name)
-
-    def disable(self, name: Optional[str]) -> None:
-        self.pools.disabled.add(self._required(self._database(name, "disable"), "DISABLE"))
-
-    def enable(self, name: Optional[str]) -> None:
-        self.pools.disabled.discard(self._required(self._database(name, "enable"), "ENABLE"))
-
-    def reconnect(self, name: Optional[str]) -> None:
-        self.pools.reconnect(self._database(name, "reconnect"))
-
-    def kill(self, name: Optional[str]) -> None:
-        """Drop the database's clients and servers at once; it stays paused until RESUME."""
-        self._not_paused()
-        database = self._database(name, "kill")
-        command = "KILL" if database is None else f"KILL {database}"
-        error = PoolerError(errors.ADMIN_SHUTDOWN, "terminating connection due to administrator command",
-                            detail=f"{command} on the admin console")
-        for client in list(self.clients()):
-            if (client.console is None and client.database and not self.serves(client.database)
-                    and database in (None, client.database)):
-                client.fail(error.copy())
-        self.pools.kill(database)
-
-    def kill_client(self, name: Optional[str]) -> None:
-        """Drop one client, by its id as SHOW CLIENTS and the logs show it (17 or c17)."""
-        text = name or ""
-        number = text[1:] if text[:1] in ("c", "C") else text
-        if not number.isdigit():
-            raise _error(errors.SYNTAX_ERROR, "invalid client pointer supplied",
-                         hint="KILL_CLIENT <id>, the id column of SHOW CLIENTS.")
-        wanted = f"c{int(number)}"
-        client = next((c for c in self.clients() if c.id == wanted), None)
-        if client is None:
-            raise _error(errors.UNDEFINED_OBJECT, "client not found")
-        client.fail(PoolerError(errors.ADMIN_SHUTDOWN, "terminating connection due to administrator command",
-                                detail=f"KILL_CLIENT {name} on the admin console"))
-
-    def wait_close(self, name: Optional[str]) -> "Deferred[None]":
-        """Done once every server marked to close when released (RECONNECT,
-        server_lifetime) has closed."""
-        return self.pools.closing(self._database(name, "wait in"))
-
-    CONTROL: "dict[str, Callable[[Console, Optional[str]], Optional[Deferred[None]]]]" = {
-        "PAUSE": pause, "RESUME": resume, "DISABLE": disable, "ENABLE": enable,
-        "RECONNECT": reconnect, "KILL": kill, "KILL_CLIENT": kill_client, "WAIT_CLOSE": wait_close,
-    }
-
     SHOW = {
         "POOLS": show_pools, "CLIENTS": show_clients, "SERVERS": show_servers,
         "DATABASES": show_databases, "USERS": show_users, "LISTS": show_lists,
@@ -663,7 +576,7 @@ class ConsoleSession:
                 raise _error(errors.FEATURE_NOT_SUPPORTED,
                              f"SHOW {what} is PgBouncer's; Odissey has nothing to show for it")
             raise _unknown(command)
-        control = Console.CONTROL.get(verb)
+        control = Control.COMMANDS.get(verb)
         if control is not None or verb in COMING:
             if self.role != ADMIN:
                 raise _error(errors.INSUFFICIENT_PRIVILEGE, "admin access needed",
@@ -675,7 +588,7 @@ class ConsoleSession:
                 raise _unknown(command)
             arg = words[1].strip('"') if len(words) == 2 else None
             log.info("{id}: console: {command}", id=self.client_id, command=command)
-            done = control(self.console, arg)
+            done = control(self.console.control, arg)
             tag = verb.encode()
             if isinstance(done, Deferred):
                 return done.addCallback(lambda _: m.command_complete(tag))
