@@ -184,6 +184,26 @@ class ControlTests(ConsoleTest):
             yield self.thread(conn.close)
 
     @inlineCallbacks
+    def test_pause_in_session_mode_waits_for_the_session(self):
+        """Session mode: PAUSE answers only once the session holding a server ends; a
+        session that logs in meanwhile waits for its server and gets one after RESUME."""
+        session = yield self.thread(self.odissey.connect, dbname="sess")
+        before = yield self.thread(self.pid, session)
+        paused = self.thread(self.admin, "PAUSE sess")
+        yield deferLater(reactor, 1.0, lambda: None)  # (to see that it has not answered)
+        self.assertFalse(paused.called)
+        yield self.thread(session.close)
+        self.assertEqual((yield paused), "PAUSE")
+        def new_session_pid() -> int:
+            with self.odissey.connect(dbname="sess") as conn:
+                return self.pid(conn)
+
+        late = self.thread(new_session_pid)
+        yield until(lambda: self.waiting("sess") == 1, 10, "the new session waiting")
+        yield self.thread(self.admin, "RESUME sess")
+        self.assertNotEqual((yield late), before)
+
+    @inlineCallbacks
     def test_kill_client(self):
         """KILL_CLIENT (psql) with the id SHOW CLIENTS shows drops exactly that client:
         its next query fails with 57P01, another client's goes on."""
