@@ -405,7 +405,7 @@ def _error(sqlstate: str, message: str, **kwargs: Any) -> PoolerError:
 def _unknown(text: str) -> PoolerError:
     return _error(errors.SYNTAX_ERROR, f"invalid command '{text}', use SHOW HELP;",
                   hint="Commands: SHOW HELP|VERSION|POOLS|CLIENTS|SERVERS|DATABASES|USERS|"
-                       "CONFIG|LISTS|ROUTES")
+                       "CONFIG|LISTS|ROUTES; " + ", ".join(Control.COMMANDS))
 
 
 class ConsoleSession:

@@ -16,7 +16,7 @@ from twisted.trial.unittest import SkipTest, SynchronousTestCase
 from odissey.console import ADMIN, STATS, ConsoleSession
 from odissey.control import Control
 from odissey.wire import messages as m
-from tests.harness import have, login_outcome, route, server_pids, until
+from tests.harness import committed, have, login_outcome, route, server_pids, until
 from tests.test_console import ConsoleTest, FakeConsoleClient, SessionHarness
 
 
@@ -205,11 +205,14 @@ class ControlTests(ConsoleTest):
 
     @inlineCallbacks
     def test_kill_client(self):
-        """KILL_CLIENT (psql) with the id SHOW CLIENTS shows drops exactly that client:
-        its next query fails with 57P01, another client's goes on."""
+        """KILL_CLIENT (psql) with the id SHOW CLIENTS shows drops exactly that client,
+        inside its transaction: its next query fails with 57P01, its insert is rolled
+        back, another client's work goes on."""
         victim = yield self.thread(self.odissey.connect, application_name="victim")
         bystander = yield self.thread(self.odissey.connect, application_name="bystander")
         try:
+            yield self.thread(victim.execute, "begin")
+            yield self.thread(victim.execute, "insert into items values (911001, 'killed-client')")
             clients = yield self.thread(self.show, "CLIENTS")
             wanted = next(r["id"] for r in clients if r["application_name"] == "victim")
             done = yield self.psql(f"KILL_CLIENT {wanted}", dbname="odissey")
@@ -218,8 +221,10 @@ class ControlTests(ConsoleTest):
                 yield self.thread(victim.execute, "select 1")
             self.assertIn("administrator command", str(caught.exception))
             self.assertEqual(1, (yield self.thread(lambda: bystander.execute("select 1").fetchone()[0])))
-            yield until(lambda: not any(c.id == f"c{wanted}" for c in self.odissey.service.factory.clients),
-                        10, "the victim gone")
+            pools = self.odissey.service.pools.of("app")
+            yield until(lambda: not any(c.id == f"c{wanted}" for c in self.odissey.service.factory.clients)
+                        and not any(pool.active for pool in pools), 10, "the victim and its transaction gone")
+            self.assertFalse((yield self.thread(committed, "killed-client")))
             clients = yield self.thread(self.show, "CLIENTS")
             self.assertEqual(sorted(r["application_name"] for r in clients if r["database"] == "app"),
                              ["bystander"])
