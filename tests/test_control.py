@@ -135,7 +135,7 @@ class ControlTests(ConsoleTest):
 
         def bench() -> subprocess.CompletedProcess[str]:
             base = ["-h", "127.0.0.1", "-p", str(self.odissey.port), "-U", "app"]
-            return subprocess.run(["pgbench", "-n", "-c", "8", "-j", "2", "-T", "5", *base, "bench"],
+            return subprocess.run(["pgbench", "-n", "-c", "8", "-j", "2", "-T", "8", *base, "bench"],
                                   capture_output=True, text=True, env=self.odissey.env(), timeout=120)
 
         running = self.thread(bench)
