@@ -124,6 +124,8 @@ class Pool:
         self.closed = False
         self.pause_state = PauseState.RUNNING
         self._pause_waiters: list[Deferred[None]] = []
+        #: Counts RECONNECTs: a connection begun before the last one is closed once open.
+        self._generation = 0
         self.backoff = 0.0  # delay before the next attempt after failures; 0 when healthy
         self.retry_at = 0.0
         self.failed_at = float("-inf")  # when the last failure was seen
@@ -293,13 +295,14 @@ class Pool:
     def _open(self) -> None:
         self.opening += 1
         started = self.reactor.seconds()
-        self._connect().addCallbacks(self._opened, self._open_failed, errbackArgs=(started,))
+        self._connect().addCallbacks(self._opened, self._open_failed, callbackArgs=(self._generation,),
+                                     errbackArgs=(started,))
 
-    def _opened(self, server: ServerConnection) -> None:
+    def _opened(self, server: ServerConnection, generation: int) -> None:
         self.opening -= 1
         self.backoff, self.retry_at, self.last_error = 0.0, 0.0, None
-        if self.closed or self.pause_state is not PauseState.RUNNING:
-            server.close()
+        if self.closed or self.pause_state is not PauseState.RUNNING or generation != self._generation:
+            server.close()  # (not wanted any more, or begun before a RECONNECT)
             self._grow()
             return
         server.owner = self
@@ -439,7 +442,9 @@ class Pool:
 
     def reconnect(self) -> None:
         """RECONNECT: every server open now is closed as soon as it is free (idle ones
-        at once); new ones open as clients need them."""
+        at once, those still connecting once connected); new ones open as clients need
+        them."""
+        self._generation += 1
         self._retire_all()
         self._grow()
 

@@ -314,6 +314,18 @@ class PauseTests(SynchronousTestCase):
         self.assertEqual(pool.idle, [fresh])
         self.assertEqual(pool.to_close(), [])
 
+    def test_reconnect_closes_a_connection_begun_before_it(self) -> None:
+        """A connection being opened when RECONNECT comes is closed once open, and the
+        client waiting for it gets one opened after."""
+        pool, servers, _ = make_pool(size=2)
+        waiting = pool.wait("a")
+        pool.reconnect()
+        stale = servers.succeed_next()
+        self.assertEqual(stale.state, ServerState.CLOSED)
+        self.assertNoResult(waiting)
+        fresh = servers.succeed_next()
+        self.assertIs(self.successResultOf(waiting), fresh)
+
     def test_kill(self) -> None:
         """KILL cuts busy and idle servers at once and leaves the pool paused."""
         pool, servers, _, busy, idle = self.busy_and_idle()
