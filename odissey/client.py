@@ -370,6 +370,8 @@ class ClientConnection(Protocol):
             raise PoolerError(errors.INVALID_AUTHORIZATION_SPECIFICATION,
                               f'pg_hba.conf rejects connection for host "{client.shown}", '
                               f'user "{user}", database "{database}", {self._encryption()}')
+        if database in f.pools.disabled:  # (DISABLE on the console; PgBouncer's words)
+            raise PoolerError(errors.OBJECT_NOT_IN_PREREQUISITE_STATE, f'database "{database}" is disabled')
         if f.logged_in >= f.limits.max_clients:
             raise PoolerError(errors.TOO_MANY_CONNECTIONS, "sorry, too many clients already")
         limit = route.pool.max_clients

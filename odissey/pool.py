@@ -8,14 +8,22 @@ enforces ``wait_timeout``. Waiters are served strictly first-come first-served: 
 released server goes to the head of the queue, and newcomers cannot take an idle server
 while anyone is queued. Among idle servers, the one the same client used last is
 preferred (its parameters already match), then the most recently used.
+
+The console's PAUSE takes a pool ``RUNNING -> PAUSING -> PAUSED``: from PAUSING on no
+server is handed out or opened (clients queue, as for a full pool), idle servers close
+at once and busy ones when released; PAUSED is reached when none is left open, and
+RESUME goes back to RUNNING. None of it costs the hot path a check: a pausing pool has
+no idle server to take, and its busy servers are marked ``retiring``, which release
+already reads.
 """
 
 from __future__ import annotations
 
 from collections import deque
-from typing import Callable, NamedTuple, Optional, Protocol as TypingProtocol
+from enum import Enum
+from typing import Callable, Iterable, NamedTuple, Optional, Protocol as TypingProtocol
 
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -82,6 +90,14 @@ class _DeferredWaiter:
         self.deferred.errback(error)
 
 
+class PauseState(Enum):
+    RUNNING = "running"
+    #: No server is handed out or opened; the ones in use close when released.
+    PAUSING = "pausing"
+    #: And none is open any more.
+    PAUSED = "paused"
+
+
 class Pool:
     """Implements :class:`~odissey.server.ServerOwner` for the servers it opened."""
 
@@ -106,6 +122,10 @@ class Pool:
         self._greetings: dict[tuple[tuple[str, str], ...], bytes] = {}
         self._parameter_waiters: list[Deferred[list[tuple[str, str]]]] = []
         self.closed = False
+        self.pause_state = PauseState.RUNNING
+        self._pause_waiters: list[Deferred[None]] = []
+        #: Counts RECONNECTs: a connection begun before the last one is closed once open.
+        self._generation = 0
         self.backoff = 0.0  # delay before the next attempt after failures; 0 when healthy
         self.retry_at = 0.0
         self.failed_at = float("-inf")  # when the last failure was seen
@@ -200,7 +220,9 @@ class Pool:
                 f'no server connection available in pool "{self.key}" '
                 f"within {self.route.pool.wait_timeout:g}s",
                 detail=f"pool size is {self.size}: {len(self.active)} in use, {self.opening} connecting, "
-                       f"{len(waiters)} other clients waiting",
+                       f"{len(waiters)} other clients waiting"
+                       + ("; the pool is paused (PAUSE on the admin console)"
+                          if self.pause_state is not PauseState.RUNNING else ""),
             ))
 
     def release(self, server: ServerConnection) -> None:
@@ -255,6 +277,9 @@ class Pool:
         """
         if self.closed:
             return
+        if self.pause_state is not PauseState.RUNNING:  # (a server left: maybe the last)
+            self._check_paused()
+            return
         if self.retry_at and self.reactor.seconds() < self.retry_at:  # (0 when healthy: no clock read)
             self._fail_uncovered(self._unreachable())
             return
@@ -270,13 +295,15 @@ class Pool:
     def _open(self) -> None:
         self.opening += 1
         started = self.reactor.seconds()
-        self._connect().addCallbacks(self._opened, self._open_failed, errbackArgs=(started,))
+        self._connect().addCallbacks(self._opened, self._open_failed, callbackArgs=(self._generation,),
+                                     errbackArgs=(started,))
 
-    def _opened(self, server: ServerConnection) -> None:
+    def _opened(self, server: ServerConnection, generation: int) -> None:
         self.opening -= 1
         self.backoff, self.retry_at, self.last_error = 0.0, 0.0, None
-        if self.closed:
-            server.close()
+        if self.closed or self.pause_state is not PauseState.RUNNING or generation != self._generation:
+            server.close()  # (not wanted any more, or begun before a RECONNECT)
+            self._grow()
             return
         server.owner = self
         self._hand_out(server)  # first: a login woken below may take it at once
@@ -302,7 +329,10 @@ class Pool:
         self.retry_at = now + self.backoff
         log.warn("pool {pool}: {error}; next attempt in {delay:.2f}s", pool=str(self.key),
                  error=error.message, delay=self.backoff)
-        self._fail_uncovered(error)
+        if self.pause_state is PauseState.RUNNING:
+            self._fail_uncovered(error)
+        else:  # paused clients wait for RESUME, not for the storage
+            self._check_paused()
 
     def _fail_uncovered(self, error: PoolerError) -> None:
         """Fail the waiters (and logins) that no connection attempt in progress will serve."""
@@ -360,9 +390,73 @@ class Pool:
                 self._leave_idle(server)
                 server.owner = None
                 server.close()
-        if not self.closed and not self.waiters and now >= self.retry_at:
+        if (not self.closed and not self.waiters and now >= self.retry_at
+                and self.pause_state is PauseState.RUNNING):
             while self.total < settings.min_size:
                 self._open()
+
+    # -- the console's controls --------------------------------------------------------
+
+    def _retire_all(self) -> None:
+        """Idle servers close now, busy ones when released."""
+        for server in self.active:
+            server.retiring = True
+        for server in list(self.idle):
+            self._leave_idle(server)
+            server.owner = None
+            server.close()
+
+    def pause(self) -> None:
+        """PAUSE: hand out and open no server; close every one as soon as it is free."""
+        if self.pause_state is PauseState.RUNNING:
+            self.pause_state = PauseState.PAUSING
+            self._retire_all()
+        self._check_paused()
+
+    def when_paused(self) -> "Deferred[None]":
+        """Fires once a paused pool has no server left open; fails with 57014 if
+        RESUME comes first."""
+        if self.pause_state is PauseState.PAUSED:
+            return succeed(None)
+        d: Deferred[None] = Deferred()
+        self._pause_waiters.append(d)
+        return d
+
+    def _check_paused(self) -> None:
+        if self.pause_state is PauseState.PAUSING and not self.active and not self.opening:
+            self.pause_state = PauseState.PAUSED
+            waiting, self._pause_waiters = self._pause_waiters, []
+            for d in waiting:
+                d.callback(None)
+
+    def resume(self) -> None:
+        """RESUME: serve again; the clients that queued meanwhile get servers."""
+        if self.pause_state is PauseState.RUNNING:
+            return
+        self.pause_state = PauseState.RUNNING
+        waiting, self._pause_waiters = self._pause_waiters, []
+        for d in waiting:
+            d.errback(PoolerError(errors.QUERY_CANCELED, f'PAUSE of "{self.key}" canceled by RESUME',
+                                  severity="ERROR"))
+        self._grow()
+
+    def reconnect(self) -> None:
+        """RECONNECT: every server open now is closed as soon as it is free (idle ones
+        at once, those still connecting once connected); new ones open as clients need
+        them."""
+        self._generation += 1
+        self._retire_all()
+        self._grow()
+
+    def kill(self) -> None:
+        """KILL: pause, and cut every server at once (the console drops the clients)."""
+        self.pause()
+        for server in list(self.active):
+            self.discard(server)
+
+    def to_close(self) -> list[ServerConnection]:
+        """The servers that will close when released (RECONNECT, server_lifetime)."""
+        return [server for server in self.active if server.retiring]
 
     def greeting(self, told: tuple[tuple[str, str], ...]) -> bytes:
         """The ParameterStatus messages for a login told these (name, value) pairs:
@@ -403,6 +497,12 @@ class Pools:
         self.reactor = reactor
         self._connect = connect
         self.pools: dict[PoolKey, Pool] = {}
+        #: The console's switches, per client-facing database name. They are kept here,
+        #: with the pools, because a pool made later for a paused database starts paused.
+        self.paused_all = False
+        self.paused: set[str] = set()
+        #: Databases whose new logins are refused (DISABLE).
+        self.disabled: set[str] = set()
 
     def get(self, route: Route, database: str, user: str) -> Pool:
         key = PoolKey(database, user, None if route.clients is None else route.index)
@@ -411,10 +511,70 @@ class Pools:
             pool = Pool(key, route, self.reactor,
                         lambda: self._connect(self.reactor, route, database, user))
             self.pools[key] = pool
+            if self.is_paused(database):
+                pool.pause()
         return pool
+
+    def is_paused(self, database: str) -> bool:
+        return self.paused_all or database in self.paused
+
+    def of(self, database: Optional[str]) -> list[Pool]:
+        """The pools of one database (None: all)."""
+        return [pool for pool in self.pools.values() if database is None or pool.key.database == database]
+
+    def pause(self, database: Optional[str]) -> "Deferred[None]":
+        """Pause one database's pools (None: all), now and future ones; fires once
+        none of them has a server open."""
+        if database is None:
+            self.paused_all = True
+        else:
+            self.paused.add(database)
+        pools = self.of(database)
+        for pool in pools:
+            pool.pause()
+        return _all(pool.when_paused() for pool in pools)
+
+    def resume(self, database: Optional[str]) -> None:
+        """Resume one database (None: every paused one). A database stays paused while
+        all of them are."""
+        if database is None:
+            self.paused_all = False
+            self.paused.clear()
+        else:
+            self.paused.discard(database)
+        for pool in self.of(database):
+            if not self.is_paused(pool.key.database):
+                pool.resume()
+
+    def reconnect(self, database: Optional[str]) -> None:
+        for pool in self.of(database):
+            pool.reconnect()
+
+    def kill(self, database: Optional[str]) -> None:
+        """Pause the database (None: all) and cut all its servers at once."""
+        if database is None:
+            self.paused_all = True
+        else:
+            self.paused.add(database)
+        for pool in self.of(database):
+            pool.kill()
+
+    def closing(self, database: Optional[str]) -> "Deferred[None]":
+        """Fires once every server of the database (None: all) that is to close when
+        released has closed (WAIT_CLOSE)."""
+        return _all(server.closed for pool in self.of(database) for server in pool.to_close())
 
     def close(self) -> None:
         """Close every pool: idle servers go, waiters fail, nothing new opens (the
         service's ``Live`` waits for the connections still open)."""
         for pool in self.pools.values():
             pool.close()
+
+
+def _all(waits: "Iterable[Deferred[None]]") -> "Deferred[None]":
+    """Fires once every Deferred has, or with the first failure."""
+    def first_failure(failure: Failure) -> Failure:
+        return failure.value.subFailure
+
+    gathered = DeferredList(list(waits), fireOnOneErrback=True, consumeErrors=True)
+    return gathered.addCallbacks(lambda _: None, first_failure)
