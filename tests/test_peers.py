@@ -1,0 +1,257 @@
+"""Peers: several Odissey instances behind one TCP load balancer, in front of the real
+PostgreSQL. psycopg clients connect through the balancer; their own cancels (libpq's
+cancel over a new connection to the address they used) are sent by the balancer to an
+instance that did *not* issue the key, which must forward it to the one that did."""
+
+from __future__ import annotations
+
+import random
+import struct
+import threading
+import time
+from typing import Any
+
+import psycopg
+from psycopg.conninfo import make_conninfo
+from twisted.internet import reactor
+from twisted.internet.defer import DeferredList, inlineCallbacks
+from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint
+from twisted.internet.protocol import Factory, Protocol
+from twisted.python.threadpool import ThreadPool
+from twisted.trial import unittest
+
+from odissey.cancel import PEER_BITS
+from odissey.wire import messages as m
+from tests.harness import APP_PASSWORD, Odissey, direct, free_port, route, run_seed
+
+
+class _Back(Protocol):
+    """The balancer's connection to an instance: what the instance says goes to the client."""
+
+    def __init__(self, front: "_Front") -> None:
+        self.front = front
+
+    def dataReceived(self, data: bytes) -> None:
+        self.front.transport.write(data)  # type: ignore[union-attr]
+
+    def connectionLost(self, reason: object = None) -> None:
+        self.front.transport.loseConnection()  # type: ignore[union-attr]
+
+
+class _Front(Protocol):
+    """A client's connection to the balancer: its first packet picks the instance."""
+
+    def __init__(self, balancer: "Balancer") -> None:
+        self.balancer = balancer
+        self.pending = b""
+        self.back: _Back | None = None
+        self.opening = False
+        self.gone = False
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.back is not None:
+            self.back.transport.write(data)  # type: ignore[union-attr]
+            return
+        self.pending += data
+        if not self.opening and len(self.pending) >= 8:
+            self._open()
+
+    def _open(self) -> None:
+        port = self.balancer.choose(self.pending)
+        if port is None:
+            return  # a CancelRequest not whole yet
+        self.opening = True
+        back = _Back(self)
+        connecting = TCP4ClientEndpoint(reactor, "127.0.0.1", port).connect(
+            Factory.forProtocol(lambda: back))
+
+        def connected(_proto: object) -> None:
+            if self.gone:
+                back.transport.loseConnection()  # type: ignore[union-attr]
+                return
+            self.back = back
+            back.transport.write(self.pending)  # type: ignore[union-attr]
+
+        connecting.addCallbacks(connected, lambda _f: self.transport.loseConnection())  # type: ignore[union-attr]
+
+    def connectionLost(self, reason: object = None) -> None:
+        self.gone = True
+        if self.back is not None:
+            self.back.transport.loseConnection()  # type: ignore[union-attr]
+
+
+class Balancer:
+    """A TCP load balancer as a deployment would have, made adversarial: logins go to
+    the instances in turn, and every CancelRequest goes to an instance other than the
+    one whose key it carries (read from the peer id in the secret's top bits)."""
+
+    def __init__(self, instances: dict[int, int], rng: random.Random) -> None:
+        self.instances = instances  # peer id -> port
+        self.rng = rng
+        self.turn = 0
+        #: (peer id that issued the key, peer id the request was sent to), per cancel.
+        self.cancels: list[tuple[int, int]] = []
+        self.port = 0
+        self._listening: Any = None
+
+    @inlineCallbacks
+    def start(self):  # type: ignore[no-untyped-def]
+        factory = Factory.forProtocol(lambda: _Front(self))
+        factory.noisy = False
+        self._listening = yield TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(factory)
+        self.port = self._listening.getHost().port
+
+    def stop(self) -> Any:
+        return self._listening.stopListening()
+
+    def choose(self, first: bytes) -> int | None:
+        _length, code = struct.unpack("!ii", first[:8])
+        ids = sorted(self.instances)
+        if code != m.CANCEL_REQUEST_CODE:
+            self.turn += 1
+            return self.instances[ids[self.turn % len(ids)]]
+        if len(first) < 16:
+            return None
+        _pid, secret = struct.unpack("!ii", first[8:16])
+        owner = (secret & 0xFFFFFFFF) >> (32 - PEER_BITS)
+        target = self.rng.choice([i for i in ids if i != owner])
+        self.cancels.append((owner, target))
+        return self.instances[target]
+
+    def dsn(self) -> str:
+        return make_conninfo(host="127.0.0.1", port=str(self.port), user="app", dbname="app",
+                             password=APP_PASSWORD, sslmode="disable")
+
+
+#: Seconds a victim's query would run uncancelled: a lost cancel shows as "finished".
+LONG = 15
+
+
+def _wait_active(tag: str, timeout: float = 20.0) -> None:
+    """Until PostgreSQL runs the query carrying ``tag`` (a cancel before that finds
+    nothing to cancel, in PostgreSQL as in Odissey)."""
+    deadline = time.monotonic() + timeout
+    with direct() as su:
+        while time.monotonic() < deadline:
+            row = su.execute("select 1 from pg_stat_activity where state = 'active' and query like %s",
+                             (f"%{tag}%",)).fetchone()
+            if row:
+                return
+            time.sleep(0.01)
+    raise AssertionError(f"query {tag} never ran")
+
+
+def victim(dsn: str, tag: str) -> tuple[str, float, int]:
+    """Run a long pg_sleep and cancel it with psycopg's own cancel (libpq's, over a
+    new connection to the balancer): the query's outcome, how long the cancel took to
+    land, and that the connection still answers afterwards."""
+    with psycopg.connect(dsn, autocommit=True, connect_timeout=10) as conn:
+        outcome: dict[str, str] = {}
+
+        def run() -> None:
+            try:
+                conn.execute(f"select pg_sleep({LONG}) /* {tag} */")
+                outcome["state"] = "finished"
+            except psycopg.Error as exc:
+                outcome["state"] = exc.sqlstate or repr(exc)
+
+        sleeper = threading.Thread(target=run)
+        sleeper.start()
+        _wait_active(tag)
+        started = time.monotonic()
+        conn.cancel_safe(timeout=10)
+        sleeper.join(LONG + 10)
+        landed = time.monotonic() - started
+        after = conn.execute("select 1").fetchone()[0]
+        return outcome.get("state", "still running"), landed, after
+
+
+def bystander(dsn: str, stop: threading.Event) -> tuple[int, list[str]]:
+    """Short sleeps until told to stop: how many ran, and every error (a cancel that
+    reached the wrong client would show here as 57014)."""
+    ran, errors = 0, []
+    with psycopg.connect(dsn, autocommit=True, connect_timeout=10) as conn:
+        while not stop.is_set():
+            try:
+                conn.execute("select pg_sleep(0.2) /* bystander */")
+                ran += 1
+            except psycopg.Error as exc:
+                errors.append(exc.sqlstate or repr(exc))
+    return ran, errors
+
+
+class PeerCancelTests(unittest.TestCase):
+    """Cancels sent through a load balancer to the wrong instance reach their query:
+    none lost, none reaching another client, in transaction and session mode, with two
+    and with three instances."""
+
+    timeout = 180
+    cancels = 50
+    batch = 10
+    bystanders = 4
+
+    def start_peers(self, count: int, mode: str):  # type: ignore[no-untyped-def]
+        ports = {i: free_port() for i in range(1, count + 1)}
+        peers = [{"id": i, "host": "127.0.0.1", "port": port, "connect_timeout": "5s"}
+                 for i, port in ports.items()]  # every instance gets the same list
+        self.instances = [
+            Odissey([route(pool={"mode": mode, "size": 20})],
+                    listen=[f"tcp:{port}:interface=127.0.0.1"], top={"peer_id": i, "peers": peers})
+            for i, port in ports.items()]
+        for instance in self.instances:
+            self.addCleanup(instance.stop)
+        return DeferredList([instance.start() for instance in self.instances], fireOnOneErrback=True)
+
+    def thread(self, f: Any, *args: Any) -> Any:
+        from twisted.internet.threads import deferToThreadPool
+        return deferToThreadPool(reactor, self.clients, f, *args)
+
+    def setUp(self) -> None:
+        self.clients = ThreadPool(minthreads=0, maxthreads=50, name="peer-clients")
+        self.clients.start()
+        self.addCleanup(self.clients.stop)
+
+    @inlineCallbacks
+    def cancel_across(self, count: int, mode: str):  # type: ignore[no-untyped-def]
+        rng = random.Random(run_seed(self))
+        yield self.start_peers(count, mode)
+        balancer = Balancer({i + 1: o.port for i, o in enumerate(self.instances)}, rng)
+        yield balancer.start()
+        self.addCleanup(balancer.stop)
+        dsn = balancer.dsn()
+        stop = threading.Event()
+        watching = [self.thread(bystander, dsn, stop) for _ in range(self.bystanders)]
+        outcomes = []
+        try:
+            for first in range(0, self.cancels, self.batch):
+                batch = yield DeferredList(
+                    [self.thread(victim, dsn, f"victim-{n}") for n in range(first, first + self.batch)],
+                    fireOnOneErrback=True, consumeErrors=True)
+                outcomes += [result for _ok, result in batch]
+                if any(state != "57014" for state, _landed, _after in outcomes):
+                    break  # lost already: no need to wait for more
+        finally:
+            stop.set()
+            watched = yield DeferredList(watching, fireOnOneErrback=True, consumeErrors=True)
+        states = [state for state, _landed, _after in outcomes]
+        self.assertEqual(states, ["57014"] * self.cancels, balancer.cancels)  # none lost
+        self.assertEqual([after for _s, _l, after in outcomes], [1] * self.cancels)
+        self.assertLess(max(landed for _s, landed, _a in outcomes), 10)
+        ran = [r for _ok, (r, _e) in watched]
+        self.assertEqual([e for _ok, (_r, e) in watched], [[]] * self.bystanders)  # none crossed
+        self.assertTrue(all(ran), ran)
+        self.assertEqual(len(balancer.cancels), self.cancels)
+        self.assertTrue(all(owner != target for owner, target in balancer.cancels))
+        self.assertEqual({owner for owner, _t in balancer.cancels}, set(range(1, count + 1)))
+
+    def test_two_instances_transaction_mode(self):  # type: ignore[no-untyped-def]
+        return self.cancel_across(2, "transaction")
+
+    def test_two_instances_session_mode(self):  # type: ignore[no-untyped-def]
+        return self.cancel_across(2, "session")
+
+    def test_three_instances_transaction_mode(self):  # type: ignore[no-untyped-def]
+        return self.cancel_across(3, "transaction")
+
+    def test_three_instances_session_mode(self):  # type: ignore[no-untyped-def]
+        return self.cancel_across(3, "session")
