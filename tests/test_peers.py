@@ -6,7 +6,10 @@ instance that did *not* issue the key, which must forward it to the one that did
 from __future__ import annotations
 
 import random
+import shutil
+import socket
 import struct
+import tempfile
 import threading
 import time
 from typing import Any
@@ -17,12 +20,15 @@ from twisted.internet import reactor
 from twisted.internet.defer import DeferredList, inlineCallbacks
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint
 from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.threads import deferToThread, deferToThreadPool
 from twisted.python.threadpool import ThreadPool
 from twisted.trial import unittest
 
-from odissey.cancel import PEER_BITS
+from odissey.cancel import PEER_BITS, CancelKeys, KeyLayout
 from odissey.wire import messages as m
-from tests.harness import APP_PASSWORD, Odissey, direct, free_port, route, run_seed
+from tests.harness import (
+    APP_PASSWORD, Odissey, direct, free_port, route, run_seed, until,
+)
 
 
 class _Back(Protocol):
@@ -190,20 +196,27 @@ class PeerCancelTests(unittest.TestCase):
     batch = 10
     bystanders = 4
 
-    def start_peers(self, count: int, mode: str):  # type: ignore[no-untyped-def]
+    def start_peers(self, count: int, mode: str, unix: bool):  # type: ignore[no-untyped-def]
+        """``count`` instances, each listening on its own TCP port (the balancer's way
+        in), and with ``unix`` on a socket in a directory of its own too, which the
+        peers then use to reach it (instances sharing one machine)."""
         ports = {i: free_port() for i in range(1, count + 1)}
-        peers = [{"id": i, "host": "127.0.0.1", "port": port, "connect_timeout": "5s"}
-                 for i, port in ports.items()]  # every instance gets the same list
+        dirs = {i: tempfile.mkdtemp(prefix="odissey-peer-") for i in ports}  # short: sun_path
+        for d in dirs.values():
+            self.addCleanup(shutil.rmtree, d, True)
+        peers = [{"id": i, "host": dirs[i] if unix else "127.0.0.1", "port": port,
+                  "connect_timeout": "5s"} for i, port in ports.items()]  # one list for all
         self.instances = [
             Odissey([route(pool={"mode": mode, "size": 20})],
-                    listen=[f"tcp:{port}:interface=127.0.0.1"], top={"peer_id": i, "peers": peers})
+                    listen=[f"tcp:{port}:interface=127.0.0.1"]
+                    + ([f"unix:{dirs[i]}/.s.PGSQL.{port}"] if unix else []),
+                    top={"peer_id": i, "peers": peers})
             for i, port in ports.items()]
         for instance in self.instances:
             self.addCleanup(instance.stop)
         return DeferredList([instance.start() for instance in self.instances], fireOnOneErrback=True)
 
     def thread(self, f: Any, *args: Any) -> Any:
-        from twisted.internet.threads import deferToThreadPool
         return deferToThreadPool(reactor, self.clients, f, *args)
 
     def setUp(self) -> None:
@@ -212,9 +225,9 @@ class PeerCancelTests(unittest.TestCase):
         self.addCleanup(self.clients.stop)
 
     @inlineCallbacks
-    def cancel_across(self, count: int, mode: str):  # type: ignore[no-untyped-def]
+    def cancel_across(self, count: int, mode: str, unix: bool = False):  # type: ignore[no-untyped-def]
         rng = random.Random(run_seed(self))
-        yield self.start_peers(count, mode)
+        yield self.start_peers(count, mode, unix)
         balancer = Balancer({i + 1: o.port for i, o in enumerate(self.instances)}, rng)
         yield balancer.start()
         self.addCleanup(balancer.stop)
@@ -255,3 +268,57 @@ class PeerCancelTests(unittest.TestCase):
 
     def test_three_instances_session_mode(self):  # type: ignore[no-untyped-def]
         return self.cancel_across(3, "session")
+
+    def test_peers_on_unix_sockets(self):  # type: ignore[no-untyped-def]
+        """Peers reached through unix socket directories, as storages can be."""
+        return self.cancel_across(2, "transaction", unix=True)
+
+
+class _Silent(Protocol):
+    """A peer that takes a forwarded cancel and never answers."""
+
+    def __init__(self, seen: list[bytes], closed: list[float]) -> None:
+        self.seen = seen
+        self.closed = closed
+
+    def dataReceived(self, data: bytes) -> None:
+        self.seen.append(data)
+
+    def connectionLost(self, reason: object = None) -> None:
+        self.closed.append(reactor.seconds())
+
+
+def send_and_leave(port: int, packet: bytes) -> None:
+    """A client that sends its CancelRequest and goes without waiting for the close."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(packet)
+
+
+class ForwardLifetimeTests(unittest.TestCase):
+    """A forwarded cancel is a connection of Odissey's like a server cancel: bounded by
+    the peer's connect_timeout, and waited for by shutdown."""
+
+    @inlineCallbacks
+    def test_shutdown_waits_for_forward(self):  # type: ignore[no-untyped-def]
+        """A peer that never closes the forwarded cancel: the key reaches it with one hop
+        spent; the client that asked leaves at once; stopping the service still waits
+        until Odissey gives the forward up, after the peer's connect_timeout."""
+        seen: list[bytes] = []
+        closed: list[float] = []
+        factory = Factory.forProtocol(lambda: _Silent(seen, closed))
+        silent = yield TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(factory)
+        self.addCleanup(silent.stopListening)
+        odissey = Odissey([route()], top={"peer_id": 1, "peers": [
+            {"id": 2, "host": "127.0.0.1", "port": silent.getHost().port, "connect_timeout": "1s"}]})
+        yield odissey.start()
+        secret = CancelKeys(KeyLayout.of(2, True, 0, 1)).issue("theirs")[1]
+        yield deferToThread(send_and_leave, odissey.port, m.cancel_request(77, secret))
+        yield until(lambda: seen, 10, "the forwarded cancel reached the peer")
+        forwarded = reactor.seconds()
+        self.assertEqual(b"".join(seen), m.cancel_request(77, secret - 1))
+        factory = odissey.service.factory
+        yield until(lambda: not factory.clients, 10, "the client's cancel connection gone")
+        self.assertEqual(closed, [])  # the forward outlives the client that asked for it
+        yield odissey.stop()
+        self.assertGreaterEqual(reactor.seconds() - forwarded, 0.9)  # given up after 1s
+        yield until(lambda: closed, 10, "the peer sees the forward closed")
