@@ -166,6 +166,15 @@ class ConfigTests(SynchronousTestCase):
         self.assertEqual(tx.auth.password.value, "demo")
         self.assertEqual(cfg.admin_users, ("demo",))  # README: psql -U demo odissey -c 'SHOW POOLS'
 
+    def test_peers_example_is_what_deployment_says(self) -> None:
+        """docs/examples/peers.yaml is instance 1 of 3, every instance listed, and the
+        pools of all three fit in the 180 server connections its comment promises."""
+        cfg = config.load(str(ROOT / "docs" / "examples" / "peers.yaml"))
+        self.assertEqual((cfg.peer_id, sorted(cfg.peers)), (1, [2, 3]))
+        self.assertEqual({p.port for p in cfg.peers.values()}, {6432})
+        instances = len(cfg.peers) + 1
+        self.assertEqual(instances * sum(r.pool.size for r in cfg.routes), 180)
+
     def test_console_users(self) -> None:
         """admin_users/stats_users must name users some route serves; no route may use a
         console database name."""
