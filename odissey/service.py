@@ -161,6 +161,9 @@ class OdisseyService(MultiService):
                           self.reactor)
         peer_id = self.config.peer_id
         keys: CancelKeys[ClientConnection] = CancelKeys(KeyLayout.of(peer_id, bool(peer_id), 0, 1))
+        if peer_id:
+            log.info("peer {id}: cancel requests for peers {peers} are forwarded to them",
+                     id=peer_id, peers=", ".join(str(p) for p in sorted(self.config.peers)) or "(none)")
         self.factory = ClientFactory(
             self.reactor, router, self.pools, self.config.limits, self.threads, keys,
             auth_queries=self.auth_queries, credentials=credentials, tls=client_tls,
