@@ -21,13 +21,14 @@ from twisted.internet.defer import DeferredList, inlineCallbacks
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.threads import deferToThread, deferToThreadPool
+from twisted.logger import globalLogPublisher
 from twisted.python.threadpool import ThreadPool
 from twisted.trial import unittest
 
 from odissey.cancel import PEER_BITS, CancelKeys, KeyLayout
 from odissey.wire import messages as m
 from tests.harness import (
-    APP_PASSWORD, Odissey, direct, free_port, route, run_seed, until,
+    APP_PASSWORD, Odissey, direct, free_port, route, run_seed, send_cancel_request, until,
 )
 
 
@@ -322,3 +323,28 @@ class ForwardLifetimeTests(unittest.TestCase):
         yield odissey.stop()
         self.assertGreaterEqual(reactor.seconds() - forwarded, 0.9)  # given up after 1s
         yield until(lambda: closed, 10, "the peer sees the forward closed")
+
+    @inlineCallbacks
+    def test_disagreeing_peer_lists_stop_after_three_hops(self):  # type: ignore[no-untyped-def]
+        """Two instances whose lists both place peer 3 at the other: a cancel with a key
+        of peer 3 bounces between them three times, as its hop budget allows, is then
+        dropped, and the client's cancel connection is closed."""
+        ports = {1: free_port(), 2: free_port()}
+        instances = [
+            Odissey([route()], listen=[f"tcp:{ports[me]}:interface=127.0.0.1"], top={
+                "peer_id": me, "peers": [{"id": 3, "host": "127.0.0.1", "port": ports[other]}]})
+            for me, other in ((1, 2), (2, 1))]
+        for instance in instances:
+            yield instance.start()
+            self.addCleanup(instance.stop)
+        hops: list[str] = []
+
+        def observe(event: dict) -> None:  # type: ignore[type-arg]
+            if event.get("log_namespace") == "odissey.cancel" and "forwarding" in event.get("log_format", ""):
+                hops.append(str(event["port"]))
+
+        globalLogPublisher.addObserver(observe)
+        self.addCleanup(globalLogPublisher.removeObserver, observe)
+        secret = CancelKeys(KeyLayout.of(3, True, 0, 1)).issue("nobody's")[1]
+        yield deferToThread(send_cancel_request, ports[1], (77, secret))
+        self.assertEqual(hops, [str(ports[2]), str(ports[1]), str(ports[2])])
