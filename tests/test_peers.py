@@ -69,8 +69,9 @@ class _Front(Protocol):
             return  # a CancelRequest not whole yet
         self.opening = True
         back = _Back(self)
-        connecting = TCP4ClientEndpoint(reactor, "127.0.0.1", port).connect(
-            Factory.forProtocol(lambda: back))
+        factory = Factory.forProtocol(lambda: back)
+        factory.noisy = False
+        connecting = TCP4ClientEndpoint(reactor, "127.0.0.1", port).connect(factory)
 
         def connected(_proto: object) -> None:
             if self.gone:
@@ -307,6 +308,7 @@ class ForwardLifetimeTests(unittest.TestCase):
         seen: list[bytes] = []
         closed: list[float] = []
         factory = Factory.forProtocol(lambda: _Silent(seen, closed))
+        factory.noisy = False
         silent = yield TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(factory)
         self.addCleanup(silent.stopListening)
         odissey = Odissey([route()], top={"peer_id": 1, "peers": [
