@@ -32,8 +32,8 @@ log = Logger()
 
 Owner = TypeVar("Owner")
 
-PEER_BITS = 8  # peer ids 1..255, in the top bits of every secret once peers are configured
-assert MAX_PEER_ID == (1 << PEER_BITS) - 1
+#: Peer ids (1..255), in the top bits of every secret once peers are configured.
+PEER_BITS = MAX_PEER_ID.bit_length()
 #: With peers, the lowest bits of every secret: how many more times the request may be
 #: forwarded. Keys are issued with all ones; each forward takes one off, so instances
 #: whose peer lists disagree cannot bounce a cancel between them for ever (PgBouncer's
