@@ -5,6 +5,7 @@ instance that did *not* issue the key, which must forward it to the one that did
 
 from __future__ import annotations
 
+import asyncio
 import random
 import shutil
 import socket
@@ -14,6 +15,7 @@ import threading
 import time
 from typing import Any
 
+import asyncpg
 import psycopg
 from psycopg.conninfo import make_conninfo
 from twisted.internet import reactor
@@ -198,7 +200,7 @@ class PeerCancelTests(unittest.TestCase):
     batch = 10
     bystanders = 4
 
-    def start_peers(self, count: int, mode: str, unix: bool):  # type: ignore[no-untyped-def]
+    def start_peers(self, count: int, mode: str, unix: bool = False):  # type: ignore[no-untyped-def]
         """``count`` instances, each listening on its own TCP port (the balancer's way
         in), and with ``unix`` on a socket in a directory of its own too, which the
         peers then use to reach it (instances sharing one machine)."""
@@ -274,6 +276,54 @@ class PeerCancelTests(unittest.TestCase):
     def test_peers_on_unix_sockets(self):  # type: ignore[no-untyped-def]
         """Peers reached through unix socket directories, as storages can be."""
         return self.cancel_across(2, "transaction", unix=True)
+
+    def test_asyncpg_transaction_mode(self):  # type: ignore[no-untyped-def]
+        return self.asyncpg_timeouts("transaction")
+
+    def test_asyncpg_session_mode(self):  # type: ignore[no-untyped-def]
+        return self.asyncpg_timeouts("session")
+
+    @inlineCallbacks
+    def asyncpg_timeouts(self, mode: str):  # type: ignore[no-untyped-def]
+        """asyncpg's own cancel (sent when a query times out, to the address it
+        connected to) reaches the right instance through the balancer too: twenty
+        concurrent timeouts stop their queries, each connection goes on at once (a
+        lost cancel would leave it waiting for the whole pg_sleep)."""
+        rng = random.Random(run_seed(self))
+        yield self.start_peers(2, mode)
+        balancer = Balancer({i + 1: o.port for i, o in enumerate(self.instances)}, rng)
+        yield balancer.start()
+        self.addCleanup(balancer.stop)
+
+        async def one(i: int) -> tuple[str, int, bool]:
+            conn = await asyncpg.connect(host="127.0.0.1", port=balancer.port, user="app",
+                                         password=APP_PASSWORD, database="app", ssl=False,
+                                         statement_cache_size=0)
+            try:
+                started = time.monotonic()
+                try:
+                    await conn.fetchval(f"select pg_sleep({LONG}) /* asyncpg-{i} */", timeout=0.5)
+                    outcome = "finished"
+                except asyncio.TimeoutError:
+                    outcome = "timed out"
+                after = await conn.fetchval("select 7")  # waits for the cancelled query's end
+                return outcome, after, time.monotonic() - started < LONG - 5
+            finally:
+                await conn.close()
+
+        async def main() -> list[tuple[str, int, bool]]:
+            return list(await asyncio.gather(*(one(i) for i in range(20))))
+
+        def sleeping() -> int:
+            with direct() as su:
+                return int(su.execute("select count(*) from pg_stat_activity where state = 'active'"
+                                      " and query like %s", ("%asyncpg-%",)).fetchone()[0])
+
+        outcomes = yield self.thread(lambda: asyncio.run(main()))
+        self.assertEqual(outcomes, [("timed out", 7, True)] * 20)  # not waited out: cancelled
+        self.assertEqual((yield self.thread(sleeping)), 0)
+        self.assertEqual(len(balancer.cancels), 20)
+        self.assertTrue(all(owner != target for owner, target in balancer.cancels))
 
 
 class _Silent(Protocol):
