@@ -40,7 +40,7 @@ from odissey.auth.passthrough import Credentials
 from odissey.auth.secrets import InThread
 from odissey.auth.verifiers import CertVerifier, ClientVerifiers
 from odissey.auth_query import AuthQueries
-from odissey.cancel import CancelKeys
+from odissey.cancel import CancelKeys, Drop, Forward, Peering, route_cancel
 from odissey.config import Limits, Route
 from odissey.console import Console, ConsoleSession, console_parameters
 from odissey.flow import PENDING_LIMIT, Valve, send, set_nodelay
@@ -568,6 +568,7 @@ class ClientFactory(Factory):
         credentials: Credentials | None = None,
         tls: ClientSide | None = None,
         console: Console | None = None,
+        peering: Peering | None = None,
     ) -> None:
         self.reactor = reactor
         #: The admin console (None: the console databases are routed like any other).
@@ -578,6 +579,8 @@ class ClientFactory(Factory):
         self.pools = pools
         self.limits = limits
         self.keys: CancelKeys[ClientConnection] = keys or CancelKeys()
+        #: The other Odissey instances, which cancels with their keys are forwarded to.
+        self.peering = peering if peering is not None else Peering(reactor, {})
         self.verifiers = ClientVerifiers(threads)
         self.auth_queries = auth_queries
         #: What clients' logins leave for their pools' server logins (pass-through).
@@ -636,8 +639,15 @@ class ClientFactory(Factory):
         return d
 
     def cancel(self, pid: int, secret: int) -> "Deferred[None]":
-        """Cancel the work of the client with this key; fires once that is done."""
-        client = self.keys.find(pid, secret)
+        """Cancel the work of the client with this key, here or at the peer that issued
+        it; fires once that is done."""
+        where = route_cancel(self.keys.layout, self.peering.peers, secret)
+        if isinstance(where, Forward):
+            return self.peering.forward(pid, where).addCallback(lambda _: None)
+        if isinstance(where, Drop):
+            log.debug("cancel request dropped: {why}", why=where.why)
+            return succeed(None)
+        client = self.keys.find(pid, where.secret)
         if client is not None and client.relay is not None:
             return client.relay.cancelRequest()
         return succeed(None)

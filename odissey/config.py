@@ -47,7 +47,8 @@ POOL_KEYS = (
 #: Every key the loader accepts, by section; ``docs/configuration.md`` documents exactly these.
 SCHEMA: dict[str, tuple[str, ...]] = {
     "": ("listen", "limits", "tls", "storages", "pool_defaults", "routes", "admin_users",
-         "stats_users"),
+         "stats_users",
+         "peer_id", "peers"),
     "limits": ("max_clients", "max_login_clients", "login_timeout", "max_message_size"),
     "tls": ("mode", "cert_file", "key_file", "ca_file", "min_version", "ciphers"),
     "storages.*": ("host", "port", "connect_timeout", "retry_backoff", "tls", "managed"),
@@ -61,7 +62,10 @@ SCHEMA: dict[str, tuple[str, ...]] = {
     ),
     "pool_defaults": POOL_KEYS,
     "routes[].pool": POOL_KEYS,
+    "peers[]": ("id", "host", "port", "connect_timeout"),
 }
+#: Peer ids fit the 8 bits every cancel key spends on them (odissey.cancel.PEER_BITS).
+MAX_PEER_ID = 255
 
 
 class ConfigError(Exception):
@@ -132,15 +136,14 @@ class ServerTLS:
     server_name: str | None = None  # checked by verify-full, sent as SNI; default: host
 
 
-@dataclass(frozen=True)
-class Storage:
-    name: str
-    host: str  # a host name/address, or a unix socket directory (starts with "/")
+class Address:
+    """Where Odissey connects to: a host name/address and port, or a unix socket
+    directory (starts with "/") and the port that names the socket in it, as libpq
+    reads ``host``; and how long a connection attempt may take."""
+
+    host: str
     port: int
     connect_timeout: float
-    retry_backoff: float = 1.0
-    managed: ManagedPostgres | None = None
-    tls: ServerTLS = ServerTLS()
 
     @property
     def is_unix(self) -> bool:
@@ -149,6 +152,28 @@ class Storage:
     @property
     def socket_path(self) -> str:
         return os.path.join(self.host, f".s.PGSQL.{self.port}")
+
+
+@dataclass(frozen=True)
+class Storage(Address):
+    name: str
+    host: str
+    port: int
+    connect_timeout: float
+    retry_backoff: float = 1.0
+    managed: ManagedPostgres | None = None
+    tls: ServerTLS = ServerTLS()
+
+
+@dataclass(frozen=True)
+class Peer(Address):
+    """Another Odissey instance behind the same load balancer: cancel requests whose key
+    it issued are forwarded to it."""
+
+    id: int
+    host: str
+    port: int = 6432
+    connect_timeout: float = 5.0
 
 
 @dataclass(frozen=True)
@@ -255,6 +280,10 @@ class Config:
     admin_users: tuple[str, ...] = ()
     #: Users allowed the admin console's SHOW commands only.
     stats_users: tuple[str, ...] = ()
+    #: This instance's id among its peers (1..255); 0: no peering, keys carry no id.
+    peer_id: int = 0
+    #: The other instances, by id (this instance's own id is never in it).
+    peers: Mapping[int, Peer] = field(default_factory=dict)
 
 
 # -- parsing helpers -----------------------------------------------------------------------
@@ -806,6 +835,43 @@ def _read_console_users(top: _Section, key: str, routes: list[Route]) -> tuple[s
     return tuple(users)
 
 
+def _read_peers(top: _Section) -> tuple[int, dict[int, Peer]]:
+    """``peer_id`` and ``peers``. The list may name this instance too (then it is
+    skipped, as PgBouncer does), so that every instance can share one list."""
+    problems = top.problems
+    peer_id = top.value("peer_id", _int_in(1, MAX_PEER_ID), f"an integer from 1 to {MAX_PEER_ID}", 0)
+    raw = top.data.get("peers")
+    if raw is None:
+        return peer_id, {}
+    if not isinstance(raw, list):
+        top.problem(f"must be a list of peers ({{id, host, port}}), got {_show(raw)}", "peers")
+        return peer_id, {}
+    if not top.has("peer_id"):
+        top.problem("needs peer_id (this instance's own id among its peers)", "peers")
+    peers: dict[int, Peer] = {}
+    seen: dict[int, int] = {}
+    for i, body in enumerate(raw):
+        s = _Section(problems, f"peers[{i}]", body, "peers[]")
+        if not s.ok:
+            continue
+        ident = s.value("id", _int_in(1, MAX_PEER_ID), f"an integer from 1 to {MAX_PEER_ID}",
+                        required=True)
+        host = s.value("host", _string, "a host name or a unix socket directory", required=True)
+        d = Peer(id=0, host="")
+        port = s.value("port", _port, "a TCP port number", d.port)
+        timeout = s.value("connect_timeout", _positive_duration, "a duration like 5s",
+                          d.connect_timeout)
+        if ident is None:
+            continue
+        if ident in seen:
+            s.problem(f"duplicates peers[{seen[ident]}].id ({ident})", "id")
+            continue
+        seen[ident] = i
+        if ident != peer_id and host is not None:
+            peers[ident] = Peer(id=ident, host=host, port=port, connect_timeout=timeout)
+    return peer_id, peers
+
+
 def parse(data: Any, source: str | None = None) -> Config:
     """A YAML document (already loaded) -> Config, or ConfigError listing every problem."""
     problems: list[str] = []
@@ -852,6 +918,7 @@ def parse(data: Any, source: str | None = None) -> Config:
             seen[(route.database, route.user)].append(route)
             routes.append(route)
 
+    peer_id, peers = _read_peers(top)
     admin_users = _read_console_users(top, "admin_users", routes)
     stats_users = _read_console_users(top, "stats_users", routes)
     for route in routes:
@@ -870,6 +937,8 @@ def parse(data: Any, source: str | None = None) -> Config:
         routes=tuple(routes),
         source=source,
         tls=tls,
+        peer_id=peer_id,
+        peers=peers,
     )
 
 

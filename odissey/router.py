@@ -10,7 +10,7 @@ from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint, UNIXClientEndpoint
 from twisted.internet.interfaces import IStreamClientEndpoint
 
-from odissey.config import ANY, UNIX, ClientAuth, ClientNetwork, Route, Storage
+from odissey.config import ANY, UNIX, Address, ClientAuth, ClientNetwork, Route
 
 IP = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
 
@@ -177,8 +177,8 @@ class Router:
         return ClientAuth("trust" if auths else "scram-sha-256", None)
 
 
-def storage_endpoint(reactor: object, storage: Storage) -> IStreamClientEndpoint:
-    """The client endpoint for a storage: a unix socket directory or a TCP host."""
+def storage_endpoint(reactor: object, storage: Address) -> IStreamClientEndpoint:
+    """The client endpoint for a storage (or a peer): a unix socket directory or a TCP host."""
     if storage.is_unix:
         return UNIXClientEndpoint(reactor, storage.socket_path, timeout=storage.connect_timeout)
     if ":" in storage.host:

@@ -15,7 +15,8 @@ from twisted.logger import Logger
 from odissey.auth.passthrough import Credentials
 from odissey.auth.secrets import reactor_threads
 from odissey.auth_query import AuthQueries
-from odissey.client import ClientFactory
+from odissey.cancel import CancelKeys, KeyLayout, Peering
+from odissey.client import ClientConnection, ClientFactory
 from odissey.config import ANY, Config, Storage
 from odissey.console import Console
 from odissey.janitor import PERIOD, Janitor
@@ -100,7 +101,8 @@ class Live:
 
     def abort_servers(self) -> None:
         """Shutdown's patience ran out: cut every server connection still open (a
-        cancel request gives up by itself within its storage's connect timeout)."""
+        cancel request, to a server or a peer, gives up by itself within its connect
+        timeout)."""
         for server in list(self.servers):
             server.abort()
 
@@ -157,10 +159,15 @@ class OdisseyService(MultiService):
         console = Console(self.config, router, self.pools,
                           lambda: self.factory.clients if self.factory is not None else (),
                           self.reactor)
+        peer_id = self.config.peer_id
+        keys: CancelKeys[ClientConnection] = CancelKeys(KeyLayout.of(peer_id, bool(peer_id), 0, 1))
+        if peer_id:
+            log.info("peer {id}: cancel requests for peers {peers} are forwarded to them",
+                     id=peer_id, peers=", ".join(str(p) for p in sorted(self.config.peers)) or "(none)")
         self.factory = ClientFactory(
-            self.reactor, router, self.pools, self.config.limits, self.threads,
+            self.reactor, router, self.pools, self.config.limits, self.threads, keys,
             auth_queries=self.auth_queries, credentials=credentials, tls=client_tls,
-            console=console,
+            console=console, peering=Peering(self.reactor, self.config.peers, self.live),
         )
         for route in self.config.routes:
             if route.pool.min_size and not route.block and ANY not in (route.database, route.user):
