@@ -47,7 +47,7 @@ POOL_KEYS = (
 #: Every key the loader accepts, by section; ``docs/configuration.md`` documents exactly these.
 SCHEMA: dict[str, tuple[str, ...]] = {
     "": ("listen", "limits", "tls", "storages", "pool_defaults", "routes", "admin_users",
-         "stats_users"),
+         "stats_users", "shutdown_timeout"),
     "limits": ("max_clients", "max_login_clients", "login_timeout", "max_message_size"),
     "tls": ("mode", "cert_file", "key_file", "ca_file", "min_version", "ciphers"),
     "storages.*": ("host", "port", "connect_timeout", "retry_backoff", "tls", "managed"),
@@ -255,6 +255,8 @@ class Config:
     admin_users: tuple[str, ...] = ()
     #: Users allowed the admin console's SHOW commands only.
     stats_users: tuple[str, ...] = ()
+    #: How long a graceful shutdown (SIGTERM) waits for clients before ending them all.
+    shutdown_timeout: float = 30.0
 
 
 # -- parsing helpers -----------------------------------------------------------------------
@@ -852,6 +854,8 @@ def parse(data: Any, source: str | None = None) -> Config:
             seen[(route.database, route.user)].append(route)
             routes.append(route)
 
+    shutdown_timeout = top.value("shutdown_timeout", parse_duration, "a duration like 30s",
+                                 Config.shutdown_timeout)
     admin_users = _read_console_users(top, "admin_users", routes)
     stats_users = _read_console_users(top, "stats_users", routes)
     for route in routes:
@@ -870,6 +874,7 @@ def parse(data: Any, source: str | None = None) -> Config:
         routes=tuple(routes),
         source=source,
         tls=tls,
+        shutdown_timeout=shutdown_timeout,
     )
 
 

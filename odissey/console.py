@@ -54,17 +54,27 @@ GREETING = (
 
 #: PgBouncer's commands that change things: not in this version of the console yet.
 COMING = ("PAUSE", "RESUME", "DISABLE", "ENABLE", "RECONNECT", "KILL", "KILL_CLIENT",
-          "SUSPEND", "RELOAD", "SHUTDOWN", "WAIT_CLOSE", "SET")
+          "SUSPEND", "WAIT_CLOSE", "SET")
 #: PgBouncer's SHOW commands that Odissey does not answer (yet, or at all).
+#: Commands for admin_users only, answered today.
+ADMIN_COMMANDS = ("SHUTDOWN", "RELOAD")
 SHOW_COMING = ("STATS", "STATS_TOTALS", "STATS_AVERAGES", "TOTALS", "STATE")
 SHOW_NEVER = ("PEERS", "PEER_POOLS", "FDS", "SOCKETS", "ACTIVE_SOCKETS", "MEM",
               "DNS_HOSTS", "DNS_ZONES")
 
 HELP = """SHOW HELP|VERSION|POOLS|CLIENTS|SERVERS|DATABASES|USERS|CONFIG|LISTS|ROUTES
+RELOAD, SHUTDOWN [WAIT_FOR_CLIENTS]
 Coming (answered 0A000 for now):
 \tSHOW STATS|STATS_TOTALS|STATS_AVERAGES|TOTALS|STATE
 \tPAUSE [<db>], RESUME [<db>], DISABLE <db>, ENABLE <db>, RECONNECT [<db>], KILL [<db>],
-\tKILL_CLIENT <id>, RELOAD, SHUTDOWN [WAIT_FOR_CLIENTS], WAIT_CLOSE [<db>], SET key = arg"""
+\tKILL_CLIENT <id>, WAIT_CLOSE [<db>], SET key = arg"""
+
+
+class Lifecycle(TypingProtocol):
+    """What the console may ask of the service that owns the process."""
+
+    def shutdown(self, wait_for_clients: bool) -> None:
+        """SHUTDOWN: stop now; WAIT_FOR_CLIENTS: stop accepting, exit once clients left."""
 
 
 class ConsoleClient(TypingProtocol):
@@ -122,8 +132,11 @@ class Console:
         pools: Pools,
         clients: Callable[[], Iterable[ConsoleClient]],
         reactor: IReactorTime,
+        lifecycle: Optional[Lifecycle] = None,
     ) -> None:
         self.config = config
+        #: SHUTDOWN's addressee (None: the command is refused, as in tests of SHOW).
+        self.lifecycle = lifecycle
         self.router = router
         self.pools = pools
         self.clients = clients
@@ -522,13 +535,30 @@ class ConsoleSession:
                 raise _error(errors.FEATURE_NOT_SUPPORTED,
                              f"SHOW {what} is PgBouncer's; Odissey has nothing to show for it")
             raise _unknown(command)
-        if verb in COMING:
+        if verb in ADMIN_COMMANDS or verb in COMING:
             if self.role != ADMIN:
                 raise _error(errors.INSUFFICIENT_PRIVILEGE, "admin access needed",
                              detail=f"{verb} is for admin_users; stats_users may only SHOW.")
+            if verb == "SHUTDOWN":
+                return self._shutdown(command, words)
             raise _error(errors.FEATURE_NOT_SUPPORTED, f"{verb} is not supported yet",
                          hint="See SHOW HELP for what the console answers today.")
         raise _unknown(command)
+
+
+    def _shutdown(self, command: str, words: list[str]) -> bytes:
+        """SHUTDOWN [WAIT_FOR_CLIENTS]: answered first, carried out on the next reactor
+        turn, so that the answer reaches the client before the stop ends it."""
+        wait = len(words) == 2 and words[1].upper() == "WAIT_FOR_CLIENTS"
+        if len(words) > 2 or (len(words) == 2 and not wait):
+            raise _unknown(command)
+        lifecycle = self.console.lifecycle
+        if lifecycle is None:
+            raise _error(errors.FEATURE_NOT_SUPPORTED, "SHUTDOWN: this console stops nothing")
+        log.info("{id}: console: SHUTDOWN{how}", id=self.client_id,
+                 how=" WAIT_FOR_CLIENTS" if wait else "")
+        self.console.reactor.callLater(0, lifecycle.shutdown, wait)
+        return m.command_complete(b"SHUTDOWN")
 
 
 def console_parameters(application_name: str) -> Sequence[tuple[str, str]]:

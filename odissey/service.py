@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import signal
+from enum import Enum
+from typing import Callable
 
 from twisted.application.internet import TimerService
 from twisted.application.service import MultiService
-from twisted.internet.defer import Deferred, DeferredList, inlineCallbacks
+from twisted.internet.defer import Deferred, DeferredList, inlineCallbacks, succeed
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
@@ -18,14 +21,13 @@ from odissey.auth_query import AuthQueries
 from odissey.client import ClientFactory
 from odissey.config import ANY, Config, Storage
 from odissey.console import Console
+from odissey.drain import Drain, end_all
 from odissey.janitor import PERIOD, Janitor
 from odissey.pool import Pools
 from odissey.postgres import LocalPostgres
 from odissey.router import Router
 from odissey.server import ServerConnection, connect
 from odissey import tls
-from odissey.wire import errors
-from odissey.wire.errors import PoolerError
 
 log = Logger()
 
@@ -105,13 +107,51 @@ class Live:
             server.abort()
 
 
+class Stop(Enum):
+    """How the pooler stops (see docs/operations.md#shutdown)."""
+
+    #: SIGTERM: listeners close, transaction-mode clients are ended at their next
+    #: transaction boundary, session-mode clients may finish, up to shutdown_timeout.
+    GRACEFUL = "graceful"
+    #: SHUTDOWN WAIT_FOR_CLIENTS: listeners close; exit once the last client has left.
+    WAIT_FOR_CLIENTS = "wait_for_clients"
+    #: Console SHUTDOWN, a second signal: every client is ended now.
+    IMMEDIATE = "immediate"
+
+
+class Phase(Enum):
+    STARTING = "starting"
+    RUNNING = "running"
+    DRAINING = "draining"  # listeners closed, clients leaving
+    STOPPING = "stopping"  # clients gone (or ended), servers closing
+    STOPPED = "stopped"
+
+
+#: How long stopping waits for clients it ended, and for server connections, to close
+#: before cutting them.
+CLOSE_PATIENCE = 5.0
+
+
+class _Operator:
+    """The console's :class:`~odissey.console.Lifecycle`: its commands, in the service's terms."""
+
+    def __init__(self, service: "OdisseyService") -> None:
+        self.service = service
+
+    def shutdown(self, wait_for_clients: bool) -> None:
+        self.service.shutdown(Stop.WAIT_FOR_CLIENTS if wait_for_clients else Stop.IMMEDIATE)
+
+
 class OdisseyService(MultiService):
     """Starts managed PostgreSQL servers (if any), then listens; stops in reverse order.
 
-    ``ready`` fires with the listening ports once clients can connect.
+    ``ready`` fires with the listening ports once clients can connect. With
+    ``process=True`` (twistd, the .tac) the service owns the process: SIGTERM and
+    SIGINT stop it gracefully, a second one at once, and :meth:`shutdown` stops the
+    reactor; otherwise (tests) :meth:`shutdown` stops just the service.
     """
 
-    def __init__(self, config: Config, reactor: object = None) -> None:
+    def __init__(self, config: Config, reactor: object = None, process: bool = False) -> None:
         super().__init__()
         if reactor is None:
             from twisted.internet import reactor as default_reactor
@@ -119,6 +159,7 @@ class OdisseyService(MultiService):
             reactor = default_reactor
         self.reactor = reactor
         self.config = config
+        self.process = process
         self.managed: dict[str, LocalPostgres] = {
             name: managed_postgres(s) for name, s in config.storages.items() if s.managed
         }
@@ -129,10 +170,16 @@ class OdisseyService(MultiService):
         self.live = Live()
         self.threads = reactor_threads(reactor)
         self.ready: Deferred[list[IListeningPort]] = Deferred()
+        self.phase = Phase.STARTING
+        self.how = Stop.GRACEFUL
         self._starting: Deferred[None] | None = None
+        self._stopping: Deferred[None] | None = None
+        self._stop_asked = False  # a signal or shutdown() has asked the reactor to stop
 
     def startService(self) -> None:
         super().startService()
+        if self.process:
+            self.reactor.callWhenRunning(self._install_signals)  # type: ignore[attr-defined]
         self._starting = self._start()
         self._starting.addErrback(self._start_failed)
 
@@ -156,7 +203,7 @@ class OdisseyService(MultiService):
         router = Router(self.config.routes)
         console = Console(self.config, router, self.pools,
                           lambda: self.factory.clients if self.factory is not None else (),
-                          self.reactor)
+                          self.reactor, _Operator(self))
         self.factory = ClientFactory(
             self.reactor, router, self.pools, self.config.limits, self.threads,
             auth_queries=self.auth_queries, credentials=credentials, tls=client_tls,
@@ -172,6 +219,7 @@ class OdisseyService(MultiService):
             port = yield serverFromString(self.reactor, description).listen(self.factory)
             log.info("listening on {where}", where=description)
             self.ports.append(port)
+        self.phase = Phase.RUNNING
         self.ready.callback(self.ports)
 
     def _start_failed(self, failure):
@@ -181,27 +229,105 @@ class OdisseyService(MultiService):
         if self.reactor.running:
             self.reactor.stop()
 
+    # -- stopping ------------------------------------------------------------------------
+
+    def _install_signals(self) -> None:
+        """Our SIGTERM/SIGINT handlers replace the reactor's (installed just before):
+        the first signal stops gracefully as the reactor's would, a second one (the
+        reactor's own would only log that it is already stopping) ends everyone now."""
+        handlers: dict[int, Callable[[int, object], None]] = {signal.SIGTERM: self.reactor.sigTerm,  # type: ignore[attr-defined]
+                    signal.SIGINT: self.reactor.sigInt}  # type: ignore[attr-defined]
+
+        def received(number: int, frame: object) -> None:
+            if self._stop_requested():
+                log.info("signal {number} while stopping: ending every client now", number=number)
+                self.reactor.callFromThread(self.hurry)  # type: ignore[attr-defined]
+            else:
+                self.how = Stop.GRACEFUL
+                self._stop_asked = True
+                handlers[number](number, frame)  # logs, and stops the reactor
+
+        for number in handlers:
+            signal.signal(number, received)
+
+    def _stop_requested(self) -> bool:
+        return self._stop_asked or self._stopping is not None
+
+    def shutdown(self, how: Stop) -> None:
+        """Stop the pooler (console SHUTDOWN, SHUTDOWN WAIT_FOR_CLIENTS). Asked while
+        already stopping, an immediate stop hurries the one under way."""
+        if self._stop_requested():
+            if how is Stop.IMMEDIATE:
+                self.hurry()
+            return
+        self.how = how
+        self._stop_asked = True
+        log.info("shutdown requested ({how})", how=how.value)
+        if self.process:
+            self.reactor.stop()  # type: ignore[attr-defined]
+        else:
+            self.stopService()
+
+    def hurry(self) -> None:
+        """Stop now: end every client (57P01; cut if it has not gone within
+        CLOSE_PATIENCE) and cut every server connection."""
+        self.how = Stop.IMMEDIATE
+        if self.factory is not None:
+            end_all(self.factory)
+        if self.phase is Phase.STOPPING:
+            self.live.abort_servers()
+
     def _abort_clients(self) -> None:
         for client in list(self.factory.clients if self.factory else ()):
             if client.transport is not None:
                 client.transport.abortConnection()  # type: ignore[attr-defined]
 
+    def stopService(self) -> "Deferred[None]":
+        """Stop as :attr:`how` says; fires once every connection is closed. Called
+        again while stopping, returns the same Deferred."""
+        if self._stopping is None:
+            self._stopping = self._stop()
+        return self._stopping
+
     @inlineCallbacks
-    def stopService(self):
-        yield super().stopService()
+    def _stop(self):
         if self._starting is not None and not self._starting.called:
             yield self._starting
+        self.phase = Phase.DRAINING
         yield DeferredList([port.stopListening() for port in self.ports])
         self.ports = []
-        if self.factory is not None:
-            for client in list(self.factory.clients):
-                client.fail(PoolerError(
-                    errors.ADMIN_SHUTDOWN, "terminating connection due to administrator command"))
-            yield within(self.reactor, self.factory.drained(), 5.0, self._abort_clients)
+        factory = self.factory
+        if factory is not None:
+            yield self._let_clients_go(factory)
+            end_all(factory)
+            yield within(self.reactor, factory.drained(), CLOSE_PATIENCE, self._abort_clients)
+        self.phase = Phase.STOPPING
+        yield super().stopService()
         if self.pools is not None:
             self.pools.close()
         if self.auth_queries is not None:
             self.auth_queries.close()
-        yield within(self.reactor, self.live.closed(), 5.0, self.live.abort_servers)
+        patience = 0.0 if self.how is Stop.IMMEDIATE else CLOSE_PATIENCE
+        yield within(self.reactor, self.live.closed(), patience, self.live.abort_servers)
         for postgres in self.managed.values():
             yield self.threads(postgres.stop)
+        self.phase = Phase.STOPPED
+
+    def _let_clients_go(self, factory: ClientFactory) -> "Deferred[None]":
+        """The drain of a graceful or wait-for-clients stop (nothing for an immediate one)."""
+        how = self.how
+        if how is Stop.IMMEDIATE or not factory.clients:
+            return succeed(None)
+        log.info("draining {count} clients ({how})", count=len(factory.clients), how=how.value)
+        drain = Drain(self.reactor, factory, how is Stop.GRACEFUL)  # type: ignore[arg-type]
+        drain.start()
+        if how is Stop.WAIT_FOR_CLIENTS:
+            return drain.done
+        timeout = self.config.shutdown_timeout
+
+        def give_up() -> None:
+            log.info("shutdown_timeout ({timeout:g}s) is over: ending {count} clients",
+                     timeout=timeout, count=len(factory.clients))
+            end_all(factory)
+
+        return within(self.reactor, drain.done, timeout, give_up)

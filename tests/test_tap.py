@@ -5,17 +5,19 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import psycopg
 import yaml
 from twisted.internet.defer import inlineCallbacks
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import SkipTest, TestCase
 
-from tests.harness import free_port, shared_postgres
+from tests.harness import direct, free_port, shared_postgres
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -162,6 +164,107 @@ class TapTests(TestCase):
                 self.assertIn("number of failed transactions: 0 (0.000%)", done.stdout)
         finally:
             yield deferToThread(stop, proc)
+
+
+    def app_config(self, port: int, **top: object) -> str:
+        """A config for the shared PostgreSQL's app database, in transaction mode, and
+        trust user u_trust in session mode (trusted by PostgreSQL over TCP)."""
+        pg = shared_postgres()
+        return self.write_config({
+            "listen": [f"tcp:{port}:interface=127.0.0.1"],
+            "storages": {"pg": {"host": "127.0.0.1", "port": pg.port}},
+            "routes": [{"database": "app", "user": "app", "storage": "pg",
+                        "auth": {"method": "md5", "password": "app-secret"},
+                        "pool": {"mode": "transaction", "size": 4}},
+                       {"database": "app", "user": "u_trust", "storage": "pg",
+                        "pool": {"mode": "session"}}],
+            **top,
+        })
+
+    @inlineCallbacks
+    def test_sigterm_lets_transaction_commit(self):
+        """SIGTERM with a psycopg transaction in flight: the listener closes, the
+        transaction commits, the client's next statement gets 57P01, the process exits."""
+        port = free_port()
+        proc = self.twistd("odissey", "-c", self.app_config(port))
+
+        def scenario() -> list[str]:
+            psql_until_up(port, "select 1", "app", "app-secret", "app")
+            seen = []
+            with psycopg.connect(host="127.0.0.1", port=port, user="app", password="app-secret",
+                                 dbname="app", sslmode="disable", autocommit=True) as conn:
+                conn.execute("begin")
+                conn.execute("insert into items values (7201, 'sigterm-commit')")
+                conn.pgconn.send_query(b"select pg_sleep(0.5)")  # in flight at the signal
+                proc.send_signal(signal.SIGTERM)
+                wait_refused(port)
+                seen.append(str(conn.pgconn.get_result().status))
+                while conn.pgconn.get_result() is not None:
+                    pass
+                conn.execute("commit")
+                seen.append("committed")
+                try:
+                    conn.execute("select 1")
+                except psycopg.errors.AdminShutdown:
+                    seen.append("57P01")
+            return seen
+
+        try:
+            seen = yield deferToThread(scenario)
+            out, _ = yield deferToThread(proc.communicate, timeout=60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+        self.assertEqual(seen, ["2", "committed", "57P01"])  # 2: TUPLES_OK
+        with direct() as su:
+            self.assertEqual(su.execute("select count(*) from items where note = 'sigterm-commit'")
+                             .fetchone()[0], 1)
+        self.assertIn(proc.returncode, (0, -signal.SIGTERM), out)
+
+    @inlineCallbacks
+    def test_second_sigterm_exits_at_once(self):
+        """During a graceful stop that waits for a session, a second SIGTERM ends the
+        session (57P01) and the process exits long before shutdown_timeout."""
+        port = free_port()
+        proc = self.twistd("odissey", "-c", self.app_config(port, shutdown_timeout="5m"))
+
+        def scenario() -> str:
+            psql_until_up(port, "select 1", "u_trust", "", "app")
+            with psycopg.connect(host="127.0.0.1", port=port, user="u_trust", dbname="app",
+                                 sslmode="disable", autocommit=True) as conn:
+                proc.send_signal(signal.SIGTERM)
+                wait_refused(port)
+                conn.execute("select 1")  # the session goes on
+                proc.send_signal(signal.SIGTERM)
+                proc.wait(timeout=30)
+                try:
+                    conn.execute("select 1")
+                except psycopg.errors.AdminShutdown:
+                    return "57P01"
+                except psycopg.OperationalError as exc:
+                    return f"closed: {exc}"
+            return "served"
+
+        try:
+            told = yield deferToThread(scenario)
+            out, _ = yield deferToThread(proc.communicate, timeout=60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+        self.assertEqual(told, "57P01", out)
+        self.assertIn("ending every client now", out)
+
+
+def wait_refused(port: int, patience: float = 20) -> None:
+    """Block until nothing listens on ``port``."""
+    deadline = time.monotonic() + patience
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=2).close()
+        except ConnectionRefusedError:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"port {port} still accepts connections")
 
 
 class PyPyTapTests(TapTests):
