@@ -625,6 +625,15 @@ class ClientFactory(Factory):
             for d in waiting:
                 d.callback(None)
 
+    def renumber(self, indexes: dict[int, int]) -> None:
+        """A reload moved routes: each logged-in client's route index (and the count of
+        clients per route, for ``max_clients``) follows ``indexes`` (old -> new)."""
+        self.route_clients = Counter(
+            {indexes[index]: n for index, n in self.route_clients.items() if n and index in indexes})
+        for client in self.clients:
+            if client.route_index is not None and client.route_index in indexes:
+                client.route_index = indexes[client.route_index]
+
     def drained(self) -> "Deferred[None]":
         """Fires once no client connection is left."""
         if not self.clients:

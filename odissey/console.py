@@ -76,6 +76,9 @@ class Lifecycle(TypingProtocol):
     def shutdown(self, wait_for_clients: bool) -> None:
         """SHUTDOWN: stop now; WAIT_FOR_CLIENTS: stop accepting, exit once clients left."""
 
+    def reload(self) -> Sequence[str]:
+        """RELOAD: read the configuration again; the problems that kept it from applying."""
+
 
 class ConsoleClient(TypingProtocol):
     """What the console reads of a client connection (``ClientConnection`` is one)."""
@@ -134,13 +137,17 @@ class Console:
         reactor: IReactorTime,
         lifecycle: Optional[Lifecycle] = None,
     ) -> None:
-        self.config = config
         #: SHUTDOWN's addressee (None: the command is refused, as in tests of SHOW).
         self.lifecycle = lifecycle
-        self.router = router
         self.pools = pools
         self.clients = clients
         self.reactor = reactor
+        self.configure(config, router)
+
+    def configure(self, config: Config, router: Router) -> None:
+        """Take a (re)loaded configuration: its users and routes serve the next logins."""
+        self.config = config
+        self.router = router
         self.admin_users = frozenset(config.admin_users)
         self.stats_users = frozenset(config.stats_users)
 
@@ -541,10 +548,26 @@ class ConsoleSession:
                              detail=f"{verb} is for admin_users; stats_users may only SHOW.")
             if verb == "SHUTDOWN":
                 return self._shutdown(command, words)
+            if verb == "RELOAD" and len(words) == 1:
+                return self._reload()
             raise _error(errors.FEATURE_NOT_SUPPORTED, f"{verb} is not supported yet",
                          hint="See SHOW HELP for what the console answers today.")
         raise _unknown(command)
 
+
+    def _reload(self) -> bytes:
+        """RELOAD: applied now, or refused as a whole with every problem in the detail."""
+        lifecycle = self.console.lifecycle
+        if lifecycle is None:
+            raise _error(errors.FEATURE_NOT_SUPPORTED, "RELOAD: this console reloads nothing")
+        log.info("{id}: console: RELOAD", id=self.client_id)
+        problems = lifecycle.reload()
+        if problems:
+            raise _error(errors.CONFIG_FILE_ERROR,
+                         f"configuration not reloaded: {len(problems)} problem"
+                         f"{'' if len(problems) == 1 else 's'}, nothing changed",
+                         detail="\n".join(problems))
+        return m.command_complete(b"RELOAD")
 
     def _shutdown(self, command: str, words: list[str]) -> bytes:
         """SHUTDOWN [WAIT_FOR_CLIENTS]: answered first, carried out on the next reactor

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import signal
 from enum import Enum
 from typing import Callable
@@ -14,6 +15,7 @@ from twisted.internet.defer import Deferred, DeferredList, inlineCallbacks, succ
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from odissey.auth.passthrough import Credentials
 from odissey.auth.secrets import reactor_threads
@@ -23,11 +25,12 @@ from odissey.config import ANY, Config, Storage
 from odissey.console import Console
 from odissey.drain import Drain, end_all
 from odissey.janitor import PERIOD, Janitor
-from odissey.pool import Pools
+from odissey.pool import Pool, PoolKey, Pools
+from odissey.reload import RECONNECT, REPLACE, SAME, Plan, plan as plan_reload
 from odissey.postgres import LocalPostgres
 from odissey.router import Router
 from odissey.server import ServerConnection, connect
-from odissey import tls
+from odissey import config, tls
 
 log = Logger()
 
@@ -141,6 +144,9 @@ class _Operator:
     def shutdown(self, wait_for_clients: bool) -> None:
         self.service.shutdown(Stop.WAIT_FOR_CLIENTS if wait_for_clients else Stop.IMMEDIATE)
 
+    def reload(self) -> list[str]:
+        return self.service.reload()
+
 
 class OdisseyService(MultiService):
     """Starts managed PostgreSQL servers (if any), then listens; stops in reverse order.
@@ -164,6 +170,12 @@ class OdisseyService(MultiService):
             name: managed_postgres(s) for name, s in config.storages.items() if s.managed
         }
         self.ports: list[IListeningPort] = []
+        #: The same ports, by their ``listen`` entry (a reload opens and closes them).
+        self.listening: dict[str, IListeningPort] = {}
+        #: TLS to each storage, shared with the pools' connector and auth_query.
+        self.server_tls: dict[str, tls.ServerSide] = {}
+        self.console: Console | None = None
+        self._retired_indexes = itertools.count(-1, -1)
         self.factory: ClientFactory | None = None
         self.pools: Pools | None = None
         self.auth_queries: AuthQueries | None = None
@@ -193,17 +205,19 @@ class OdisseyService(MultiService):
                      dir=postgres.socket_dir)
             hosts[name] = postgres.socket_dir
         self.config = with_storage_hosts(self.config, hosts)
-        # Certificates and keys are read once, here: rotating them takes a restart.
+        # Certificates and keys are read here and by each reload (for new connections).
         client_tls, server_tls = tls.load(self.config)
+        self.server_tls.update(server_tls)  # (one dict, shared: a reload updates it in place)
         credentials = Credentials()
         self.pools = Pools(self.reactor, functools.partial(
             connect, tracker=self.live, threads=self.threads, credentials=credentials,
-            tls=server_tls))
-        self.auth_queries = AuthQueries(self.reactor, self.threads, self.live, tls=server_tls)
+            tls=self.server_tls))
+        self.auth_queries = AuthQueries(self.reactor, self.threads, self.live, tls=self.server_tls)
         router = Router(self.config.routes)
-        console = Console(self.config, router, self.pools,
-                          lambda: self.factory.clients if self.factory is not None else (),
-                          self.reactor, _Operator(self))
+        console = self.console = Console(
+            self.config, router, self.pools,
+            lambda: self.factory.clients if self.factory is not None else (),
+            self.reactor, _Operator(self))
         self.factory = ClientFactory(
             self.reactor, router, self.pools, self.config.limits, self.threads,
             auth_queries=self.auth_queries, credentials=credentials, tls=client_tls,
@@ -216,11 +230,16 @@ class OdisseyService(MultiService):
         janitor.clock = self.reactor
         janitor.setServiceParent(self)
         for description in self.config.listen:
-            port = yield serverFromString(self.reactor, description).listen(self.factory)
-            log.info("listening on {where}", where=description)
-            self.ports.append(port)
+            yield self._listen(description)
         self.phase = Phase.RUNNING
         self.ready.callback(self.ports)
+
+    @inlineCallbacks
+    def _listen(self, description: str):
+        port = yield serverFromString(self.reactor, description).listen(self.factory)
+        log.info("listening on {where}", where=description)
+        self.ports.append(port)
+        self.listening[description] = port
 
     def _start_failed(self, failure):
         log.failure("Odissey could not start", failure)
@@ -228,6 +247,75 @@ class OdisseyService(MultiService):
             self.ready.errback(failure)
         if self.reactor.running:
             self.reactor.stop()
+
+    # -- reloading -----------------------------------------------------------------------
+
+    def reload(self) -> list[str]:
+        """SIGHUP, console RELOAD: read the configuration file again and apply the
+        difference (see odissey/reload.py). Returns the problems (each with its key
+        path) that kept it from applying; then nothing changed."""
+        source = self.config.source
+        if self.phase is not Phase.RUNNING or self.factory is None or self.pools is None:
+            problems = [f"(top level): Odissey is {self.phase.value}, not reloading"]
+        elif source is None:
+            problems = ["(top level): the configuration was not read from a file"]
+        else:
+            problems = self._reload(source)
+        for problem in problems:
+            log.warn("reload refused: {problem}", problem=problem)
+        return problems
+
+    def _reload(self, source: str) -> list[str]:
+        try:
+            new = config.load(source)
+            client_tls, server_tls = tls.load(new)
+        except config.ConfigError as exc:
+            return list(exc.problems)
+        planned = plan_reload(self.config, new)
+        if planned.problems:
+            return list(planned.problems)
+        self._apply(planned, client_tls, server_tls)
+        log.info("reloaded {source}: {summary}", source=source, summary=planned.summary())
+        return []
+
+    def _apply(self, planned: Plan, client_tls: tls.ClientSide | None,
+               server_tls: dict[str, tls.ServerSide]) -> None:
+        factory, pools = self.factory, self.pools
+        assert factory is not None and pools is not None and self.console is not None
+        new = planned.config
+        self.server_tls.clear()
+        self.server_tls.update(server_tls)
+        router = Router(new.routes)
+        factory.router, factory.limits, factory.tls = router, new.limits, client_tls
+        self.console.configure(new, router)
+        indexes = {route.index: next(self._retired_indexes) for route in planned.removed}
+        kept: dict[PoolKey, Pool] = {}
+        by_index = {change.old.index: change for change in planned.changes}
+        for pool in pools.pools.values():
+            change = by_index.get(pool.route.index)
+            if change is None or change.kind == REPLACE:
+                continue  # retired: its clients keep it, new ones get a new pool
+            if change.kind != SAME:
+                pool.reconfigure(change.new, reconnect=change.kind == RECONNECT)
+            else:
+                pool.route = change.new
+            kept[pools.key_of(change.new, pool.key.database, pool.key.user)] = pool
+        pools.rekey(kept)
+        for change in planned.changes:
+            indexes[change.old.index] = change.new.index
+        factory.renumber(indexes)
+        self.config = new
+        for description in planned.listen_close:
+            port = self.listening.pop(description)
+            self.ports.remove(port)
+            port.stopListening()
+            log.info("no longer listening on {where}", where=description)
+        for description in planned.listen_open:
+            self._listen(description).addErrback(self._listen_failed, description)
+
+    @staticmethod
+    def _listen_failed(failure: Failure, description: str) -> None:
+        log.failure("reload: could not listen on {where}", failure, where=description)
 
     # -- stopping ------------------------------------------------------------------------
 
@@ -249,6 +337,8 @@ class OdisseyService(MultiService):
 
         for number in handlers:
             signal.signal(number, received)
+        signal.signal(signal.SIGHUP, lambda number, frame: self.reactor.callFromThread(  # type: ignore[attr-defined]
+            self.reload))
 
     def _stop_requested(self) -> bool:
         return self._stop_asked or self._stopping is not None
@@ -296,6 +386,7 @@ class OdisseyService(MultiService):
         self.phase = Phase.DRAINING
         yield DeferredList([port.stopListening() for port in self.ports])
         self.ports = []
+        self.listening = {}
         factory = self.factory
         if factory is not None:
             yield self._let_clients_go(factory)

@@ -254,6 +254,36 @@ class TapTests(TestCase):
         self.assertEqual(told, "57P01", out)
         self.assertIn("ending every client now", out)
 
+    @inlineCallbacks
+    def test_sighup_reloads(self):
+        """SIGHUP with a broken file logs each problem and changes nothing; with a good
+        one that moves the listener, the new port serves and the old one refuses."""
+        port, moved = free_port(), free_port()
+        path = self.app_config(port)
+        proc = self.twistd("odissey", "-c", path)
+        document = yaml.safe_load(Path(path).read_text())
+
+        def scenario() -> str:
+            psql_until_up(port, "select 1", "app", "app-secret", "app")
+            broken = {**document, "shutdown_timeout": "soon"}
+            Path(path).write_text(yaml.safe_dump(broken))
+            proc.send_signal(signal.SIGHUP)
+            time.sleep(0.5)  # (nothing to await: the proof is that nothing changes)
+            served = psql_until_up(port, "select 'still'", "app", "app-secret", "app")
+            Path(path).write_text(yaml.safe_dump({**document, "listen": [
+                f"tcp:{moved}:interface=127.0.0.1"]}))
+            proc.send_signal(signal.SIGHUP)
+            wait_refused(port)
+            return served + "/" + psql_until_up(moved, "select 'moved'", "app", "app-secret", "app")
+
+        try:
+            answer = yield deferToThread(scenario)
+        finally:
+            out = yield deferToThread(stop, proc)
+        self.assertEqual(answer, "still/moved", out)
+        self.assertIn('reload refused: shutdown_timeout: must be a duration like 30s, got "soon"', out)
+        self.assertIn("no longer listening on", out)
+
 
 def wait_refused(port: int, patience: float = 20) -> None:
     """Block until nothing listens on ``port``."""
