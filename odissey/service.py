@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import itertools
+import os
 import signal
 from enum import Enum
 from typing import Callable
@@ -29,6 +30,7 @@ from odissey.pool import Pool, PoolKey, Pools
 from odissey.reload import RECONNECT, REPLACE, SAME, Plan, plan as plan_reload
 from odissey.postgres import LocalPostgres
 from odissey.router import Router
+from odissey.systemd import Notifier
 from odissey.server import ServerConnection, connect
 from odissey import config, tls
 
@@ -176,6 +178,8 @@ class OdisseyService(MultiService):
         self.server_tls: dict[str, tls.ServerSide] = {}
         self.console: Console | None = None
         self._retired_indexes = itertools.count(-1, -1)
+        #: systemd's sd_notify (when the service owns a process started by systemd).
+        self.notifier = Notifier(reactor, os.environ if process else {})  # type: ignore[arg-type]
         self.factory: ClientFactory | None = None
         self.pools: Pools | None = None
         self.auth_queries: AuthQueries | None = None
@@ -232,6 +236,7 @@ class OdisseyService(MultiService):
         for description in self.config.listen:
             yield self._listen(description)
         self.phase = Phase.RUNNING
+        self.notifier.ready()
         self.ready.callback(self.ports)
 
     @inlineCallbacks
@@ -260,7 +265,9 @@ class OdisseyService(MultiService):
         elif source is None:
             problems = ["(top level): the configuration was not read from a file"]
         else:
+            self.notifier.reloading()
             problems = self._reload(source)
+            self.notifier.reloaded()
         for problem in problems:
             log.warn("reload refused: {problem}", problem=problem)
         return problems
@@ -384,6 +391,7 @@ class OdisseyService(MultiService):
         if self._starting is not None and not self._starting.called:
             yield self._starting
         self.phase = Phase.DRAINING
+        self.notifier.stopping()
         yield DeferredList([port.stopListening() for port in self.ports])
         self.ports = []
         self.listening = {}
@@ -402,6 +410,7 @@ class OdisseyService(MultiService):
         yield within(self.reactor, self.live.closed(), patience, self.live.abort_servers)
         for postgres in self.managed.values():
             yield self.threads(postgres.stop)
+        self.notifier.stopped()
         self.phase = Phase.STOPPED
 
     def _let_clients_go(self, factory: ClientFactory) -> "Deferred[None]":

@@ -284,6 +284,58 @@ class TapTests(TestCase):
         self.assertIn('reload refused: shutdown_timeout: must be a duration like 30s, got "soon"', out)
         self.assertIn("no longer listening on", out)
 
+    @inlineCallbacks
+    def test_systemd_notify_and_socket_activation(self):
+        """Started the way systemd starts a Type=notify, socket-activated unit (the
+        listening socket inherited as fd 3 with LISTEN_FDS/LISTEN_PID/LISTEN_FDNAMES, NOTIFY_SOCKET an
+        abstract name, a watchdog): clients are served on the inherited socket, and
+        READY=1, WATCHDOG=1, RELOADING=1 (SIGHUP) then READY=1, STOPPING=1 (SIGTERM)
+        arrive in that order."""
+        listener = socket.socket()
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(64)
+        port = listener.getsockname()[1]
+        name = f"odissey-tap-{os.getpid()}-{port}"
+        notes = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        notes.bind("\0" + name)
+        notes.settimeout(30)
+        self.addCleanup(notes.close)
+        path = self.app_config(port)
+        document = yaml.safe_load(Path(path).read_text())
+        document["listen"] = ["systemd:domain=INET:name=odissey"]
+        Path(path).write_text(yaml.safe_dump(document))
+        proc = subprocess.Popen(
+            ["sh", "-c", 'export LISTEN_PID=$$ LISTEN_FDS=1 LISTEN_FDNAMES=odissey; exec "$@" 3<&0 0</dev/null', "sh",
+             *self.twistd_command(), "--pidfile=", "-n", "odissey", "-c", path],
+            stdin=listener.fileno(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            env={**os.environ, "NOTIFY_SOCKET": "@" + name, "WATCHDOG_USEC": "400000"}, cwd=ROOT)
+        listener.close()  # (the child has it)
+
+        def received() -> str:
+            while True:
+                message = notes.recv(4096).decode()
+                if message != "WATCHDOG=1":
+                    return message.split("\n")[0]
+
+        def scenario() -> list[str]:
+            seen = [notes.recv(4096).decode().split("\n")[0]]  # READY=1, before any client
+            seen.append(notes.recv(4096).decode())  # the watchdog starts with it
+            seen.append(psql_until_up(port, "select 'activated'", "app", "app-secret", "app"))
+            proc.send_signal(signal.SIGHUP)
+            seen += [received(), received()]
+            proc.send_signal(signal.SIGTERM)
+            seen.append(received())
+            return seen
+
+        try:
+            seen = yield deferToThread(scenario)
+            out, _ = yield deferToThread(proc.communicate, timeout=60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+        self.assertEqual(seen, ["READY=1", "WATCHDOG=1", "activated", "RELOADING=1", "READY=1",
+                                "STOPPING=1"], out)
+
 
 def wait_refused(port: int, patience: float = 20) -> None:
     """Block until nothing listens on ``port``."""
