@@ -1,12 +1,17 @@
 """Letting clients go at shutdown without losing a transaction.
 
-A graceful shutdown (SIGTERM) ends each transaction-mode client at its next transaction
+A graceful shutdown (SIGTERM) ends each transaction-mode client at a transaction
 boundary with 57P01, as PostgreSQL's ``pg_terminate_backend`` would end an idle
-session: a client idle between transactions is ended at once (checked every
-:data:`POLL`), and one inside a transaction is let finish it and ended when it sends
-the first bytes of its next one (its relay's ``clientData`` is wrapped for that, so the
-relay's hot path is unchanged for everyone else). A session-mode client keeps its
-session until it leaves. ``SHUTDOWN WAIT_FOR_CLIENTS`` ends nobody: it waits.
+session. Each client finishes one transaction: the one it is in, or, if it is between
+transactions, one it starts within :data:`QUIET` seconds; it is ended at the first
+boundary after that (when it sends the first bytes of another transaction: its relay's
+``clientData`` is wrapped for that, so the relay's hot path is unchanged for everyone
+else), or once it has sat between transactions for QUIET (checked every :data:`POLL`).
+The one transaction matters for clients that connect per transaction and had just
+logged in when the drain began (``pgbench -C``, and an online restart's last
+connections to the old process): their transaction is served, not refused. A
+session-mode client keeps its session until it leaves. ``SHUTDOWN WAIT_FOR_CLIENTS``
+ends nobody: it waits.
 
 Console clients are not waited for (a monitoring session would hold a shutdown open
 forever); they are ended once every other client has gone, so an operator can watch
@@ -26,6 +31,9 @@ from odissey.wire.errors import PoolerError
 
 #: How often idle transaction-mode clients are looked for while draining (seconds).
 POLL = 0.05
+#: How long a transaction-mode client that was between transactions when the drain
+#: began may take to start its last one (seconds).
+QUIET = 1.0
 
 
 def terminated() -> PoolerError:
@@ -40,17 +48,6 @@ def between_transactions(relay: Relay) -> bool:
         and relay.tx.idle and not relay.pending and not relay.unsent
 
 
-def _gate(client: ClientConnection, relay: Relay) -> None:
-    """End ``client`` when it starts its next transaction instead of forwarding it."""
-    forward = relay.clientData
-
-    def clientData(data: bytes) -> None:
-        if between_transactions(relay):
-            client.fail(terminated())
-            return
-        forward(data)
-
-    relay.clientData = clientData
 
 
 class Drain:
@@ -62,7 +59,11 @@ class Drain:
         #: True: transaction-mode clients are ended at their next boundary (SIGTERM).
         #: False: nobody is ended, clients leave by themselves (WAIT_FOR_CLIENTS).
         self.end_transactions = end_transactions
-        self._gated: set[ClientConnection] = set()
+        self.clock = clock
+        #: Transaction-mode clients whose relay is wrapped, and when the drain saw them first.
+        self._gated: dict[ClientConnection, float] = {}
+        #: Clients that are in (or have had) their last transaction.
+        self._served: set[ClientConnection] = set()
         self._loop = LoopingCall(self.sweep)
         self._loop.clock = clock
         self.done: Deferred[None] = factory.drained()
@@ -83,6 +84,7 @@ class Drain:
         """One pass: end the clients that may be ended now; gate the rest."""
         consoles: list[ClientConnection] = []
         others = 0
+        now = self.clock.seconds()
         for client in list(self.factory.clients):
             if client.state is ClientState.CONSOLE:
                 consoles.append(client)
@@ -92,14 +94,33 @@ class Drain:
             if (not self.end_transactions or client.state is not ClientState.READY
                     or relay is None or not relay.transaction_mode):
                 continue  # (a login in progress is looked at again once it is READY)
-            if between_transactions(relay):
+            seen = self._gated.get(client)
+            if seen is None:
+                self._gate(client, relay, now)
+            elif between_transactions(relay) and (client in self._served or now - seen >= QUIET):
                 client.fail(terminated())
-            elif client not in self._gated:
-                self._gated.add(client)
-                _gate(client, relay)
         if not others:
             for client in consoles:
                 client.fail(terminated())
+
+
+    def _gate(self, client: ClientConnection, relay: Relay, now: float) -> None:
+        """Let ``client`` finish one transaction; end it when it starts another."""
+        self._gated[client] = now
+        if not between_transactions(relay):
+            self._served.add(client)  # inside its last transaction now
+        forward = relay.clientData
+        served = self._served
+
+        def clientData(data: bytes) -> None:
+            if between_transactions(relay):
+                if client in served:
+                    client.fail(terminated())
+                    return
+                served.add(client)
+            forward(data)
+
+        relay.clientData = clientData
 
 
 def end_all(factory: ClientFactory) -> None:

@@ -10,6 +10,7 @@ import psycopg
 from twisted.internet import reactor
 from twisted.internet.defer import inlineCallbacks
 
+from odissey.drain import QUIET
 from odissey.service import Phase, Stop
 from tests.harness import APP_PASSWORD, IntegrationTest, committed, route, until
 
@@ -42,26 +43,33 @@ class GracefulTests(IntegrationTest):
     @inlineCallbacks
     def test_transaction_finishes_then_57P01(self):
         """A graceful stop closes the listener, lets an open transaction commit, and ends
-        the client with 57P01 at its next statement; an idle client is ended at once."""
+        the client with 57P01 at its next statement. A client between transactions gets
+        one more (then 57P01); one that stays quiet is ended after QUIET."""
         busy = yield self.thread(self.odissey.connect)
         idle = yield self.thread(self.odissey.connect)
+        quiet = yield self.thread(self.odissey.connect)
         yield self.thread(busy.execute, "begin")
         yield self.thread(busy.execute, "insert into items values (7101, 'drain-commit')")
         yield self.thread(idle.execute, "select 1")
         service = self.odissey.service
+        factory = service.factory
         service.shutdown(Stop.GRACEFUL)
         yield until(lambda: service.phase is Phase.DRAINING and not service.ports, 5, "listener closed")
         self.assertTrue((yield self.thread(refused, self.odissey.port)))
-        idle_ended = yield self.thread(outcome, idle, "select 1")
-        self.assertIn(idle_ended, ("57P01", "OperationalError"))  # told before or as it asked
+        self.assertEqual((yield self.thread(outcome, idle, "select 1")), "ok")
+        self.assertEqual((yield self.thread(outcome, idle, "select 1")), "57P01")
+        started = reactor.seconds()
+        yield until(lambda: len(factory.clients) == 1, 5, "the quiet client ended")
+        self.assertGreater(reactor.seconds() - started, QUIET / 2)
+        self.assertIn((yield self.thread(outcome, quiet, "select 1")), ("57P01", "OperationalError"))
         self.assertEqual((yield self.thread(outcome, busy, "select pg_sleep(0.3)")), "ok")
         self.assertEqual((yield self.thread(outcome, busy, "commit")), "ok")
         self.assertTrue(committed("drain-commit"))
         self.assertEqual((yield self.thread(outcome, busy, "select 1")), "57P01")
         yield service.stopService()
         self.assertIs(service.phase, Phase.STOPPED)
-        busy.close()
-        idle.close()
+        for conn in (busy, idle, quiet):
+            conn.close()
 
     @inlineCallbacks
     def test_session_kept_until_timeout(self):
