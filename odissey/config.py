@@ -47,7 +47,7 @@ POOL_KEYS = (
 #: Every key the loader accepts, by section; ``docs/configuration.md`` documents exactly these.
 SCHEMA: dict[str, tuple[str, ...]] = {
     "": ("listen", "limits", "tls", "storages", "pool_defaults", "routes", "admin_users",
-         "stats_users", "shutdown_timeout"),
+         "stats_users", "shutdown_timeout", "handover_socket"),
     "limits": ("max_clients", "max_login_clients", "login_timeout", "max_message_size"),
     "tls": ("mode", "cert_file", "key_file", "ca_file", "min_version", "ciphers"),
     "storages.*": ("host", "port", "connect_timeout", "retry_backoff", "tls", "managed"),
@@ -257,6 +257,8 @@ class Config:
     stats_users: tuple[str, ...] = ()
     #: How long a graceful shutdown (SIGTERM) waits for clients before ending them all.
     shutdown_timeout: float = 30.0
+    #: The unix socket path through which a new process takes the listening sockets.
+    handover_socket: str | None = None
 
 
 # -- parsing helpers -----------------------------------------------------------------------
@@ -501,6 +503,25 @@ def _read_secret(section: _Section, key: str, base: Path | None) -> Secret | Non
             return None
     section.problem("must be a string, {env: NAME} or {file: path}, got " + _show(raw), key)
     return None
+
+
+def _read_socket_path(section: _Section, key: str, base: Path | None) -> str | None:
+    """A unix socket path Odissey will create (relative to the config file), returned
+    absolute; its directory must exist."""
+    raw = section.value(key, _string, "a unix socket path")
+    if raw is None:
+        return None
+    path = Path(raw)
+    if base is not None and not path.is_absolute():
+        path = base / path
+    if not path.parent.is_dir():
+        section.problem(f"directory {str(path.parent)!r} does not exist", key)
+        return None
+    if len(os.fsencode(path.absolute())) > 107:  # sun_path holds 108 bytes with the NUL
+        section.problem(f"{str(path.absolute())!r} is too long for a unix socket path "
+                        "(107 bytes at most)", key)
+        return None
+    return str(path.absolute())
 
 
 def _read_path(section: _Section, key: str, base: Path | None, allow: tuple[str, ...] = ()) -> str | None:
@@ -856,6 +877,7 @@ def parse(data: Any, source: str | None = None) -> Config:
 
     shutdown_timeout = top.value("shutdown_timeout", parse_duration, "a duration like 30s",
                                  Config.shutdown_timeout)
+    handover_socket = _read_socket_path(top, "handover_socket", base)
     admin_users = _read_console_users(top, "admin_users", routes)
     stats_users = _read_console_users(top, "stats_users", routes)
     for route in routes:
@@ -875,6 +897,7 @@ def parse(data: Any, source: str | None = None) -> Config:
         source=source,
         tls=tls,
         shutdown_timeout=shutdown_timeout,
+        handover_socket=handover_socket,
     )
 
 

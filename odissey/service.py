@@ -25,6 +25,7 @@ from odissey.client import ClientFactory
 from odissey.config import ANY, Config, Storage
 from odissey.console import Console
 from odissey.drain import Drain, end_all
+from odissey.handover import HandoverServer, Taken, take as take_sockets
 from odissey.janitor import PERIOD, Janitor
 from odissey.pool import Pool, PoolKey, Pools
 from odissey.reload import RECONNECT, REPLACE, SAME, Plan, plan as plan_reload
@@ -149,6 +150,14 @@ class _Operator:
     def reload(self) -> list[str]:
         return self.service.reload()
 
+    # (handover.Giver: what a new process starting with our handover_socket asks)
+
+    def listening(self) -> list[tuple[str, IListeningPort]]:
+        return list(self.service.listening.items())
+
+    def handed_over(self) -> None:
+        self.service.handed_over()
+
 
 class OdisseyService(MultiService):
     """Starts managed PostgreSQL servers (if any), then listens; stops in reverse order.
@@ -191,6 +200,9 @@ class OdisseyService(MultiService):
         self._starting: Deferred[None] | None = None
         self._stopping: Deferred[None] | None = None
         self._stop_asked = False  # a signal or shutdown() has asked the reactor to stop
+        self.handover: HandoverServer | None = None
+        #: Listening ports given to a new process: kept (open, unread) until we exit.
+        self._handed_over: list[IListeningPort] = []
 
     def startService(self) -> None:
         super().startService()
@@ -233,16 +245,31 @@ class OdisseyService(MultiService):
         janitor = TimerService(PERIOD, Janitor(self.reactor, self.pools, self.factory).tick)
         janitor.clock = self.reactor
         janitor.setServiceParent(self)
+        path = self.config.handover_socket
+        taken = (yield take_sockets(self.reactor, path)) if path else None
         for description in self.config.listen:
-            yield self._listen(description)
+            yield self._listen(description, taken)
+        if taken is not None:
+            yield taken.confirm()
+            log.info("took over the listening sockets of the Odissey running before; it drains")
+        if path:
+            self.handover = HandoverServer(_Operator(self))
+            self.handover.listen(self.reactor, path)
         self.phase = Phase.RUNNING
         self.notifier.ready()
         self.ready.callback(self.ports)
 
     @inlineCallbacks
-    def _listen(self, description: str):
-        port = yield serverFromString(self.reactor, description).listen(self.factory)
-        log.info("listening on {where}", where=description)
+    def _listen(self, description: str, taken: Taken | None = None):
+        handed = taken.sockets.pop(description, None) if taken is not None else None
+        if handed is not None:
+            fd, family = handed
+            port = self.reactor.adoptStreamPort(fd, family, self.factory)  # type: ignore[attr-defined]
+            os.close(fd)  # (the port has its own copy)
+            log.info("listening on {where} (socket taken over)", where=description)
+        else:
+            port = yield serverFromString(self.reactor, description).listen(self.factory)
+            log.info("listening on {where}", where=description)
         self.ports.append(port)
         self.listening[description] = port
 
@@ -326,6 +353,17 @@ class OdisseyService(MultiService):
 
     # -- stopping ------------------------------------------------------------------------
 
+    def handed_over(self) -> None:
+        """A new process has our listening sockets: stop reading them (closing a unix
+        listener would remove its path, which is the new process's now; the process's
+        exit closes our copies), then drain and exit as on SIGTERM."""
+        log.info("handed the listening sockets over to a new process; draining")
+        for port in self.ports:
+            port.stopReading()  # type: ignore[attr-defined]
+        self._handed_over = self.ports
+        self.ports, self.listening = [], {}
+        self.shutdown(Stop.GRACEFUL)
+
     def _install_signals(self) -> None:
         """Our SIGTERM/SIGINT handlers replace the reactor's (installed just before):
         the first signal stops gracefully as the reactor's would, a second one (the
@@ -392,6 +430,8 @@ class OdisseyService(MultiService):
             yield self._starting
         self.phase = Phase.DRAINING
         self.notifier.stopping()
+        if self.handover is not None:
+            self.handover.close()
         yield DeferredList([port.stopListening() for port in self.ports])
         self.ports = []
         self.listening = {}

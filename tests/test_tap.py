@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -335,6 +336,58 @@ class TapTests(TestCase):
                 proc.kill()
         self.assertEqual(seen, ["READY=1", "WATCHDOG=1", "activated", "RELOADING=1", "READY=1",
                                 "STOPPING=1"], out)
+
+    @inlineCallbacks
+    def test_online_restart_under_pgbench(self):
+        """A second process started with the same configuration (handover_socket) takes
+        the listening socket while ``pgbench -C`` (a new connection per transaction) runs
+        against the first: the first drains and exits, pgbench sees no failed
+        transaction, and a third process takes over from the second the same way."""
+        if not shutil.which("pgbench"):
+            raise SkipTest("pgbench not installed")
+        port = free_port()
+        directory = tempfile.mkdtemp(prefix="odissey-handover-")  # (unix paths are short)
+        self.addCleanup(shutil.rmtree, directory, True)
+        socket_path = os.path.join(directory, "handover.sock")
+        path = self.app_config(port, handover_socket=socket_path)
+        first = self.twistd("odissey", "-c", path)
+        processes = [first]
+
+        def bench() -> subprocess.CompletedProcess[str]:
+            return subprocess.run(
+                ["pgbench", "-n", "-S", "-C", "-c", "4", "-j", "2", "-T", "8",
+                 "-h", "127.0.0.1", "-p", str(port), "-U", "app", "app"],
+                capture_output=True, text=True, env={**os.environ, "PGPASSWORD": "app-secret"},
+                timeout=120)
+
+        def restart(old: subprocess.Popen[str]) -> subprocess.Popen[str]:
+            new = self.twistd("odissey", "-c", path)
+            processes.append(new)
+            old.wait(timeout=60)
+            return new
+
+        try:
+            yield deferToThread(psql_until_up, port, "select 1", "app", "app-secret", "app")
+            running = deferToThread(bench)
+            yield deferToThread(time.sleep, 2)
+            second = yield deferToThread(restart, first)
+            yield deferToThread(time.sleep, 2)
+            third = yield deferToThread(restart, second)
+            done = yield running
+            answer = yield deferToThread(psql_until_up, port, "select 'third'", "app", "app-secret", "app")
+        finally:
+            outs = []
+            for proc in processes:
+                if proc.poll() is None:
+                    proc.send_signal(signal.SIGTERM)
+                outs.append((yield deferToThread(proc.communicate, timeout=60))[0])
+        self.assertEqual(done.returncode, 0, done.stderr[-2000:] + "\n".join(outs))
+        self.assertIn("number of failed transactions: 0 (0.000%)", done.stdout)
+        self.assertEqual(answer, "third")
+        self.assertIn("handed the listening sockets over to a new process", outs[0])
+        self.assertIn("(socket taken over)", outs[1])
+        self.assertIn("(socket taken over)", outs[2])
+        self.assertIn(first.returncode, (0, -signal.SIGTERM), outs[0])
 
 
 def wait_refused(port: int, patience: float = 20) -> None:
