@@ -15,13 +15,12 @@ import secrets
 from typing import Generic, TypeVar
 
 from twisted.internet.defer import Deferred
-from twisted.internet.endpoints import connectProtocol
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
 
 from odissey.config import Storage
-from odissey.router import storage_endpoint
+from odissey.router import connect_storage
 from odissey.wire import messages as m
 
 Owner = TypeVar("Owner")
@@ -110,7 +109,7 @@ def send_cancel(reactor: IReactorTime, storage: Storage, pid: int, secret: int) 
     """Forward a cancel to a server. Fires True once it can no longer land later (the
     server acted on it, or it could not even be sent), False when that is unknown."""
     sender = _CancelSender(reactor, pid, secret, storage.connect_timeout)
-    connecting = connectProtocol(storage_endpoint(reactor, storage), sender)
+    connecting = connect_storage(reactor, storage, sender)
     connecting.addCallback(lambda _proto: sender.closed)
     connecting.addErrback(lambda _failure: True)
     return connecting

@@ -47,7 +47,8 @@ POOL_KEYS = (
 #: Every key the loader accepts, by section; ``docs/configuration.md`` documents exactly these.
 SCHEMA: dict[str, tuple[str, ...]] = {
     "": ("listen", "limits", "tls", "storages", "pool_defaults", "routes", "admin_users",
-         "stats_users", "shutdown_timeout", "handover_socket"),
+         "stats_users", "shutdown_timeout", "handover_socket", "log"),
+    "log": ("format", "level", "connections"),
     "limits": ("max_clients", "max_login_clients", "login_timeout", "max_message_size"),
     "tls": ("mode", "cert_file", "key_file", "ca_file", "min_version", "ciphers"),
     "storages.*": ("host", "port", "connect_timeout", "retry_backoff", "tls", "managed"),
@@ -243,6 +244,20 @@ class Limits:
     max_message_size: int = 256 * 1024 * 1024
 
 
+LOG_FORMATS = ("text", "json")
+LOG_LEVELS = ("debug", "info", "warn", "error")
+
+
+@dataclass(frozen=True)
+class LogSettings:
+    """The ``log`` section: Odissey's own observer on standard output."""
+
+    format: str = "text"
+    level: str = "info"
+    #: Routine lines about each connection (logins, logouts).
+    connections: bool = True
+
+
 @dataclass(frozen=True)
 class Config:
     listen: tuple[str, ...]
@@ -259,6 +274,8 @@ class Config:
     shutdown_timeout: float = 30.0
     #: The unix socket path through which a new process takes the listening sockets.
     handover_socket: str | None = None
+    #: None: twistd's own log observer (as given on its command line).
+    log: LogSettings | None = None
 
 
 # -- parsing helpers -----------------------------------------------------------------------
@@ -614,6 +631,17 @@ def _read_server_tls(problems: list[str], path: str, data: Any, base: Path | Non
 
 
 
+def _read_log(problems: list[str], data: Any) -> LogSettings:
+    s = _Section(problems, "log", data, "log")
+    d = LogSettings()
+    return LogSettings(
+        format=s.value("format", _choice(LOG_FORMATS), " or ".join(LOG_FORMATS), d.format),
+        level=s.value("level", _choice(LOG_LEVELS), " or ".join(LOG_LEVELS), d.level),
+        # (YAML reads a bare on/off as true/false)
+        connections=s.value("connections", _bool, "on or off", d.connections),
+    )
+
+
 def _read_limits(problems: list[str], data: Any) -> Limits:
     s = _Section(problems, "limits", data, "limits")
     d = Limits()
@@ -878,6 +906,7 @@ def parse(data: Any, source: str | None = None) -> Config:
     shutdown_timeout = top.value("shutdown_timeout", parse_duration, "a duration like 30s",
                                  Config.shutdown_timeout)
     handover_socket = _read_socket_path(top, "handover_socket", base)
+    log = _read_log(problems, top.data.get("log")) if top.has("log") else None
     admin_users = _read_console_users(top, "admin_users", routes)
     stats_users = _read_console_users(top, "stats_users", routes)
     for route in routes:
@@ -898,6 +927,7 @@ def parse(data: Any, source: str | None = None) -> Config:
         tls=tls,
         shutdown_timeout=shutdown_timeout,
         handover_socket=handover_socket,
+        log=log,
     )
 
 

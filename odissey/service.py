@@ -7,15 +7,17 @@ import functools
 import itertools
 import os
 import signal
+import sys
 from enum import Enum
-from typing import Callable
+from typing import Any, Callable
 
 from twisted.application.internet import TimerService
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, DeferredList, inlineCallbacks, succeed
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IListeningPort
-from twisted.logger import Logger
+from twisted.logger import ILogObserver, Logger
+from twisted.python.components import Componentized
 from twisted.python.failure import Failure
 
 from odissey.auth.passthrough import Credentials
@@ -27,6 +29,7 @@ from odissey.console import Console
 from odissey.drain import Drain, end_all
 from odissey.handover import HandoverServer, Taken, take as take_sockets
 from odissey.janitor import PERIOD, Janitor
+from odissey.logs import Observer
 from odissey.pool import Pool, PoolKey, Pools
 from odissey.reload import RECONNECT, REPLACE, SAME, Plan, plan as plan_reload
 from odissey.postgres import LocalPostgres
@@ -201,8 +204,19 @@ class OdisseyService(MultiService):
         self._stopping: Deferred[None] | None = None
         self._stop_asked = False  # a signal or shutdown() has asked the reactor to stop
         self.handover: HandoverServer | None = None
+        #: Odissey's log observer (``log`` section, under twistd), or None.
+        self.log_observer: Observer | None = None
         #: Listening ports given to a new process: kept (open, unread) until we exit.
         self._handed_over: list[IListeningPort] = []
+
+    def setServiceParent(self, parent: Any) -> None:
+        """Under twistd (the plugin or the .tac) the parent is the application: with a
+        ``log`` section, Odissey's observer is set on it, where twistd looks for one
+        when it starts logging (after building the service, before starting it)."""
+        if self.config.log is not None and isinstance(parent, Componentized):
+            self.log_observer = Observer(self.config.log, sys.stdout)
+            parent.setComponent(ILogObserver, self.log_observer)
+        super().setServiceParent(parent)
 
     def startService(self) -> None:
         super().startService()
@@ -321,6 +335,8 @@ class OdisseyService(MultiService):
         self.server_tls.update(server_tls)
         router = Router(new.routes)
         factory.router, factory.limits, factory.tls = router, new.limits, client_tls
+        if self.log_observer is not None and new.log is not None:
+            self.log_observer.settings = new.log
         self.console.configure(new, router)
         indexes = {route.index: next(self._retired_indexes) for route in planned.removed}
         kept: dict[PoolKey, Pool] = {}

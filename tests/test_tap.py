@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -388,6 +389,37 @@ class TapTests(TestCase):
         self.assertIn("(socket taken over)", outs[1])
         self.assertIn("(socket taken over)", outs[2])
         self.assertIn(first.returncode, (0, -signal.SIGTERM), outs[0])
+
+    @inlineCallbacks
+    def test_log_section(self):
+        """With log {format: json, connections: off} every line of the process is a JSON
+        object; a wrong password gives one login-failure line with user, database and
+        address (not the password), a good login none (connections off), and no
+        "Starting factory" line appears for server connections."""
+        port = free_port()
+        proc = self.twistd("odissey", "-c", self.app_config(
+            port, log={"format": "json", "level": "info", "connections": False}))
+        try:
+            answer = yield deferToThread(psql_until_up, port, "select 'up'", "app", "app-secret", "app")
+            refused = yield deferToThread(psql_until_up, port, "select 1", "app", "not-it", "app", 0)
+        finally:
+            out = yield deferToThread(stop, proc)
+        self.assertEqual(answer, "up")
+        self.assertIn("password authentication failed", refused)
+        events = []
+        for line in out.splitlines():
+            if line.startswith("{"):
+                events.append(json.loads(line))
+            else:  # only twistd's own lines before and after logging starts may be text
+                self.assertRegex(line, r"^\S+ \[twisted\.", line)
+        formats = [e.get("log_format", "") for e in events]
+        failures = [e for e in events if e.get("log_format", "").startswith("{id}: login failed for")]
+        self.assertEqual(len(failures), 1, formats)
+        self.assertEqual((failures[0]["user"], failures[0]["database"], failures[0]["client"],
+                          failures[0]["sqlstate"]), ("app", "app", "127.0.0.1", "28P01"))
+        self.assertNotIn("not-it", out)
+        self.assertFalse([f for f in formats if f.startswith("{id}: login {user}")], formats)
+        self.assertNotIn("Starting factory", out)
 
 
 def wait_refused(port: int, patience: float = 20) -> None:
