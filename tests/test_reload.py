@@ -138,6 +138,33 @@ class ReloadTests(IntegrationTest):
         yield until(lambda: not pools.retired, 5, "the retired pool closed")
 
     @inlineCallbacks
+    def test_mode_change_keeps_sessions(self):
+        """A route switched from session to transaction mode: a session open before
+        keeps its server (and its session state) on the old pool; a new login gets a
+        transaction-mode pool; the old pool closes when the session ends."""
+        session = yield self.thread(psycopg.connect, self.odissey.dsn(user="u_trust", password=None),
+                                    autocommit=True)
+        yield self.thread(session.execute, "set application_name = 'before'")
+        pid = yield self.thread(lambda: session.execute("select pg_backend_pid()").fetchone()[0])
+        document = self.document()
+        document["routes"][1]["pool"]["mode"] = "transaction"
+        self.write(document)
+        self.assertEqual((yield self.thread(self.reload)), [])
+        row = yield self.thread(lambda: session.execute(
+            "select pg_backend_pid(), current_setting('application_name')").fetchone())
+        self.assertEqual(row, (pid, "before"))
+        newcomer = yield self.thread(psycopg.connect, self.odissey.dsn(user="u_trust", password=None),
+                                     autocommit=True)
+        yield self.thread(newcomer.execute, "select 1")
+        pools = self.odissey.service.pools
+        current = [p for p in pools.pools.values() if p.key.user == "u_trust"]
+        self.assertEqual([p.route.pool.mode for p in current], ["transaction"])
+        self.assertEqual([p.route.pool.mode for p in pools.retired], ["session"])
+        yield self.thread(session.close)
+        yield until(lambda: not pools.retired, 5, "the old pool closed")
+        yield self.thread(newcomer.close)
+
+    @inlineCallbacks
     def test_listener_added_and_removed(self):
         """A listener added by a reload accepts logins; the one removed refuses them."""
         port = free_port()

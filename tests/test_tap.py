@@ -12,6 +12,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import yaml
@@ -56,10 +57,13 @@ class TapTests(TestCase):
     def twistd_command(self) -> list[str]:
         return [self.interpreter, *BOOT]
 
-    def twistd(self, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+    def twistd(self, *args: str, env: dict[str, str] | None = None,
+               output: Any = subprocess.PIPE) -> subprocess.Popen[str]:
+        """twistd -n; its output to a pipe read at the end (or to ``output``, a file, for
+        a process that logs more than a pipe holds before anyone reads it)."""
         return subprocess.Popen(
             [*self.twistd_command(), "--pidfile=", "-n", *args],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            stdout=output, stderr=subprocess.STDOUT, text=True,
             env={**os.environ, **(env or {})}, cwd=ROOT,
         )
 
@@ -351,7 +355,15 @@ class TapTests(TestCase):
         self.addCleanup(shutil.rmtree, directory, True)
         socket_path = os.path.join(directory, "handover.sock")
         path = self.app_config(port, handover_socket=socket_path)
-        first = self.twistd("odissey", "-c", path)
+        logs: list[Path] = []
+
+        def start() -> subprocess.Popen[str]:
+            # (a login and a logout line per pgbench -C transaction: more than a pipe holds)
+            logs.append(Path(directory) / f"odissey-{len(logs)}.log")
+            with logs[-1].open("w") as output:
+                return self.twistd("odissey", "-c", path, output=output)
+
+        first = start()
         processes = [first]
 
         def bench() -> subprocess.CompletedProcess[str]:
@@ -362,7 +374,7 @@ class TapTests(TestCase):
                 timeout=120)
 
         def restart(old: subprocess.Popen[str]) -> subprocess.Popen[str]:
-            new = self.twistd("odissey", "-c", path)
+            new = start()
             processes.append(new)
             old.wait(timeout=60)
             return new
@@ -377,11 +389,11 @@ class TapTests(TestCase):
             done = yield running
             answer = yield deferToThread(psql_until_up, port, "select 'third'", "app", "app-secret", "app")
         finally:
-            outs = []
             for proc in processes:
                 if proc.poll() is None:
                     proc.send_signal(signal.SIGTERM)
-                outs.append((yield deferToThread(proc.communicate, timeout=60))[0])
+                yield deferToThread(proc.wait, timeout=60)
+            outs = [log.read_text() for log in logs]
         self.assertEqual(done.returncode, 0, done.stderr[-2000:] + "\n".join(outs))
         self.assertIn("number of failed transactions: 0 (0.000%)", done.stdout)
         self.assertEqual(answer, "third")
