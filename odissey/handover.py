@@ -5,14 +5,15 @@ started with the same configuration connects to it before it listens, and gets e
 listening socket as a file descriptor (SCM_RIGHTS), with the ``listen`` entry each
 serves, as one JSON line. It adopts those it still has in its own ``listen`` (the same
 kernel socket: connections queued in its backlog are not lost, whichever process
-accepts them), then says ``taken``. The old process then stops reading its copies
-(never closing a unix socket's path, which is the new process's now), closes its
-handover listener and says ``released``, after which the new process serves the
-handover path itself; the old one drains as on SIGTERM and exits. See
-docs/architecture.md for why this rather than SO_REUSEPORT.
+accepts them), says ``taken`` and serves the handover path itself (a new socket at the
+same path). The old process then stops reading its copies of the listening sockets and
+its handover listener, without closing them (closing a unix listener unlinks its path,
+which may be the new process's by then; the old process's exit closes them), drains as
+on SIGTERM and exits. Nothing more is said: the old process may stop at any moment
+after ``taken``. See docs/architecture.md for why this rather than SO_REUSEPORT.
 
 Lines: old -> new ``{"listen": [[entry, address family], ...]}`` (one descriptor per
-entry, in order), new -> old ``taken``, old -> new ``released``.
+entry, in order), new -> old ``taken``.
 """
 
 from __future__ import annotations
@@ -80,18 +81,11 @@ class _Give(_Lines):
         log.info("handover: sent {count} listening sockets to a new process", count=len(described))
 
     def lineReceived(self, line: bytes) -> None:
-        if line != b"taken" or self.server.port is None:
-            self.transport.loseConnection()  # type: ignore[union-attr]
-            return
-        port, self.server.port = self.server.port, None
-        self.server.giver.handed_over()
-        stopped = port.stopListening()
-        assert stopped is not None  # (a unix port's stopListening returns a Deferred)
-        stopped.addCallback(self._released)
-
-    def _released(self, _: object) -> None:
-        self.transport.write(b"released\n")  # type: ignore[union-attr]
         self.transport.loseConnection()  # type: ignore[union-attr]
+        if line == b"taken" and self.server.port is not None:
+            self.server.given_up, self.server.port = self.server.port, None
+            self.server.given_up.stopReading()  # type: ignore[attr-defined]
+            self.server.giver.handed_over()
 
 
 class HandoverServer(Factory):
@@ -102,6 +96,8 @@ class HandoverServer(Factory):
     def __init__(self, giver: Giver) -> None:
         self.giver = giver
         self.port: Optional[IListeningPort] = None
+        #: The listener after a handover: unread, open until the process exits.
+        self.given_up: Optional[IListeningPort] = None
 
     def buildProtocol(self, addr: object) -> _Give:
         return _Give(self)
@@ -129,7 +125,6 @@ class Taken(_Lines):
         #: ``listen`` entry -> (descriptor, address family); :meth:`adopted` removes them.
         self.sockets: dict[str, tuple[int, int]] = {}
         self.received: Deferred[Taken] = Deferred()
-        self.released: Deferred[None] = Deferred()
 
     def fileDescriptorReceived(self, descriptor: int) -> None:
         self._fds.append(descriptor)
@@ -146,22 +141,18 @@ class Taken(_Lines):
                 self.received.errback(exc)
                 return
             self.received.callback(self)
-        elif line == b"released" and not self.released.called:
-            self.released.callback(None)
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
-        for d in (self.received, self.released):
-            if not d.called:
-                d.errback(ConnectionError("the running Odissey closed the handover connection"))
+        if not self.received.called:
+            self.received.errback(ConnectionError("the running Odissey closed the handover connection"))
 
-    def confirm(self) -> "Deferred[None]":
-        """Tell the old process its sockets are ours; fires once it has let go of the
-        handover path. Descriptors not adopted are closed."""
+    def confirm(self) -> None:
+        """Tell the old process its sockets are ours (it drains and exits); the
+        descriptors not adopted are closed."""
         for fd, _family in self.sockets.values():
             os.close(fd)
         self.sockets.clear()
         self.transport.write(b"taken\n")  # type: ignore[union-attr]
-        return self.released
 
 
 def take(reactor: IReactorTime, path: str) -> "Deferred[Optional[Taken]]":

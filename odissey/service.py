@@ -264,7 +264,7 @@ class OdisseyService(MultiService):
         for description in self.config.listen:
             yield self._listen(description, taken)
         if taken is not None:
-            yield taken.confirm()
+            taken.confirm()
             log.info("took over the listening sockets of the Odissey running before; it drains")
         if path:
             self.handover = HandoverServer(_Operator(self))

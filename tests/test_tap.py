@@ -396,7 +396,7 @@ class TapTests(TestCase):
             outs = [log.read_text() for log in logs]
         self.assertEqual(done.returncode, 0, done.stderr[-2000:] + "\n".join(outs))
         self.assertIn("number of failed transactions: 0 (0.000%)", done.stdout)
-        self.assertEqual(answer, "third")
+        self.assertEqual(answer, "third", "\n".join(outs))
         self.assertIn("handed the listening sockets over to a new process", outs[0])
         self.assertIn("(socket taken over)", outs[1])
         self.assertIn("(socket taken over)", outs[2])
