@@ -195,3 +195,36 @@ class ReloadTests(IntegrationTest):
         self.assertTrue(any(p.startswith("routes[1].storage: ") for p in problems), problems)
         self.assertIs(self.odissey.service.config, running)
         self.assertEqual((yield self.thread(self.query_outcome)), "served")
+
+
+class TLSReloadTests(IntegrationTest):
+    """A reload reads the certificate files again: new connections get the new one."""
+
+    @inlineCallbacks
+    def test_new_certificate_for_new_connections(self):
+        """tls.cert_file switched from a certificate for the wrong name to the right one:
+        verify-full fails before the reload and succeeds after it, and a TLS session
+        opened before the reload goes on."""
+        from tests.test_tls import certs, document, outcome
+
+        yield self.odissey.stop()
+        c = certs()
+        doc = document(client_tls={"mode": "allow", "cert_file": c.wrong[0], "key_file": c.wrong[1]},
+                       storage_port=self.odissey.pg.port)
+        doc["admin_users"] = ["app"]
+        path = Path(self.mktemp() + ".yaml").resolve()
+        path.write_text(yaml.safe_dump(doc))
+        service = self.odissey.service = OdisseyService(config.load(str(path)), reactor)
+        service.startService()
+        port = (yield service.ready)[0].getHost().port
+        self.assertIn("refused", (yield self.thread(outcome, port, "verify-full")))
+        before = yield self.thread(psycopg.connect, host="127.0.0.1", port=port, user="app",
+                                   dbname="app", password=APP_PASSWORD, sslmode="require",
+                                   autocommit=True)
+        doc["tls"].update(cert_file=c.server[0], key_file=c.server[1])
+        path.write_text(yaml.safe_dump(doc))
+        self.assertEqual(service.reload(), [])
+        self.assertEqual((yield self.thread(outcome, port, "verify-full")), "tls")
+        row = yield self.thread(lambda: before.execute("select 1").fetchone())
+        self.assertEqual(row, (1,))
+        before.close()
