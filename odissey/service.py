@@ -24,7 +24,7 @@ from odissey.auth.passthrough import Credentials
 from odissey.auth.secrets import reactor_threads
 from odissey.auth_query import AuthQueries
 from odissey.client import ClientFactory
-from odissey.config import ANY, Config, Storage
+from odissey.config import ANY, Config, ConfigError, Storage, load as load_config
 from odissey.console import Console
 from odissey.drain import Drain, end_all
 from odissey.handover import HandoverServer, Taken, take as take_sockets
@@ -36,7 +36,7 @@ from odissey.postgres import LocalPostgres
 from odissey.router import Router
 from odissey.systemd import Notifier
 from odissey.server import ServerConnection, connect
-from odissey import config, tls
+from odissey import tls
 
 log = Logger()
 
@@ -315,9 +315,9 @@ class OdisseyService(MultiService):
 
     def _reload(self, source: str) -> list[str]:
         try:
-            new = config.load(source)
+            new = load_config(source)
             client_tls, server_tls = tls.load(new)
-        except config.ConfigError as exc:
+        except ConfigError as exc:
             return list(exc.problems)
         planned = plan_reload(self.config, new)
         if planned.problems:
