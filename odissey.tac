@@ -18,4 +18,4 @@ except config.ConfigError as exc:
     sys.exit(1)
 
 application = service.Application("odissey")
-OdisseyService(loaded).setServiceParent(application)
+OdisseyService(loaded, process=True).setServiceParent(application)

@@ -20,12 +20,12 @@ from typing import Generic, Mapping, NamedTuple, Protocol as TypingProtocol, Typ
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from odissey.config import MAX_PEER_ID, Address, Peer, Storage
-from odissey.router import storage_endpoint
+from odissey.router import connect_storage
 from odissey.wire import messages as m
 
 log = Logger()
@@ -233,18 +233,6 @@ class _CancelSender(Protocol):
         self.closed.callback(not self._gave_up)
 
 
-class _OneShot(Factory):
-    """Connects one given protocol, without a log line per connection."""
-
-    noisy = False
-
-    def __init__(self, protocol: Protocol) -> None:
-        self.one = protocol
-
-    def buildProtocol(self, addr: object) -> Protocol:
-        return self.one
-
-
 def _send(reactor: IReactorTime, where: Address, pid: int, secret: int) -> "Deferred[bool]":
     sender = _CancelSender(reactor, pid, secret, where.connect_timeout)
 
@@ -254,7 +242,7 @@ def _send(reactor: IReactorTime, where: Address, pid: int, secret: int) -> "Defe
     def never_sent(_failure: Failure) -> bool:
         return True
 
-    connecting = storage_endpoint(reactor, where).connect(_OneShot(sender))
+    connecting = connect_storage(reactor, where, sender)
     return connecting.addCallback(connected).addErrback(never_sent)
 
 

@@ -43,6 +43,7 @@ from odissey.auth_query import AuthQueries
 from odissey.cancel import CancelKeys, Drop, Forward, Peering, route_cancel
 from odissey.config import Limits, Route
 from odissey.console import Console, ConsoleSession, console_parameters
+from odissey.logs import CONNECTION_EVENT
 from odissey.flow import PENDING_LIMIT, Valve, send, set_nodelay
 from odissey.params import params_from, startup_wants
 from odissey.pool import Pools
@@ -93,6 +94,9 @@ class ClientState(Enum):
     GONE = "gone"
 
 
+_LOGIN_STATES = (ClientState.STARTUP, ClientState.AUTH, ClientState.PARAMS)
+
+
 @implementer(IHandshakeListener)
 class ClientConnection(Protocol):
     def __init__(self, factory: "ClientFactory") -> None:
@@ -108,6 +112,8 @@ class ClientConnection(Protocol):
         #: The admin console session, for a client logged in to the console database.
         self.console: ConsoleSession | None = None
         self.connected_at = factory.reactor.seconds()
+        #: The client's address as log lines show it (known once its startup is read).
+        self.peer = "?"
         self._reader = StartupReader()
         self._negotiated: set[type] = set()  # SSLRequest / GSSENCRequest already answered
         self._password: Deferred[bytes] | None = None
@@ -156,6 +162,10 @@ class ClientConnection(Protocol):
         if self.tls_started and not self.encrypted and reason is not None:
             log.info("{id}: TLS handshake failed: {why}", id=self.id,
                      why=describe_failure(reason.value))
+        if self.state is ClientState.READY or self.state is ClientState.CONSOLE:
+            log.info("{id}: logout {user}@{database} after {seconds:.1f}s", id=self.id,
+                     user=self.user, database=self.database, connection=CONNECTION_EVENT,
+                     seconds=self.factory.reactor.seconds() - self.connected_at)
         self.state = ClientState.GONE
         self.factory.forget(self)
         self._buffer = b""
@@ -179,6 +189,7 @@ class ClientConnection(Protocol):
         Only the first error is sent: the connection is closing after it."""
         if self.state is ClientState.GONE or self.state is ClientState.CLOSING or self.transport is None:
             return
+        logging_in = self.state in _LOGIN_STATES
         self.state = ClientState.CLOSING
         if self.tls_started and not self.encrypted:
             # Mid-handshake nothing can be said, and Twisted would hold the connection
@@ -188,8 +199,13 @@ class ClientConnection(Protocol):
             self.transport.abortConnection()  # type: ignore[attr-defined]
             return
         error.severity = "FATAL"
-        log.info("{id}: {sqlstate} {message}", id=self.id, sqlstate=error.sqlstate,
-                 message=error.message)
+        if logging_in:  # one line per refused login, with its reason (never a password)
+            log.info("{id}: login failed for {user}@{database} from {client}: {sqlstate} {message}",
+                     id=self.id, user=self.user, database=self.database, client=self.peer,
+                     sqlstate=error.sqlstate, message=error.message)
+        else:
+            log.info("{id}: {sqlstate} {message}", id=self.id, sqlstate=error.sqlstate,
+                     message=error.message)
         self.transport.write(m.error_response(error))
         self.transport.loseConnection()
 
@@ -333,6 +349,7 @@ class ClientConnection(Protocol):
         database = params.get("database") or user
         self.user, self.database = user, database
         client = client_address(self.transport.getPeer())  # type: ignore[union-attr]
+        self.peer = client.shown
         tls = f.tls
         if tls is not None and tls.require and not self.encrypted:
             raise self._no_encryption(client.shown, f"tls.mode is {tls.mode}")
@@ -427,6 +444,9 @@ class ClientConnection(Protocol):
         self.key = f.keys.issue(self, pid)
         greeting = pool.greeting(tuple((wanted[k][0], v) for k, v in told.items()))
         self.send(greeting + m.backend_key_data(*self.key) + _READY)
+        log.info("{id}: login {user}@{database} from {client} (pool {pool})", id=self.id,
+                 user=user, database=database, client=self.peer, pool=str(pool.key),
+                 connection=CONNECTION_EVENT)
         self._logged_in(ClientState.READY, self.relay.clientData)
 
     @inlineCallbacks
@@ -629,6 +649,15 @@ class ClientFactory(Factory):
             waiting, self._drained = self._drained, []
             for d in waiting:
                 d.callback(None)
+
+    def renumber(self, indexes: dict[int, int]) -> None:
+        """A reload moved routes: each logged-in client's route index (and the count of
+        clients per route, for ``max_clients``) follows ``indexes`` (old -> new)."""
+        self.route_clients = Counter(
+            {indexes[index]: n for index, n in self.route_clients.items() if n and index in indexes})
+        for client in self.clients:
+            if client.route_index is not None and client.route_index in indexes:
+                client.route_index = indexes[client.route_index]
 
     def drained(self) -> "Deferred[None]":
         """Fires once no client connection is left."""

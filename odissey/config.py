@@ -47,8 +47,9 @@ POOL_KEYS = (
 #: Every key the loader accepts, by section; ``docs/configuration.md`` documents exactly these.
 SCHEMA: dict[str, tuple[str, ...]] = {
     "": ("listen", "limits", "tls", "storages", "pool_defaults", "routes", "admin_users",
-         "stats_users",
+         "stats_users", "shutdown_timeout", "handover_socket", "log",
          "peer_id", "peers"),
+    "log": ("format", "level", "connections"),
     "limits": ("max_clients", "max_login_clients", "login_timeout", "max_message_size"),
     "tls": ("mode", "cert_file", "key_file", "ca_file", "min_version", "ciphers"),
     "storages.*": ("host", "port", "connect_timeout", "retry_backoff", "tls", "managed"),
@@ -268,6 +269,20 @@ class Limits:
     max_message_size: int = 256 * 1024 * 1024
 
 
+LOG_FORMATS = ("text", "json")
+LOG_LEVELS = ("debug", "info", "warn", "error")
+
+
+@dataclass(frozen=True)
+class LogSettings:
+    """The ``log`` section: Odissey's own observer on standard output."""
+
+    format: str = "text"
+    level: str = "info"
+    #: Routine lines about each connection (logins, logouts).
+    connections: bool = True
+
+
 @dataclass(frozen=True)
 class Config:
     listen: tuple[str, ...]
@@ -284,6 +299,12 @@ class Config:
     peer_id: int = 0
     #: The other instances, by id (this instance's own id is never in it).
     peers: Mapping[int, Peer] = field(default_factory=dict)
+    #: How long a graceful shutdown (SIGTERM) waits for clients before ending them all.
+    shutdown_timeout: float = 30.0
+    #: The unix socket path through which a new process takes the listening sockets.
+    handover_socket: str | None = None
+    #: None: twistd's own log observer (as given on its command line).
+    log: LogSettings | None = None
 
 
 # -- parsing helpers -----------------------------------------------------------------------
@@ -530,6 +551,25 @@ def _read_secret(section: _Section, key: str, base: Path | None) -> Secret | Non
     return None
 
 
+def _read_socket_path(section: _Section, key: str, base: Path | None) -> str | None:
+    """A unix socket path Odissey will create (relative to the config file), returned
+    absolute; its directory must exist."""
+    raw = section.value(key, _string, "a unix socket path")
+    if raw is None:
+        return None
+    path = Path(raw)
+    if base is not None and not path.is_absolute():
+        path = base / path
+    if not path.parent.is_dir():
+        section.problem(f"directory {str(path.parent)!r} does not exist", key)
+        return None
+    if len(os.fsencode(path.absolute())) > 107:  # sun_path holds 108 bytes with the NUL
+        section.problem(f"{str(path.absolute())!r} is too long for a unix socket path "
+                        "(107 bytes at most)", key)
+        return None
+    return str(path.absolute())
+
+
 def _read_path(section: _Section, key: str, base: Path | None, allow: tuple[str, ...] = ()) -> str | None:
     """A file path (relative to the config file) that must be readable now; returned
     absolute. Certificates and keys are read at start, so a wrong path is caught here."""
@@ -618,6 +658,17 @@ def _read_server_tls(problems: list[str], path: str, data: Any, base: Path | Non
         s.problem("cert_file and key_file go together (a client certificate and its key)")
     return tls
 
+
+
+def _read_log(problems: list[str], data: Any) -> LogSettings:
+    s = _Section(problems, "log", data, "log")
+    d = LogSettings()
+    return LogSettings(
+        format=s.value("format", _choice(LOG_FORMATS), " or ".join(LOG_FORMATS), d.format),
+        level=s.value("level", _choice(LOG_LEVELS), " or ".join(LOG_LEVELS), d.level),
+        # (YAML reads a bare on/off as true/false)
+        connections=s.value("connections", _bool, "on or off", d.connections),
+    )
 
 
 def _read_limits(problems: list[str], data: Any) -> Limits:
@@ -919,6 +970,10 @@ def parse(data: Any, source: str | None = None) -> Config:
             routes.append(route)
 
     peer_id, peers = _read_peers(top)
+    shutdown_timeout = top.value("shutdown_timeout", parse_duration, "a duration like 30s",
+                                 Config.shutdown_timeout)
+    handover_socket = _read_socket_path(top, "handover_socket", base)
+    log = _read_log(problems, top.data.get("log")) if top.has("log") else None
     admin_users = _read_console_users(top, "admin_users", routes)
     stats_users = _read_console_users(top, "stats_users", routes)
     for route in routes:
@@ -939,6 +994,9 @@ def parse(data: Any, source: str | None = None) -> Config:
         tls=tls,
         peer_id=peer_id,
         peers=peers,
+        shutdown_timeout=shutdown_timeout,
+        handover_socket=handover_socket,
+        log=log,
     )
 
 

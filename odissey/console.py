@@ -56,8 +56,10 @@ GREETING = (
 )
 
 #: PgBouncer's commands that change things: not in this version of the console yet.
-COMING = ("SUSPEND", "RELOAD", "SHUTDOWN", "SET")
+COMING = ("SUSPEND", "SET")
 #: PgBouncer's SHOW commands that Odissey does not answer (yet, or at all).
+#: Commands for admin_users only, answered today.
+ADMIN_COMMANDS = ("SHUTDOWN", "RELOAD")
 SHOW_COMING = ("STATS", "STATS_TOTALS", "STATS_AVERAGES", "TOTALS", "STATE")
 SHOW_NEVER = ("PEERS", "PEER_POOLS", "FDS", "SOCKETS", "ACTIVE_SOCKETS", "MEM",
               "DNS_HOSTS", "DNS_ZONES")
@@ -65,9 +67,20 @@ SHOW_NEVER = ("PEERS", "PEER_POOLS", "FDS", "SOCKETS", "ACTIVE_SOCKETS", "MEM",
 HELP = """SHOW HELP|VERSION|POOLS|CLIENTS|SERVERS|DATABASES|USERS|CONFIG|LISTS|ROUTES
 PAUSE [<db>], RESUME [<db>], DISABLE <db>, ENABLE <db>, RECONNECT [<db>], KILL [<db>],
 KILL_CLIENT <id>, WAIT_CLOSE [<db>]
+RELOAD, SHUTDOWN [WAIT_FOR_CLIENTS]
 Coming (answered 0A000 for now):
 \tSHOW STATS|STATS_TOTALS|STATS_AVERAGES|TOTALS|STATE
-\tRELOAD, SHUTDOWN [WAIT_FOR_CLIENTS], SUSPEND, SET key = arg"""
+\tSUSPEND, SET key = arg"""
+
+
+class Lifecycle(TypingProtocol):
+    """What the console may ask of the service that owns the process."""
+
+    def shutdown(self, wait_for_clients: bool) -> None:
+        """SHUTDOWN: stop now; WAIT_FOR_CLIENTS: stop accepting, exit once clients left."""
+
+    def reload(self) -> Sequence[str]:
+        """RELOAD: read the configuration again; the problems that kept it from applying."""
 
 
 class ConsoleClient(TypingProtocol):
@@ -128,15 +141,22 @@ class Console:
         pools: Pools,
         clients: Callable[[], Iterable[ConsoleClient]],
         reactor: IReactorTime,
+        lifecycle: Optional[Lifecycle] = None,
     ) -> None:
-        self.config = config
-        self.router = router
+        #: SHUTDOWN's addressee (None: the command is refused, as in tests of SHOW).
+        self.lifecycle = lifecycle
         self.pools = pools
         self.clients = clients
         self.reactor = reactor
+        self.control = Control(lambda: self.config.routes, pools, clients)
+        self.configure(config, router)
+
+    def configure(self, config: Config, router: Router) -> None:
+        """Take a (re)loaded configuration: its users and routes serve the next logins."""
+        self.config = config
+        self.router = router
         self.admin_users = frozenset(config.admin_users)
         self.stats_users = frozenset(config.stats_users)
-        self.control = Control(lambda: self.config.routes, pools, clients)
 
     # -- login -------------------------------------------------------------------------
 
@@ -577,10 +597,14 @@ class ConsoleSession:
                              f"SHOW {what} is PgBouncer's; Odissey has nothing to show for it")
             raise _unknown(command)
         control = Control.COMMANDS.get(verb)
-        if control is not None or verb in COMING:
+        if control is not None or verb in ADMIN_COMMANDS or verb in COMING:
             if self.role != ADMIN:
                 raise _error(errors.INSUFFICIENT_PRIVILEGE, "admin access needed",
                              detail=f"{verb} is for admin_users; stats_users may only SHOW.")
+            if verb == "SHUTDOWN":
+                return self._shutdown(command, words)
+            if verb == "RELOAD" and len(words) == 1:
+                return self._reload()
             if control is None:
                 raise _error(errors.FEATURE_NOT_SUPPORTED, f"{verb} is not supported yet",
                              hint="See SHOW HELP for what the console answers today.")
@@ -594,6 +618,35 @@ class ConsoleSession:
                 return done.addCallback(lambda _: m.command_complete(tag))
             return m.command_complete(tag)
         raise _unknown(command)
+
+
+    def _reload(self) -> bytes:
+        """RELOAD: applied now, or refused as a whole with every problem in the detail."""
+        lifecycle = self.console.lifecycle
+        if lifecycle is None:
+            raise _error(errors.FEATURE_NOT_SUPPORTED, "RELOAD: this console reloads nothing")
+        log.info("{id}: console: RELOAD", id=self.client_id)
+        problems = lifecycle.reload()
+        if problems:
+            raise _error(errors.CONFIG_FILE_ERROR,
+                         f"configuration not reloaded: {len(problems)} problem"
+                         f"{'' if len(problems) == 1 else 's'}, nothing changed",
+                         detail="\n".join(problems))
+        return m.command_complete(b"RELOAD")
+
+    def _shutdown(self, command: str, words: list[str]) -> bytes:
+        """SHUTDOWN [WAIT_FOR_CLIENTS]: answered first, carried out on the next reactor
+        turn, so that the answer reaches the client before the stop ends it."""
+        wait = len(words) == 2 and words[1].upper() == "WAIT_FOR_CLIENTS"
+        if len(words) > 2 or (len(words) == 2 and not wait):
+            raise _unknown(command)
+        lifecycle = self.console.lifecycle
+        if lifecycle is None:
+            raise _error(errors.FEATURE_NOT_SUPPORTED, "SHUTDOWN: this console stops nothing")
+        log.info("{id}: console: SHUTDOWN{how}", id=self.client_id,
+                 how=" WAIT_FOR_CLIENTS" if wait else "")
+        self.console.reactor.callLater(0, lifecycle.shutdown, wait)
+        return m.command_complete(b"SHUTDOWN")
 
 
 def console_parameters(application_name: str) -> Sequence[tuple[str, str]]:

@@ -124,8 +124,9 @@ class Pool:
         self.closed = False
         self.pause_state = PauseState.RUNNING
         self._pause_waiters: list[Deferred[None]] = []
-        #: Counts RECONNECTs: a connection begun before the last one is closed once open.
-        self._generation = 0
+        #: Bumped by RECONNECT, and when a reload changes the storage or login: a
+        #: connection opened before that is closed as it arrives, never handed out.
+        self.generation = 0
         self.backoff = 0.0  # delay before the next attempt after failures; 0 when healthy
         self.retry_at = 0.0
         self.failed_at = float("-inf")  # when the last failure was seen
@@ -295,14 +296,14 @@ class Pool:
     def _open(self) -> None:
         self.opening += 1
         started = self.reactor.seconds()
-        self._connect().addCallbacks(self._opened, self._open_failed, callbackArgs=(self._generation,),
-                                     errbackArgs=(started,))
+        self._connect().addCallbacks(self._opened, self._open_failed,
+                                     callbackArgs=(self.generation,), errbackArgs=(started,))
 
     def _opened(self, server: ServerConnection, generation: int) -> None:
         self.opening -= 1
         self.backoff, self.retry_at, self.last_error = 0.0, 0.0, None
-        if self.closed or self.pause_state is not PauseState.RUNNING or generation != self._generation:
-            server.close()  # (not wanted any more, or begun before a RECONNECT)
+        if self.closed or self.pause_state is not PauseState.RUNNING or generation != self.generation:
+            server.close()  # (not wanted any more, or begun before a RECONNECT or reload)
             self._grow()
             return
         server.owner = self
@@ -444,7 +445,7 @@ class Pool:
         """RECONNECT: every server open now is closed as soon as it is free (idle ones
         at once, those still connecting once connected); new ones open as clients need
         them."""
-        self._generation += 1
+        self.generation += 1
         self._retire_all()
         self._grow()
 
@@ -457,6 +458,38 @@ class Pool:
     def to_close(self) -> list[ServerConnection]:
         """The servers that will close when released (RECONNECT, server_lifetime)."""
         return [server for server in self.active if server.retiring]
+
+
+    def reconfigure(self, route: Route, reconnect: bool) -> None:
+        """A reload changed this pool's route (same match rule, same pool mode). Sizes
+        and timeouts apply now: past a smaller size idle servers close, and busy ones
+        close when released. With ``reconnect`` (storage, server login or auth changed)
+        no server of the old settings serves anyone again: idle ones close now, busy ones
+        when their client releases them (its transaction is not cut)."""
+        self.route = route
+        if reconnect:
+            self.generation += 1
+            self.backoff, self.retry_at, self.last_error = 0.0, 0.0, None
+            self.parameters_cache = None  # the new storage's servers may report others
+            self._greetings.clear()
+            for server in self.active:
+                server.retiring = True
+            keep = 0
+        else:
+            keep = max(0, route.pool.size - len(self.active) - self.opening)
+        while len(self.idle) > keep:
+            server = self.idle[0]
+            self._leave_idle(server)
+            server.owner = None
+            server.close()
+        excess = self.total - route.pool.size
+        for server in self.active:
+            if excess <= 0:
+                break
+            if not server.retiring:
+                server.retiring = True
+                excess -= 1
+        self._grow()
 
     def greeting(self, told: tuple[tuple[str, str], ...]) -> bytes:
         """The ParameterStatus messages for a login told these (name, value) pairs:
@@ -503,14 +536,22 @@ class Pools:
         self.paused: set[str] = set()
         #: Databases whose new logins are refused (DISABLE).
         self.disabled: set[str] = set()
+        #: Pools a reload took out of service (their route was removed, or its mode
+        #: changed): they serve the clients they had until the last one leaves.
+        self.retired: set[Pool] = set()
+
+    @staticmethod
+    def key_of(route: Route, database: str, user: str) -> PoolKey:
+        return PoolKey(database, user, None if route.clients is None else route.index)
 
     def get(self, route: Route, database: str, user: str) -> Pool:
-        key = PoolKey(database, user, None if route.clients is None else route.index)
+        key = self.key_of(route, database, user)
         pool = self.pools.get(key)
         if pool is None:
-            pool = Pool(key, route, self.reactor,
-                        lambda: self._connect(self.reactor, route, database, user))
-            self.pools[key] = pool
+            def connect() -> "Deferred[ServerConnection]":  # (the route as a reload left it)
+                return self._connect(self.reactor, made.route, database, user)
+
+            made = pool = self.pools[key] = Pool(key, route, self.reactor, connect)
             if self.is_paused(database):
                 pool.pause()
         return pool
@@ -520,7 +561,8 @@ class Pools:
 
     def of(self, database: Optional[str]) -> list[Pool]:
         """The pools of one database (None: all)."""
-        return [pool for pool in self.pools.values() if database is None or pool.key.database == database]
+        return [pool for pool in (*self.pools.values(), *self.retired)
+                if database is None or pool.key.database == database]
 
     def pause(self, database: Optional[str]) -> "Deferred[None]":
         """Pause one database's pools (None: all), now and future ones; fires once
@@ -564,10 +606,27 @@ class Pools:
         released has closed (WAIT_CLOSE)."""
         return _all(server.closed for pool in self.of(database) for server in pool.to_close())
 
+    def rekey(self, pools: dict[PoolKey, Pool]) -> None:
+        """After a reload: the pools that go on, by their (maybe renumbered) keys; the
+        others are retired."""
+        for pool in self.pools.values():
+            if pool not in pools.values():
+                self.retired.add(pool)
+        for key, pool in pools.items():
+            pool.key = key
+        self.pools = pools
+
+    def sweep_retired(self, in_use: set[Pool]) -> None:
+        """Close the retired pools that no client uses any more."""
+        for pool in list(self.retired):
+            if pool not in in_use:
+                self.retired.discard(pool)
+                pool.close()
+
     def close(self) -> None:
         """Close every pool: idle servers go, waiters fail, nothing new opens (the
         service's ``Live`` waits for the connections still open)."""
-        for pool in self.pools.values():
+        for pool in [*self.pools.values(), *self.retired]:
             pool.close()
 
 

@@ -31,4 +31,4 @@ class Options(usage.Options):
 
 
 def makeService(options: Options) -> OdisseyService:
-    return OdisseyService(options.loaded)
+    return OdisseyService(options.loaded, process=True)
