@@ -135,7 +135,9 @@ class ControlTests(ConsoleTest):
 
         def bench() -> subprocess.CompletedProcess[str]:
             base = ["-h", "127.0.0.1", "-p", str(self.odissey.port), "-U", "app"]
-            return subprocess.run(["pgbench", "-n", "-c", "8", "-j", "2", "-T", "8", *base, "bench"],
+            # A count, not a duration: with -T a client whose time ran out while PAUSE was
+            # on its way would leave instead of waiting (seen on a loaded machine).
+            return subprocess.run(["pgbench", "-n", "-c", "8", "-j", "2", "-t", "1000", *base, "bench"],
                                   capture_output=True, text=True, env=self.odissey.env(), timeout=120)
 
         running = self.thread(bench)
