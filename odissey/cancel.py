@@ -20,14 +20,13 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
 
-from odissey.config import Storage
+from odissey.config import MAX_WORKERS, Storage
 from odissey.router import storage_endpoint
 from odissey.wire import messages as m
 
 Owner = TypeVar("Owner")
 
 PEER_BITS = 8  # peer ids 1..255, in the top bits of every secret once peers are configured
-MAX_WORKERS = 64
 
 
 class KeyLayout(NamedTuple):

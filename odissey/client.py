@@ -586,6 +586,9 @@ class ClientFactory(Factory):
         self.logging_in: dict[ClientConnection, None] = {}
         self.logged_in = 0
         self.route_clients: Counter[int] = Counter()
+        #: Who cancels a key this factory did not issue (another worker's): a worker's
+        #: link to its master; None in one process.
+        self.elsewhere: Callable[[int, int], Deferred[None]] | None = None
         self._drained: list[Deferred[None]] = []
 
     def buildProtocol(self, addr: object) -> ClientConnection:
@@ -638,4 +641,6 @@ class ClientFactory(Factory):
         client = self.keys.find(pid, secret)
         if client is not None and client.relay is not None:
             return client.relay.cancelRequest()
+        if client is None and self.elsewhere is not None:
+            return self.elsewhere(pid, secret)
         return succeed(None)

@@ -46,8 +46,8 @@ POOL_KEYS = (
 
 #: Every key the loader accepts, by section; ``docs/configuration.md`` documents exactly these.
 SCHEMA: dict[str, tuple[str, ...]] = {
-    "": ("listen", "limits", "tls", "storages", "pool_defaults", "routes", "admin_users",
-         "stats_users"),
+    "": ("listen", "workers", "limits", "tls", "storages", "pool_defaults", "routes",
+         "admin_users", "stats_users"),
     "limits": ("max_clients", "max_login_clients", "login_timeout", "max_message_size"),
     "tls": ("mode", "cert_file", "key_file", "ca_file", "min_version", "ciphers"),
     "storages.*": ("host", "port", "connect_timeout", "retry_backoff", "tls", "managed"),
@@ -255,6 +255,8 @@ class Config:
     admin_users: tuple[str, ...] = ()
     #: Users allowed the admin console's SHOW commands only.
     stats_users: tuple[str, ...] = ()
+    #: Worker processes; 1 runs everything in the twistd process itself.
+    workers: int = 1
 
 
 # -- parsing helpers -----------------------------------------------------------------------
@@ -372,6 +374,16 @@ def _int_in(low: int, high: int | None = None) -> Callable[[Any], int]:
 
 
 _positive_int = _int_in(1)
+#: The most workers a cancel key can name (cancel.KeyLayout gives each at most 6 bits).
+MAX_WORKERS = 64
+_worker_count = _int_in(1, MAX_WORKERS)
+
+
+def _workers(value: Any) -> int:
+    """A number of worker processes, or ``auto``: one per CPU, at most MAX_WORKERS."""
+    if value == "auto":
+        return max(1, min(os.cpu_count() or 1, MAX_WORKERS))
+    return _worker_count(value)
 _nonneg_int = _int_in(0)
 _port = _int_in(1, 65535)
 
@@ -818,6 +830,7 @@ def parse(data: Any, source: str | None = None) -> Config:
     if top.ok and not listen:
         top.problem("needs at least one endpoint, e.g. tcp:6432:interface=127.0.0.1", "listen")
 
+    workers = top.value("workers", _workers, f"auto or an integer from 1 to {MAX_WORKERS}", 1)
     limits = _read_limits(problems, top.data.get("limits"))
     tls = _read_client_tls(problems, top.data.get("tls"), base)
 
@@ -870,6 +883,7 @@ def parse(data: Any, source: str | None = None) -> Config:
         routes=tuple(routes),
         source=source,
         tls=tls,
+        workers=workers,
     )
 
 

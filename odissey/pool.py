@@ -42,6 +42,10 @@ class PoolKey(NamedTuple):
     #: gets pools of its own. None otherwise, where a pair has exactly one route.
     route: Optional[int] = None
 
+    @classmethod
+    def of(cls, route: Route, database: str, user: str) -> "PoolKey":
+        return cls(database, user, None if route.clients is None else route.index)
+
     def __str__(self) -> str:
         if self.route is None:
             return f"{self.database}/{self.user}"
@@ -364,6 +368,24 @@ class Pool:
             while self.total < settings.min_size:
                 self._open()
 
+    def shed(self) -> bool:
+        """Give one server up for a client of another worker (whose master holds the
+        pool's global size): the least recently used idle server closes now; with none
+        idle, the next busy one to come back closes instead of serving this pool's next
+        waiter (release's ``retiring`` check, which costs the hot path nothing). False
+        when there is nothing left to give."""
+        if self.idle:
+            server = self.idle[0]
+            self._leave_idle(server)
+            server.owner = None
+            server.close()
+            return True
+        for server in self.active:
+            if not server.retiring:
+                server.retiring = True
+                return True
+        return False
+
     def greeting(self, told: tuple[tuple[str, str], ...]) -> bytes:
         """The ParameterStatus messages for a login told these (name, value) pairs:
         built once per distinct set, since most clients of a pool are told the same."""
@@ -405,7 +427,7 @@ class Pools:
         self.pools: dict[PoolKey, Pool] = {}
 
     def get(self, route: Route, database: str, user: str) -> Pool:
-        key = PoolKey(database, user, None if route.clients is None else route.index)
+        key = PoolKey.of(route, database, user)
         pool = self.pools.get(key)
         if pool is None:
             pool = Pool(key, route, self.reactor,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import Any
 
 from twisted.application.internet import TimerService
 from twisted.application.service import MultiService
@@ -13,13 +14,14 @@ from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
 
 from odissey.auth.passthrough import Credentials
-from odissey.auth.secrets import reactor_threads
+from odissey.auth.secrets import InThread, reactor_threads
 from odissey.auth_query import AuthQueries
+from odissey.cancel import CancelKeys, KeyLayout
 from odissey.client import ClientFactory
 from odissey.config import ANY, Config, Storage
 from odissey.console import Console
 from odissey.janitor import PERIOD, Janitor
-from odissey.pool import Pools
+from odissey.pool import Pools, ServerConnector
 from odissey.postgres import LocalPostgres
 from odissey.router import Router
 from odissey.server import ServerConnection, connect
@@ -51,6 +53,20 @@ def with_storage_hosts(config: Config, hosts: dict[str, str]) -> Config:
     }
     routes = tuple(dataclasses.replace(r, storage=storages[r.storage.name]) for r in config.routes)
     return dataclasses.replace(config, storages=storages, routes=routes)
+
+
+@inlineCallbacks
+def start_managed(managed: dict[str, LocalPostgres], threads: InThread):
+    """Start managed PostgreSQL servers, one after the other; fires with the socket
+    directory of each, by storage name."""
+    hosts = {}
+    for name, postgres in managed.items():
+        log.info("starting managed PostgreSQL for storage {name}", name=name)
+        yield threads(postgres.start)
+        log.info("managed PostgreSQL {name} is up (socket in {dir})", name=name,
+                 dir=postgres.socket_dir)
+        hosts[name] = postgres.socket_dir
+    return hosts
 
 
 def within(reactor: object, waiting: "Deferred[None]", seconds: float, give_up: object) -> "Deferred[None]":
@@ -117,7 +133,7 @@ class OdisseyService(MultiService):
             from twisted.internet import reactor as default_reactor
 
             reactor = default_reactor
-        self.reactor = reactor
+        self.reactor: Any = reactor
         self.config = config
         self.managed: dict[str, LocalPostgres] = {
             name: managed_postgres(s) for name, s in config.storages.items() if s.managed
@@ -138,20 +154,34 @@ class OdisseyService(MultiService):
 
     @inlineCallbacks
     def _start(self):
-        hosts = {}
-        for name, postgres in self.managed.items():
-            log.info("starting managed PostgreSQL for storage {name}", name=name)
-            yield self.threads(postgres.start)
-            log.info("managed PostgreSQL {name} is up (socket in {dir})", name=name,
-                     dir=postgres.socket_dir)
-            hosts[name] = postgres.socket_dir
+        yield self.start_storages()
+        self.build()
+        yield self.listen()
+        self.ready.callback(self.ports)
+
+    @inlineCallbacks
+    def start_storages(self):
+        """Start the managed PostgreSQL servers and point their storages at them."""
+        hosts = yield start_managed(self.managed, self.threads)
         self.config = with_storage_hosts(self.config, hosts)
+
+    def connector(self, connect: ServerConnector) -> ServerConnector:
+        """How pools open server connections: directly, in one process (a worker asks
+        its master for a lease first)."""
+        return connect
+
+    def key_layout(self) -> KeyLayout:
+        """What each client's cancel secret says about who issued it."""
+        return KeyLayout()
+
+    def build(self) -> None:
+        """Pools, client factory, console and janitor, from the (started) config."""
         # Certificates and keys are read once, here: rotating them takes a restart.
         client_tls, server_tls = tls.load(self.config)
         credentials = Credentials()
-        self.pools = Pools(self.reactor, functools.partial(
+        self.pools = Pools(self.reactor, self.connector(functools.partial(
             connect, tracker=self.live, threads=self.threads, credentials=credentials,
-            tls=server_tls))
+            tls=server_tls)))
         self.auth_queries = AuthQueries(self.reactor, self.threads, self.live, tls=server_tls)
         router = Router(self.config.routes)
         console = Console(self.config, router, self.pools,
@@ -159,6 +189,7 @@ class OdisseyService(MultiService):
                           self.reactor)
         self.factory = ClientFactory(
             self.reactor, router, self.pools, self.config.limits, self.threads,
+            keys=CancelKeys(self.key_layout()),
             auth_queries=self.auth_queries, credentials=credentials, tls=client_tls,
             console=console,
         )
@@ -168,11 +199,13 @@ class OdisseyService(MultiService):
         janitor = TimerService(PERIOD, Janitor(self.reactor, self.pools, self.factory).tick)
         janitor.clock = self.reactor
         janitor.setServiceParent(self)
+
+    @inlineCallbacks
+    def listen(self):
         for description in self.config.listen:
             port = yield serverFromString(self.reactor, description).listen(self.factory)
             log.info("listening on {where}", where=description)
             self.ports.append(port)
-        self.ready.callback(self.ports)
 
     def _start_failed(self, failure):
         log.failure("Odissey could not start", failure)

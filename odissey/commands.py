@@ -1,0 +1,58 @@
+"""The AMP commands a master and its workers exchange (``twisted.protocols.amp``).
+
+Only the connect/close path and rare events cross processes: a lease per server
+connection opened, its return when the connection closes, a reclaim when another
+worker starves, a cancel whose key another worker issued, and statistics. Nothing per
+transaction. A pool is named by :func:`pool_name`, the same string on both sides.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Sequence
+
+from twisted.protocols import amp
+
+
+def pool_name(key: Sequence[object]) -> str:
+    """A pool key (database, user, route) as one AMP string."""
+    return json.dumps(list(key))
+
+
+class Lease(amp.Command):
+    """Worker -> master: may I open one more server connection of this pool? Answered
+    once the lease is granted (it may wait: the pool's size is global)."""
+
+    arguments = [(b"pool", amp.Unicode()), (b"size", amp.Integer())]
+    response = []
+
+
+class Release(amp.Command):
+    """Worker -> master: one server connection of this pool has closed."""
+
+    arguments = [(b"pool", amp.Unicode())]
+    response = []
+    requiresAnswer = False
+
+
+class Reclaim(amp.Command):
+    """Master -> worker: another worker waits for this pool; give up one server (True
+    when one will close, and its Release follows)."""
+
+    arguments = [(b"pool", amp.Unicode())]
+    response = [(b"gave", amp.Boolean())]
+
+
+class Cancel(amp.Command):
+    """A CancelRequest for a key another worker issued: worker -> master -> owner.
+    Answered once the cancel has landed (or there was nothing to cancel)."""
+
+    arguments = [(b"pid", amp.Integer()), (b"secret", amp.Integer())]
+    response = []
+
+
+class Stats(amp.Command):
+    """Master -> worker: what this worker holds, as JSON (clients; servers per pool)."""
+
+    arguments = []
+    response = [(b"stats", amp.Unicode())]

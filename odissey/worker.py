@@ -1,0 +1,202 @@
+"""One worker process of a multi-worker Odissey: ``python -m odissey.worker``.
+
+The master (:mod:`odissey.workers`) starts it with the listening sockets and one end of
+a socketpair as inherited file descriptors, and the (started) configuration pickled on
+its standard input. The worker then does everything one process does for the clients
+its accept calls win: login, TLS, relay, reset. It asks the master over AMP only on the
+connect/close path: a lease before opening a server connection, its return when the
+connection closes, and a cancel whose key another worker issued.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pickle
+import signal
+import socket
+import sys
+from typing import Any, Optional
+
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.protocol import Factory
+from twisted.logger import FileLogObserver, Logger, formatEvent, formatTime, globalLogBeginner
+from twisted.protocols import amp
+from twisted.python.failure import Failure
+
+from odissey.cancel import KeyLayout
+from odissey.commands import Cancel, Lease, Reclaim, Release, Stats, pool_name
+from odissey.config import Config, Route
+from odissey.pool import PoolKey, ServerConnector
+from odissey.server import ServerConnection
+from odissey.service import OdisseyService
+
+log = Logger()
+
+
+class MasterLink(amp.AMP):
+    """The worker's end of its AMP connection to the master."""
+
+    def __init__(self, service: "WorkerService") -> None:
+        super().__init__()
+        self.service = service
+        #: Fires when the master is gone (then this worker has no reason to live).
+        self.lost: Deferred[None] = Deferred()
+
+    def release(self, pool: str) -> None:
+        if self.transport is not None and not self.lost.called:
+            self.callRemote(Release, pool=pool)
+
+    @Reclaim.responder
+    def reclaim(self, pool: str) -> dict[str, Any]:
+        found = self.service.pools.pools.get(PoolKey(*json.loads(pool))) if self.service.pools else None
+        return {"gave": found.shed() if found is not None else False}
+
+    @Cancel.responder
+    def cancel(self, pid: int, secret: int) -> "Deferred[dict[str, Any]]":
+        factory = self.service.factory
+        done = factory.cancel(pid, secret) if factory is not None else succeed(None)
+        return done.addCallback(lambda _: {})
+
+    @Stats.responder
+    def stats(self) -> dict[str, Any]:
+        return {"stats": json.dumps(self.service.snapshot())}
+
+    def connectionLost(self, reason: Optional[Failure] = None) -> None:
+        super().connectionLost(reason)
+        self.lost.callback(None)
+
+
+class _Adopted:
+    """A listening socket this worker shares: stopping stops accepting, and never
+    unlinks a unix socket's path (the master owns it, and other workers use it)."""
+
+    def __init__(self, port: Any) -> None:
+        self.port = port
+
+    def stopListening(self) -> "Deferred[None]":
+        self.port.stopReading()
+        return succeed(None)
+
+    def getHost(self) -> Any:
+        return self.port.getHost()
+
+
+class WorkerService(OdisseyService):
+    """An :class:`OdisseyService` that adopts the master's listeners, leases server
+    connections from it, and tags its cancel keys with its number."""
+
+    def __init__(self, config: Config, reactor: Any, number: int, workers: int,
+                 listeners: list[tuple[int, int]]) -> None:
+        super().__init__(config, reactor)
+        self.managed = {}  # the master runs managed PostgreSQL; the config points at it
+        self.number = number
+        self.workers = workers
+        self.listeners = listeners
+        self.link: Optional[MasterLink] = None
+
+    def key_layout(self) -> KeyLayout:
+        return KeyLayout.of(0, False, self.number, self.workers)
+
+    def connector(self, connect: ServerConnector) -> ServerConnector:
+        def leased(reactor: Any, route: Route, database: str, user: str) -> "Deferred[ServerConnection]":
+            link = self.link
+            assert link is not None
+            name = pool_name(PoolKey.of(route, database, user))
+
+            def granted(_: object) -> "Deferred[ServerConnection]":
+                return connect(reactor, route, database, user).addCallbacks(opened, failed)
+
+            def opened(server: ServerConnection) -> ServerConnection:
+                server.closed.addBoth(lambda _: link.release(name))
+                return server
+
+            def failed(failure: Failure) -> Failure:
+                link.release(name)
+                return failure
+
+            asking = link.callRemote(Lease, pool=name, size=route.pool.size)
+            return asking.addCallback(granted)
+
+        return leased
+
+    def build(self) -> None:
+        super().build()
+        assert self.factory is not None
+        self.factory.elsewhere = self._cancel_elsewhere
+
+    def _cancel_elsewhere(self, pid: int, secret: int) -> "Deferred[None]":
+        """A key this worker did not issue: another worker's, reached through the master."""
+        link = self.link
+        if link is None or self.key_layout().worker_of(secret) == self.number:
+            return succeed(None)
+        asking = link.callRemote(Cancel, pid=pid, secret=secret)
+        return asking.addBoth(lambda _: None)
+
+    def listen(self) -> "Deferred[None]":
+        for fd, family in self.listeners:
+            port = self.reactor.adoptStreamPort(fd, family, self.factory)
+            os.close(fd)  # (adopting duplicated it)
+            self.ports.append(_Adopted(port))  # type: ignore[arg-type]
+            log.info("accepting on {where}", where=port.getHost())
+        return succeed(None)
+
+    def snapshot(self) -> dict[str, Any]:
+        """Clients, and servers per pool: what the master adds up over workers."""
+        pools = {}
+        for key, pool in (self.pools.pools.items() if self.pools is not None else ()):
+            pools[str(key)] = {"active": len(pool.active), "idle": len(pool.idle),
+                               "waiting": len(pool.waiters)}
+        clients = len(self.factory.clients) if self.factory is not None else 0
+        return {"clients": clients, "pools": pools}
+
+
+def _observer(number: int) -> FileLogObserver:
+    """Log lines on the master's standard output, each naming this worker."""
+
+    def line(event: dict[str, Any]) -> Optional[str]:
+        text = formatEvent(event)
+        failure = event.get("log_failure")
+        if failure is not None:
+            text = f"{text}\n{failure.getTraceback()}"
+        return f"{formatTime(event['log_time'])} [worker {number}] {text}\n"
+
+    return FileLogObserver(sys.stdout, line)
+
+
+def _listener(text: str) -> tuple[int, int]:
+    fd, family = text.split(":")
+    return int(fd), int(family)
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m odissey.worker")
+    parser.add_argument("--number", type=int, required=True)
+    parser.add_argument("--workers", type=int, required=True)
+    parser.add_argument("--link", type=int, required=True, help="the AMP socket's fd")
+    parser.add_argument("--listener", type=_listener, action="append", default=[],
+                        help="FD:ADDRESS_FAMILY of an inherited listening socket")
+    args = parser.parse_args(argv)
+    config = pickle.load(sys.stdin.buffer)
+    globalLogBeginner.beginLoggingTo([_observer(args.number)], redirectStandardIO=False)
+
+    from twisted.internet import reactor
+
+    service = WorkerService(config, reactor, args.number, args.workers, args.listener)
+    link = MasterLink(service)
+    service.link = link
+    factory = Factory.forProtocol(lambda: link)
+    factory.noisy = False
+    reactor.adoptStreamConnection(args.link, socket.AF_UNIX, factory)  # type: ignore[attr-defined]
+    os.close(args.link)
+    link.lost.addCallback(lambda _: reactor.stop() if reactor.running else None)
+    reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
+    # Ctrl-C reaches the whole process group: only the master decides when workers stop.
+    reactor.callWhenRunning(signal.signal, signal.SIGINT, signal.SIG_IGN)
+    reactor.callWhenRunning(service.startService)
+    reactor.run()
+
+
+if __name__ == "__main__":
+    main()
