@@ -20,16 +20,18 @@ from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
 from odissey.cancel import KeyLayout
-from tests.harness import APP_PASSWORD, direct, free_port, shared_postgres, trust_login_keyed
+from odissey.wire import messages as m
+from tests.harness import APP_PASSWORD, USERS, Replies, direct, free_port, shared_postgres, trust_login_keyed
 from tests.test_tap import BOOT, ROOT
 
 
-def app_backends() -> int:
-    """Server connections PostgreSQL has for user app (the pooler's)."""
-    with direct() as conn:
-        return conn.execute(
-            "SELECT count(*) FROM pg_stat_activity WHERE usename = 'app' AND backend_type = 'client backend'"
-        ).fetchone()[0]
+def backends(conn: psycopg.Connection | None = None, user: str = "app") -> int:
+    """Server connections PostgreSQL has for ``user`` (the pooler's)."""
+    if conn is None:
+        with direct() as own:
+            return backends(own, user)
+    return int(conn.execute("SELECT count(*) FROM pg_stat_activity WHERE usename = %s "
+                            "AND backend_type = 'client backend'", (user,)).fetchone()[0])
 
 
 class Process:
@@ -87,7 +89,7 @@ class WorkersTests(TestCase):
             "routes": [
                 {"database": "app", "user": "app", "storage": "pg",
                  "auth": {"method": "scram-sha-256", "password": APP_PASSWORD}, "pool": pool_settings},
-                {"database": "app", "user": "u_trust", "storage": "pg", "server": {"user": "app", "password": APP_PASSWORD},
+                {"database": "app", "user": "u_trust", "storage": "pg", "server": {"password": USERS["u_trust"]},
                  "auth": {"method": "trust"}, "pool": pool_settings},
             ],
         }
@@ -99,9 +101,11 @@ class WorkersTests(TestCase):
             process.wait_for(rf"\[worker {number}\] accepting on")
         return process, port
 
-    def connect(self, port: int, **extra: Any) -> psycopg.Connection:
-        return psycopg.connect(host="127.0.0.1", port=port, user="app", password=APP_PASSWORD,
-                               dbname="app", autocommit=True, **extra)
+    def connect(self, port: int, user: str = "app", autocommit: bool = True, **extra: Any) -> psycopg.Connection:
+        """psycopg as app (scram) or u_trust (trust), over TCP unless ``extra`` says otherwise."""
+        password = APP_PASSWORD if user == "app" else None
+        return psycopg.connect(**{"host": "127.0.0.1", **extra}, port=port, user=user, password=password,
+                               dbname="app", autocommit=autocommit)
 
     def worker_of(self, key: tuple[int, int], workers: int) -> int:
         return KeyLayout.of(0, False, 0, workers).worker_of(key[1])
@@ -128,3 +132,210 @@ class WorkersTests(TestCase):
             self.assertRegex(out, rf"worker {number} started, pid \d+")
             self.assertRegex(out, rf"worker {number} stopped, pid \d+")
         self.assertIn("shutting down 2 workers", out)
+
+    def settle(self) -> None:
+        """Wait until PostgreSQL has no server connection of app or u_trust left (from earlier tests)."""
+        deadline = time.monotonic() + 30
+        while backends() or backends(user="u_trust"):
+            if time.monotonic() > deadline:
+                raise AssertionError("user app's connections from earlier tests did not go")
+            time.sleep(0.05)
+
+    @inlineCallbacks
+    def test_global_pool_size(self):
+        """Pool size 4, 40 psycopg clients on 3 workers: PostgreSQL never sees more than 4
+        server connections (sampled while they run), and every transaction succeeds."""
+        yield deferToThread(self.settle)
+        process, port = yield deferToThread(self.start, 3, {"size": 4})
+        seen = yield deferToThread(self.spread, port, 3)
+        self.assertEqual(seen, {0, 1, 2})
+        samples: list[int] = []
+        running = threading.Event()
+        running.set()
+
+        def sample() -> None:
+            with direct() as conn:
+                while running.is_set():
+                    samples.append(backends(conn))
+                    time.sleep(0.005)
+
+        def client(failures: list[BaseException]) -> None:
+            try:
+                with self.connect(port) as conn:
+                    for _ in range(15):
+                        conn.execute("select pg_sleep(0.005)")
+            except BaseException as exc:
+                failures.append(exc)
+
+        def run() -> list[BaseException]:
+            failures: list[BaseException] = []
+            sampler = threading.Thread(target=sample)
+            sampler.start()
+            clients = [threading.Thread(target=client, args=(failures,)) for _ in range(40)]
+            for t in clients:
+                t.start()
+            for t in clients:
+                t.join()
+            running.clear()
+            sampler.join()
+            return failures
+
+        failures = yield deferToThread(run)
+        self.assertEqual(failures, [])
+        print(f"{len(samples)} samples of app's server connections, max {max(samples)}")
+        self.assertLessEqual(max(samples), 4)
+        self.assertGreaterEqual(max(samples), 2)  # (the clients did run concurrently)
+
+    def spread(self, port: int, workers: int) -> set[int]:
+        """The workers that 30 raw logins landed on."""
+        seen = set()
+        for _ in range(30):
+            sock, key = trust_login_keyed(port)
+            seen.add(self.worker_of(key, workers))
+            sock.close()
+        return seen
+
+    def raw_clients(self, port: int, workers: int, wanted: dict[int, int]) -> dict[int, list[Replies]]:
+        """Raw trust logins until each worker named in ``wanted`` has that many clients."""
+        found: dict[int, list[Replies]] = {number: [] for number in wanted}
+        for _ in range(400):
+            if all(len(found[n]) >= count for n, count in wanted.items()):
+                return found
+            sock, key = trust_login_keyed(port)
+            number = self.worker_of(key, workers)
+            if number in found and len(found[number]) < wanted[number]:
+                found[number].append(Replies(sock))
+                self.addCleanup(sock.close)
+            else:
+                sock.close()
+        raise AssertionError(f"logins did not reach every worker: {found}")
+
+    @staticmethod
+    def ask(client: Replies, sql: str) -> list[str]:
+        """Send one simple query and read its answer: the SQLSTATEs of its errors."""
+        client.sock.sendall(m.query(sql))
+        before = len(client.errors)
+        client.until(client.ready + 1)
+        return client.errors[before:]
+
+    @inlineCallbacks
+    def test_sigkill_restarts_worker_and_returns_its_leases(self):
+        """SIGKILL one of 3 workers while its clients hold 2 of the pool's 4 servers in
+        open transactions: it is restarted, the other workers' clients keep working, its
+        leases come back (4 servers can be taken again) and PostgreSQL is left with no
+        connection the pool does not count."""
+        yield deferToThread(self.settle)
+        process, port = yield deferToThread(self.start, 3, {"size": 4, "wait_timeout": "5s"})
+        pids = {n: int(process.wait_for(rf"worker {n} started, pid (\d+)").group(1)) for n in range(3)}
+
+        def scenario() -> None:
+            clients = self.raw_clients(port, 3, {0: 2, 1: 2, 2: 2})
+            for victim in clients[0]:
+                self.assertEqual(self.ask(victim, "BEGIN; SELECT 1"), [])
+            for number in (1, 2):
+                for client in clients[number]:
+                    self.assertEqual(self.ask(client, "SELECT 1"), [])
+            lines = len(process.lines)
+            os.kill(pids[0], signal.SIGKILL)
+            process.wait_for(rf"worker 0 died, pid {pids[0]}", after=lines)
+            restarted = int(process.wait_for(r"worker 0 started, pid (\d+)", after=lines).group(1))
+            self.assertNotEqual(restarted, pids[0])
+            for victim in clients[0]:
+                with self.assertRaises((ConnectionError, OSError)):
+                    self.ask(victim, "SELECT 1")
+            for number in (1, 2):
+                for client in clients[number]:
+                    self.assertEqual(self.ask(client, "SELECT 2"), [])
+            # All 4 leases are free again: 4 psycopg clients each hold a server at once.
+            holders = [self.connect(port, "u_trust", autocommit=False) for _ in range(4)]
+            try:
+                pids_seen = {conn.execute("select pg_backend_pid()").fetchone()[0] for conn in holders}
+                self.assertEqual(len(pids_seen), 4)
+                deadline = time.monotonic() + 15
+                while backends(user="u_trust") > 4:  # the killed worker's two are gone, none leaked
+                    self.assertLess(time.monotonic(), deadline, "the killed worker's servers linger")
+                    time.sleep(0.05)
+            finally:
+                for conn in holders:
+                    conn.close()
+
+        yield deferToThread(scenario)
+        out = yield deferToThread(process.stop)
+        self.assertIn("1 worker restarts", out)
+
+    def cancel_storm(self, port: int, targets: int, rounds: int) -> tuple[list[str], list[str]]:
+        """``targets`` psycopg clients each run ``rounds`` pg_sleep(10) that another thread
+        cancels (cancel_safe: a new connection each, landing on any worker) once PostgreSQL
+        shows it running, while two bystanders run short queries. Returns what went wrong
+        for targets (a query not cancelled) and for bystanders (a query cancelled)."""
+        lost: list[str] = []
+        crossed: list[str] = []
+        done = threading.Event()
+
+        def target(i: int) -> None:
+            with self.connect(port) as conn, direct() as watcher:
+                for r in range(rounds):
+                    tag = f"t{i}r{r}x"
+                    outcome: list[str] = []
+                    runner = threading.Thread(target=self.expect_cancel, args=(conn, tag, outcome))
+                    runner.start()
+                    deadline = time.monotonic() + 10
+                    while not watcher.execute(
+                            "select 1 from pg_stat_activity where state = 'active' and query like %s",
+                            (f"%{tag} %",)).fetchone():
+                        if time.monotonic() > deadline:
+                            break
+                        time.sleep(0.01)
+                    conn.cancel_safe(timeout=5)
+                    runner.join()
+                    if outcome != ["57014"]:
+                        lost.append(f"{tag}: {outcome}")
+
+        def bystander(i: int) -> None:
+            with self.connect(port) as conn:
+                while not done.is_set():
+                    try:
+                        conn.execute("select pg_sleep(0.05)")
+                    except psycopg.errors.QueryCanceled as exc:
+                        crossed.append(f"bystander {i}: {exc}")
+
+        watchers = [threading.Thread(target=bystander, args=(i,)) for i in range(2)]
+        for t in watchers:
+            t.start()
+        workers = [threading.Thread(target=target, args=(i,)) for i in range(targets)]
+        for t in workers:
+            t.start()
+        for t in workers:
+            t.join()
+        done.set()
+        for t in watchers:
+            t.join()
+        return lost, crossed
+
+    @staticmethod
+    def expect_cancel(conn: psycopg.Connection, tag: str, outcome: list[str]) -> None:
+        try:
+            conn.execute(f"select pg_sleep(10) /* {tag} */")
+            outcome.append("finished")
+        except psycopg.Error as exc:
+            outcome.append(exc.sqlstate or str(exc))
+
+    @inlineCallbacks
+    def check_cancels_across_workers(self, mode: str):
+        process, port = yield deferToThread(self.start, 3, {"mode": mode, "size": 12})
+        lost, crossed = yield deferToThread(self.cancel_storm, port, 8, 7)
+        self.assertEqual(lost, [])
+        self.assertEqual(crossed, [])
+        out = yield deferToThread(process.stop)
+        forwarded = int(re.search(r"(\d+) cancels forwarded between workers", out).group(1))
+        print(f"{mode} mode: 56 cancels, {forwarded} forwarded between workers")
+        self.assertGreater(forwarded, 0)
+
+    def test_cancel_across_workers_transaction_mode(self):
+        """Transaction mode, 3 workers: 56 cancels from new connections on any worker,
+        each cancels exactly its query (0 lost) and no bystander's (0 crossed)."""
+        return self.check_cancels_across_workers("transaction")
+
+    def test_cancel_across_workers_session_mode(self):
+        """The same in session mode (the key's pid is the real backend's)."""
+        return self.check_cancels_across_workers("session")
