@@ -36,10 +36,11 @@ class Release(amp.Command):
 
 
 class Reclaim(amp.Command):
-    """Master -> worker: another worker waits for this pool; give up one server (True
-    when one will close, and its Release follows)."""
+    """Master -> worker: another worker waits for this pool; give up one server, an idle
+    one or (unless ``idle_only``) the next busy one to come back. True when one will
+    close (its Release follows)."""
 
-    arguments = [(b"pool", amp.Unicode())]
+    arguments = [(b"pool", amp.Unicode()), (b"idle_only", amp.Boolean())]
     response = [(b"gave", amp.Boolean())]
 
 

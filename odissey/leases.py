@@ -6,11 +6,13 @@ ledger is a pure state machine: each call returns what the master must do (grant
 waiting request, ask a worker to give a server up); it does no I/O and reads no clock.
 
 No starvation: a worker whose request waits while the pool is full gets a server
-taken from another worker (:class:`Reclaim`, answered with :meth:`Ledger.reclaimed`)
-when it holds none at all, or when the other holds at least two more than it does.
-Splits that differ by one are left alone, so two busy workers settle instead of
-taking connections from each other on every transaction; a pool of size 1 shared by
-two busy workers does change hands, at the cost of one connect per hand-over.
+taken from another worker (:class:`Reclaim`, answered with :meth:`Ledger.reclaimed`):
+any server, busy ones included (the next to come back), when it holds none at all or
+when the other holds at least two more than it does; otherwise only an idle one (a
+server nobody waits for is better used where somebody does). Busy splits that differ
+by one are left alone, so two busy workers settle instead of taking connections from
+each other on every transaction; a pool of size 1 shared by two busy workers does
+change hands, at the cost of one connect per hand-over.
 """
 
 from __future__ import annotations
@@ -28,11 +30,13 @@ class Grant(NamedTuple):
 
 
 class Reclaim(NamedTuple):
-    """Ask ``worker`` to give up one server of ``pool`` (close an idle one, or the next
-    busy one when it comes back); answer with :meth:`Ledger.reclaimed`."""
+    """Ask ``worker`` to give up one server of ``pool``: close an idle one, or (unless
+    ``idle_only``) the next busy one when it comes back; answer with
+    :meth:`Ledger.reclaimed`."""
 
     worker: int
     pool: Hashable
+    idle_only: bool = False
 
 
 Action = Union[Grant, Reclaim]
@@ -88,6 +92,15 @@ class Ledger:
         leases.refused.add(worker)
         return self._serve(pool, leases)
 
+    def retry(self, pool: Hashable) -> list[Action]:
+        """Ask again the workers that had nothing to give (a server that was still
+        connecting then may be idle now), for the requests still waiting."""
+        leases = self._pools.get(pool)
+        if leases is None or not leases.refused:
+            return []
+        leases.refused.clear()
+        return self._serve(pool, leases)
+
     def forget(self, worker: int) -> list[Action]:
         """``worker`` is gone: its leases return (the kernel closed its connections)
         and its waiting requests are dropped."""
@@ -127,18 +140,20 @@ class Ledger:
             if index < covered:  # (the oldest waiters are the ones reclaims in flight serve)
                 gaining[worker] += 1
                 continue
-            victim = self._victim(leases, worker, held[worker] + gaining[worker])
-            if victim is None:
+            chosen = self._victim(leases, worker, held[worker] + gaining[worker])
+            if chosen is None:
                 continue
+            victim, idle_only = chosen
             reclaiming[victim] += 1
             gaining[worker] += 1
-            actions.append(Reclaim(victim, pool))
+            actions.append(Reclaim(victim, pool, idle_only))
         return actions
 
     @staticmethod
-    def _victim(leases: _PoolLeases, worker: int, has: int) -> int | None:
+    def _victim(leases: _PoolLeases, worker: int, has: int) -> tuple[int, bool] | None:
         """The worker to take a server from for ``worker`` (which has ``has``): the one
-        holding most (after reclaims in flight), if taking one is fair."""
+        holding most (after reclaims in flight), and whether only an idle server of its
+        may be taken (when taking a busy one would not be fair)."""
         best, most = None, 0
         for other, count in leases.held.items():
             if other == worker or other in leases.refused:
@@ -146,6 +161,6 @@ class Ledger:
             left = count - leases.reclaiming[other]
             if left > most:
                 best, most = other, left
-        if best is None or not (has == 0 or most >= has + 2):
+        if best is None:
             return None
-        return best
+        return best, not (has == 0 or most >= has + 2)

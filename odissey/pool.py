@@ -109,6 +109,10 @@ class Pool:
         #: A login's ParameterStatus messages, by the values it is told (see greeting).
         self._greetings: dict[tuple[tuple[str, str], ...], bytes] = {}
         self._parameter_waiters: list[Deferred[list[tuple[str, str]]]] = []
+        #: Servers marked by :meth:`shed` to close when they come back, and how many of
+        #: them are owed to other workers.
+        self._shedding: set[ServerConnection] = set()
+        self._owed = 0
         self.closed = False
         self.backoff = 0.0  # delay before the next attempt after failures; 0 when healthy
         self.retry_at = 0.0
@@ -216,6 +220,7 @@ class Pool:
         if self.closed or server.state is not ServerState.IDLE or server.retiring:
             self.active.discard(server)
             server.owner = None
+            self._given(server)
             server.close()
             self._grow()
         elif self.waiters:  # (_hand_out, inlined: this runs once per transaction)
@@ -226,6 +231,7 @@ class Pool:
 
     def discard(self, server: ServerConnection) -> None:
         """A server in doubt: close it, never reuse it."""
+        self._given(server)
         self.active.discard(server)
         if server in self.idle:
             self._leave_idle(server)
@@ -235,6 +241,7 @@ class Pool:
 
     def serverLost(self, server: ServerConnection) -> None:
         """A server connection closed under us."""
+        self._given(server)
         self.active.discard(server)
         if server in self.idle:
             self._leave_idle(server)
@@ -368,23 +375,41 @@ class Pool:
             while self.total < settings.min_size:
                 self._open()
 
-    def shed(self) -> bool:
+    def shed(self, idle_only: bool = False) -> bool:
         """Give one server up for a client of another worker (whose master holds the
         pool's global size): the least recently used idle server closes now; with none
-        idle, the next busy one to come back closes instead of serving this pool's next
-        waiter (release's ``retiring`` check, which costs the hot path nothing). False
-        when there is nothing left to give."""
+        idle and unless ``idle_only``, the next busy one to come back, whichever it is,
+        closes instead of serving this pool's next waiter. Every busy server is marked
+        ``retiring`` (release's existing check, so the hot path pays nothing) until as
+        many have closed as were asked for. False when there is nothing to give."""
         if self.idle:
             server = self.idle[0]
             self._leave_idle(server)
             server.owner = None
             server.close()
             return True
+        if idle_only:
+            return False
         for server in self.active:
             if not server.retiring:
                 server.retiring = True
-                return True
-        return False
+                self._shedding.add(server)
+        if len(self._shedding) <= self._owed:
+            return False
+        self._owed += 1
+        return True
+
+    def _given(self, server: ServerConnection) -> None:
+        """A server leaves: if it was marked by :meth:`shed`, one debt is paid; once
+        all are, the servers still marked go back to serving this pool."""
+        if server not in self._shedding:
+            return
+        self._shedding.discard(server)
+        self._owed -= 1
+        if not self._owed:
+            for other in self._shedding:
+                other.retiring = False
+            self._shedding.clear()
 
     def greeting(self, told: tuple[tuple[str, str], ...]) -> bytes:
         """The ParameterStatus messages for a login told these (name, value) pairs:

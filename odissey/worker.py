@@ -49,9 +49,9 @@ class MasterLink(amp.AMP):
             self.callRemote(Release, pool=pool)
 
     @Reclaim.responder
-    def reclaim(self, pool: str) -> dict[str, Any]:
+    def reclaim(self, pool: str, idle_only: bool) -> dict[str, Any]:
         found = self.service.pools.pools.get(PoolKey(*json.loads(pool))) if self.service.pools else None
-        return {"gave": found.shed() if found is not None else False}
+        return {"gave": found.shed(idle_only) if found is not None else False}
 
     @Cancel.responder
     def cancel(self, pid: int, secret: int) -> "Deferred[dict[str, Any]]":

@@ -17,7 +17,7 @@ import pickle
 import socket
 import sys
 from collections import Counter
-from typing import Any, Optional, Union
+from typing import Any, Hashable, Optional, Union
 
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, DeferredList, inlineCallbacks, succeed
@@ -44,6 +44,8 @@ log = Logger()
 RESTART_DELAY = 1.0
 #: How long workers have to finish at shutdown before they are killed.
 STOP_PATIENCE = 30.0
+#: How soon workers that had no server to give are asked again while a request waits.
+RECLAIM_RETRY = 0.1
 #: How long the master waits for a worker's statistics at shutdown.
 STATS_PATIENCE = 2.0
 
@@ -141,6 +143,7 @@ class Master(MultiService):
         #: worker, or freed by one of the same worker): logged at shutdown.
         self.lease_waits: list[float] = []
         self.cancels_forwarded = 0
+        self._retrying: set[Hashable] = set()
         self.restarts = 0
 
     def startService(self) -> None:
@@ -245,13 +248,25 @@ class Master(MultiService):
                 continue
             process = self.processes.get(action.worker)
             if process is None or process.link is None:
-                self.apply(self.ledger.reclaimed(action.pool, action.worker, False))
+                self._reclaimed(False, action.pool, action.worker)
                 continue
-            asking = process.link.callRemote(Reclaim, pool=action.pool)
-            asking.addCallbacks(
-                lambda answer, pool, worker: self.apply(self.ledger.reclaimed(pool, worker, answer["gave"])),
-                lambda _failure, pool, worker: self.apply(self.ledger.reclaimed(pool, worker, False)),
-                callbackArgs=(action.pool, action.worker), errbackArgs=(action.pool, action.worker))
+            asking = process.link.callRemote(Reclaim, pool=action.pool, idle_only=action.idle_only)
+            asking.addCallbacks(lambda answer: answer["gave"], lambda _failure: False)
+            asking.addCallback(self._reclaimed, action.pool, action.worker)
+
+    def _reclaimed(self, gave: bool, pool: Hashable, worker: int) -> None:
+        """A worker's answer to a reclaim. One that had nothing to give (its servers were
+        still connecting) is asked again shortly, so a waiting request is served within
+        a bounded time even when no server closes meanwhile."""
+        self.apply(self.ledger.reclaimed(pool, worker, gave))
+        if not gave and self.ledger.waiting(pool) and pool not in self._retrying:
+            self._retrying.add(pool)
+            self.reactor.callLater(RECLAIM_RETRY, self._retry, pool)
+
+    def _retry(self, pool: Hashable) -> None:
+        self._retrying.discard(pool)
+        if not self.stopping:
+            self.apply(self.ledger.retry(pool))
 
     # -- cancel ----------------------------------------------------------------------------
 

@@ -219,3 +219,55 @@ class PoolTests(SynchronousTestCase):
         waiting.cancel()
         self.failureResultOf(waiting)
         self.assertEqual(len(pool.waiters), 0)
+
+
+class ShedTests(SynchronousTestCase):
+    """Pool.shed: a server given up for another worker's waiting client."""
+
+    def test_idle_server_closes_at_once(self) -> None:
+        """The least recently used idle server is closed and leaves the pool."""
+        pool, servers, _ = make_pool(size=2)
+        pool.wait("a")
+        pool.wait("b")
+        first, second = servers.succeed_next(), servers.succeed_next()
+        pool.release(first)  # type: ignore[arg-type]
+        pool.release(second)  # type: ignore[arg-type]
+        self.assertTrue(pool.shed())
+        self.assertEqual(first.state, ServerState.CLOSED)
+        self.assertEqual(pool.idle, [second])
+
+    def test_busy_server_closes_when_released_not_handed_on(self) -> None:
+        """With none idle, the next busy server to come back closes even though a
+        client of this pool waits (the other worker's client is older)."""
+        pool, servers, _ = make_pool(size=1)
+        pool.wait("a")
+        server = servers.succeed_next()
+        waiting = pool.wait("b")
+        self.assertTrue(pool.shed())
+        pool.release(server)  # type: ignore[arg-type]
+        self.assertEqual(server.state, ServerState.CLOSED)
+        self.assertNoResult(waiting)
+
+    def test_whichever_busy_server_comes_back_first_closes(self) -> None:
+        """Asked for one of two busy servers, the first released closes; the other then
+        serves this pool's waiters again."""
+        pool, servers, _ = make_pool(size=2)
+        pool.wait("a")
+        pool.wait("b")
+        first, second = servers.succeed_next(), servers.succeed_next()
+        self.assertTrue(pool.shed())
+        pool.release(second)  # type: ignore[arg-type]
+        self.assertEqual(second.state, ServerState.CLOSED)
+        self.assertFalse(first.retiring)
+        waiting = pool.wait("c")
+        pool.release(first)  # type: ignore[arg-type]
+        self.assertIs(self.successResultOf(waiting), first)
+
+    def test_idle_only_and_nothing_to_give(self) -> None:
+        """idle_only leaves busy servers alone; a pool with nothing left says False."""
+        pool, servers, _ = make_pool(size=1)
+        pool.wait("a")
+        servers.succeed_next()
+        self.assertFalse(pool.shed(idle_only=True))
+        self.assertTrue(pool.shed())
+        self.assertFalse(pool.shed())  # (the one busy server is already owed)

@@ -339,3 +339,44 @@ class WorkersTests(TestCase):
     def test_cancel_across_workers_session_mode(self):
         """The same in session mode (the key's pid is the real backend's)."""
         return self.check_cancels_across_workers("session")
+
+    @inlineCallbacks
+    def test_no_starvation_across_workers(self):
+        """Pool size 2, 2 workers. Idle: worker 0 holds both servers idle, and a client
+        on worker 1 gets one within 2 s (wait_timeout is 10 s). Busy: worker 0's two
+        clients hold both in transactions while a third of its clients queues; worker
+        1's client still gets a server as soon as one of them commits, before worker 0
+        hands it on to its own next client."""
+        process, port = yield deferToThread(self.start, 2, {"size": 2, "wait_timeout": "10s"})
+
+        def scenario() -> tuple[float, float]:
+            clients = self.raw_clients(port, 2, {0: 3, 1: 1})
+            a, b, c = clients[0]
+            (other,) = clients[1]
+            for client in (a, b):
+                self.assertEqual(self.ask(client, "BEGIN; SELECT 1"), [])
+            for client in (a, b):
+                self.assertEqual(self.ask(client, "COMMIT"), [])
+            started = time.monotonic()
+            self.assertEqual(self.ask(other, "SELECT 1"), [])
+            idle_wait = time.monotonic() - started
+            # Busy: a and b in transactions (worker 0 takes back the server it gave).
+            for client in (a, b):
+                self.assertEqual(self.ask(client, "BEGIN; SELECT 1"), [])
+            other.sock.sendall(m.query("SELECT 2"))
+            time.sleep(0.3)  # (other's request is queued at the master first)
+            c.sock.sendall(m.query("SELECT 3"))
+            time.sleep(0.3)
+            started = time.monotonic()
+            self.assertEqual(self.ask(a, "COMMIT"), [])
+            other.until(other.ready + 1)
+            busy_wait = time.monotonic() - started
+            self.assertEqual(self.ask(b, "COMMIT"), [])
+            c.until(c.ready + 1)
+            self.assertEqual((other.errors, c.errors), ([], []))
+            return idle_wait, busy_wait
+
+        idle_wait, busy_wait = yield deferToThread(scenario)
+        print(f"idle hand-over {idle_wait * 1000:.0f} ms, busy hand-over {busy_wait * 1000:.0f} ms")
+        self.assertLess(idle_wait, 2.0)
+        self.assertLess(busy_wait, 2.0)
