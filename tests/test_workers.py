@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
+import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -21,7 +24,8 @@ from twisted.trial.unittest import TestCase
 
 from odissey.cancel import KeyLayout
 from odissey.wire import messages as m
-from tests.harness import APP_PASSWORD, USERS, Replies, direct, free_port, shared_postgres, trust_login_keyed
+from tests.harness import (APP_PASSWORD, USERS, Replies, direct, free_port, read_message,
+                           shared_postgres, trust_login_keyed)
 from tests.test_tap import BOOT, ROOT
 
 
@@ -380,3 +384,63 @@ class WorkersTests(TestCase):
         print(f"idle hand-over {idle_wait * 1000:.0f} ms, busy hand-over {busy_wait * 1000:.0f} ms")
         self.assertLess(idle_wait, 2.0)
         self.assertLess(busy_wait, 2.0)
+
+    @inlineCallbacks
+    def test_unix_socket_session_mode(self):
+        """A unix-socket listener shared by 2 workers (logins land on both), session mode
+        with pool size 3: 12 psycopg clients over the socket, never more than 3 server
+        connections; the socket file goes when Odissey stops."""
+        yield deferToThread(self.settle)
+        directory = Path(tempfile.mkdtemp(prefix="odissey-"))  # (a unix socket path is short)
+        self.addCleanup(shutil.rmtree, directory, True)
+        port = free_port()
+        path = directory / f".s.PGSQL.{port}"
+        process, _ = yield deferToThread(
+            self.start, 2, {"mode": "session", "size": 3}, [f"unix:{path}:mode=660"])
+
+        def logins() -> set[int]:
+            seen = set()
+            for _ in range(30):
+                with socket.socket(socket.AF_UNIX) as sock:
+                    sock.settimeout(10)
+                    sock.connect(str(path))
+                    sock.sendall(m.startup_message({"user": "u_trust", "database": "app"}))
+                    data = b""
+                    while True:
+                        kind, body, data = read_message(sock, data)
+                        if kind == b"K":
+                            seen.add(self.worker_of(m.parse_backend_key_data(body), 2))
+                            break
+            return seen
+
+        self.assertEqual((yield deferToThread(logins)), {0, 1})
+        samples: list[int] = []
+
+        def run() -> list[BaseException]:
+            failures: list[BaseException] = []
+
+            def client() -> None:
+                try:
+                    with self.connect(port, host=str(directory)) as conn:
+                        for _ in range(3):
+                            conn.execute("select pg_sleep(0.05)")
+                except BaseException as exc:
+                    failures.append(exc)
+
+            threads = [threading.Thread(target=client) for _ in range(12)]
+            with direct() as watcher:
+                for t in threads:
+                    t.start()
+                while any(t.is_alive() for t in threads):
+                    samples.append(backends(watcher))
+                    time.sleep(0.005)
+            for t in threads:
+                t.join()
+            return failures
+
+        self.assertEqual((yield deferToThread(run)), [])
+        print(f"{len(samples)} samples, max {max(samples)} server connections")
+        self.assertLessEqual(max(samples), 3)
+        self.assertGreaterEqual(max(samples), 2)
+        yield deferToThread(process.stop)
+        self.assertFalse(path.exists())
