@@ -34,8 +34,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from common import (PgbenchFailed, cpu_times, free_port, pgbench, postgres_cpu_seconds, start_floor,
-                    start_odissey, start_postgres, stop, wait_port)
+from common import (PgbenchFailed, free_port, pgbench, postgres_cpu_seconds, start_floor,
+                    start_odissey, start_postgres, stop, tree_cpu_times, wait_port)
 
 USER, PASSWORD, DB = "bench", "bench-pw", "bench"
 PROTOCOLS = ("simple", "extended", "prepared")
@@ -145,6 +145,9 @@ def main() -> None:
                         help="also Odissey (and with --floor the floor) under this PyPy interpreter")
     parser.add_argument("--warmup", type=int, default=0,
                         help="seconds of unmeasured pgbench per target first (PyPy's JIT)")
+    parser.add_argument("--workers", type=clients_list, default=[],
+                        help="also Odissey with these numbers of worker processes (e.g. 2,4); its "
+                             "CPU is the master's and all workers'")
     parser.add_argument("--try-unsupported", action="store_true",
                         help="run -M prepared through a PgBouncer without prepared statements too")
     args = parser.parse_args()
@@ -179,6 +182,13 @@ def main() -> None:
                                                 pool_size=args.pool_size, workdir=workdir)
         procs.append(odissey)
         targets["odissey"] = (port, odissey.pid)
+        for workers in args.workers:
+            name = f"odissey-w{workers}"
+            proc, port, _package = start_odissey(pg.port, USER, PASSWORD, DB, mode=args.mode,
+                                                 pool_size=args.pool_size, workdir=workdir,
+                                                 name=name, extra=f"workers: {workers}\n")
+            procs.append(proc)
+            targets[name] = (port, proc.pid)
         if args.pypy:
             proc, port, _package = start_odissey(pg.port, USER, PASSWORD, DB, mode=args.mode,
                                                  pool_size=args.pool_size, workdir=workdir,
@@ -213,7 +223,7 @@ def main() -> None:
                         if skip_reason(name, protocol):
                             continue
                         key = (name, clients, protocol)
-                        user_before, system_before = cpu_times(pid) if pid else (0.0, 0.0)
+                        user_before, system_before = tree_cpu_times(pid) if pid else (0.0, 0.0)
                         server_before = postgres_cpu_seconds(pg)
                         try:
                             tps = pgbench_load(port, protocol, clients, args.jobs, args.seconds)
@@ -227,7 +237,7 @@ def main() -> None:
                         server_cpu.setdefault(key, []).append(
                             (postgres_cpu_seconds(pg) - server_before) / transactions * 1e6)
                         if pid:
-                            user, system = cpu_times(pid)
+                            user, system = tree_cpu_times(pid)
                             user = (user - user_before) / transactions * 1e6
                             system = (system - system_before) / transactions * 1e6
                             pooler_user.setdefault(key, []).append(user)
@@ -290,6 +300,11 @@ def main() -> None:
     finally:
         for proc in procs:
             stop(proc)
+        for workers in args.workers:  # the masters' totals, logged as they stopped
+            log = Path(workdir) / f"odissey-w{workers}.log"
+            for line in (log.read_text().splitlines() if log.exists() else ()):
+                if "leases:" in line:
+                    print(f"odissey-w{workers}: {line.split('] ', 1)[-1]}")
         if pg is not None:
             pg.stop()
         shutil.rmtree(workdir, ignore_errors=True)

@@ -8,8 +8,9 @@ waiting request, ask a worker to give a server up); it does no I/O and reads no 
 No starvation: a worker whose request waits while the pool is full gets a server
 taken from another worker (:class:`Reclaim`, answered with :meth:`Ledger.reclaimed`):
 any server, busy ones included (the next to come back), when it holds none at all or
-when the other holds at least two more than it does; otherwise only an idle one (a
-server nobody waits for is better used where somebody does). Busy splits that differ
+when the other holds at least two more than it does; otherwise only a spare idle one
+(a server nobody has needed for a while is better used where somebody waits; the
+worker decides what is spare, see ``Pool.shed``). Busy splits that differ
 by one are left alone, so two busy workers settle instead of taking connections from
 each other on every transaction; a pool of size 1 shared by two busy workers does
 change hands, at the cost of one connect per hand-over.

@@ -31,6 +31,10 @@ from odissey.wire.errors import PoolerError
 log = Logger()
 
 Connector = Callable[[], "Deferred[ServerConnection]"]
+
+#: How long a server must have been idle before another worker may take it while this
+#: one still has its share (see :meth:`Pool.shed`).
+SPARE_AFTER = 0.5
 ServerConnector = Callable[[IReactorTime, Route, str, str], "Deferred[ServerConnection]"]
 
 
@@ -381,9 +385,15 @@ class Pool:
         idle and unless ``idle_only``, the next busy one to come back, whichever it is,
         closes instead of serving this pool's next waiter. Every busy server is marked
         ``retiring`` (release's existing check, so the hot path pays nothing) until as
-        many have closed as were asked for. False when there is nothing to give."""
+        many have closed as were asked for. ``idle_only`` takes only a *spare* server,
+        idle for SPARE_AFTER at least as the janitor saw it: under transaction pooling a
+        busy worker's servers are idle for moments between transactions, and taking
+        those would move servers between workers all the time, a connect each. False
+        when there is nothing to give."""
         if self.idle:
-            server = self.idle[0]
+            server = self.idle[0]  # (the least recently released)
+            if idle_only and (server.touched or self.reactor.seconds() - server.used_at < SPARE_AFTER):
+                return False
             self._leave_idle(server)
             server.owner = None
             server.close()

@@ -6,7 +6,7 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from odissey import config
-from odissey.pool import Pool, PoolKey
+from odissey.pool import SPARE_AFTER, Pool, PoolKey
 from odissey.server import ServerState
 from odissey.testing import FakeServers
 from odissey.wire.errors import PoolerError
@@ -262,6 +262,21 @@ class ShedTests(SynchronousTestCase):
         waiting = pool.wait("c")
         pool.release(first)  # type: ignore[arg-type]
         self.assertIs(self.successResultOf(waiting), first)
+
+    def test_idle_only_takes_only_a_spare_server(self) -> None:
+        """idle_only takes an idle server only once the janitor has seen it idle for
+        SPARE_AFTER: not one released a moment ago between two transactions."""
+        pool, servers, clock = make_pool(size=1)
+        pool.wait("a")
+        server = servers.succeed_next()
+        server.touched = True
+        pool.release(server)  # type: ignore[arg-type]
+        self.assertFalse(pool.shed(idle_only=True))
+        pool.maintain()  # (the janitor notes when it was used)
+        self.assertFalse(pool.shed(idle_only=True))
+        clock.advance(SPARE_AFTER)
+        self.assertTrue(pool.shed(idle_only=True))
+        self.assertEqual(server.state, ServerState.CLOSED)
 
     def test_idle_only_and_nothing_to_give(self) -> None:
         """idle_only leaves busy servers alone; a pool with nothing left says False."""
