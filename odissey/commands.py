@@ -2,8 +2,8 @@
 
 Only the connect/close path and rare events cross processes: a lease per server
 connection opened, its return when the connection closes, a reclaim when another
-worker starves, a cancel whose key another worker issued, and statistics. Nothing per
-transaction. A pool is named by :func:`pool_name`, the same string on both sides.
+worker starves, a cancel whose key another worker issued, one admission per client
+login and its end (client limits), and statistics. Nothing per transaction. A pool is named by :func:`pool_name`, the same string on both sides.
 """
 
 from __future__ import annotations
@@ -50,6 +50,22 @@ class Cancel(amp.Command):
 
     arguments = [(b"pid", amp.Integer()), (b"secret", amp.Integer())]
     response = []
+
+
+class Admit(amp.Command):
+    """Worker -> master: may one more client of this route log in? ``refused`` is ""
+    (yes), "clients" (limits.max_clients is reached) or "route" (its max_clients is)."""
+
+    arguments = [(b"route", amp.Integer())]
+    response = [(b"refused", amp.Unicode())]
+
+
+class Leave(amp.Command):
+    """Worker -> master: a client admitted for this route has gone."""
+
+    arguments = [(b"route", amp.Integer())]
+    response = []
+    requiresAnswer = False
 
 
 class Stats(amp.Command):

@@ -26,7 +26,7 @@ from twisted.protocols import amp
 from twisted.python.failure import Failure
 
 from odissey.cancel import KeyLayout
-from odissey.commands import Cancel, Lease, Reclaim, Release, Stats, pool_name
+from odissey.commands import Admit, Cancel, Lease, Leave, Reclaim, Release, Stats, pool_name
 from odissey.config import Config, Route
 from odissey.pool import PoolKey, ServerConnector
 from odissey.server import ServerConnection
@@ -47,6 +47,15 @@ class MasterLink(amp.AMP):
     def release(self, pool: str) -> None:
         if self.transport is not None and not self.lost.called:
             self.callRemote(Release, pool=pool)
+
+    def admit(self, route_index: int) -> "Deferred[str]":
+        """:class:`~odissey.client.Admission`: the master counts every worker's clients."""
+        asking = self.callRemote(Admit, route=route_index)
+        return asking.addCallback(lambda answer: answer["refused"])
+
+    def left(self, route_index: int) -> None:
+        if self.transport is not None and not self.lost.called:
+            self.callRemote(Leave, route=route_index)
 
     @Reclaim.responder
     def reclaim(self, pool: str, idle_only: bool) -> dict[str, Any]:
@@ -125,6 +134,7 @@ class WorkerService(OdisseyService):
         super().build()
         assert self.factory is not None
         self.factory.elsewhere = self._cancel_elsewhere
+        self.factory.admission = self.link
 
     def _cancel_elsewhere(self, pid: int, secret: int) -> "Deferred[None]":
         """A key this worker did not issue: another worker's, reached through the master."""

@@ -16,7 +16,7 @@ import os
 import pickle
 import socket
 import sys
-from collections import Counter
+from collections import Counter, defaultdict
 from typing import Any, Hashable, Optional, Union
 
 from twisted.application.service import MultiService
@@ -31,7 +31,7 @@ from twisted.python.failure import Failure
 import odissey
 from odissey.auth.secrets import reactor_threads
 from odissey.cancel import KeyLayout
-from odissey.commands import Cancel, Lease, Reclaim, Release, Stats
+from odissey.commands import Admit, Cancel, Lease, Leave, Reclaim, Release, Stats
 from odissey.config import Config
 from odissey.leases import Action, Grant, Ledger
 from odissey.postgres import LocalPostgres
@@ -82,6 +82,15 @@ class WorkerLink(amp.AMP):
     @Cancel.responder
     def cancel(self, pid: int, secret: int) -> "Deferred[dict[str, Any]]":
         return self.master.cancel(self.number, pid, secret).addCallback(lambda _: {})
+
+    @Admit.responder
+    def admit(self, route: int) -> dict[str, Any]:
+        return {"refused": self.master.admit(self.number, route)}
+
+    @Leave.responder
+    def leave(self, route: int) -> dict[str, Any]:
+        self.master.clients[self.number][route] -= 1
+        return {}
 
 
 class _Ticket:
@@ -143,6 +152,8 @@ class Master(MultiService):
         #: worker, or freed by one of the same worker): logged at shutdown.
         self.lease_waits: list[float] = []
         self.cancels_forwarded = 0
+        #: Logged-in clients per worker, by route index (for the global client limits).
+        self.clients: defaultdict[int, Counter[int]] = defaultdict(Counter)
         self._retrying: set[Hashable] = set()
         self.restarts = 0
 
@@ -209,6 +220,7 @@ class Master(MultiService):
         if process.link is not None and process.link.transport is not None:
             process.link.transport.loseConnection()
         self.apply(self.ledger.forget(number))
+        self.clients.pop(number, None)
         how = reason.value
         if self.stopping:
             log.info("worker {number} stopped, pid {pid} ({how})", number=number, pid=process.pid, how=how)
@@ -267,6 +279,19 @@ class Master(MultiService):
         self._retrying.discard(pool)
         if not self.stopping:
             self.apply(self.ledger.retry(pool))
+
+    # -- client limits -------------------------------------------------------------------
+
+    def admit(self, worker: int, route: int) -> str:
+        """Count one more client of ``route`` on ``worker`` unless a limit says no:
+        limits.max_clients over all workers ("clients"), the route's max_clients ("route")."""
+        if sum(sum(counts.values()) for counts in self.clients.values()) >= self.config.limits.max_clients:
+            return "clients"
+        limit = self.config.routes[route].pool.max_clients
+        if limit and sum(counts[route] for counts in self.clients.values()) >= limit:
+            return "route"
+        self.clients[worker][route] += 1
+        return ""
 
     # -- cancel ----------------------------------------------------------------------------
 

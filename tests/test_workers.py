@@ -81,13 +81,15 @@ class Process:
 class WorkersTests(TestCase):
     timeout = 240
 
-    def start(self, workers: int, pool: dict[str, Any] | None = None, listen: list[str] | None = None) -> tuple[Process, int]:
+    def start(self, workers: int, pool: dict[str, Any] | None = None, listen: list[str] | None = None,
+              limits: dict[str, Any] | None = None) -> tuple[Process, int]:
         """Odissey with ``workers`` workers: route app/app (scram) and u_trust (trust)."""
         pg = shared_postgres()
         port = free_port()
         pool_settings = {"mode": "transaction", "size": 4, "wait_timeout": "10s", **(pool or {})}
         document = {
             "workers": workers,
+            "limits": limits or {},
             "listen": listen or [f"tcp:{port}:interface=127.0.0.1"],
             "storages": {"pg": {"host": pg.socket_dir, "port": pg.port}},
             "routes": [
@@ -444,3 +446,38 @@ class WorkersTests(TestCase):
         self.assertGreaterEqual(max(samples), 2)
         yield deferToThread(process.stop)
         self.assertFalse(path.exists())
+
+    @inlineCallbacks
+    def test_client_limits_are_global(self):
+        """limits.max_clients 6 and app's route max_clients 4 hold over 3 workers: the
+        fifth app client and the seventh client in all get 53300, wherever they land;
+        once one leaves, a newcomer gets in."""
+        _process, port = yield deferToThread(self.start, 3, {"size": 2, "max_clients": 4}, None, {"max_clients": 6})
+
+        def scenario() -> tuple[str, str, list[int]]:
+            app = [self.connect(port) for _ in range(4)]
+            with self.assertRaises(psycopg.OperationalError) as route_full:
+                self.connect(port)
+            trusted = [self.connect(port, "u_trust") for _ in range(2)]
+            with self.assertRaises(psycopg.OperationalError) as all_full:
+                self.connect(port, "u_trust")
+            app.pop().close()
+            deadline = time.monotonic() + 10
+            while True:  # (the worker tells the master when it sees the client go)
+                try:
+                    trusted.append(self.connect(port, "u_trust"))
+                    break
+                except psycopg.OperationalError:
+                    self.assertLess(time.monotonic(), deadline, "a client's leaving was never counted")
+                    time.sleep(0.05)
+            answers = [conn.execute("select 1").fetchone()[0] for conn in app + trusted]
+            for conn in app + trusted:
+                conn.close()
+            return str(route_full.exception), str(all_full.exception), answers
+
+        route_full, all_full, answers = yield deferToThread(scenario)
+        self.assertIn('too many clients for database "app" user "app" (max_clients 4)', route_full)
+        self.assertIn("sorry, too many clients already", all_full)
+        self.assertEqual(answers, [1] * 6)
+        seen = yield deferToThread(self.spread, port, 3)
+        self.assertEqual(seen, {0, 1, 2})  # (the clients above were spread as these logins are)
