@@ -88,9 +88,6 @@ class _Adopted:
         self.port.stopReading()
         return succeed(None)
 
-    def getHost(self) -> Any:
-        return self.port.getHost()
-
 
 class WorkerService(OdisseyService):
     """An :class:`OdisseyService` that adopts the master's listeners, leases server

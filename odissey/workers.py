@@ -29,7 +29,7 @@ from twisted.protocols import amp
 from twisted.python.failure import Failure
 
 import odissey
-from odissey.auth.secrets import reactor_threads
+from odissey.auth.secrets import InThread, reactor_threads
 from odissey.cancel import KeyLayout
 from odissey.commands import Admit, Cancel, Lease, Leave, Reclaim, Release, Stats
 from odissey.config import Config
@@ -129,7 +129,7 @@ class Master(MultiService):
     """The twistd service when ``workers`` is more than 1. ``ready`` fires with the
     listening ports once every worker has been started."""
 
-    def __init__(self, config: Config, reactor: Any = None) -> None:
+    def __init__(self, config: Config, reactor: Any = None, threads: Optional[InThread] = None) -> None:
         super().__init__()
         if reactor is None:
             from twisted.internet import reactor as default_reactor
@@ -137,7 +137,7 @@ class Master(MultiService):
             reactor = default_reactor
         self.reactor = reactor
         self.config = config
-        self.threads = reactor_threads(reactor)
+        self.threads = threads if threads is not None else reactor_threads(reactor)
         self.managed: dict[str, LocalPostgres] = {
             name: managed_postgres(s) for name, s in config.storages.items() if s.managed
         }
@@ -338,6 +338,7 @@ class Master(MultiService):
         yield super().stopService()
         if self._starting is not None and not self._starting.called:
             yield self._starting
+        self.stopping = True  # (from now on a worker that ends is not restarted)
         totals = yield self.gather()
         pools = ", ".join(f"{pool}: {c['active']} active, {c['idle']} idle"
                           for pool, c in sorted(totals["pools"].items())) or "no pools"
@@ -349,7 +350,6 @@ class Master(MultiService):
                  n=len(waits), p50=percentile(waits, 0.5) * 1000 if waits else 0.0,
                  p99=percentile(waits, 0.99) * 1000 if waits else 0.0,
                  cancels=self.cancels_forwarded, restarts=self.restarts)
-        self.stopping = True
         ended = [process.ended for process in self.processes.values()]
         for process in list(self.processes.values()):
             process.transport.signalProcess("TERM")

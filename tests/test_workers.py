@@ -20,13 +20,21 @@ import psycopg
 import yaml
 from twisted.internet.defer import inlineCallbacks
 from twisted.internet.threads import deferToThread
-from twisted.trial.unittest import TestCase
+from twisted.internet.defer import Deferred
+from twisted.internet.error import ProcessTerminated
+from twisted.internet.testing import MemoryReactorClock
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 
+from odissey import config
 from odissey.cancel import KeyLayout
+from odissey.commands import Cancel, Reclaim
 from odissey.wire import messages as m
 from tests.harness import (APP_PASSWORD, USERS, Replies, direct, free_port, read_message,
                            shared_postgres, trust_login_keyed)
-from tests.test_tap import BOOT, ROOT
+from odissey.testing import in_this_thread
+from odissey.workers import RECLAIM_RETRY, RESTART_DELAY, Master, WorkerProcess
+from tests.test_tap import BOOT, PYPY, ROOT
 
 
 def backends(conn: psycopg.Connection | None = None, user: str = "app") -> int:
@@ -41,9 +49,9 @@ def backends(conn: psycopg.Connection | None = None, user: str = "app") -> int:
 class Process:
     """A ``twistd -n odissey`` process; its output is collected by a thread."""
 
-    def __init__(self, config_path: str) -> None:
+    def __init__(self, config_path: str, interpreter: str = sys.executable) -> None:
         self.proc = subprocess.Popen(
-            [sys.executable, *BOOT, "--pidfile=", "-n", "odissey", "-c", config_path],
+            [interpreter, *BOOT, "--pidfile=", "-n", "odissey", "-c", config_path],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
         self.lines: list[str] = []
         self.reader = threading.Thread(target=self._read, daemon=True)
@@ -82,7 +90,7 @@ class WorkersTests(TestCase):
     timeout = 240
 
     def start(self, workers: int, pool: dict[str, Any] | None = None, listen: list[str] | None = None,
-              limits: dict[str, Any] | None = None) -> tuple[Process, int]:
+              limits: dict[str, Any] | None = None, interpreter: str = sys.executable) -> tuple[Process, int]:
         """Odissey with ``workers`` workers: route app/app (scram) and u_trust (trust)."""
         pg = shared_postgres()
         port = free_port()
@@ -101,7 +109,7 @@ class WorkersTests(TestCase):
         }
         path = Path(self.mktemp() + ".yaml").resolve()
         path.write_text(yaml.safe_dump(document))
-        process = Process(str(path))
+        process = Process(str(path), interpreter)
         self.addCleanup(process.stop)
         for number in range(workers):
             process.wait_for(rf"\[worker {number}\] accepting on")
@@ -481,3 +489,118 @@ class WorkersTests(TestCase):
         self.assertEqual(answers, [1] * 6)
         seen = yield deferToThread(self.spread, port, 3)
         self.assertEqual(seen, {0, 1, 2})  # (the clients above were spread as these logins are)
+
+    @inlineCallbacks
+    def test_pypy_master_starts_pypy_workers(self):
+        """A master running on PyPy starts its workers on the same PyPy, and they serve."""
+        if not os.access(PYPY, os.X_OK):
+            raise SkipTest(f"no PyPy at {PYPY}")
+        process, port = yield deferToThread(self.start, 2, None, None, None, PYPY)
+        for number in range(2):
+            pid = int(process.wait_for(rf"worker {number} started, pid (\d+)").group(1))
+            self.assertEqual(os.path.realpath(f"/proc/{pid}/exe"), os.path.realpath(PYPY))
+        with (yield deferToThread(self.connect, port)) as conn:
+            self.assertEqual(conn.execute("select 42").fetchone()[0], 42)
+        self.assertEqual((yield deferToThread(self.spread, port, 2)), {0, 1})
+
+
+class _FakeLink:
+    """A worker's AMP link as the master sees it: records calls, answers on demand."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[Any, dict[str, Any], Deferred[Any]]] = []
+        self.transport = None
+
+    def callRemote(self, command: Any, **arguments: Any) -> "Deferred[Any]":
+        answer: Deferred[Any] = Deferred()
+        self.calls.append((command, arguments, answer))
+        return answer
+
+
+class MasterTests(SynchronousTestCase):
+    """The master's bookkeeping on a fake clock, with fake worker links (no processes)."""
+
+    def setUp(self) -> None:
+        document = {
+            "workers": 3, "listen": ["tcp:0"], "limits": {"max_clients": 3},
+            "storages": {"pg": {"host": "127.0.0.1"}},
+            "routes": [{"database": "db", "user": "u", "storage": "pg", "auth": {"method": "trust"},
+                        "pool": {"max_clients": 2}},
+                       {"database": "db", "user": "v", "storage": "pg", "auth": {"method": "trust"}}],
+        }
+        self.clock = MemoryReactorClock()
+        self.master = Master(config.parse(document), self.clock, in_this_thread)
+        self.links = {}
+        for number in range(3):
+            process = WorkerProcess(self.master, number, b"")
+            process.link = self.links[number] = _FakeLink()  # type: ignore[assignment]
+            self.master.processes[number] = process
+        self.spawned: list[int] = []
+        self.master.spawn = self.spawned.append  # type: ignore[method-assign]
+
+    def secret_of(self, worker: int) -> int:
+        return KeyLayout.of(0, False, worker, 3).secret(12345)
+
+    def test_cancel_goes_to_the_owner_once(self) -> None:
+        """A key of worker 2 received by worker 0 is sent to worker 2 only, and the
+        sender's answer waits for the owner's; a key of the sender's own is not sent."""
+        done = self.master.cancel(0, 77, self.secret_of(2))
+        ((command, arguments, answer),) = self.links[2].calls
+        self.assertEqual((command, arguments), (Cancel, {"pid": 77, "secret": self.secret_of(2)}))
+        self.assertNoResult(done)
+        answer.callback({})
+        self.successResultOf(done)
+        self.successResultOf(self.master.cancel(1, 77, self.secret_of(1)))
+        self.assertEqual((self.links[0].calls, self.links[1].calls), ([], []))
+        self.assertEqual(self.master.cancels_forwarded, 1)
+
+    def test_starving_worker_gets_a_reclaimed_server(self) -> None:
+        """Worker 0 holds the pool's only lease; worker 1's request makes the master ask
+        worker 0 for it, and is granted when worker 0 releases it."""
+        self.successResultOf(self.master.lease(0, "p", 1))
+        waiting = self.master.lease(1, "p", 1)
+        ((command, arguments, answer),) = self.links[0].calls
+        self.assertEqual((command, arguments), (Reclaim, {"pool": "p", "idle_only": False}))
+        answer.callback({"gave": True})
+        self.clock.advance(0.25)
+        self.assertNoResult(waiting)
+        self.master.apply(self.master.ledger.release("p", 0))
+        self.successResultOf(waiting)
+        self.assertEqual(self.master.lease_waits, [0.25])  # (what the shutdown line reports)
+
+    def test_refused_reclaim_is_asked_again(self) -> None:
+        """A worker with nothing to give (its server still connecting) is asked again
+        after RECLAIM_RETRY while the request waits."""
+        self.master.lease(0, "p", 1)
+        self.master.lease(1, "p", 1)
+        self.links[0].calls[0][2].callback({"gave": False})
+        self.assertEqual(len(self.links[0].calls), 1)
+        self.clock.advance(RECLAIM_RETRY)
+        self.assertEqual(len(self.links[0].calls), 2)
+
+    def test_dead_worker_restarts_and_gives_back(self) -> None:
+        """A worker that dies has its leases and clients given back and is restarted,
+        at most once a RESTART_DELAY after its previous start."""
+        self.master.lease(0, "p", 1)
+        waiting = self.master.lease(1, "p", 1)
+        self.assertEqual(self.master.admit(0, 0), "")
+        process = self.master.processes[0]
+        process.started_at = self.clock.seconds()
+        self.master.ended(process, Failure(ProcessTerminated(signal=9)))
+        self.successResultOf(waiting)
+        self.assertEqual(self.master.admit(1, 0), "")
+        self.assertEqual(self.master.admit(2, 0), "")  # (worker 0's client no longer counts)
+        self.assertEqual(self.spawned, [])
+        self.clock.advance(RESTART_DELAY)
+        self.assertEqual(self.spawned, [0])
+        self.assertEqual(self.master.restarts, 1)
+
+    def test_client_limits_over_workers(self) -> None:
+        """The route's max_clients (2) and limits.max_clients (3) count every worker."""
+        self.assertEqual(self.master.admit(0, 0), "")
+        self.assertEqual(self.master.admit(1, 0), "")
+        self.assertEqual(self.master.admit(2, 0), "route")
+        self.assertEqual(self.master.admit(2, 1), "")
+        self.assertEqual(self.master.admit(0, 1), "clients")
+        self.master.clients[1][0] -= 1  # (what Leave does)
+        self.assertEqual(self.master.admit(0, 1), "")
