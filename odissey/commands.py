@@ -21,10 +21,21 @@ def pool_name(key: Sequence[object]) -> str:
 
 class Lease(amp.Command):
     """Worker -> master: may I open one more server connection of this pool? Answered
-    once the lease is granted (it may wait: the pool's size is global)."""
+    once the lease is granted (it may wait: the pool's size is global), or with
+    ``granted`` false once the worker has withdrawn the request. ``request`` is the
+    worker's number for it."""
 
-    arguments = [(b"pool", amp.Unicode()), (b"size", amp.Integer())]
+    arguments = [(b"pool", amp.Unicode()), (b"size", amp.Integer()), (b"request", amp.Integer())]
+    response = [(b"granted", amp.Boolean())]
+
+
+class Withdraw(amp.Command):
+    """Worker -> master: nobody needs that waiting lease request any more (its clients
+    were served by servers that came back); drop it unless it is already granted."""
+
+    arguments = [(b"pool", amp.Unicode()), (b"request", amp.Integer())]
     response = []
+    requiresAnswer = False
 
 
 class Release(amp.Command):

@@ -93,6 +93,17 @@ class Ledger:
         leases.refused.add(worker)
         return self._serve(pool, leases)
 
+    def withdraw(self, pool: Hashable, ticket: object) -> bool:
+        """Drop a waiting request; False when it is not waiting (granted already)."""
+        leases = self._pools.get(pool)
+        if leases is None:
+            return False
+        for entry in leases.waiting:
+            if entry[1] is ticket:
+                leases.waiting.remove(entry)
+                return True
+        return False
+
     def retry(self, pool: Hashable) -> list[Action]:
         """Ask again the workers that had nothing to give (a server that was still
         connecting then may be idle now), for the requests still waiting."""

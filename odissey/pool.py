@@ -38,6 +38,11 @@ SPARE_AFTER = 0.5
 ServerConnector = Callable[[IReactorTime, Route, str, str], "Deferred[ServerConnection]"]
 
 
+class Withdrawn(Exception):
+    """A connector gave a connection attempt up because nobody needed it any more (see
+    :meth:`Pool.surplus`): not a failure of the storage."""
+
+
 class PoolKey(NamedTuple):
     database: str
     user: str
@@ -305,6 +310,8 @@ class Pool:
         """One round of failures (attempts started before the last failure was seen, which
         fail together in an outage) doubles the back-off once, not once each."""
         self.opening -= 1
+        if failure.check(Withdrawn):
+            return
         error = failure.value
         if not isinstance(error, PoolerError):
             error = PoolerError(errors.CONNECTION_FAILURE, f"could not connect to server: {error}")
@@ -378,6 +385,12 @@ class Pool:
         if not self.closed and not self.waiters and now >= self.retry_at:
             while self.total < settings.min_size:
                 self._open()
+
+    def surplus(self) -> int:
+        """Connection attempts in progress that no waiter (nor min_size) needs now: their
+        waiters were served by servers that came back meanwhile."""
+        needed = max(self._wanted(), self.route.pool.min_size - len(self.idle) - len(self.active))
+        return max(0, self.opening - needed)
 
     def shed(self, idle_only: bool = False) -> bool:
         """Give one server up for a client of another worker (whose master holds the

@@ -11,6 +11,7 @@ connection closes, and a cancel whose key another worker issued.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import pickle
@@ -19,6 +20,7 @@ import socket
 import sys
 from typing import Any, Optional
 
+from twisted.application.internet import TimerService
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.protocol import Factory
 from twisted.logger import FileLogObserver, Logger, formatEvent, formatTime, globalLogBeginner
@@ -26,9 +28,10 @@ from twisted.protocols import amp
 from twisted.python.failure import Failure
 
 from odissey.cancel import KeyLayout
-from odissey.commands import Admit, Cancel, Lease, Leave, Reclaim, Release, Stats, pool_name
+from odissey.commands import Admit, Cancel, Lease, Leave, Reclaim, Release, Stats, Withdraw, pool_name
 from odissey.config import Config, Route
-from odissey.pool import PoolKey, ServerConnector
+from odissey.janitor import PERIOD
+from odissey.pool import PoolKey, ServerConnector, Withdrawn
 from odissey.server import ServerConnection
 from odissey.service import OdisseyService
 
@@ -101,6 +104,9 @@ class WorkerService(OdisseyService):
         self.workers = workers
         self.listeners = listeners
         self.link: Optional[MasterLink] = None
+        self._requests = itertools.count(1)
+        #: Lease requests still waiting at the master, oldest first, by pool name.
+        self.waiting: dict[str, list[int]] = {}
 
     def key_layout(self) -> KeyLayout:
         return KeyLayout.of(0, False, self.number, self.workers)
@@ -110,8 +116,14 @@ class WorkerService(OdisseyService):
             link = self.link
             assert link is not None
             name = pool_name(PoolKey.of(route, database, user))
+            request = next(self._requests)
+            waiting = self.waiting.setdefault(name, [])
+            waiting.append(request)
 
-            def granted(_: object) -> "Deferred[ServerConnection]":
+            def granted(answer: dict[str, Any]) -> "Deferred[ServerConnection]":
+                waiting.remove(request)
+                if not answer["granted"]:
+                    raise Withdrawn()
                 return connect(reactor, route, database, user).addCallbacks(opened, failed)
 
             def opened(server: ServerConnection) -> ServerConnection:
@@ -122,13 +134,29 @@ class WorkerService(OdisseyService):
                 link.release(name)
                 return failure
 
-            asking = link.callRemote(Lease, pool=name, size=route.pool.size)
+            asking = link.callRemote(Lease, pool=name, size=route.pool.size, request=request)
             return asking.addCallback(granted)
 
         return leased
 
+    def withdraw_surplus(self) -> None:
+        """Withdraw the newest lease requests still waiting at the master that no client
+        needs now (see Pool.surplus): left there, they would be granted ahead of other
+        workers' clients and open servers nobody uses. Runs with the janitor's period."""
+        link = self.link
+        if link is None or self.pools is None:
+            return
+        for name, waiting in self.waiting.items():
+            pool = self.pools.pools.get(PoolKey(*json.loads(name))) if waiting else None
+            surplus = pool.surplus() if pool is not None else 0
+            for request in waiting[len(waiting) - min(surplus, len(waiting)):]:
+                link.callRemote(Withdraw, pool=name, request=request)
+
     def build(self) -> None:
         super().build()
+        withdrawing = TimerService(PERIOD, self.withdraw_surplus)
+        withdrawing.clock = self.reactor
+        withdrawing.setServiceParent(self)
         assert self.factory is not None
         self.factory.elsewhere = self._cancel_elsewhere
         self.factory.admission = self.link

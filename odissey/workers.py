@@ -31,7 +31,7 @@ from twisted.python.failure import Failure
 import odissey
 from odissey.auth.secrets import InThread, reactor_threads
 from odissey.cancel import KeyLayout
-from odissey.commands import Admit, Cancel, Lease, Leave, Reclaim, Release, Stats
+from odissey.commands import Admit, Cancel, Lease, Leave, Reclaim, Release, Stats, Withdraw
 from odissey.config import Config
 from odissey.leases import Action, Grant, Ledger
 from odissey.postgres import LocalPostgres
@@ -71,8 +71,13 @@ class WorkerLink(amp.AMP):
         self.number = number
 
     @Lease.responder
-    def lease(self, pool: str, size: int) -> "Deferred[dict[str, Any]]":
-        return self.master.lease(self.number, pool, size)
+    def lease(self, pool: str, size: int, request: int) -> "Deferred[dict[str, Any]]":
+        return self.master.lease(self.number, pool, size, request)
+
+    @Withdraw.responder
+    def withdraw(self, pool: str, request: int) -> dict[str, Any]:
+        self.master.withdraw(self.number, pool, request)
+        return {}
 
     @Release.responder
     def release(self, pool: str) -> dict[str, Any]:
@@ -152,6 +157,8 @@ class Master(MultiService):
         #: worker, or freed by one of the same worker): logged at shutdown.
         self.lease_waits: list[float] = []
         self.cancels_forwarded = 0
+        #: Lease requests waiting in the ledger, by (worker, the worker's request number).
+        self.waiting: dict[tuple[int, int], _Ticket] = {}
         #: Logged-in clients per worker, by route index (for the global client limits).
         self.clients: defaultdict[int, Counter[int]] = defaultdict(Counter)
         self._retrying: set[Hashable] = set()
@@ -221,6 +228,7 @@ class Master(MultiService):
             process.link.transport.loseConnection()
         self.apply(self.ledger.forget(number))
         self.clients.pop(number, None)
+        self.waiting = {key: ticket for key, ticket in self.waiting.items() if key[0] != number}
         how = reason.value
         if self.stopping:
             log.info("worker {number} stopped, pid {pid} ({how})", number=number, pid=process.pid, how=how)
@@ -237,18 +245,27 @@ class Master(MultiService):
 
     # -- leases ----------------------------------------------------------------------------
 
-    def lease(self, worker: int, pool: str, size: int) -> "Deferred[dict[str, Any]]":
+    def lease(self, worker: int, pool: str, size: int, request: int) -> "Deferred[dict[str, Any]]":
         ticket = _Ticket(self.reactor.seconds())
         actions = self.ledger.request(pool, size, worker, ticket)
         immediate = bool(actions) and actions[-1] == Grant(worker, ticket)
-        self.apply(actions)
         if not immediate:
-            ticket.granted.addCallback(self._waited, ticket)
+            self.waiting[worker, request] = ticket
+            ticket.granted.addCallback(self._waited, ticket, worker, request)
+        self.apply(actions)
         return ticket.granted
 
-    def _waited(self, result: dict[str, Any], ticket: _Ticket) -> dict[str, Any]:
-        self.lease_waits.append(self.reactor.seconds() - ticket.asked_at)
+    def _waited(self, result: dict[str, Any], ticket: _Ticket, worker: int, request: int) -> dict[str, Any]:
+        self.waiting.pop((worker, request), None)
+        if result["granted"]:
+            self.lease_waits.append(self.reactor.seconds() - ticket.asked_at)
         return result
+
+    def withdraw(self, worker: int, pool: str, request: int) -> None:
+        """A worker no longer needs a request that is waiting (if it still is)."""
+        ticket = self.waiting.get((worker, request))
+        if ticket is not None and self.ledger.withdraw(pool, ticket):
+            ticket.granted.callback({"granted": False})
 
     def apply(self, actions: list[Action]) -> None:
         """Do what the ledger decided: answer granted requests, ask workers for servers."""
@@ -256,7 +273,7 @@ class Master(MultiService):
             if isinstance(action, Grant):
                 ticket = action.ticket
                 assert isinstance(ticket, _Ticket)
-                ticket.granted.callback({})
+                ticket.granted.callback({"granted": True})
                 continue
             process = self.processes.get(action.worker)
             if process is None or process.link is None:

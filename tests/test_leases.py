@@ -76,6 +76,17 @@ class LedgerTests(TestCase):
         self.assertEqual(ledger.reclaimed("p", 1, False), [])
         self.assertEqual(ledger.release("p", 1), [Grant(2, "c")])
 
+    def test_withdraw_only_a_waiting_request(self) -> None:
+        """A waiting request can be withdrawn (and is never granted); a granted one not."""
+        ledger = Ledger()
+        ledger.request("p", 1, 0, "a")
+        ledger.request("p", 1, 1, "b")
+        ledger.request("p", 1, 1, "c")
+        self.assertTrue(ledger.withdraw("p", "b"))
+        self.assertFalse(ledger.withdraw("p", "a"))
+        self.assertFalse(ledger.withdraw("q", "a"))
+        self.assertEqual(ledger.release("p", 0), [Grant(1, "c")])
+
     def test_retry_asks_refusers_again(self) -> None:
         """After a refusal, retry asks the same worker again while someone still waits."""
         ledger = Ledger()
@@ -147,12 +158,9 @@ class LedgerTests(TestCase):
                 requested = {t for t in requested if not t.startswith(f"{worker}-") or t in granted}
                 apply(ledger.forget(worker))
             self.assertEqual(ledger.held("p"), {w: n for w, n in holding.items() if n}, f"seed {seed}")
-        for worker in range(workers):
-            while holding[worker]:
-                holding[worker] -= 1
-                apply(ledger.release("p", worker))
-                for w in range(workers):  # what was granted meanwhile is used and given back
-                    while holding[w]:
-                        holding[w] -= 1
-                        apply(ledger.release("p", w))
+        while any(holding.values()):  # (each release may grant a waiting request)
+            for worker in range(workers):
+                while holding[worker]:
+                    holding[worker] -= 1
+                    apply(ledger.release("p", worker))
         self.assertEqual(requested - granted, set(), f"seed {seed}")

@@ -6,7 +6,7 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from odissey import config
-from odissey.pool import SPARE_AFTER, Pool, PoolKey
+from odissey.pool import SPARE_AFTER, Pool, PoolKey, Withdrawn
 from odissey.server import ServerState
 from odissey.testing import FakeServers
 from odissey.wire.errors import PoolerError
@@ -286,3 +286,27 @@ class ShedTests(SynchronousTestCase):
         self.assertFalse(pool.shed(idle_only=True))
         self.assertTrue(pool.shed())
         self.assertFalse(pool.shed())  # (the one busy server is already owed)
+
+
+class SurplusTests(SynchronousTestCase):
+    """Pool.surplus and Withdrawn: a worker's lease requests that nobody needs any more."""
+
+    def test_surplus_after_waiters_were_served(self) -> None:
+        """Two waiters start two attempts; a server that comes back serves the second
+        waiter, so one attempt is surplus; withdrawing it is no storage failure."""
+        pool, servers, _ = make_pool(size=3)
+        pool.wait("a")
+        first = servers.succeed_next()
+        pool.wait("b")
+        pool.wait("c")
+        self.assertEqual((pool.opening, pool.surplus()), (2, 0))
+        pool.release(first)  # type: ignore[arg-type]
+        self.assertEqual(pool.surplus(), 1)
+        servers.fail_next(Withdrawn())
+        self.assertEqual((pool.opening, pool.surplus(), pool.backoff, len(pool.waiters)), (1, 0, 0.0, 1))
+
+    def test_min_size_attempts_are_not_surplus(self) -> None:
+        """Attempts the janitor started for min_size are needed though nobody waits."""
+        pool, _servers, _ = make_pool(size=3, min_size=2)
+        pool.maintain()
+        self.assertEqual((pool.opening, pool.surplus()), (2, 0))

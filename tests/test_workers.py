@@ -557,8 +557,8 @@ class MasterTests(SynchronousTestCase):
     def test_starving_worker_gets_a_reclaimed_server(self) -> None:
         """Worker 0 holds the pool's only lease; worker 1's request makes the master ask
         worker 0 for it, and is granted when worker 0 releases it."""
-        self.successResultOf(self.master.lease(0, "p", 1))
-        waiting = self.master.lease(1, "p", 1)
+        self.successResultOf(self.master.lease(0, "p", 1, 1))
+        waiting = self.master.lease(1, "p", 1, 2)
         ((command, arguments, answer),) = self.links[0].calls
         self.assertEqual((command, arguments), (Reclaim, {"pool": "p", "idle_only": False}))
         answer.callback({"gave": True})
@@ -568,11 +568,24 @@ class MasterTests(SynchronousTestCase):
         self.successResultOf(waiting)
         self.assertEqual(self.master.lease_waits, [0.25])  # (what the shutdown line reports)
 
+    def test_withdrawn_request_is_answered_and_never_granted(self) -> None:
+        """A waiting request the worker withdraws is answered granted=false and the
+        lease goes to the next request instead; withdrawing a granted one does nothing."""
+        self.successResultOf(self.master.lease(0, "p", 1, 10))
+        withdrawn = self.master.lease(1, "p", 1, 11)
+        after = self.master.lease(2, "p", 1, 12)
+        self.master.withdraw(1, "p", 11)
+        self.assertEqual(self.successResultOf(withdrawn), {"granted": False})
+        self.master.withdraw(0, "p", 10)  # (granted: stays)
+        self.master.apply(self.master.ledger.release("p", 0))
+        self.assertEqual(self.successResultOf(after), {"granted": True})
+        self.assertEqual(self.master.ledger.held("p"), {2: 1})
+
     def test_refused_reclaim_is_asked_again(self) -> None:
         """A worker with nothing to give (its server still connecting) is asked again
         after RECLAIM_RETRY while the request waits."""
-        self.master.lease(0, "p", 1)
-        self.master.lease(1, "p", 1)
+        self.master.lease(0, "p", 1, 3)
+        self.master.lease(1, "p", 1, 4)
         self.links[0].calls[0][2].callback({"gave": False})
         self.assertEqual(len(self.links[0].calls), 1)
         self.clock.advance(RECLAIM_RETRY)
@@ -581,13 +594,13 @@ class MasterTests(SynchronousTestCase):
     def test_dead_worker_restarts_and_gives_back(self) -> None:
         """A worker that dies has its leases and clients given back and is restarted,
         at most once a RESTART_DELAY after its previous start."""
-        self.master.lease(0, "p", 1)
-        waiting = self.master.lease(1, "p", 1)
+        self.master.lease(0, "p", 1, 5)
+        waiting = self.master.lease(1, "p", 1, 6)
         self.assertEqual(self.master.admit(0, 0), "")
         process = self.master.processes[0]
         process.started_at = self.clock.seconds()
         self.master.ended(process, Failure(ProcessTerminated(signal=9)))
-        self.successResultOf(waiting)
+        self.assertEqual(self.successResultOf(waiting), {"granted": True})
         self.assertEqual(self.master.admit(1, 0), "")
         self.assertEqual(self.master.admit(2, 0), "")  # (worker 0's client no longer counts)
         self.assertEqual(self.spawned, [])
