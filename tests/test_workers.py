@@ -491,6 +491,30 @@ class WorkersTests(TestCase):
         self.assertEqual(seen, {0, 1, 2})  # (the clients above were spread as these logins are)
 
     @inlineCallbacks
+    def test_workers_stop_when_the_master_dies(self):
+        """SIGKILL of the master (no chance to stop anything): its workers notice the
+        AMP connection gone and exit by themselves, so nothing keeps accepting."""
+        process, _port = yield deferToThread(self.start, 2)
+        pids = [int(process.wait_for(rf"worker {n} started, pid (\d+)").group(1)) for n in range(2)]
+        process.proc.kill()
+
+        def running(pid: int) -> bool:
+            try:
+                state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+            except OSError:
+                return False
+            return state != "Z"  # (a zombie has exited; its new parent reaps it)
+
+        def gone() -> None:
+            deadline = time.monotonic() + 20
+            for pid in pids:
+                while running(pid):
+                    self.assertLess(time.monotonic(), deadline, f"worker pid {pid} outlived its master")
+                    time.sleep(0.05)
+
+        yield deferToThread(gone)
+
+    @inlineCallbacks
     def test_pypy_master_starts_pypy_workers(self):
         """A master running on PyPy starts its workers on the same PyPy, and they serve."""
         if not os.access(PYPY, os.X_OK):
