@@ -248,7 +248,7 @@ class Master(MultiService):
     def lease(self, worker: int, pool: str, size: int, request: int) -> "Deferred[dict[str, Any]]":
         ticket = _Ticket(self.reactor.seconds())
         actions = self.ledger.request(pool, size, worker, ticket)
-        immediate = bool(actions) and actions[-1] == Grant(worker, ticket)
+        immediate = Grant(worker, ticket) in actions
         if not immediate:
             self.waiting[worker, request] = ticket
             ticket.granted.addCallback(self._waited, ticket, worker, request)
