@@ -146,8 +146,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=0,
                         help="seconds of unmeasured pgbench per target first (PyPy's JIT)")
     parser.add_argument("--workers", type=clients_list, default=[],
-                        help="also Odissey with these numbers of worker processes (e.g. 2,4); its "
-                             "CPU is the master's and all workers'")
+                        help="also Odissey with these numbers of worker processes (e.g. 2,4), and "
+                             "with --pypy under PyPy too; its CPU is the master's and all workers'")
     parser.add_argument("--try-unsupported", action="store_true",
                         help="run -M prepared through a PgBouncer without prepared statements too")
     args = parser.parse_args()
@@ -158,6 +158,10 @@ def main() -> None:
     def skip_reason(name: str, load: str) -> str | None:
         return skipped.get((name, load.partition(" ")[0]))
 
+    #: (workers, (target name, interpreter)) for each multi-worker Odissey.
+    worker_targets = [(workers, target) for workers in args.workers
+                      for target in ((f"odissey-w{workers}", sys.executable),
+                                     (f"odissey-pypy-w{workers}", args.pypy)) if target[1]]
     workdir = tempfile.mkdtemp(prefix="odissey-bench-")
     pg = None
     procs: list[subprocess.Popen] = []
@@ -182,11 +186,10 @@ def main() -> None:
                                                 pool_size=args.pool_size, workdir=workdir)
         procs.append(odissey)
         targets["odissey"] = (port, odissey.pid)
-        for workers in args.workers:
-            name = f"odissey-w{workers}"
+        for workers, (name, python) in worker_targets:
             proc, port, _package = start_odissey(pg.port, USER, PASSWORD, DB, mode=args.mode,
                                                  pool_size=args.pool_size, workdir=workdir,
-                                                 name=name, extra=f"workers: {workers}\n")
+                                                 python=python, name=name, extra=f"workers: {workers}\n")
             procs.append(proc)
             targets[name] = (port, proc.pid)
         if args.pypy:
@@ -300,11 +303,11 @@ def main() -> None:
     finally:
         for proc in procs:
             stop(proc)
-        for workers in args.workers:  # the masters' totals, logged as they stopped
-            log = Path(workdir) / f"odissey-w{workers}.log"
+        for _workers, (name, _python) in worker_targets:  # the masters' totals, logged as they stopped
+            log = Path(workdir) / f"{name}.log"
             for line in (log.read_text().splitlines() if log.exists() else ()):
                 if "leases:" in line:
-                    print(f"odissey-w{workers}: {line.split('] ', 1)[-1]}")
+                    print(f"{name}: {line.split('] ', 1)[-1]}")
         if pg is not None:
             pg.stop()
         shutil.rmtree(workdir, ignore_errors=True)
