@@ -8,6 +8,7 @@ import re
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -35,6 +36,7 @@ from tests.harness import (APP_PASSWORD, USERS, Replies, direct, free_port, read
 from odissey.testing import in_this_thread
 from odissey.workers import RECLAIM_RETRY, RESTART_DELAY, Master, WorkerProcess
 from tests.test_tap import BOOT, PYPY, ROOT
+from tests.test_tls import certs, outcome, serving
 
 
 def backends(conn: psycopg.Connection | None = None, user: str = "app") -> int:
@@ -90,8 +92,10 @@ class WorkersTests(TestCase):
     timeout = 240
 
     def start(self, workers: int, pool: dict[str, Any] | None = None, listen: list[str] | None = None,
-              limits: dict[str, Any] | None = None, interpreter: str = sys.executable) -> tuple[Process, int]:
-        """Odissey with ``workers`` workers: route app/app (scram) and u_trust (trust)."""
+              limits: dict[str, Any] | None = None, interpreter: str = sys.executable,
+              top: dict[str, Any] | None = None) -> tuple[Process, int]:
+        """Odissey with ``workers`` workers: route app/app (scram) and u_trust (trust);
+        ``top`` adds top-level keys."""
         pg = shared_postgres()
         port = free_port()
         pool_settings = {"mode": "transaction", "size": 4, "wait_timeout": "10s", **(pool or {})}
@@ -107,6 +111,7 @@ class WorkersTests(TestCase):
                  "auth": {"method": "trust"}, "pool": pool_settings},
             ],
         }
+        document.update(top or {})
         path = Path(self.mktemp() + ".yaml").resolve()
         path.write_text(yaml.safe_dump(document))
         process = Process(str(path), interpreter)
@@ -513,6 +518,40 @@ class WorkersTests(TestCase):
                     time.sleep(0.05)
 
         yield deferToThread(gone)
+
+    @inlineCallbacks
+    def test_client_tls_in_workers(self):
+        """tls.mode require with 2 workers: each worker does its clients' handshakes
+        (psycopg with sslmode=require is served on both), plaintext is refused."""
+        _process, port = yield deferToThread(self.start, 2, None, None, None, sys.executable,
+                                             {"tls": serving("require")})
+
+        def connect_many() -> tuple[set[str], str]:
+            outcomes = {outcome(port, "require") for _ in range(12)}
+            return outcomes, outcome(port, "disable")
+
+        outcomes, plain = yield deferToThread(connect_many)
+        self.assertEqual(outcomes, {"tls"})
+        self.assertIn("refused", plain)
+        self.assertEqual((yield deferToThread(self.spread_tls, port)), {0, 1})
+
+    def spread_tls(self, port: int) -> set[int]:
+        """The workers that TLS logins (SSLRequest, handshake, then the startup) land on."""
+        context = ssl.create_default_context(cafile=certs().ca_file)
+        seen = set()
+        for _ in range(20):
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+                raw.sendall(m.ssl_request())
+                self.assertEqual(raw.recv(1), b"S")
+                with context.wrap_socket(raw, server_hostname="localhost") as sock:
+                    sock.sendall(m.startup_message({"user": "u_trust", "database": "app"}))
+                    data = b""
+                    while True:
+                        kind, body, data = read_message(sock, data)
+                        if kind == b"K":
+                            seen.add(self.worker_of(m.parse_backend_key_data(body), 2))
+                            break
+        return seen
 
     @inlineCallbacks
     def test_pypy_master_starts_pypy_workers(self):
