@@ -3,7 +3,8 @@
 Only the connect/close path and rare events cross processes: a lease per server
 connection opened, its return when the connection closes, a reclaim when another
 worker starves, a cancel whose key another worker issued, one admission per client
-login and its end (client limits), and statistics. Nothing per transaction. A pool is named by :func:`pool_name`, the same string on both sides.
+login and its end (client limits), and statistics (once a second, what the admin
+console shows). Nothing per transaction. A pool is named by :func:`pool_name`, the same string on both sides.
 """
 
 from __future__ import annotations
@@ -12,6 +13,22 @@ import json
 from typing import Sequence
 
 from twisted.protocols import amp
+
+
+#: How often workers report their pools and the master relays the others' (seconds).
+REPORT_PERIOD = 1.0
+#: The longest AMP value (65,535 bytes), less room for the rest of the box.
+MAX_VALUE = 60_000
+
+
+def rows_json(rows: list[list[object]]) -> str:
+    """Console rows as one AMP string: as many as fit (a process with more pools than
+    that shows the others' first ones only)."""
+    text = json.dumps(rows)
+    while len(text.encode()) > MAX_VALUE and rows:
+        rows = rows[: len(rows) * 3 // 4]
+        text = json.dumps(rows)
+    return text
 
 
 def pool_name(key: Sequence[object]) -> str:
@@ -75,6 +92,23 @@ class Leave(amp.Command):
     """Worker -> master: a client admitted for this route has gone."""
 
     arguments = [(b"route", amp.Integer())]
+    response = []
+    requiresAnswer = False
+
+
+class Report(amp.Command):
+    """Worker -> master, every second: this worker's SHOW POOLS rows, as JSON."""
+
+    arguments = [(b"pools", amp.Unicode())]
+    response = []
+    requiresAnswer = False
+
+
+class Others(amp.Command):
+    """Master -> worker, every second: the other workers' SHOW POOLS rows, as JSON, so
+    that the admin console in any worker shows the whole process."""
+
+    arguments = [(b"pools", amp.Unicode())]
     response = []
     requiresAnswer = False
 

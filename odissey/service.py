@@ -142,6 +142,7 @@ class OdisseyService(MultiService):
         self.factory: ClientFactory | None = None
         self.pools: Pools | None = None
         self.auth_queries: AuthQueries | None = None
+        self.console: Console | None = None
         self.live = Live()
         self.threads = reactor_threads(reactor)
         self.ready: Deferred[list[IListeningPort]] = Deferred()
@@ -184,9 +185,9 @@ class OdisseyService(MultiService):
             tls=server_tls)))
         self.auth_queries = AuthQueries(self.reactor, self.threads, self.live, tls=server_tls)
         router = Router(self.config.routes)
-        console = Console(self.config, router, self.pools,
-                          lambda: self.factory.clients if self.factory is not None else (),
-                          self.reactor)
+        self.console = console = Console(
+            self.config, router, self.pools,
+            lambda: self.factory.clients if self.factory is not None else (), self.reactor)
         self.factory = ClientFactory(
             self.reactor, router, self.pools, self.config.limits, self.threads,
             keys=CancelKeys(self.key_layout()),

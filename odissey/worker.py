@@ -28,7 +28,8 @@ from twisted.protocols import amp
 from twisted.python.failure import Failure
 
 from odissey.cancel import KeyLayout
-from odissey.commands import Admit, Cancel, Lease, Leave, Reclaim, Release, Stats, Withdraw, pool_name
+from odissey.commands import (REPORT_PERIOD, Admit, Cancel, Lease, Leave, Others, Reclaim, Release, Report,
+                              Stats, Withdraw, pool_name, rows_json)
 from odissey.config import Config, Route
 from odissey.janitor import PERIOD
 from odissey.pool import PoolKey, ServerConnector, Withdrawn
@@ -75,6 +76,11 @@ class MasterLink(amp.AMP):
     def stats(self) -> dict[str, Any]:
         return {"stats": json.dumps(self.service.snapshot())}
 
+    @Others.responder
+    def others(self, pools: str) -> dict[str, Any]:
+        self.service.others = json.loads(pools)
+        return {}
+
     def connectionLost(self, reason: Optional[Failure] = None) -> None:
         super().connectionLost(reason)
         self.lost.callback(None)
@@ -107,6 +113,8 @@ class WorkerService(OdisseyService):
         self._requests = itertools.count(1)
         #: Lease requests still waiting at the master, oldest first, by pool name.
         self.waiting: dict[str, list[int]] = {}
+        #: The other workers' SHOW POOLS rows, as the master last sent them.
+        self.others: list[list[Any]] = []
 
     def key_layout(self) -> KeyLayout:
         return KeyLayout.of(0, False, self.number, self.workers)
@@ -157,9 +165,19 @@ class WorkerService(OdisseyService):
         withdrawing = TimerService(PERIOD, self.withdraw_surplus)
         withdrawing.clock = self.reactor
         withdrawing.setServiceParent(self)
-        assert self.factory is not None
+        reporting = TimerService(REPORT_PERIOD, self.report)
+        reporting.clock = self.reactor
+        reporting.setServiceParent(self)
+        assert self.factory is not None and self.console is not None
+        self.console.elsewhere = lambda: self.others
         self.factory.elsewhere = self._cancel_elsewhere
         self.factory.admission = self.link
+
+    def report(self) -> None:
+        """This worker's SHOW POOLS rows to the master, for the other workers' consoles."""
+        link, console = self.link, self.console
+        if link is not None and console is not None and not link.lost.called:
+            link.callRemote(Report, pools=rows_json(console.pool_rows()))
 
     def _cancel_elsewhere(self, pid: int, secret: int) -> "Deferred[None]":
         """A key this worker did not issue: another worker's, reached through the master."""

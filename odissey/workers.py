@@ -19,6 +19,7 @@ import sys
 from collections import Counter, defaultdict
 from typing import Any, Hashable, Optional, Union
 
+from twisted.application.internet import TimerService
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, DeferredList, inlineCallbacks, succeed
 from twisted.internet.endpoints import serverFromString
@@ -31,7 +32,8 @@ from twisted.python.failure import Failure
 import odissey
 from odissey.auth.secrets import InThread, reactor_threads
 from odissey.cancel import KeyLayout
-from odissey.commands import Admit, Cancel, Lease, Leave, Reclaim, Release, Stats, Withdraw
+from odissey.commands import (REPORT_PERIOD, Admit, Cancel, Lease, Leave, Others, Reclaim, Release, Report,
+                              Stats, Withdraw, rows_json)
 from odissey.config import Config
 from odissey.leases import Action, Grant, Ledger
 from odissey.postgres import LocalPostgres
@@ -87,6 +89,11 @@ class WorkerLink(amp.AMP):
     @Cancel.responder
     def cancel(self, pid: int, secret: int) -> "Deferred[dict[str, Any]]":
         return self.master.cancel(self.number, pid, secret).addCallback(lambda _: {})
+
+    @Report.responder
+    def report(self, pools: str) -> dict[str, Any]:
+        self.master.shown[self.number] = json.loads(pools)
+        return {}
 
     @Admit.responder
     def admit(self, route: int) -> dict[str, Any]:
@@ -163,6 +170,11 @@ class Master(MultiService):
         self.clients: defaultdict[int, Counter[int]] = defaultdict(Counter)
         self._retrying: set[Hashable] = set()
         self.restarts = 0
+        #: Each worker's SHOW POOLS rows, as it last reported them.
+        self.shown: dict[int, list[list[Any]]] = {}
+        relaying = TimerService(REPORT_PERIOD, self.relay_pools)
+        relaying.clock = reactor
+        relaying.setServiceParent(self)
 
     def startService(self) -> None:
         super().startService()
@@ -228,6 +240,7 @@ class Master(MultiService):
             process.link.transport.loseConnection()
         self.apply(self.ledger.forget(number))
         self.clients.pop(number, None)
+        self.shown.pop(number, None)
         self.waiting = {key: ticket for key, ticket in self.waiting.items() if key[0] != number}
         how = reason.value
         if self.stopping:
@@ -296,6 +309,13 @@ class Master(MultiService):
         self._retrying.discard(pool)
         if not self.stopping:
             self.apply(self.ledger.retry(pool))
+
+    def relay_pools(self) -> None:
+        """Send each worker the other workers' SHOW POOLS rows (its console adds them)."""
+        for number, process in self.processes.items():
+            if process.link is not None and process.link.transport is not None:
+                others = [row for other, rows in self.shown.items() if other != number for row in rows]
+                process.link.callRemote(Others, pools=rows_json(others))
 
     # -- client limits -------------------------------------------------------------------
 

@@ -554,6 +554,34 @@ class WorkersTests(TestCase):
         return seen
 
     @inlineCallbacks
+    def test_console_shows_every_workers_pools(self):
+        """The admin console, reached through either worker, shows the servers of both:
+        one client of each worker holds a server in a transaction, and SHOW POOLS says
+        sv_active 2 for the pool (the master relays each worker's rows once a second)."""
+        _process, port = yield deferToThread(self.start, 2, None, None, None, sys.executable,
+                                             {"admin_users": ["app"]})
+
+        def scenario() -> list[int]:
+            clients = self.raw_clients(port, 2, {0: 1, 1: 1})
+            for number in (0, 1):
+                self.assertEqual(self.ask(clients[number][0], "BEGIN; SELECT 1"), [])
+            seen = []
+            deadline = time.monotonic() + 10
+            while len(seen) < 6:  # (several console logins, so both workers answer)
+                with psycopg.connect(host="127.0.0.1", port=port, user="app", password=APP_PASSWORD,
+                                     dbname="odissey", autocommit=True) as console:
+                    rows = console.execute("SHOW POOLS").fetchall()
+                active = {row[4] for row in rows if row[:2] == ("app", "u_trust")}
+                if active == {2}:
+                    seen.append(2)
+                else:
+                    self.assertLess(time.monotonic(), deadline, f"SHOW POOLS said {rows}")
+                    time.sleep(0.2)
+            return seen
+
+        self.assertEqual((yield deferToThread(scenario)), [2] * 6)
+
+    @inlineCallbacks
     def test_pypy_master_starts_pypy_workers(self):
         """A master running on PyPy starts its workers on the same PyPy, and they serve."""
         if not os.access(PYPY, os.X_OK):
