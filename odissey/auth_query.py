@@ -269,6 +269,9 @@ class AuthQueries:
             return d
         where = query.database or database
         source = self._sources.get((route.index, where))
+        if source is not None and source.route != route:  # a reload changed the route
+            source.close()
+            source = None
         if source is None:
             if len(self._sources) >= MAX_SOURCES:  # database names a client invented
                 self._forget_idle()

@@ -6,27 +6,40 @@ using right now. The pid is ours too in transaction mode (the client's server ch
 under it); in session mode it is its server's real pid, so that what the driver reports
 agrees with ``pg_backend_pid()``. Two servers on different storages may share a pid, so
 a key is the pair: one pid may belong to several clients, each with its own secret.
+
+With peers (several Odissey instances behind one load balancer) a cancel may reach an
+instance that did not issue its key: the key names its issuer, and the request is
+forwarded there as a plain CancelRequest, as PgBouncer's peering does.
 """
 
 from __future__ import annotations
 
 import hmac
 import secrets
-from typing import Generic, NamedTuple, TypeVar
+from typing import Generic, Mapping, NamedTuple, Protocol as TypingProtocol, TypeVar, Union
 
 from twisted.internet.defer import Deferred
-from twisted.internet.endpoints import connectProtocol
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from odissey.config import MAX_WORKERS, Storage
-from odissey.router import storage_endpoint
+from odissey.config import MAX_PEER_ID, MAX_WORKERS, Address, Peer, Storage
+from odissey.router import connect_storage
 from odissey.wire import messages as m
+
+log = Logger()
 
 Owner = TypeVar("Owner")
 
-PEER_BITS = 8  # peer ids 1..255, in the top bits of every secret once peers are configured
+#: Peer ids (1..255), in the top bits of every secret once peers are configured.
+PEER_BITS = MAX_PEER_ID.bit_length()
+#: With peers, the lowest bits of every secret: how many more times the request may be
+#: forwarded. Keys are issued with all ones; each forward takes one off, so instances
+#: whose peer lists disagree cannot bounce a cancel between them for ever (PgBouncer's
+#: CANCELLATION_TTL_MASK: three hops cover a load balancer in front of load balancers).
+TTL_BITS = 2
+TTL_MASK = (1 << TTL_BITS) - 1
 
 
 class KeyLayout(NamedTuple):
@@ -36,7 +49,8 @@ class KeyLayout(NamedTuple):
     the server's real one (drivers compare it with ``pg_backend_pid()``). From the top:
     the peer id (``PEER_BITS``, only when peers are configured, so every peer reads it the
     same way), then the worker number (only as many bits as this instance's workers need,
-    read only by this instance); the rest is random. With neither, all 32 bits are random.
+    read only by this instance); the rest is random, except that with peers its lowest
+    ``TTL_BITS`` are the forwarding budget. With neither, all 32 bits are random.
     """
 
     peer_id: int = 0
@@ -57,11 +71,25 @@ class KeyLayout(NamedTuple):
     def random_bits(self) -> int:
         return 32 - self.peer_bits - self.worker_bits
 
+    @property
+    def ttl_mask(self) -> int:
+        return TTL_MASK if self.peer_bits else 0
+
     def secret(self, random: int) -> int:
-        """A signed 32-bit secret: this layout's tag over ``random`` (random_bits wide)."""
+        """A signed 32-bit secret: this layout's tag over ``random`` (random_bits wide),
+        with a full forwarding budget."""
         tag = (self.peer_id << self.worker_bits) | self.worker
-        unsigned = (tag << self.random_bits) | random
+        unsigned = (tag << self.random_bits) | random | self.ttl_mask
         return unsigned - (1 << 32) if unsigned >= (1 << 31) else unsigned
+
+    def ttl(self, secret: int) -> int:
+        """How many more times a cancel with this secret may be forwarded to a peer."""
+        return secret & self.ttl_mask
+
+    def as_issued(self, secret: int) -> int:
+        """The secret as this instance issued it: a full forwarding budget again (a
+        forwarded request arrives with less). Two's complement keeps it signed 32-bit."""
+        return secret | self.ttl_mask
 
     def peer_of(self, secret: int) -> int | None:
         """The peer that issued ``secret``; None when peers are not configured."""
@@ -114,6 +142,66 @@ class CancelKeys(Generic[Owner]):
         return None
 
 
+class Local(NamedTuple):
+    """The key is this instance's (or peering is off): look its owner up here."""
+
+    secret: int  # as issued
+
+
+class Forward(NamedTuple):
+    """The key is another instance's: forward the request there, one hop spent."""
+
+    peer: Peer
+    secret: int
+
+
+class Drop(NamedTuple):
+    """Nobody known can act on this key."""
+
+    why: str
+
+
+def route_cancel(layout: KeyLayout, peers: Mapping[int, Peer], secret: int) -> Union[Local, Forward, Drop]:
+    """Where a CancelRequest with this secret goes. The owner never forwards its own id,
+    so consistent peer lists cannot loop; the budget in the key stops inconsistent ones."""
+    owner = layout.peer_of(secret)
+    if owner is None:
+        return Local(secret)
+    if owner == layout.peer_id:
+        return Local(layout.as_issued(secret))
+    peer = peers.get(owner)
+    if peer is None:
+        return Drop(f"its key names peer {owner}, which is not configured")
+    if not layout.ttl(secret):
+        return Drop(f"its key names peer {owner} but was forwarded too often already")
+    return Forward(peer, secret - 1)  # the budget sits in the lowest bits: no borrow
+
+
+class CancelTracker(TypingProtocol):
+    """Keeps every cancel connection until it closes (shutdown waits for them)."""
+
+    def cancelling(self, sent: "Deferred[bool]") -> "Deferred[bool]": ...
+
+
+class Peering:
+    """This instance's peers, and the forwarding of cancel requests to them."""
+
+    def __init__(self, reactor: IReactorTime, peers: Mapping[int, Peer],
+                 tracker: CancelTracker | None = None) -> None:
+        self.reactor = reactor
+        self.peers = peers
+        self.tracker = tracker
+
+    def forward(self, pid: int, to: Forward) -> "Deferred[bool]":
+        """Send the request on to the peer; fires once it closed the connection (it
+        does once its PostgreSQL has acted), or once we gave up (then False)."""
+        peer = to.peer
+        log.debug("forwarding a cancel request to peer {id} ({host}:{port})", id=peer.id,
+                  host=peer.host, port=peer.port)
+        sent = _send(self.reactor, peer, pid, to.secret)
+        return self.tracker.cancelling(sent) if self.tracker is not None else sent
+
+
 class _CancelSender(Protocol):
     """Sends one CancelRequest; PostgreSQL closes the connection once it has signalled.
 
@@ -144,11 +232,20 @@ class _CancelSender(Protocol):
         self.closed.callback(not self._gave_up)
 
 
+def _send(reactor: IReactorTime, where: Address, pid: int, secret: int) -> "Deferred[bool]":
+    sender = _CancelSender(reactor, pid, secret, where.connect_timeout)
+
+    def connected(_protocol: object) -> "Deferred[bool]":
+        return sender.closed
+
+    def never_sent(_failure: Failure) -> bool:
+        return True
+
+    connecting = connect_storage(reactor, where, sender)
+    return connecting.addCallback(connected).addErrback(never_sent)
+
+
 def send_cancel(reactor: IReactorTime, storage: Storage, pid: int, secret: int) -> "Deferred[bool]":
     """Forward a cancel to a server. Fires True once it can no longer land later (the
     server acted on it, or it could not even be sent), False when that is unknown."""
-    sender = _CancelSender(reactor, pid, secret, storage.connect_timeout)
-    connecting = connectProtocol(storage_endpoint(reactor, storage), sender)
-    connecting.addCallback(lambda _proto: sender.closed)
-    connecting.addErrback(lambda _failure: True)
-    return connecting
+    return _send(reactor, storage, pid, secret)

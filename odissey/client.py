@@ -40,9 +40,10 @@ from odissey.auth.passthrough import Credentials
 from odissey.auth.secrets import InThread
 from odissey.auth.verifiers import CertVerifier, ClientVerifiers
 from odissey.auth_query import AuthQueries
-from odissey.cancel import CancelKeys
+from odissey.cancel import CancelKeys, Drop, Forward, Peering, route_cancel
 from odissey.config import Limits, Route
 from odissey.console import Console, ConsoleSession, console_parameters
+from odissey.logs import CONNECTION_EVENT
 from odissey.flow import PENDING_LIMIT, Valve, send, set_nodelay
 from odissey.params import params_from, startup_wants
 from odissey.pool import Pools
@@ -93,6 +94,9 @@ class ClientState(Enum):
     GONE = "gone"
 
 
+_LOGIN_STATES = (ClientState.STARTUP, ClientState.AUTH, ClientState.PARAMS)
+
+
 @implementer(IHandshakeListener)
 class ClientConnection(Protocol):
     def __init__(self, factory: "ClientFactory") -> None:
@@ -108,6 +112,8 @@ class ClientConnection(Protocol):
         #: The admin console session, for a client logged in to the console database.
         self.console: ConsoleSession | None = None
         self.connected_at = factory.reactor.seconds()
+        #: The client's address as log lines show it (known once its startup is read).
+        self.peer = "?"
         self._reader = StartupReader()
         self._negotiated: set[type] = set()  # SSLRequest / GSSENCRequest already answered
         self._password: Deferred[bytes] | None = None
@@ -156,6 +162,10 @@ class ClientConnection(Protocol):
         if self.tls_started and not self.encrypted and reason is not None:
             log.info("{id}: TLS handshake failed: {why}", id=self.id,
                      why=describe_failure(reason.value))
+        if self.state is ClientState.READY or self.state is ClientState.CONSOLE:
+            log.info("{id}: logout {user}@{database} after {seconds:.1f}s", id=self.id,
+                     user=self.user, database=self.database, connection=CONNECTION_EVENT,
+                     seconds=self.factory.reactor.seconds() - self.connected_at)
         self.state = ClientState.GONE
         self.factory.forget(self)
         self._buffer = b""
@@ -181,6 +191,7 @@ class ClientConnection(Protocol):
         Only the first error is sent: the connection is closing after it."""
         if self.state is ClientState.GONE or self.state is ClientState.CLOSING or self.transport is None:
             return
+        logging_in = self.state in _LOGIN_STATES
         self.state = ClientState.CLOSING
         if self.tls_started and not self.encrypted:
             # Mid-handshake nothing can be said, and Twisted would hold the connection
@@ -190,8 +201,13 @@ class ClientConnection(Protocol):
             self.transport.abortConnection()  # type: ignore[attr-defined]
             return
         error.severity = "FATAL"
-        log.info("{id}: {sqlstate} {message}", id=self.id, sqlstate=error.sqlstate,
-                 message=error.message)
+        if logging_in:  # one line per refused login, with its reason (never a password)
+            log.info("{id}: login failed for {user}@{database} from {client}: {sqlstate} {message}",
+                     id=self.id, user=self.user, database=self.database, client=self.peer,
+                     sqlstate=error.sqlstate, message=error.message)
+        else:
+            log.info("{id}: {sqlstate} {message}", id=self.id, sqlstate=error.sqlstate,
+                     message=error.message)
         self.transport.write(m.error_response(error))
         self.transport.loseConnection()
 
@@ -335,6 +351,7 @@ class ClientConnection(Protocol):
         database = params.get("database") or user
         self.user, self.database = user, database
         client = client_address(self.transport.getPeer())  # type: ignore[union-attr]
+        self.peer = client.shown
         tls = f.tls
         if tls is not None and tls.require and not self.encrypted:
             raise self._no_encryption(client.shown, f"tls.mode is {tls.mode}")
@@ -372,6 +389,8 @@ class ClientConnection(Protocol):
             raise PoolerError(errors.INVALID_AUTHORIZATION_SPECIFICATION,
                               f'pg_hba.conf rejects connection for host "{client.shown}", '
                               f'user "{user}", database "{database}", {self._encryption()}')
+        if database in f.pools.disabled:  # (DISABLE on the console; PgBouncer's words)
+            raise PoolerError(errors.OBJECT_NOT_IN_PREREQUISITE_STATE, f'database "{database}" is disabled')
         limit = route.pool.max_clients
         full = ("clients" if f.logged_in >= f.limits.max_clients
                 else "route" if limit and f.route_clients[route.index] >= limit else "")
@@ -434,6 +453,9 @@ class ClientConnection(Protocol):
         self.key = f.keys.issue(self, pid)
         greeting = pool.greeting(tuple((wanted[k][0], v) for k, v in told.items()))
         self.send(greeting + m.backend_key_data(*self.key) + _READY)
+        log.info("{id}: login {user}@{database} from {client} (pool {pool})", id=self.id,
+                 user=user, database=database, client=self.peer, pool=str(pool.key),
+                 connection=CONNECTION_EVENT)
         self._logged_in(ClientState.READY, self.relay.clientData)
 
     @inlineCallbacks
@@ -587,6 +609,7 @@ class ClientFactory(Factory):
         credentials: Credentials | None = None,
         tls: ClientSide | None = None,
         console: Console | None = None,
+        peering: Peering | None = None,
     ) -> None:
         self.reactor = reactor
         #: The admin console (None: the console databases are routed like any other).
@@ -597,6 +620,8 @@ class ClientFactory(Factory):
         self.pools = pools
         self.limits = limits
         self.keys: CancelKeys[ClientConnection] = keys or CancelKeys()
+        #: The other Odissey instances, which cancels with their keys are forwarded to.
+        self.peering = peering if peering is not None else Peering(reactor, {})
         self.verifiers = ClientVerifiers(threads)
         self.auth_queries = auth_queries
         #: What clients' logins leave for their pools' server logins (pass-through).
@@ -653,6 +678,15 @@ class ClientFactory(Factory):
             for d in waiting:
                 d.callback(None)
 
+    def renumber(self, indexes: dict[int, int]) -> None:
+        """A reload moved routes: each logged-in client's route index (and the count of
+        clients per route, for ``max_clients``) follows ``indexes`` (old -> new)."""
+        self.route_clients = Counter(
+            {indexes[index]: n for index, n in self.route_clients.items() if n and index in indexes})
+        for client in self.clients:
+            if client.route_index is not None and client.route_index in indexes:
+                client.route_index = indexes[client.route_index]
+
     def drained(self) -> "Deferred[None]":
         """Fires once no client connection is left."""
         if not self.clients:
@@ -662,10 +696,17 @@ class ClientFactory(Factory):
         return d
 
     def cancel(self, pid: int, secret: int) -> "Deferred[None]":
-        """Cancel the work of the client with this key; fires once that is done."""
-        client = self.keys.find(pid, secret)
+        """Cancel the work of the client with this key, here or at the peer that issued
+        it; fires once that is done."""
+        where = route_cancel(self.keys.layout, self.peering.peers, secret)
+        if isinstance(where, Forward):
+            return self.peering.forward(pid, where).addCallback(lambda _: None)
+        if isinstance(where, Drop):
+            log.debug("cancel request dropped: {why}", why=where.why)
+            return succeed(None)
+        client = self.keys.find(pid, where.secret)
         if client is not None and client.relay is not None:
             return client.relay.cancelRequest()
         if client is None and self.elsewhere is not None:
-            return self.elsewhere(pid, secret)
+            return self.elsewhere(pid, where.secret)
         return succeed(None)

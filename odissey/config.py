@@ -46,8 +46,10 @@ POOL_KEYS = (
 
 #: Every key the loader accepts, by section; ``docs/configuration.md`` documents exactly these.
 SCHEMA: dict[str, tuple[str, ...]] = {
-    "": ("listen", "workers", "limits", "tls", "storages", "pool_defaults", "routes",
-         "admin_users", "stats_users"),
+    "": ("listen", "workers", "limits", "tls", "storages", "pool_defaults", "routes", "admin_users",
+         "stats_users", "shutdown_timeout", "handover_socket", "log",
+         "peer_id", "peers"),
+    "log": ("format", "level", "connections"),
     "limits": ("max_clients", "max_login_clients", "login_timeout", "max_message_size"),
     "tls": ("mode", "cert_file", "key_file", "ca_file", "min_version", "ciphers"),
     "storages.*": ("host", "port", "connect_timeout", "retry_backoff", "tls", "managed"),
@@ -61,7 +63,10 @@ SCHEMA: dict[str, tuple[str, ...]] = {
     ),
     "pool_defaults": POOL_KEYS,
     "routes[].pool": POOL_KEYS,
+    "peers[]": ("id", "host", "port", "connect_timeout"),
 }
+#: Peer ids fit the 8 bits every cancel key spends on them (odissey.cancel.PEER_BITS).
+MAX_PEER_ID = 255
 
 
 class ConfigError(Exception):
@@ -132,15 +137,14 @@ class ServerTLS:
     server_name: str | None = None  # checked by verify-full, sent as SNI; default: host
 
 
-@dataclass(frozen=True)
-class Storage:
-    name: str
-    host: str  # a host name/address, or a unix socket directory (starts with "/")
+class Address:
+    """Where Odissey connects to: a host name/address and port, or a unix socket
+    directory (starts with "/") and the port that names the socket in it, as libpq
+    reads ``host``; and how long a connection attempt may take."""
+
+    host: str
     port: int
     connect_timeout: float
-    retry_backoff: float = 1.0
-    managed: ManagedPostgres | None = None
-    tls: ServerTLS = ServerTLS()
 
     @property
     def is_unix(self) -> bool:
@@ -149,6 +153,28 @@ class Storage:
     @property
     def socket_path(self) -> str:
         return os.path.join(self.host, f".s.PGSQL.{self.port}")
+
+
+@dataclass(frozen=True)
+class Storage(Address):
+    name: str
+    host: str
+    port: int
+    connect_timeout: float
+    retry_backoff: float = 1.0
+    managed: ManagedPostgres | None = None
+    tls: ServerTLS = ServerTLS()
+
+
+@dataclass(frozen=True)
+class Peer(Address):
+    """Another Odissey instance behind the same load balancer: cancel requests whose key
+    it issued are forwarded to it."""
+
+    id: int
+    host: str
+    port: int = 6432
+    connect_timeout: float = 5.0
 
 
 @dataclass(frozen=True)
@@ -243,6 +269,20 @@ class Limits:
     max_message_size: int = 256 * 1024 * 1024
 
 
+LOG_FORMATS = ("text", "json")
+LOG_LEVELS = ("debug", "info", "warn", "error")
+
+
+@dataclass(frozen=True)
+class LogSettings:
+    """The ``log`` section: Odissey's own observer on standard output."""
+
+    format: str = "text"
+    level: str = "info"
+    #: Routine lines about each connection (logins, logouts).
+    connections: bool = True
+
+
 @dataclass(frozen=True)
 class Config:
     listen: tuple[str, ...]
@@ -257,6 +297,16 @@ class Config:
     stats_users: tuple[str, ...] = ()
     #: Worker processes; 1 runs everything in the twistd process itself.
     workers: int = 1
+    #: This instance's id among its peers (1..255); 0: no peering, keys carry no id.
+    peer_id: int = 0
+    #: The other instances, by id (this instance's own id is never in it).
+    peers: Mapping[int, Peer] = field(default_factory=dict)
+    #: How long a graceful shutdown (SIGTERM) waits for clients before ending them all.
+    shutdown_timeout: float = 30.0
+    #: The unix socket path through which a new process takes the listening sockets.
+    handover_socket: str | None = None
+    #: None: twistd's own log observer (as given on its command line).
+    log: LogSettings | None = None
 
 
 # -- parsing helpers -----------------------------------------------------------------------
@@ -384,6 +434,8 @@ def _workers(value: Any) -> int:
     if value == "auto":
         return max(1, min(os.cpu_count() or 1, MAX_WORKERS))
     return _worker_count(value)
+
+
 _nonneg_int = _int_in(0)
 _port = _int_in(1, 65535)
 
@@ -513,6 +565,25 @@ def _read_secret(section: _Section, key: str, base: Path | None) -> Secret | Non
     return None
 
 
+def _read_socket_path(section: _Section, key: str, base: Path | None) -> str | None:
+    """A unix socket path Odissey will create (relative to the config file), returned
+    absolute; its directory must exist."""
+    raw = section.value(key, _string, "a unix socket path")
+    if raw is None:
+        return None
+    path = Path(raw)
+    if base is not None and not path.is_absolute():
+        path = base / path
+    if not path.parent.is_dir():
+        section.problem(f"directory {str(path.parent)!r} does not exist", key)
+        return None
+    if len(os.fsencode(path.absolute())) > 107:  # sun_path holds 108 bytes with the NUL
+        section.problem(f"{str(path.absolute())!r} is too long for a unix socket path "
+                        "(107 bytes at most)", key)
+        return None
+    return str(path.absolute())
+
+
 def _read_path(section: _Section, key: str, base: Path | None, allow: tuple[str, ...] = ()) -> str | None:
     """A file path (relative to the config file) that must be readable now; returned
     absolute. Certificates and keys are read at start, so a wrong path is caught here."""
@@ -601,6 +672,17 @@ def _read_server_tls(problems: list[str], path: str, data: Any, base: Path | Non
         s.problem("cert_file and key_file go together (a client certificate and its key)")
     return tls
 
+
+
+def _read_log(problems: list[str], data: Any) -> LogSettings:
+    s = _Section(problems, "log", data, "log")
+    d = LogSettings()
+    return LogSettings(
+        format=s.value("format", _choice(LOG_FORMATS), " or ".join(LOG_FORMATS), d.format),
+        level=s.value("level", _choice(LOG_LEVELS), " or ".join(LOG_LEVELS), d.level),
+        # (YAML reads a bare on/off as true/false)
+        connections=s.value("connections", _bool, "on or off", d.connections),
+    )
 
 
 def _read_limits(problems: list[str], data: Any) -> Limits:
@@ -818,6 +900,43 @@ def _read_console_users(top: _Section, key: str, routes: list[Route]) -> tuple[s
     return tuple(users)
 
 
+def _read_peers(top: _Section) -> tuple[int, dict[int, Peer]]:
+    """``peer_id`` and ``peers``. The list may name this instance too (then it is
+    skipped, as PgBouncer does), so that every instance can share one list."""
+    problems = top.problems
+    peer_id = top.value("peer_id", _int_in(1, MAX_PEER_ID), f"an integer from 1 to {MAX_PEER_ID}", 0)
+    raw = top.data.get("peers")
+    if raw is None:
+        return peer_id, {}
+    if not isinstance(raw, list):
+        top.problem(f"must be a list of peers ({{id, host, port}}), got {_show(raw)}", "peers")
+        return peer_id, {}
+    if not top.has("peer_id"):
+        top.problem("needs peer_id (this instance's own id among its peers)", "peers")
+    peers: dict[int, Peer] = {}
+    seen: dict[int, int] = {}
+    for i, body in enumerate(raw):
+        s = _Section(problems, f"peers[{i}]", body, "peers[]")
+        if not s.ok:
+            continue
+        ident = s.value("id", _int_in(1, MAX_PEER_ID), f"an integer from 1 to {MAX_PEER_ID}",
+                        required=True)
+        host = s.value("host", _string, "a host name or a unix socket directory", required=True)
+        d = Peer(id=0, host="")
+        port = s.value("port", _port, "a TCP port number", d.port)
+        timeout = s.value("connect_timeout", _positive_duration, "a duration like 5s",
+                          d.connect_timeout)
+        if ident is None:
+            continue
+        if ident in seen:
+            s.problem(f"duplicates peers[{seen[ident]}].id ({ident})", "id")
+            continue
+        seen[ident] = i
+        if ident != peer_id and host is not None:
+            peers[ident] = Peer(id=ident, host=host, port=port, connect_timeout=timeout)
+    return peer_id, peers
+
+
 def parse(data: Any, source: str | None = None) -> Config:
     """A YAML document (already loaded) -> Config, or ConfigError listing every problem."""
     problems: list[str] = []
@@ -865,6 +984,11 @@ def parse(data: Any, source: str | None = None) -> Config:
             seen[(route.database, route.user)].append(route)
             routes.append(route)
 
+    peer_id, peers = _read_peers(top)
+    shutdown_timeout = top.value("shutdown_timeout", parse_duration, "a duration like 30s",
+                                 Config.shutdown_timeout)
+    handover_socket = _read_socket_path(top, "handover_socket", base)
+    log = _read_log(problems, top.data.get("log")) if top.has("log") else None
     admin_users = _read_console_users(top, "admin_users", routes)
     stats_users = _read_console_users(top, "stats_users", routes)
     for route in routes:
@@ -884,6 +1008,11 @@ def parse(data: Any, source: str | None = None) -> Config:
         source=source,
         tls=tls,
         workers=workers,
+        peer_id=peer_id,
+        peers=peers,
+        shutdown_timeout=shutdown_timeout,
+        handover_socket=handover_socket,
+        log=log,
     )
 
 

@@ -20,11 +20,14 @@ import datetime
 import platform
 from typing import Any, Callable, Iterable, Optional, Protocol as TypingProtocol, Sequence
 
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime, ISSLTransport
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 import odissey
 from odissey.config import ANY, CONSOLE_DATABASES, Config, Route
+from odissey.control import Control, serves
 from odissey.pool import Pool, Pools
 from odissey.router import ClientAddress, Router
 from odissey.server import ServerConnection, ServerState
@@ -53,18 +56,31 @@ GREETING = (
 )
 
 #: PgBouncer's commands that change things: not in this version of the console yet.
-COMING = ("PAUSE", "RESUME", "DISABLE", "ENABLE", "RECONNECT", "KILL", "KILL_CLIENT",
-          "SUSPEND", "RELOAD", "SHUTDOWN", "WAIT_CLOSE", "SET")
+COMING = ("SUSPEND", "SET")
 #: PgBouncer's SHOW commands that Odissey does not answer (yet, or at all).
+#: Commands for admin_users only, answered today.
+ADMIN_COMMANDS = ("SHUTDOWN", "RELOAD")
 SHOW_COMING = ("STATS", "STATS_TOTALS", "STATS_AVERAGES", "TOTALS", "STATE")
 SHOW_NEVER = ("PEERS", "PEER_POOLS", "FDS", "SOCKETS", "ACTIVE_SOCKETS", "MEM",
               "DNS_HOSTS", "DNS_ZONES")
 
 HELP = """SHOW HELP|VERSION|POOLS|CLIENTS|SERVERS|DATABASES|USERS|CONFIG|LISTS|ROUTES
+PAUSE [<db>], RESUME [<db>], DISABLE <db>, ENABLE <db>, RECONNECT [<db>], KILL [<db>],
+KILL_CLIENT <id>, WAIT_CLOSE [<db>]
+RELOAD, SHUTDOWN [WAIT_FOR_CLIENTS]
 Coming (answered 0A000 for now):
 \tSHOW STATS|STATS_TOTALS|STATS_AVERAGES|TOTALS|STATE
-\tPAUSE [<db>], RESUME [<db>], DISABLE <db>, ENABLE <db>, RECONNECT [<db>], KILL [<db>],
-\tKILL_CLIENT <id>, RELOAD, SHUTDOWN [WAIT_FOR_CLIENTS], WAIT_CLOSE [<db>], SET key = arg"""
+\tSUSPEND, SET key = arg"""
+
+
+class Lifecycle(TypingProtocol):
+    """What the console may ask of the service that owns the process."""
+
+    def shutdown(self, wait_for_clients: bool) -> None:
+        """SHUTDOWN: stop now; WAIT_FOR_CLIENTS: stop accepting, exit once clients left."""
+
+    def reload(self) -> Sequence[str]:
+        """RELOAD: read the configuration again; the problems that kept it from applying."""
 
 
 class ConsoleClient(TypingProtocol):
@@ -79,6 +95,9 @@ class ConsoleClient(TypingProtocol):
 
     @property
     def transport(self) -> Any: ...
+
+    def fail(self, error: PoolerError) -> None:
+        """Send one FATAL error and close (KILL, KILL_CLIENT: see control.py)."""
 
 
 def _when(seconds: float) -> str:
@@ -122,12 +141,20 @@ class Console:
         pools: Pools,
         clients: Callable[[], Iterable[ConsoleClient]],
         reactor: IReactorTime,
+        lifecycle: Optional[Lifecycle] = None,
     ) -> None:
-        self.config = config
-        self.router = router
+        #: SHUTDOWN's addressee (None: the command is refused, as in tests of SHOW).
+        self.lifecycle = lifecycle
         self.pools = pools
         self.clients = clients
         self.reactor = reactor
+        self.control = Control(lambda: self.config.routes, pools, clients)
+        self.configure(config, router)
+
+    def configure(self, config: Config, router: Router) -> None:
+        """Take a (re)loaded configuration: its users and routes serve the next logins."""
+        self.config = config
+        self.router = router
         self.admin_users = frozenset(config.admin_users)
         self.stats_users = frozenset(config.stats_users)
         #: SHOW POOLS rows of the other processes serving the same listeners (the other
@@ -136,9 +163,7 @@ class Console:
 
     # -- login -------------------------------------------------------------------------
 
-    @staticmethod
-    def serves(database: str) -> bool:
-        return database in CONSOLE_DATABASES
+    serves = staticmethod(serves)
 
     def role(self, user: str) -> Optional[str]:
         """``admin``, ``stats`` or None (not allowed in)."""
@@ -264,7 +289,7 @@ class Console:
 
     def show_servers(self) -> tuple[list, list]:
         columns = self._SOCKET_COLUMNS + [
-            ("ptr", TEXT), ("link", TEXT), ("remote_pid", INT4), ("tls", TEXT),
+            ("close_needed", INT4), ("ptr", TEXT), ("link", TEXT), ("remote_pid", INT4), ("tls", TEXT),
             ("application_name", TEXT), ("prepared_statements", INT4), ("id", INT8)]
         rows = []
         for pool in list(self.pools.pools.values()):
@@ -284,7 +309,7 @@ class Console:
                 app_param = relay.wanted.get("application_name") if relay is not None else None
                 rows.append([
                     "S", pool.key.user, pool.key.database, state, addr, port, local_addr, local_port,
-                    _when(server.created_at), server.id, getattr(client, "id", ""),
+                    _when(server.created_at), int(server.retiring), server.id, getattr(client, "id", ""),
                     server.key[0] if server.key is not None else None, _tls(transport),
                     app_param[1] if app_param else "", len(server.statements.prepared),
                     _id_number(server.id),
@@ -297,7 +322,8 @@ class Console:
         columns = [("name", TEXT), ("host", TEXT), ("port", INT4), ("database", TEXT),
                    ("force_user", TEXT), ("pool_size", INT4), ("min_pool_size", INT4),
                    ("server_lifetime", INT4), ("pool_mode", TEXT), ("current_connections", INT4),
-                   ("max_client_connections", INT4), ("current_client_connections", INT4)]
+                   ("max_client_connections", INT4), ("current_client_connections", INT4),
+                   ("paused", INT4), ("disabled", INT4)]
         servers: dict[int, int] = {}
         for pool in self.pools.pools.values():
             servers[pool.route.index] = servers.get(pool.route.index, 0) + pool.total
@@ -313,7 +339,8 @@ class Console:
                 route.database, storage.host, storage.port, route.server.database or route.database,
                 route.server.user, route.pool.size, route.pool.min_size, int(route.pool.server_lifetime),
                 route.pool.mode, servers.get(route.index, 0), route.pool.max_clients,
-                clients.get(route.index, 0),
+                clients.get(route.index, 0), int(self.pools.is_paused(route.database)),
+                int(route.database in self.pools.disabled),
             ])
         return columns, rows
 
@@ -423,11 +450,14 @@ def _error(sqlstate: str, message: str, **kwargs: Any) -> PoolerError:
 def _unknown(text: str) -> PoolerError:
     return _error(errors.SYNTAX_ERROR, f"invalid command '{text}', use SHOW HELP;",
                   hint="Commands: SHOW HELP|VERSION|POOLS|CLIENTS|SERVERS|DATABASES|USERS|"
-                       "CONFIG|LISTS|ROUTES")
+                       "CONFIG|LISTS|ROUTES; " + ", ".join(Control.COMMANDS))
 
 
 class ConsoleSession:
-    """One logged-in console client: reads its messages, answers each command."""
+    """One logged-in console client: reads its messages, answers each command.
+
+    A command may answer later (PAUSE, WAIT_CLOSE wait for servers): until it does,
+    the session reads on but runs nothing more, so replies keep the order of requests."""
 
     def __init__(self, console: Console, role: str, write: Callable[[bytes], object],
                  close: Callable[[PoolerError], None], drop: Callable[[], None],
@@ -445,46 +475,72 @@ class ConsoleSession:
         #: When the client last sent a message (SHOW CLIENTS's request_time).
         self.request_at = console.reactor.seconds()
         self._skipping = False  # an extended-protocol error was sent: skip to Sync
+        self._commands: list[str] = []  # the rest of the query being run
+        self._waiting: Optional[Deferred[bytes]] = None  # a command that answers later
+        self._out: list[bytes] = []
+        self._draining = False
+        self._over = False
 
     def data(self, data: bytes) -> None:
         """Bytes from the client: every whole message is handled, in order."""
-        buffer = self._buffer + data
+        self._buffer += data
         self.request_at = self.console.reactor.seconds()
-        start = 0
-        out: list[bytes] = []
-        while len(buffer) - start >= 5:
-            kind = buffer[start]
-            length = int.from_bytes(buffer[start + 1:start + 5], "big")
-            if length < 4 or length > MAX_MESSAGE:
-                self._flush(out)
-                self._close(PoolerError(errors.PROTOCOL_VIOLATION,
-                                        f"invalid message length {length} for the admin console"))
-                return
-            end = start + 1 + length
-            if end > len(buffer):
-                break
-            body = buffer[start + 5:end]
-            start = end
-            if not self._message(kind, body, out):
-                self._flush(out)
-                return
-        self._buffer = buffer[start:]
-        self._flush(out)
+        self._drain()
 
-    def _flush(self, out: list[bytes]) -> None:
-        if out:
-            self._write(b"".join(out))
-            out.clear()
+    def _drain(self) -> None:
+        """Run what can run now: the rest of the current query, then the next messages."""
+        self._draining = True
+        try:
+            while self._waiting is None and not self._over:
+                if self._commands:
+                    self._command()
+                elif not self._next_message():
+                    break
+        finally:
+            self._draining = False
+            self._flush()
 
-    def _message(self, kind: int, body: bytes, out: list[bytes]) -> bool:
-        """Handle one message; False once the session is over."""
+    def _flush(self) -> None:
+        if self._out:
+            out, self._out = b"".join(self._out), []
+            self._write(out)
+
+    def _next_message(self) -> bool:
+        """Handle the next whole message; False when there is none (or the session is over)."""
+        buffer = self._buffer
+        if len(buffer) < 5:
+            return False
+        kind = buffer[0]
+        length = int.from_bytes(buffer[1:5], "big")
+        if length < 4 or length > MAX_MESSAGE:
+            self._end(PoolerError(errors.PROTOCOL_VIOLATION,
+                                  f"invalid message length {length} for the admin console"))
+            return False
+        if len(buffer) < 1 + length:
+            return False
+        body, self._buffer = buffer[5:1 + length], buffer[1 + length:]
+        self._message(kind, body)
+        return not self._over
+
+    def _end(self, error: Optional[PoolerError]) -> None:
+        """The session is over: what was answered goes first, then the error (or none)."""
+        self._over = True
+        self._flush()
+        if error is None:
+            self._drop()
+        else:
+            self._close(error)
+
+    def _message(self, kind: int, body: bytes) -> None:
+        out = self._out
         if kind == ord("Q"):
             text = body.rstrip(b"\0").decode("utf-8", "replace")
-            self._query(text, out)
-            out.append(m.ready_for_query(b"I"))
+            # (one or more commands separated by ;, none of which quotes one)
+            self._commands = [part.strip() for part in text.split(";") if part.strip()]
+            if not self._commands:
+                out.append(m.EMPTY_QUERY_RESPONSE + m.ready_for_query(b"I"))
         elif kind == ord("X"):
-            self._drop()
-            return False
+            self._end(None)
         elif kind in b"PBDEC":
             if not self._skipping:
                 self._skipping = True
@@ -500,33 +556,51 @@ class ConsoleSession:
         elif kind == ord("H"):
             pass  # Flush: everything is written at once anyway
         else:
-            self._flush(out)
-            self._close(PoolerError(errors.PROTOCOL_VIOLATION,
-                                    f"unsupported message type {chr(kind)!r} for the admin console"))
-            return False
-        return True
+            self._end(PoolerError(errors.PROTOCOL_VIOLATION,
+                                  f"unsupported message type {chr(kind)!r} for the admin console"))
 
-    def _query(self, text: str, out: list[bytes]) -> None:
-        """A simple query: one or more commands separated by ``;`` (none quote one)."""
-        commands = [part.strip() for part in text.split(";")]
-        commands = [c for c in commands if c]
-        if not commands:
-            out.append(m.EMPTY_QUERY_RESPONSE)
-            return
+    def _command(self) -> None:
+        """Run the query's next command; an error ends the query."""
+        command = self._commands.pop(0)
         self.busy = True
         try:
-            for command in commands:
-                try:
-                    out.append(self._run(command))
-                except PoolerError as exc:
-                    log.info("{id}: console: {sqlstate} {message}", id=self.client_id,
-                             sqlstate=exc.sqlstate, message=exc.message)
-                    out.append(m.error_response(exc))
-                    return
-        finally:
-            self.busy = False
+            reply = self._run(command)
+        except PoolerError as exc:
+            self._failed(exc)
+            return
+        if isinstance(reply, Deferred):
+            self._waiting = reply
+            reply.addCallbacks(self._answered, self._failed_later)
+            return
+        self._answered(reply)
 
-    def _run(self, command: str) -> bytes:
+    def _answered(self, reply: bytes) -> None:
+        self._waiting = None
+        self._out.append(reply)
+        if not self._commands:
+            self._out.append(m.ready_for_query(b"I"))
+            self.busy = False
+        if not self._draining:  # it answered later: go on with what has come meanwhile
+            self._drain()
+
+    def _failed(self, exc: PoolerError) -> None:
+        log.info("{id}: console: {sqlstate} {message}", id=self.client_id,
+                 sqlstate=exc.sqlstate, message=exc.message)
+        self._waiting = None
+        self._commands = []
+        self.busy = False
+        self._out.append(m.error_response(exc) + m.ready_for_query(b"I"))
+        if not self._draining:
+            self._drain()
+
+    def _failed_later(self, failure: Failure) -> None:
+        error = failure.value
+        if not isinstance(error, PoolerError):
+            log.failure("{id}: console command failed", failure, id=self.client_id)
+            error = _error(errors.INTERNAL_ERROR, "internal error in the admin console")
+        self._failed(error)
+
+    def _run(self, command: str) -> "bytes | Deferred[bytes]":
         words = command.split()
         verb = words[0].upper()
         if verb == "SHOW":
@@ -547,13 +621,57 @@ class ConsoleSession:
                 raise _error(errors.FEATURE_NOT_SUPPORTED,
                              f"SHOW {what} is PgBouncer's; Odissey has nothing to show for it")
             raise _unknown(command)
-        if verb in COMING:
+        control = Control.COMMANDS.get(verb)
+        if control is not None or verb in ADMIN_COMMANDS or verb in COMING:
             if self.role != ADMIN:
                 raise _error(errors.INSUFFICIENT_PRIVILEGE, "admin access needed",
                              detail=f"{verb} is for admin_users; stats_users may only SHOW.")
-            raise _error(errors.FEATURE_NOT_SUPPORTED, f"{verb} is not supported yet",
-                         hint="See SHOW HELP for what the console answers today.")
+            if verb == "SHUTDOWN":
+                return self._shutdown(command, words)
+            if verb == "RELOAD" and len(words) == 1:
+                return self._reload()
+            if control is None:
+                raise _error(errors.FEATURE_NOT_SUPPORTED, f"{verb} is not supported yet",
+                             hint="See SHOW HELP for what the console answers today.")
+            if len(words) > 2:
+                raise _unknown(command)
+            arg = words[1].strip('"') if len(words) == 2 else None
+            log.info("{id}: console: {command}", id=self.client_id, command=command)
+            done = control(self.console.control, arg)
+            tag = verb.encode()
+            if isinstance(done, Deferred):
+                return done.addCallback(lambda _: m.command_complete(tag))
+            return m.command_complete(tag)
         raise _unknown(command)
+
+
+    def _reload(self) -> bytes:
+        """RELOAD: applied now, or refused as a whole with every problem in the detail."""
+        lifecycle = self.console.lifecycle
+        if lifecycle is None:
+            raise _error(errors.FEATURE_NOT_SUPPORTED, "RELOAD: this console reloads nothing")
+        log.info("{id}: console: RELOAD", id=self.client_id)
+        problems = lifecycle.reload()
+        if problems:
+            raise _error(errors.CONFIG_FILE_ERROR,
+                         f"configuration not reloaded: {len(problems)} problem"
+                         f"{'' if len(problems) == 1 else 's'}, nothing changed",
+                         detail="\n".join(problems))
+        return m.command_complete(b"RELOAD")
+
+    def _shutdown(self, command: str, words: list[str]) -> bytes:
+        """SHUTDOWN [WAIT_FOR_CLIENTS]: answered first, carried out on the next reactor
+        turn, so that the answer reaches the client before the stop ends it."""
+        wait = len(words) == 2 and words[1].upper() == "WAIT_FOR_CLIENTS"
+        if len(words) > 2 or (len(words) == 2 and not wait):
+            raise _unknown(command)
+        lifecycle = self.console.lifecycle
+        if lifecycle is None:
+            raise _error(errors.FEATURE_NOT_SUPPORTED, "SHUTDOWN: this console stops nothing")
+        log.info("{id}: console: SHUTDOWN{how}", id=self.client_id,
+                 how=" WAIT_FOR_CLIENTS" if wait else "")
+        self.console.reactor.callLater(0, lifecycle.shutdown, wait)
+        return m.command_complete(b"SHUTDOWN")
 
 
 def console_parameters(application_name: str) -> Sequence[tuple[str, str]]:

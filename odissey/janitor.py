@@ -24,8 +24,12 @@ class Janitor:
         self.factory = factory
 
     def tick(self) -> None:
-        for pool in list(self.pools.pools.values()):
+        pools = self.pools
+        for pool in [*pools.pools.values(), *pools.retired]:
             pool.maintain()
+        if pools.retired:
+            pools.sweep_retired({client.relay.pool for client in self.factory.clients
+                                 if client.relay is not None})
         now = self.clock.seconds()
         for client in list(self.factory.clients):
             if client.paused and peer_closed(client.transport):

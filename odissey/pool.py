@@ -8,14 +8,22 @@ enforces ``wait_timeout``. Waiters are served strictly first-come first-served: 
 released server goes to the head of the queue, and newcomers cannot take an idle server
 while anyone is queued. Among idle servers, the one the same client used last is
 preferred (its parameters already match), then the most recently used.
+
+The console's PAUSE takes a pool ``RUNNING -> PAUSING -> PAUSED``: from PAUSING on no
+server is handed out or opened (clients queue, as for a full pool), idle servers close
+at once and busy ones when released; PAUSED is reached when none is left open, and
+RESUME goes back to RUNNING. None of it costs the hot path a check: a pausing pool has
+no idle server to take, and its busy servers are marked ``retiring``, which release
+already reads.
 """
 
 from __future__ import annotations
 
 from collections import deque
-from typing import Callable, NamedTuple, Optional, Protocol as TypingProtocol
+from enum import Enum
+from typing import Callable, Iterable, NamedTuple, Optional, Protocol as TypingProtocol
 
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -50,10 +58,6 @@ class PoolKey(NamedTuple):
     #: then be served by several routes, with other server logins and settings, and each
     #: gets pools of its own. None otherwise, where a pair has exactly one route.
     route: Optional[int] = None
-
-    @classmethod
-    def of(cls, route: Route, database: str, user: str) -> "PoolKey":
-        return cls(database, user, None if route.clients is None else route.index)
 
     def __str__(self) -> str:
         if self.route is None:
@@ -95,6 +99,14 @@ class _DeferredWaiter:
         self.deferred.errback(error)
 
 
+class PauseState(Enum):
+    RUNNING = "running"
+    #: No server is handed out or opened; the ones in use close when released.
+    PAUSING = "pausing"
+    #: And none is open any more.
+    PAUSED = "paused"
+
+
 class Pool:
     """Implements :class:`~odissey.server.ServerOwner` for the servers it opened."""
 
@@ -123,6 +135,11 @@ class Pool:
         self._shedding: set[ServerConnection] = set()
         self._owed = 0
         self.closed = False
+        self.pause_state = PauseState.RUNNING
+        self._pause_waiters: list[Deferred[None]] = []
+        #: Bumped by RECONNECT, and when a reload changes the storage or login: a
+        #: connection opened before that is closed as it arrives, never handed out.
+        self.generation = 0
         self.backoff = 0.0  # delay before the next attempt after failures; 0 when healthy
         self.retry_at = 0.0
         self.failed_at = float("-inf")  # when the last failure was seen
@@ -217,7 +234,9 @@ class Pool:
                 f'no server connection available in pool "{self.key}" '
                 f"within {self.route.pool.wait_timeout:g}s",
                 detail=f"pool size is {self.size}: {len(self.active)} in use, {self.opening} connecting, "
-                       f"{len(waiters)} other clients waiting",
+                       f"{len(waiters)} other clients waiting"
+                       + ("; the pool is paused (PAUSE on the admin console)"
+                          if self.pause_state is not PauseState.RUNNING else ""),
             ))
 
     def release(self, server: ServerConnection) -> None:
@@ -275,6 +294,9 @@ class Pool:
         """
         if self.closed:
             return
+        if self.pause_state is not PauseState.RUNNING:  # (a server left: maybe the last)
+            self._check_paused()
+            return
         if self.retry_at and self.reactor.seconds() < self.retry_at:  # (0 when healthy: no clock read)
             self._fail_uncovered(self._unreachable())
             return
@@ -290,13 +312,15 @@ class Pool:
     def _open(self) -> None:
         self.opening += 1
         started = self.reactor.seconds()
-        self._connect().addCallbacks(self._opened, self._open_failed, errbackArgs=(started,))
+        self._connect().addCallbacks(self._opened, self._open_failed,
+                                     callbackArgs=(self.generation,), errbackArgs=(started,))
 
-    def _opened(self, server: ServerConnection) -> None:
+    def _opened(self, server: ServerConnection, generation: int) -> None:
         self.opening -= 1
         self.backoff, self.retry_at, self.last_error = 0.0, 0.0, None
-        if self.closed:
-            server.close()
+        if self.closed or self.pause_state is not PauseState.RUNNING or generation != self.generation:
+            server.close()  # (not wanted any more, or begun before a RECONNECT or reload)
+            self._grow()
             return
         server.owner = self
         self._hand_out(server)  # first: a login woken below may take it at once
@@ -324,7 +348,10 @@ class Pool:
         self.retry_at = now + self.backoff
         log.warn("pool {pool}: {error}; next attempt in {delay:.2f}s", pool=str(self.key),
                  error=error.message, delay=self.backoff)
-        self._fail_uncovered(error)
+        if self.pause_state is PauseState.RUNNING:
+            self._fail_uncovered(error)
+        else:  # paused clients wait for RESUME, not for the storage
+            self._check_paused()
 
     def _fail_uncovered(self, error: PoolerError) -> None:
         """Fail the waiters (and logins) that no connection attempt in progress will serve."""
@@ -382,7 +409,8 @@ class Pool:
                 self._leave_idle(server)
                 server.owner = None
                 server.close()
-        if not self.closed and not self.waiters and now >= self.retry_at:
+        if (not self.closed and not self.waiters and now >= self.retry_at
+                and self.pause_state is PauseState.RUNNING):
             while self.total < settings.min_size:
                 self._open()
 
@@ -422,6 +450,13 @@ class Pool:
         self._owed += 1
         return True
 
+    def _forget_shedding(self) -> None:
+        """A control command or a reload marks servers to close: from now on the marks
+        are theirs, and :meth:`_given` must not take any back (the debts to other
+        workers are paid by those closes all the same)."""
+        self._shedding.clear()
+        self._owed = 0
+
     def _given(self, server: ServerConnection) -> None:
         """A server leaves: if it was marked by :meth:`shed`, one debt is paid; once
         all are, the servers still marked go back to serving this pool."""
@@ -433,6 +468,102 @@ class Pool:
             for other in self._shedding:
                 other.retiring = False
             self._shedding.clear()
+    # -- the console's controls --------------------------------------------------------
+
+    def _retire_all(self) -> None:
+        """Idle servers close now, busy ones when released."""
+        self._forget_shedding()
+        for server in self.active:
+            server.retiring = True
+        for server in list(self.idle):
+            self._leave_idle(server)
+            server.owner = None
+            server.close()
+
+    def pause(self) -> None:
+        """PAUSE: hand out and open no server; close every one as soon as it is free."""
+        if self.pause_state is PauseState.RUNNING:
+            self.pause_state = PauseState.PAUSING
+            self._retire_all()
+        self._check_paused()
+
+    def when_paused(self) -> "Deferred[None]":
+        """Fires once a paused pool has no server left open; fails with 57014 if
+        RESUME comes first."""
+        if self.pause_state is PauseState.PAUSED:
+            return succeed(None)
+        d: Deferred[None] = Deferred()
+        self._pause_waiters.append(d)
+        return d
+
+    def _check_paused(self) -> None:
+        if self.pause_state is PauseState.PAUSING and not self.active and not self.opening:
+            self.pause_state = PauseState.PAUSED
+            waiting, self._pause_waiters = self._pause_waiters, []
+            for d in waiting:
+                d.callback(None)
+
+    def resume(self) -> None:
+        """RESUME: serve again; the clients that queued meanwhile get servers."""
+        if self.pause_state is PauseState.RUNNING:
+            return
+        self.pause_state = PauseState.RUNNING
+        waiting, self._pause_waiters = self._pause_waiters, []
+        for d in waiting:
+            d.errback(PoolerError(errors.QUERY_CANCELED, f'PAUSE of "{self.key}" canceled by RESUME',
+                                  severity="ERROR"))
+        self._grow()
+
+    def reconnect(self) -> None:
+        """RECONNECT: every server open now is closed as soon as it is free (idle ones
+        at once, those still connecting once connected); new ones open as clients need
+        them."""
+        self.generation += 1
+        self._retire_all()
+        self._grow()
+
+    def kill(self) -> None:
+        """KILL: pause, and cut every server at once (the console drops the clients)."""
+        self.pause()
+        for server in list(self.active):
+            self.discard(server)
+
+    def to_close(self) -> list[ServerConnection]:
+        """The servers that will close when released (RECONNECT, server_lifetime)."""
+        return [server for server in self.active if server.retiring]
+
+
+    def reconfigure(self, route: Route, reconnect: bool) -> None:
+        """A reload changed this pool's route (same match rule, same pool mode). Sizes
+        and timeouts apply now: past a smaller size idle servers close, and busy ones
+        close when released. With ``reconnect`` (storage, server login or auth changed)
+        no server of the old settings serves anyone again: idle ones close now, busy ones
+        when their client releases them (its transaction is not cut)."""
+        self._forget_shedding()
+        self.route = route
+        if reconnect:
+            self.generation += 1
+            self.backoff, self.retry_at, self.last_error = 0.0, 0.0, None
+            self.parameters_cache = None  # the new storage's servers may report others
+            self._greetings.clear()
+            for server in self.active:
+                server.retiring = True
+            keep = 0
+        else:
+            keep = max(0, route.pool.size - len(self.active) - self.opening)
+        while len(self.idle) > keep:
+            server = self.idle[0]
+            self._leave_idle(server)
+            server.owner = None
+            server.close()
+        excess = self.total - route.pool.size
+        for server in self.active:
+            if excess <= 0:
+                break
+            if not server.retiring:
+                server.retiring = True
+                excess -= 1
+        self._grow()
 
     def greeting(self, told: tuple[tuple[str, str], ...]) -> bytes:
         """The ParameterStatus messages for a login told these (name, value) pairs:
@@ -473,18 +604,110 @@ class Pools:
         self.reactor = reactor
         self._connect = connect
         self.pools: dict[PoolKey, Pool] = {}
+        #: The console's switches, per client-facing database name. They are kept here,
+        #: with the pools, because a pool made later for a paused database starts paused.
+        self.paused_all = False
+        self.paused: set[str] = set()
+        #: Databases whose new logins are refused (DISABLE).
+        self.disabled: set[str] = set()
+        #: Pools a reload took out of service (their route was removed, or its mode
+        #: changed): they serve the clients they had until the last one leaves.
+        self.retired: set[Pool] = set()
+
+    @staticmethod
+    def key_of(route: Route, database: str, user: str) -> PoolKey:
+        return PoolKey(database, user, None if route.clients is None else route.index)
 
     def get(self, route: Route, database: str, user: str) -> Pool:
-        key = PoolKey.of(route, database, user)
+        key = self.key_of(route, database, user)
         pool = self.pools.get(key)
         if pool is None:
-            pool = Pool(key, route, self.reactor,
-                        lambda: self._connect(self.reactor, route, database, user))
-            self.pools[key] = pool
+            def connect() -> "Deferred[ServerConnection]":  # (the route as a reload left it)
+                return self._connect(self.reactor, made.route, database, user)
+
+            made = pool = self.pools[key] = Pool(key, route, self.reactor, connect)
+            if self.is_paused(database):
+                pool.pause()
         return pool
+
+    def is_paused(self, database: str) -> bool:
+        return self.paused_all or database in self.paused
+
+    def of(self, database: Optional[str]) -> list[Pool]:
+        """The pools of one database (None: all)."""
+        return [pool for pool in (*self.pools.values(), *self.retired)
+                if database is None or pool.key.database == database]
+
+    def pause(self, database: Optional[str]) -> "Deferred[None]":
+        """Pause one database's pools (None: all), now and future ones; fires once
+        none of them has a server open."""
+        if database is None:
+            self.paused_all = True
+        else:
+            self.paused.add(database)
+        pools = self.of(database)
+        for pool in pools:
+            pool.pause()
+        return _all(pool.when_paused() for pool in pools)
+
+    def resume(self, database: Optional[str]) -> None:
+        """Resume one database (None: every paused one). A database stays paused while
+        all of them are."""
+        if database is None:
+            self.paused_all = False
+            self.paused.clear()
+        else:
+            self.paused.discard(database)
+        for pool in self.of(database):
+            if not self.is_paused(pool.key.database):
+                pool.resume()
+
+    def reconnect(self, database: Optional[str]) -> None:
+        for pool in self.of(database):
+            pool.reconnect()
+
+    def kill(self, database: Optional[str]) -> None:
+        """Pause the database (None: all) and cut all its servers at once."""
+        if database is None:
+            self.paused_all = True
+        else:
+            self.paused.add(database)
+        for pool in self.of(database):
+            pool.kill()
+
+    def closing(self, database: Optional[str]) -> "Deferred[None]":
+        """Fires once every server of the database (None: all) that is to close when
+        released has closed (WAIT_CLOSE)."""
+        return _all(server.closed for pool in self.of(database) for server in pool.to_close())
+
+    def rekey(self, pools: dict[PoolKey, Pool]) -> None:
+        """After a reload: the pools that go on, by their (maybe renumbered) keys; the
+        others are retired."""
+        for pool in self.pools.values():
+            if pool not in pools.values():
+                self.retired.add(pool)
+        for key, pool in pools.items():
+            pool.key = key
+        self.pools = pools
+
+    def sweep_retired(self, in_use: set[Pool]) -> None:
+        """Close the retired pools that no client uses any more."""
+        for pool in list(self.retired):
+            if pool not in in_use:
+                self.retired.discard(pool)
+                pool.close()
 
     def close(self) -> None:
         """Close every pool: idle servers go, waiters fail, nothing new opens (the
         service's ``Live`` waits for the connections still open)."""
-        for pool in self.pools.values():
+        for pool in [*self.pools.values(), *self.retired]:
             pool.close()
+
+
+def _all(waits: "Iterable[Deferred[None]]") -> "Deferred[None]":
+    """Fires once every Deferred has, or with the first failure."""
+    def first_failure(failure: Failure) -> Failure:
+        return failure.value.subFailure
+
+    gathered = DeferredList(list(waits), fireOnOneErrback=True, consumeErrors=True)
+    return gathered.addCallbacks(lambda _: None, first_failure)

@@ -4,13 +4,15 @@ storage is reached."""
 from __future__ import annotations
 
 import ipaddress
-from typing import Iterator, Sequence, Union
+from typing import Any, Iterator, Sequence, Union
 
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint, UNIXClientEndpoint
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IStreamClientEndpoint
+from twisted.internet.protocol import Factory, Protocol
 
-from odissey.config import ANY, UNIX, ClientAuth, ClientNetwork, Route, Storage
+from odissey.config import ANY, UNIX, Address, ClientAuth, ClientNetwork, Route
 
 IP = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
 
@@ -177,8 +179,8 @@ class Router:
         return ClientAuth("trust" if auths else "scram-sha-256", None)
 
 
-def storage_endpoint(reactor: object, storage: Storage) -> IStreamClientEndpoint:
-    """The client endpoint for a storage: a unix socket directory or a TCP host."""
+def storage_endpoint(reactor: object, storage: Address) -> IStreamClientEndpoint:
+    """The client endpoint for a storage (or a peer): a unix socket directory or a TCP host."""
     if storage.is_unix:
         return UNIXClientEndpoint(reactor, storage.socket_path, timeout=storage.connect_timeout)
     if ":" in storage.host:
@@ -186,3 +188,21 @@ def storage_endpoint(reactor: object, storage: Storage) -> IStreamClientEndpoint
             reactor, storage.host, storage.port, timeout=storage.connect_timeout
         )
     return TCP4ClientEndpoint(reactor, storage.host, storage.port, timeout=storage.connect_timeout)
+
+
+class _OneConnection(Factory):
+    """What ``connectProtocol`` makes, minus its "Starting factory" log lines (Twisted
+    factories are noisy by default: two lines per server connection)."""
+
+    noisy = False
+
+    def __init__(self, protocol: Protocol) -> None:
+        self._protocol = protocol
+
+    def buildProtocol(self, addr: object) -> Protocol:
+        return self._protocol
+
+
+def connect_storage(reactor: object, storage: Address, protocol: Protocol) -> "Deferred[Any]":
+    """Connect ``protocol`` to a storage (the server's, or a cancel request's)."""
+    return storage_endpoint(reactor, storage).connect(_OneConnection(protocol))

@@ -21,7 +21,6 @@ from typing import Mapping, Optional, Protocol as TypingProtocol
 
 from twisted.internet import defer
 from twisted.internet.defer import Deferred, maybeDeferred
-from twisted.internet.endpoints import connectProtocol
 from twisted.internet.interfaces import IDelayedCall, IHandshakeListener, IReactorTime
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
@@ -35,7 +34,7 @@ from odissey.cancel import send_cancel
 from odissey.config import Route, Secret, Storage
 from odissey.flow import Valve, set_nodelay
 from odissey.params import Params, codec_for
-from odissey.router import storage_endpoint
+from odissey.router import connect_storage
 from odissey.statements import ServerStatements
 from odissey.tls import Connector, ServerSide, describe_failure, peer_certificate
 from odissey.transaction import DROPS_ALL, SERVER_WATCH
@@ -486,7 +485,7 @@ def connect(
 
 def open_connection(reactor: IReactorTime, server: ServerConnection, storage: Storage) -> "Deferred[ServerConnection]":
     """Connect ``server`` to ``storage`` and wait for its login, within the connect timeout."""
-    connecting = connectProtocol(storage_endpoint(reactor, storage), server)
+    connecting = connect_storage(reactor, storage, server)
 
     def connected(_proto: object) -> "Deferred[ServerConnection]":
         return server.ready

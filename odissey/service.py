@@ -4,30 +4,40 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any
+import itertools
+import os
+import signal
+import sys
+from enum import Enum
+from typing import Any, Callable
 
 from twisted.application.internet import TimerService
 from twisted.application.service import MultiService
-from twisted.internet.defer import Deferred, DeferredList, inlineCallbacks
+from twisted.internet.defer import Deferred, DeferredList, inlineCallbacks, succeed
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IListeningPort
-from twisted.logger import Logger
+from twisted.logger import ILogObserver, Logger
+from twisted.python.components import Componentized
+from twisted.python.failure import Failure
 
 from odissey.auth.passthrough import Credentials
 from odissey.auth.secrets import InThread, reactor_threads
 from odissey.auth_query import AuthQueries
-from odissey.cancel import CancelKeys, KeyLayout
-from odissey.client import ClientFactory
-from odissey.config import ANY, Config, Storage
+from odissey.cancel import CancelKeys, KeyLayout, Peering
+from odissey.client import ClientConnection, ClientFactory
+from odissey.config import ANY, Config, ConfigError, Storage, load as load_config
 from odissey.console import Console
+from odissey.drain import Drain, end_all
+from odissey.handover import HandoverServer, Taken, take as take_sockets
 from odissey.janitor import PERIOD, Janitor
-from odissey.pool import Pools, ServerConnector
+from odissey.logs import Observer
+from odissey.pool import Pool, PoolKey, Pools, ServerConnector
+from odissey.reload import RECONNECT, REPLACE, SAME, Plan, plan as plan_reload
 from odissey.postgres import LocalPostgres
 from odissey.router import Router
+from odissey.systemd import Notifier
 from odissey.server import ServerConnection, connect
 from odissey import tls
-from odissey.wire import errors
-from odissey.wire.errors import PoolerError
 
 log = Logger()
 
@@ -116,83 +126,147 @@ class Live:
 
     def abort_servers(self) -> None:
         """Shutdown's patience ran out: cut every server connection still open (a
-        cancel request gives up by itself within its storage's connect timeout)."""
+        cancel request, to a server or a peer, gives up by itself within its connect
+        timeout)."""
         for server in list(self.servers):
             server.abort()
+
+
+class Stop(Enum):
+    """How the pooler stops (see docs/operations.md#shutdown)."""
+
+    #: SIGTERM: listeners close, transaction-mode clients are ended at their next
+    #: transaction boundary, session-mode clients may finish, up to shutdown_timeout.
+    GRACEFUL = "graceful"
+    #: SHUTDOWN WAIT_FOR_CLIENTS: listeners close; exit once the last client has left.
+    WAIT_FOR_CLIENTS = "wait_for_clients"
+    #: Console SHUTDOWN, a second signal: every client is ended now.
+    IMMEDIATE = "immediate"
+
+
+class Phase(Enum):
+    STARTING = "starting"
+    RUNNING = "running"
+    DRAINING = "draining"  # listeners closed, clients leaving
+    STOPPING = "stopping"  # clients gone (or ended), servers closing
+    STOPPED = "stopped"
+
+
+#: How long stopping waits for clients it ended, and for server connections, to close
+#: before cutting them.
+CLOSE_PATIENCE = 5.0
+
+
+class _Operator:
+    """The console's :class:`~odissey.console.Lifecycle`: its commands, in the service's terms."""
+
+    def __init__(self, service: "OdisseyService") -> None:
+        self.service = service
+
+    def shutdown(self, wait_for_clients: bool) -> None:
+        self.service.shutdown(Stop.WAIT_FOR_CLIENTS if wait_for_clients else Stop.IMMEDIATE)
+
+    def reload(self) -> list[str]:
+        return self.service.reload()
+
+    # (handover.Giver: what a new process starting with our handover_socket asks)
+
+    def listening(self) -> list[tuple[str, IListeningPort]]:
+        return list(self.service.listening.items())
+
+    def handed_over(self) -> None:
+        self.service.handed_over()
 
 
 class OdisseyService(MultiService):
     """Starts managed PostgreSQL servers (if any), then listens; stops in reverse order.
 
-    ``ready`` fires with the listening ports once clients can connect.
+    ``ready`` fires with the listening ports once clients can connect. With
+    ``process=True`` (twistd, the .tac) the service owns the process: SIGTERM and
+    SIGINT stop it gracefully, a second one at once, and :meth:`shutdown` stops the
+    reactor; otherwise (tests) :meth:`shutdown` stops just the service.
     """
 
-    def __init__(self, config: Config, reactor: object = None) -> None:
+    def __init__(self, config: Config, reactor: object = None, process: bool = False) -> None:
         super().__init__()
         if reactor is None:
             from twisted.internet import reactor as default_reactor
 
             reactor = default_reactor
-        self.reactor: Any = reactor
+        self.reactor = reactor
         self.config = config
+        self.process = process
         self.managed: dict[str, LocalPostgres] = {
             name: managed_postgres(s) for name, s in config.storages.items() if s.managed
         }
         self.ports: list[IListeningPort] = []
+        #: The same ports, by their ``listen`` entry (a reload opens and closes them).
+        self.listening: dict[str, IListeningPort] = {}
+        #: TLS to each storage, shared with the pools' connector and auth_query.
+        self.server_tls: dict[str, tls.ServerSide] = {}
+        self.console: Console | None = None
+        self._retired_indexes = itertools.count(-1, -1)
+        #: systemd's sd_notify (when the service owns a process started by systemd).
+        self.notifier = Notifier(reactor, os.environ if process else {})  # type: ignore[arg-type]
         self.factory: ClientFactory | None = None
         self.pools: Pools | None = None
         self.auth_queries: AuthQueries | None = None
-        self.console: Console | None = None
         self.live = Live()
         self.threads = reactor_threads(reactor)
         self.ready: Deferred[list[IListeningPort]] = Deferred()
+        self.phase = Phase.STARTING
+        self.how = Stop.GRACEFUL
         self._starting: Deferred[None] | None = None
+        self._stopping: Deferred[None] | None = None
+        self._stop_asked = False  # a signal or shutdown() has asked the reactor to stop
+        self.handover: HandoverServer | None = None
+        #: Odissey's log observer (``log`` section, under twistd), or None.
+        self.log_observer: Observer | None = None
+        #: Listening ports given to a new process: kept (open, unread) until we exit.
+        self._handed_over: list[IListeningPort] = []
+
+    def setServiceParent(self, parent: Any) -> None:
+        """Under twistd (the plugin or the .tac) the parent is the application: with a
+        ``log`` section, Odissey's observer is set on it, where twistd looks for one
+        when it starts logging (after building the service, before starting it)."""
+        if self.config.log is not None and isinstance(parent, Componentized):
+            self.log_observer = Observer(self.config.log, sys.stdout)
+            parent.setComponent(ILogObserver, self.log_observer)
+        super().setServiceParent(parent)
 
     def startService(self) -> None:
         super().startService()
+        if self.process:
+            self.reactor.callWhenRunning(self._install_signals)  # type: ignore[attr-defined]
         self._starting = self._start()
         self._starting.addErrback(self._start_failed)
 
     @inlineCallbacks
     def _start(self):
-        yield self.start_storages()
-        self.build()
-        yield self.listen()
-        self.ready.callback(self.ports)
-
-    @inlineCallbacks
-    def start_storages(self):
-        """Start the managed PostgreSQL servers and point their storages at them."""
         hosts = yield start_managed(self.managed, self.threads)
         self.config = with_storage_hosts(self.config, hosts)
-
-    def connector(self, connect: ServerConnector) -> ServerConnector:
-        """How pools open server connections: directly, in one process (a worker asks
-        its master for a lease first)."""
-        return connect
-
-    def key_layout(self) -> KeyLayout:
-        """What each client's cancel secret says about who issued it."""
-        return KeyLayout()
-
-    def build(self) -> None:
-        """Pools, client factory, console and janitor, from the (started) config."""
-        # Certificates and keys are read once, here: rotating them takes a restart.
+        # Certificates and keys are read here and by each reload (for new connections).
         client_tls, server_tls = tls.load(self.config)
+        self.server_tls.update(server_tls)  # (one dict, shared: a reload updates it in place)
         credentials = Credentials()
         self.pools = Pools(self.reactor, self.connector(functools.partial(
             connect, tracker=self.live, threads=self.threads, credentials=credentials,
-            tls=server_tls)))
-        self.auth_queries = AuthQueries(self.reactor, self.threads, self.live, tls=server_tls)
+            tls=self.server_tls)))
+        self.auth_queries = AuthQueries(self.reactor, self.threads, self.live, tls=self.server_tls)
         router = Router(self.config.routes)
-        self.console = console = Console(
+        console = self.console = Console(
             self.config, router, self.pools,
-            lambda: self.factory.clients if self.factory is not None else (), self.reactor)
+            lambda: self.factory.clients if self.factory is not None else (),
+            self.reactor, _Operator(self))
+        peer_id = self.config.peer_id
+        keys: CancelKeys[ClientConnection] = CancelKeys(self.key_layout())
+        if peer_id:
+            log.info("peer {id}: cancel requests for peers {peers} are forwarded to them",
+                     id=peer_id, peers=", ".join(str(p) for p in sorted(self.config.peers)) or "(none)")
         self.factory = ClientFactory(
-            self.reactor, router, self.pools, self.config.limits, self.threads,
-            keys=CancelKeys(self.key_layout()),
+            self.reactor, router, self.pools, self.config.limits, self.threads, keys,
             auth_queries=self.auth_queries, credentials=credentials, tls=client_tls,
-            console=console,
+            console=console, peering=Peering(self.reactor, self.config.peers, self.live),
         )
         for route in self.config.routes:
             if route.pool.min_size and not route.block and ANY not in (route.database, route.user):
@@ -200,13 +274,54 @@ class OdisseyService(MultiService):
         janitor = TimerService(PERIOD, Janitor(self.reactor, self.pools, self.factory).tick)
         janitor.clock = self.reactor
         janitor.setServiceParent(self)
+        self.built()
+        yield self.listen()
+        self.phase = Phase.RUNNING
+        self.notifier.ready()
+        self.ready.callback(self.ports)
+
+    def connector(self, connect: ServerConnector) -> ServerConnector:
+        """How pools open server connections: directly, in one process (a worker asks
+        its master for a lease first)."""
+        return connect
+
+    def key_layout(self) -> KeyLayout:
+        """What each client's cancel secret says about who issued it: the peer id when
+        peers are configured (a worker adds its number)."""
+        peer_id = self.config.peer_id
+        return KeyLayout.of(peer_id, bool(peer_id), 0, 1)
+
+    def built(self) -> None:
+        """Pools, client factory and console exist, nothing listens yet: where a worker
+        connects them to its master."""
 
     @inlineCallbacks
     def listen(self):
+        """Open the listeners (or take them over from the process running before)."""
+        path = self.config.handover_socket
+        taken = (yield take_sockets(self.reactor, path)) if path else None
         for description in self.config.listen:
+            yield self._listen(description, taken)
+        if taken is not None:
+            taken.confirm()
+            log.info("took over the listening sockets of the Odissey running before; it drains")
+        if path:
+            self.handover = HandoverServer(_Operator(self))
+            self.handover.listen(self.reactor, path)
+
+    @inlineCallbacks
+    def _listen(self, description: str, taken: Taken | None = None):
+        handed = taken.sockets.pop(description, None) if taken is not None else None
+        if handed is not None:
+            fd, family = handed
+            port = self.reactor.adoptStreamPort(fd, family, self.factory)  # type: ignore[attr-defined]
+            os.close(fd)  # (the port has its own copy)
+            log.info("listening on {where} (socket taken over)", where=description)
+        else:
             port = yield serverFromString(self.reactor, description).listen(self.factory)
             log.info("listening on {where}", where=description)
-            self.ports.append(port)
+        self.ports.append(port)
+        self.listening[description] = port
 
     def _start_failed(self, failure):
         log.failure("Odissey could not start", failure)
@@ -215,27 +330,196 @@ class OdisseyService(MultiService):
         if self.reactor.running:
             self.reactor.stop()
 
+    # -- reloading -----------------------------------------------------------------------
+
+    def reload(self) -> list[str]:
+        """SIGHUP, console RELOAD: read the configuration file again and apply the
+        difference (see odissey/reload.py). Returns the problems (each with its key
+        path) that kept it from applying; then nothing changed."""
+        source = self.config.source
+        if self.phase is not Phase.RUNNING or self.factory is None or self.pools is None:
+            problems = [f"(top level): Odissey is {self.phase.value}, not reloading"]
+        elif source is None:
+            problems = ["(top level): the configuration was not read from a file"]
+        else:
+            self.notifier.reloading()
+            problems = self._reload(source)
+            self.notifier.reloaded()
+        for problem in problems:
+            log.warn("reload refused: {problem}", problem=problem)
+        return problems
+
+    def _reload(self, source: str) -> list[str]:
+        try:
+            new = load_config(source)
+            client_tls, server_tls = tls.load(new)
+        except ConfigError as exc:
+            return list(exc.problems)
+        planned = plan_reload(self.config, new)
+        if planned.problems:
+            return list(planned.problems)
+        self._apply(planned, client_tls, server_tls)
+        log.info("reloaded {source}: {summary}", source=source, summary=planned.summary())
+        return []
+
+    def _apply(self, planned: Plan, client_tls: tls.ClientSide | None,
+               server_tls: dict[str, tls.ServerSide]) -> None:
+        factory, pools = self.factory, self.pools
+        assert factory is not None and pools is not None and self.console is not None
+        new = planned.config
+        self.server_tls.clear()
+        self.server_tls.update(server_tls)
+        router = Router(new.routes)
+        factory.router, factory.limits, factory.tls = router, new.limits, client_tls
+        if self.log_observer is not None and new.log is not None:
+            self.log_observer.settings = new.log
+        self.console.configure(new, router)
+        indexes = {route.index: next(self._retired_indexes) for route in planned.removed}
+        kept: dict[PoolKey, Pool] = {}
+        by_index = {change.old.index: change for change in planned.changes}
+        for pool in pools.pools.values():
+            change = by_index.get(pool.route.index)
+            if change is None or change.kind == REPLACE:
+                continue  # retired: its clients keep it, new ones get a new pool
+            if change.kind != SAME:
+                pool.reconfigure(change.new, reconnect=change.kind == RECONNECT)
+            else:
+                pool.route = change.new
+            kept[pools.key_of(change.new, pool.key.database, pool.key.user)] = pool
+        pools.rekey(kept)
+        for change in planned.changes:
+            indexes[change.old.index] = change.new.index
+        factory.renumber(indexes)
+        self.config = new
+        for description in planned.listen_close:
+            port = self.listening.pop(description)
+            self.ports.remove(port)
+            port.stopListening()
+            log.info("no longer listening on {where}", where=description)
+        for description in planned.listen_open:
+            self._listen(description).addErrback(self._listen_failed, description)
+
+    @staticmethod
+    def _listen_failed(failure: Failure, description: str) -> None:
+        log.failure("reload: could not listen on {where}", failure, where=description)
+
+    # -- stopping ------------------------------------------------------------------------
+
+    def handed_over(self) -> None:
+        """A new process has our listening sockets: stop reading them (closing a unix
+        listener would remove its path, which is the new process's now; the process's
+        exit closes our copies), then drain and exit as on SIGTERM."""
+        log.info("handed the listening sockets over to a new process; draining")
+        for port in self.ports:
+            port.stopReading()  # type: ignore[attr-defined]
+        self._handed_over = self.ports
+        self.ports, self.listening = [], {}
+        self.shutdown(Stop.GRACEFUL)
+
+    def _install_signals(self) -> None:
+        """Our SIGTERM/SIGINT handlers replace the reactor's (installed just before):
+        the first signal stops gracefully as the reactor's would, a second one (the
+        reactor's own would only log that it is already stopping) ends everyone now."""
+        handlers: dict[int, Callable[[int, object], None]] = {signal.SIGTERM: self.reactor.sigTerm,  # type: ignore[attr-defined]
+                    signal.SIGINT: self.reactor.sigInt}  # type: ignore[attr-defined]
+
+        def received(number: int, frame: object) -> None:
+            if self._stop_requested():
+                log.info("signal {number} while stopping: ending every client now", number=number)
+                self.reactor.callFromThread(self.hurry)  # type: ignore[attr-defined]
+            else:
+                self.how = Stop.GRACEFUL
+                self._stop_asked = True
+                handlers[number](number, frame)  # logs, and stops the reactor
+
+        for number in handlers:
+            signal.signal(number, received)
+        signal.signal(signal.SIGHUP, lambda number, frame: self.reactor.callFromThread(  # type: ignore[attr-defined]
+            self.reload))
+
+    def _stop_requested(self) -> bool:
+        return self._stop_asked or self._stopping is not None
+
+    def shutdown(self, how: Stop) -> None:
+        """Stop the pooler (console SHUTDOWN, SHUTDOWN WAIT_FOR_CLIENTS). Asked while
+        already stopping, an immediate stop hurries the one under way."""
+        if self._stop_requested():
+            if how is Stop.IMMEDIATE:
+                self.hurry()
+            return
+        self.how = how
+        self._stop_asked = True
+        log.info("shutdown requested ({how})", how=how.value)
+        if self.process:
+            self.reactor.stop()  # type: ignore[attr-defined]
+        else:
+            self.stopService()
+
+    def hurry(self) -> None:
+        """Stop now: end every client (57P01; cut if it has not gone within
+        CLOSE_PATIENCE) and cut every server connection."""
+        self.how = Stop.IMMEDIATE
+        if self.factory is not None:
+            end_all(self.factory)
+        if self.phase is Phase.STOPPING:
+            self.live.abort_servers()
+
     def _abort_clients(self) -> None:
         for client in list(self.factory.clients if self.factory else ()):
             if client.transport is not None:
                 client.transport.abortConnection()  # type: ignore[attr-defined]
 
+    def stopService(self) -> "Deferred[None]":
+        """Stop as :attr:`how` says; fires once every connection is closed. Called
+        again while stopping, returns the same Deferred."""
+        if self._stopping is None:
+            self._stopping = self._stop()
+        return self._stopping
+
     @inlineCallbacks
-    def stopService(self):
-        yield super().stopService()
+    def _stop(self):
         if self._starting is not None and not self._starting.called:
             yield self._starting
+        self.phase = Phase.DRAINING
+        self.notifier.stopping()
+        if self.handover is not None:
+            self.handover.close()
         yield DeferredList([port.stopListening() for port in self.ports])
         self.ports = []
-        if self.factory is not None:
-            for client in list(self.factory.clients):
-                client.fail(PoolerError(
-                    errors.ADMIN_SHUTDOWN, "terminating connection due to administrator command"))
-            yield within(self.reactor, self.factory.drained(), 5.0, self._abort_clients)
+        self.listening = {}
+        factory = self.factory
+        if factory is not None:
+            yield self._let_clients_go(factory)
+            end_all(factory)
+            yield within(self.reactor, factory.drained(), CLOSE_PATIENCE, self._abort_clients)
+        self.phase = Phase.STOPPING
+        yield super().stopService()
         if self.pools is not None:
             self.pools.close()
         if self.auth_queries is not None:
             self.auth_queries.close()
-        yield within(self.reactor, self.live.closed(), 5.0, self.live.abort_servers)
+        patience = 0.0 if self.how is Stop.IMMEDIATE else CLOSE_PATIENCE
+        yield within(self.reactor, self.live.closed(), patience, self.live.abort_servers)
         for postgres in self.managed.values():
             yield self.threads(postgres.stop)
+        self.notifier.stopped()
+        self.phase = Phase.STOPPED
+
+    def _let_clients_go(self, factory: ClientFactory) -> "Deferred[None]":
+        """The drain of a graceful or wait-for-clients stop (nothing for an immediate one)."""
+        how = self.how
+        if how is Stop.IMMEDIATE or not factory.clients:
+            return succeed(None)
+        log.info("draining {count} clients ({how})", count=len(factory.clients), how=how.value)
+        drain = Drain(self.reactor, factory, how is Stop.GRACEFUL)  # type: ignore[arg-type]
+        drain.start()
+        if how is Stop.WAIT_FOR_CLIENTS:
+            return drain.done
+        timeout = self.config.shutdown_timeout
+
+        def give_up() -> None:
+            log.info("shutdown_timeout ({timeout:g}s) is over: ending {count} clients",
+                     timeout=timeout, count=len(factory.clients))
+            end_all(factory)
+
+        return within(self.reactor, drain.done, timeout, give_up)

@@ -52,12 +52,15 @@ class FakeServer:
         self.login_params = params or [
             ("application_name", ""), ("server_version", "15.0"), ("TimeZone", "UTC")]
         self.owner: object = None
+        self.closed: Deferred[None] = Deferred()
 
     def close(self) -> None:
-        self.state = ServerState.CLOSED
+        if self.state is not ServerState.CLOSED:
+            self.state = ServerState.CLOSED
+            self.closed.callback(None)
 
     def abort(self) -> None:
-        self.state = ServerState.CLOSED
+        self.close()
 
 
 class FakeServers:

@@ -32,7 +32,7 @@ from odissey.commands import (REPORT_PERIOD, Admit, Cancel, Lease, Leave, Others
                               Stats, Withdraw, pool_name, rows_json)
 from odissey.config import Config, Route
 from odissey.janitor import PERIOD
-from odissey.pool import PoolKey, ServerConnector, Withdrawn
+from odissey.pool import PoolKey, Pools, ServerConnector, Withdrawn
 from odissey.server import ServerConnection
 from odissey.service import OdisseyService
 
@@ -117,13 +117,14 @@ class WorkerService(OdisseyService):
         self.others: list[list[Any]] = []
 
     def key_layout(self) -> KeyLayout:
-        return KeyLayout.of(0, False, self.number, self.workers)
+        peer_id = self.config.peer_id
+        return KeyLayout.of(peer_id, bool(peer_id), self.number, self.workers)
 
     def connector(self, connect: ServerConnector) -> ServerConnector:
         def leased(reactor: Any, route: Route, database: str, user: str) -> "Deferred[ServerConnection]":
             link = self.link
             assert link is not None
-            name = pool_name(PoolKey.of(route, database, user))
+            name = pool_name(Pools.key_of(route, database, user))
             request = next(self._requests)
             waiting = self.waiting.setdefault(name, [])
             waiting.append(request)
@@ -160,8 +161,7 @@ class WorkerService(OdisseyService):
             for request in waiting[len(waiting) - min(surplus, len(waiting)):]:
                 link.callRemote(Withdraw, pool=name, request=request)
 
-    def build(self) -> None:
-        super().build()
+    def built(self) -> None:
         withdrawing = TimerService(PERIOD, self.withdraw_surplus)
         withdrawing.clock = self.reactor
         withdrawing.setServiceParent(self)
@@ -189,7 +189,7 @@ class WorkerService(OdisseyService):
 
     def listen(self) -> "Deferred[None]":
         for fd, family in self.listeners:
-            port = self.reactor.adoptStreamPort(fd, family, self.factory)
+            port = self.reactor.adoptStreamPort(fd, family, self.factory)  # type: ignore[attr-defined]
             os.close(fd)  # (adopting duplicated it)
             self.ports.append(_Adopted(port))  # type: ignore[arg-type]
             log.info("accepting on {where}", where=port.getHost())

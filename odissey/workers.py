@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import signal
 import socket
 import sys
 from collections import Counter, defaultdict
@@ -38,14 +39,19 @@ from odissey.config import Config
 from odissey.leases import Action, Grant, Ledger
 from odissey.postgres import LocalPostgres
 from odissey.service import OdisseyService, managed_postgres, start_managed, with_storage_hosts, within
+from odissey.systemd import Notifier
 
 log = Logger()
 
 #: A worker that dies sooner than this after its start is restarted only this long after
 #: its start (a crash loop costs one start per period, not a busy loop).
 RESTART_DELAY = 1.0
-#: How long workers have to finish at shutdown before they are killed.
-STOP_PATIENCE = 30.0
+#: How long workers have beyond shutdown_timeout to finish at shutdown before they are
+#: killed (their own drain ends every client at shutdown_timeout).
+STOP_PATIENCE = 10.0
+#: What systemd tells the master only (notify socket, watchdog, activated sockets).
+SYSTEMD_ONLY = frozenset({"NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS",
+                          "LISTEN_PID", "LISTEN_FDNAMES"})
 #: How soon workers that had no server to give are asked again while a request waits.
 RECLAIM_RETRY = 0.1
 #: How long the master waits for a worker's statistics at shutdown.
@@ -58,10 +64,11 @@ def percentile(values: list[float], fraction: float) -> float:
 
 
 def service_for(config: Config) -> Union[OdisseyService, "Master"]:
-    """The root service: one process for ``workers: 1``; else a master that starts them."""
+    """The root service of a twistd process: itself the whole Odissey for ``workers:
+    1``; else a master that starts the workers."""
     if config.workers > 1:
         return Master(config)
-    return OdisseyService(config)
+    return OdisseyService(config, process=True)
 
 
 class WorkerLink(amp.AMP):
@@ -150,12 +157,14 @@ class Master(MultiService):
         self.reactor = reactor
         self.config = config
         self.threads = threads if threads is not None else reactor_threads(reactor)
+        #: systemd's sd_notify: READY=1 once the workers are started (workers never notify).
+        self.notifier = Notifier(reactor, os.environ)
         self.managed: dict[str, LocalPostgres] = {
             name: managed_postgres(s) for name, s in config.storages.items() if s.managed
         }
         self.ports: list[IListeningPort] = []
         self.ledger = Ledger()
-        self.layout = KeyLayout.of(0, False, 0, config.workers)
+        self.layout = KeyLayout.of(config.peer_id, bool(config.peer_id), 0, config.workers)
         self.processes: dict[int, WorkerProcess] = {}
         self.stopping = False
         self.ready: Deferred[list[IListeningPort]] = Deferred()
@@ -178,6 +187,7 @@ class Master(MultiService):
 
     def startService(self) -> None:
         super().startService()
+        self.reactor.callWhenRunning(signal.signal, signal.SIGHUP, self._hangup)
         self._starting = self._start()
         self._starting.addErrback(self._start_failed)
 
@@ -194,7 +204,15 @@ class Master(MultiService):
             self.ports.append(port)
         for number in range(self.config.workers):
             self.spawn(number)
+        self.notifier.ready()
         self.ready.callback(self.ports)
+
+    def _hangup(self, number: int, frame: object) -> None:
+        """SIGHUP would end the process (its default): say instead that a reload needs a
+        restart with workers."""
+        self.reactor.callFromThread(
+            log.warn, "SIGHUP: reloading is not supported with workers yet; restart Odissey "
+                      "to apply a new configuration")
 
     def _start_failed(self, failure: Failure) -> None:
         log.failure("Odissey could not start", failure)
@@ -221,10 +239,11 @@ class Master(MultiService):
         # The worker runs this very package, wherever it was imported from.
         package_root = os.path.dirname(os.path.dirname(os.path.abspath(odissey.__file__)))
         path = os.pathsep.join(p for p in (package_root, os.environ.get("PYTHONPATH")) if p)
+        env = {name: value for name, value in os.environ.items() if name not in SYSTEMD_ONLY}
         process = WorkerProcess(self, number, pickle.dumps(self.config))
         process.link = link
         transport = self.reactor.spawnProcess(
-            process, sys.executable, args, env={**os.environ, "PYTHONPATH": path}, childFDs=child_fds)
+            process, sys.executable, args, env={**env, "PYTHONPATH": path}, childFDs=child_fds)
         theirs.close()
         process.pid = transport.pid
         process.started_at = self.reactor.seconds()
@@ -376,6 +395,7 @@ class Master(MultiService):
         if self._starting is not None and not self._starting.called:
             yield self._starting
         self.stopping = True  # (from now on a worker that ends is not restarted)
+        self.notifier.stopping()
         totals = yield self.gather()
         pools = ", ".join(f"{pool}: {c['active']} active, {c['idle']} idle"
                           for pool, c in sorted(totals["pools"].items())) or "no pools"
@@ -390,8 +410,10 @@ class Master(MultiService):
         ended = [process.ended for process in self.processes.values()]
         for process in list(self.processes.values()):
             process.transport.signalProcess("TERM")
-        yield within(self.reactor, DeferredList(ended), STOP_PATIENCE, self._kill_all)
+        patience = self.config.shutdown_timeout + STOP_PATIENCE
+        yield within(self.reactor, DeferredList(ended), patience, self._kill_all)
         yield DeferredList([port.stopListening() for port in self.ports])
         self.ports = []
         for postgres in self.managed.values():
             yield self.threads(postgres.stop)
+        self.notifier.stopped()

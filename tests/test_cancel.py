@@ -12,9 +12,11 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from odissey.cancel import CancelKeys, KeyLayout, send_cancel
-from odissey.config import Storage
-from odissey.testing import STORAGE, answer_cancel
+from odissey.cancel import (
+    TTL_MASK, CancelKeys, Drop, Forward, KeyLayout, Local, Peering, route_cancel, send_cancel,
+)
+from odissey.config import Peer, Storage
+from odissey.testing import STORAGE, CancelLine, answer_cancel
 from odissey.wire import messages as m
 from tests.harness import free_port
 
@@ -74,6 +76,111 @@ class CancelKeyTests(SynchronousTestCase):
                     (256, True, 0, 1)):
             with self.assertRaises(ValueError):
                 KeyLayout.of(*bad)
+
+
+PEERS = {1: Peer(id=1, host="10.0.0.1", port=6432), 3: Peer(id=3, host="/run/o3", port=7000)}
+
+
+def issued_by(peer_id: int, workers: int = 1) -> tuple[KeyLayout, int]:
+    """A secret as instance ``peer_id`` (last worker of ``workers``) hands it out."""
+    layout = KeyLayout.of(peer_id, True, workers - 1, workers)
+    return layout, CancelKeys(layout).issue("client")[1]
+
+
+class RouteCancelTests(SynchronousTestCase):
+    """Where a CancelRequest goes, decided from its secret alone: here, to the peer that
+    issued it (one hop spent), or nowhere."""
+
+    here = KeyLayout.of(2, True, 0, 1)
+
+    def test_issued_with_full_budget(self) -> None:
+        """With peers every secret carries the full forwarding budget; without, no bits
+        are spent on one."""
+        for _ in range(200):
+            self.assertEqual(self.here.ttl(issued_by(2)[1]), TTL_MASK)
+        self.assertEqual(KeyLayout().ttl(-1), 0)
+
+    def test_other_peers_key_forwarded_with_one_hop_less(self) -> None:
+        """A key of a configured peer goes to that peer, the budget one less and every
+        other bit (peer, worker, random) unchanged, whichever workers it has."""
+        for workers in (1, 4):
+            for _ in range(100):
+                _layout, secret = issued_by(1, workers)
+                where = route_cancel(self.here, PEERS, secret)
+                self.assertEqual(where, Forward(PEERS[1], secret - 1))
+                self.assertEqual(secret ^ where.secret, 1)  # type: ignore[union-attr]
+                self.assertEqual(self.here.peer_of(where.secret), 1)  # type: ignore[union-attr]
+
+    def test_own_key_handled_here_as_issued(self) -> None:
+        """A key of this instance is looked up here, also after hops elsewhere: the
+        budget is restored to what was issued, so the lookup finds its client."""
+        keys: CancelKeys[str] = CancelKeys(self.here)
+        pid, secret = keys.issue("victim")
+        for hops in range(TTL_MASK + 1):
+            where = route_cancel(self.here, PEERS, secret - hops)
+            self.assertEqual(where, Local(secret))
+            self.assertEqual(keys.find(pid, where.secret), "victim")  # type: ignore[union-attr]
+        self.assertEqual(route_cancel(self.here, {**PEERS, 2: Peer(id=2, host="me")}, secret),
+                         Local(secret))  # never forwards its own id, whatever the list says
+
+    def test_unknown_peer_and_spent_budget_dropped(self) -> None:
+        """A key naming an id nobody configured, or a peer's key whose budget is spent
+        (peer lists that disagree), is dropped rather than sent on."""
+        _layout, secret = issued_by(9)
+        self.assertIsInstance(route_cancel(self.here, PEERS, secret), Drop)
+        _layout, secret = issued_by(3)
+        spent = secret - TTL_MASK
+        self.assertEqual(route_cancel(self.here, PEERS, spent + 1), Forward(PEERS[3], spent))
+        self.assertIsInstance(route_cancel(self.here, PEERS, spent), Drop)
+
+    def test_without_peering_everything_is_local(self) -> None:
+        """Without a peer id, keys have no owner bits: every cancel is looked up here,
+        unchanged."""
+        alone = KeyLayout()
+        for secret in (0, -1, 2**31 - 1, -(2**31), issued_by(1)[1]):
+            self.assertEqual(route_cancel(alone, PEERS, secret), Local(secret))
+
+
+class _Tracker:
+    def __init__(self) -> None:
+        self.tracked: list[object] = []
+
+    def cancelling(self, sent):  # type: ignore[no-untyped-def]
+        self.tracked.append(sent)
+        return sent
+
+
+class PeeringTests(SynchronousTestCase):
+    """Forwarding to a peer: a plain CancelRequest over a new connection, tracked for
+    shutdown, done when the peer closes it or its connect_timeout passes."""
+
+    def test_forward_over_tcp(self) -> None:
+        """The peer gets the key as forwarded; the result is True once it closes."""
+        reactor = MemoryReactorClock()
+        tracker = _Tracker()
+        sent = Peering(reactor, PEERS, tracker).forward(77, Forward(PEERS[1], 12345))
+        self.assertEqual(tracker.tracked, [sent])
+        self.assertEqual(reactor.tcpClients[-1][:2], ("10.0.0.1", 6432))
+        line = answer_cancel(reactor)
+        self.assertEqual(line.value(), m.cancel_request(77, 12345))
+        self.assertNoResult(sent)
+        line.loseConnection()
+        self.assertIs(self.successResultOf(sent), True)
+
+    def test_forward_over_unix_socket_gives_up(self) -> None:
+        """A peer on a unix socket is reached there; one that never closes is given up
+        after its connect_timeout (False: the cancel may still land)."""
+        reactor = MemoryReactorClock()
+        sent = Peering(reactor, PEERS).forward(1, Forward(PEERS[3], 2))
+        address, factory, _timeout, _check = reactor.unixClients.pop()
+        self.assertEqual(address, "/run/o3/.s.PGSQL.7000")
+        protocol = factory.buildProtocol(None)
+        line = CancelLine(protocol)
+        protocol.makeConnection(line)
+        self.assertEqual(line.value(), m.cancel_request(1, 2))
+        reactor.advance(PEERS[3].connect_timeout)
+        self.assertTrue(line.disconnected)
+        self.assertIs(self.successResultOf(sent), False)
 
 
 class _Listener(Protocol):

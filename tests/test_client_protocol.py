@@ -8,10 +8,11 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 
 from odissey import config
+from odissey.cancel import CancelKeys, KeyLayout, Peering
 from odissey.client import ClientConnection, ClientFactory, ClientState
 from odissey.pool import Pools
 from odissey.router import Router
-from odissey.testing import FakeBackends, in_this_thread
+from odissey.testing import FakeBackends, answer_cancel, in_this_thread
 from odissey.wire import messages as m
 from odissey.wire.scanner import Scanner
 
@@ -147,6 +148,28 @@ class ClientProtocolTests(SynchronousTestCase):
         proto, transport = self.connect()
         proto.dataReceived(m.cancel_request(1, 2))
         self.assertEqual(transport.value(), b"")
+        self.assertTrue(transport.disconnecting)
+
+    def test_cancel_for_a_peer_closes_after_the_peer(self) -> None:
+        """With peers, a CancelRequest whose key another instance issued is sent on to
+        it, and the client's cancel connection closes only once the peer has closed
+        the forwarded one (libpq's ordering, across instances); a key naming an
+        unknown instance is dropped and closed at once."""
+        peer = config.Peer(id=1, host="10.0.0.1", port=6432)
+        self.factory.keys = CancelKeys(KeyLayout.of(2, True, 0, 1))
+        self.factory.peering = Peering(self.clock, {1: peer})
+        _pid, secret = CancelKeys(KeyLayout.of(1, True, 0, 1)).issue("theirs")
+        proto, transport = self.connect()
+        proto.dataReceived(m.cancel_request(4242, secret))
+        line = answer_cancel(self.clock)
+        self.assertEqual(line.value(), m.cancel_request(4242, secret - 1))
+        self.assertFalse(transport.disconnecting)
+        line.loseConnection()
+        self.assertTrue(transport.disconnecting)
+        _pid, secret = CancelKeys(KeyLayout.of(9, True, 0, 1)).issue("nobody's")
+        proto, transport = self.connect()
+        proto.dataReceived(m.cancel_request(4242, secret))
+        self.assertEqual(self.clock.tcpClients, [])
         self.assertTrue(transport.disconnecting)
 
     def test_newer_protocol_negotiated(self) -> None:

@@ -177,6 +177,15 @@ class ConfigTests(SynchronousTestCase):
         self.assertEqual(tx.auth.password.value, "demo")
         self.assertEqual(cfg.admin_users, ("demo",))  # README: psql -U demo odissey -c 'SHOW POOLS'
 
+    def test_peers_example_is_what_deployment_says(self) -> None:
+        """docs/examples/peers.yaml is instance 1 of 3, every instance listed, and the
+        pools of all three fit in the 180 server connections its comment promises."""
+        cfg = config.load(str(ROOT / "docs" / "examples" / "peers.yaml"))
+        self.assertEqual((cfg.peer_id, sorted(cfg.peers)), (1, [2, 3]))
+        self.assertEqual({p.port for p in cfg.peers.values()}, {6432})
+        instances = len(cfg.peers) + 1
+        self.assertEqual(instances * sum(r.pool.size for r in cfg.routes), 180)
+
     def test_console_users(self) -> None:
         """admin_users/stats_users must name users some route serves; no route may use a
         console database name."""
@@ -194,6 +203,54 @@ class ConfigTests(SynchronousTestCase):
         doc = minimal(user="*")
         doc["stats_users"] = ["anyone"]
         self.assertEqual(parse(doc).stats_users, ("anyone",))
+
+
+class PeerConfigTests(SynchronousTestCase):
+    def problems(self, **top: object) -> list[str]:
+        with self.assertRaises(ConfigError) as caught:
+            parse({**minimal(), **top})
+        return caught.exception.problems
+
+    def test_defaults_and_own_entry_skipped(self) -> None:
+        """Without peer_id there is no peering; the list may hold this instance's own
+        entry, which is skipped; port and connect_timeout have defaults; a host may be
+        a unix socket directory."""
+        self.assertEqual((parse(minimal()).peer_id, parse(minimal()).peers), (0, {}))
+        cfg = parse({**minimal(), "peer_id": 2, "peers": [
+            {"id": 1, "host": "10.0.0.1"}, {"id": 2, "host": "10.0.0.2"},
+            {"id": 3, "host": "/run/odissey", "port": 7000, "connect_timeout": "250ms"}]})
+        self.assertEqual(cfg.peer_id, 2)
+        self.assertEqual(sorted(cfg.peers), [1, 3])
+        self.assertEqual((cfg.peers[1].port, cfg.peers[1].connect_timeout), (6432, 5.0))
+        unix = cfg.peers[3]
+        self.assertEqual((unix.is_unix, unix.socket_path, unix.connect_timeout),
+                         (True, "/run/odissey/.s.PGSQL.7000", 0.25))
+        self.assertEqual(parse({**minimal(), "peer_id": 255}).peers, {})  # alone, for now
+
+    def test_mistakes_named(self) -> None:
+        """Duplicate ids, ids out of range, missing hosts, unknown keys and peers
+        without peer_id are each named by their key path."""
+        self.assertEqual(self.problems(peers=[
+            {"id": 1, "host": "a"}, {"id": 1, "host": "b"}, {"id": 256, "host": "c", "weight": 1},
+            {"port": 6432}, "d"]), [
+            "peers: needs peer_id (this instance's own id among its peers)",
+            "peers[1].id: duplicates peers[0].id (1)",
+            "peers[2].weight: unknown key (expected one of: id, host, port, connect_timeout)",
+            "peers[2].id: must be an integer from 1 to 255, got 256",
+            "peers[3].id: is required",
+            "peers[3].host: is required",
+            'peers[4]: must be a mapping, got "d"',
+        ])
+        self.assertEqual(self.problems(peer_id=0, peers={"1": "a"}), [
+            "peer_id: must be an integer from 1 to 255, got 0",
+            "peers: must be a list of peers ({id, host, port}), got dict",
+        ])
+        self.assertEqual(self.problems(peer_id=1, peers=[{"id": 2, "host": "", "port": 0,
+                                                          "connect_timeout": "0s"}]), [
+            'peers[0].host: must be a host name or a unix socket directory, got ""',
+            "peers[0].port: must be a TCP port number, got 0",
+            'peers[0].connect_timeout: must be a duration like 5s, got "0s"',
+        ])
 
 
 class AuthQueryConfigTests(SynchronousTestCase):

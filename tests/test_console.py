@@ -15,6 +15,7 @@ from odissey.config import parse
 from odissey.console import ADMIN, STATS, Console, ConsoleSession, merge_pools
 from odissey.pool import Pools
 from odissey.router import Router
+from odissey.testing import FakeServers
 from odissey.wire import messages as m
 from odissey.wire.errors import PoolerError
 from odissey.wire.scanner import Scanner
@@ -25,15 +26,10 @@ POOLS_COLUMNS = ["database", "user", "cl_active", "cl_waiting", "sv_active", "sv
                  "sv_tested", "sv_login", "maxwait", "maxwait_us", "pool_mode"]
 
 
-class ConsoleTests(IntegrationTest):
-    top = {"admin_users": ["app"], "stats_users": ["u_clear"]}
+class ConsoleTest(IntegrationTest):
+    """What console tests share: app is an admin user, u_clear a stats user."""
 
-    def routes(self) -> list[dict[str, Any]]:
-        return [
-            route("app", "app", pool={"mode": "transaction", "size": 2}),
-            route("app", "u_clear", auth={"method": "cleartext", "password": "clear-pw"}),
-            route("app", "u_scram", auth={"method": "scram-sha-256", "password": "scram-pw"}),
-        ]
+    top = {"admin_users": ["app"], "stats_users": ["u_clear"]}
 
     def console(self, user: str = "app", password: str = APP_PASSWORD,
                 dbname: str = "odissey") -> psycopg.Connection:
@@ -64,6 +60,20 @@ class ConsoleTests(IntegrationTest):
             except psycopg.Error as exc:
                 return exc
         raise AssertionError(f"{sql} did not fail")
+
+    def admin(self, sql: str) -> str:
+        """Run one command on its own console connection; its command tag."""
+        with self.console() as conn:
+            return conn.execute(sql).statusmessage or ""
+
+
+class ConsoleTests(ConsoleTest):
+    def routes(self) -> list[dict[str, Any]]:
+        return [
+            route("app", "app", pool={"mode": "transaction", "size": 2}),
+            route("app", "u_clear", auth={"method": "cleartext", "password": "clear-pw"}),
+            route("app", "u_scram", auth={"method": "scram-sha-256", "password": "scram-pw"}),
+        ]
 
     @inlineCallbacks
     def test_psql_show_pools_follows_a_transaction(self):
@@ -137,13 +147,13 @@ class ConsoleTests(IntegrationTest):
     @inlineCallbacks
     def test_stats_user_may_only_show(self):
         """A stats user reads SHOW POOLS but gets 42501 for PAUSE; an admin gets 0A000
-        (not supported yet) for the same command."""
+        for SUSPEND (not supported)."""
         rows = yield self.thread(self.show, "POOLS", user="u_clear", password="clear-pw")
         self.assertIsInstance(rows, list)
         refused = yield self.thread(self.error, "PAUSE", user="u_clear", password="clear-pw")
         self.assertEqual(refused.sqlstate, "42501")
         self.assertIn("admin access needed", str(refused))
-        coming = yield self.thread(self.error, "PAUSE app")
+        coming = yield self.thread(self.error, "SUSPEND")
         self.assertEqual(coming.sqlstate, "0A000")
         done = yield self.psql("RELOAD", user="u_clear", password="clear-pw", dbname="odissey")
         self.assertNotEqual(done.returncode, 0)
@@ -256,15 +266,38 @@ class ConsoleLoginTests(IntegrationTest):
         self.assertIn("password authentication failed", wrong)
 
 
-class SessionTests(SynchronousTestCase):
-    """A ConsoleSession fed bytes directly: message framing and the replies' shape."""
+class FakeConsoleClient:
+    """What the console reads of a client connection, and the error it was failed with."""
+
+    def __init__(self, number: int, database: str = "db") -> None:
+        self.id = f"c{number}"
+        self.user = "u"
+        self.database = database
+        self.connected_at = 0.0
+        self.relay = None
+        self.console = None
+        self.transport = None
+        self.failed: list[PoolerError] = []
+
+    def fail(self, error: PoolerError) -> None:
+        self.failed.append(error)
+
+
+class SessionHarness:
+    """A ConsoleSession fed bytes directly, over pools with fake servers; what it wrote."""
 
     def session(self, role: str = ADMIN) -> ConsoleSession:
         config = parse({"listen": ["tcp:0"], "storages": {"pg": {"host": "127.0.0.1"}},
-                        "routes": [{"database": "db", "user": "u", "storage": "pg"}],
+                        "routes": [{"database": "db", "user": "u", "storage": "pg"},
+                                   {"database": "other", "user": "u", "storage": "pg"}],
                         "admin_users": ["u"]})
         clock = Clock()
-        console = Console(config, Router(config.routes), Pools(clock, None), lambda: (), clock)  # type: ignore[arg-type]
+        self.servers = FakeServers(clock)
+        self.pools = Pools(clock, lambda *_: self.servers())  # type: ignore[arg-type]
+        self.route = config.routes[0]
+        self.clients: list[FakeConsoleClient] = []
+        console = Console(config, Router(config.routes), self.pools,
+                          lambda: self.clients, clock)  # type: ignore[arg-type,return-value]
         self.written: list[bytes] = []
         self.closed: list[PoolerError] = []
         self.dropped: list[bool] = []
@@ -274,6 +307,16 @@ class SessionTests(SynchronousTestCase):
     def replies(self) -> list[tuple[str, bytes]]:
         data = b"".join(self.written)
         return [(chr(k), b or b"") for k, b, _ in Scanner(collect_all=True).feed(data)]
+
+    def kinds(self) -> str:
+        return "".join(kind for kind, _ in self.replies())
+
+    def sqlstates(self) -> list[str]:
+        return [m.parse_error_fields(body)["C"] for kind, body in self.replies() if kind == "E"]
+
+
+class SessionTests(SessionHarness, SynchronousTestCase):
+    """Message framing and the replies' shape."""
 
     def test_pipelined_and_split_queries(self) -> None:
         """Two queries in one chunk, and one cut anywhere, are each answered in order."""
@@ -321,6 +364,21 @@ class SessionTests(SynchronousTestCase):
         session.data(m.terminate())
         self.assertEqual(self.dropped, [True])
 
+    def test_pause_answers_once_servers_are_released(self) -> None:
+        """PAUSE db answers only when the database's busy server has been released (and
+        closed); a command sent behind it waits its turn, then runs."""
+        session = self.session()
+        pool = self.pools.get(self.route, "db", "u")
+        held = pool.wait("c9")
+        server = self.servers.succeed_next()
+        self.successResultOf(held)
+        session.data(m.query("PAUSE db") + m.query("SHOW VERSION"))
+        self.assertEqual(self.written, [])
+        self.assertTrue(session.busy)
+        pool.release(server)  # type: ignore[arg-type]
+        self.assertEqual(self.kinds(), "CZTDCZ")
+        self.assertEqual(self.replies()[0][1], b"PAUSE\0")
+        self.assertFalse(session.busy)
 
 class MergePoolsTests(SynchronousTestCase):
     def test_rows_of_workers_add_up(self) -> None:

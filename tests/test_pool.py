@@ -6,9 +6,9 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from odissey import config
-from odissey.pool import SPARE_AFTER, Pool, PoolKey, Withdrawn
+from odissey.pool import SPARE_AFTER, PauseState, Pool, PoolKey, Pools, Withdrawn
 from odissey.server import ServerState
-from odissey.testing import FakeServers
+from odissey.testing import FakeServer, FakeServers
 from odissey.wire.errors import PoolerError
 
 
@@ -310,3 +310,180 @@ class SurplusTests(SynchronousTestCase):
         pool, _servers, _ = make_pool(size=3, min_size=2)
         pool.maintain()
         self.assertEqual((pool.opening, pool.surplus()), (2, 0))
+
+
+class PauseTests(SynchronousTestCase):
+    """The console's controls on one pool: PAUSE/RESUME, RECONNECT, KILL."""
+
+    def busy_and_idle(self) -> tuple[Pool, FakeServers, Clock, FakeServer, FakeServer]:
+        """A pool of two: ``busy`` held by client a, ``idle`` released by b."""
+        pool, servers, clock = make_pool(size=2)
+        held, released = pool.wait("a"), pool.wait("b")
+        busy, idle = servers.succeed_next(), servers.succeed_next()
+        self.assertIs(self.successResultOf(held), busy)
+        self.assertIs(self.successResultOf(released), idle)
+        pool.release(idle)  # type: ignore[arg-type]
+        return pool, servers, clock, busy, idle
+
+    def test_pause_waits_for_busy_servers_and_queues_clients(self) -> None:
+        """PAUSE closes the idle server at once and the busy one when released, and is
+        done only then; a query arriving meanwhile waits (no server opened) and gets a
+        fresh server after RESUME."""
+        pool, servers, _, busy, idle = self.busy_and_idle()
+        pool.pause()
+        paused = pool.when_paused()
+        self.assertEqual((idle.state, pool.pause_state), (ServerState.CLOSED, PauseState.PAUSING))
+        self.assertNoResult(paused)
+        self.assertIsNone(pool.take("c"))
+        waiting = pool.wait("c")
+        self.assertEqual(servers.attempts, [])
+        pool.release(busy)  # type: ignore[arg-type]
+        self.assertEqual(busy.state, ServerState.CLOSED)
+        self.successResultOf(paused)
+        self.assertEqual((pool.pause_state, pool.total), (PauseState.PAUSED, 0))
+        self.assertNoResult(waiting)
+        pool.maintain()  # (no min_size opening while paused either)
+        self.assertEqual(servers.attempts, [])
+        pool.resume()
+        fresh = servers.succeed_next()
+        self.assertIs(self.successResultOf(waiting), fresh)
+
+    def test_pause_closes_a_connection_that_opens_meanwhile(self) -> None:
+        """A connection being opened when PAUSE comes is closed once open, not handed
+        to the client waiting for it; a failed one does not refuse that client."""
+        pool, servers, _ = make_pool(size=2)
+        first, second = pool.wait("a"), pool.wait("b")
+        pool.pause()
+        paused = pool.when_paused()
+        opened = servers.succeed_next()
+        self.assertEqual(opened.state, ServerState.CLOSED)
+        self.assertNoResult(first)
+        self.assertNoResult(paused)
+        servers.fail_next(PoolerError("08006", "refused"))
+        self.successResultOf(paused)
+        self.assertNoResult(first)
+        self.assertNoResult(second)
+
+    def test_paused_waiter_still_times_out(self) -> None:
+        """wait_timeout still bounds a paused client's wait (as PgBouncer's
+        query_wait_timeout does), and the error says the pool is paused."""
+        pool, _, clock = make_pool(size=1, wait="3s")
+        pool.pause()
+        waiting = pool.wait("a")
+        clock.advance(3)
+        error = self.failureResultOf(waiting, PoolerError).value
+        self.assertEqual(error.sqlstate, "53300")
+        self.assertIn("paused", error.detail or "")
+
+    def test_resume_before_paused_fails_the_pause(self) -> None:
+        """RESUME before the busy servers came back ends PAUSE's wait with 57014; the
+        server in use is still closed when released, and the pool serves again."""
+        pool, servers, _, busy, _idle = self.busy_and_idle()
+        pool.pause()
+        paused = pool.when_paused()
+        pool.resume()
+        self.assertEqual(self.failureResultOf(paused, PoolerError).value.sqlstate, "57014")
+        pool.release(busy)  # type: ignore[arg-type]
+        self.assertEqual(busy.state, ServerState.CLOSED)
+        waiting = pool.wait("c")
+        fresh = servers.succeed_next()
+        self.assertIs(self.successResultOf(waiting), fresh)
+
+    def test_reconnect(self) -> None:
+        """RECONNECT closes idle servers now and busy ones when released, and lists
+        those still to close; new clients get new servers meanwhile."""
+        pool, servers, _, busy, idle = self.busy_and_idle()
+        pool.reconnect()
+        self.assertEqual(idle.state, ServerState.CLOSED)
+        self.assertEqual(pool.to_close(), [busy])
+        waiting = pool.wait("c")
+        fresh = servers.succeed_next()
+        self.assertIs(self.successResultOf(waiting), fresh)
+        pool.release(busy)  # type: ignore[arg-type]
+        self.assertEqual(busy.state, ServerState.CLOSED)
+        pool.release(fresh)  # type: ignore[arg-type]
+        self.assertEqual(pool.idle, [fresh])
+        self.assertEqual(pool.to_close(), [])
+
+    def test_reconnect_closes_a_connection_begun_before_it(self) -> None:
+        """A connection being opened when RECONNECT comes is closed once open, and the
+        client waiting for it gets one opened after."""
+        pool, servers, _ = make_pool(size=2)
+        waiting = pool.wait("a")
+        pool.reconnect()
+        stale = servers.succeed_next()
+        self.assertEqual(stale.state, ServerState.CLOSED)
+        self.assertNoResult(waiting)
+        fresh = servers.succeed_next()
+        self.assertIs(self.successResultOf(waiting), fresh)
+
+    def test_kill(self) -> None:
+        """KILL cuts busy and idle servers at once and leaves the pool paused."""
+        pool, servers, _, busy, idle = self.busy_and_idle()
+        pool.kill()
+        self.assertEqual((busy.state, idle.state), (ServerState.CLOSED, ServerState.CLOSED))
+        self.assertEqual((pool.pause_state, pool.total), (PauseState.PAUSED, 0))
+        self.assertNoResult(pool.wait("c"))
+        self.assertEqual(servers.attempts, [])
+
+
+class PoolsControlTests(SynchronousTestCase):
+    """The console's controls per database, over every pool of it."""
+
+    def pools(self) -> tuple[Pools, dict[str, FakeServers], config.Route]:
+        """Pools over a catch-all route, with each user's connection attempts apart."""
+        cfg = config.parse({
+            "listen": ["tcp:0"], "storages": {"pg": {"host": "127.0.0.1"}},
+            "routes": [{"database": "*", "user": "*", "storage": "pg"}]})
+        servers: dict[str, FakeServers] = {}
+
+        def connect(reactor: object, route: object, database: str, user: str) -> object:
+            return servers.setdefault(user, FakeServers())()
+
+        return Pools(Clock(), connect), servers, cfg.routes[0]  # type: ignore[arg-type]
+
+    def test_pause_one_database_now_and_later(self) -> None:
+        """PAUSE db pauses that database's pools, and one made for it later; other
+        databases go on; RESUME db while everything is paused leaves it paused."""
+        pools, _, route = self.pools()
+        a = pools.get(route, "a", "u")
+        b = pools.get(route, "b", "u")
+        self.successResultOf(pools.pause("a"))
+        later = pools.get(route, "a", "v")
+        self.assertEqual((a.pause_state, later.pause_state, b.pause_state),
+                         (PauseState.PAUSED, PauseState.PAUSED, PauseState.RUNNING))
+        self.successResultOf(pools.pause(None))
+        pools.resume("a")
+        self.assertTrue(pools.is_paused("a"))
+        self.assertEqual(a.pause_state, PauseState.PAUSED)
+        pools.resume(None)
+        self.assertEqual({p.pause_state for p in (a, b, later)}, {PauseState.RUNNING})
+        self.assertFalse(pools.is_paused("a"))
+
+    def test_pause_fires_when_every_pool_is_done(self) -> None:
+        """The database's PAUSE is done only when the last of its pools is."""
+        pools, servers, route = self.pools()
+        first, second = pools.get(route, "a", "u"), pools.get(route, "a", "v")
+        one, two = first.wait("c1"), second.wait("c2")
+        s1, s2 = servers["u"].succeed_next(), servers["v"].succeed_next()
+        self.assertIs(self.successResultOf(one), s1)
+        self.assertIs(self.successResultOf(two), s2)
+        paused = pools.pause("a")
+        first.release(s1)  # type: ignore[arg-type]
+        self.assertNoResult(paused)
+        second.release(s2)  # type: ignore[arg-type]
+        self.successResultOf(paused)
+
+    def test_closing_waits_for_reconnected_servers(self) -> None:
+        """WAIT_CLOSE's Deferred fires once the servers RECONNECT marked have closed."""
+        pools, servers, route = self.pools()
+        pool = pools.get(route, "a", "u")
+        held = pool.wait("c")
+        server = servers["u"].succeed_next()
+        self.successResultOf(held)
+        self.successResultOf(pools.closing("a"))  # nothing to close yet
+        pools.reconnect("a")
+        closing = pools.closing("a")
+        self.assertNoResult(closing)
+        pool.release(server)  # type: ignore[arg-type]
+        self.successResultOf(closing)

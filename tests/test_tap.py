@@ -2,20 +2,25 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
+import psycopg
 import yaml
 from twisted.internet.defer import inlineCallbacks
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import SkipTest, TestCase
 
-from tests.harness import free_port, shared_postgres
+from tests.harness import direct, free_port, shared_postgres
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -52,10 +57,13 @@ class TapTests(TestCase):
     def twistd_command(self) -> list[str]:
         return [self.interpreter, *BOOT]
 
-    def twistd(self, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+    def twistd(self, *args: str, env: dict[str, str] | None = None,
+               output: Any = subprocess.PIPE) -> subprocess.Popen[str]:
+        """twistd -n; its output to a pipe read at the end (or to ``output``, a file, for
+        a process that logs more than a pipe holds before anyone reads it)."""
         return subprocess.Popen(
             [*self.twistd_command(), "--pidfile=", "-n", *args],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            stdout=output, stderr=subprocess.STDOUT, text=True,
             env={**os.environ, **(env or {})}, cwd=ROOT,
         )
 
@@ -162,6 +170,280 @@ class TapTests(TestCase):
                 self.assertIn("number of failed transactions: 0 (0.000%)", done.stdout)
         finally:
             yield deferToThread(stop, proc)
+
+
+    def app_config(self, port: int, **top: object) -> str:
+        """A config for the shared PostgreSQL's app database, in transaction mode, and
+        trust user u_trust in session mode (trusted by PostgreSQL over TCP)."""
+        pg = shared_postgres()
+        return self.write_config({
+            "listen": [f"tcp:{port}:interface=127.0.0.1"],
+            "storages": {"pg": {"host": "127.0.0.1", "port": pg.port}},
+            "routes": [{"database": "app", "user": "app", "storage": "pg",
+                        "auth": {"method": "md5", "password": "app-secret"},
+                        "pool": {"mode": "transaction", "size": 4}},
+                       {"database": "app", "user": "u_trust", "storage": "pg",
+                        "pool": {"mode": "session"}}],
+            **top,
+        })
+
+    @inlineCallbacks
+    def test_sigterm_lets_transaction_commit(self):
+        """SIGTERM with a psycopg transaction in flight: the listener closes, the
+        transaction commits, the client's next statement gets 57P01, the process exits."""
+        port = free_port()
+        proc = self.twistd("odissey", "-c", self.app_config(port))
+
+        def scenario() -> list[str]:
+            psql_until_up(port, "select 1", "app", "app-secret", "app")
+            seen = []
+            with psycopg.connect(host="127.0.0.1", port=port, user="app", password="app-secret",
+                                 dbname="app", sslmode="disable", autocommit=True) as conn:
+                conn.execute("begin")
+                conn.execute("insert into items values (7201, 'sigterm-commit')")
+                conn.pgconn.send_query(b"select pg_sleep(0.5)")  # in flight at the signal
+                proc.send_signal(signal.SIGTERM)
+                wait_refused(port)
+                seen.append(str(conn.pgconn.get_result().status))
+                while conn.pgconn.get_result() is not None:
+                    pass
+                conn.execute("commit")
+                seen.append("committed")
+                try:
+                    conn.execute("select 1")
+                except psycopg.errors.AdminShutdown:
+                    seen.append("57P01")
+            return seen
+
+        try:
+            seen = yield deferToThread(scenario)
+            out, _ = yield deferToThread(proc.communicate, timeout=60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+        self.assertEqual(seen, ["2", "committed", "57P01"])  # 2: TUPLES_OK
+        with direct() as su:
+            self.assertEqual(su.execute("select count(*) from items where note = 'sigterm-commit'")
+                             .fetchone()[0], 1)
+        self.assertIn(proc.returncode, (0, -signal.SIGTERM), out)
+
+    @inlineCallbacks
+    def test_second_sigterm_exits_at_once(self):
+        """During a graceful stop that waits for a session, a second SIGTERM ends the
+        session (57P01) and the process exits long before shutdown_timeout."""
+        port = free_port()
+        proc = self.twistd("odissey", "-c", self.app_config(port, shutdown_timeout="5m"))
+
+        def scenario() -> str:
+            psql_until_up(port, "select 1", "u_trust", "", "app")
+            with psycopg.connect(host="127.0.0.1", port=port, user="u_trust", dbname="app",
+                                 sslmode="disable", autocommit=True) as conn:
+                proc.send_signal(signal.SIGTERM)
+                wait_refused(port)
+                conn.execute("select 1")  # the session goes on
+                proc.send_signal(signal.SIGTERM)
+                proc.wait(timeout=30)
+                try:
+                    conn.execute("select 1")
+                except psycopg.errors.AdminShutdown:
+                    return "57P01"
+                except psycopg.OperationalError as exc:
+                    return f"closed: {exc}"
+            return "served"
+
+        try:
+            told = yield deferToThread(scenario)
+            out, _ = yield deferToThread(proc.communicate, timeout=60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+        self.assertEqual(told, "57P01", out)
+        self.assertIn("ending every client now", out)
+
+    @inlineCallbacks
+    def test_sighup_reloads(self):
+        """SIGHUP with a broken file logs each problem and changes nothing; with a good
+        one that moves the listener, the new port serves and the old one refuses."""
+        port, moved = free_port(), free_port()
+        path = self.app_config(port)
+        proc = self.twistd("odissey", "-c", path)
+        document = yaml.safe_load(Path(path).read_text())
+
+        def scenario() -> str:
+            psql_until_up(port, "select 1", "app", "app-secret", "app")
+            broken = {**document, "shutdown_timeout": "soon"}
+            Path(path).write_text(yaml.safe_dump(broken))
+            proc.send_signal(signal.SIGHUP)
+            time.sleep(0.5)  # (nothing to await: the proof is that nothing changes)
+            served = psql_until_up(port, "select 'still'", "app", "app-secret", "app")
+            Path(path).write_text(yaml.safe_dump({**document, "listen": [
+                f"tcp:{moved}:interface=127.0.0.1"]}))
+            proc.send_signal(signal.SIGHUP)
+            wait_refused(port)
+            return served + "/" + psql_until_up(moved, "select 'moved'", "app", "app-secret", "app")
+
+        try:
+            answer = yield deferToThread(scenario)
+        finally:
+            out = yield deferToThread(stop, proc)
+        self.assertEqual(answer, "still/moved", out)
+        self.assertIn('reload refused: shutdown_timeout: must be a duration like 30s, got "soon"', out)
+        self.assertIn("no longer listening on", out)
+
+    @inlineCallbacks
+    def test_systemd_notify_and_socket_activation(self):
+        """Started the way systemd starts a Type=notify, socket-activated unit (the
+        listening socket inherited as fd 3 with LISTEN_FDS/LISTEN_PID/LISTEN_FDNAMES, NOTIFY_SOCKET an
+        abstract name, a watchdog): clients are served on the inherited socket, and
+        READY=1, WATCHDOG=1, RELOADING=1 (SIGHUP) then READY=1, STOPPING=1 (SIGTERM)
+        arrive in that order."""
+        listener = socket.socket()
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(64)
+        port = listener.getsockname()[1]
+        name = f"odissey-tap-{os.getpid()}-{port}"
+        notes = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        notes.bind("\0" + name)
+        notes.settimeout(30)
+        self.addCleanup(notes.close)
+        path = self.app_config(port)
+        document = yaml.safe_load(Path(path).read_text())
+        document["listen"] = ["systemd:domain=INET:name=odissey"]
+        Path(path).write_text(yaml.safe_dump(document))
+        proc = subprocess.Popen(
+            ["sh", "-c", 'export LISTEN_PID=$$ LISTEN_FDS=1 LISTEN_FDNAMES=odissey; exec "$@" 3<&0 0</dev/null', "sh",
+             *self.twistd_command(), "--pidfile=", "-n", "odissey", "-c", path],
+            stdin=listener.fileno(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            env={**os.environ, "NOTIFY_SOCKET": "@" + name, "WATCHDOG_USEC": "400000"}, cwd=ROOT)
+        listener.close()  # (the child has it)
+
+        def received() -> str:
+            while True:
+                message = notes.recv(4096).decode()
+                if message != "WATCHDOG=1":
+                    return message.split("\n")[0]
+
+        def scenario() -> list[str]:
+            seen = [notes.recv(4096).decode().split("\n")[0]]  # READY=1, before any client
+            seen.append(notes.recv(4096).decode())  # the watchdog starts with it
+            seen.append(psql_until_up(port, "select 'activated'", "app", "app-secret", "app"))
+            proc.send_signal(signal.SIGHUP)
+            seen += [received(), received()]
+            proc.send_signal(signal.SIGTERM)
+            seen.append(received())
+            return seen
+
+        try:
+            seen = yield deferToThread(scenario)
+            out, _ = yield deferToThread(proc.communicate, timeout=60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+        self.assertEqual(seen, ["READY=1", "WATCHDOG=1", "activated", "RELOADING=1", "READY=1",
+                                "STOPPING=1"], out)
+
+    @inlineCallbacks
+    def test_online_restart_under_pgbench(self):
+        """A second process started with the same configuration (handover_socket) takes
+        the listening socket while ``pgbench -C`` (a new connection per transaction) runs
+        against the first: the first drains and exits, pgbench sees no failed
+        transaction, and a third process takes over from the second the same way."""
+        if not shutil.which("pgbench"):
+            raise SkipTest("pgbench not installed")
+        port = free_port()
+        directory = tempfile.mkdtemp(prefix="odissey-handover-")  # (unix paths are short)
+        self.addCleanup(shutil.rmtree, directory, True)
+        socket_path = os.path.join(directory, "handover.sock")
+        path = self.app_config(port, handover_socket=socket_path)
+        logs: list[Path] = []
+
+        def start() -> subprocess.Popen[str]:
+            # (a login and a logout line per pgbench -C transaction: more than a pipe holds)
+            logs.append(Path(directory) / f"odissey-{len(logs)}.log")
+            with logs[-1].open("w") as output:
+                return self.twistd("odissey", "-c", path, output=output)
+
+        first = start()
+        processes = [first]
+
+        def bench() -> subprocess.CompletedProcess[str]:
+            return subprocess.run(
+                ["pgbench", "-n", "-S", "-C", "-c", "4", "-j", "2", "-T", "8",
+                 "-h", "127.0.0.1", "-p", str(port), "-U", "app", "app"],
+                capture_output=True, text=True, env={**os.environ, "PGPASSWORD": "app-secret"},
+                timeout=120)
+
+        def restart(old: subprocess.Popen[str]) -> subprocess.Popen[str]:
+            new = start()
+            processes.append(new)
+            old.wait(timeout=60)
+            return new
+
+        try:
+            yield deferToThread(psql_until_up, port, "select 1", "app", "app-secret", "app")
+            running = deferToThread(bench)
+            yield deferToThread(time.sleep, 2)
+            second = yield deferToThread(restart, first)
+            yield deferToThread(time.sleep, 2)
+            third = yield deferToThread(restart, second)
+            done = yield running
+            answer = yield deferToThread(psql_until_up, port, "select 'third'", "app", "app-secret", "app")
+        finally:
+            for proc in processes:
+                if proc.poll() is None:
+                    proc.send_signal(signal.SIGTERM)
+                yield deferToThread(proc.wait, timeout=60)
+            outs = [log.read_text() for log in logs]
+        self.assertEqual(done.returncode, 0, done.stderr[-2000:] + "\n".join(outs))
+        self.assertIn("number of failed transactions: 0 (0.000%)", done.stdout)
+        self.assertEqual(answer, "third", "\n".join(outs))
+        self.assertIn("handed the listening sockets over to a new process", outs[0])
+        self.assertIn("(socket taken over)", outs[1])
+        self.assertIn("(socket taken over)", outs[2])
+        self.assertIn(first.returncode, (0, -signal.SIGTERM), outs[0])
+
+    @inlineCallbacks
+    def test_log_section(self):
+        """With log {format: json, connections: off} every line of the process is a JSON
+        object; a wrong password gives one login-failure line with user, database and
+        address (not the password), a good login none (connections off), and no
+        "Starting factory" line appears for server connections."""
+        port = free_port()
+        proc = self.twistd("odissey", "-c", self.app_config(
+            port, log={"format": "json", "level": "info", "connections": False}))
+        try:
+            answer = yield deferToThread(psql_until_up, port, "select 'up'", "app", "app-secret", "app")
+            refused = yield deferToThread(psql_until_up, port, "select 1", "app", "not-it", "app", 0)
+        finally:
+            out = yield deferToThread(stop, proc)
+        self.assertEqual(answer, "up")
+        self.assertIn("password authentication failed", refused)
+        events = []
+        for line in out.splitlines():
+            if line.startswith("{"):
+                events.append(json.loads(line))
+            else:  # only twistd's own lines before and after logging starts may be text
+                self.assertRegex(line, r"^\S+ \[twisted\.", line)
+        formats = [e.get("log_format", "") for e in events]
+        failures = [e for e in events if e.get("log_format", "").startswith("{id}: login failed for")]
+        self.assertEqual(len(failures), 1, formats)
+        self.assertEqual((failures[0]["user"], failures[0]["database"], failures[0]["client"],
+                          failures[0]["sqlstate"]), ("app", "app", "127.0.0.1", "28P01"))
+        self.assertNotIn("not-it", out)
+        self.assertFalse([f for f in formats if f.startswith("{id}: login {user}")], formats)
+        self.assertNotIn("Starting factory", out)
+
+
+def wait_refused(port: int, patience: float = 20) -> None:
+    """Block until nothing listens on ``port``."""
+    deadline = time.monotonic() + patience
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=2).close()
+        except ConnectionRefusedError:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"port {port} still accepts connections")
 
 
 class PyPyTapTests(TapTests):

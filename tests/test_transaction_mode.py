@@ -644,7 +644,10 @@ class WireScheduleTests(IntegrationTest):
                                   + m.query("select pg_sleep(0.1)") + m.terminate(),  # goodbye mid-transaction
                                   m.query("begin") + m.query(f"insert into items values ({63400 + seed}, 'wire-vanished')")
                                   + b"Q\xff\xff\xff\xffgarbage"]  # a message length no one may send
-                        pieces(sock, rnd, doomed[seed % len(doomed)])
+                        try:
+                            pieces(sock, rnd, doomed[seed % len(doomed)])
+                        except (BrokenPipeError, ConnectionResetError):
+                            pass  # Odissey closed on the forbidden length before the last piece
                         time.sleep(rnd.random() * 0.05)
                         try:
                             sock.shutdown(socket.SHUT_RDWR)
@@ -960,8 +963,16 @@ class StorageDownTests(IntegrationTest):
         first, elapsed = yield self.thread(attempt)
         self.assertIn('could not connect to server "pg"', first)
         self.assertLess(elapsed, 3)
-        second, _ = yield self.thread(attempt)
-        self.assertIn("next attempt in", second)
+        # The first back-off is 0.25 s and doubles: on a loaded machine a login may land
+        # after a window has closed (and fail like the first), but one lands inside one.
+        later = []
+        for _ in range(6):
+            answer, elapsed = yield self.thread(attempt)
+            self.assertLess(elapsed, 3)
+            later.append(answer)
+            if "next attempt in" in answer:
+                break
+        self.assertIn("next attempt in", later[-1], later)
 
 
 class MinSizeTests(IntegrationTest):

@@ -1,0 +1,48 @@
+"""Where Odissey's log goes and what it keeps: the ``log`` section's observer.
+
+Without a ``log`` section twistd's own observer is used (``--logfile``, ``--syslog``, or
+standard output with ``-n``). With one, Odissey's observer writes to standard output
+(the journal under systemd) as text lines or one JSON object per line
+(twisted.logger's ``eventAsJSON``, every field of the event kept, so a line can be
+filtered by ``id`` or ``pool``), drops events below ``level`` and, with
+``connections: off``, the lines about routine connection events (logins, logouts),
+which are marked with :data:`CONNECTION`. The observer reads its settings at each
+event, so a reload changes them in place.
+"""
+
+from __future__ import annotations
+
+from typing import IO, Any
+
+from twisted.logger import ILogObserver, LogLevel, jsonFileLogObserver, textFileLogObserver
+from zope.interface import implementer
+
+from odissey.config import LogSettings
+
+#: The event field that marks a routine line about one connection (``connections: off``
+#: drops it): ``log.info("...", connection=CONNECTION_EVENT, ...)``.
+CONNECTION = "connection"
+CONNECTION_EVENT = True
+
+LEVELS = {"debug": LogLevel.debug, "info": LogLevel.info, "warn": LogLevel.warn,
+          "error": LogLevel.error}
+
+
+@implementer(ILogObserver)
+class Observer:
+    """The ``log`` section's observer; :attr:`settings` may be replaced (reload)."""
+
+    def __init__(self, settings: LogSettings, stream: IO[str]) -> None:
+        self.settings = settings
+        self._text = textFileLogObserver(stream)
+        self._json = jsonFileLogObserver(stream, recordSeparator="")
+
+    def keeps(self, event: dict[str, Any]) -> bool:
+        settings = self.settings
+        if event.get("log_level", LogLevel.info) < LEVELS[settings.level]:
+            return False
+        return settings.connections or not event.get(CONNECTION)
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        if self.keeps(event):
+            (self._json if self.settings.format == "json" else self._text)(event)

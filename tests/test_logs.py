@@ -1,0 +1,67 @@
+"""The ``log`` section's observer: level, connection lines, text or JSON."""
+
+from __future__ import annotations
+
+import io
+import json
+
+from twisted.logger import Logger, LogPublisher
+from twisted.trial.unittest import SynchronousTestCase
+
+from odissey.config import LogSettings, parse
+from odissey.logs import CONNECTION_EVENT, Observer
+from tests.test_config import minimal
+
+
+class ObserverTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.stream = io.StringIO()
+        self.observer = Observer(LogSettings(), self.stream)
+        self.log = Logger(namespace="odissey.test", observer=LogPublisher(self.observer))
+
+    def test_level(self) -> None:
+        """Events below the level are dropped; a new level applies at once."""
+        self.log.debug("hidden {n}", n=1)
+        self.log.info("shown {n}", n=2)
+        self.observer.settings = LogSettings(level="warn")
+        self.log.info("hidden {n}", n=3)
+        self.log.warn("shown {n}", n=4)
+        text = self.stream.getvalue()
+        self.assertEqual([line.split("] ", 1)[1] for line in text.splitlines()], ["shown 2", "shown 4"])
+
+    def test_connections_off(self) -> None:
+        """connections: off drops the lines marked as routine connection events only."""
+        self.observer.settings = LogSettings(connections=False)
+        self.log.info("{id}: login", id="c1", connection=CONNECTION_EVENT)
+        self.log.info("{id}: login failed", id="c2")
+        self.assertEqual(self.stream.getvalue().count("\n"), 1)
+        self.assertIn("c2: login failed", self.stream.getvalue())
+
+    def test_json(self) -> None:
+        """format: json writes one JSON object per line, with the event's fields."""
+        self.observer.settings = LogSettings(format="json")
+        self.log.info("{id}: login failed for {user}", id="c3", user="app")
+        line = self.stream.getvalue()
+        self.assertTrue(line.endswith("\n") and line.count("\n") == 1, line)
+        event = json.loads(line)
+        self.assertEqual((event["id"], event["user"], event["log_namespace"]), ("c3", "app", "odissey.test"))
+        self.assertEqual(event["log_format"], "{id}: login failed for {user}")
+
+
+class LogConfigTests(SynchronousTestCase):
+    def test_section(self) -> None:
+        """The log section parses, YAML's on/off included; absent means twistd's logging."""
+        self.assertIsNone(parse(minimal()).log)
+        document = {**minimal(), "log": {"format": "json", "level": "warn", "connections": False}}
+        self.assertEqual(parse(document).log, LogSettings("json", "warn", False))
+        self.assertEqual(parse({**minimal(), "log": {}}).log, LogSettings())
+
+    def test_mistakes(self) -> None:
+        """Bad values are named by key path."""
+        from odissey.config import ConfigError
+        with self.assertRaises(ConfigError) as caught:
+            parse({**minimal(), "log": {"format": "xml", "level": "loud", "connections": "yes"}})
+        problems = caught.exception.problems
+        self.assertIn('log.format: must be text or json, got "xml"', problems)
+        self.assertIn('log.level: must be debug or info or warn or error, got "loud"', problems)
+        self.assertIn('log.connections: must be on or off, got "yes"', problems)
