@@ -496,6 +496,46 @@ class WorkersTests(TestCase):
         self.assertEqual(seen, {0, 1, 2})  # (the clients above were spread as these logins are)
 
     @inlineCallbacks
+    def test_sigterm_lets_transactions_in_workers_commit(self):
+        """SIGTERM to the master with 6 psycopg transactions in flight (spread over 2
+        workers as the kernel hands out connections): the workers drain gracefully, every
+        transaction commits, each client's next statement gets 57P01, and the master
+        logs both workers stopped."""
+        process, port = yield deferToThread(self.start, 2, {"size": 6})
+
+        def scenario() -> list[str]:
+            conns = [self.connect(port, "u_trust") for _ in range(6)]
+            for conn in conns:
+                conn.execute("begin")
+            for i, conn in enumerate(conns):
+                conn.execute("insert into items values (%s, 'workers-sigterm')", (7300 + i,))
+                conn.pgconn.send_query(b"select pg_sleep(0.5)")
+            process.proc.send_signal(signal.SIGTERM)
+            seen = []
+            for conn in conns:
+                seen.append(str(conn.pgconn.get_result().status))
+                while conn.pgconn.get_result() is not None:
+                    pass
+                conn.execute("commit")
+                try:
+                    conn.execute("select 1")
+                    seen.append("served after commit")
+                except psycopg.errors.AdminShutdown:
+                    seen.append("57P01")
+                conn.close()
+            return seen
+
+        seen = yield deferToThread(scenario)
+        out = yield deferToThread(process.stop)
+        self.assertEqual(seen, ["2", "57P01"] * 6)  # 2: TUPLES_OK
+        with direct() as su:
+            self.assertEqual(su.execute("select count(*) from items where note = 'workers-sigterm'")
+                             .fetchone()[0], 6)
+            su.execute("delete from items where note = 'workers-sigterm'")
+        for number in range(2):
+            self.assertRegex(out, rf"worker {number} stopped, pid \d+")
+
+    @inlineCallbacks
     def test_workers_stop_when_the_master_dies(self):
         """SIGKILL of the master (no chance to stop anything): its workers notice the
         AMP connection gone and exit by themselves, so nothing keeps accepting."""
