@@ -18,20 +18,22 @@ import pickle
 import signal
 import socket
 import sys
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from twisted.application.internet import TimerService
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.protocol import Factory
-from twisted.logger import FileLogObserver, Logger, formatEvent, formatTime, globalLogBeginner
+from twisted.logger import ILogObserver, Logger, globalLogBeginner, textFileLogObserver
 from twisted.protocols import amp
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from odissey.cancel import KeyLayout
 from odissey.commands import (REPORT_PERIOD, Admit, Cancel, Lease, Leave, Others, Reclaim, Release, Report,
                               Stats, Withdraw, pool_name, rows_json)
-from odissey.config import Config, Route
+from odissey.config import Config, LogSettings, Route
 from odissey.janitor import PERIOD
+from odissey.logs import Observer
 from odissey.pool import PoolKey, Pools, ServerConnector, Withdrawn
 from odissey.server import ServerConnection
 from odissey.service import OdisseyService
@@ -205,17 +207,19 @@ class WorkerService(OdisseyService):
         return {"clients": clients, "pools": pools}
 
 
-def _observer(number: int) -> FileLogObserver:
-    """Log lines on the master's standard output, each naming this worker."""
+@implementer(ILogObserver)
+class _Tagged:
+    """Log events on the master's standard output, each naming this worker (as its
+    ``log_system``): through the ``log`` section's observer when there is one (text or
+    JSON, level, connection lines), else as twistd's text lines."""
 
-    def line(event: dict[str, Any]) -> Optional[str]:
-        text = formatEvent(event)
-        failure = event.get("log_failure")
-        if failure is not None:
-            text = f"{text}\n{failure.getTraceback()}"
-        return f"{formatTime(event['log_time'])} [worker {number}] {text}\n"
+    def __init__(self, number: int, settings: Optional[LogSettings]) -> None:
+        self.system = f"worker {number}"
+        self.inner: Callable[[dict[str, Any]], None] = (
+            Observer(settings, sys.stdout) if settings is not None else textFileLogObserver(sys.stdout))
 
-    return FileLogObserver(sys.stdout, line)
+    def __call__(self, event: dict[str, Any]) -> None:
+        self.inner({**event, "log_system": self.system})
 
 
 def _listener(text: str) -> tuple[int, int]:
@@ -232,7 +236,7 @@ def main(argv: Optional[list[str]] = None) -> None:
                         help="FD:ADDRESS_FAMILY of an inherited listening socket")
     args = parser.parse_args(argv)
     config = pickle.load(sys.stdin.buffer)
-    globalLogBeginner.beginLoggingTo([_observer(args.number)], redirectStandardIO=False)
+    globalLogBeginner.beginLoggingTo([_Tagged(args.number, config.log)], redirectStandardIO=False)
 
     from twisted.internet import reactor
 

@@ -26,8 +26,9 @@ from twisted.internet.defer import Deferred, DeferredList, inlineCallbacks, succ
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IListeningPort
 from twisted.internet.protocol import Factory, ProcessProtocol
-from twisted.logger import Logger
+from twisted.logger import ILogObserver, Logger
 from twisted.protocols import amp
+from twisted.python.components import Componentized
 from twisted.python.failure import Failure
 
 import odissey
@@ -37,6 +38,7 @@ from odissey.commands import (REPORT_PERIOD, Admit, Cancel, Lease, Leave, Others
                               Stats, Withdraw, rows_json)
 from odissey.config import Config
 from odissey.leases import Action, Grant, Ledger
+from odissey.logs import Observer
 from odissey.postgres import LocalPostgres
 from odissey.service import OdisseyService, managed_postgres, start_managed, with_storage_hosts, within
 from odissey.systemd import Notifier
@@ -184,6 +186,13 @@ class Master(MultiService):
         relaying = TimerService(REPORT_PERIOD, self.relay_pools)
         relaying.clock = reactor
         relaying.setServiceParent(self)
+
+    def setServiceParent(self, parent: Any) -> None:
+        """Under twistd, the ``log`` section's observer goes on the application, as for
+        a single process (see OdisseyService.setServiceParent); workers use their own."""
+        if self.config.log is not None and isinstance(parent, Componentized):
+            parent.setComponent(ILogObserver, Observer(self.config.log, sys.stdout))
+        super().setServiceParent(parent)
 
     def startService(self) -> None:
         super().startService()

@@ -3,6 +3,7 @@ front of the tests' PostgreSQL, driven by psycopg and raw-protocol clients."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -93,7 +94,8 @@ class WorkersTests(TestCase):
 
     def start(self, workers: int, pool: dict[str, Any] | None = None, listen: list[str] | None = None,
               limits: dict[str, Any] | None = None, interpreter: str = sys.executable,
-              top: dict[str, Any] | None = None) -> tuple[Process, int]:
+              top: dict[str, Any] | None = None,
+              started: str = r"\[worker {number}\] accepting on") -> tuple[Process, int]:
         """Odissey with ``workers`` workers: route app/app (scram) and u_trust (trust);
         ``top`` adds top-level keys."""
         pg = shared_postgres()
@@ -117,7 +119,7 @@ class WorkersTests(TestCase):
         process = Process(str(path), interpreter)
         self.addCleanup(process.stop)
         for number in range(workers):
-            process.wait_for(rf"\[worker {number}\] accepting on")
+            process.wait_for(started.format(number=number))
         return process, port
 
     def connect(self, port: int, user: str = "app", autocommit: bool = True, **extra: Any) -> psycopg.Connection:
@@ -534,6 +536,22 @@ class WorkersTests(TestCase):
             su.execute("delete from items where note = 'workers-sigterm'")
         for number in range(2):
             self.assertRegex(out, rf"worker {number} stopped, pid \d+")
+
+    @inlineCallbacks
+    def test_log_section_applies_to_workers(self):
+        """log: {format: json}: the master's and the workers' lines are JSON objects, each
+        worker's naming it in log_system."""
+        json_start = (r'("log_system": "worker {number}".*accepting on'
+                      r'|accepting on.*"log_system": "worker {number}")')
+        process, _port = yield deferToThread(self.start, 2, None, None, None, sys.executable,
+                                             {"log": {"format": "json"}}, json_start)
+        out = yield deferToThread(process.stop)
+        events = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+        systems = {event.get("log_system") for event in events}
+        self.assertLessEqual({"worker 0", "worker 1"}, systems)
+        started = [event["pid"] for event in events
+                   if event.get("log_format", "").startswith("worker {number} started")]
+        self.assertEqual(len(started), 2)  # (the master's lines, JSON too)
 
     @inlineCallbacks
     def test_workers_stop_when_the_master_dies(self):
