@@ -6,7 +6,7 @@ import sys
 from twisted.application import service
 
 from odissey import config
-from odissey.service import OdisseyService
+from odissey.workers import service_for
 
 path = os.environ.get("ODISSEY_CONFIG", "/etc/odissey/odissey.yaml")
 try:
@@ -18,4 +18,4 @@ except config.ConfigError as exc:
     sys.exit(1)
 
 application = service.Application("odissey")
-OdisseyService(loaded, process=True).setServiceParent(application)
+service_for(loaded).setServiceParent(application)

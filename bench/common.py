@@ -63,6 +63,27 @@ def cpu_times(pid: int) -> Tuple[float, float]:
     return int(fields[11]) / CLK_TCK, int(fields[12]) / CLK_TCK
 
 
+def tree_cpu_times(pid: int) -> Tuple[float, float]:
+    """User and system CPU time of a process and its children (a multi-worker Odissey's
+    master and workers), live ones read from /proc, exited ones as the kernel credited
+    them to the parent once reaped."""
+    def stat(p: int) -> List[str]:
+        return Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+
+    fields = stat(pid)
+    user = int(fields[11]) + int(fields[13])
+    system = int(fields[12]) + int(fields[14])
+    for path in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            child = path.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(child[1]) == pid:
+            user += int(child[11])
+            system += int(child[12])
+    return user / CLK_TCK, system / CLK_TCK
+
+
 def cpu_seconds(pid: int) -> float:
     """User + system CPU time of a process, from /proc."""
     return sum(cpu_times(pid))

@@ -34,8 +34,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from common import (PgbenchFailed, cpu_times, free_port, pgbench, postgres_cpu_seconds, start_floor,
-                    start_odissey, start_postgres, stop, wait_port)
+from common import (PgbenchFailed, free_port, pgbench, postgres_cpu_seconds, start_floor,
+                    start_odissey, start_postgres, stop, tree_cpu_times, wait_port)
 
 USER, PASSWORD, DB = "bench", "bench-pw", "bench"
 PROTOCOLS = ("simple", "extended", "prepared")
@@ -145,6 +145,9 @@ def main() -> None:
                         help="also Odissey (and with --floor the floor) under this PyPy interpreter")
     parser.add_argument("--warmup", type=int, default=0,
                         help="seconds of unmeasured pgbench per target first (PyPy's JIT)")
+    parser.add_argument("--workers", type=clients_list, default=[],
+                        help="also Odissey with these numbers of worker processes (e.g. 2,4), and "
+                             "with --pypy under PyPy too; its CPU is the master's and all workers'")
     parser.add_argument("--try-unsupported", action="store_true",
                         help="run -M prepared through a PgBouncer without prepared statements too")
     args = parser.parse_args()
@@ -155,6 +158,10 @@ def main() -> None:
     def skip_reason(name: str, load: str) -> str | None:
         return skipped.get((name, load.partition(" ")[0]))
 
+    #: (workers, (target name, interpreter)) for each multi-worker Odissey.
+    worker_targets = [(workers, target) for workers in args.workers
+                      for target in ((f"odissey-w{workers}", sys.executable),
+                                     (f"odissey-pypy-w{workers}", args.pypy)) if target[1]]
     workdir = tempfile.mkdtemp(prefix="odissey-bench-")
     pg = None
     procs: list[subprocess.Popen] = []
@@ -179,6 +186,12 @@ def main() -> None:
                                                 pool_size=args.pool_size, workdir=workdir)
         procs.append(odissey)
         targets["odissey"] = (port, odissey.pid)
+        for workers, (name, python) in worker_targets:
+            proc, port, _package = start_odissey(pg.port, USER, PASSWORD, DB, mode=args.mode,
+                                                 pool_size=args.pool_size, workdir=workdir,
+                                                 python=python, name=name, extra=f"workers: {workers}\n")
+            procs.append(proc)
+            targets[name] = (port, proc.pid)
         if args.pypy:
             proc, port, _package = start_odissey(pg.port, USER, PASSWORD, DB, mode=args.mode,
                                                  pool_size=args.pool_size, workdir=workdir,
@@ -213,7 +226,7 @@ def main() -> None:
                         if skip_reason(name, protocol):
                             continue
                         key = (name, clients, protocol)
-                        user_before, system_before = cpu_times(pid) if pid else (0.0, 0.0)
+                        user_before, system_before = tree_cpu_times(pid) if pid else (0.0, 0.0)
                         server_before = postgres_cpu_seconds(pg)
                         try:
                             tps = pgbench_load(port, protocol, clients, args.jobs, args.seconds)
@@ -227,7 +240,7 @@ def main() -> None:
                         server_cpu.setdefault(key, []).append(
                             (postgres_cpu_seconds(pg) - server_before) / transactions * 1e6)
                         if pid:
-                            user, system = cpu_times(pid)
+                            user, system = tree_cpu_times(pid)
                             user = (user - user_before) / transactions * 1e6
                             system = (system - system_before) / transactions * 1e6
                             pooler_user.setdefault(key, []).append(user)
@@ -290,6 +303,11 @@ def main() -> None:
     finally:
         for proc in procs:
             stop(proc)
+        for _workers, (name, _python) in worker_targets:  # the masters' totals, logged as they stopped
+            log = Path(workdir) / f"{name}.log"
+            for line in (log.read_text().splitlines() if log.exists() else ()):
+                if "leases:" in line:
+                    print(f"{name}: {line.split('] ', 1)[-1]}")
         if pg is not None:
             pg.stop()
         shutil.rmtree(workdir, ignore_errors=True)

@@ -24,7 +24,7 @@ from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from odissey.config import MAX_PEER_ID, Address, Peer, Storage
+from odissey.config import MAX_PEER_ID, MAX_WORKERS, Address, Peer, Storage
 from odissey.router import connect_storage
 from odissey.wire import messages as m
 
@@ -40,7 +40,6 @@ PEER_BITS = MAX_PEER_ID.bit_length()
 #: CANCELLATION_TTL_MASK: three hops cover a load balancer in front of load balancers).
 TTL_BITS = 2
 TTL_MASK = (1 << TTL_BITS) - 1
-MAX_WORKERS = 64
 
 
 class KeyLayout(NamedTuple):

@@ -27,7 +27,7 @@ import platform
 from collections import Counter
 from enum import Enum
 from functools import partial
-from typing import Callable
+from typing import Callable, Protocol as TypingProtocol
 
 from twisted.internet.defer import Deferred, inlineCallbacks, maybeDeferred, succeed
 from twisted.internet.interfaces import IDelayedCall, IHandshakeListener, IReactorTime, ISSLTransport
@@ -175,6 +175,8 @@ class ClientConnection(Protocol):
             self.factory.keys.release(self.key)
         if self.route_index is not None:
             self.factory.route_clients[self.route_index] -= 1
+            if self.factory.admission is not None:
+                self.factory.admission.left(self.route_index)
         if self.relay is not None:
             self.relay.clientGone()
         if self._password is not None and not self._password.called:
@@ -389,10 +391,17 @@ class ClientConnection(Protocol):
                               f'user "{user}", database "{database}", {self._encryption()}')
         if database in f.pools.disabled:  # (DISABLE on the console; PgBouncer's words)
             raise PoolerError(errors.OBJECT_NOT_IN_PREREQUISITE_STATE, f'database "{database}" is disabled')
-        if f.logged_in >= f.limits.max_clients:
-            raise PoolerError(errors.TOO_MANY_CONNECTIONS, "sorry, too many clients already")
         limit = route.pool.max_clients
-        if limit and f.route_clients[route.index] >= limit:
+        full = ("clients" if f.logged_in >= f.limits.max_clients
+                else "route" if limit and f.route_clients[route.index] >= limit else "")
+        if not full and f.admission is not None:  # (other workers' clients count too)
+            full = yield f.admission.admit(route.index)
+            if not full and self.state is not ClientState.AUTH:  # gone while we asked
+                f.admission.left(route.index)
+                return
+        if full == "clients":
+            raise PoolerError(errors.TOO_MANY_CONNECTIONS, "sorry, too many clients already")
+        if full:
             raise PoolerError(
                 errors.TOO_MANY_CONNECTIONS,
                 f'too many clients for database "{database}" user "{user}" (max_clients {limit})',
@@ -569,6 +578,18 @@ class ClientConnection(Protocol):
         return partial(send, self.transport)
 
 
+class Admission(TypingProtocol):
+    """Client limits counted across processes (a worker's master)."""
+
+    def admit(self, route_index: int) -> "Deferred[str]":
+        """May one more client of this route log in? Fires with "" (yes, and it now
+        counts), "clients" (limits.max_clients is reached) or "route" (the route's
+        max_clients is)."""
+
+    def left(self, route_index: int) -> None:
+        """A client admitted for this route has gone."""
+
+
 class ClientFactory(Factory):
     """What all client connections of one listener share."""
 
@@ -611,6 +632,13 @@ class ClientFactory(Factory):
         self.logging_in: dict[ClientConnection, None] = {}
         self.logged_in = 0
         self.route_clients: Counter[int] = Counter()
+        #: Who cancels a key this factory did not issue (another worker's): a worker's
+        #: link to its master; None in one process.
+        self.elsewhere: Callable[[int, int], Deferred[None]] | None = None
+        #: Who counts logged-in clients beyond this process (a worker's master), so that
+        #: limits.max_clients and a route's max_clients hold over all workers; None: the
+        #: counts here are all there is.
+        self.admission: Admission | None = None
         self._drained: list[Deferred[None]] = []
 
     def buildProtocol(self, addr: object) -> ClientConnection:
@@ -679,4 +707,6 @@ class ClientFactory(Factory):
         client = self.keys.find(pid, where.secret)
         if client is not None and client.relay is not None:
             return client.relay.cancelRequest()
+        if client is None and self.elsewhere is not None:
+            return self.elsewhere(pid, where.secret)
         return succeed(None)

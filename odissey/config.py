@@ -46,7 +46,7 @@ POOL_KEYS = (
 
 #: Every key the loader accepts, by section; ``docs/configuration.md`` documents exactly these.
 SCHEMA: dict[str, tuple[str, ...]] = {
-    "": ("listen", "limits", "tls", "storages", "pool_defaults", "routes", "admin_users",
+    "": ("listen", "workers", "limits", "tls", "storages", "pool_defaults", "routes", "admin_users",
          "stats_users", "shutdown_timeout", "handover_socket", "log",
          "peer_id", "peers"),
     "log": ("format", "level", "connections"),
@@ -295,6 +295,8 @@ class Config:
     admin_users: tuple[str, ...] = ()
     #: Users allowed the admin console's SHOW commands only.
     stats_users: tuple[str, ...] = ()
+    #: Worker processes; 1 runs everything in the twistd process itself.
+    workers: int = 1
     #: This instance's id among its peers (1..255); 0: no peering, keys carry no id.
     peer_id: int = 0
     #: The other instances, by id (this instance's own id is never in it).
@@ -422,6 +424,18 @@ def _int_in(low: int, high: int | None = None) -> Callable[[Any], int]:
 
 
 _positive_int = _int_in(1)
+#: The most workers a cancel key can name (cancel.KeyLayout gives each at most 6 bits).
+MAX_WORKERS = 64
+_worker_count = _int_in(1, MAX_WORKERS)
+
+
+def _workers(value: Any) -> int:
+    """A number of worker processes, or ``auto``: one per CPU, at most MAX_WORKERS."""
+    if value == "auto":
+        return max(1, min(os.cpu_count() or 1, MAX_WORKERS))
+    return _worker_count(value)
+
+
 _nonneg_int = _int_in(0)
 _port = _int_in(1, 65535)
 
@@ -935,6 +949,7 @@ def parse(data: Any, source: str | None = None) -> Config:
     if top.ok and not listen:
         top.problem("needs at least one endpoint, e.g. tcp:6432:interface=127.0.0.1", "listen")
 
+    workers = top.value("workers", _workers, f"auto or an integer from 1 to {MAX_WORKERS}", 1)
     limits = _read_limits(problems, top.data.get("limits"))
     tls = _read_client_tls(problems, top.data.get("tls"), base)
 
@@ -992,6 +1007,7 @@ def parse(data: Any, source: str | None = None) -> Config:
         routes=tuple(routes),
         source=source,
         tls=tls,
+        workers=workers,
         peer_id=peer_id,
         peers=peers,
         shutdown_timeout=shutdown_timeout,

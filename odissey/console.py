@@ -157,6 +157,9 @@ class Console:
         self.router = router
         self.admin_users = frozenset(config.admin_users)
         self.stats_users = frozenset(config.stats_users)
+        #: SHOW POOLS rows of the other processes serving the same listeners (the other
+        #: workers, as their master last relayed them); empty in one process.
+        self.elsewhere: Callable[[], list[list[Any]]] = list
 
     # -- login -------------------------------------------------------------------------
 
@@ -219,6 +222,12 @@ class Console:
         columns = [("database", TEXT), ("user", TEXT), ("cl_active", INT4), ("cl_waiting", INT4),
                    ("sv_active", INT4), ("sv_idle", INT4), ("sv_tested", INT4), ("sv_login", INT4),
                    ("maxwait", INT4), ("maxwait_us", INT4), ("pool_mode", TEXT)]
+        rows = self.pool_rows()
+        others = self.elsewhere()
+        return columns, merge_pools(rows + others) if others else rows
+
+    def pool_rows(self) -> list[list[Any]]:
+        """SHOW POOLS rows of this process alone."""
         now = self.reactor.seconds()
         by_pool = self._pool_clients()
         rows = []
@@ -233,7 +242,7 @@ class Console:
                 pool.opening, int(waited), int(waited * 1_000_000) % 1_000_000,
                 pool.route.pool.mode,
             ])
-        return columns, rows
+        return rows
 
     _SOCKET_COLUMNS = [("type", TEXT), ("user", TEXT), ("database", TEXT), ("state", TEXT),
                        ("addr", TEXT), ("port", INT4), ("local_addr", TEXT), ("local_port", INT4),
@@ -416,6 +425,22 @@ class Console:
         "DATABASES": show_databases, "USERS": show_users, "LISTS": show_lists,
         "CONFIG": show_config, "ROUTES": show_routes, "VERSION": show_version,
     }
+
+
+def merge_pools(rows: list[list[Any]]) -> list[list[Any]]:
+    """SHOW POOLS rows of several workers as one process's: counts added up per
+    (database, user, pool_mode), the longest wait kept."""
+    merged: dict[tuple[Any, Any, Any], list[Any]] = {}
+    for row in rows:
+        key = (row[0], row[1], row[10])
+        seen = merged.get(key)
+        if seen is None:
+            merged[key] = list(row)
+            continue
+        for i in range(2, 8):
+            seen[i] += row[i]
+        seen[8:10] = max(seen[8:10], row[8:10])
+    return list(merged.values())
 
 
 def _error(sqlstate: str, message: str, **kwargs: Any) -> PoolerError:

@@ -39,7 +39,16 @@ from odissey.wire.errors import PoolerError
 log = Logger()
 
 Connector = Callable[[], "Deferred[ServerConnection]"]
+
+#: How long a server must have been idle before another worker may take it while this
+#: one still has its share (see :meth:`Pool.shed`).
+SPARE_AFTER = 0.5
 ServerConnector = Callable[[IReactorTime, Route, str, str], "Deferred[ServerConnection]"]
+
+
+class Withdrawn(Exception):
+    """A connector gave a connection attempt up because nobody needed it any more (see
+    :meth:`Pool.surplus`): not a failure of the storage."""
 
 
 class PoolKey(NamedTuple):
@@ -121,6 +130,10 @@ class Pool:
         #: A login's ParameterStatus messages, by the values it is told (see greeting).
         self._greetings: dict[tuple[tuple[str, str], ...], bytes] = {}
         self._parameter_waiters: list[Deferred[list[tuple[str, str]]]] = []
+        #: Servers marked by :meth:`shed` to close when they come back, and how many of
+        #: them are owed to other workers.
+        self._shedding: set[ServerConnection] = set()
+        self._owed = 0
         self.closed = False
         self.pause_state = PauseState.RUNNING
         self._pause_waiters: list[Deferred[None]] = []
@@ -235,6 +248,7 @@ class Pool:
         if self.closed or server.state is not ServerState.IDLE or server.retiring:
             self.active.discard(server)
             server.owner = None
+            self._given(server)
             server.close()
             self._grow()
         elif self.waiters:  # (_hand_out, inlined: this runs once per transaction)
@@ -245,6 +259,7 @@ class Pool:
 
     def discard(self, server: ServerConnection) -> None:
         """A server in doubt: close it, never reuse it."""
+        self._given(server)
         self.active.discard(server)
         if server in self.idle:
             self._leave_idle(server)
@@ -254,6 +269,7 @@ class Pool:
 
     def serverLost(self, server: ServerConnection) -> None:
         """A server connection closed under us."""
+        self._given(server)
         self.active.discard(server)
         if server in self.idle:
             self._leave_idle(server)
@@ -318,6 +334,8 @@ class Pool:
         """One round of failures (attempts started before the last failure was seen, which
         fail together in an outage) doubles the back-off once, not once each."""
         self.opening -= 1
+        if failure.check(Withdrawn):
+            return
         error = failure.value
         if not isinstance(error, PoolerError):
             error = PoolerError(errors.CONNECTION_FAILURE, f"could not connect to server: {error}")
@@ -396,10 +414,65 @@ class Pool:
             while self.total < settings.min_size:
                 self._open()
 
+    def surplus(self) -> int:
+        """Connection attempts in progress that no waiter (nor min_size) needs now: their
+        waiters were served by servers that came back meanwhile."""
+        needed = max(self._wanted(), self.route.pool.min_size - len(self.idle) - len(self.active))
+        return max(0, self.opening - needed)
+
+    def shed(self, idle_only: bool = False) -> bool:
+        """Give one server up for a client of another worker (whose master holds the
+        pool's global size): the least recently used idle server closes now; with none
+        idle and unless ``idle_only``, the next busy one to come back, whichever it is,
+        closes instead of serving this pool's next waiter. Every busy server is marked
+        ``retiring`` (release's existing check, so the hot path pays nothing) until as
+        many have closed as were asked for. ``idle_only`` takes only a *spare* server,
+        idle for SPARE_AFTER at least as the janitor saw it: under transaction pooling a
+        busy worker's servers are idle for moments between transactions, and taking
+        those would move servers between workers all the time, a connect each. False
+        when there is nothing to give."""
+        if self.idle:
+            server = self.idle[0]  # (the least recently released)
+            if idle_only and (server.touched or self.reactor.seconds() - server.used_at < SPARE_AFTER):
+                return False
+            self._leave_idle(server)
+            server.owner = None
+            server.close()
+            return True
+        if idle_only:
+            return False
+        for server in self.active:
+            if not server.retiring:
+                server.retiring = True
+                self._shedding.add(server)
+        if len(self._shedding) <= self._owed:
+            return False
+        self._owed += 1
+        return True
+
+    def _forget_shedding(self) -> None:
+        """A control command or a reload marks servers to close: from now on the marks
+        are theirs, and :meth:`_given` must not take any back (the debts to other
+        workers are paid by those closes all the same)."""
+        self._shedding.clear()
+        self._owed = 0
+
+    def _given(self, server: ServerConnection) -> None:
+        """A server leaves: if it was marked by :meth:`shed`, one debt is paid; once
+        all are, the servers still marked go back to serving this pool."""
+        if server not in self._shedding:
+            return
+        self._shedding.discard(server)
+        self._owed -= 1
+        if not self._owed:
+            for other in self._shedding:
+                other.retiring = False
+            self._shedding.clear()
     # -- the console's controls --------------------------------------------------------
 
     def _retire_all(self) -> None:
         """Idle servers close now, busy ones when released."""
+        self._forget_shedding()
         for server in self.active:
             server.retiring = True
         for server in list(self.idle):
@@ -466,6 +539,7 @@ class Pool:
         close when released. With ``reconnect`` (storage, server login or auth changed)
         no server of the old settings serves anyone again: idle ones close now, busy ones
         when their client releases them (its transaction is not cut)."""
+        self._forget_shedding()
         self.route = route
         if reconnect:
             self.generation += 1

@@ -21,7 +21,7 @@ from typing import Mapping, Optional, Protocol as TypingProtocol
 
 from twisted.internet import defer
 from twisted.internet.defer import Deferred, maybeDeferred
-from twisted.internet.interfaces import IHandshakeListener, IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IHandshakeListener, IReactorTime
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -168,6 +168,8 @@ class ServerConnection(Protocol):
         self.tls = tls if tls is not None and not login.storage.is_unix else None
         self._connector: Connector | None = None
         self.encrypted = False
+        #: After Terminate, while PostgreSQL has yet to close (see close).
+        self._closing: IDelayedCall | None = None
 
     def __repr__(self) -> str:
         return f"<server {self.id} {self.login.user}@{self.login.database} {self.state.value}>"
@@ -258,6 +260,8 @@ class ServerConnection(Protocol):
                 return
 
     def connectionLost(self, reason: Failure | None = None) -> None:
+        if self._closing is not None and self._closing.active():
+            self._closing.cancel()
         before = self.state
         self.state = ServerState.CLOSED
         if before is ServerState.TLS and not self.ready.called:
@@ -288,11 +292,23 @@ class ServerConnection(Protocol):
             self.closed.callback(None)
 
     def close(self) -> None:
-        """Say goodbye properly (Terminate) and close."""
-        if self.transport is not None and self.state is not ServerState.CLOSED:
-            if self.state is not ServerState.CONNECTING and self.state is not ServerState.TLS:
-                self.transport.write(m.terminate())
-            self.transport.loseConnection()
+        """Say goodbye properly (Terminate) and close once PostgreSQL has closed: its
+        backend has left pg_stat_activity by then (it does so before its socket closes),
+        so whoever counts on ``closed`` (a worker returning its lease on a server to the
+        master) never lets a new connection overlap the old backend. Over TLS, which
+        cannot half-close, or when PostgreSQL has not closed within the storage's
+        connect timeout, our side closes at once."""
+        transport = self.transport
+        if transport is None or self.state is ServerState.CLOSED or self._closing is not None:
+            return
+        if self.state is not ServerState.CONNECTING and self.state is not ServerState.TLS:
+            transport.write(m.terminate())
+            half_close = getattr(transport, "loseWriteConnection", None)
+            if half_close is not None and not getattr(transport, "TLS", False):
+                half_close()
+                self._closing = self.reactor.callLater(self.login.storage.connect_timeout, self.abort)
+                return
+        transport.loseConnection()
 
     def abort(self) -> None:
         if self.transport is not None and self.state is not ServerState.CLOSED:

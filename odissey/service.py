@@ -21,7 +21,7 @@ from twisted.python.components import Componentized
 from twisted.python.failure import Failure
 
 from odissey.auth.passthrough import Credentials
-from odissey.auth.secrets import reactor_threads
+from odissey.auth.secrets import InThread, reactor_threads
 from odissey.auth_query import AuthQueries
 from odissey.cancel import CancelKeys, KeyLayout, Peering
 from odissey.client import ClientConnection, ClientFactory
@@ -31,7 +31,7 @@ from odissey.drain import Drain, end_all
 from odissey.handover import HandoverServer, Taken, take as take_sockets
 from odissey.janitor import PERIOD, Janitor
 from odissey.logs import Observer
-from odissey.pool import Pool, PoolKey, Pools
+from odissey.pool import Pool, PoolKey, Pools, ServerConnector
 from odissey.reload import RECONNECT, REPLACE, SAME, Plan, plan as plan_reload
 from odissey.postgres import LocalPostgres
 from odissey.router import Router
@@ -63,6 +63,20 @@ def with_storage_hosts(config: Config, hosts: dict[str, str]) -> Config:
     }
     routes = tuple(dataclasses.replace(r, storage=storages[r.storage.name]) for r in config.routes)
     return dataclasses.replace(config, storages=storages, routes=routes)
+
+
+@inlineCallbacks
+def start_managed(managed: dict[str, LocalPostgres], threads: InThread):
+    """Start managed PostgreSQL servers, one after the other; fires with the socket
+    directory of each, by storage name."""
+    hosts = {}
+    for name, postgres in managed.items():
+        log.info("starting managed PostgreSQL for storage {name}", name=name)
+        yield threads(postgres.start)
+        log.info("managed PostgreSQL {name} is up (socket in {dir})", name=name,
+                 dir=postgres.socket_dir)
+        hosts[name] = postgres.socket_dir
+    return hosts
 
 
 def within(reactor: object, waiting: "Deferred[None]", seconds: float, give_up: object) -> "Deferred[None]":
@@ -229,21 +243,15 @@ class OdisseyService(MultiService):
 
     @inlineCallbacks
     def _start(self):
-        hosts = {}
-        for name, postgres in self.managed.items():
-            log.info("starting managed PostgreSQL for storage {name}", name=name)
-            yield self.threads(postgres.start)
-            log.info("managed PostgreSQL {name} is up (socket in {dir})", name=name,
-                     dir=postgres.socket_dir)
-            hosts[name] = postgres.socket_dir
+        hosts = yield start_managed(self.managed, self.threads)
         self.config = with_storage_hosts(self.config, hosts)
         # Certificates and keys are read here and by each reload (for new connections).
         client_tls, server_tls = tls.load(self.config)
         self.server_tls.update(server_tls)  # (one dict, shared: a reload updates it in place)
         credentials = Credentials()
-        self.pools = Pools(self.reactor, functools.partial(
+        self.pools = Pools(self.reactor, self.connector(functools.partial(
             connect, tracker=self.live, threads=self.threads, credentials=credentials,
-            tls=self.server_tls))
+            tls=self.server_tls)))
         self.auth_queries = AuthQueries(self.reactor, self.threads, self.live, tls=self.server_tls)
         router = Router(self.config.routes)
         console = self.console = Console(
@@ -251,7 +259,7 @@ class OdisseyService(MultiService):
             lambda: self.factory.clients if self.factory is not None else (),
             self.reactor, _Operator(self))
         peer_id = self.config.peer_id
-        keys: CancelKeys[ClientConnection] = CancelKeys(KeyLayout.of(peer_id, bool(peer_id), 0, 1))
+        keys: CancelKeys[ClientConnection] = CancelKeys(self.key_layout())
         if peer_id:
             log.info("peer {id}: cancel requests for peers {peers} are forwarded to them",
                      id=peer_id, peers=", ".join(str(p) for p in sorted(self.config.peers)) or "(none)")
@@ -266,6 +274,30 @@ class OdisseyService(MultiService):
         janitor = TimerService(PERIOD, Janitor(self.reactor, self.pools, self.factory).tick)
         janitor.clock = self.reactor
         janitor.setServiceParent(self)
+        self.built()
+        yield self.listen()
+        self.phase = Phase.RUNNING
+        self.notifier.ready()
+        self.ready.callback(self.ports)
+
+    def connector(self, connect: ServerConnector) -> ServerConnector:
+        """How pools open server connections: directly, in one process (a worker asks
+        its master for a lease first)."""
+        return connect
+
+    def key_layout(self) -> KeyLayout:
+        """What each client's cancel secret says about who issued it: the peer id when
+        peers are configured (a worker adds its number)."""
+        peer_id = self.config.peer_id
+        return KeyLayout.of(peer_id, bool(peer_id), 0, 1)
+
+    def built(self) -> None:
+        """Pools, client factory and console exist, nothing listens yet: where a worker
+        connects them to its master."""
+
+    @inlineCallbacks
+    def listen(self):
+        """Open the listeners (or take them over from the process running before)."""
         path = self.config.handover_socket
         taken = (yield take_sockets(self.reactor, path)) if path else None
         for description in self.config.listen:
@@ -276,9 +308,6 @@ class OdisseyService(MultiService):
         if path:
             self.handover = HandoverServer(_Operator(self))
             self.handover.listen(self.reactor, path)
-        self.phase = Phase.RUNNING
-        self.notifier.ready()
-        self.ready.callback(self.ports)
 
     @inlineCallbacks
     def _listen(self, description: str, taken: Taken | None = None):

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import sys
+from typing import Union
 
 from twisted.python import usage
 
 from odissey import config, tls
 from odissey.service import OdisseyService
+from odissey.workers import Master, service_for
 
 
 class Options(usage.Options):
@@ -30,5 +32,5 @@ class Options(usage.Options):
             sys.exit(0)
 
 
-def makeService(options: Options) -> OdisseyService:
-    return OdisseyService(options.loaded, process=True)
+def makeService(options: Options) -> Union[OdisseyService, Master]:
+    return service_for(options.loaded)

@@ -50,6 +50,17 @@ class ConfigTests(SynchronousTestCase):
         self.assertEqual(cfg.storages["pg"].port, 5432)
         self.assertEqual(cfg.limits.max_clients, 1000)
 
+    def test_workers(self) -> None:
+        """workers defaults to 1, takes 1..64 or auto (one per CPU), and names its key when wrong."""
+        self.assertEqual(parse(minimal()).workers, 1)
+        self.assertEqual(parse({**minimal(), "workers": 3}).workers, 3)
+        self.assertEqual(parse({**minimal(), "workers": "auto"}).workers, min(os.cpu_count() or 1, 64))
+        for bad in (0, 65, "many", True):
+            self.assertEqual(self.problems({**minimal(), "workers": bad}),
+                             [f"workers: must be auto or an integer from 1 to 64, got {bad!r}"
+                              if not isinstance(bad, str) else
+                              f'workers: must be auto or an integer from 1 to 64, got "{bad}"'])
+
     def test_pool_size_named_by_path(self) -> None:
         """A bad value names its key path and shows what was given."""
         self.assertEqual(

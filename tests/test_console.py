@@ -12,7 +12,7 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
 from odissey.config import parse
-from odissey.console import ADMIN, STATS, Console, ConsoleSession
+from odissey.console import ADMIN, STATS, Console, ConsoleSession, merge_pools
 from odissey.pool import Pools
 from odissey.router import Router
 from odissey.testing import FakeServers
@@ -379,3 +379,17 @@ class SessionTests(SessionHarness, SynchronousTestCase):
         self.assertEqual(self.kinds(), "CZTDCZ")
         self.assertEqual(self.replies()[0][1], b"PAUSE\0")
         self.assertFalse(session.busy)
+
+class MergePoolsTests(SynchronousTestCase):
+    def test_rows_of_workers_add_up(self) -> None:
+        """SHOW POOLS rows of several workers: counts add up per (database, user, mode),
+        the longest wait is kept, other pools stay apart."""
+        rows = [
+            ["db", "u", 1, 2, 3, 4, 0, 1, 0, 500, "transaction"],
+            ["db", "u", 2, 0, 1, 0, 1, 0, 1, 10, "transaction"],
+            ["db", "v", 5, 0, 0, 0, 0, 0, 0, 0, "session"],
+        ]
+        self.assertEqual(merge_pools(rows), [
+            ["db", "u", 3, 2, 4, 4, 1, 1, 1, 10, "transaction"],
+            ["db", "v", 5, 0, 0, 0, 0, 0, 0, 0, "session"],
+        ])

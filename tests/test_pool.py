@@ -6,7 +6,7 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from odissey import config
-from odissey.pool import PauseState, Pool, PoolKey, Pools
+from odissey.pool import SPARE_AFTER, PauseState, Pool, PoolKey, Pools, Withdrawn
 from odissey.server import ServerState
 from odissey.testing import FakeServer, FakeServers
 from odissey.wire.errors import PoolerError
@@ -219,6 +219,97 @@ class PoolTests(SynchronousTestCase):
         waiting.cancel()
         self.failureResultOf(waiting)
         self.assertEqual(len(pool.waiters), 0)
+
+
+class ShedTests(SynchronousTestCase):
+    """Pool.shed: a server given up for another worker's waiting client."""
+
+    def test_idle_server_closes_at_once(self) -> None:
+        """The least recently used idle server is closed and leaves the pool."""
+        pool, servers, _ = make_pool(size=2)
+        pool.wait("a")
+        pool.wait("b")
+        first, second = servers.succeed_next(), servers.succeed_next()
+        pool.release(first)  # type: ignore[arg-type]
+        pool.release(second)  # type: ignore[arg-type]
+        self.assertTrue(pool.shed())
+        self.assertEqual(first.state, ServerState.CLOSED)
+        self.assertEqual(pool.idle, [second])
+
+    def test_busy_server_closes_when_released_not_handed_on(self) -> None:
+        """With none idle, the next busy server to come back closes even though a
+        client of this pool waits (the other worker's client is older)."""
+        pool, servers, _ = make_pool(size=1)
+        pool.wait("a")
+        server = servers.succeed_next()
+        waiting = pool.wait("b")
+        self.assertTrue(pool.shed())
+        pool.release(server)  # type: ignore[arg-type]
+        self.assertEqual(server.state, ServerState.CLOSED)
+        self.assertNoResult(waiting)
+
+    def test_whichever_busy_server_comes_back_first_closes(self) -> None:
+        """Asked for one of two busy servers, the first released closes; the other then
+        serves this pool's waiters again."""
+        pool, servers, _ = make_pool(size=2)
+        pool.wait("a")
+        pool.wait("b")
+        first, second = servers.succeed_next(), servers.succeed_next()
+        self.assertTrue(pool.shed())
+        pool.release(second)  # type: ignore[arg-type]
+        self.assertEqual(second.state, ServerState.CLOSED)
+        self.assertFalse(first.retiring)
+        waiting = pool.wait("c")
+        pool.release(first)  # type: ignore[arg-type]
+        self.assertIs(self.successResultOf(waiting), first)
+
+    def test_idle_only_takes_only_a_spare_server(self) -> None:
+        """idle_only takes an idle server only once the janitor has seen it idle for
+        SPARE_AFTER: not one released a moment ago between two transactions."""
+        pool, servers, clock = make_pool(size=1)
+        pool.wait("a")
+        server = servers.succeed_next()
+        server.touched = True
+        pool.release(server)  # type: ignore[arg-type]
+        self.assertFalse(pool.shed(idle_only=True))
+        pool.maintain()  # (the janitor notes when it was used)
+        self.assertFalse(pool.shed(idle_only=True))
+        clock.advance(SPARE_AFTER)
+        self.assertTrue(pool.shed(idle_only=True))
+        self.assertEqual(server.state, ServerState.CLOSED)
+
+    def test_idle_only_and_nothing_to_give(self) -> None:
+        """idle_only leaves busy servers alone; a pool with nothing left says False."""
+        pool, servers, _ = make_pool(size=1)
+        pool.wait("a")
+        servers.succeed_next()
+        self.assertFalse(pool.shed(idle_only=True))
+        self.assertTrue(pool.shed())
+        self.assertFalse(pool.shed())  # (the one busy server is already owed)
+
+
+class SurplusTests(SynchronousTestCase):
+    """Pool.surplus and Withdrawn: a worker's lease requests that nobody needs any more."""
+
+    def test_surplus_after_waiters_were_served(self) -> None:
+        """Two waiters start two attempts; a server that comes back serves the second
+        waiter, so one attempt is surplus; withdrawing it is no storage failure."""
+        pool, servers, _ = make_pool(size=3)
+        pool.wait("a")
+        first = servers.succeed_next()
+        pool.wait("b")
+        pool.wait("c")
+        self.assertEqual((pool.opening, pool.surplus()), (2, 0))
+        pool.release(first)  # type: ignore[arg-type]
+        self.assertEqual(pool.surplus(), 1)
+        servers.fail_next(Withdrawn())
+        self.assertEqual((pool.opening, pool.surplus(), pool.backoff, len(pool.waiters)), (1, 0, 0.0, 1))
+
+    def test_min_size_attempts_are_not_surplus(self) -> None:
+        """Attempts the janitor started for min_size are needed though nobody waits."""
+        pool, _servers, _ = make_pool(size=3, min_size=2)
+        pool.maintain()
+        self.assertEqual((pool.opening, pool.surplus()), (2, 0))
 
 
 class PauseTests(SynchronousTestCase):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import psycopg
 from twisted.internet.defer import inlineCallbacks
 from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 
 from odissey import config
@@ -15,6 +16,15 @@ from odissey.testing import DEFAULT_PARAMS, FakeBackend, command_complete, in_th
 from odissey.wire import messages as m
 from odissey.wire.errors import PoolerError
 from tests.harness import IntegrationTest, direct, route
+
+
+class HalfClosing(StringTransport):
+    """A transport that can shut its writing side only, as a TCP or unix socket can."""
+
+    write_closed = False
+
+    def loseWriteConnection(self) -> None:
+        self.write_closed = True
 
 TRUST = {"method": "trust"}
 
@@ -256,6 +266,29 @@ class ServerLoginTests(SynchronousTestCase):
         backend.start()
         backend.send(command_complete("SELECT 1"))
         self.assertTrue(backend.transport.disconnected)
+
+    def test_close_waits_for_postgresql_to_close(self) -> None:
+        """On a socket that can half-close, close() sends Terminate, shuts only its
+        writing side, and ``closed`` fires once PostgreSQL has closed (its backend is
+        gone from pg_stat_activity by then); a PostgreSQL that never closes is cut
+        after the storage's connect timeout."""
+        for peer_closes in (True, False):
+            backend = FakeBackend()
+            backend.transport = HalfClosing()
+            server = backend.start()
+            server.close()
+            self.assertEqual(backend.transport.value()[-5:], m.terminate())
+            self.assertTrue(backend.transport.write_closed)
+            self.assertFalse(backend.transport.disconnecting)
+            self.assertNoResult(server.closed)
+            if peer_closes:
+                backend.close()
+            else:
+                backend.reactor.advance(server.login.storage.connect_timeout)
+                self.assertTrue(backend.transport.disconnecting)
+                backend.close()
+            self.successResultOf(server.closed)
+            self.assertEqual(backend.reactor.getDelayedCalls(), [])
 
     def test_close_says_terminate(self) -> None:
         """close() sends Terminate before closing."""

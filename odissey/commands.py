@@ -1,0 +1,120 @@
+"""The AMP commands a master and its workers exchange (``twisted.protocols.amp``).
+
+Only the connect/close path and rare events cross processes: a lease per server
+connection opened, its return when the connection closes, a reclaim when another
+worker starves, a cancel whose key another worker issued, one admission per client
+login and its end (client limits), and statistics (once a second, what the admin
+console shows). Nothing per transaction. A pool is named by :func:`pool_name`, the same string on both sides.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Sequence
+
+from twisted.protocols import amp
+
+
+#: How often workers report their pools and the master relays the others' (seconds).
+REPORT_PERIOD = 1.0
+#: The longest AMP value (65,535 bytes), less room for the rest of the box.
+MAX_VALUE = 60_000
+
+
+def rows_json(rows: list[list[object]]) -> str:
+    """Console rows as one AMP string: as many as fit (a process with more pools than
+    that shows the others' first ones only)."""
+    text = json.dumps(rows)
+    while len(text.encode()) > MAX_VALUE and rows:
+        rows = rows[: len(rows) * 3 // 4]
+        text = json.dumps(rows)
+    return text
+
+
+def pool_name(key: Sequence[object]) -> str:
+    """A pool key (database, user, route) as one AMP string."""
+    return json.dumps(list(key))
+
+
+class Lease(amp.Command):
+    """Worker -> master: may I open one more server connection of this pool? Answered
+    once the lease is granted (it may wait: the pool's size is global), or with
+    ``granted`` false once the worker has withdrawn the request. ``request`` is the
+    worker's number for it."""
+
+    arguments = [(b"pool", amp.Unicode()), (b"size", amp.Integer()), (b"request", amp.Integer())]
+    response = [(b"granted", amp.Boolean())]
+
+
+class Withdraw(amp.Command):
+    """Worker -> master: nobody needs that waiting lease request any more (its clients
+    were served by servers that came back); drop it unless it is already granted."""
+
+    arguments = [(b"pool", amp.Unicode()), (b"request", amp.Integer())]
+    response = []
+    requiresAnswer = False
+
+
+class Release(amp.Command):
+    """Worker -> master: one server connection of this pool has closed."""
+
+    arguments = [(b"pool", amp.Unicode())]
+    response = []
+    requiresAnswer = False
+
+
+class Reclaim(amp.Command):
+    """Master -> worker: another worker waits for this pool; give up one server, an idle
+    one or (unless ``idle_only``) the next busy one to come back. True when one will
+    close (its Release follows)."""
+
+    arguments = [(b"pool", amp.Unicode()), (b"idle_only", amp.Boolean())]
+    response = [(b"gave", amp.Boolean())]
+
+
+class Cancel(amp.Command):
+    """A CancelRequest for a key another worker issued: worker -> master -> owner.
+    Answered once the cancel has landed (or there was nothing to cancel)."""
+
+    arguments = [(b"pid", amp.Integer()), (b"secret", amp.Integer())]
+    response = []
+
+
+class Admit(amp.Command):
+    """Worker -> master: may one more client of this route log in? ``refused`` is ""
+    (yes), "clients" (limits.max_clients is reached) or "route" (its max_clients is)."""
+
+    arguments = [(b"route", amp.Integer())]
+    response = [(b"refused", amp.Unicode())]
+
+
+class Leave(amp.Command):
+    """Worker -> master: a client admitted for this route has gone."""
+
+    arguments = [(b"route", amp.Integer())]
+    response = []
+    requiresAnswer = False
+
+
+class Report(amp.Command):
+    """Worker -> master, every second: this worker's SHOW POOLS rows, as JSON."""
+
+    arguments = [(b"pools", amp.Unicode())]
+    response = []
+    requiresAnswer = False
+
+
+class Others(amp.Command):
+    """Master -> worker, every second: the other workers' SHOW POOLS rows, as JSON, so
+    that the admin console in any worker shows the whole process."""
+
+    arguments = [(b"pools", amp.Unicode())]
+    response = []
+    requiresAnswer = False
+
+
+class Stats(amp.Command):
+    """Master -> worker: what this worker holds, as JSON (clients; servers per pool)."""
+
+    arguments = []
+    response = [(b"stats", amp.Unicode())]

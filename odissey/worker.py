@@ -1,0 +1,259 @@
+"""One worker process of a multi-worker Odissey: ``python -m odissey.worker``.
+
+The master (:mod:`odissey.workers`) starts it with the listening sockets and one end of
+a socketpair as inherited file descriptors, and the (started) configuration pickled on
+its standard input. The worker then does everything one process does for the clients
+its accept calls win: login, TLS, relay, reset. It asks the master over AMP only on the
+connect/close path: a lease before opening a server connection, its return when the
+connection closes, and a cancel whose key another worker issued.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import pickle
+import signal
+import socket
+import sys
+from typing import Any, Callable, Optional
+
+from twisted.application.internet import TimerService
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.protocol import Factory
+from twisted.logger import ILogObserver, Logger, globalLogBeginner, textFileLogObserver
+from twisted.protocols import amp
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from odissey.cancel import KeyLayout
+from odissey.commands import (REPORT_PERIOD, Admit, Cancel, Lease, Leave, Others, Reclaim, Release, Report,
+                              Stats, Withdraw, pool_name, rows_json)
+from odissey.config import Config, LogSettings, Route
+from odissey.janitor import PERIOD
+from odissey.logs import Observer
+from odissey.pool import PoolKey, Pools, ServerConnector, Withdrawn
+from odissey.server import ServerConnection
+from odissey.service import OdisseyService
+
+log = Logger()
+
+
+class MasterLink(amp.AMP):
+    """The worker's end of its AMP connection to the master."""
+
+    def __init__(self, service: "WorkerService") -> None:
+        super().__init__()
+        self.service = service
+        #: Fires when the master is gone (then this worker has no reason to live).
+        self.lost: Deferred[None] = Deferred()
+
+    def release(self, pool: str) -> None:
+        if self.transport is not None and not self.lost.called:
+            self.callRemote(Release, pool=pool)
+
+    def admit(self, route_index: int) -> "Deferred[str]":
+        """:class:`~odissey.client.Admission`: the master counts every worker's clients."""
+        asking = self.callRemote(Admit, route=route_index)
+        return asking.addCallback(lambda answer: answer["refused"])
+
+    def left(self, route_index: int) -> None:
+        if self.transport is not None and not self.lost.called:
+            self.callRemote(Leave, route=route_index)
+
+    @Reclaim.responder
+    def reclaim(self, pool: str, idle_only: bool) -> dict[str, Any]:
+        found = self.service.pools.pools.get(PoolKey(*json.loads(pool))) if self.service.pools else None
+        return {"gave": found.shed(idle_only) if found is not None else False}
+
+    @Cancel.responder
+    def cancel(self, pid: int, secret: int) -> "Deferred[dict[str, Any]]":
+        factory = self.service.factory
+        done = factory.cancel(pid, secret) if factory is not None else succeed(None)
+        return done.addCallback(lambda _: {})
+
+    @Stats.responder
+    def stats(self) -> dict[str, Any]:
+        return {"stats": json.dumps(self.service.snapshot())}
+
+    @Others.responder
+    def others(self, pools: str) -> dict[str, Any]:
+        self.service.others = json.loads(pools)
+        return {}
+
+    def connectionLost(self, reason: Optional[Failure] = None) -> None:
+        super().connectionLost(reason)
+        self.lost.callback(None)
+
+
+class _Adopted:
+    """A listening socket this worker shares: stopping stops accepting, and never
+    unlinks a unix socket's path (the master owns it, and other workers use it)."""
+
+    def __init__(self, port: Any) -> None:
+        self.port = port
+
+    def stopListening(self) -> "Deferred[None]":
+        self.port.stopReading()
+        return succeed(None)
+
+
+class WorkerService(OdisseyService):
+    """An :class:`OdisseyService` that adopts the master's listeners, leases server
+    connections from it, and tags its cancel keys with its number."""
+
+    def __init__(self, config: Config, reactor: Any, number: int, workers: int,
+                 listeners: list[tuple[int, int]]) -> None:
+        super().__init__(config, reactor)
+        self.managed = {}  # the master runs managed PostgreSQL; the config points at it
+        self.number = number
+        self.workers = workers
+        self.listeners = listeners
+        self.link: Optional[MasterLink] = None
+        self._requests = itertools.count(1)
+        #: Lease requests still waiting at the master, oldest first, by pool name.
+        self.waiting: dict[str, list[int]] = {}
+        #: The other workers' SHOW POOLS rows, as the master last sent them.
+        self.others: list[list[Any]] = []
+
+    def key_layout(self) -> KeyLayout:
+        peer_id = self.config.peer_id
+        return KeyLayout.of(peer_id, bool(peer_id), self.number, self.workers)
+
+    def connector(self, connect: ServerConnector) -> ServerConnector:
+        def leased(reactor: Any, route: Route, database: str, user: str) -> "Deferred[ServerConnection]":
+            link = self.link
+            assert link is not None
+            name = pool_name(Pools.key_of(route, database, user))
+            request = next(self._requests)
+            waiting = self.waiting.setdefault(name, [])
+            waiting.append(request)
+
+            def granted(answer: dict[str, Any]) -> "Deferred[ServerConnection]":
+                waiting.remove(request)
+                if not answer["granted"]:
+                    raise Withdrawn()
+                return connect(reactor, route, database, user).addCallbacks(opened, failed)
+
+            def opened(server: ServerConnection) -> ServerConnection:
+                server.closed.addBoth(lambda _: link.release(name))
+                return server
+
+            def failed(failure: Failure) -> Failure:
+                link.release(name)
+                return failure
+
+            asking = link.callRemote(Lease, pool=name, size=route.pool.size, request=request)
+            return asking.addCallback(granted)
+
+        return leased
+
+    def withdraw_surplus(self) -> None:
+        """Withdraw the newest lease requests still waiting at the master that no client
+        needs now (see Pool.surplus): left there, they would be granted ahead of other
+        workers' clients and open servers nobody uses. Runs with the janitor's period."""
+        link = self.link
+        if link is None or self.pools is None:
+            return
+        for name, waiting in self.waiting.items():
+            pool = self.pools.pools.get(PoolKey(*json.loads(name))) if waiting else None
+            surplus = pool.surplus() if pool is not None else 0
+            for request in waiting[len(waiting) - min(surplus, len(waiting)):]:
+                link.callRemote(Withdraw, pool=name, request=request)
+
+    def built(self) -> None:
+        withdrawing = TimerService(PERIOD, self.withdraw_surplus)
+        withdrawing.clock = self.reactor
+        withdrawing.setServiceParent(self)
+        reporting = TimerService(REPORT_PERIOD, self.report)
+        reporting.clock = self.reactor
+        reporting.setServiceParent(self)
+        assert self.factory is not None and self.console is not None
+        self.console.elsewhere = lambda: self.others
+        self.factory.elsewhere = self._cancel_elsewhere
+        self.factory.admission = self.link
+
+    def report(self) -> None:
+        """This worker's SHOW POOLS rows to the master, for the other workers' consoles."""
+        link, console = self.link, self.console
+        if link is not None and console is not None and not link.lost.called:
+            link.callRemote(Report, pools=rows_json(console.pool_rows()))
+
+    def _cancel_elsewhere(self, pid: int, secret: int) -> "Deferred[None]":
+        """A key this worker did not issue: another worker's, reached through the master."""
+        link = self.link
+        if link is None or self.key_layout().worker_of(secret) == self.number:
+            return succeed(None)
+        asking = link.callRemote(Cancel, pid=pid, secret=secret)
+        return asking.addBoth(lambda _: None)
+
+    def listen(self) -> "Deferred[None]":
+        for fd, family in self.listeners:
+            port = self.reactor.adoptStreamPort(fd, family, self.factory)  # type: ignore[attr-defined]
+            os.close(fd)  # (adopting duplicated it)
+            self.ports.append(_Adopted(port))  # type: ignore[arg-type]
+            log.info("accepting on {where}", where=port.getHost())
+        return succeed(None)
+
+    def snapshot(self) -> dict[str, Any]:
+        """Clients, and servers per pool: what the master adds up over workers."""
+        pools = {}
+        for key, pool in (self.pools.pools.items() if self.pools is not None else ()):
+            pools[str(key)] = {"active": len(pool.active), "idle": len(pool.idle),
+                               "waiting": len(pool.waiters)}
+        clients = len(self.factory.clients) if self.factory is not None else 0
+        return {"clients": clients, "pools": pools}
+
+
+@implementer(ILogObserver)
+class _Tagged:
+    """Log events on the master's standard output, each naming this worker (as its
+    ``log_system``): through the ``log`` section's observer when there is one (text or
+    JSON, level, connection lines), else as twistd's text lines."""
+
+    def __init__(self, number: int, settings: Optional[LogSettings]) -> None:
+        self.system = f"worker {number}"
+        self.inner: Callable[[dict[str, Any]], None] = (
+            Observer(settings, sys.stdout) if settings is not None else textFileLogObserver(sys.stdout))
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        self.inner({**event, "log_system": self.system})
+
+
+def _listener(text: str) -> tuple[int, int]:
+    fd, family = text.split(":")
+    return int(fd), int(family)
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m odissey.worker")
+    parser.add_argument("--number", type=int, required=True)
+    parser.add_argument("--workers", type=int, required=True)
+    parser.add_argument("--link", type=int, required=True, help="the AMP socket's fd")
+    parser.add_argument("--listener", type=_listener, action="append", default=[],
+                        help="FD:ADDRESS_FAMILY of an inherited listening socket")
+    args = parser.parse_args(argv)
+    config = pickle.load(sys.stdin.buffer)
+    globalLogBeginner.beginLoggingTo([_Tagged(args.number, config.log)], redirectStandardIO=False)
+
+    from twisted.internet import reactor
+
+    service = WorkerService(config, reactor, args.number, args.workers, args.listener)
+    link = MasterLink(service)
+    service.link = link
+    factory = Factory.forProtocol(lambda: link)
+    factory.noisy = False
+    reactor.adoptStreamConnection(args.link, socket.AF_UNIX, factory)  # type: ignore[attr-defined]
+    os.close(args.link)
+    link.lost.addCallback(lambda _: reactor.stop() if reactor.running else None)
+    reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
+    # Ctrl-C reaches the whole process group: only the master decides when workers stop.
+    reactor.callWhenRunning(signal.signal, signal.SIGINT, signal.SIG_IGN)
+    reactor.callWhenRunning(service.startService)
+    reactor.run()
+
+
+if __name__ == "__main__":
+    main()

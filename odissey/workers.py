@@ -1,0 +1,428 @@
+"""The master of a multi-worker Odissey (``workers: N`` with N > 1).
+
+The twistd process becomes the master: it starts managed PostgreSQL servers, opens
+every listener and stops reading from them, and spawns N workers (``python -m
+odissey.worker`` on the master's own interpreter, so a PyPy master gets PyPy workers)
+that inherit the listening sockets and accept from them. Each worker talks to the
+master over AMP on a socketpair. The master holds the global lease ledger (so
+``pool.size`` is one limit over all workers), forwards cancels between workers,
+restarts a worker that dies, and at shutdown stops the workers and logs what they held.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import signal
+import socket
+import sys
+from collections import Counter, defaultdict
+from typing import Any, Hashable, Optional, Union
+
+from twisted.application.internet import TimerService
+from twisted.application.service import MultiService
+from twisted.internet.defer import Deferred, DeferredList, inlineCallbacks, succeed
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.interfaces import IListeningPort
+from twisted.internet.protocol import Factory, ProcessProtocol
+from twisted.logger import ILogObserver, Logger
+from twisted.protocols import amp
+from twisted.python.components import Componentized
+from twisted.python.failure import Failure
+
+import odissey
+from odissey.auth.secrets import InThread, reactor_threads
+from odissey.cancel import KeyLayout
+from odissey.commands import (REPORT_PERIOD, Admit, Cancel, Lease, Leave, Others, Reclaim, Release, Report,
+                              Stats, Withdraw, rows_json)
+from odissey.config import Config
+from odissey.leases import Action, Grant, Ledger
+from odissey.logs import Observer
+from odissey.postgres import LocalPostgres
+from odissey.service import OdisseyService, managed_postgres, start_managed, with_storage_hosts, within
+from odissey.systemd import Notifier
+
+log = Logger()
+
+#: A worker that dies sooner than this after its start is restarted only this long after
+#: its start (a crash loop costs one start per period, not a busy loop).
+RESTART_DELAY = 1.0
+#: How long workers have beyond shutdown_timeout to finish at shutdown before they are
+#: killed (their own drain ends every client at shutdown_timeout).
+STOP_PATIENCE = 10.0
+#: What systemd tells the master only (notify socket, watchdog, activated sockets).
+SYSTEMD_ONLY = frozenset({"NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS",
+                          "LISTEN_PID", "LISTEN_FDNAMES"})
+#: How soon workers that had no server to give are asked again while a request waits.
+RECLAIM_RETRY = 0.1
+#: How long the master waits for a worker's statistics at shutdown.
+STATS_PATIENCE = 2.0
+
+
+def percentile(values: list[float], fraction: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
+
+
+def service_for(config: Config) -> Union[OdisseyService, "Master"]:
+    """The root service of a twistd process: itself the whole Odissey for ``workers:
+    1``; else a master that starts the workers."""
+    if config.workers > 1:
+        return Master(config)
+    return OdisseyService(config, process=True)
+
+
+class WorkerLink(amp.AMP):
+    """The master's end of one worker's AMP connection."""
+
+    def __init__(self, master: "Master", number: int) -> None:
+        super().__init__()
+        self.master = master
+        self.number = number
+
+    @Lease.responder
+    def lease(self, pool: str, size: int, request: int) -> "Deferred[dict[str, Any]]":
+        return self.master.lease(self.number, pool, size, request)
+
+    @Withdraw.responder
+    def withdraw(self, pool: str, request: int) -> dict[str, Any]:
+        self.master.withdraw(self.number, pool, request)
+        return {}
+
+    @Release.responder
+    def release(self, pool: str) -> dict[str, Any]:
+        self.master.apply(self.master.ledger.release(pool, self.number))
+        return {}
+
+    @Cancel.responder
+    def cancel(self, pid: int, secret: int) -> "Deferred[dict[str, Any]]":
+        return self.master.cancel(self.number, pid, secret).addCallback(lambda _: {})
+
+    @Report.responder
+    def report(self, pools: str) -> dict[str, Any]:
+        self.master.shown[self.number] = json.loads(pools)
+        return {}
+
+    @Admit.responder
+    def admit(self, route: int) -> dict[str, Any]:
+        return {"refused": self.master.admit(self.number, route)}
+
+    @Leave.responder
+    def leave(self, route: int) -> dict[str, Any]:
+        self.master.clients[self.number][route] -= 1
+        return {}
+
+
+class _Ticket:
+    """A lease request waiting in the ledger: answered through ``granted``."""
+
+    __slots__ = ("granted", "asked_at")
+
+    def __init__(self, asked_at: float) -> None:
+        self.granted: Deferred[dict[str, Any]] = Deferred()
+        self.asked_at = asked_at
+
+
+class WorkerProcess(ProcessProtocol):
+    """One worker process: hands it the config on stdin, tells the master when it ends."""
+
+    def __init__(self, master: "Master", number: int, config: bytes) -> None:
+        self.master = master
+        self.number = number
+        self.config = config
+        self.pid: Optional[int] = None
+        self.started_at = 0.0
+        self.ended: Deferred[None] = Deferred()
+        self.link: Optional[WorkerLink] = None
+
+    def connectionMade(self) -> None:
+        assert self.transport is not None
+        self.transport.writeToChild(0, self.config)
+        self.transport.closeChildFD(0)
+
+    def processEnded(self, reason: Failure) -> None:
+        self.master.ended(self, reason)
+        self.ended.callback(None)
+
+
+class Master(MultiService):
+    """The twistd service when ``workers`` is more than 1. ``ready`` fires with the
+    listening ports once every worker has been started."""
+
+    def __init__(self, config: Config, reactor: Any = None, threads: Optional[InThread] = None) -> None:
+        super().__init__()
+        if reactor is None:
+            from twisted.internet import reactor as default_reactor
+
+            reactor = default_reactor
+        self.reactor = reactor
+        self.config = config
+        self.threads = threads if threads is not None else reactor_threads(reactor)
+        #: systemd's sd_notify: READY=1 once the workers are started (workers never notify).
+        self.notifier = Notifier(reactor, os.environ)
+        self.managed: dict[str, LocalPostgres] = {
+            name: managed_postgres(s) for name, s in config.storages.items() if s.managed
+        }
+        self.ports: list[IListeningPort] = []
+        self.ledger = Ledger()
+        self.layout = KeyLayout.of(config.peer_id, bool(config.peer_id), 0, config.workers)
+        self.processes: dict[int, WorkerProcess] = {}
+        self.stopping = False
+        self.ready: Deferred[list[IListeningPort]] = Deferred()
+        self._starting: Optional[Deferred[None]] = None
+        #: Seconds each lease that had to wait waited (a server handed over from another
+        #: worker, or freed by one of the same worker): logged at shutdown.
+        self.lease_waits: list[float] = []
+        self.cancels_forwarded = 0
+        #: Lease requests waiting in the ledger, by (worker, the worker's request number).
+        self.waiting: dict[tuple[int, int], _Ticket] = {}
+        #: Logged-in clients per worker, by route index (for the global client limits).
+        self.clients: defaultdict[int, Counter[int]] = defaultdict(Counter)
+        self._retrying: set[Hashable] = set()
+        self.restarts = 0
+        #: Each worker's SHOW POOLS rows, as it last reported them.
+        self.shown: dict[int, list[list[Any]]] = {}
+        relaying = TimerService(REPORT_PERIOD, self.relay_pools)
+        relaying.clock = reactor
+        relaying.setServiceParent(self)
+
+    def setServiceParent(self, parent: Any) -> None:
+        """Under twistd, the ``log`` section's observer goes on the application, as for
+        a single process (see OdisseyService.setServiceParent); workers use their own."""
+        if self.config.log is not None and isinstance(parent, Componentized):
+            parent.setComponent(ILogObserver, Observer(self.config.log, sys.stdout))
+        super().setServiceParent(parent)
+
+    def startService(self) -> None:
+        super().startService()
+        self.reactor.callWhenRunning(signal.signal, signal.SIGHUP, self._hangup)
+        self._starting = self._start()
+        self._starting.addErrback(self._start_failed)
+
+    @inlineCallbacks
+    def _start(self):
+        hosts = yield start_managed(self.managed, self.threads)
+        self.config = with_storage_hosts(self.config, hosts)
+        idle = Factory()
+        idle.noisy = False
+        for description in self.config.listen:
+            port = yield serverFromString(self.reactor, description).listen(idle)
+            port.stopReading()  # (in the same turn: the master never accepts; workers do)
+            log.info("listening on {where} (for {n} workers)", where=description, n=self.config.workers)
+            self.ports.append(port)
+        for number in range(self.config.workers):
+            self.spawn(number)
+        self.notifier.ready()
+        self.ready.callback(self.ports)
+
+    def _hangup(self, number: int, frame: object) -> None:
+        """SIGHUP would end the process (its default): say instead that a reload needs a
+        restart with workers."""
+        self.reactor.callFromThread(
+            log.warn, "SIGHUP: reloading is not supported with workers yet; restart Odissey "
+                      "to apply a new configuration")
+
+    def _start_failed(self, failure: Failure) -> None:
+        log.failure("Odissey could not start", failure)
+        if not self.ready.called:
+            self.ready.errback(failure)
+        if self.reactor.running:
+            self.reactor.stop()
+
+    def spawn(self, number: int) -> None:
+        """Start worker ``number`` with the listeners and a fresh AMP socketpair."""
+        mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        link = WorkerLink(self, number)
+        factory = Factory.forProtocol(lambda: link)
+        factory.noisy = False
+        self.reactor.adoptStreamConnection(mine.fileno(), socket.AF_UNIX, factory)
+        mine.close()
+        child_fds: dict[int, Any] = {0: "w", 1: 1, 2: 2, 3: theirs.fileno()}
+        args = [sys.executable, "-m", "odissey.worker", "--number", str(number),
+                "--workers", str(self.config.workers), "--link", "3"]
+        for index, port in enumerate(self.ports):
+            fd = 4 + index
+            child_fds[fd] = port.fileno()  # type: ignore[attr-defined]
+            args += ["--listener", f"{fd}:{port.socket.family}"]  # type: ignore[attr-defined]
+        # The worker runs this very package, wherever it was imported from.
+        package_root = os.path.dirname(os.path.dirname(os.path.abspath(odissey.__file__)))
+        path = os.pathsep.join(p for p in (package_root, os.environ.get("PYTHONPATH")) if p)
+        env = {name: value for name, value in os.environ.items() if name not in SYSTEMD_ONLY}
+        process = WorkerProcess(self, number, pickle.dumps(self.config))
+        process.link = link
+        transport = self.reactor.spawnProcess(
+            process, sys.executable, args, env={**env, "PYTHONPATH": path}, childFDs=child_fds)
+        theirs.close()
+        process.pid = transport.pid
+        process.started_at = self.reactor.seconds()
+        self.processes[number] = process
+        log.info("worker {number} started, pid {pid}", number=number, pid=process.pid)
+
+    def ended(self, process: WorkerProcess, reason: Failure) -> None:
+        """A worker exited: its leases return; unless we are stopping, it restarts."""
+        number = process.number
+        if self.processes.get(number) is process:
+            del self.processes[number]
+        if process.link is not None and process.link.transport is not None:
+            process.link.transport.loseConnection()
+        self.apply(self.ledger.forget(number))
+        self.clients.pop(number, None)
+        self.shown.pop(number, None)
+        self.waiting = {key: ticket for key, ticket in self.waiting.items() if key[0] != number}
+        how = reason.value
+        if self.stopping:
+            log.info("worker {number} stopped, pid {pid} ({how})", number=number, pid=process.pid, how=how)
+            return
+        self.restarts += 1
+        delay = max(0.0, process.started_at + RESTART_DELAY - self.reactor.seconds())
+        log.warn("worker {number} died, pid {pid} ({how}); restarting in {delay:.1f}s",
+                 number=number, pid=process.pid, how=how, delay=delay)
+        self.reactor.callLater(delay, self._restart, number)
+
+    def _restart(self, number: int) -> None:
+        if not self.stopping and number not in self.processes:
+            self.spawn(number)
+
+    # -- leases ----------------------------------------------------------------------------
+
+    def lease(self, worker: int, pool: str, size: int, request: int) -> "Deferred[dict[str, Any]]":
+        ticket = _Ticket(self.reactor.seconds())
+        actions = self.ledger.request(pool, size, worker, ticket)
+        immediate = Grant(worker, ticket) in actions
+        if not immediate:
+            self.waiting[worker, request] = ticket
+            ticket.granted.addCallback(self._waited, ticket, worker, request)
+        self.apply(actions)
+        return ticket.granted
+
+    def _waited(self, result: dict[str, Any], ticket: _Ticket, worker: int, request: int) -> dict[str, Any]:
+        self.waiting.pop((worker, request), None)
+        if result["granted"]:
+            self.lease_waits.append(self.reactor.seconds() - ticket.asked_at)
+        return result
+
+    def withdraw(self, worker: int, pool: str, request: int) -> None:
+        """A worker no longer needs a request that is waiting (if it still is)."""
+        ticket = self.waiting.get((worker, request))
+        if ticket is not None and self.ledger.withdraw(pool, ticket):
+            ticket.granted.callback({"granted": False})
+
+    def apply(self, actions: list[Action]) -> None:
+        """Do what the ledger decided: answer granted requests, ask workers for servers."""
+        for action in actions:
+            if isinstance(action, Grant):
+                ticket = action.ticket
+                assert isinstance(ticket, _Ticket)
+                ticket.granted.callback({"granted": True})
+                continue
+            process = self.processes.get(action.worker)
+            if process is None or process.link is None:
+                self._reclaimed(False, action.pool, action.worker)
+                continue
+            asking = process.link.callRemote(Reclaim, pool=action.pool, idle_only=action.idle_only)
+            asking.addCallbacks(lambda answer: answer["gave"], lambda _failure: False)
+            asking.addCallback(self._reclaimed, action.pool, action.worker)
+
+    def _reclaimed(self, gave: bool, pool: Hashable, worker: int) -> None:
+        """A worker's answer to a reclaim. One that had nothing to give (its servers were
+        still connecting) is asked again shortly, so a waiting request is served within
+        a bounded time even when no server closes meanwhile."""
+        self.apply(self.ledger.reclaimed(pool, worker, gave))
+        if not gave and self.ledger.waiting(pool) and pool not in self._retrying:
+            self._retrying.add(pool)
+            self.reactor.callLater(RECLAIM_RETRY, self._retry, pool)
+
+    def _retry(self, pool: Hashable) -> None:
+        self._retrying.discard(pool)
+        if not self.stopping:
+            self.apply(self.ledger.retry(pool))
+
+    def relay_pools(self) -> None:
+        """Send each worker the other workers' SHOW POOLS rows (its console adds them)."""
+        for number, process in self.processes.items():
+            if process.link is not None and process.link.transport is not None:
+                others = [row for other, rows in self.shown.items() if other != number for row in rows]
+                process.link.callRemote(Others, pools=rows_json(others))
+
+    # -- client limits -------------------------------------------------------------------
+
+    def admit(self, worker: int, route: int) -> str:
+        """Count one more client of ``route`` on ``worker`` unless a limit says no:
+        limits.max_clients over all workers ("clients"), the route's max_clients ("route")."""
+        if sum(sum(counts.values()) for counts in self.clients.values()) >= self.config.limits.max_clients:
+            return "clients"
+        limit = self.config.routes[route].pool.max_clients
+        if limit and sum(counts[route] for counts in self.clients.values()) >= limit:
+            return "route"
+        self.clients[worker][route] += 1
+        return ""
+
+    # -- cancel ----------------------------------------------------------------------------
+
+    def cancel(self, sender: int, pid: int, secret: int) -> "Deferred[None]":
+        """A cancel key another worker issued: to its owner, answered once it landed."""
+        owner = self.layout.worker_of(secret)
+        process = self.processes.get(owner)
+        if owner == sender or process is None or process.link is None:
+            return succeed(None)
+        self.cancels_forwarded += 1
+        asking = process.link.callRemote(Cancel, pid=pid, secret=secret)
+        return asking.addBoth(lambda _: None)
+
+    # -- shutdown --------------------------------------------------------------------------
+
+    @inlineCallbacks
+    def gather(self):
+        """The workers' statistics added up: clients, and servers per pool."""
+        asked = [p.link.callRemote(Stats) for p in self.processes.values() if p.link is not None]
+        for d in asked:
+            timer = self.reactor.callLater(STATS_PATIENCE, d.cancel)
+            d.addBoth(lambda result, timer=timer: (timer.cancel() if timer.active() else None, result)[1])
+        answers = yield DeferredList(asked, consumeErrors=True)
+        clients, active, idle = 0, Counter(), Counter()
+        for ok, answer in answers:
+            if not ok:
+                continue
+            stats = json.loads(answer["stats"])
+            clients += stats["clients"]
+            for pool, counts in stats["pools"].items():
+                active[pool] += counts["active"]
+                idle[pool] += counts["idle"]
+        return {"clients": clients, "workers": len(answers),
+                "pools": {pool: {"active": active[pool], "idle": idle[pool]} for pool in set(active) | set(idle)}}
+
+    def _kill_all(self) -> None:
+        for process in list(self.processes.values()):
+            log.warn("worker {number} (pid {pid}) did not stop in time, killing it",
+                     number=process.number, pid=process.pid)
+            process.transport.signalProcess("KILL")  # type: ignore[union-attr]
+
+    @inlineCallbacks
+    def stopService(self):
+        yield super().stopService()
+        if self._starting is not None and not self._starting.called:
+            yield self._starting
+        self.stopping = True  # (from now on a worker that ends is not restarted)
+        self.notifier.stopping()
+        totals = yield self.gather()
+        pools = ", ".join(f"{pool}: {c['active']} active, {c['idle']} idle"
+                          for pool, c in sorted(totals["pools"].items())) or "no pools"
+        log.info("shutting down {workers} workers: {clients} clients; servers {pools}",
+                 workers=totals["workers"], clients=totals["clients"], pools=pools)
+        waits = self.lease_waits
+        log.info("leases: {n} waited (p50 {p50:.1f} ms, p99 {p99:.1f} ms); {cancels} cancels "
+                 "forwarded between workers; {restarts} worker restarts",
+                 n=len(waits), p50=percentile(waits, 0.5) * 1000 if waits else 0.0,
+                 p99=percentile(waits, 0.99) * 1000 if waits else 0.0,
+                 cancels=self.cancels_forwarded, restarts=self.restarts)
+        ended = [process.ended for process in self.processes.values()]
+        for process in list(self.processes.values()):
+            process.transport.signalProcess("TERM")
+        patience = self.config.shutdown_timeout + STOP_PATIENCE
+        yield within(self.reactor, DeferredList(ended), patience, self._kill_all)
+        yield DeferredList([port.stopListening() for port in self.ports])
+        self.ports = []
+        for postgres in self.managed.values():
+            yield self.threads(postgres.stop)
+        self.notifier.stopped()

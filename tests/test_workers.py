@@ -1,0 +1,768 @@
+"""Multi-worker Odissey as a real ``twistd odissey`` process with 2 and 3 workers, in
+front of the tests' PostgreSQL, driven by psycopg and raw-protocol clients."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import yaml
+from twisted.internet.defer import inlineCallbacks
+from twisted.internet.threads import deferToThread
+from twisted.internet.defer import Deferred
+from twisted.internet.error import ProcessTerminated
+from twisted.internet.testing import MemoryReactorClock
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
+
+from odissey import config
+from odissey.cancel import KeyLayout
+from odissey.commands import Cancel, Reclaim
+from odissey.wire import messages as m
+from tests.harness import (APP_PASSWORD, USERS, Replies, direct, free_port, read_message,
+                           shared_postgres, trust_login_keyed)
+from odissey.testing import in_this_thread
+from odissey.workers import RECLAIM_RETRY, RESTART_DELAY, Master, WorkerProcess
+from tests.test_tap import BOOT, PYPY, ROOT
+from tests.test_tls import certs, outcome, serving
+
+
+def backends(conn: psycopg.Connection | None = None, user: str = "app") -> int:
+    """Server connections PostgreSQL has for ``user`` (the pooler's)."""
+    if conn is None:
+        with direct() as own:
+            return backends(own, user)
+    return int(conn.execute("SELECT count(*) FROM pg_stat_activity WHERE usename = %s "
+                            "AND backend_type = 'client backend'", (user,)).fetchone()[0])
+
+
+class Process:
+    """A ``twistd -n odissey`` process; its output is collected by a thread."""
+
+    def __init__(self, config_path: str, interpreter: str = sys.executable) -> None:
+        self.proc = subprocess.Popen(
+            [interpreter, *BOOT, "--pidfile=", "-n", "odissey", "-c", config_path],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
+        self.lines: list[str] = []
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.append(line)
+
+    @property
+    def output(self) -> str:
+        return "".join(self.lines)
+
+    def wait_for(self, pattern: str, patience: float = 30.0, after: int = 0) -> re.Match[str]:
+        """The first output line (from line ``after`` on) matching ``pattern``."""
+        deadline = time.monotonic() + patience
+        while True:
+            for line in self.lines[after:]:
+                found = re.search(pattern, line)
+                if found:
+                    return found
+            if time.monotonic() > deadline or self.proc.poll() is not None:
+                raise AssertionError(f"no line matching {pattern!r} in:\n{self.output[-4000:]}")
+            time.sleep(0.05)
+
+    def stop(self) -> str:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            self.proc.wait(timeout=90)
+        self.reader.join(timeout=10)
+        return self.output
+
+
+class WorkersTests(TestCase):
+    timeout = 240
+
+    def start(self, workers: int, pool: dict[str, Any] | None = None, listen: list[str] | None = None,
+              limits: dict[str, Any] | None = None, interpreter: str = sys.executable,
+              top: dict[str, Any] | None = None,
+              started: str = r"\[worker {number}\] accepting on") -> tuple[Process, int]:
+        """Odissey with ``workers`` workers: route app/app (scram) and u_trust (trust);
+        ``top`` adds top-level keys."""
+        pg = shared_postgres()
+        port = free_port()
+        pool_settings = {"mode": "transaction", "size": 4, "wait_timeout": "10s", **(pool or {})}
+        document = {
+            "workers": workers,
+            "limits": limits or {},
+            "listen": listen or [f"tcp:{port}:interface=127.0.0.1"],
+            "storages": {"pg": {"host": pg.socket_dir, "port": pg.port}},
+            "routes": [
+                {"database": "app", "user": "app", "storage": "pg",
+                 "auth": {"method": "scram-sha-256", "password": APP_PASSWORD}, "pool": pool_settings},
+                {"database": "app", "user": "u_trust", "storage": "pg", "server": {"password": USERS["u_trust"]},
+                 "auth": {"method": "trust"}, "pool": pool_settings},
+            ],
+        }
+        document.update(top or {})
+        path = Path(self.mktemp() + ".yaml").resolve()
+        path.write_text(yaml.safe_dump(document))
+        process = Process(str(path), interpreter)
+        self.addCleanup(process.stop)
+        for number in range(workers):
+            process.wait_for(started.format(number=number))
+        return process, port
+
+    def connect(self, port: int, user: str = "app", autocommit: bool = True, **extra: Any) -> psycopg.Connection:
+        """psycopg as app (scram) or u_trust (trust), over TCP unless ``extra`` says otherwise."""
+        password = APP_PASSWORD if user == "app" else None
+        return psycopg.connect(**{"host": "127.0.0.1", **extra}, port=port, user=user, password=password,
+                               dbname="app", autocommit=autocommit)
+
+    def worker_of(self, key: tuple[int, int], workers: int) -> int:
+        return KeyLayout.of(0, False, 0, workers).worker_of(key[1])
+
+    @inlineCallbacks
+    def test_workers_start_serve_and_stop(self):
+        """Two workers start (one log line each, with its pid), clients land on both, and
+        SIGTERM stops both workers and the master, logging the totals."""
+        process, port = yield deferToThread(self.start, 2)
+
+        def logins() -> set[int]:
+            seen = set()
+            for _ in range(40):
+                sock, key = trust_login_keyed(port)
+                seen.add(self.worker_of(key, 2))
+                sock.close()
+            return seen
+
+        self.assertEqual((yield deferToThread(logins)), {0, 1})
+        with (yield deferToThread(self.connect, port)) as conn:
+            self.assertEqual(conn.execute("select 42").fetchone()[0], 42)
+        out = yield deferToThread(process.stop)
+        for number in range(2):
+            self.assertRegex(out, rf"worker {number} started, pid \d+")
+            self.assertRegex(out, rf"worker {number} stopped, pid \d+")
+        self.assertIn("shutting down 2 workers", out)
+
+    def settle(self) -> None:
+        """Wait until PostgreSQL has no server connection of app or u_trust left (from earlier tests)."""
+        deadline = time.monotonic() + 30
+        while backends() or backends(user="u_trust"):
+            if time.monotonic() > deadline:
+                raise AssertionError("user app's connections from earlier tests did not go")
+            time.sleep(0.05)
+
+    @inlineCallbacks
+    def test_global_pool_size(self):
+        """Pool size 4, 40 psycopg clients on 3 workers: PostgreSQL never sees more than 4
+        server connections (sampled while they run), and every transaction succeeds."""
+        yield deferToThread(self.settle)
+        process, port = yield deferToThread(self.start, 3, {"size": 4})
+        seen = yield deferToThread(self.spread, port, 3)
+        self.assertEqual(seen, {0, 1, 2})
+        samples: list[int] = []
+        running = threading.Event()
+        running.set()
+
+        def sample() -> None:
+            with direct() as conn:
+                while running.is_set():
+                    samples.append(backends(conn))
+                    time.sleep(0.005)
+
+        def client(failures: list[BaseException]) -> None:
+            try:
+                with self.connect(port) as conn:
+                    for _ in range(15):
+                        conn.execute("select pg_sleep(0.005)")
+            except BaseException as exc:
+                failures.append(exc)
+
+        def run() -> list[BaseException]:
+            failures: list[BaseException] = []
+            sampler = threading.Thread(target=sample)
+            sampler.start()
+            clients = [threading.Thread(target=client, args=(failures,)) for _ in range(40)]
+            for t in clients:
+                t.start()
+            for t in clients:
+                t.join()
+            running.clear()
+            sampler.join()
+            return failures
+
+        failures = yield deferToThread(run)
+        self.assertEqual(failures, [])
+        print(f"{len(samples)} samples of app's server connections, max {max(samples)}")
+        self.assertLessEqual(max(samples), 4)
+        self.assertGreaterEqual(max(samples), 2)  # (the clients did run concurrently)
+
+    def spread(self, port: int, workers: int) -> set[int]:
+        """The workers that 30 raw logins landed on."""
+        seen = set()
+        for _ in range(30):
+            sock, key = trust_login_keyed(port)
+            seen.add(self.worker_of(key, workers))
+            sock.close()
+        return seen
+
+    def raw_clients(self, port: int, workers: int, wanted: dict[int, int]) -> dict[int, list[Replies]]:
+        """Raw trust logins until each worker named in ``wanted`` has that many clients."""
+        found: dict[int, list[Replies]] = {number: [] for number in wanted}
+        for _ in range(400):
+            if all(len(found[n]) >= count for n, count in wanted.items()):
+                return found
+            sock, key = trust_login_keyed(port)
+            number = self.worker_of(key, workers)
+            if number in found and len(found[number]) < wanted[number]:
+                found[number].append(Replies(sock))
+                self.addCleanup(sock.close)
+            else:
+                sock.close()
+        raise AssertionError(f"logins did not reach every worker: {found}")
+
+    @staticmethod
+    def ask(client: Replies, sql: str) -> list[str]:
+        """Send one simple query and read its answer: the SQLSTATEs of its errors."""
+        client.sock.sendall(m.query(sql))
+        before = len(client.errors)
+        client.until(client.ready + 1)
+        return client.errors[before:]
+
+    @inlineCallbacks
+    def test_sigkill_restarts_worker_and_returns_its_leases(self):
+        """SIGKILL one of 3 workers while its clients hold 2 of the pool's 4 servers in
+        open transactions: it is restarted, the other workers' clients keep working, its
+        leases come back (4 servers can be taken again) and PostgreSQL is left with no
+        connection the pool does not count."""
+        yield deferToThread(self.settle)
+        process, port = yield deferToThread(self.start, 3, {"size": 4, "wait_timeout": "5s"})
+        pids = {n: int(process.wait_for(rf"worker {n} started, pid (\d+)").group(1)) for n in range(3)}
+
+        def scenario() -> None:
+            clients = self.raw_clients(port, 3, {0: 2, 1: 2, 2: 2})
+            for victim in clients[0]:
+                self.assertEqual(self.ask(victim, "BEGIN; SELECT 1"), [])
+            for number in (1, 2):
+                for client in clients[number]:
+                    self.assertEqual(self.ask(client, "SELECT 1"), [])
+            lines = len(process.lines)
+            os.kill(pids[0], signal.SIGKILL)
+            process.wait_for(rf"worker 0 died, pid {pids[0]}", after=lines)
+            restarted = int(process.wait_for(r"worker 0 started, pid (\d+)", after=lines).group(1))
+            self.assertNotEqual(restarted, pids[0])
+            for victim in clients[0]:
+                with self.assertRaises((ConnectionError, OSError)):
+                    self.ask(victim, "SELECT 1")
+            for number in (1, 2):
+                for client in clients[number]:
+                    self.assertEqual(self.ask(client, "SELECT 2"), [])
+            # All 4 leases are free again: 4 psycopg clients each hold a server at once.
+            holders = [self.connect(port, "u_trust", autocommit=False) for _ in range(4)]
+            try:
+                pids_seen = {conn.execute("select pg_backend_pid()").fetchone()[0] for conn in holders}
+                self.assertEqual(len(pids_seen), 4)
+                deadline = time.monotonic() + 15
+                while backends(user="u_trust") > 4:  # the killed worker's two are gone, none leaked
+                    self.assertLess(time.monotonic(), deadline, "the killed worker's servers linger")
+                    time.sleep(0.05)
+            finally:
+                for conn in holders:
+                    conn.close()
+
+        yield deferToThread(scenario)
+        out = yield deferToThread(process.stop)
+        self.assertIn("1 worker restarts", out)
+
+    def cancel_storm(self, port: int, targets: int, rounds: int) -> tuple[list[str], list[str]]:
+        """``targets`` psycopg clients each run ``rounds`` pg_sleep(10) that another thread
+        cancels (cancel_safe: a new connection each, landing on any worker) once PostgreSQL
+        shows it running, while two bystanders run short queries. Returns what went wrong
+        for targets (a query not cancelled) and for bystanders (a query cancelled)."""
+        lost: list[str] = []
+        crossed: list[str] = []
+        done = threading.Event()
+
+        def target(i: int) -> None:
+            with self.connect(port) as conn, direct() as watcher:
+                for r in range(rounds):
+                    tag = f"t{i}r{r}x"
+                    outcome: list[str] = []
+                    runner = threading.Thread(target=self.expect_cancel, args=(conn, tag, outcome))
+                    runner.start()
+                    deadline = time.monotonic() + 10
+                    while not watcher.execute(
+                            "select 1 from pg_stat_activity where state = 'active' and query like %s",
+                            (f"%{tag} %",)).fetchone():
+                        if time.monotonic() > deadline:
+                            break
+                        time.sleep(0.01)
+                    conn.cancel_safe(timeout=5)
+                    runner.join()
+                    if outcome != ["57014"]:
+                        lost.append(f"{tag}: {outcome}")
+
+        def bystander(i: int) -> None:
+            with self.connect(port) as conn:
+                while not done.is_set():
+                    try:
+                        conn.execute("select pg_sleep(0.05)")
+                    except psycopg.errors.QueryCanceled as exc:
+                        crossed.append(f"bystander {i}: {exc}")
+
+        watchers = [threading.Thread(target=bystander, args=(i,)) for i in range(2)]
+        for t in watchers:
+            t.start()
+        workers = [threading.Thread(target=target, args=(i,)) for i in range(targets)]
+        for t in workers:
+            t.start()
+        for t in workers:
+            t.join()
+        done.set()
+        for t in watchers:
+            t.join()
+        return lost, crossed
+
+    @staticmethod
+    def expect_cancel(conn: psycopg.Connection, tag: str, outcome: list[str]) -> None:
+        try:
+            conn.execute(f"select pg_sleep(10) /* {tag} */")
+            outcome.append("finished")
+        except psycopg.Error as exc:
+            outcome.append(exc.sqlstate or str(exc))
+
+    @inlineCallbacks
+    def check_cancels_across_workers(self, mode: str):
+        process, port = yield deferToThread(self.start, 3, {"mode": mode, "size": 12})
+        lost, crossed = yield deferToThread(self.cancel_storm, port, 8, 7)
+        self.assertEqual(lost, [])
+        self.assertEqual(crossed, [])
+        out = yield deferToThread(process.stop)
+        forwarded = int(re.search(r"(\d+) cancels forwarded between workers", out).group(1))
+        print(f"{mode} mode: 56 cancels, {forwarded} forwarded between workers")
+        self.assertGreater(forwarded, 0)
+
+    def test_cancel_across_workers_transaction_mode(self):
+        """Transaction mode, 3 workers: 56 cancels from new connections on any worker,
+        each cancels exactly its query (0 lost) and no bystander's (0 crossed)."""
+        return self.check_cancels_across_workers("transaction")
+
+    def test_cancel_across_workers_session_mode(self):
+        """The same in session mode (the key's pid is the real backend's)."""
+        return self.check_cancels_across_workers("session")
+
+    @inlineCallbacks
+    def test_no_starvation_across_workers(self):
+        """Pool size 2, 2 workers. Idle: worker 0 holds both servers idle, and a client
+        on worker 1 gets one within 2 s (wait_timeout is 10 s). Busy: worker 0's two
+        clients hold both in transactions while a third of its clients queues; worker
+        1's client still gets a server as soon as one of them commits, before worker 0
+        hands it on to its own next client."""
+        process, port = yield deferToThread(self.start, 2, {"size": 2, "wait_timeout": "10s"})
+
+        def scenario() -> tuple[float, float]:
+            clients = self.raw_clients(port, 2, {0: 3, 1: 1})
+            a, b, c = clients[0]
+            (other,) = clients[1]
+            for client in (a, b):
+                self.assertEqual(self.ask(client, "BEGIN; SELECT 1"), [])
+            for client in (a, b):
+                self.assertEqual(self.ask(client, "COMMIT"), [])
+            started = time.monotonic()
+            self.assertEqual(self.ask(other, "SELECT 1"), [])
+            idle_wait = time.monotonic() - started
+            # Busy: a and b in transactions (worker 0 takes back the server it gave).
+            for client in (a, b):
+                self.assertEqual(self.ask(client, "BEGIN; SELECT 1"), [])
+            other.sock.sendall(m.query("SELECT 2"))
+            time.sleep(0.3)  # (other's request is queued at the master first)
+            c.sock.sendall(m.query("SELECT 3"))
+            time.sleep(0.3)
+            started = time.monotonic()
+            self.assertEqual(self.ask(a, "COMMIT"), [])
+            other.until(other.ready + 1)
+            busy_wait = time.monotonic() - started
+            self.assertEqual(self.ask(b, "COMMIT"), [])
+            c.until(c.ready + 1)
+            self.assertEqual((other.errors, c.errors), ([], []))
+            return idle_wait, busy_wait
+
+        idle_wait, busy_wait = yield deferToThread(scenario)
+        print(f"idle hand-over {idle_wait * 1000:.0f} ms, busy hand-over {busy_wait * 1000:.0f} ms")
+        self.assertLess(idle_wait, 2.0)
+        self.assertLess(busy_wait, 2.0)
+
+    @inlineCallbacks
+    def test_unix_socket_session_mode(self):
+        """A unix-socket listener shared by 2 workers (logins land on both), session mode
+        with pool size 3: 12 psycopg clients over the socket, never more than 3 server
+        connections; the socket file goes when Odissey stops."""
+        yield deferToThread(self.settle)
+        directory = Path(tempfile.mkdtemp(prefix="odissey-"))  # (a unix socket path is short)
+        self.addCleanup(shutil.rmtree, directory, True)
+        port = free_port()
+        path = directory / f".s.PGSQL.{port}"
+        process, _ = yield deferToThread(
+            self.start, 2, {"mode": "session", "size": 3}, [f"unix:{path}:mode=660"])
+
+        def logins() -> set[int]:
+            seen = set()
+            for _ in range(30):
+                with socket.socket(socket.AF_UNIX) as sock:
+                    sock.settimeout(10)
+                    sock.connect(str(path))
+                    sock.sendall(m.startup_message({"user": "u_trust", "database": "app"}))
+                    data = b""
+                    while True:
+                        kind, body, data = read_message(sock, data)
+                        if kind == b"K":
+                            seen.add(self.worker_of(m.parse_backend_key_data(body), 2))
+                            break
+            return seen
+
+        self.assertEqual((yield deferToThread(logins)), {0, 1})
+        samples: list[int] = []
+
+        def run() -> list[BaseException]:
+            failures: list[BaseException] = []
+
+            def client() -> None:
+                try:
+                    with self.connect(port, host=str(directory)) as conn:
+                        for _ in range(3):
+                            conn.execute("select pg_sleep(0.05)")
+                except BaseException as exc:
+                    failures.append(exc)
+
+            threads = [threading.Thread(target=client) for _ in range(12)]
+            with direct() as watcher:
+                for t in threads:
+                    t.start()
+                while any(t.is_alive() for t in threads):
+                    samples.append(backends(watcher))
+                    time.sleep(0.005)
+            for t in threads:
+                t.join()
+            return failures
+
+        self.assertEqual((yield deferToThread(run)), [])
+        print(f"{len(samples)} samples, max {max(samples)} server connections")
+        self.assertLessEqual(max(samples), 3)
+        self.assertGreaterEqual(max(samples), 2)
+        yield deferToThread(process.stop)
+        self.assertFalse(path.exists())
+
+    @inlineCallbacks
+    def test_client_limits_are_global(self):
+        """limits.max_clients 6 and app's route max_clients 4 hold over 3 workers: the
+        fifth app client and the seventh client in all get 53300, wherever they land;
+        once one leaves, a newcomer gets in."""
+        _process, port = yield deferToThread(self.start, 3, {"size": 2, "max_clients": 4}, None, {"max_clients": 6})
+
+        def scenario() -> tuple[str, str, list[int]]:
+            app = [self.connect(port) for _ in range(4)]
+            with self.assertRaises(psycopg.OperationalError) as route_full:
+                self.connect(port)
+            trusted = [self.connect(port, "u_trust") for _ in range(2)]
+            with self.assertRaises(psycopg.OperationalError) as all_full:
+                self.connect(port, "u_trust")
+            app.pop().close()
+            deadline = time.monotonic() + 10
+            while True:  # (the worker tells the master when it sees the client go)
+                try:
+                    trusted.append(self.connect(port, "u_trust"))
+                    break
+                except psycopg.OperationalError:
+                    self.assertLess(time.monotonic(), deadline, "a client's leaving was never counted")
+                    time.sleep(0.05)
+            answers = [conn.execute("select 1").fetchone()[0] for conn in app + trusted]
+            for conn in app + trusted:
+                conn.close()
+            return str(route_full.exception), str(all_full.exception), answers
+
+        route_full, all_full, answers = yield deferToThread(scenario)
+        self.assertIn('too many clients for database "app" user "app" (max_clients 4)', route_full)
+        self.assertIn("sorry, too many clients already", all_full)
+        self.assertEqual(answers, [1] * 6)
+        seen = yield deferToThread(self.spread, port, 3)
+        self.assertEqual(seen, {0, 1, 2})  # (the clients above were spread as these logins are)
+
+    @inlineCallbacks
+    def test_sigterm_lets_transactions_in_workers_commit(self):
+        """SIGTERM to the master with 6 psycopg transactions in flight (spread over 2
+        workers as the kernel hands out connections): the workers drain gracefully, every
+        transaction commits, each client's next statement gets 57P01, and the master
+        logs both workers stopped."""
+        process, port = yield deferToThread(self.start, 2, {"size": 6})
+
+        def scenario() -> list[str]:
+            conns = [self.connect(port, "u_trust") for _ in range(6)]
+            for conn in conns:
+                conn.execute("begin")
+            for i, conn in enumerate(conns):
+                conn.execute("insert into items values (%s, 'workers-sigterm')", (7300 + i,))
+                conn.pgconn.send_query(b"select pg_sleep(0.5)")
+            process.proc.send_signal(signal.SIGTERM)
+            seen = []
+            for conn in conns:
+                seen.append(str(conn.pgconn.get_result().status))
+                while conn.pgconn.get_result() is not None:
+                    pass
+                conn.execute("commit")
+                try:
+                    conn.execute("select 1")
+                    seen.append("served after commit")
+                except psycopg.errors.AdminShutdown:
+                    seen.append("57P01")
+                conn.close()
+            return seen
+
+        seen = yield deferToThread(scenario)
+        out = yield deferToThread(process.stop)
+        self.assertEqual(seen, ["2", "57P01"] * 6)  # 2: TUPLES_OK
+        with direct() as su:
+            self.assertEqual(su.execute("select count(*) from items where note = 'workers-sigterm'")
+                             .fetchone()[0], 6)
+            su.execute("delete from items where note = 'workers-sigterm'")
+        for number in range(2):
+            self.assertRegex(out, rf"worker {number} stopped, pid \d+")
+
+    @inlineCallbacks
+    def test_log_section_applies_to_workers(self):
+        """log: {format: json}: the master's and the workers' lines are JSON objects, each
+        worker's naming it in log_system."""
+        json_start = (r'("log_system": "worker {number}".*accepting on'
+                      r'|accepting on.*"log_system": "worker {number}")')
+        process, _port = yield deferToThread(self.start, 2, None, None, None, sys.executable,
+                                             {"log": {"format": "json"}}, json_start)
+        out = yield deferToThread(process.stop)
+        events = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+        systems = {event.get("log_system") for event in events}
+        self.assertLessEqual({"worker 0", "worker 1"}, systems)
+        started = [event["pid"] for event in events
+                   if event.get("log_format", "").startswith("worker {number} started")]
+        self.assertEqual(len(started), 2)  # (the master's lines, JSON too)
+
+    @inlineCallbacks
+    def test_workers_stop_when_the_master_dies(self):
+        """SIGKILL of the master (no chance to stop anything): its workers notice the
+        AMP connection gone and exit by themselves, so nothing keeps accepting."""
+        process, _port = yield deferToThread(self.start, 2)
+        pids = [int(process.wait_for(rf"worker {n} started, pid (\d+)").group(1)) for n in range(2)]
+        process.proc.kill()
+
+        def running(pid: int) -> bool:
+            try:
+                state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+            except OSError:
+                return False
+            return state != "Z"  # (a zombie has exited; its new parent reaps it)
+
+        def gone() -> None:
+            deadline = time.monotonic() + 20
+            for pid in pids:
+                while running(pid):
+                    self.assertLess(time.monotonic(), deadline, f"worker pid {pid} outlived its master")
+                    time.sleep(0.05)
+
+        yield deferToThread(gone)
+
+    @inlineCallbacks
+    def test_client_tls_in_workers(self):
+        """tls.mode require with 2 workers: each worker does its clients' handshakes
+        (psycopg with sslmode=require is served on both), plaintext is refused."""
+        _process, port = yield deferToThread(self.start, 2, None, None, None, sys.executable,
+                                             {"tls": serving("require")})
+
+        def connect_many() -> tuple[set[str], str]:
+            outcomes = {outcome(port, "require") for _ in range(12)}
+            return outcomes, outcome(port, "disable")
+
+        outcomes, plain = yield deferToThread(connect_many)
+        self.assertEqual(outcomes, {"tls"})
+        self.assertIn("refused", plain)
+        self.assertEqual((yield deferToThread(self.spread_tls, port)), {0, 1})
+
+    def spread_tls(self, port: int) -> set[int]:
+        """The workers that TLS logins (SSLRequest, handshake, then the startup) land on."""
+        context = ssl.create_default_context(cafile=certs().ca_file)
+        seen = set()
+        for _ in range(20):
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+                raw.sendall(m.ssl_request())
+                self.assertEqual(raw.recv(1), b"S")
+                with context.wrap_socket(raw, server_hostname="localhost") as sock:
+                    sock.sendall(m.startup_message({"user": "u_trust", "database": "app"}))
+                    data = b""
+                    while True:
+                        kind, body, data = read_message(sock, data)
+                        if kind == b"K":
+                            seen.add(self.worker_of(m.parse_backend_key_data(body), 2))
+                            break
+        return seen
+
+    @inlineCallbacks
+    def test_console_shows_every_workers_pools(self):
+        """The admin console, reached through either worker, shows the servers of both:
+        one client of each worker holds a server in a transaction, and SHOW POOLS says
+        sv_active 2 for the pool (the master relays each worker's rows once a second)."""
+        _process, port = yield deferToThread(self.start, 2, None, None, None, sys.executable,
+                                             {"admin_users": ["app"]})
+
+        def scenario() -> list[int]:
+            clients = self.raw_clients(port, 2, {0: 1, 1: 1})
+            for number in (0, 1):
+                self.assertEqual(self.ask(clients[number][0], "BEGIN; SELECT 1"), [])
+            seen = []
+            deadline = time.monotonic() + 10
+            while len(seen) < 6:  # (several console logins, so both workers answer)
+                with psycopg.connect(host="127.0.0.1", port=port, user="app", password=APP_PASSWORD,
+                                     dbname="odissey", autocommit=True) as console:
+                    rows = console.execute("SHOW POOLS").fetchall()
+                active = {row[4] for row in rows if row[:2] == ("app", "u_trust")}
+                if active == {2}:
+                    seen.append(2)
+                else:
+                    self.assertLess(time.monotonic(), deadline, f"SHOW POOLS said {rows}")
+                    time.sleep(0.2)
+            return seen
+
+        self.assertEqual((yield deferToThread(scenario)), [2] * 6)
+
+    @inlineCallbacks
+    def test_pypy_master_starts_pypy_workers(self):
+        """A master running on PyPy starts its workers on the same PyPy, and they serve."""
+        if not os.access(PYPY, os.X_OK):
+            raise SkipTest(f"no PyPy at {PYPY}")
+        process, port = yield deferToThread(self.start, 2, None, None, None, PYPY)
+        for number in range(2):
+            pid = int(process.wait_for(rf"worker {number} started, pid (\d+)").group(1))
+            self.assertEqual(os.path.realpath(f"/proc/{pid}/exe"), os.path.realpath(PYPY))
+        with (yield deferToThread(self.connect, port)) as conn:
+            self.assertEqual(conn.execute("select 42").fetchone()[0], 42)
+        self.assertEqual((yield deferToThread(self.spread, port, 2)), {0, 1})
+
+
+class _FakeLink:
+    """A worker's AMP link as the master sees it: records calls, answers on demand."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[Any, dict[str, Any], Deferred[Any]]] = []
+        self.transport = None
+
+    def callRemote(self, command: Any, **arguments: Any) -> "Deferred[Any]":
+        answer: Deferred[Any] = Deferred()
+        self.calls.append((command, arguments, answer))
+        return answer
+
+
+class MasterTests(SynchronousTestCase):
+    """The master's bookkeeping on a fake clock, with fake worker links (no processes)."""
+
+    def setUp(self) -> None:
+        document = {
+            "workers": 3, "listen": ["tcp:0"], "limits": {"max_clients": 3},
+            "storages": {"pg": {"host": "127.0.0.1"}},
+            "routes": [{"database": "db", "user": "u", "storage": "pg", "auth": {"method": "trust"},
+                        "pool": {"max_clients": 2}},
+                       {"database": "db", "user": "v", "storage": "pg", "auth": {"method": "trust"}}],
+        }
+        self.clock = MemoryReactorClock()
+        self.master = Master(config.parse(document), self.clock, in_this_thread)
+        self.links = {}
+        for number in range(3):
+            process = WorkerProcess(self.master, number, b"")
+            process.link = self.links[number] = _FakeLink()  # type: ignore[assignment]
+            self.master.processes[number] = process
+        self.spawned: list[int] = []
+        self.master.spawn = self.spawned.append  # type: ignore[method-assign]
+
+    def secret_of(self, worker: int) -> int:
+        return KeyLayout.of(0, False, worker, 3).secret(12345)
+
+    def test_cancel_goes_to_the_owner_once(self) -> None:
+        """A key of worker 2 received by worker 0 is sent to worker 2 only, and the
+        sender's answer waits for the owner's; a key of the sender's own is not sent."""
+        done = self.master.cancel(0, 77, self.secret_of(2))
+        ((command, arguments, answer),) = self.links[2].calls
+        self.assertEqual((command, arguments), (Cancel, {"pid": 77, "secret": self.secret_of(2)}))
+        self.assertNoResult(done)
+        answer.callback({})
+        self.successResultOf(done)
+        self.successResultOf(self.master.cancel(1, 77, self.secret_of(1)))
+        self.assertEqual((self.links[0].calls, self.links[1].calls), ([], []))
+        self.assertEqual(self.master.cancels_forwarded, 1)
+
+    def test_starving_worker_gets_a_reclaimed_server(self) -> None:
+        """Worker 0 holds the pool's only lease; worker 1's request makes the master ask
+        worker 0 for it, and is granted when worker 0 releases it."""
+        self.successResultOf(self.master.lease(0, "p", 1, 1))
+        waiting = self.master.lease(1, "p", 1, 2)
+        ((command, arguments, answer),) = self.links[0].calls
+        self.assertEqual((command, arguments), (Reclaim, {"pool": "p", "idle_only": False}))
+        answer.callback({"gave": True})
+        self.clock.advance(0.25)
+        self.assertNoResult(waiting)
+        self.master.apply(self.master.ledger.release("p", 0))
+        self.successResultOf(waiting)
+        self.assertEqual(self.master.lease_waits, [0.25])  # (what the shutdown line reports)
+
+    def test_withdrawn_request_is_answered_and_never_granted(self) -> None:
+        """A waiting request the worker withdraws is answered granted=false and the
+        lease goes to the next request instead; withdrawing a granted one does nothing."""
+        self.successResultOf(self.master.lease(0, "p", 1, 10))
+        withdrawn = self.master.lease(1, "p", 1, 11)
+        after = self.master.lease(2, "p", 1, 12)
+        self.master.withdraw(1, "p", 11)
+        self.assertEqual(self.successResultOf(withdrawn), {"granted": False})
+        self.master.withdraw(0, "p", 10)  # (granted: stays)
+        self.master.apply(self.master.ledger.release("p", 0))
+        self.assertEqual(self.successResultOf(after), {"granted": True})
+        self.assertEqual(self.master.ledger.held("p"), {2: 1})
+
+    def test_refused_reclaim_is_asked_again(self) -> None:
+        """A worker with nothing to give (its server still connecting) is asked again
+        after RECLAIM_RETRY while the request waits."""
+        self.master.lease(0, "p", 1, 3)
+        self.master.lease(1, "p", 1, 4)
+        self.links[0].calls[0][2].callback({"gave": False})
+        self.assertEqual(len(self.links[0].calls), 1)
+        self.clock.advance(RECLAIM_RETRY)
+        self.assertEqual(len(self.links[0].calls), 2)
+
+    def test_dead_worker_restarts_and_gives_back(self) -> None:
+        """A worker that dies has its leases and clients given back and is restarted,
+        at most once a RESTART_DELAY after its previous start."""
+        self.master.lease(0, "p", 1, 5)
+        waiting = self.master.lease(1, "p", 1, 6)
+        self.assertEqual(self.master.admit(0, 0), "")
+        process = self.master.processes[0]
+        process.started_at = self.clock.seconds()
+        self.master.ended(process, Failure(ProcessTerminated(signal=9)))
+        self.assertEqual(self.successResultOf(waiting), {"granted": True})
+        self.assertEqual(self.master.admit(1, 0), "")
+        self.assertEqual(self.master.admit(2, 0), "")  # (worker 0's client no longer counts)
+        self.assertEqual(self.spawned, [])
+        self.clock.advance(RESTART_DELAY)
+        self.assertEqual(self.spawned, [0])
+        self.assertEqual(self.master.restarts, 1)
+
+    def test_client_limits_over_workers(self) -> None:
+        """The route's max_clients (2) and limits.max_clients (3) count every worker."""
+        self.assertEqual(self.master.admit(0, 0), "")
+        self.assertEqual(self.master.admit(1, 0), "")
+        self.assertEqual(self.master.admit(2, 0), "route")
+        self.assertEqual(self.master.admit(2, 1), "")
+        self.assertEqual(self.master.admit(0, 1), "clients")
+        self.master.clients[1][0] -= 1  # (what Leave does)
+        self.assertEqual(self.master.admit(0, 1), "")
