@@ -454,10 +454,23 @@ class Relay:
 
     # -- server side (the server calls these while attached) -----------------------------
 
-    def serverData(self, data: bytes, events: list[Event]) -> None:
+    def serverData(self, data: bytes) -> None:
         statements = self.statements
         # With replies of Odissey's own in the queue, the chunk is edited on its way.
         edited = statements is not None and bool(statements.editing or statements.held)
+        if not edited:
+            # The usual reply: one pass finds its ReadyForQuery, no events.
+            quick = self.tx.replies(self.server.scanner, data)  # type: ignore[union-attr]
+            if quick is not None:
+                self.heard = True
+                if not self._to_client(data) and not self.coupled:
+                    self._couple()
+                if quick:
+                    self._ready()
+                return
+        events = self.server.events(data)  # type: ignore[union-attr]
+        if events is None:
+            return
         if edited:
             data, events = statements.begin(data, events)  # type: ignore[union-attr]
         elif not self._to_client(data) and not self.coupled:
@@ -484,10 +497,14 @@ class Relay:
             if out and not self._to_client(out) and not self.coupled:
                 self._couple()
         if ready:
-            if self.transaction_mode and not self.pinned:
-                self._detach()
-            elif self.cancels:  # session mode: only this client's next query is at stake
-                self.cancels = [sent for sent in self.cancels if sent is self._cancel_on_way]
+            self._ready()
+
+    def _ready(self) -> None:
+        """A ReadyForQuery left the server idle: a transaction-mode server goes."""
+        if self.transaction_mode and not self.pinned:
+            self._detach()
+        elif self.cancels:  # session mode: only this client's next query is at stake
+            self.cancels = [sent for sent in self.cancels if sent is self._cancel_on_way]
 
     def serverLost(self) -> None:
         server, self.server = self.server, None

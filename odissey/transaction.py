@@ -35,14 +35,14 @@ from collections import deque
 from typing import Optional, Protocol as TypingProtocol
 
 from odissey.wire.errors import ProtocolViolation
-from odissey.wire.scanner import Event
+from odissey.wire.scanner import Event, Scanner
 
 # Client message types.
 Q, F, SYNC, TERMINATE, FLUSH = b"QFSXH"
 PARSE, BIND, DESCRIBE, EXECUTE, CLOSE = b"PBDEC"
 COPY_DATA, COPY_DONE, COPY_FAIL = b"dcf"
 # Server message types.
-Z, COPY_IN, ERROR = b"ZGE"
+Z, COPY_IN, ERROR, PARAMETER_STATUS = b"ZGES"
 PARSE_COMPLETE, BIND_COMPLETE, CLOSE_COMPLETE = b"123"
 ROW_DESCRIPTION, NO_DATA, COMMAND_COMPLETE, EMPTY_QUERY, PORTAL_SUSPENDED = b"TnCIs"
 
@@ -98,6 +98,15 @@ _ANSWERS = frozenset(request << 8 | reply for request, replies in _COMPLETES.ite
 _ANSWERED_BY_Z = frozenset((Q, F, SYNC))
 #: Command tags of statements that drop every prepared statement of a connection.
 DROPS_ALL = frozenset((b"DEALLOCATE ALL\0", b"DISCARD ALL\0"))
+#: Server messages that :meth:`Transaction.replies` leaves to the full matching (and
+#: ReadyForQuery, which it counts, as Scanner.ready_for_query wants): errors,
+#: COPY, ParameterStatus (which the relay reads), and CommandComplete when its length is
+#: that of a DROPS_ALL tag. Everything else in a reply changes nothing a ReadyForQuery
+#: after it does not settle, while the queue holds only the client's own requests.
+STOPS: "dict[int, frozenset[int] | None]" = {
+    Z: None, ERROR: None, COPY_IN: None, PARAMETER_STATUS: None,
+    COMMAND_COMPLETE: frozenset(4 + len(tag) for tag in DROPS_ALL),
+}
 #: What the client side queues like a Query: a Sync-like end of the extended batch.
 _QUERY_LIKE = _ANSWERED_BY_Z | {SYNTH_QUERY, TRACKED_QUERY}
 #: Messages PostgreSQL reads only up to SMALL_LIMIT bytes (it drops a client that sends
@@ -251,6 +260,29 @@ class Transaction:
         self.edge = self.partial = 0
         self.in_data = False
         self.client([(kind, None, 5 * (i + 1)) for i, kind in enumerate(kinds)], 5 * len(kinds))
+
+    def replies(self, scanner: Scanner, data: bytes) -> Optional[bool]:
+        """One pass over a server chunk (the server's ``scanner`` finds its boundaries)
+        when its ReadyForQuery messages alone say what :meth:`server` would make of its
+        events: the mode is NORMAL, the queue holds only the client's plain requests, and
+        the chunk ends after a ReadyForQuery with nothing of STOPS in it. Then each
+        ReadyForQuery retires the queue up to the request it answers (the replies before
+        it could only retire requests ahead of that one), and the result is
+        :meth:`server`'s. None, with nothing changed, when the chunk needs the events."""
+        if self.mode != NORMAL:
+            return None
+        pending = self.pending
+        for entry in pending:
+            if entry < 0 or entry > 0xFF:  # a copy end marker, or an entry for the Sink
+                return None
+        count = scanner.ready_for_query(data, STOPS)
+        if count < 0:
+            return None
+        while count and pending:
+            if pending.popleft() in _ANSWERED_BY_Z:
+                count -= 1
+        self.status = data[-1:]
+        return self.idle
 
     def server(self, events: list[Event]) -> bool:
         """Match what the server answered to what was asked; True when a ReadyForQuery

@@ -21,6 +21,7 @@ from odissey.wire.messages import (
 
 _U32 = struct.Struct("!I").unpack_from
 _2I32 = struct.Struct("!ii").unpack_from
+_Z = ord("Z")
 
 #: One reported message: (type byte, body or None when not collected, end offset).
 #: ``end`` is where the message ends relative to the start of the chunk just fed; it can
@@ -88,6 +89,43 @@ class Scanner:
         if self._body is not None:
             return 5 + len(self._body)
         return len(self._head)
+
+    def ready_for_query(self, data: bytes, stops: dict[int, frozenset[int] | None]) -> int:
+        """The one pass of a server chunk that needs no events: how many ReadyForQuery
+        it holds, when it ends exactly after one (a reply's usual read) and holds no
+        message the caller must see (``stops``: its type, with ``None`` or the set of
+        length fields that matter; ``Z`` itself must be in it, with None). -1 otherwise,
+        or when the scanner carries more than the rest of a message it was skipping:
+        nothing has changed then, and the caller feeds the chunk instead. Bad lengths
+        also answer -1, for :meth:`feed` to raise (this scanner's ``max_length`` is
+        taken to exceed any chunk: a server's is unlimited)."""
+        if self._head or self._body is not None:
+            return -1
+        n = len(data)
+        pos = self._skip
+        count = 0
+        kind = length = 0
+        try:  # (a header cut short raises struct.error: cheaper than checking each one)
+            while pos < n:
+                kind = data[pos]
+                length = _U32(data, pos + 1)[0]
+                if length < 4:
+                    return -1
+                pos += 1 + length
+                if kind in stops:  # the only test most messages see
+                    if kind == _Z:
+                        count += 1
+                        continue
+                    lengths = stops[kind]
+                    if lengths is None or length in lengths:
+                        return -1
+        except struct.error:
+            return -1
+        # (a length past max_length ends beyond the chunk: pos != n)
+        if pos != n or kind != _Z or length != 5:
+            return -1
+        self._skip = 0
+        return count
 
     def feed(self, data: bytes) -> list[Event]:
         events: list[Event] = []
