@@ -153,12 +153,17 @@ class Relay:
     def _client_plain(self, data: bytes) -> None:
         """clientData without prepared statements: the chunk goes as it came."""
         self.heard = True
-        try:
-            events = self.scanner.feed(data)
-            end = self.tx.client(events, len(data))
-        except ProtocolViolation as exc:
-            self._violation(exc)
-            return
+        if data[0] == _Q and self.scanner.whole(data) and self.tx.query():
+            # The usual chunk, one whole Query: queued without scanning it.
+            events: list[Event] = [(_Q, data[5:], len(data))] if self.transaction_mode else []
+            end = None
+        else:
+            try:
+                events = self.scanner.feed(data)
+                end = self.tx.client(events, len(data))
+            except ProtocolViolation as exc:
+                self._violation(exc)
+                return
         if end is not None:
             self.goodbye = True
             if end < 0:  # Terminate's header began in the previous chunk, already sent
@@ -180,13 +185,17 @@ class Relay:
         """clientData with prepared statements on: the chunk is rewritten for the server
         it goes to, so the tracker sees it (as that server will) only when it is sent."""
         self.heard = True
-        try:
-            events = self.scanner.feed(data)
-        except ProtocolViolation as exc:
-            self._violation(exc)
-            return
-        partial = self.scanner.in_message()
-        holding = partial is not None and partial[0] in COLLECT
+        if data[0] == _Q and self.scanner.whole(data):
+            events: list[Event] = [(_Q, data[5:], len(data))]
+            holding = False
+        else:
+            try:
+                events = self.scanner.feed(data)
+            except ProtocolViolation as exc:
+                self._violation(exc)
+                return
+            partial = self.scanner.in_message()
+            holding = partial is not None and partial[0] in COLLECT
         if self.state is RelayState.ATTACHED:
             self._forward(data, events, holding)
             if self.state is RelayState.ATTACHED:
@@ -216,6 +225,13 @@ class Relay:
         statements = self.statements
         server = self.server
         assert statements is not None and server is not None
+        if len(events) == 1 and events[0][0] == _Q and events[0][2] == len(data) \
+                and statements.query(events[0][1]):  # type: ignore[arg-type]
+            # The usual chunk, one whole Query with nothing in flight: as it came.
+            self._note(events)
+            if not send(server.transport, data) and not self.coupled:
+                self._couple()
+            return
         try:
             out, view = statements.client(data, events, holding)
             end = self.tx.client(view, len(out))

@@ -253,6 +253,17 @@ class Transaction:
             self.partial = events[-1][0]
         return None
 
+    def query(self) -> bool:
+        """A chunk that is one whole Query, seen without events: queued as :meth:`client`
+        would queue it, when nothing is in flight, NORMAL mode, no CopyData open and
+        the previous chunk ended between messages; False otherwise, nothing changed
+        (the caller takes the events' path)."""
+        if self.pending or self.mode != NORMAL or self.in_data or self.edge:
+            return False
+        self.pending.append(Q)
+        self.unsynced = False
+        return True
+
     def pooler_sent(self, kinds: bytes) -> None:
         """The pooler itself ended the departed client's stream with these messages
         (CopyFail, Sync), right after a complete message; whatever the client was in the

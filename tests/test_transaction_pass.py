@@ -1,7 +1,8 @@
-"""The one-pass matching of server chunks (Transaction.replies with
-Scanner.ready_for_query) against the simple one (Scanner.feed, then Transaction.server)
-on random chunkings of random request and reply streams: the same answers, the same
-tracker and scanner state after every chunk. Hypothesis prints the failing example
+"""The one-pass paths against the simple one (Scanner.feed, then the tracker's matching
+of the events) on random chunkings of random request and reply streams: server chunks
+matched by Transaction.replies with Scanner.ready_for_query, and client chunks that are
+one whole Query queued by Transaction.query after Scanner.whole. The same answers, the
+same tracker and scanner state after every chunk. Hypothesis prints the failing example
 and the blob to replay it."""
 
 from __future__ import annotations
@@ -98,6 +99,36 @@ class OnePassTests(SynchronousTestCase):
                 self.assertEqual(outcomes[0], outcomes[1])
                 if outcomes[0][0] == "violation":
                     return
+
+    @given(st.lists(st.tuples(st.sampled_from(list(CLIENT_KINDS + b"QQQQX")), st.binary(max_size=6)), max_size=12),
+           st.lists(st.integers(0, 200), max_size=6), st.lists(st.booleans(), max_size=12))
+    @settings(max_examples=400)
+    def test_whole_query_agrees_with_events(self, requests: list, points: list, answers: list) -> None:
+        """A client chunk taken whole as one Query leaves the tracker and the scanner
+        where feeding it does; ReadyForQuery now and then empties the queue between."""
+        simple, fast = Transaction(), Transaction()
+        scanners = {id(tx): Scanner(watch=CLIENT_WATCH, max_length=10_000, strict=True) for tx in (simple, fast)}
+        messages = [client_message(kind, body) for kind, body in requests]
+        chunks = messages + cut(b"".join(messages), points)
+        for i, chunk in enumerate(chunks):
+            if not chunk:
+                continue
+            outcomes = []
+            for tx in (simple, fast):
+                scanner = scanners[id(tx)]
+                try:
+                    if tx is fast and chunk[0] == ord("Q") and scanner.whole(chunk) and tx.query():
+                        end = None
+                    else:
+                        end = tx.client(scanner.feed(chunk), len(chunk))
+                    if i < len(answers) and answers[i]:
+                        tx.server([(ord("Z"), b"I", 0)])
+                    outcomes.append((end, state(tx, scanner)))
+                except ProtocolViolation as exc:
+                    outcomes.append(("violation", str(exc)))
+            self.assertEqual(outcomes[0], outcomes[1])
+            if outcomes[0][0] == "violation" or outcomes[0][0] is not None:
+                return
 
     def test_usual_reply_takes_the_one_pass(self) -> None:
         """A Query's reply read whole is matched by its ReadyForQuery alone."""

@@ -90,6 +90,15 @@ class Scanner:
             return 5 + len(self._body)
         return len(self._head)
 
+    def whole(self, data: bytes) -> bool:
+        """The chunk is exactly one whole message of valid length, starting where the
+        last one ended: what :meth:`feed` would report of it is then known without
+        feeding it, and feeding it would change nothing."""
+        if self._skip or self._head or self._body is not None or len(data) < 5:
+            return False
+        length = _U32(data, 1)[0]
+        return length + 1 == len(data) and 4 <= length <= self.max_length
+
     def ready_for_query(self, data: bytes, stops: dict[int, frozenset[int] | None]) -> int:
         """The one pass of a server chunk that needs no events: how many ReadyForQuery
         it holds, when it ends exactly after one (a reply's usual read) and holds no
