@@ -3,7 +3,7 @@
 CPU time on the shared 2-core machine moves by 10-20 % from run to run; instruction counts
 do not. Each commit (checked out in a temporary git worktree; ``.`` is this working tree)
 runs as ``twistd odissey`` under ``valgrind --tool=callgrind`` with ``PYTHONHASHSEED=0``,
-one transaction-mode route (pool 20, ``--pool-size``) in front of one throwaway PostgreSQL.
+one transaction-mode route (``--mode session`` for session mode; pool 20, ``--pool-size``) in front of one throwaway PostgreSQL.
 For each protocol: a warm-up, then ``pgbench -S -c 4 -j 1 -t N`` and ``-t 3N`` (``--clients``:
 more clients than the pool has servers exercises the path where clients wait), the counters zeroed
 before and dumped after each (``callgrind_control``); the report gives the marginal count,
@@ -70,6 +70,8 @@ def main() -> None:
     parser.add_argument("--transactions", type=int, default=1000, help="N, per client")
     parser.add_argument("--clients", type=int, default=4)
     parser.add_argument("--pool-size", type=int, default=20)
+    parser.add_argument("--mode", choices=("transaction", "session"), default="transaction",
+                        help="Odissey's pool mode")
     parser.add_argument("--floor", action="store_true", help="also count bench/floor.py")
     args = parser.parse_args()
     if shutil.which("valgrind") is None or shutil.which("callgrind_control") is None:
@@ -95,7 +97,7 @@ def main() -> None:
                 if new:
                     made.append(root)
                 proc, port, _package = start_odissey(
-                    pg.port, USER, PASSWORD, DB, mode="transaction", pool_size=args.pool_size, workdir=workdir,
+                    pg.port, USER, PASSWORD, DB, mode=args.mode, pool_size=args.pool_size, workdir=workdir,
                     root=root, wrapper=wrapper, patience=600)
             names.append(name)
             try:
@@ -114,7 +116,7 @@ def main() -> None:
             finally:
                 stop(proc, patience=120)
 
-        print(f"\npgbench -S -c {args.clients} -j 1, transaction pooling, pool size {args.pool_size}: "
+        print(f"\npgbench -S -c {args.clients} -j 1, {args.mode} pooling, pool size {args.pool_size}: "
               f"instructions per "
               f"transaction (callgrind, marginal between -t {args.transactions} and -t {3 * args.transactions})\n")
         print("| protocol | " + " | ".join(names) + " |")

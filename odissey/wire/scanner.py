@@ -20,8 +20,11 @@ from odissey.wire.messages import (
 )
 
 _U32 = struct.Struct("!I").unpack_from
+#: A message header: type byte and length, in one call.
+_HEADER = struct.Struct("!BI").unpack_from
 _2I32 = struct.Struct("!ii").unpack_from
 _Z = ord("Z")
+_EVERY_TYPE = frozenset(range(256))
 
 #: One reported message: (type byte, body or None when not collected, end offset).
 #: ``end`` is where the message ends relative to the start of the chunk just fed; it can
@@ -58,6 +61,8 @@ class Scanner:
         max_length: int = 0x7FFFFFFF,
         strict: bool = False,
     ) -> None:
+        if collect_all:
+            collect = _EVERY_TYPE
         self.watch = watch | collect
         self.collect = collect
         self.collect_all = collect_all
@@ -116,8 +121,7 @@ class Scanner:
         kind = length = 0
         try:  # (a header cut short raises struct.error: cheaper than checking each one)
             while pos < n:
-                kind = data[pos]
-                length = _U32(data, pos + 1)[0]
+                kind, length = _HEADER(data, pos)
                 if length < 4:
                     return -1
                 pos += 1 + length
@@ -164,38 +168,36 @@ class Scanner:
             self._head = b""
         watch = self.watch
         collect = self.collect
-        collect_all = self.collect_all
         max_length = self.max_length
-        while pos < n:
-            if n - pos < 5:
-                self._head = data[pos:]
-                break
-            kind = data[pos]
-            length = _U32(data, pos + 1)[0]
-            if length < 4 or length > max_length:
-                raise ProtocolViolation(
-                    f"invalid message length {length} for message type {chr(kind)!r}",
-                    pos - shift,
-                )
-            end = pos + 1 + length
-            if collect_all or kind in collect:
-                if end <= n:
-                    events.append((kind, data[pos + 5 : end], end - shift))
-                    pos = end
-                    continue
-                self._body = bytearray(data[pos + 5 :])
-                self._body_type = kind
-                self._body_need = end - n
-                break
-            if kind in watch:
-                events.append((kind, None, end - shift))
-            elif self.strict:
-                raise ProtocolViolation(f"invalid frontend message type {kind}", pos - shift)
-            if end > n:
-                self._skip = end - n
-                self._skip_type = kind
-                break
-            pos = end
+        try:  # (a header cut short raises struct.error: cheaper than checking each one)
+            while pos < n:
+                kind, length = _HEADER(data, pos)
+                if length < 4 or length > max_length:
+                    raise ProtocolViolation(
+                        f"invalid message length {length} for message type {chr(kind)!r}",
+                        pos - shift,
+                    )
+                end = pos + 1 + length
+                if kind in collect:
+                    if end <= n:
+                        events.append((kind, data[pos + 5 : end], end - shift))
+                        pos = end
+                        continue
+                    self._body = bytearray(data[pos + 5 :])
+                    self._body_type = kind
+                    self._body_need = end - n
+                    break
+                if kind in watch:
+                    events.append((kind, None, end - shift))
+                elif self.strict:
+                    raise ProtocolViolation(f"invalid frontend message type {kind}", pos - shift)
+                if end > n:
+                    self._skip = end - n
+                    self._skip_type = kind
+                    break
+                pos = end
+        except struct.error:
+            self._head = data[pos:]
         return events
 
 
