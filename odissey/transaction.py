@@ -292,8 +292,8 @@ class Transaction:
         while count and pending:
             if pending.popleft() in _ANSWERED_BY_Z:
                 count -= 1
-        self.status = data[-1:]
-        return self.idle
+        status = self.status = data[-1:]
+        return not pending and status == b"I" and not self.unsynced and self.partial == 0  # (idle)
 
     def server(self, events: list[Event]) -> bool:
         """Match what the server answered to what was asked; True when a ReadyForQuery

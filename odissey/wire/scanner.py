@@ -99,9 +99,12 @@ class Scanner:
         """The chunk is exactly one whole message of valid length, starting where the
         last one ended: what :meth:`feed` would report of it is then known without
         feeding it, and feeding it would change nothing."""
-        if self._skip or self._head or self._body is not None or len(data) < 5:
+        if self._skip or self._head or self._body is not None:
             return False
-        length = _U32(data, 1)[0]
+        try:
+            length = _U32(data, 1)[0]
+        except struct.error:  # not even a header
+            return False
         return length + 1 == len(data) and 4 <= length <= self.max_length
 
     def ready_for_query(self, data: bytes, stops: dict[int, frozenset[int] | None]) -> int:
