@@ -13,6 +13,8 @@ calls is not in them, so they say what Odissey's own code costs, not the whole C
 
     python bench/instructions.py b74d9f9 efcef45 d17cb2b --protocol simple,extended,prepared
     python bench/instructions.py HEAD . --clients 32 --pool-size 20 --floor
+    python bench/instructions.py d2f4c67 . --connect --protocol simple --transactions 100
+    python bench/instructions.py d2f4c67 . --protocol simple --python .ci/pypy/bin/python
 
 ``--floor`` counts bench/floor.py too (this tree's, under the same interpreter): the bare
 Twisted relay, what moving the bytes costs at all.
@@ -28,6 +30,7 @@ import glob
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 from typing import Dict, List, Tuple
@@ -49,10 +52,13 @@ def checkout(commit: str, parent: Path) -> Tuple[str, Path, bool]:
     return short, tree, True
 
 
-def counted(pid: int, workdir: str, port: int, protocol: str, clients: int, transactions: int) -> int:
-    """Instructions a process (``pid``, under callgrind) spends on ``pgbench -t transactions``."""
+def counted(pid: int, workdir: str, port: int, protocol: str, clients: int, transactions: int,
+            connect: bool = False) -> int:
+    """Instructions a process (``pid``, under callgrind) spends on ``pgbench -t transactions``
+    (``-C`` with ``connect``)."""
     subprocess.run(["callgrind_control", "-z", str(pid)], check=True, capture_output=True)
-    pgbench(port, USER, PASSWORD, DB, clients=clients, jobs=1, protocol=protocol, transactions=transactions)
+    pgbench(port, USER, PASSWORD, DB, clients=clients, jobs=1, protocol=protocol, transactions=transactions,
+            connect=connect)
     dumps = set(glob.glob(f"{workdir}/callgrind.out*"))
     subprocess.run(["callgrind_control", "-d", str(pid)], check=True, capture_output=True)
     (dump,) = set(glob.glob(f"{workdir}/callgrind.out*")) - dumps
@@ -73,6 +79,10 @@ def main() -> None:
     parser.add_argument("--mode", choices=("transaction", "session"), default="transaction",
                         help="Odissey's pool mode")
     parser.add_argument("--floor", action="store_true", help="also count bench/floor.py")
+    parser.add_argument("--python", default=sys.executable,
+                        help="the interpreter Odissey runs under (PyPy's: its JIT-compiled code is counted too)")
+    parser.add_argument("--connect", action="store_true",
+                        help="pgbench -C: a login per transaction (what a login costs)")
     args = parser.parse_args()
     if shutil.which("valgrind") is None or shutil.which("callgrind_control") is None:
         parser.error("needs valgrind (callgrind) and callgrind_control")
@@ -98,15 +108,17 @@ def main() -> None:
                     made.append(root)
                 proc, port, _package = start_odissey(
                     pg.port, USER, PASSWORD, DB, mode=args.mode, pool_size=args.pool_size, workdir=workdir,
-                    root=root, wrapper=wrapper, patience=600)
+                    root=root, wrapper=wrapper, patience=600, python=args.python)
             names.append(name)
             try:
                 for protocol in args.protocol:
                     try:
                         pgbench(port, USER, PASSWORD, DB, clients=args.clients, jobs=1, protocol=protocol,
                                 transactions=200)
-                        short = counted(proc.pid, workdir, port, protocol, args.clients, args.transactions)
-                        long = counted(proc.pid, workdir, port, protocol, args.clients, 3 * args.transactions)
+                        short = counted(proc.pid, workdir, port, protocol, args.clients, args.transactions,
+                                        args.connect)
+                        long = counted(proc.pid, workdir, port, protocol, args.clients, 3 * args.transactions,
+                                       args.connect)
                     except PgbenchFailed as exc:
                         failures[(name, protocol)] = exc.reason
                         print(f"{name} -M {protocol}: FAILED: {exc.reason}", flush=True)
@@ -116,7 +128,7 @@ def main() -> None:
             finally:
                 stop(proc, patience=120)
 
-        print(f"\npgbench -S -c {args.clients} -j 1, {args.mode} pooling, pool size {args.pool_size}: "
+        print(f"\npgbench -S{' -C' if args.connect else ''} -c {args.clients} -j 1, {args.mode} pooling, pool size {args.pool_size}: "
               f"instructions per "
               f"transaction (callgrind, marginal between -t {args.transactions} and -t {3 * args.transactions})\n")
         print("| protocol | " + " | ".join(names) + " |")
