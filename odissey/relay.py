@@ -157,6 +157,10 @@ class Relay:
             # The usual chunk, one whole Query: queued without scanning it.
             events: list[Event] = [(_Q, data[5:], len(data))] if self.transaction_mode else []
             end = None
+        elif not self.transaction_mode and self.scanner.between() and self.tx.batch(data, self.scanner.max_length):
+            # Session mode reads no text: a batch of whole requests, queued in one pass.
+            events = []
+            end = None
         else:
             try:
                 events = self.scanner.feed(data)

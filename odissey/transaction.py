@@ -35,7 +35,9 @@ from collections import deque
 from typing import Optional, Protocol as TypingProtocol
 
 from odissey.wire.errors import ProtocolViolation
-from odissey.wire.scanner import Event, Scanner
+import struct
+
+from odissey.wire.scanner import HEADER, Event, Scanner
 
 # Client message types.
 Q, F, SYNC, TERMINATE, FLUSH = b"QFSXH"
@@ -262,6 +264,46 @@ class Transaction:
             return False
         self.pending.append(Q)
         self.unsynced = False
+        return True
+
+    def batch(self, data: bytes, max_length: int) -> bool:
+        """One pass over a client chunk whose messages nobody needs whole (session mode):
+        its headers walked and its requests queued as :meth:`client` would queue them,
+        when it starts between messages (the caller's scanner says so) and is made of
+        whole extended-protocol requests, Queries, FunctionCalls, Syncs and Flushes of
+        valid lengths, in NORMAL mode with no CopyData open. False otherwise, nothing
+        changed: the caller feeds the chunk to its scanner and :meth:`client`, which
+        also raises what is wrong with it."""
+        if self.mode != NORMAL or self.in_data or self.edge:
+            return False
+        n = len(data)
+        pos = 0
+        queued = []
+        unsynced = self.unsynced
+        try:
+            while pos < n:
+                kind, length = HEADER(data, pos)
+                if length < 4 or length > max_length:
+                    return False
+                pos += 1 + length
+                if kind in _COMPLETES:
+                    if length >= SMALL_LIMIT and kind in _SMALL:
+                        return False
+                    queued.append(kind)
+                    unsynced = True
+                elif kind == Q or kind == F or kind == SYNC:
+                    if kind == SYNC and length != 4:
+                        return False
+                    queued.append(kind)
+                    unsynced = False
+                elif kind != FLUSH or length != 4:  # (a Flush changes nothing held)
+                    return False  # COPY messages, Terminate, or what is not a request
+        except struct.error:
+            return False
+        if pos != n:
+            return False
+        self.pending.extend(queued)
+        self.unsynced = unsynced
         return True
 
     def pooler_sent(self, kinds: bytes) -> None:

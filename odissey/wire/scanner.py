@@ -20,8 +20,10 @@ from odissey.wire.messages import (
 )
 
 _U32 = struct.Struct("!I").unpack_from
-#: A message header: type byte and length, in one call.
-_HEADER = struct.Struct("!BI").unpack_from
+#: A message header: type byte and length, in one call (raises struct.error when fewer
+#: than five bytes are left).
+HEADER = struct.Struct("!BI").unpack_from
+_HEADER = HEADER
 _2I32 = struct.Struct("!ii").unpack_from
 _Z = ord("Z")
 _EVERY_TYPE = frozenset(range(256))
@@ -94,6 +96,10 @@ class Scanner:
         if self._body is not None:
             return 5 + len(self._body)
         return len(self._head)
+
+    def between(self) -> bool:
+        """The stream stopped between two messages: the next chunk starts with a header."""
+        return not (self._skip or self._head or self._body is not None)
 
     def whole(self, data: bytes) -> bool:
         """The chunk is exactly one whole message of valid length, starting where the
