@@ -9,6 +9,7 @@ transaction (user + system, from /proc), which is what decides throughput on a 2
 machine, and PostgreSQL's.
 
     python bench/ab.py --old ee2fcc1 --seconds 12 --rounds 3
+    python bench/ab.py --old d2f4c67 --python .ci/pypy/bin/python --warmup 15
     python bench/ab.py --old b74d9f9 --new HEAD --protocol simple,extended,prepared \
         --old-protocol simple,extended --seconds 15 --rounds 5
 
@@ -24,6 +25,7 @@ import argparse
 import shutil
 import statistics
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
@@ -55,6 +57,11 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--pool-size", type=int, default=20)
     parser.add_argument("--jobs", type=int, default=2, help="pgbench -j (at most the clients)")
+    parser.add_argument("--mode", choices=("transaction", "session"), default="transaction")
+    parser.add_argument("--python", default=sys.executable,
+                        help="the interpreter both run under (PyPy's, say: ../.ci/pypy/bin/python)")
+    parser.add_argument("--warmup", type=int, default=0,
+                        help="seconds of unmeasured pgbench per commit and protocol first (PyPy's JIT)")
     args = parser.parse_args()
     old_protocols = args.old_protocol or args.protocol
 
@@ -75,9 +82,13 @@ def main() -> None:
                             settings={"max_connections": str(max(300, max(args.clients) + 50))})
         for name, root in ((new_name, new_root), (old_name, old_root)):
             workdir = tempfile.mkdtemp(prefix="odissey-ab-run-", dir=trees)
-            proc, port, _package = start_odissey(pg.port, USER, PASSWORD, DB, mode="transaction",
-                                                 pool_size=args.pool_size, workdir=workdir, root=root)
+            proc, port, _package = start_odissey(pg.port, USER, PASSWORD, DB, mode=args.mode,
+                                                 pool_size=args.pool_size, workdir=workdir, root=root,
+                                                 python=args.python)
             procs[name] = (proc, port)
+            for protocol in runs[name] if args.warmup else ():
+                pgbench(port, USER, PASSWORD, DB, clients=max(args.clients), jobs=args.jobs,
+                        protocol=protocol, seconds=args.warmup)
 
         Key = Tuple[str, int, str]
         results: Dict[Key, List[Tuple[float, float, float]]] = {}
@@ -113,7 +124,7 @@ def main() -> None:
             return (statistics.median(r[0] for r in rows), statistics.median(r[1] for r in rows),
                     statistics.median(r[2] for r in rows))
 
-        print(f"\npgbench -S -j {args.jobs}, transaction pooling, pool size {args.pool_size}, "
+        print(f"\npgbench -S -j {args.jobs}, {args.mode} pooling, pool size {args.pool_size}, {args.python}, "
               f"{args.seconds}s x {args.rounds} rounds, medians\n")
         print(f"| clients | protocol | Odissey | TPS | CPU µs / tx | vs {old_name} | PostgreSQL CPU µs / tx |")
         print("|---|---|---|---|---|---|---|")

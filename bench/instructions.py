@@ -3,7 +3,7 @@
 CPU time on the shared 2-core machine moves by 10-20 % from run to run; instruction counts
 do not. Each commit (checked out in a temporary git worktree; ``.`` is this working tree)
 runs as ``twistd odissey`` under ``valgrind --tool=callgrind`` with ``PYTHONHASHSEED=0``,
-one transaction-mode route (pool 20, ``--pool-size``) in front of one throwaway PostgreSQL.
+one transaction-mode route (``--mode session`` for session mode; pool 20, ``--pool-size``) in front of one throwaway PostgreSQL.
 For each protocol: a warm-up, then ``pgbench -S -c 4 -j 1 -t N`` and ``-t 3N`` (``--clients``:
 more clients than the pool has servers exercises the path where clients wait), the counters zeroed
 before and dumped after each (``callgrind_control``); the report gives the marginal count,
@@ -13,12 +13,17 @@ calls is not in them, so they say what Odissey's own code costs, not the whole C
 
     python bench/instructions.py b74d9f9 efcef45 d17cb2b --protocol simple,extended,prepared
     python bench/instructions.py HEAD . --clients 32 --pool-size 20 --floor
+    python bench/instructions.py d2f4c67 . --connect --protocol simple --transactions 100
 
 ``--floor`` counts bench/floor.py too (this tree's, under the same interpreter): the bare
 Twisted relay, what moving the bytes costs at all.
 
 A protocol that a commit cannot run (``-M prepared`` before prepared statements existed)
 is reported as failed, never as a number.
+
+CPython only: under PyPy, JIT compilation and major collections land unevenly in the
+two runs (one try gave a negative marginal count), so PyPy is checked with
+``bench/ab.py --python``.
 """
 
 from __future__ import annotations
@@ -49,10 +54,13 @@ def checkout(commit: str, parent: Path) -> Tuple[str, Path, bool]:
     return short, tree, True
 
 
-def counted(pid: int, workdir: str, port: int, protocol: str, clients: int, transactions: int) -> int:
-    """Instructions a process (``pid``, under callgrind) spends on ``pgbench -t transactions``."""
+def counted(pid: int, workdir: str, port: int, protocol: str, clients: int, transactions: int,
+            connect: bool = False) -> int:
+    """Instructions a process (``pid``, under callgrind) spends on ``pgbench -t transactions``
+    (``-C`` with ``connect``)."""
     subprocess.run(["callgrind_control", "-z", str(pid)], check=True, capture_output=True)
-    pgbench(port, USER, PASSWORD, DB, clients=clients, jobs=1, protocol=protocol, transactions=transactions)
+    pgbench(port, USER, PASSWORD, DB, clients=clients, jobs=1, protocol=protocol, transactions=transactions,
+            connect=connect)
     dumps = set(glob.glob(f"{workdir}/callgrind.out*"))
     subprocess.run(["callgrind_control", "-d", str(pid)], check=True, capture_output=True)
     (dump,) = set(glob.glob(f"{workdir}/callgrind.out*")) - dumps
@@ -70,7 +78,11 @@ def main() -> None:
     parser.add_argument("--transactions", type=int, default=1000, help="N, per client")
     parser.add_argument("--clients", type=int, default=4)
     parser.add_argument("--pool-size", type=int, default=20)
+    parser.add_argument("--mode", choices=("transaction", "session"), default="transaction",
+                        help="Odissey's pool mode")
     parser.add_argument("--floor", action="store_true", help="also count bench/floor.py")
+    parser.add_argument("--connect", action="store_true",
+                        help="pgbench -C: a login per transaction (what a login costs)")
     args = parser.parse_args()
     if shutil.which("valgrind") is None or shutil.which("callgrind_control") is None:
         parser.error("needs valgrind (callgrind) and callgrind_control")
@@ -95,7 +107,7 @@ def main() -> None:
                 if new:
                     made.append(root)
                 proc, port, _package = start_odissey(
-                    pg.port, USER, PASSWORD, DB, mode="transaction", pool_size=args.pool_size, workdir=workdir,
+                    pg.port, USER, PASSWORD, DB, mode=args.mode, pool_size=args.pool_size, workdir=workdir,
                     root=root, wrapper=wrapper, patience=600)
             names.append(name)
             try:
@@ -103,8 +115,10 @@ def main() -> None:
                     try:
                         pgbench(port, USER, PASSWORD, DB, clients=args.clients, jobs=1, protocol=protocol,
                                 transactions=200)
-                        short = counted(proc.pid, workdir, port, protocol, args.clients, args.transactions)
-                        long = counted(proc.pid, workdir, port, protocol, args.clients, 3 * args.transactions)
+                        short = counted(proc.pid, workdir, port, protocol, args.clients, args.transactions,
+                                        args.connect)
+                        long = counted(proc.pid, workdir, port, protocol, args.clients, 3 * args.transactions,
+                                       args.connect)
                     except PgbenchFailed as exc:
                         failures[(name, protocol)] = exc.reason
                         print(f"{name} -M {protocol}: FAILED: {exc.reason}", flush=True)
@@ -114,7 +128,7 @@ def main() -> None:
             finally:
                 stop(proc, patience=120)
 
-        print(f"\npgbench -S -c {args.clients} -j 1, transaction pooling, pool size {args.pool_size}: "
+        print(f"\npgbench -S{' -C' if args.connect else ''} -c {args.clients} -j 1, {args.mode} pooling, pool size {args.pool_size}: "
               f"instructions per "
               f"transaction (callgrind, marginal between -t {args.transactions} and -t {3 * args.transactions})\n")
         print("| protocol | " + " | ".join(names) + " |")

@@ -29,7 +29,7 @@ from enum import Enum
 from functools import partial
 from typing import Callable, Protocol as TypingProtocol
 
-from twisted.internet.defer import Deferred, inlineCallbacks, maybeDeferred, succeed
+from twisted.internet.defer import Deferred, inlineCallbacks, succeed
 from twisted.internet.interfaces import IDelayedCall, IHandshakeListener, IReactorTime, ISSLTransport
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
@@ -420,19 +420,24 @@ class ClientConnection(Protocol):
         if self._login_timer is not None and self._login_timer.active():
             self._login_timer.cancel()
         pool = f.pools.get(route, database, user)
-        self._parameters = pool.parameters()
-        server_params = yield self._parameters
-        self._parameters = None
-        if self.state is not ClientState.PARAMS:
-            return
+        server_params = pool.parameters_cache  # known after the pool's first login
+        if server_params is None:
+            self._parameters = pool.parameters()
+            server_params = yield self._parameters
+            self._parameters = None
+            if self.state is not ClientState.PARAMS:
+                return
         wants = startup_wants(params)
         unchecked = f.startup_checks.unchecked(pool, wants)
         if unchecked:
             yield f.startup_checks.check(pool, self.id, unchecked)
             if self.state is not ClientState.PARAMS:
                 return
-        wanted = params_from(server_params)
-        told = {key: value for key, (_name, value) in wanted.items()}
+        if server_params is pool.parameters_cache:
+            wanted, told = dict(pool.login_wanted), dict(pool.login_told)
+        else:
+            wanted = params_from(server_params)
+            told = {key: value for key, (_name, value) in wanted.items()}
         for name, value in wants:
             key = name.lower()
             if key in wanted:  # reported: told, and carried, as PostgreSQL spells it
@@ -451,7 +456,7 @@ class ClientConnection(Protocol):
             if server.key is not None:
                 pid = server.key[0]
         self.key = f.keys.issue(self, pid)
-        greeting = pool.greeting(tuple((wanted[k][0], v) for k, v in told.items()))
+        greeting = pool.greeting(tuple(told.items()), wanted)
         self.send(greeting + m.backend_key_data(*self.key) + _READY)
         log.info("{id}: login {user}@{database} from {client} (pool {pool})", id=self.id,
                  user=user, database=database, client=self.peer, pool=str(pool.key),
@@ -473,12 +478,16 @@ class ClientConnection(Protocol):
             verifier = f.verifiers.for_lookup(
                 owner.auth, user, found.secret, found.expired(f.reactor.seconds()))
         else:
-            verifier = yield f.verifiers.for_route(owner.auth, user)
+            verifier = f.verifiers.for_route(owner.auth, user)
+            if isinstance(verifier, Deferred):  # (only a SCRAM secret still being derived)
+                verifier = yield verifier
         step = verifier.start()
         while not step.done:
             self.send(step.reply)
             body = yield self._next_password()
-            step = yield maybeDeferred(verifier.receive, body)
+            step = verifier.receive(body)  # a Deferred only for the slow methods
+            if isinstance(step, Deferred):
+                step = yield step
         return verifier, step
 
     @inlineCallbacks

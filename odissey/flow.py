@@ -99,11 +99,15 @@ def send(transport: object, data: bytes) -> bool:
         transport._tempDataLen or transport.dataBuffer or transport.TLS
         or transport.disconnecting or not transport.connected
     ):
-        sent = transport.writeSomeData(data)
-        if type(sent) is int:
-            if sent == len(data):
-                return True
-            data = data[sent:]
+        # The socket's own send (Twisted's writeSomeData adds a memoryview and an
+        # EINTR loop that Python itself has done since PEP 475).
+        try:
+            sent = transport.socket.send(data)
+        except OSError:  # would block, or the connection broke: Twisted's write finds out
+            sent = 0
+        if sent == len(data):
+            return True
+        data = data[sent:]
     transport.write(data)  # type: ignore[attr-defined]
     return False
 

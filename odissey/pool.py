@@ -29,7 +29,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from odissey.config import Route
-from odissey.params import Fingerprints
+from odissey.params import Fingerprints, Params, params_from
 from odissey.server import ServerConnection, ServerState
 from odissey.statements import Registry
 from odissey.wire import errors
@@ -127,6 +127,10 @@ class Pool:
         self._parameters_cache: list[tuple[str, str]] | None = None
         #: Lower-case names of the parameters the servers report (from the cache).
         self.reported: frozenset[str] = frozenset()
+        #: What a login starts from, as params.Params and as told to the client (each
+        #: login copies them, then applies its own wishes): built with the cache.
+        self.login_wanted: Params = {}
+        self.login_told: dict[str, str] = {}
         #: A login's ParameterStatus messages, by the values it is told (see greeting).
         self._greetings: dict[tuple[tuple[str, str], ...], bytes] = {}
         self._parameter_waiters: list[Deferred[list[tuple[str, str]]]] = []
@@ -161,6 +165,8 @@ class Pool:
     def parameters_cache(self, value: list[tuple[str, str]] | None) -> None:
         self._parameters_cache = value
         self.reported = frozenset(name.lower() for name, _ in value or ())
+        self.login_wanted = params_from(value or ())
+        self.login_told = {key: value for key, (_name, value) in self.login_wanted.items()}
 
     @property
     def size(self) -> int:
@@ -468,6 +474,7 @@ class Pool:
             for other in self._shedding:
                 other.retiring = False
             self._shedding.clear()
+
     # -- the console's controls --------------------------------------------------------
 
     def _retire_all(self) -> None:
@@ -532,7 +539,6 @@ class Pool:
         """The servers that will close when released (RECONNECT, server_lifetime)."""
         return [server for server in self.active if server.retiring]
 
-
     def reconfigure(self, route: Route, reconnect: bool) -> None:
         """A reload changed this pool's route (same match rule, same pool mode). Sizes
         and timeouts apply now: past a smaller size idle servers close, and busy ones
@@ -565,14 +571,17 @@ class Pool:
                 excess -= 1
         self._grow()
 
-    def greeting(self, told: tuple[tuple[str, str], ...]) -> bytes:
-        """The ParameterStatus messages for a login told these (name, value) pairs:
-        built once per distinct set, since most clients of a pool are told the same."""
+    def greeting(self, told: tuple[tuple[str, str], ...], wanted: Params) -> bytes:
+        """The ParameterStatus messages for a login told these (key, value) pairs, each
+        named as ``wanted`` spells it (as the pool's servers do, whatever the client
+        wrote): built once per distinct set, since most clients of a pool are told the
+        same."""
         greeting = self._greetings.get(told)
         if greeting is None:
             if len(self._greetings) >= 256:
                 self._greetings.clear()
-            greeting = self._greetings[told] = b"".join(m.parameter_status(name, value) for name, value in told)
+            greeting = self._greetings[told] = b"".join(
+                m.parameter_status(wanted[key][0], value) for key, value in told)
         return greeting
 
     def parameters(self) -> "Deferred[list[tuple[str, str]]]":

@@ -153,12 +153,21 @@ class Relay:
     def _client_plain(self, data: bytes) -> None:
         """clientData without prepared statements: the chunk goes as it came."""
         self.heard = True
-        try:
-            events = self.scanner.feed(data)
-            end = self.tx.client(events, len(data))
-        except ProtocolViolation as exc:
-            self._violation(exc)
-            return
+        if data[0] == _Q and self.scanner.whole(data) and self.tx.query():
+            # The usual chunk, one whole Query: queued without scanning it.
+            events: list[Event] = [(_Q, data[5:], len(data))] if self.transaction_mode else []
+            end = None
+        elif not self.transaction_mode and self.scanner.between() and self.tx.batch(data, self.scanner.max_length):
+            # Session mode reads no text: a batch of whole requests, queued in one pass.
+            events = []
+            end = None
+        else:
+            try:
+                events = self.scanner.feed(data)
+                end = self.tx.client(events, len(data))
+            except ProtocolViolation as exc:
+                self._violation(exc)
+                return
         if end is not None:
             self.goodbye = True
             if end < 0:  # Terminate's header began in the previous chunk, already sent
@@ -180,13 +189,17 @@ class Relay:
         """clientData with prepared statements on: the chunk is rewritten for the server
         it goes to, so the tracker sees it (as that server will) only when it is sent."""
         self.heard = True
-        try:
-            events = self.scanner.feed(data)
-        except ProtocolViolation as exc:
-            self._violation(exc)
-            return
-        partial = self.scanner.in_message()
-        holding = partial is not None and partial[0] in COLLECT
+        if data[0] == _Q and self.scanner.whole(data):
+            events: list[Event] = [(_Q, data[5:], len(data))]
+            holding = False
+        else:
+            try:
+                events = self.scanner.feed(data)
+            except ProtocolViolation as exc:
+                self._violation(exc)
+                return
+            partial = self.scanner.in_message()
+            holding = partial is not None and partial[0] in COLLECT
         if self.state is RelayState.ATTACHED:
             self._forward(data, events, holding)
             if self.state is RelayState.ATTACHED:
@@ -216,6 +229,13 @@ class Relay:
         statements = self.statements
         server = self.server
         assert statements is not None and server is not None
+        if len(events) == 1 and events[0][0] == _Q and events[0][2] == len(data) \
+                and statements.query(events[0][1]):  # type: ignore[arg-type]
+            # The usual chunk, one whole Query with nothing in flight: as it came.
+            self._note(events)
+            if not send(server.transport, data) and not self.coupled:
+                self._couple()
+            return
         try:
             out, view = statements.client(data, events, holding)
             end = self.tx.client(view, len(out))
@@ -454,10 +474,23 @@ class Relay:
 
     # -- server side (the server calls these while attached) -----------------------------
 
-    def serverData(self, data: bytes, events: list[Event]) -> None:
+    def serverData(self, data: bytes) -> None:
         statements = self.statements
         # With replies of Odissey's own in the queue, the chunk is edited on its way.
         edited = statements is not None and bool(statements.editing or statements.held)
+        if not edited:
+            # The usual reply: one pass finds its ReadyForQuery, no events.
+            quick = self.tx.replies(self.server.scanner, data)  # type: ignore[union-attr]
+            if quick is not None:
+                self.heard = True
+                if not self._to_client(data) and not self.coupled:
+                    self._couple()
+                if quick:
+                    self._ready()
+                return
+        events = self.server.events(data)  # type: ignore[union-attr]
+        if events is None:
+            return
         if edited:
             data, events = statements.begin(data, events)  # type: ignore[union-attr]
         elif not self._to_client(data) and not self.coupled:
@@ -484,10 +517,14 @@ class Relay:
             if out and not self._to_client(out) and not self.coupled:
                 self._couple()
         if ready:
-            if self.transaction_mode and not self.pinned:
-                self._detach()
-            elif self.cancels:  # session mode: only this client's next query is at stake
-                self.cancels = [sent for sent in self.cancels if sent is self._cancel_on_way]
+            self._ready()
+
+    def _ready(self) -> None:
+        """A ReadyForQuery left the server idle: a transaction-mode server goes."""
+        if self.transaction_mode and not self.pinned:
+            self._detach()
+        elif self.cancels:  # session mode: only this client's next query is at stake
+            self.cancels = [sent for sent in self.cancels if sent is self._cancel_on_way]
 
     def serverLost(self) -> None:
         server, self.server = self.server, None

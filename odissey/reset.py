@@ -17,7 +17,6 @@ from odissey.transaction import Transaction
 from odissey.wire import errors
 from odissey.wire import messages as m
 from odissey.wire.errors import PoolerError
-from odissey.wire.scanner import Event
 
 log = Logger()
 
@@ -35,7 +34,10 @@ class _Drain:
         self.tx = tx
         self.done: Deferred[None] = Deferred()
 
-    def serverData(self, data: bytes, events: list[Event]) -> None:
+    def serverData(self, data: bytes) -> None:
+        events = self.server.events(data)
+        if events is None:
+            return
         for kind, body, _end in events:
             if kind == _S:
                 self.server.note_parameter(body)  # type: ignore[arg-type]

@@ -65,9 +65,11 @@ class ServerState(Enum):
 
 
 class Handler(TypingProtocol):
-    """Whoever receives an ACTIVE server's bytes."""
+    """Whoever receives an ACTIVE server's bytes. It scans them as it needs: with
+    :meth:`ServerConnection.events`, or (the relay's fast path) with the connection's
+    scanner directly."""
 
-    def serverData(self, data: bytes, events: list[Event]) -> None: ...
+    def serverData(self, data: bytes) -> None: ...
 
     def serverLost(self) -> None: ...
 
@@ -234,14 +236,11 @@ class ServerConnection(Protocol):
             return
         if self._recent:
             self._recent = []
-        try:
-            events = self.scanner.feed(data)
-        except ProtocolViolation as exc:
-            log.error("{id}: invalid data from server: {exc}", id=self.id, exc=exc)
-            self.abort()
-            return
         if self.state is ServerState.ACTIVE:
-            self.handler.serverData(data, events)  # type: ignore[union-attr]
+            self.handler.serverData(data)  # type: ignore[union-attr]
+            return
+        events = self.events(data)
+        if events is None:
             return
         for kind, body, _end in events:
             if self.state is ServerState.LOGIN:
@@ -258,6 +257,16 @@ class ServerConnection(Protocol):
                           id=self.id, kind=chr(kind))
                 self.abort()
                 return
+
+    def events(self, data: bytes) -> list[Event] | None:
+        """The scanner's events for a chunk; None when the server broke the protocol
+        (it is aborted then)."""
+        try:
+            return self.scanner.feed(data)
+        except ProtocolViolation as exc:
+            log.error("{id}: invalid data from server: {exc}", id=self.id, exc=exc)
+            self.abort()
+            return None
 
     def connectionLost(self, reason: Failure | None = None) -> None:
         if self._closing is not None and self._closing.active():

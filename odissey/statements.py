@@ -286,6 +286,15 @@ class Statements:
             out.append(data[pos:stop])
         return b"".join(out), view
 
+    def query(self, body: bytes) -> bool:
+        """A chunk that is one whole Query with nothing in flight (the relay's fast path):
+        True when it goes as it came and is queued, as :meth:`client` and the tracker
+        would have it; False, nothing changed, when it needs :meth:`client`."""
+        if self.edge or not body or body[0] in _MAY_DROP or not self.tx.query():
+            return False
+        self._unnamed = self.server.unnamed = None  # type: ignore[union-attr]
+        return True
+
     def _rewrite(self, kind: int, body: bytes, queued: bool) -> Optional[List[Tuple[int, Optional[bytes]]]]:
         """What one whole client message becomes for the server, in NORMAL mode: None
         when it goes unchanged, else (queue entry, bytes or None for the message as

@@ -35,14 +35,16 @@ from collections import deque
 from typing import Optional, Protocol as TypingProtocol
 
 from odissey.wire.errors import ProtocolViolation
-from odissey.wire.scanner import Event
+import struct
+
+from odissey.wire.scanner import HEADER, Event, Scanner
 
 # Client message types.
 Q, F, SYNC, TERMINATE, FLUSH = b"QFSXH"
 PARSE, BIND, DESCRIBE, EXECUTE, CLOSE = b"PBDEC"
 COPY_DATA, COPY_DONE, COPY_FAIL = b"dcf"
 # Server message types.
-Z, COPY_IN, ERROR = b"ZGE"
+Z, COPY_IN, ERROR, PARAMETER_STATUS = b"ZGES"
 PARSE_COMPLETE, BIND_COMPLETE, CLOSE_COMPLETE = b"123"
 ROW_DESCRIPTION, NO_DATA, COMMAND_COMPLETE, EMPTY_QUERY, PORTAL_SUSPENDED = b"TnCIs"
 
@@ -98,6 +100,15 @@ _ANSWERS = frozenset(request << 8 | reply for request, replies in _COMPLETES.ite
 _ANSWERED_BY_Z = frozenset((Q, F, SYNC))
 #: Command tags of statements that drop every prepared statement of a connection.
 DROPS_ALL = frozenset((b"DEALLOCATE ALL\0", b"DISCARD ALL\0"))
+#: Server messages that :meth:`Transaction.replies` leaves to the full matching (and
+#: ReadyForQuery, which it counts, as Scanner.ready_for_query wants): errors,
+#: COPY, ParameterStatus (which the relay reads), and CommandComplete when its length is
+#: that of a DROPS_ALL tag. Everything else in a reply changes nothing a ReadyForQuery
+#: after it does not settle, while the queue holds only the client's own requests.
+STOPS: "dict[int, frozenset[int] | None]" = {
+    Z: None, ERROR: None, COPY_IN: None, PARAMETER_STATUS: None,
+    COMMAND_COMPLETE: frozenset(4 + len(tag) for tag in DROPS_ALL),
+}
 #: What the client side queues like a Query: a Sync-like end of the extended batch.
 _QUERY_LIKE = _ANSWERED_BY_Z | {SYNTH_QUERY, TRACKED_QUERY}
 #: Messages PostgreSQL reads only up to SMALL_LIMIT bytes (it drops a client that sends
@@ -244,6 +255,57 @@ class Transaction:
             self.partial = events[-1][0]
         return None
 
+    def query(self) -> bool:
+        """A chunk that is one whole Query, seen without events: queued as :meth:`client`
+        would queue it, when nothing is in flight, NORMAL mode, no CopyData open and
+        the previous chunk ended between messages; False otherwise, nothing changed
+        (the caller takes the events' path)."""
+        if self.pending or self.mode != NORMAL or self.in_data or self.edge:
+            return False
+        self.pending.append(Q)
+        self.unsynced = False
+        return True
+
+    def batch(self, data: bytes, max_length: int) -> bool:
+        """One pass over a client chunk whose messages nobody needs whole (session mode):
+        its headers walked and its requests queued as :meth:`client` would queue them,
+        when it starts between messages (the caller's scanner says so) and is made of
+        whole extended-protocol requests, Queries, FunctionCalls, Syncs and Flushes of
+        valid lengths, in NORMAL mode with no CopyData open. False otherwise, nothing
+        changed: the caller feeds the chunk to its scanner and :meth:`client`, which
+        also raises what is wrong with it."""
+        if self.mode != NORMAL or self.in_data or self.edge:
+            return False
+        n = len(data)
+        pos = 0
+        queued = []
+        unsynced = self.unsynced
+        try:
+            while pos < n:
+                kind, length = HEADER(data, pos)
+                if length < 4 or length > max_length:
+                    return False
+                pos += 1 + length
+                if kind in _COMPLETES:
+                    if length >= SMALL_LIMIT and kind in _SMALL:
+                        return False
+                    queued.append(kind)
+                    unsynced = True
+                elif kind == Q or kind == F or kind == SYNC:
+                    if kind == SYNC and length != 4:
+                        return False
+                    queued.append(kind)
+                    unsynced = False
+                elif kind != FLUSH or length != 4:  # (a Flush changes nothing held)
+                    return False  # COPY messages, Terminate, or what is not a request
+        except struct.error:
+            return False
+        if pos != n:
+            return False
+        self.pending.extend(queued)
+        self.unsynced = unsynced
+        return True
+
     def pooler_sent(self, kinds: bytes) -> None:
         """The pooler itself ended the departed client's stream with these messages
         (CopyFail, Sync), right after a complete message; whatever the client was in the
@@ -251,6 +313,29 @@ class Transaction:
         self.edge = self.partial = 0
         self.in_data = False
         self.client([(kind, None, 5 * (i + 1)) for i, kind in enumerate(kinds)], 5 * len(kinds))
+
+    def replies(self, scanner: Scanner, data: bytes) -> Optional[bool]:
+        """One pass over a server chunk (the server's ``scanner`` finds its boundaries)
+        when its ReadyForQuery messages alone say what :meth:`server` would make of its
+        events: the mode is NORMAL, the queue holds only the client's plain requests, and
+        the chunk ends after a ReadyForQuery with nothing of STOPS in it. Then each
+        ReadyForQuery retires the queue up to the request it answers (the replies before
+        it could only retire requests ahead of that one), and the result is
+        :meth:`server`'s. None, with nothing changed, when the chunk needs the events."""
+        if self.mode != NORMAL:
+            return None
+        pending = self.pending
+        for entry in pending:
+            if entry < 0 or entry > 0xFF:  # a copy end marker, or an entry for the Sink
+                return None
+        count = scanner.ready_for_query(data, STOPS)
+        if count < 0:
+            return None
+        while count and pending:
+            if pending.popleft() in _ANSWERED_BY_Z:
+                count -= 1
+        status = self.status = data[-1:]
+        return not pending and status == b"I" and not self.unsynced and self.partial == 0  # (idle)
 
     def server(self, events: list[Event]) -> bool:
         """Match what the server answered to what was asked; True when a ReadyForQuery

@@ -162,7 +162,7 @@ class _Handler:
         self.data: list[bytes] = []
         self.lost = False
 
-    def serverData(self, data: bytes, events: list) -> None:
+    def serverData(self, data: bytes) -> None:
         self.data.append(data)
 
     def serverLost(self) -> None:

@@ -262,8 +262,9 @@ class ClientVerifiers:
         #: auth_query routes: the SCRAM iteration count their lookups last found.
         self._seen_iterations: dict[ClientAuth, int] = {}
 
-    @inlineCallbacks
-    def for_route(self, auth: ClientAuth, user: str):
+    def for_route(self, auth: ClientAuth, user: str) -> "Verifier | Deferred[Verifier]":
+        """The verifier for a route's own password; a Deferred only while a SCRAM
+        secret is being derived (a login's usual path makes none)."""
         if auth.method == "trust":
             return TrustVerifier(user)
         if auth.password is None:  # the loader requires one; without it, nobody gets in
@@ -272,8 +273,7 @@ class ClientVerifiers:
             return CleartextVerifier(user, auth.password, self.threads)
         if auth.method == "md5":
             return MD5Verifier(user, auth.password)
-        secret = yield self.scram_secrets.get(auth.password)
-        return ScramVerifier(user, secret)
+        return self.scram_secrets.get(auth.password).addCallback(lambda secret: ScramVerifier(user, secret))
 
     def for_lookup(self, auth: ClientAuth, user: str, secret: Secret | None, expired: bool) -> Verifier:
         """The verifier for a secret auth_query found (None: no such user, or no usable

@@ -20,7 +20,13 @@ from odissey.wire.messages import (
 )
 
 _U32 = struct.Struct("!I").unpack_from
+#: A message header: type byte and length, in one call (raises struct.error when fewer
+#: than five bytes are left).
+HEADER = struct.Struct("!BI").unpack_from
+_HEADER = HEADER
 _2I32 = struct.Struct("!ii").unpack_from
+_Z = ord("Z")
+_EVERY_TYPE = frozenset(range(256))
 
 #: One reported message: (type byte, body or None when not collected, end offset).
 #: ``end`` is where the message ends relative to the start of the chunk just fed; it can
@@ -57,6 +63,8 @@ class Scanner:
         max_length: int = 0x7FFFFFFF,
         strict: bool = False,
     ) -> None:
+        if collect_all:
+            collect = _EVERY_TYPE
         self.watch = watch | collect
         self.collect = collect
         self.collect_all = collect_all
@@ -89,6 +97,58 @@ class Scanner:
             return 5 + len(self._body)
         return len(self._head)
 
+    def between(self) -> bool:
+        """The stream stopped between two messages: the next chunk starts with a header."""
+        return not (self._skip or self._head or self._body is not None)
+
+    def whole(self, data: bytes) -> bool:
+        """The chunk is exactly one whole message of valid length, starting where the
+        last one ended: what :meth:`feed` would report of it is then known without
+        feeding it, and feeding it would change nothing."""
+        if self._skip or self._head or self._body is not None:
+            return False
+        try:
+            length = _U32(data, 1)[0]
+        except struct.error:  # not even a header
+            return False
+        return length + 1 == len(data) and 4 <= length <= self.max_length
+
+    def ready_for_query(self, data: bytes, stops: dict[int, frozenset[int] | None]) -> int:
+        """The one pass of a server chunk that needs no events: how many ReadyForQuery
+        it holds, when it ends exactly after one (a reply's usual read) and holds no
+        message the caller must see (``stops``: its type, with ``None`` or the set of
+        length fields that matter; ``Z`` itself must be in it, with None). -1 otherwise,
+        or when the scanner carries more than the rest of a message it was skipping:
+        nothing has changed then, and the caller feeds the chunk instead. Bad lengths
+        also answer -1, for :meth:`feed` to raise (this scanner's ``max_length`` is
+        taken to exceed any chunk: a server's is unlimited)."""
+        if self._head or self._body is not None:
+            return -1
+        n = len(data)
+        pos = self._skip
+        count = 0
+        kind = length = 0
+        try:  # (a header cut short raises struct.error: cheaper than checking each one)
+            while pos < n:
+                kind, length = _HEADER(data, pos)
+                if length < 4:
+                    return -1
+                pos += 1 + length
+                if kind in stops:  # the only test most messages see
+                    if kind == _Z:
+                        count += 1
+                        continue
+                    lengths = stops[kind]
+                    if lengths is None or length in lengths:
+                        return -1
+        except struct.error:
+            return -1
+        # (a length past max_length ends beyond the chunk: pos != n)
+        if pos != n or kind != _Z or length != 5:
+            return -1
+        self._skip = 0
+        return count
+
     def feed(self, data: bytes) -> list[Event]:
         events: list[Event] = []
         n = len(data)
@@ -117,38 +177,36 @@ class Scanner:
             self._head = b""
         watch = self.watch
         collect = self.collect
-        collect_all = self.collect_all
         max_length = self.max_length
-        while pos < n:
-            if n - pos < 5:
-                self._head = data[pos:]
-                break
-            kind = data[pos]
-            length = _U32(data, pos + 1)[0]
-            if length < 4 or length > max_length:
-                raise ProtocolViolation(
-                    f"invalid message length {length} for message type {chr(kind)!r}",
-                    pos - shift,
-                )
-            end = pos + 1 + length
-            if collect_all or kind in collect:
-                if end <= n:
-                    events.append((kind, data[pos + 5 : end], end - shift))
-                    pos = end
-                    continue
-                self._body = bytearray(data[pos + 5 :])
-                self._body_type = kind
-                self._body_need = end - n
-                break
-            if kind in watch:
-                events.append((kind, None, end - shift))
-            elif self.strict:
-                raise ProtocolViolation(f"invalid frontend message type {kind}", pos - shift)
-            if end > n:
-                self._skip = end - n
-                self._skip_type = kind
-                break
-            pos = end
+        try:  # (a header cut short raises struct.error: cheaper than checking each one)
+            while pos < n:
+                kind, length = _HEADER(data, pos)
+                if length < 4 or length > max_length:
+                    raise ProtocolViolation(
+                        f"invalid message length {length} for message type {chr(kind)!r}",
+                        pos - shift,
+                    )
+                end = pos + 1 + length
+                if kind in collect:
+                    if end <= n:
+                        events.append((kind, data[pos + 5 : end], end - shift))
+                        pos = end
+                        continue
+                    self._body = bytearray(data[pos + 5 :])
+                    self._body_type = kind
+                    self._body_need = end - n
+                    break
+                if kind in watch:
+                    events.append((kind, None, end - shift))
+                elif self.strict:
+                    raise ProtocolViolation(f"invalid frontend message type {kind}", pos - shift)
+                if end > n:
+                    self._skip = end - n
+                    self._skip_type = kind
+                    break
+                pos = end
+        except struct.error:
+            self._head = data[pos:]
         return events
 
 
