@@ -50,6 +50,7 @@ from odissey.relay import Relay
 from odissey.router import ClientAddress, Router, client_address
 from odissey.server import ServerConnection, borrows_credentials
 from odissey.startup_check import StartupChecks
+from odissey.stats import LoginFailures
 from odissey.tls import (
     ALPN,
     HANDSHAKE_RECORD,
@@ -91,6 +92,10 @@ class ClientState(Enum):
     CONSOLE = "console"
     CLOSING = "closing"
     GONE = "gone"
+
+
+#: A client failed in these states is a refused login (counted by reason).
+_LOGGING_IN = frozenset((ClientState.STARTUP, ClientState.AUTH, ClientState.PARAMS))
 
 
 @implementer(IHandshakeListener)
@@ -179,6 +184,8 @@ class ClientConnection(Protocol):
         Only the first error is sent: the connection is closing after it."""
         if self.state is ClientState.GONE or self.state is ClientState.CLOSING or self.transport is None:
             return
+        if self.state in _LOGGING_IN:
+            self.factory.login_failures.count(error.sqlstate)
         self.state = ClientState.CLOSING
         if self.tls_started and not self.encrypted:
             # Mid-handshake nothing can be said, and Twisted would hold the connection
@@ -413,6 +420,7 @@ class ClientConnection(Protocol):
                 told[key] = value
             wanted[key] = (name, value)
         self.relay = Relay(self, pool, wanted, told, f.limits.max_message_size)
+        pool.stats.logins += 1
         pid = None
         if not self.relay.transaction_mode:
             self._attaching = self.relay.attach_at_login()
@@ -586,6 +594,7 @@ class ClientFactory(Factory):
         self.logging_in: dict[ClientConnection, None] = {}
         self.logged_in = 0
         self.route_clients: Counter[int] = Counter()
+        self.login_failures = LoginFailures()
         self._drained: list[Deferred[None]] = []
 
     def buildProtocol(self, addr: object) -> ClientConnection:

@@ -142,6 +142,12 @@ class Relay:
         #: ``heard_at`` on its next pass, so the hot path never reads the clock.
         self.heard = False
         self.heard_at = pool.reactor.seconds()
+        #: Counters (stats.py), and when the query and transaction being timed began
+        #: (None: none is): read at a query's start and end only, never per chunk.
+        self.stats = pool.stats
+        self._clock = pool.reactor.seconds
+        self._query_at: float | None = None
+        self._xact_at: float | None = None
 
     # -- client side -------------------------------------------------------------------
 
@@ -159,6 +165,9 @@ class Relay:
         except ProtocolViolation as exc:
             self._violation(exc)
             return
+        self.stats.received += len(data)
+        if self._query_at is None and self.tx.pending:
+            self._started()
         if end is not None:
             self.goodbye = True
             if end < 0:  # Terminate's header began in the previous chunk, already sent
@@ -185,6 +194,9 @@ class Relay:
         except ProtocolViolation as exc:
             self._violation(exc)
             return
+        self.stats.received += len(data)
+        if self._query_at is None:  # (the tracker sees the chunk only once it is sent)
+            self._started()
         partial = self.scanner.in_message()
         holding = partial is not None and partial[0] in COLLECT
         if self.state is RelayState.ATTACHED:
@@ -198,6 +210,23 @@ class Relay:
             return
         self.unsent.append((data, events, holding))
         self._waits_for_server(len(data))
+
+    def _started(self) -> None:
+        """A query begins (and a transaction, if none is open): PgBouncer's query_start."""
+        now = self._query_at = self._clock()
+        if self._xact_at is None:
+            self._xact_at = now
+
+    def _ended(self) -> None:
+        """Nothing is outstanding any more: the query is over, and so is the transaction
+        if the server is idle."""
+        now = self._clock()
+        stats = self.stats
+        stats.query_done(now - self._query_at)  # type: ignore[operator]
+        self._query_at = None
+        if self.tx.status == b"I" and self._xact_at is not None:
+            stats.xact_done(now - self._xact_at)
+            self._xact_at = None
 
     def _waits_for_server(self, size: int) -> None:
         """``size`` more bytes wait for a server: take one if the client has none coming,
@@ -304,6 +333,7 @@ class Relay:
         if self._cancel_on_way is not None:
             return self._cancel_on_way
         sent = server.cancel()
+        self.stats.cancels += 1
         self.cancels.append(sent)
         self._cancel_on_way = sent
 
@@ -458,6 +488,7 @@ class Relay:
         statements = self.statements
         # With replies of Odissey's own in the queue, the chunk is edited on its way.
         edited = statements is not None and bool(statements.editing or statements.held)
+        self.stats.sent += len(data)
         if edited:
             data, events = statements.begin(data, events)  # type: ignore[union-attr]
         elif not self._to_client(data) and not self.coupled:
@@ -477,6 +508,8 @@ class Relay:
                     if statements is not None:
                         statements.failed()
             ready = self.tx.server(events)
+            if self._query_at is not None and not self.tx.pending and not self.tx.unsynced:
+                self._ended()
         if edited:
             scanner = self.server.scanner  # type: ignore[union-attr]
             partial = scanner.in_message()
@@ -545,6 +578,7 @@ class Relay:
         if not cancels and not settings.reset_after_transaction:
             self.pool.release(server)
             return
+        self.stats.resets += 1
         settling = reset.after_transaction(
             server,
             cancels,
@@ -567,6 +601,7 @@ class Relay:
         cut = self.scanner.in_message()
         if self.stream_cut:
             cut = (0, -1)
+        self.stats.resets += 1
         cleaning = reset.clean(
             server,
             self.tx,

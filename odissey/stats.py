@@ -1,0 +1,206 @@
+"""Per-pool counters, as PgBouncer keeps them, and their averages over ``stats_period``.
+
+One :class:`PoolStats` per pool holds plain integers that the relay and the pool add to
+at points that already exist on their paths: bytes once per chunk, a query and a
+transaction where a ReadyForQuery ends them, a wait when a waiting client is granted a
+server. Nothing here runs per message. The console (SHOW STATS...), the metrics
+endpoint and the periodic log line all read the same counters, at the time they are
+asked, so observability costs the hot path the same whether anybody looks or not.
+
+Times are microseconds, as PgBouncer's. A query is timed from the client chunk that
+starts it (the clock is read there only when no query is being timed) to the
+ReadyForQuery that leaves nothing outstanding (one more clock read): two clock reads
+per query, none per chunk. A transaction is timed from its first query's start to the
+ReadyForQuery that reports it idle, with no clock read of its own. Like PgBouncer's,
+pipelined queries are timed as one busy stretch: the time a client had work in flight.
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_left
+from typing import Iterable, NamedTuple
+
+#: Histogram bucket upper bounds, in microseconds (Prometheus' ``le``, inclusive).
+BOUNDS_US = (100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000,
+             500_000, 1_000_000, 2_500_000, 5_000_000, 10_000_000, 30_000_000, 60_000_000)
+
+
+class Histogram:
+    """Counts per bucket (the last one past every bound) and the sum: one ``bisect`` and
+    two adds per observation."""
+
+    __slots__ = ("counts", "sum")
+
+    def __init__(self) -> None:
+        self.counts = [0] * (len(BOUNDS_US) + 1)
+        self.sum = 0
+
+    def observe(self, us: int) -> None:
+        self.counts[bisect_left(BOUNDS_US, us)] += 1
+        self.sum += us
+
+    def cumulative(self) -> list[tuple[str, int]]:
+        """(le, count of observations at or below it) as Prometheus wants them."""
+        out, running = [], 0
+        for bound, count in zip(BOUNDS_US, self.counts):
+            running += count
+            out.append((repr(bound / 1e6), running))
+        out.append(("+Inf", running + self.counts[-1]))
+        return out
+
+    def add(self, other: "Histogram") -> None:
+        for i, count in enumerate(other.counts):
+            self.counts[i] += count
+        self.sum += other.sum
+
+
+class Totals(NamedTuple):
+    """PgBouncer's per-pool counters (its ``PgStats``), in SHOW STATS_TOTALS' order."""
+
+    server_assignment_count: int = 0
+    xact_count: int = 0
+    query_count: int = 0
+    bytes_received: int = 0
+    bytes_sent: int = 0
+    xact_time: int = 0
+    query_time: int = 0
+    wait_time: int = 0
+
+    def plus(self, other: "Totals") -> "Totals":
+        return Totals(*(a + b for a, b in zip(self, other)))
+
+    def averages(self, older: "Totals", seconds: float) -> "Totals":
+        """PgBouncer's averages from ``older`` (taken ``seconds`` ago) to these: counts and
+        bytes per second, times per query, per transaction and per assignment."""
+        if seconds <= 0:
+            return Totals()
+        d = Totals(*(a - b for a, b in zip(self, older)))
+        return Totals(
+            server_assignment_count=int(d.server_assignment_count / seconds),
+            xact_count=int(d.xact_count / seconds),
+            query_count=int(d.query_count / seconds),
+            bytes_received=int(d.bytes_received / seconds),
+            bytes_sent=int(d.bytes_sent / seconds),
+            xact_time=d.xact_time // d.xact_count if d.xact_count > 0 else 0,
+            query_time=d.query_time // d.query_count if d.query_count > 0 else 0,
+            wait_time=d.wait_time // d.server_assignment_count if d.server_assignment_count > 0 else 0,
+        )
+
+
+def total(totals: Iterable[Totals]) -> Totals:
+    out = Totals()
+    for one in totals:
+        out = out.plus(one)
+    return out
+
+
+class PoolStats:
+    """One pool's counters. Attributes are added to directly by their owners (an
+    attribute add is the cheapest thing Python does); the methods are for the paths
+    that run once per query or less."""
+
+    __slots__ = (
+        "assignments", "xacts", "queries", "received", "sent", "xact_us", "query_us", "wait_us",
+        "logins", "server_connects", "connect_failures", "cancels", "resets", "closes",
+        "xact_hist", "query_hist", "wait_hist", "older", "newer",
+    )
+
+    def __init__(self) -> None:
+        self.assignments = 0  # a server handed to a client (taken, or granted after a wait)
+        self.xacts = 0
+        self.queries = 0
+        self.received = 0  # bytes from clients
+        self.sent = 0  # bytes from servers to clients
+        self.xact_us = 0
+        self.query_us = 0
+        self.wait_us = 0
+        self.logins = 0
+        self.server_connects = 0
+        self.connect_failures = 0
+        self.cancels = 0  # cancel requests forwarded to PostgreSQL
+        self.resets = 0  # servers cleaned (reset query, rollback, cancel wait) before reuse
+        #: Server connections closed, by reason (see docs/operations.md).
+        self.closes: dict[str, int] = {}
+        self.xact_hist = Histogram()
+        self.query_hist = Histogram()
+        self.wait_hist = Histogram()
+        #: The totals at the last two period ticks (PgBouncer's newer/older_stats).
+        self.older = Totals()
+        self.newer = Totals()
+
+    def query_done(self, seconds: float) -> None:
+        us = int(seconds * 1_000_000)
+        self.queries += 1
+        self.query_us += us
+        self.query_hist.observe(us)
+
+    def xact_done(self, seconds: float) -> None:
+        us = int(seconds * 1_000_000)
+        self.xacts += 1
+        self.xact_us += us
+        self.xact_hist.observe(us)
+
+    def waited(self, seconds: float) -> None:
+        """A client that queued for a server got one after ``seconds``."""
+        us = int(seconds * 1_000_000)
+        self.wait_us += us
+        self.wait_hist.observe(us)
+
+    def closed(self, reason: str) -> None:
+        self.closes[reason] = self.closes.get(reason, 0) + 1
+
+    def totals(self) -> Totals:
+        return Totals(self.assignments, self.xacts, self.queries, self.received, self.sent,
+                      self.xact_us, self.query_us, self.wait_us)
+
+    def tick(self) -> None:
+        """The stats period turned: the averages now run from the previous turn."""
+        self.older = self.newer
+        self.newer = self.totals()
+
+
+class Period:
+    """The stats period's clock, shared by all pools: PgBouncer's ``old_stamp``/
+    ``new_stamp``. Averages run from the second-last turn to now, so they cover between
+    one and two periods and never an empty one."""
+
+    def __init__(self, now: float, period: float) -> None:
+        self.period = period
+        self.new_stamp = now
+        self.old_stamp = now - 1.0  # (as PgBouncer: the first averages are over a second)
+
+    def turn(self, now: float, pools: Iterable[PoolStats]) -> None:
+        self.old_stamp, self.new_stamp = self.new_stamp, now
+        for stats in pools:
+            stats.tick()
+
+    def seconds(self, now: float) -> float:
+        """What averages read now are taken over."""
+        return now - self.old_stamp
+
+
+#: SQLSTATE of a refused login -> the reason metrics count it under.
+LOGIN_FAILURE_REASONS = {
+    "28P01": "password",
+    "28000": "refused",
+    "3D000": "unknown_database",
+    "53300": "too_many_clients",
+    "57014": "timeout",
+    "08P01": "protocol",
+    "0A000": "unsupported",
+    "57P01": "shutdown",
+    "08006": "server_unavailable",
+    "57P03": "server_unavailable",
+}
+
+
+class LoginFailures:
+    """Refused logins by reason: many happen before any pool is known, so they are
+    counted for the whole pooler, not per pool."""
+
+    def __init__(self) -> None:
+        self.counts: dict[str, int] = {}
+
+    def count(self, sqlstate: str) -> None:
+        reason = LOGIN_FAILURE_REASONS.get(sqlstate, "other")
+        self.counts[reason] = self.counts.get(reason, 0) + 1
