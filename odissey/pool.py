@@ -113,13 +113,13 @@ class Pool:
         self.failed_at = float("-inf")  # when the last failure was seen
         self.last_error: PoolerError | None = None
         self.fingerprints = Fingerprints()
-        self.stats = PoolStats()
         #: Transaction mode's prepared statements, shared by the pool's clients.
         settings = route.pool
         self.statements = (
             Registry(settings.max_prepared_statements)
             if settings.mode == "transaction" and settings.max_prepared_statements else None
         )
+        self.stats = PoolStats(self.statements)
 
     @property
     def parameters_cache(self) -> list[tuple[str, str]] | None:

@@ -23,6 +23,7 @@ from odissey.pool import Pools
 from odissey.postgres import LocalPostgres
 from odissey.router import Router
 from odissey.server import ServerConnection, connect
+from odissey.stats import Period, Ticker
 from odissey import tls
 from odissey.wire import errors
 from odissey.wire.errors import PoolerError
@@ -154,9 +155,10 @@ class OdisseyService(MultiService):
             tls=server_tls))
         self.auth_queries = AuthQueries(self.reactor, self.threads, self.live, tls=server_tls)
         router = Router(self.config.routes)
+        period = Period(self.reactor.seconds(), self.config.stats_period)
         console = Console(self.config, router, self.pools,
                           lambda: self.factory.clients if self.factory is not None else (),
-                          self.reactor)
+                          self.reactor, period)
         self.factory = ClientFactory(
             self.reactor, router, self.pools, self.config.limits, self.threads,
             auth_queries=self.auth_queries, credentials=credentials, tls=client_tls,
@@ -168,6 +170,12 @@ class OdisseyService(MultiService):
         janitor = TimerService(PERIOD, Janitor(self.reactor, self.pools, self.factory).tick)
         janitor.clock = self.reactor
         janitor.setServiceParent(self)
+        pools = self.pools
+        ticker = TimerService(self.config.stats_period, Ticker(
+            self.reactor, period, lambda: [(str(key), pool.stats) for key, pool in pools.pools.items()],
+            self.config.log_stats).turn)
+        ticker.clock = self.reactor
+        ticker.setServiceParent(self)
         for description in self.config.listen:
             port = yield serverFromString(self.reactor, description).listen(self.factory)
             log.info("listening on {where}", where=description)

@@ -18,7 +18,12 @@ pipelined queries are timed as one busy stretch: the time a client had work in f
 from __future__ import annotations
 
 from bisect import bisect_left
-from typing import Iterable, NamedTuple
+from typing import Callable, Iterable, NamedTuple, Optional, Protocol as TypingProtocol
+
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+
+log = Logger()
 
 #: Histogram bucket upper bounds, in microseconds (Prometheus' ``le``, inclusive).
 BOUNDS_US = (100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000,
@@ -65,6 +70,9 @@ class Totals(NamedTuple):
     xact_time: int = 0
     query_time: int = 0
     wait_time: int = 0
+    client_parse_count: int = 0
+    server_parse_count: int = 0
+    bind_count: int = 0
 
     def plus(self, other: "Totals") -> "Totals":
         return Totals(*(a + b for a, b in zip(self, other)))
@@ -84,6 +92,9 @@ class Totals(NamedTuple):
             xact_time=d.xact_time // d.xact_count if d.xact_count > 0 else 0,
             query_time=d.query_time // d.query_count if d.query_count > 0 else 0,
             wait_time=d.wait_time // d.server_assignment_count if d.server_assignment_count > 0 else 0,
+            client_parse_count=int(d.client_parse_count / seconds),
+            server_parse_count=int(d.server_parse_count / seconds),
+            bind_count=int(d.bind_count / seconds),
         )
 
 
@@ -94,6 +105,15 @@ def total(totals: Iterable[Totals]) -> Totals:
     return out
 
 
+class ParseCounts(TypingProtocol):
+    """The prepared-statement layer's counters (``statements.Registry``), kept where
+    the Parse and Bind messages are rewritten."""
+
+    client_parses: int
+    server_parses: int
+    binds: int
+
+
 class PoolStats:
     """One pool's counters. Attributes are added to directly by their owners (an
     attribute add is the cheapest thing Python does); the methods are for the paths
@@ -102,10 +122,13 @@ class PoolStats:
     __slots__ = (
         "assignments", "xacts", "queries", "received", "sent", "xact_us", "query_us", "wait_us",
         "logins", "server_connects", "connect_failures", "cancels", "resets", "closes",
-        "xact_hist", "query_hist", "wait_hist", "older", "newer",
+        "xact_hist", "query_hist", "wait_hist", "older", "newer", "parses",
     )
 
-    def __init__(self) -> None:
+    def __init__(self, parses: Optional[ParseCounts] = None) -> None:
+        #: Transaction mode's prepared statements, when on (their counts are PgBouncer's
+        #: client/server parse and bind counts; 0 without them, as in PgBouncer).
+        self.parses = parses
         self.assignments = 0  # a server handed to a client (taken, or granted after a wait)
         self.xacts = 0
         self.queries = 0
@@ -150,8 +173,11 @@ class PoolStats:
         self.closes[reason] = self.closes.get(reason, 0) + 1
 
     def totals(self) -> Totals:
+        parses = self.parses
         return Totals(self.assignments, self.xacts, self.queries, self.received, self.sent,
-                      self.xact_us, self.query_us, self.wait_us)
+                      self.xact_us, self.query_us, self.wait_us,
+                      *((parses.client_parses, parses.server_parses, parses.binds)
+                        if parses is not None else ()))
 
     def tick(self) -> None:
         """The stats period turned: the averages now run from the previous turn."""
@@ -177,6 +203,39 @@ class Period:
     def seconds(self, now: float) -> float:
         """What averages read now are taken over."""
         return now - self.old_stamp
+
+
+class Ticker:
+    """Turns the stats period (the service calls :meth:`turn` every ``stats_period``)
+    and, with ``log_stats``, logs one line per pool that did anything in the period
+    just ended: PgBouncer's "stats: ... xacts/s" line, per pool."""
+
+    def __init__(self, clock: IReactorTime, period: Period,
+                 pools: Callable[[], Iterable[tuple[str, PoolStats]]], log_stats: bool) -> None:
+        self.clock = clock
+        self.period = period
+        self.pools = pools
+        self.log_stats = log_stats
+
+    def turn(self) -> None:
+        now = self.clock.seconds()
+        seconds = now - self.period.new_stamp
+        named = list(self.pools())
+        self.period.turn(now, (stats for _name, stats in named))
+        if not self.log_stats:
+            return
+        for name, stats in named:
+            if stats.newer == stats.older:
+                continue  # (a quiet pool: no line, so a thousand idle pools stay quiet)
+            avg = stats.newer.averages(stats.older, seconds)
+            log.info(
+                "stats: {pool}: {xacts} xacts/s, {queries} queries/s, {client_parses} client parses/s, "
+                "{server_parses} server parses/s, {binds} binds/s, in {received} B/s, out {sent} B/s, "
+                "xact {xact_us} us, query {query_us} us, wait {wait_us} us",
+                pool=name, xacts=avg.xact_count, queries=avg.query_count,
+                client_parses=avg.client_parse_count, server_parses=avg.server_parse_count,
+                binds=avg.bind_count, received=avg.bytes_received, sent=avg.bytes_sent,
+                xact_us=avg.xact_time, query_us=avg.query_time, wait_us=avg.wait_time)
 
 
 #: SQLSTATE of a refused login -> the reason metrics count it under.

@@ -184,6 +184,24 @@ class ConfigTests(SynchronousTestCase):
         doc["stats_users"] = ["anyone"]
         self.assertEqual(parse(doc).stats_users, ("anyone",))
 
+    def test_stats_and_metrics_keys(self) -> None:
+        """stats_period (PgBouncer's default 60 s), log_stats and metrics.listen are read
+        and checked with their key paths."""
+        cfg = parse(minimal())
+        self.assertEqual((cfg.stats_period, cfg.log_stats, cfg.metrics_listen), (60.0, True, None))
+        doc = minimal()
+        doc.update(stats_period="15s", log_stats=False, metrics={"listen": "tcp:9127:interface=127.0.0.1"})
+        cfg = parse(doc)
+        self.assertEqual((cfg.stats_period, cfg.log_stats, cfg.metrics_listen),
+                         (15.0, False, "tcp:9127:interface=127.0.0.1"))
+        doc.update(stats_period="0s", log_stats="yes", metrics={"port": 9127})
+        self.assertEqual(self.problems(doc), [
+            'stats_period: must be a duration like 60s, got "0s"',
+            'log_stats: must be true or false, got "yes"',
+            "metrics.port: unknown key (expected one of: listen)",
+            "metrics.listen: is required",
+        ])
+
 
 class AuthQueryConfigTests(SynchronousTestCase):
     def test_defaults(self) -> None:

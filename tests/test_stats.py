@@ -1,14 +1,24 @@
 """The per-pool counters (stats.py) as the relay and the pool keep them: transactions,
-queries, bytes, times and waits, driven through a relay with fake backends on a clock."""
+queries, bytes, times and waits, driven through a relay with fake backends on a clock;
+then SHOW STATS and friends after real activity through psycopg and psql."""
 
 from __future__ import annotations
 
-from twisted.trial.unittest import SynchronousTestCase
+from typing import Any
 
+import psycopg
+from twisted.internet import reactor
+from twisted.internet.defer import inlineCallbacks
+from twisted.internet.task import Clock, deferLater
+from twisted.logger import Logger, formatEvent
+from twisted.trial.unittest import SkipTest, SynchronousTestCase
+
+from odissey import stats as stats_module
 from odissey.relay import Relay
-from odissey.stats import BOUNDS_US, Histogram, LoginFailures, Period, PoolStats, Totals, total
+from odissey.stats import BOUNDS_US, Histogram, LoginFailures, Period, PoolStats, Ticker, Totals, total
 from odissey.testing import FakeClient
 from odissey.wire import messages as m
+from tests.harness import IntegrationTest, have, route, until
 from tests.test_relay import attached, relay_setup
 
 
@@ -162,6 +172,35 @@ class TotalsTests(SynchronousTestCase):
         self.assertEqual(total([Totals(1, 2), Totals(3, 4)]), Totals(4, 6))
 
 
+class TickerTests(SynchronousTestCase):
+    def test_one_line_per_active_pool(self) -> None:
+        """Each turn logs PgBouncer's figures for every pool active in the period just
+        ended, named; a quiet pool logs nothing, and log_stats off logs nothing."""
+        events: list[dict] = []
+        self.patch(stats_module, "log", Logger(observer=events.append))
+        clock = Clock()
+        busy, quiet = PoolStats(), PoolStats()
+        pools = [("app/app", busy), ("other/u", quiet)]
+        ticker = Ticker(clock, Period(clock.seconds(), 10.0), lambda: pools, True)
+        ticker.turn()
+        busy.xacts, busy.xact_us, busy.received = 50, 100_000, 4000
+        clock.advance(10)
+        ticker.turn()
+        lines = [formatEvent(e) for e in events]
+        self.assertEqual(lines, [
+            "stats: app/app: 5 xacts/s, 0 queries/s, 0 client parses/s, 0 server parses/s, "
+            "0 binds/s, in 400 B/s, out 0 B/s, xact 2000 us, query 0 us, wait 0 us"])
+        self.assertEqual(events[0]["pool"], "app/app")
+        clock.advance(10)
+        ticker.turn()  # nothing happened since
+        self.assertEqual(len(events), 1)
+        ticker.log_stats = False
+        busy.xacts += 1
+        clock.advance(10)
+        ticker.turn()
+        self.assertEqual(len(events), 1)
+
+
 class HistogramTests(SynchronousTestCase):
     def test_cumulative_buckets(self) -> None:
         """Observations land in the first bucket whose bound is at or above them;
@@ -182,3 +221,128 @@ class LoginFailureTests(SynchronousTestCase):
             failures.count(sqlstate)
         self.assertEqual(failures.counts, {"password": 2, "unknown_database": 1, "other": 1})
 
+
+
+#: PgBouncer 1.25's SHOW STATS columns, in order.
+STATS_COLUMNS = [
+    "database", "total_server_assignment_count", "total_xact_count", "total_query_count",
+    "total_received", "total_sent", "total_xact_time", "total_query_time", "total_wait_time",
+    "total_client_parse_count", "total_server_parse_count", "total_bind_count",
+    "avg_server_assignment_count", "avg_xact_count", "avg_query_count", "avg_recv", "avg_sent",
+    "avg_xact_time", "avg_query_time", "avg_wait_time", "avg_client_parse_count",
+    "avg_server_parse_count", "avg_bind_count"]
+
+
+class ConsoleStatsTests(IntegrationTest):
+    """SHOW STATS and friends after real psycopg and psql activity."""
+
+    top = {"admin_users": ["app"]}
+
+    def routes(self) -> list[dict[str, Any]]:
+        return [route("app", "app", pool={"mode": "transaction", "size": 1, "max_prepared_statements": 100})]
+
+    def show(self, what: str) -> list[dict[str, Any]]:
+        with psycopg.connect(self.odissey.dsn(dbname="pgbouncer"), autocommit=True,
+                             cursor_factory=psycopg.ClientCursor, connect_timeout=10) as conn:
+            cur = conn.execute(f"SHOW {what}")
+            names = [d.name for d in cur.description]
+            return [dict(zip(names, row)) for row in cur.fetchall()]
+
+    def app_totals(self) -> dict[str, Any]:
+        return next(r for r in self.show("STATS_TOTALS") if r["database"] == "app")
+
+    def work(self, n: int, prepare: bool = False) -> None:
+        with self.odissey.connect() as conn:
+            for i in range(n):
+                conn.execute("select %s::int", (i % 10,), prepare=prepare)
+            with conn.transaction():
+                conn.execute("select 1")
+
+    @inlineCallbacks
+    def test_counters_follow_transactions(self):
+        """N autocommit queries and one BEGIN/select/COMMIT move the transactions by
+        N + 1 and the queries by N + 3; two identical runs move the bytes alike."""
+        yield self.thread(self.work, 1)  # the pool exists from here on
+        before = yield self.thread(self.app_totals)
+        yield self.thread(self.work, 20)
+        middle = yield self.thread(self.app_totals)
+        yield self.thread(self.work, 20)
+        after = yield self.thread(self.app_totals)
+        first = {k: middle[k] - before[k] for k in before if k != "database"}
+        second = {k: after[k] - middle[k] for k in before if k != "database"}
+        self.assertEqual((first["xact_count"], first["query_count"]), (21, 23))
+        self.assertEqual(first["server_assignment_count"], 21)
+        self.assertGreater(first["bytes_received"], 0)
+        self.assertGreater(first["bytes_sent"], first["bytes_received"])  # results, not just requests
+        for key in ("xact_count", "query_count", "bytes_received", "bytes_sent", "server_assignment_count"):
+            self.assertEqual(first[key], second[key], key)
+        self.assertGreater(first["xact_time"], 0)
+        self.assertGreaterEqual(first["xact_time"], first["query_time"] - first["wait_time"])
+
+    @inlineCallbacks
+    def test_wait_time_when_clients_queue(self):
+        """With one server held in a transaction, a second client's query waits until
+        the commit: about that long shows in total_wait_time."""
+        yield self.thread(self.work, 1)
+        before = yield self.thread(self.app_totals)
+        holder = yield self.thread(self.odissey.connect)
+        yield self.thread(holder.execute, "begin")
+        yield self.thread(holder.execute, "select 1")
+        pool = next(iter(self.odissey.service.pools.pools.values()))
+        queued = self.thread(self.work, 0)
+        yield until(lambda: len(pool.waiters) == 1, 10, "a client queued")
+        yield deferLater(reactor, 0.3, lambda: None)  # (the wait being measured)
+        yield self.thread(holder.execute, "commit")
+        yield queued
+        yield self.thread(holder.close)
+        after = yield self.thread(self.app_totals)
+        waited = after["wait_time"] - before["wait_time"]
+        self.assertGreaterEqual(waited, 300_000)
+        self.assertLess(waited, 10_000_000)
+
+    @inlineCallbacks
+    def test_prepared_statement_counts(self):
+        """psycopg's prepared statements count client parses, server parses and binds."""
+        yield self.thread(self.work, 1)
+        before = yield self.thread(self.app_totals)
+        yield self.thread(self.work, 10, True)
+        after = yield self.thread(self.app_totals)
+        self.assertEqual(after["client_parse_count"] - before["client_parse_count"], 1)
+        self.assertEqual(after["server_parse_count"] - before["server_parse_count"], 1)
+        self.assertEqual(after["bind_count"] - before["bind_count"], 10)
+
+    @inlineCallbacks
+    def test_averages_and_totals(self):
+        """Before the period turns, averages are over the time since start: the average
+        transaction time is the total over the count; SHOW TOTALS sums every database."""
+        yield self.thread(self.work, 5)
+        stats = yield self.thread(self.show, "STATS")
+        app = next(r for r in stats if r["database"] == "app")
+        self.assertEqual(list(app), STATS_COLUMNS)
+        self.assertEqual(app["avg_xact_time"], app["total_xact_time"] // app["total_xact_count"])
+        self.assertEqual(app["avg_query_time"], app["total_query_time"] // app["total_query_count"])
+        self.assertGreater(app["avg_xact_count"] + app["avg_query_count"], 0)
+        averages = yield self.thread(self.show, "STATS_AVERAGES")
+        self.assertEqual(next(r for r in averages if r["database"] == "app")["xact_time"],
+                         app["avg_xact_time"])
+        totals = {r["name"]: r["value"] for r in (yield self.thread(self.show, "TOTALS"))}
+        self.assertEqual(totals["total_xact_count"], app["total_xact_count"])
+        self.assertEqual(totals["total_client_bytes"], app["total_received"])
+        self.assertEqual(totals["total_server_bytes"], app["total_sent"])
+        self.assertEqual(totals["avg_xact_time"], app["avg_xact_time"])
+        self.assertEqual(len(totals), 22)
+
+    @inlineCallbacks
+    def test_psql_show_stats_and_state(self):
+        """psql reads SHOW STATS (a row for the database used) and SHOW STATE."""
+        if not have("psql"):
+            raise SkipTest("psql is not installed")
+        done = yield self.thread(self.odissey.psql, "select 1")
+        self.assertEqual(done.returncode, 0, done.stderr)
+        shown = yield self.thread(self.odissey.psql, "SHOW STATS", dbname="odissey")
+        self.assertEqual(shown.returncode, 0, shown.stderr)
+        rows = {line.split("|")[0]: line.split("|") for line in shown.stdout.splitlines()}
+        self.assertEqual(len(rows["app"]), len(STATS_COLUMNS))
+        self.assertGreaterEqual(int(rows["app"][STATS_COLUMNS.index("total_xact_count")]), 1)
+        state = yield self.thread(self.odissey.psql, "SHOW STATE", dbname="odissey")
+        self.assertEqual(state.stdout.split(), ["active|yes", "paused|no"])
