@@ -19,6 +19,7 @@ from odissey.client import ClientFactory
 from odissey.config import ANY, Config, Storage
 from odissey.console import Console
 from odissey.janitor import PERIOD, Janitor
+from odissey.metrics import MetricsResource, MetricsSite, PoolCollector
 from odissey.pool import Pools
 from odissey.postgres import LocalPostgres
 from odissey.router import Router
@@ -124,6 +125,7 @@ class OdisseyService(MultiService):
             name: managed_postgres(s) for name, s in config.storages.items() if s.managed
         }
         self.ports: list[IListeningPort] = []
+        self.metrics_port: IListeningPort | None = None
         self.factory: ClientFactory | None = None
         self.pools: Pools | None = None
         self.auth_queries: AuthQueries | None = None
@@ -180,6 +182,12 @@ class OdisseyService(MultiService):
             port = yield serverFromString(self.reactor, description).listen(self.factory)
             log.info("listening on {where}", where=description)
             self.ports.append(port)
+        if self.config.metrics_listen is not None:
+            factory = self.factory
+            collector = PoolCollector(self.pools, lambda: factory.clients, lambda: factory.login_failures)
+            self.metrics_port = yield serverFromString(self.reactor, self.config.metrics_listen).listen(
+                MetricsSite(MetricsResource(collector, self.threads)))
+            log.info("serving metrics on {where}", where=self.config.metrics_listen)
         self.ready.callback(self.ports)
 
     def _start_failed(self, failure):
@@ -199,8 +207,9 @@ class OdisseyService(MultiService):
         yield super().stopService()
         if self._starting is not None and not self._starting.called:
             yield self._starting
-        yield DeferredList([port.stopListening() for port in self.ports])
-        self.ports = []
+        ports = self.ports + ([self.metrics_port] if self.metrics_port is not None else [])
+        yield DeferredList([port.stopListening() for port in ports])
+        self.ports, self.metrics_port = [], None
         if self.factory is not None:
             for client in list(self.factory.clients):
                 client.fail(PoolerError(

@@ -165,6 +165,7 @@ class ConfigTests(SynchronousTestCase):
         self.assertEqual((tx.user, tx.pool.mode, tx.pool.size, tx.server.database), ("demo", "transaction", 4, "demo"))
         self.assertEqual(tx.auth.password.value, "demo")
         self.assertEqual(cfg.admin_users, ("demo",))  # README: psql -U demo odissey -c 'SHOW POOLS'
+        self.assertEqual(cfg.metrics_listen, "tcp:9127:interface=127.0.0.1")  # README: curl …:9127/metrics
 
     def test_console_users(self) -> None:
         """admin_users/stats_users must name users some route serves; no route may use a

@@ -15,7 +15,8 @@ from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
 from odissey import stats as stats_module
 from odissey.relay import Relay
-from odissey.stats import BOUNDS_US, Histogram, LoginFailures, Period, PoolStats, Ticker, Totals, total
+from odissey.stats import (BOUNDS_US, Histogram, LoginFailures, Period, PoolStats, Ticker, Totals, cumulative,
+                           total)
 from odissey.testing import FakeClient
 from odissey.wire import messages as m
 from tests.harness import IntegrationTest, have, route, until
@@ -206,12 +207,12 @@ class HistogramTests(SynchronousTestCase):
         """Observations land in the first bucket whose bound is at or above them;
         cumulative counts end with +Inf holding everything."""
         h = Histogram()
-        for us in (50, 100, 101, 10**9):
+        for us in (50, 250, 251, 10**9):
             h.observe(us)
-        buckets = dict(h.cumulative())
-        self.assertEqual((buckets["0.0001"], buckets["0.00025"], buckets["60.0"], buckets["+Inf"]),
+        buckets = dict(cumulative(h.counts))
+        self.assertEqual((buckets["0.00025"], buckets["0.001"], buckets["10.0"], buckets["+Inf"]),
                          (2, 3, 3, 4))
-        self.assertEqual(h.sum, 50 + 100 + 101 + 10**9)
+        self.assertEqual(h.sum, 50 + 250 + 251 + 10**9)
 
 
 class LoginFailureTests(SynchronousTestCase):
