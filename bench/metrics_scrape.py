@@ -48,13 +48,12 @@ def main() -> None:
     rng = random.Random(1)
     for i in range(args.pools):
         stats = pools.get(cfg.routes[0], f"db{i}", f"user{i % 10}").stats
-        stats.xacts = stats.queries = stats.assignments = rng.randrange(10**6)
+        stats.assignments = rng.randrange(10**6)
         stats.received, stats.sent = rng.randrange(10**9), rng.randrange(10**10)
         stats.closed("lifetime")
         for _ in range(50):
-            stats.xact_hist.observe(rng.randrange(10**6))
-            stats.query_hist.observe(rng.randrange(10**6))
-            stats.wait_hist.observe(rng.randrange(10**5))
+            stats.ended(rng.random(), rng.random())
+            stats.waited(rng.random() / 10)
     all_pools = list(pools.pools.values())
     clients = [SimpleNamespace(relay=SimpleNamespace(
         pool=all_pools[i % len(all_pools)],

@@ -221,12 +221,13 @@ class Relay:
         """Nothing is outstanding any more: the query is over, and so is the transaction
         if the server is idle."""
         now = self._clock()
-        stats = self.stats
-        stats.query_done(now - self._query_at)  # type: ignore[operator]
-        self._query_at = None
-        if self.tx.status == b"I" and self._xact_at is not None:
-            stats.xact_done(now - self._xact_at)
+        query_at, self._query_at = self._query_at, None
+        xact_at = self._xact_at
+        if self.tx.status == b"I" and xact_at is not None:
             self._xact_at = None
+            self.stats.ended(now - query_at, now - xact_at)  # type: ignore[operator]
+        else:
+            self.stats.ended(now - query_at, -1.0)  # type: ignore[operator]
 
     def _waits_for_server(self, size: int) -> None:
         """``size`` more bytes wait for a server: take one if the client has none coming,

@@ -43,8 +43,9 @@ def cumulative(counts: list[int]) -> list[tuple[str, int]]:
 
 
 class Histogram:
-    """Counts per bucket (the last one past every bound) and the sum: one ``bisect`` and
-    two adds per observation."""
+    """Counts per bucket (the last one past every bound) and the sum, in µs: one
+    ``bisect`` and two adds per observation. The count and the sum are also the pool's
+    count and total time of what it observes (nothing is counted twice)."""
 
     __slots__ = ("counts", "sum")
 
@@ -55,6 +56,10 @@ class Histogram:
     def observe(self, us: int) -> None:
         self.counts[bisect_left(BOUNDS_US, us)] += 1
         self.sum += us
+
+    @property
+    def count(self) -> int:
+        return sum(self.counts)
 
 
 class Totals(NamedTuple):
@@ -118,8 +123,7 @@ class PoolStats:
     that run once per query or less."""
 
     __slots__ = (
-        "assignments", "xacts", "queries", "received", "sent", "xact_us", "query_us", "wait_us",
-        "logins", "server_connects", "connect_failures", "cancels", "resets", "closes",
+        "assignments", "received", "sent", "logins", "server_connects", "connect_failures", "cancels", "resets", "closes",
         "xact_hist", "query_hist", "wait_hist", "older", "newer", "parses",
     )
 
@@ -128,13 +132,8 @@ class PoolStats:
         #: client/server parse and bind counts; 0 without them, as in PgBouncer).
         self.parses = parses
         self.assignments = 0  # a server handed to a client (taken, or granted after a wait)
-        self.xacts = 0
-        self.queries = 0
         self.received = 0  # bytes from clients
         self.sent = 0  # bytes from servers to clients
-        self.xact_us = 0
-        self.query_us = 0
-        self.wait_us = 0
         self.logins = 0
         self.server_connects = 0
         self.connect_failures = 0
@@ -142,6 +141,7 @@ class PoolStats:
         self.resets = 0  # servers cleaned (reset query, rollback, cancel wait) before reuse
         #: Server connections closed, by reason (see docs/operations.md).
         self.closes: dict[str, int] = {}
+        #: Transactions, queries, and waits of clients that queued: counts and times.
         self.xact_hist = Histogram()
         self.query_hist = Histogram()
         self.wait_hist = Histogram()
@@ -149,23 +149,42 @@ class PoolStats:
         self.older = Totals()
         self.newer = Totals()
 
-    def query_done(self, seconds: float) -> None:
-        us = int(seconds * 1_000_000)
-        self.queries += 1
-        self.query_us += us
-        self.query_hist.observe(us)
+    @property
+    def xacts(self) -> int:
+        return self.xact_hist.count
 
-    def xact_done(self, seconds: float) -> None:
-        us = int(seconds * 1_000_000)
-        self.xacts += 1
-        self.xact_us += us
-        self.xact_hist.observe(us)
+    @property
+    def queries(self) -> int:
+        return self.query_hist.count
+
+    @property
+    def xact_us(self) -> int:
+        return self.xact_hist.sum
+
+    @property
+    def query_us(self) -> int:
+        return self.query_hist.sum
+
+    @property
+    def wait_us(self) -> int:
+        return self.wait_hist.sum
+
+    def ended(self, query: float, xact: float) -> None:
+        """A query ended after ``query`` seconds, and with it a transaction of ``xact``
+        seconds (< 0: the transaction goes on). Once per query: inlined, one call."""
+        us = int(query * 1_000_000)
+        histogram = self.query_hist
+        histogram.counts[bisect_left(BOUNDS_US, us)] += 1
+        histogram.sum += us
+        if xact >= 0:
+            us = int(xact * 1_000_000)
+            histogram = self.xact_hist
+            histogram.counts[bisect_left(BOUNDS_US, us)] += 1
+            histogram.sum += us
 
     def waited(self, seconds: float) -> None:
         """A client that queued for a server got one after ``seconds``."""
-        us = int(seconds * 1_000_000)
-        self.wait_us += us
-        self.wait_hist.observe(us)
+        self.wait_hist.observe(int(seconds * 1_000_000))
 
     def closed(self, reason: str) -> None:
         self.closes[reason] = self.closes.get(reason, 0) + 1

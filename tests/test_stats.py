@@ -161,9 +161,11 @@ class TotalsTests(SynchronousTestCase):
         since the previous turn."""
         stats = PoolStats()
         period = Period(100.0, 60.0)
-        stats.xacts = 5
+        for _ in range(5):
+            stats.ended(0.001, 0.001)
         period.turn(160.0, [stats])
-        stats.xacts = 65
+        for _ in range(60):
+            stats.ended(0.001, 0.001)
         period.turn(220.0, [stats])
         self.assertEqual((stats.older.xact_count, stats.newer.xact_count), (5, 65))
         self.assertEqual(period.seconds(250.0), 90.0)
@@ -184,19 +186,21 @@ class TickerTests(SynchronousTestCase):
         pools = [("app/app", busy), ("other/u", quiet)]
         ticker = Ticker(clock, Period(clock.seconds(), 10.0), lambda: pools, True)
         ticker.turn()
-        busy.xacts, busy.xact_us, busy.received = 50, 100_000, 4000
+        for _ in range(50):
+            busy.ended(0.001, 0.002)  # (a query of 1 ms in a transaction of 2 ms)
+        busy.received = 4000
         clock.advance(10)
         ticker.turn()
         lines = [formatEvent(e) for e in events]
         self.assertEqual(lines, [
-            "stats: app/app: 5 xacts/s, 0 queries/s, 0 client parses/s, 0 server parses/s, "
-            "0 binds/s, in 400 B/s, out 0 B/s, xact 2000 us, query 0 us, wait 0 us"])
+            "stats: app/app: 5 xacts/s, 5 queries/s, 0 client parses/s, 0 server parses/s, "
+            "0 binds/s, in 400 B/s, out 0 B/s, xact 2000 us, query 1000 us, wait 0 us"])
         self.assertEqual(events[0]["pool"], "app/app")
         clock.advance(10)
         ticker.turn()  # nothing happened since
         self.assertEqual(len(events), 1)
         ticker.log_stats = False
-        busy.xacts += 1
+        busy.ended(0.001, -1.0)
         clock.advance(10)
         ticker.turn()
         self.assertEqual(len(events), 1)
