@@ -52,7 +52,7 @@ def main() -> None:
         stats.received, stats.sent = rng.randrange(10**9), rng.randrange(10**10)
         stats.closed("lifetime")
         for _ in range(50):
-            stats.ended(rng.random(), rng.random())
+            stats.ended(rng.randrange(10**9), rng.randrange(10**9))
             stats.waited(rng.random() / 10)
     all_pools = list(pools.pools.values())
     clients = [SimpleNamespace(relay=SimpleNamespace(

@@ -86,7 +86,7 @@ class _Figures(NamedTuple):
     counters: tuple[int, ...]
     closes: dict[str, int]
     parses: Optional[tuple[int, int, int]]
-    histograms: tuple[tuple[list[int], int], ...]  # (bucket counts, sum in µs)
+    histograms: tuple[tuple[list[int], int], ...]  # (counts by bit length, sum in ns)
 
 
 class PoolCollector:
@@ -150,8 +150,8 @@ class Snapshot:
             if pool.parses is not None:  # (transaction mode with prepared statements only)
                 for counter, value in zip(parses, pool.parses):
                     counter.add_metric(labels, value)
-            for family, (counts, total_us) in zip(histograms, pool.histograms):
-                family.add_metric(labels, [(le, float(n)) for le, n in cumulative(counts)], total_us / 1e6)
+            for family, (counts, total_ns) in zip(histograms, pool.histograms):
+                family.add_metric(labels, [(le, float(n)) for le, n in cumulative(counts)], total_ns / 1e9)
         yield from gauges
         yield from counters
         yield closes

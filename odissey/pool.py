@@ -23,7 +23,7 @@ from twisted.python.failure import Failure
 from odissey.config import Route
 from odissey.params import Fingerprints
 from odissey.server import ServerConnection, ServerState
-from odissey.stats import PoolStats
+from odissey.stats import PoolStats, interval_clock
 from odissey.statements import Registry
 from odissey.wire import errors
 from odissey.wire import messages as m
@@ -120,6 +120,8 @@ class Pool:
             if settings.mode == "transaction" and settings.max_prepared_statements else None
         )
         self.stats = PoolStats(self.statements)
+        #: Integer nanoseconds, for the relays' query and transaction times.
+        self.clock_ns = interval_clock(reactor)
 
     @property
     def parameters_cache(self) -> list[tuple[str, str]] | None:

@@ -145,9 +145,9 @@ class Relay:
         #: Counters (stats.py), and when the query and transaction being timed began
         #: (None: none is): read at a query's start and end only, never per chunk.
         self.stats = pool.stats
-        self._clock = pool.reactor.seconds
-        self._query_at: float | None = None
-        self._xact_at: float | None = None
+        self._clock = pool.clock_ns
+        self._query_at: int | None = None
+        self._xact_at: int | None = None
 
     # -- client side -------------------------------------------------------------------
 
@@ -227,7 +227,7 @@ class Relay:
             self._xact_at = None
             self.stats.ended(now - query_at, now - xact_at)  # type: ignore[operator]
         else:
-            self.stats.ended(now - query_at, -1.0)  # type: ignore[operator]
+            self.stats.ended(now - query_at, -1)  # type: ignore[operator]
 
     def _waits_for_server(self, size: int) -> None:
         """``size`` more bytes wait for a server: take one if the client has none coming,

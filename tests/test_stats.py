@@ -15,8 +15,7 @@ from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
 from odissey import stats as stats_module
 from odissey.relay import Relay
-from odissey.stats import (BOUNDS_US, Histogram, LoginFailures, Period, PoolStats, Ticker, Totals, cumulative,
-                           total)
+from odissey.stats import Histogram, LoginFailures, Period, PoolStats, Ticker, Totals, cumulative, total
 from odissey.testing import FakeClient
 from odissey.wire import messages as m
 from tests.harness import IntegrationTest, have, route, until
@@ -51,7 +50,7 @@ class RelayCountsTests(SynchronousTestCase):
         stats = pool.stats
         self.assertEqual(counts(stats), (1, 1, 1))
         self.assertEqual((stats.query_us, stats.xact_us), (1_500_000, 1_500_000))
-        self.assertEqual(stats.query_hist.counts[BOUNDS_US.index(2_500_000)], 1)
+        self.assertEqual(stats.query_hist.counts[(1_500_000_000).bit_length()], 1)
 
     def test_transaction_spans_its_queries(self) -> None:
         """BEGIN, a query, COMMIT with pauses between: three queries, one transaction
@@ -162,10 +161,10 @@ class TotalsTests(SynchronousTestCase):
         stats = PoolStats()
         period = Period(100.0, 60.0)
         for _ in range(5):
-            stats.ended(0.001, 0.001)
+            stats.ended(1_000_000, 1_000_000)
         period.turn(160.0, [stats])
         for _ in range(60):
-            stats.ended(0.001, 0.001)
+            stats.ended(1_000_000, 1_000_000)
         period.turn(220.0, [stats])
         self.assertEqual((stats.older.xact_count, stats.newer.xact_count), (5, 65))
         self.assertEqual(period.seconds(250.0), 90.0)
@@ -187,7 +186,7 @@ class TickerTests(SynchronousTestCase):
         ticker = Ticker(clock, Period(clock.seconds(), 10.0), lambda: pools, True)
         ticker.turn()
         for _ in range(50):
-            busy.ended(0.001, 0.002)  # (a query of 1 ms in a transaction of 2 ms)
+            busy.ended(1_000_000, 2_000_000)  # (a query of 1 ms in a transaction of 2 ms, in ns)
         busy.received = 4000
         clock.advance(10)
         ticker.turn()
@@ -200,7 +199,7 @@ class TickerTests(SynchronousTestCase):
         ticker.turn()  # nothing happened since
         self.assertEqual(len(events), 1)
         ticker.log_stats = False
-        busy.ended(0.001, -1.0)
+        busy.ended(1_000_000, -1)
         clock.advance(10)
         ticker.turn()
         self.assertEqual(len(events), 1)
@@ -208,15 +207,16 @@ class TickerTests(SynchronousTestCase):
 
 class HistogramTests(SynchronousTestCase):
     def test_cumulative_buckets(self) -> None:
-        """Observations land in the first bucket whose bound is at or above them;
-        cumulative counts end with +Inf holding everything."""
+        """An observation counts under every bound at or above it (bounds are powers of
+        two of nanoseconds); +Inf holds everything; the sum is kept exactly."""
         h = Histogram()
-        for us in (50, 250, 251, 10**9):
-            h.observe(us)
+        for ns in (1000, 2**18 - 1, 2**18, 10**12):
+            h.observe(ns)
         buckets = dict(cumulative(h.counts))
-        self.assertEqual((buckets["0.00025"], buckets["0.001"], buckets["10.0"], buckets["+Inf"]),
-                         (2, 3, 3, 4))
-        self.assertEqual(h.sum, 50 + 250 + 251 + 10**9)
+        self.assertEqual(len(buckets), 11)
+        self.assertEqual((buckets["0.000262144"], buckets["0.001048576"], buckets["68.719476736"],
+                          buckets["+Inf"]), (2, 3, 3, 4))
+        self.assertEqual((h.count, h.sum, h.us), (4, 1000 + 2**19 - 1 + 10**12, (1000 + 2**19 - 1 + 10**12) // 1000))
 
 
 class LoginFailureTests(SynchronousTestCase):
