@@ -12,6 +12,8 @@ setup(
         "service-identity",
         "pyyaml",
         "scramp>=1.4",
+        # The metrics endpoint's text format (pure Python: installs on PyPy 3.9 too).
+        "prometheus_client>=0.17",
         # PyPy 3.9 (Debian's pypy3) has wheels up to these; newer ones would need Rust.
         "cryptography<44; platform_python_implementation == 'PyPy'",
         "pyopenssl<25; platform_python_implementation == 'PyPy'",

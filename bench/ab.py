@@ -22,7 +22,6 @@ as failed, never as a number.
 from __future__ import annotations
 
 import argparse
-import shutil
 import statistics
 import subprocess
 import sys
@@ -30,7 +29,7 @@ import tempfile
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
-from common import (ROOT, PgbenchFailed, cpu_seconds, pgbench, postgres_cpu_seconds, start_odissey,
+from common import (ROOT, PgbenchFailed, cpu_seconds, pgbench, postgres_cpu_seconds, remove_worktrees, start_odissey,
                     start_postgres, stop)
 from compare import DB, PASSWORD, USER, clients_list, protocols
 
@@ -157,9 +156,7 @@ def main() -> None:
             stop(proc)
         if pg is not None:
             pg.stop()
-        for tree in made:
-            subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(tree)], check=False)
-        shutil.rmtree(trees, ignore_errors=True)
+        remove_worktrees(made, trees)
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -249,3 +250,10 @@ def stop(proc: subprocess.Popen, patience: float = 30) -> bool:
         proc.kill()
         proc.wait()
         return False
+
+
+def remove_worktrees(made: List[Path], parent: Path) -> None:
+    """Remove the temporary git worktrees made for other commits, and their parent."""
+    for tree in made:
+        subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(tree)], check=False)
+    shutil.rmtree(parent, ignore_errors=True)

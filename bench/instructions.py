@@ -37,7 +37,8 @@ import tempfile
 from pathlib import Path
 from typing import Dict, List, Tuple
 
-from common import ROOT, PgbenchFailed, pgbench, start_floor, start_odissey, start_postgres, stop
+from common import (ROOT, PgbenchFailed, pgbench, remove_worktrees, start_floor, start_odissey, start_postgres,
+                    stop)
 from compare import DB, PASSWORD, USER, protocols
 
 
@@ -147,9 +148,7 @@ def main() -> None:
     finally:
         if pg is not None:
             pg.stop()
-        for tree in made:
-            subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(tree)], check=False)
-        shutil.rmtree(trees, ignore_errors=True)
+        remove_worktrees(made, trees)
 
 
 if __name__ == "__main__":

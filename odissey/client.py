@@ -51,6 +51,7 @@ from odissey.relay import Relay
 from odissey.router import ClientAddress, Router, client_address
 from odissey.server import ServerConnection, borrows_credentials
 from odissey.startup_check import StartupChecks
+from odissey.stats import LoginFailures
 from odissey.tls import (
     ALPN,
     HANDSHAKE_RECORD,
@@ -94,6 +95,7 @@ class ClientState(Enum):
     GONE = "gone"
 
 
+#: A client failed in these states is a refused login (logged, and counted by reason).
 _LOGIN_STATES = (ClientState.STARTUP, ClientState.AUTH, ClientState.PARAMS)
 
 
@@ -192,6 +194,8 @@ class ClientConnection(Protocol):
         if self.state is ClientState.GONE or self.state is ClientState.CLOSING or self.transport is None:
             return
         logging_in = self.state in _LOGIN_STATES
+        if logging_in:
+            self.factory.login_failures.count(error.sqlstate)
         self.state = ClientState.CLOSING
         if self.tls_started and not self.encrypted:
             # Mid-handshake nothing can be said, and Twisted would hold the connection
@@ -446,6 +450,7 @@ class ClientConnection(Protocol):
                 told[key] = value
             wanted[key] = (name, value)
         self.relay = Relay(self, pool, wanted, told, f.limits.max_message_size)
+        pool.stats.logins += 1
         pid = None
         if not self.relay.transaction_mode:
             self._attaching = self.relay.attach_at_login()
@@ -648,6 +653,7 @@ class ClientFactory(Factory):
         #: limits.max_clients and a route's max_clients hold over all workers; None: the
         #: counts here are all there is.
         self.admission: Admission | None = None
+        self.login_failures = LoginFailures()
         self._drained: list[Deferred[None]] = []
 
     def buildProtocol(self, addr: object) -> ClientConnection:

@@ -47,9 +47,10 @@ POOL_KEYS = (
 #: Every key the loader accepts, by section; ``docs/configuration.md`` documents exactly these.
 SCHEMA: dict[str, tuple[str, ...]] = {
     "": ("listen", "workers", "limits", "tls", "storages", "pool_defaults", "routes", "admin_users",
-         "stats_users", "shutdown_timeout", "handover_socket", "log",
-         "peer_id", "peers"),
+         "stats_users", "stats_period", "log_stats", "metrics", "shutdown_timeout",
+         "handover_socket", "log", "peer_id", "peers"),
     "log": ("format", "level", "connections"),
+    "metrics": ("listen",),
     "limits": ("max_clients", "max_login_clients", "login_timeout", "max_message_size"),
     "tls": ("mode", "cert_file", "key_file", "ca_file", "min_version", "ciphers"),
     "storages.*": ("host", "port", "connect_timeout", "retry_backoff", "tls", "managed"),
@@ -307,6 +308,12 @@ class Config:
     handover_socket: str | None = None
     #: None: twistd's own log observer (as given on its command line).
     log: LogSettings | None = None
+    #: Seconds between turns of the statistics period (SHOW STATS averages, the log line).
+    stats_period: float = 60.0
+    #: Log one line per active pool every stats_period.
+    log_stats: bool = True
+    #: The endpoint serving Prometheus metrics, or None (off).
+    metrics_listen: str | None = None
 
 
 # -- parsing helpers -----------------------------------------------------------------------
@@ -989,6 +996,11 @@ def parse(data: Any, source: str | None = None) -> Config:
                                  Config.shutdown_timeout)
     handover_socket = _read_socket_path(top, "handover_socket", base)
     log = _read_log(problems, top.data.get("log")) if top.has("log") else None
+    stats_period = top.value("stats_period", _positive_duration, "a duration like 60s", 60.0)
+    log_stats = top.value("log_stats", _bool, "true or false", True)
+    metrics = _Section(problems, "metrics", top.data.get("metrics"), "metrics")
+    metrics_listen = metrics.value("listen", _string, "an endpoint string like tcp:9127:interface=127.0.0.1",
+                                   required=metrics.ok)
     admin_users = _read_console_users(top, "admin_users", routes)
     stats_users = _read_console_users(top, "stats_users", routes)
     for route in routes:
@@ -1001,6 +1013,9 @@ def parse(data: Any, source: str | None = None) -> Config:
     return Config(
         admin_users=admin_users,
         stats_users=stats_users,
+        stats_period=stats_period,
+        log_stats=log_stats,
+        metrics_listen=metrics_listen,
         listen=tuple(listen),
         limits=limits,
         storages=storages,

@@ -31,6 +31,7 @@ from odissey.control import Control, serves
 from odissey.pool import Pool, Pools
 from odissey.router import ClientAddress, Router
 from odissey.server import ServerConnection, ServerState
+from odissey.stats import Period, Totals, total
 from odissey.wire import errors
 from odissey.wire import messages as m
 from odissey.wire.errors import PoolerError
@@ -57,19 +58,18 @@ GREETING = (
 
 #: PgBouncer's commands that change things: not in this version of the console yet.
 COMING = ("SUSPEND", "SET")
-#: PgBouncer's SHOW commands that Odissey does not answer (yet, or at all).
-#: Commands for admin_users only, answered today.
+#: Commands for admin_users only, answered by the service that owns the process.
 ADMIN_COMMANDS = ("SHUTDOWN", "RELOAD")
-SHOW_COMING = ("STATS", "STATS_TOTALS", "STATS_AVERAGES", "TOTALS", "STATE")
+#: PgBouncer's SHOW commands that Odissey does not answer.
 SHOW_NEVER = ("PEERS", "PEER_POOLS", "FDS", "SOCKETS", "ACTIVE_SOCKETS", "MEM",
               "DNS_HOSTS", "DNS_ZONES")
 
 HELP = """SHOW HELP|VERSION|POOLS|CLIENTS|SERVERS|DATABASES|USERS|CONFIG|LISTS|ROUTES
+SHOW STATS|STATS_TOTALS|STATS_AVERAGES|TOTALS|STATE
 PAUSE [<db>], RESUME [<db>], DISABLE <db>, ENABLE <db>, RECONNECT [<db>], KILL [<db>],
 KILL_CLIENT <id>, WAIT_CLOSE [<db>]
 RELOAD, SHUTDOWN [WAIT_FOR_CLIENTS]
 Coming (answered 0A000 for now):
-\tSHOW STATS|STATS_TOTALS|STATS_AVERAGES|TOTALS|STATE
 \tSUSPEND, SET key = arg"""
 
 
@@ -142,12 +142,15 @@ class Console:
         clients: Callable[[], Iterable[ConsoleClient]],
         reactor: IReactorTime,
         lifecycle: Optional[Lifecycle] = None,
+        period: Optional[Period] = None,
     ) -> None:
         #: SHUTDOWN's addressee (None: the command is refused, as in tests of SHOW).
         self.lifecycle = lifecycle
         self.pools = pools
         self.clients = clients
         self.reactor = reactor
+        #: The stats period the averages are taken over (turned by the service).
+        self.period = period if period is not None else Period(reactor.seconds(), config.stats_period)
         self.control = Control(lambda: self.config.routes, pools, clients)
         self.configure(config, router)
 
@@ -386,6 +389,9 @@ class Console:
             ("limits.max_message_size", limits.max_message_size),
             ("tls.mode", c.tls.mode),
             ("tls.min_version", c.tls.min_version),
+            ("stats_period", f"{c.stats_period:g}s"),
+            ("log_stats", "on" if c.log_stats else "off"),
+            ("metrics.listen", c.metrics_listen or ""),
         ]
         return [("key", TEXT), ("value", TEXT)], [[k, v] for k, v in values]
 
@@ -416,6 +422,71 @@ class Console:
             ])
         return columns, rows
 
+    # -- statistics (PgBouncer's stats.c: per database, over all its pools) --------------
+
+    def _stats_by_database(self) -> list[tuple[str, Totals, Totals]]:
+        """(database, totals now, averages over the period), sorted by database."""
+        now_totals: dict[str, list[Totals]] = {}
+        older: dict[str, list[Totals]] = {}
+        for pool in list(self.pools.pools.values()):
+            now_totals.setdefault(pool.key.database, []).append(pool.stats.totals())
+            older.setdefault(pool.key.database, []).append(pool.stats.older)
+        seconds = self.period.seconds(self.reactor.seconds())
+        rows = []
+        for database in sorted(now_totals):
+            current = total(now_totals[database])
+            rows.append((database, current, current.averages(total(older[database]), seconds)))
+        return rows
+
+    _TOTALS_COLUMNS = [(name, INT8) for name in (
+        "server_assignment_count", "xact_count", "query_count", "bytes_received", "bytes_sent",
+        "xact_time", "query_time", "wait_time", "client_parse_count", "server_parse_count",
+        "bind_count")]
+    #: SHOW STATS's names: totals then averages, as PgBouncer 1.25 spells them.
+    _STATS_NAMES = (
+        "server_assignment_count", "xact_count", "query_count", "received", "sent", "xact_time",
+        "query_time", "wait_time", "client_parse_count", "server_parse_count", "bind_count")
+    _AVG_NAMES = (
+        "server_assignment_count", "xact_count", "query_count", "recv", "sent", "xact_time",
+        "query_time", "wait_time", "client_parse_count", "server_parse_count", "bind_count")
+
+    def show_stats(self) -> tuple[list, list]:
+        columns = ([("database", TEXT)] + [(f"total_{n}", INT8) for n in self._STATS_NAMES]
+                   + [(f"avg_{n}", INT8) for n in self._AVG_NAMES])
+        return columns, [[db, *now, *avg] for db, now, avg in self._stats_by_database()]
+
+    def show_stats_totals(self) -> tuple[list, list]:
+        return ([("database", TEXT)] + self._TOTALS_COLUMNS,
+                [[db, *now] for db, now, _avg in self._stats_by_database()])
+
+    def show_stats_averages(self) -> tuple[list, list]:
+        # (PgBouncer 1.25 names the last three avg_*, the others as in STATS_TOTALS)
+        columns = [("database", TEXT)] + self._TOTALS_COLUMNS[:8] + [
+            (f"avg_{name}", INT8) for name, _ in self._TOTALS_COLUMNS[8:]]
+        return columns, [[db, *avg] for db, _now, avg in self._stats_by_database()]
+
+    #: SHOW TOTALS's row names (PgBouncer's field names, prefixed total_/avg_).
+    _TOTALS_ROWS = ("server_assignment_count", "xact_count", "query_count", "client_bytes",
+                    "server_bytes", "xact_time", "query_time", "wait_time", "ps_client_parse_count",
+                    "ps_server_parse_count", "ps_bind_count")
+
+    def show_totals(self) -> tuple[list, list]:
+        """SHOW STATS over every database, one (name, value) row per figure."""
+        pools = list(self.pools.pools.values())
+        current = total(p.stats.totals() for p in pools)
+        averages = current.averages(total(p.stats.older for p in pools),
+                                    self.period.seconds(self.reactor.seconds()))
+        rows = ([[f"total_{name}", value] for name, value in zip(self._TOTALS_ROWS, current)]
+                + [[f"avg_{name}", value] for name, value in zip(self._TOTALS_ROWS, averages)])
+        return [("name", TEXT), ("value", INT8)], rows
+
+    def show_state(self) -> tuple[list, list]:
+        """PgBouncer's pause states (a bare PAUSE; PAUSE db shows in SHOW DATABASES);
+        Odissey has no SUSPEND, so that row is left out."""
+        paused = self.pools.paused_all
+        return [("key", TEXT), ("value", TEXT)], [["active", "no" if paused else "yes"],
+                                                   ["paused", "yes" if paused else "no"]]
+
     def show_version(self) -> tuple[list, list]:
         return [("version", TEXT)], [[f"{VERSION} ({platform.python_implementation()} "
                                       f"{platform.python_version()})"]]
@@ -424,6 +495,8 @@ class Console:
         "POOLS": show_pools, "CLIENTS": show_clients, "SERVERS": show_servers,
         "DATABASES": show_databases, "USERS": show_users, "LISTS": show_lists,
         "CONFIG": show_config, "ROUTES": show_routes, "VERSION": show_version,
+        "STATS": show_stats, "STATS_TOTALS": show_stats_totals,
+        "STATS_AVERAGES": show_stats_averages, "TOTALS": show_totals, "STATE": show_state,
     }
 
 
@@ -450,7 +523,8 @@ def _error(sqlstate: str, message: str, **kwargs: Any) -> PoolerError:
 def _unknown(text: str) -> PoolerError:
     return _error(errors.SYNTAX_ERROR, f"invalid command '{text}', use SHOW HELP;",
                   hint="Commands: SHOW HELP|VERSION|POOLS|CLIENTS|SERVERS|DATABASES|USERS|"
-                       "CONFIG|LISTS|ROUTES; " + ", ".join(Control.COMMANDS))
+                       "CONFIG|LISTS|ROUTES|STATS|STATS_TOTALS|STATS_AVERAGES|TOTALS|STATE; "
+                       + ", ".join(Control.COMMANDS))
 
 
 class ConsoleSession:
@@ -614,9 +688,6 @@ class ConsoleSession:
                 columns, rows = show(self.console)
                 return (m.row_description(columns) + b"".join(m.data_row(r) for r in rows)
                         + m.command_complete(b"SHOW"))
-            if what in SHOW_COMING:
-                raise _error(errors.FEATURE_NOT_SUPPORTED, f"SHOW {what} is not supported yet",
-                             hint="See SHOW HELP for what the console answers today.")
             if what in SHOW_NEVER:
                 raise _error(errors.FEATURE_NOT_SUPPORTED,
                              f"SHOW {what} is PgBouncer's; Odissey has nothing to show for it")

@@ -31,6 +31,7 @@ from twisted.python.failure import Failure
 from odissey.config import Route
 from odissey.params import Fingerprints, Params, params_from
 from odissey.server import ServerConnection, ServerState
+from odissey.stats import PoolStats, interval_clock
 from odissey.statements import Registry
 from odissey.wire import errors
 from odissey.wire import messages as m
@@ -76,12 +77,13 @@ class Waiter(TypingProtocol):
 
 
 class _Queued:
-    __slots__ = ("client_id", "waiter", "deadline")
+    __slots__ = ("client_id", "waiter", "deadline", "since")
 
-    def __init__(self, client_id: str, waiter: Waiter, deadline: float) -> None:
+    def __init__(self, client_id: str, waiter: Waiter, deadline: float, since: float) -> None:
         self.client_id = client_id
         self.waiter = waiter
         self.deadline = deadline
+        self.since = since
 
 
 class _DeferredWaiter:
@@ -155,6 +157,9 @@ class Pool:
             Registry(settings.max_prepared_statements)
             if settings.mode == "transaction" and settings.max_prepared_statements else None
         )
+        self.stats = PoolStats(self.statements)
+        #: Integer nanoseconds, for the relays' query and transaction times.
+        self.clock_ns = interval_clock(reactor)
 
     @property
     def parameters_cache(self) -> list[tuple[str, str]] | None:
@@ -185,6 +190,7 @@ class Pool:
         chosen = self._idle_of.get(client_id) or self.idle[-1]
         self._leave_idle(chosen)
         self.active.add(chosen)
+        self.stats.assignments += 1
         return chosen
 
     def _enter_idle(self, server: ServerConnection) -> None:
@@ -201,8 +207,9 @@ class Pool:
     def queue(self, client_id: str, waiter: Waiter) -> None:
         """Queue for a server: ``waiter`` is told once, maybe before this returns (the
         storage is backing off after failures); 53300 after the route's wait timeout."""
-        deadline = self.reactor.seconds() + self.route.pool.wait_timeout
-        self.waiters.append(_Queued(client_id, waiter, deadline))
+        now = self.reactor.seconds()
+        deadline = now + self.route.pool.wait_timeout
+        self.waiters.append(_Queued(client_id, waiter, deadline, now))
         timer = self._timer
         if timer is None:
             self._timer = self.reactor.callLater(self.route.pool.wait_timeout, self._expire)
@@ -255,10 +262,11 @@ class Pool:
             self.active.discard(server)
             server.owner = None
             self._given(server)
+            self.stats.closed("shutdown" if self.closed else "lifetime" if server.retiring else "unusable")
             server.close()
             self._grow()
         elif self.waiters:  # (_hand_out, inlined: this runs once per transaction)
-            self.waiters.popleft().waiter.granted(server)
+            self._grant(server)
         else:
             self.active.discard(server)
             self._enter_idle(server)
@@ -269,6 +277,7 @@ class Pool:
         self.active.discard(server)
         if server in self.idle:
             self._leave_idle(server)
+        self.stats.closed("dirty")
         server.owner = None
         server.abort()
         self._grow()
@@ -276,6 +285,7 @@ class Pool:
     def serverLost(self, server: ServerConnection) -> None:
         """A server connection closed under us."""
         self._given(server)
+        self.stats.closed("lost")
         self.active.discard(server)
         if server in self.idle:
             self._leave_idle(server)
@@ -286,9 +296,17 @@ class Pool:
         to the idle list."""
         if self.waiters:
             self.active.add(server)
-            self.waiters.popleft().waiter.granted(server)
+            self._grant(server)
         else:
             self._enter_idle(server)
+
+    def _grant(self, server: ServerConnection) -> None:
+        """The first waiter gets ``server``: counted as an assignment after a wait."""
+        queued = self.waiters.popleft()
+        stats = self.stats
+        stats.assignments += 1
+        stats.waited(self.reactor.seconds() - queued.since)
+        queued.waiter.granted(server)
 
     # -- servers ---------------------------------------------------------------------------
 
@@ -323,6 +341,7 @@ class Pool:
 
     def _opened(self, server: ServerConnection, generation: int) -> None:
         self.opening -= 1
+        self.stats.server_connects += 1
         self.backoff, self.retry_at, self.last_error = 0.0, 0.0, None
         if self.closed or self.pause_state is not PauseState.RUNNING or generation != self.generation:
             server.close()  # (not wanted any more, or begun before a RECONNECT or reload)
@@ -342,6 +361,7 @@ class Pool:
         self.opening -= 1
         if failure.check(Withdrawn):
             return
+        self.stats.connect_failures += 1
         error = failure.value
         if not isinstance(error, PoolerError):
             error = PoolerError(errors.CONNECTION_FAILURE, f"could not connect to server: {error}")
@@ -413,6 +433,7 @@ class Pool:
             )
             if idle_too_long or (lifetime and now - server.created_at > lifetime):
                 self._leave_idle(server)
+                self.stats.closed("idle_timeout" if idle_too_long else "lifetime")
                 server.owner = None
                 server.close()
         if (not self.closed and not self.waiters and now >= self.retry_at
@@ -596,6 +617,7 @@ class Pool:
     def close(self) -> None:
         self.closed = True
         for server in list(self.idle):
+            self.stats.closed("shutdown")
             server.close()
         self.idle.clear()
         self._idle_of.clear()

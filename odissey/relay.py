@@ -142,6 +142,12 @@ class Relay:
         #: ``heard_at`` on its next pass, so the hot path never reads the clock.
         self.heard = False
         self.heard_at = pool.reactor.seconds()
+        #: Counters (stats.py), and when the query and transaction being timed began
+        #: (None: none is): read at a query's start and end only, never per chunk.
+        self.stats = pool.stats
+        self._clock = pool.clock_ns
+        self._query_at: int | None = None
+        self._xact_at: int | None = None
 
     # -- client side -------------------------------------------------------------------
 
@@ -168,6 +174,11 @@ class Relay:
             except ProtocolViolation as exc:
                 self._violation(exc)
                 return
+        self.stats.received += len(data)
+        if self._query_at is None and self.tx.pending:  # a query starts (PgBouncer's query_start)
+            self._query_at = now = self._clock()
+            if self._xact_at is None:
+                self._xact_at = now
         if end is not None:
             self.goodbye = True
             if end < 0:  # Terminate's header began in the previous chunk, already sent
@@ -200,6 +211,11 @@ class Relay:
                 return
             partial = self.scanner.in_message()
             holding = partial is not None and partial[0] in COLLECT
+        self.stats.received += len(data)
+        if self._query_at is None:  # (the tracker sees the chunk only once it is sent)
+            self._query_at = now = self._clock()
+            if self._xact_at is None:
+                self._xact_at = now
         if self.state is RelayState.ATTACHED:
             self._forward(data, events, holding)
             if self.state is RelayState.ATTACHED:
@@ -324,6 +340,7 @@ class Relay:
         if self._cancel_on_way is not None:
             return self._cancel_on_way
         sent = server.cancel()
+        self.stats.cancels += 1
         self.cancels.append(sent)
         self._cancel_on_way = sent
 
@@ -478,6 +495,7 @@ class Relay:
         statements = self.statements
         # With replies of Odissey's own in the queue, the chunk is edited on its way.
         edited = statements is not None and bool(statements.editing or statements.held)
+        self.stats.sent += len(data)
         if not edited:
             # The usual reply: one pass finds its ReadyForQuery, no events.
             quick = self.tx.replies(self.server.scanner, data)  # type: ignore[union-attr]
@@ -485,6 +503,8 @@ class Relay:
                 self.heard = True
                 if not self._to_client(data) and not self.coupled:
                     self._couple()
+                if self._query_at is not None and not self.tx.pending and not self.tx.unsynced:
+                    self._query_over()
                 if quick:
                     self._ready()
                 return
@@ -510,6 +530,8 @@ class Relay:
                     if statements is not None:
                         statements.failed()
             ready = self.tx.server(events)
+            if self._query_at is not None and not self.tx.pending and not self.tx.unsynced:
+                self._query_over()
         if edited:
             scanner = self.server.scanner  # type: ignore[union-attr]
             partial = scanner.in_message()
@@ -518,6 +540,17 @@ class Relay:
                 self._couple()
         if ready:
             self._ready()
+
+    def _query_over(self) -> None:
+        """Nothing is outstanding: the query is over, and the transaction if idle. (The
+        caller checks that inline: it holds once per query, a call costs CPython more
+        than the check.)"""
+        now = self._clock()
+        xact = -1
+        if self.tx.status == b"I":
+            xact, self._xact_at = now - self._xact_at, None  # type: ignore[operator]
+        self.stats.ended(now - self._query_at, xact)  # type: ignore[operator]
+        self._query_at = None
 
     def _ready(self) -> None:
         """A ReadyForQuery left the server idle: a transaction-mode server goes."""
@@ -582,6 +615,7 @@ class Relay:
         if not cancels and not settings.reset_after_transaction:
             self.pool.release(server)
             return
+        self.stats.resets += 1
         settling = reset.after_transaction(
             server,
             cancels,
@@ -604,6 +638,7 @@ class Relay:
         cut = self.scanner.in_message()
         if self.stream_cut:
             cut = (0, -1)
+        self.stats.resets += 1
         cleaning = reset.clean(
             server,
             self.tx,

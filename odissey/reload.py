@@ -110,9 +110,12 @@ def _managed_problems(old: Config, new: Config) -> list[str]:
 
 def _restart_problems(old: Config, new: Config) -> list[str]:
     """Keys read once, at start: a reload that changes them is refused rather than
-    half-applied (every cancel key handed out names the running peer id)."""
-    problems = [f"{key}: read at start only; changing it needs a restart"
-                for key in ("peer_id", "peers")
+    half-applied (every cancel key handed out names the running peer id; the metrics
+    endpoint and the stats period are set up once)."""
+    problems = [f"{path}: read at start only; changing it needs a restart"
+                for path, key in (("peer_id", "peer_id"), ("peers", "peers"),
+                                  ("metrics.listen", "metrics_listen"),
+                                  ("stats_period", "stats_period"))
                 if getattr(old, key) != getattr(new, key)]
     return problems + _managed_problems(old, new)
 

@@ -31,12 +31,14 @@ from odissey.drain import Drain, end_all
 from odissey.handover import HandoverServer, Taken, take as take_sockets
 from odissey.janitor import PERIOD, Janitor
 from odissey.logs import Observer
+from odissey.metrics import MetricsResource, MetricsSite, PoolCollector
 from odissey.pool import Pool, PoolKey, Pools, ServerConnector
 from odissey.reload import RECONNECT, REPLACE, SAME, Plan, plan as plan_reload
 from odissey.postgres import LocalPostgres
 from odissey.router import Router
 from odissey.systemd import Notifier
 from odissey.server import ServerConnection, connect
+from odissey.stats import Period, Ticker
 from odissey import tls
 
 log = Logger()
@@ -208,6 +210,8 @@ class OdisseyService(MultiService):
         self._retired_indexes = itertools.count(-1, -1)
         #: systemd's sd_notify (when the service owns a process started by systemd).
         self.notifier = Notifier(reactor, os.environ if process else {})  # type: ignore[arg-type]
+        #: The Prometheus endpoint (metrics.listen), when it is on.
+        self.metrics_port: IListeningPort | None = None
         self.factory: ClientFactory | None = None
         self.pools: Pools | None = None
         self.auth_queries: AuthQueries | None = None
@@ -254,10 +258,11 @@ class OdisseyService(MultiService):
             tls=self.server_tls)))
         self.auth_queries = AuthQueries(self.reactor, self.threads, self.live, tls=self.server_tls)
         router = Router(self.config.routes)
+        period = Period(self.reactor.seconds(), self.config.stats_period)
         console = self.console = Console(
             self.config, router, self.pools,
             lambda: self.factory.clients if self.factory is not None else (),
-            self.reactor, _Operator(self))
+            self.reactor, _Operator(self), period)
         peer_id = self.config.peer_id
         keys: CancelKeys[ClientConnection] = CancelKeys(self.key_layout())
         if peer_id:
@@ -274,8 +279,15 @@ class OdisseyService(MultiService):
         janitor = TimerService(PERIOD, Janitor(self.reactor, self.pools, self.factory).tick)
         janitor.clock = self.reactor
         janitor.setServiceParent(self)
+        pools = self.pools
+        ticker = TimerService(self.config.stats_period, Ticker(
+            self.reactor, period, lambda: [(str(key), pool.stats) for key, pool in pools.pools.items()],
+            self.config.log_stats).turn)
+        ticker.clock = self.reactor
+        ticker.setServiceParent(self)
         self.built()
         yield self.listen()
+        yield self.serve_metrics()
         self.phase = Phase.RUNNING
         self.notifier.ready()
         self.ready.callback(self.ports)
@@ -294,6 +306,18 @@ class OdisseyService(MultiService):
     def built(self) -> None:
         """Pools, client factory and console exist, nothing listens yet: where a worker
         connects them to its master."""
+
+    @inlineCallbacks
+    def serve_metrics(self):
+        """Open the Prometheus endpoint (``metrics.listen``), when it is configured."""
+        if self.config.metrics_listen is None:
+            return
+        factory = self.factory
+        assert factory is not None
+        collector = PoolCollector(self.pools, lambda: factory.clients, lambda: factory.login_failures)
+        self.metrics_port = yield serverFromString(self.reactor, self.config.metrics_listen).listen(
+            MetricsSite(MetricsResource(collector, self.threads)))
+        log.info("serving metrics on {where}", where=self.config.metrics_listen)
 
     @inlineCallbacks
     def listen(self):
@@ -484,8 +508,9 @@ class OdisseyService(MultiService):
         self.notifier.stopping()
         if self.handover is not None:
             self.handover.close()
-        yield DeferredList([port.stopListening() for port in self.ports])
-        self.ports = []
+        ports = self.ports + ([self.metrics_port] if self.metrics_port is not None else [])
+        yield DeferredList([port.stopListening() for port in ports])
+        self.ports, self.metrics_port = [], None
         self.listening = {}
         factory = self.factory
         if factory is not None:

@@ -189,6 +189,11 @@ class WorkerService(OdisseyService):
         asking = link.callRemote(Cancel, pid=pid, secret=secret)
         return asking.addBoth(lambda _: None)
 
+    def serve_metrics(self) -> "Deferred[None]":
+        """Workers share one ``metrics.listen`` address, which only one process can
+        bind: not served by workers (see docs/operations.md)."""
+        return succeed(None)
+
     def listen(self) -> "Deferred[None]":
         for fd, family in self.listeners:
             port = self.reactor.adoptStreamPort(fd, family, self.factory)  # type: ignore[attr-defined]

@@ -176,6 +176,7 @@ class ConfigTests(SynchronousTestCase):
         self.assertEqual((tx.user, tx.pool.mode, tx.pool.size, tx.server.database), ("demo", "transaction", 4, "demo"))
         self.assertEqual(tx.auth.password.value, "demo")
         self.assertEqual(cfg.admin_users, ("demo",))  # README: psql -U demo odissey -c 'SHOW POOLS'
+        self.assertEqual(cfg.metrics_listen, "tcp:9127:interface=127.0.0.1")  # README: curl …:9127/metrics
 
     def test_peers_example_is_what_deployment_says(self) -> None:
         """docs/examples/peers.yaml is instance 1 of 3, every instance listed, and the
@@ -203,6 +204,24 @@ class ConfigTests(SynchronousTestCase):
         doc = minimal(user="*")
         doc["stats_users"] = ["anyone"]
         self.assertEqual(parse(doc).stats_users, ("anyone",))
+
+    def test_stats_and_metrics_keys(self) -> None:
+        """stats_period (PgBouncer's default 60 s), log_stats and metrics.listen are read
+        and checked with their key paths."""
+        cfg = parse(minimal())
+        self.assertEqual((cfg.stats_period, cfg.log_stats, cfg.metrics_listen), (60.0, True, None))
+        doc = minimal()
+        doc.update(stats_period="15s", log_stats=False, metrics={"listen": "tcp:9127:interface=127.0.0.1"})
+        cfg = parse(doc)
+        self.assertEqual((cfg.stats_period, cfg.log_stats, cfg.metrics_listen),
+                         (15.0, False, "tcp:9127:interface=127.0.0.1"))
+        doc.update(stats_period="0s", log_stats="yes", metrics={"port": 9127})
+        self.assertEqual(self.problems(doc), [
+            'stats_period: must be a duration like 60s, got "0s"',
+            'log_stats: must be true or false, got "yes"',
+            "metrics.port: unknown key (expected one of: listen)",
+            "metrics.listen: is required",
+        ])
 
 
 class PeerConfigTests(SynchronousTestCase):

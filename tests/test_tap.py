@@ -11,6 +11,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +48,12 @@ def stop(proc: subprocess.Popen[str]) -> str:
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=60)
     return out
+
+
+def scrape(port: int) -> str:
+    """The metrics endpoint's text."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as reply:
+        return reply.read().decode()
 
 
 class TapTests(TestCase):
@@ -105,6 +112,8 @@ class TapTests(TestCase):
         demo = yaml.safe_load((ROOT / "docs/examples/demo.yaml").read_text())
         demo["listen"] = [f"tcp:{port}:interface=127.0.0.1"]
         demo["storages"]["local"]["port"] = free_port()
+        metrics_port = free_port()
+        demo["metrics"]["listen"] = f"tcp:{metrics_port}:interface=127.0.0.1"
         proc = self.twistd("odissey", "-c", self.write_config(demo))
         try:
             answer = yield deferToThread(psql_until_up, port, "select current_user || '/' || current_database()",
@@ -113,6 +122,9 @@ class TapTests(TestCase):
             answer = yield deferToThread(psql_until_up, port, "select current_user || '/' || current_database()",
                                          "demo", "demo", "demo_tx")
             self.assertEqual(answer, "demo/demo")  # demo_tx is served by database demo
+            scraped = yield deferToThread(scrape, metrics_port)
+            self.assertIn('odissey_pool_transactions_total{database="demo_tx",route="",user="demo"} 1.0',
+                          scraped)
         finally:
             out = yield deferToThread(stop, proc)
         self.assertIn(proc.returncode, (0, -signal.SIGTERM), out)  # twistd re-raises SIGTERM
