@@ -32,8 +32,8 @@ def start_odyssey(binary: str, pg_port: int, user: str, password: str, db: str, 
                  if tls else "")
     conf = files / "odyssey.conf"
     conf.write_text(
-        f'daemonize no\nunix_socket_dir "{files}"\nlocks_dir "{files}"\n'
-        f'log_file "{files}/odyssey.log"\nlog_to_stdout no\nlog_debug no\nlog_config no\n'
+        f'daemonize no\nunix_socket_dir "{files}"\nunix_socket_mode "0644"\nlocks_dir "{files}"\n'
+        f'log_file "{files}/odyssey.log"\nlog_to_stdout no\nlog_format "%p %t %l [%i %s] (%c) %m\\n"\nlog_debug no\nlog_config no\n'
         f'log_session no\nlog_query no\nlog_stats no\n'
         f'workers {workers}\nresolvers 1\nnodelay yes\n'
         f'listen {{\n\thost "127.0.0.1"\n\tport {port}\n\tbacklog 128\n{tls_lines}}}\n'
