@@ -187,8 +187,11 @@ def main() -> None:
     #: Targets that are not run for a protocol, and why.
     skipped: dict[tuple[str, str], str] = {}
     try:
+        # Every pooler keeps its pool of servers open while pgbench connects directly.
+        poolers = 2 + len(worker_targets) + (1 + len(args.workers) if args.odyssey else 0) + bool(args.pypy)
+        connections = max(args.clients) + 50 + poolers * args.pool_size
         pg = start_postgres(USER, PASSWORD, DB, scale=args.scale,
-                            settings={"max_connections": str(max(300, max(args.clients) + 50))})
+                            settings={"max_connections": str(max(300, connections))})
         targets: dict[str, tuple[int, int | None]] = {"postgres": (pg.port, None)}
         cert = make_certs(Path(workdir))["ecdsa"] if args.tls_connect else None
         odissey_tls = (f"tls: {{mode: allow, cert_file: '{cert[0]}', key_file: '{cert[1]}'}}\n"
