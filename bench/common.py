@@ -129,17 +129,20 @@ class PgbenchFailed(RuntimeError):
 
 def pgbench(port: int, user: str, password: str, db: str, *, clients: int, jobs: int,
             protocol: str, seconds: int = 0, transactions: int = 0, select_only: bool = True,
-            connect: bool = False) -> float:
+            connect: bool = False, sslmode: str = "") -> float:
     """One ``pgbench -n [-S] [-C] -c clients -j jobs -M protocol -T seconds`` run (``-t
     transactions`` per client instead when given) against 127.0.0.1:``port``; returns its
-    TPS (with ``connect``, a new connection per transaction, connecting included). Raises :class:`PgbenchFailed` unless pgbench
-    exited with status 0, printed a TPS and counted no failed transaction, so that a
-    target that cannot run a protocol is never reported as a number."""
+    TPS (with ``connect``, a new connection per transaction, connecting included);
+    ``sslmode`` is libpq's (``PGSSLMODE``), the environment's when empty. Raises
+    :class:`PgbenchFailed` unless pgbench exited with status 0, printed a TPS and counted
+    no failed transaction, so that a target that cannot run a protocol is never reported
+    as a number."""
     length = ["-t", str(transactions)] if transactions else ["-T", str(seconds)]
     command = ["pgbench", "-h", "127.0.0.1", "-p", str(port), "-U", user, "-n",
                "-c", str(clients), "-j", str(min(clients, jobs)), *length, "-M", protocol]
     done = subprocess.run(command + (["-S"] if select_only else []) + (["-C"] if connect else []) + [db],
-                          capture_output=True, text=True, env=pg_env(password))
+                          capture_output=True, text=True,
+                          env={**pg_env(password), **({"PGSSLMODE": sslmode} if sslmode else {})})
     output = f"{' '.join(command)}\nexit status {done.returncode}\n{done.stdout}{done.stderr}"
     errors: List[str] = [line for line in done.stderr.splitlines() if "error" in line.lower()]
     failed = re.search(r"number of failed transactions: (\d+)", done.stdout)

@@ -11,14 +11,19 @@ all its processes), and, when both were run, each target's prepared against exte
 
 ``--protocol`` takes pgbench's ``-M`` values: simple, extended, prepared; each runs the
 select-only script (``-S``), and also ``--tpcb`` the built-in tpcb-like one and ``--connect``
-select-only with a new connection per transaction (``-C``, churn). PgBouncer before
+select-only with a new connection per transaction (``-C``, churn). ``--tls-connect`` adds
+the TLS connection storm: ``-S -C`` with ``sslmode=require``; the poolers then allow client
+TLS with a throwaway ECDSA certificate (bench/certs.py), the other loads run with
+``sslmode=disable``, and PostgreSQL direct (no TLS here) is skipped for it; with ``-C`` the
+pooler's CPU per transaction is its CPU per connection. PgBouncer before
 1.21 has no prepared statements in transaction mode, so with it ``prepared`` is skipped
 there (and said so in the report); ``--try-unsupported`` runs it anyway, to show how it
 fails. A run whose pgbench fails (exit status, an error line, an aborted client, a failed
 transaction) is reported as failed with pgbench's first error, never as a number.
 
 Needs PostgreSQL's server binaries and pgbench; PgBouncer is used when ``pgbouncer`` is on
-the PATH (or /usr/sbin). Everything listens on 127.0.0.1 only and is stopped at the end.
+the PATH (or /usr/sbin). ``--odyssey BINARY`` adds Yandex Odyssey (bench/odyssey.py) with one
+worker and with each ``--workers`` count. Everything listens on 127.0.0.1 only and is stopped at the end.
 """
 
 from __future__ import annotations
@@ -34,8 +39,10 @@ import sys
 import tempfile
 from pathlib import Path
 
+from certs import make_certs
 from common import (PgbenchFailed, free_port, pgbench, postgres_cpu_seconds, start_floor,
                     start_odissey, start_postgres, stop, tree_cpu_times, wait_port)
+from odyssey import start_odyssey
 
 USER, PASSWORD, DB = "bench", "bench-pw", "bench"
 PROTOCOLS = ("simple", "extended", "prepared")
@@ -54,9 +61,10 @@ def pgbouncer_version(binary: str) -> tuple[int, ...]:
 
 
 def start_pgbouncer(binary: str, pg_port: int, mode: str, pool_size: int, workdir: str,
-                    prepared: bool) -> tuple[subprocess.Popen, int]:
+                    prepared: bool, tls: tuple[Path, Path] | None = None) -> tuple[subprocess.Popen, int]:
     """PgBouncer with one md5 database in front of 127.0.0.1:``pg_port``; ``prepared``
-    turns on its prepared statements (1.21+), 200 per server as Odissey's default."""
+    turns on its prepared statements (1.21+), 200 per server as Odissey's default; ``tls``
+    (certificate, key) allows client TLS."""
     port = free_port()
     userlist = Path(workdir) / "userlist.txt"
     userlist.write_text(f'"{USER}" "{PASSWORD}"\n')
@@ -70,6 +78,8 @@ def start_pgbouncer(binary: str, pg_port: int, mode: str, pool_size: int, workdi
         f"pool_mode = {mode}\ndefault_pool_size = {pool_size}\nmax_client_conn = 2000\n"
         f"logfile = {workdir}/pgbouncer.log\n"
         + ("max_prepared_statements = 200\n" if prepared else "")
+        + (f"client_tls_sslmode = allow\nclient_tls_cert_file = {tls[0]}\nclient_tls_key_file = {tls[1]}\n"
+           if tls else "")
     )
     user = None
     if os.geteuid() == 0:
@@ -100,7 +110,8 @@ def clients_list(text: str) -> list[int]:
 
 
 #: (target, clients, load): the load is the -M protocol, with " tpcb" (the tpcb-like script
-#: instead of -S) or " -C" (a connection per transaction) after it.
+#: instead of -S), " -C" (a connection per transaction) or " -C tls" (the same with
+#: sslmode=require) after it.
 Key = tuple[str, int, str]
 
 
@@ -108,7 +119,8 @@ def pgbench_load(port: int, load: str, clients: int, jobs: int, seconds: int) ->
     """One pgbench run of ``load`` (see :data:`Key`)."""
     protocol, _, variant = load.partition(" ")
     return pgbench(port, USER, PASSWORD, DB, clients=clients, jobs=jobs, protocol=protocol,
-                   seconds=seconds, select_only=variant != "tpcb", connect=variant == "-C")
+                   seconds=seconds, select_only=variant != "tpcb", connect=variant.startswith("-C"),
+                   sslmode="require" if variant == "-C tls" else "disable")
 
 
 def median_text(values: list[float] | None, digits: int = 1) -> str:
@@ -131,6 +143,11 @@ def main() -> None:
     parser.add_argument("--tpcb", action="store_true", help="also the tpcb-like script, each protocol")
     parser.add_argument("--connect", action="store_true",
                         help="also -S with a new connection per transaction (-C), each protocol")
+    parser.add_argument("--tls-connect", action="store_true",
+                        help="also -S -C with sslmode=require (the TLS connection storm), each protocol; "
+                             "the poolers allow client TLS")
+    parser.add_argument("--odyssey", metavar="BINARY",
+                        help="also Yandex Odyssey, this binary, with 1 worker and each --workers count")
     parser.add_argument("--twisted-write", action="store_true",
                         help="the floor writes with plain transport.write (see bench/floor.py)")
     parser.add_argument("--seconds", type=int, default=20)
@@ -154,28 +171,39 @@ def main() -> None:
     loads = list(args.protocol)
     loads += [f"{protocol} tpcb" for protocol in args.protocol] if args.tpcb else []
     loads += [f"{protocol} -C" for protocol in args.protocol] if args.connect else []
+    loads += [f"{protocol} -C tls" for protocol in args.protocol] if args.tls_connect else []
 
     def skip_reason(name: str, load: str) -> str | None:
-        return skipped.get((name, load.partition(" ")[0]))
+        return skipped.get((name, load)) or skipped.get((name, load.partition(" ")[0]))
 
     #: (workers, (target name, interpreter)) for each multi-worker Odissey.
     worker_targets = [(workers, target) for workers in args.workers
                       for target in ((f"odissey-w{workers}", sys.executable),
                                      (f"odissey-pypy-w{workers}", args.pypy)) if target[1]]
     workdir = tempfile.mkdtemp(prefix="odissey-bench-")
+    os.chmod(workdir, 0o755)  # PgBouncer and Odyssey run as postgres when we are root
     pg = None
     procs: list[subprocess.Popen] = []
     #: Targets that are not run for a protocol, and why.
     skipped: dict[tuple[str, str], str] = {}
     try:
+        # Every pooler keeps its pool of servers open while pgbench connects directly.
+        poolers = 2 + len(worker_targets) + (1 + len(args.workers) if args.odyssey else 0) + bool(args.pypy)
+        connections = max(args.clients) + 50 + poolers * args.pool_size
         pg = start_postgres(USER, PASSWORD, DB, scale=args.scale,
-                            settings={"max_connections": str(max(300, max(args.clients) + 50))})
+                            settings={"max_connections": str(max(300, connections))})
         targets: dict[str, tuple[int, int | None]] = {"postgres": (pg.port, None)}
+        cert = make_certs(Path(workdir))["ecdsa"] if args.tls_connect else None
+        odissey_tls = (f"tls: {{mode: allow, cert_file: '{cert[0]}', key_file: '{cert[1]}'}}\n"
+                       if cert else "")
+        for load in loads:
+            if load.endswith(" -C tls"):
+                skipped[("postgres", load)] = "PostgreSQL here has no TLS"
         binary = None if args.no_pgbouncer else pgbouncer_binary()
         if binary:
             version = pgbouncer_version(binary)
             prepared = version >= PGBOUNCER_PREPARED
-            proc, port = start_pgbouncer(binary, pg.port, args.mode, args.pool_size, workdir, prepared)
+            proc, port = start_pgbouncer(binary, pg.port, args.mode, args.pool_size, workdir, prepared, cert)
             procs.append(proc)
             targets["pgbouncer"] = (port, proc.pid)
             if args.mode == "transaction" and not prepared and not args.try_unsupported:
@@ -183,19 +211,28 @@ def main() -> None:
                     f"PgBouncer {'.'.join(map(str, version))} has no prepared statements in "
                     f"transaction mode (they came in 1.21)")
         odissey, port, _package = start_odissey(pg.port, USER, PASSWORD, DB, mode=args.mode,
-                                                pool_size=args.pool_size, workdir=workdir)
+                                                pool_size=args.pool_size, workdir=workdir, extra=odissey_tls)
         procs.append(odissey)
         targets["odissey"] = (port, odissey.pid)
         for workers, (name, python) in worker_targets:
             proc, port, _package = start_odissey(pg.port, USER, PASSWORD, DB, mode=args.mode,
                                                  pool_size=args.pool_size, workdir=workdir,
-                                                 python=python, name=name, extra=f"workers: {workers}\n")
+                                                 python=python, name=name,
+                                                 extra=f"workers: {workers}\n" + odissey_tls)
             procs.append(proc)
             targets[name] = (port, proc.pid)
+        if args.odyssey:
+            for workers in [1, *args.workers]:
+                name = "odyssey" if workers == 1 else f"odyssey-w{workers}"
+                proc, port = start_odyssey(args.odyssey, pg.port, USER, PASSWORD, DB, mode=args.mode,
+                                           pool_size=args.pool_size, workers=workers, workdir=Path(workdir),
+                                           name=name, tls=cert)
+                procs.append(proc)
+                targets[name] = (port, proc.pid)
         if args.pypy:
             proc, port, _package = start_odissey(pg.port, USER, PASSWORD, DB, mode=args.mode,
                                                  pool_size=args.pool_size, workdir=workdir,
-                                                 python=args.pypy, name="odissey-pypy")
+                                                 python=args.pypy, name="odissey-pypy", extra=odissey_tls)
             procs.append(proc)
             targets["odissey-pypy"] = (port, proc.pid)
         if args.floor:
