@@ -118,3 +118,13 @@ class Stats(amp.Command):
 
     arguments = []
     response = [(b"stats", amp.Unicode())]
+
+
+class Order(amp.Command):
+    """A console control command (PAUSE, RESUME, ..., KILL_CLIENT) spanning workers:
+    worker -> master, then master -> every worker. Answered once done (PAUSE: once the
+    servers are released); ``sqlstate`` "" if done, else the refusal's SQLSTATE,
+    message and hint."""
+
+    arguments = [(b"verb", amp.Unicode()), (b"arg", amp.Unicode(optional=True))]
+    response = [(b"sqlstate", amp.Unicode()), (b"message", amp.Unicode()), (b"hint", amp.Unicode())]

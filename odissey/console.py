@@ -152,6 +152,9 @@ class Console:
         #: The stats period the averages are taken over (turned by the service).
         self.period = period if period is not None else Period(reactor.seconds(), config.stats_period)
         self.control = Control(lambda: self.config.routes, pools, clients)
+        #: Who carries out a control command when other processes serve the same pools
+        #: (a worker's master, which asks every worker); None: this process's Control.
+        self.spread: Optional[Callable[[str, Optional[str]], Deferred[None]]] = None
         self.configure(config, router)
 
     def configure(self, config: Config, router: Router) -> None:
@@ -708,7 +711,8 @@ class ConsoleSession:
                 raise _unknown(command)
             arg = words[1].strip('"') if len(words) == 2 else None
             log.info("{id}: console: {command}", id=self.client_id, command=command)
-            done = control(self.console.control, arg)
+            spread = self.console.spread
+            done = spread(verb, arg) if spread is not None else control(self.console.control, arg)
             tag = verb.encode()
             if isinstance(done, Deferred):
                 return done.addCallback(lambda _: m.command_complete(tag))

@@ -29,14 +29,16 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from odissey.cancel import KeyLayout
-from odissey.commands import (REPORT_PERIOD, Admit, Cancel, Lease, Leave, Others, Reclaim, Release, Report,
-                              Stats, Withdraw, pool_name, rows_json)
+from odissey.commands import (REPORT_PERIOD, Admit, Cancel, Lease, Leave, Order, Others, Reclaim, Release,
+                              Report, Stats, Withdraw, pool_name, rows_json)
 from odissey.config import Config, LogSettings, Route
+from odissey.control import Control
 from odissey.janitor import PERIOD
 from odissey.logs import Observer
 from odissey.pool import PoolKey, Pools, ServerConnector, Withdrawn
 from odissey.server import ServerConnection
 from odissey.service import OdisseyService
+from odissey.wire.errors import PoolerError
 
 log = Logger()
 
@@ -63,6 +65,36 @@ class MasterLink(amp.AMP):
         if self.transport is not None and not self.lost.called:
             self.callRemote(Leave, route=route_index)
 
+    def order(self, verb: str, arg: Optional[str]) -> "Deferred[None]":
+        """A console control command, for every worker: through the master (see
+        :meth:`obey`); a refusal comes back as the PoolerError the console answers."""
+        asking = self.callRemote(Order, verb=verb, arg=arg)
+
+        def answered(answer: dict[str, Any]) -> None:
+            if answer["sqlstate"]:
+                raise PoolerError(answer["sqlstate"], answer["message"], severity="ERROR",
+                                  hint=answer["hint"] or None)
+
+        return asking.addCallback(answered)
+
+    @Order.responder
+    def obey(self, verb: str, arg: Optional[str] = None) -> "Deferred[dict[str, Any]]":
+        """A control command the master sends every worker: carried out on this one's
+        pools and clients, answered once done or with the refusal."""
+        console = self.service.console
+        assert console is not None
+        try:
+            done = Control.COMMANDS[verb](console.control, arg)
+        except PoolerError as exc:
+            return succeed(_refused(exc))
+        if done is None:
+            return succeed(_refused(None))
+        def failed(failure: Failure) -> dict[str, Any]:
+            failure.trap(PoolerError)
+            return _refused(failure.value)
+
+        return done.addCallbacks(lambda _: _refused(None), failed)
+
     @Reclaim.responder
     def reclaim(self, pool: str, idle_only: bool) -> dict[str, Any]:
         found = self.service.pools.pools.get(PoolKey(*json.loads(pool))) if self.service.pools else None
@@ -86,6 +118,13 @@ class MasterLink(amp.AMP):
     def connectionLost(self, reason: Optional[Failure] = None) -> None:
         super().connectionLost(reason)
         self.lost.callback(None)
+
+
+def _refused(error: Optional[PoolerError]) -> dict[str, Any]:
+    """An Order's answer: done (None), or the refusal."""
+    if error is None:
+        return {"sqlstate": "", "message": "", "hint": ""}
+    return {"sqlstate": error.sqlstate, "message": error.message, "hint": error.hint or ""}
 
 
 class _Adopted:
@@ -172,6 +211,8 @@ class WorkerService(OdisseyService):
         reporting.setServiceParent(self)
         assert self.factory is not None and self.console is not None
         self.console.elsewhere = lambda: self.others
+        self.console.spread = self.link.order if self.link is not None else None
+        self.factory.ids = itertools.count(self.number + 1, self.workers)
         self.factory.elsewhere = self._cancel_elsewhere
         self.factory.admission = self.link
 

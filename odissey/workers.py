@@ -34,14 +34,15 @@ from twisted.python.failure import Failure
 import odissey
 from odissey.auth.secrets import InThread, reactor_threads
 from odissey.cancel import KeyLayout
-from odissey.commands import (REPORT_PERIOD, Admit, Cancel, Lease, Leave, Others, Reclaim, Release, Report,
-                              Stats, Withdraw, rows_json)
+from odissey.commands import (REPORT_PERIOD, Admit, Cancel, Lease, Leave, Order, Others, Reclaim, Release,
+                              Report, Stats, Withdraw, rows_json)
 from odissey.config import Config
 from odissey.leases import Action, Grant, Ledger
 from odissey.logs import Observer
 from odissey.postgres import LocalPostgres
 from odissey.service import OdisseyService, managed_postgres, start_managed, with_storage_hosts, within
 from odissey.systemd import Notifier
+from odissey.wire import errors
 
 log = Logger()
 
@@ -103,6 +104,10 @@ class WorkerLink(amp.AMP):
     def report(self, pools: str) -> dict[str, Any]:
         self.master.shown[self.number] = json.loads(pools)
         return {}
+
+    @Order.responder
+    def order(self, verb: str, arg: Optional[str] = None) -> "Deferred[dict[str, Any]]":
+        return self.master.order(verb, arg)
 
     @Admit.responder
     def admit(self, route: int) -> dict[str, Any]:
@@ -357,6 +362,28 @@ class Master(MultiService):
             return "route"
         self.clients[worker][route] += 1
         return ""
+
+    # -- console control commands ---------------------------------------------------------
+
+    def order(self, verb: str, arg: Optional[str]) -> "Deferred[dict[str, Any]]":
+        """A console control command from one worker, carried out by every worker;
+        answered once all have answered. KILL_CLIENT is done if one worker had the
+        client; any other command is refused if a worker refused it (they hold the same
+        configuration and commands, so they agree)."""
+        links = [p.link for p in self.processes.values() if p.link is not None]
+        asked = [link.callRemote(Order, verb=verb, arg=arg) for link in links]
+
+        def combined(results: list[tuple[bool, Any]]) -> dict[str, Any]:
+            answers = [answer for ok, answer in results if ok]
+            if not answers:
+                return {"sqlstate": errors.INTERNAL_ERROR, "message": "no worker answered", "hint": ""}
+            done = [a for a in answers if not a["sqlstate"]]
+            refused = [a for a in answers if a["sqlstate"]]
+            if refused and (verb != "KILL_CLIENT" or not done):
+                return refused[0]
+            return done[0]
+
+        return DeferredList(asked, consumeErrors=True).addCallback(combined)
 
     # -- cancel ----------------------------------------------------------------------------
 

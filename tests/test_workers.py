@@ -639,6 +639,93 @@ class WorkersTests(TestCase):
 
         self.assertEqual((yield deferToThread(scenario)), [2] * 6)
 
+    def console_on(self, port: int, workers: int, number: int) -> psycopg.Connection:
+        """A psycopg admin console (u_trust) on worker ``number``: found by its own
+        client id in SHOW CLIENTS (worker N numbers its clients N+1, N+1+workers, ...)."""
+        for attempt in range(100):
+            console = psycopg.connect(host="127.0.0.1", port=port, user="u_trust", dbname="odissey",
+                                      autocommit=True, application_name=f"probe{attempt}")
+            rows = console.execute("SHOW CLIENTS").fetchall()
+            mine = [row[-1] for row in rows if row[-2] == f"probe{attempt}"]
+            if (mine[0] - 1) % workers == number:
+                self.addCleanup(console.close)
+                return console
+            console.close()
+        raise AssertionError(f"no console login reached worker {number}")
+
+    @staticmethod
+    def in_thread(work: Any) -> tuple[threading.Thread, list[Any]]:
+        """Run ``work`` in a thread; its result (or exception) lands in the list."""
+        result: list[Any] = []
+
+        def run() -> None:
+            try:
+                result.append(work())
+            except BaseException as exc:
+                result.append(exc)
+
+        thread = threading.Thread(target=run, daemon=True)
+        thread.start()
+        return thread, result
+
+    @inlineCallbacks
+    def test_console_control_spans_workers(self):
+        """PAUSE on worker 0's console while worker 1's client holds a transaction is
+        answered only once that client commits (and then no server is left in
+        PostgreSQL); while paused, worker 1's client waits; RESUME (from worker 1's
+        console) lets it and worker 0's client work. KILL_CLIENT on worker 0's console
+        drops a client of worker 1; refusals come back from any worker."""
+        yield deferToThread(self.settle)
+        process, port = yield deferToThread(self.start, 2, None, None, None, sys.executable,
+                                            {"admin_users": ["u_trust"]})
+
+        def scenario() -> None:
+            clients = self.raw_clients(port, 2, {0: 1, 1: 1})
+            holder = clients[1][0]
+            self.assertEqual(self.ask(holder, "BEGIN; SELECT 1"), [])
+            console0 = self.console_on(port, 2, 0)
+            console1 = self.console_on(port, 2, 1)
+            pausing, paused = self.in_thread(lambda: console0.execute("PAUSE").statusmessage)
+            pausing.join(1.0)  # (it must not answer while the transaction is open)
+            self.assertEqual(paused, [])
+            self.assertEqual(self.ask(holder, "COMMIT"), [])
+            pausing.join(30)
+            self.assertEqual(paused, ["PAUSE"])
+            self.assertEqual(backends(user="u_trust"), 0)
+            with self.assertRaises(psycopg.errors.ObjectNotInPrerequisiteState):
+                console1.execute("PAUSE")  # (worker 1 is paused too)
+            holder.sock.sendall(m.query("SELECT 1"))
+            waiting, _ = self.in_thread(lambda: holder.until(holder.ready + 1))
+            waiting.join(0.5)
+            self.assertTrue(waiting.is_alive())  # (no server while paused)
+            self.assertEqual(console1.execute("RESUME").statusmessage, "RESUME")
+            waiting.join(30)
+            self.assertFalse(waiting.is_alive())
+            self.assertEqual(holder.errors, [])
+            for number in (0, 1):
+                self.assertEqual(self.ask(clients[number][0], "SELECT 1"), [])
+            with self.assertRaises(psycopg.errors.ObjectNotInPrerequisiteState):
+                console0.execute("RESUME")
+            # KILL_CLIENT: worker 1's client, by the id worker 1 logged for it.
+            ids = {found.group(1) for found in re.finditer(r"\[worker 1\] (c\d+): login u_trust@app",
+                                                           process.output)}
+            gone = {found.group(1) for found in re.finditer(r"(c\d+): logout", process.output)}
+            deadline = time.monotonic() + 10
+            while len(ids - gone) != 1:
+                self.assertLess(time.monotonic(), deadline, f"logins {ids}, logouts {gone}")
+                time.sleep(0.05)
+                gone = {found.group(1) for found in re.finditer(r"(c\d+): logout", process.output)}
+            victim = (ids - gone).pop()
+            self.assertEqual(int(victim[1:]) % 2, 0)  # (worker 1's ids are even)
+            self.assertEqual(console0.execute(f"KILL_CLIENT {victim}").statusmessage, "KILL_CLIENT")
+            self.assertRaises((ConnectionError, OSError, AssertionError), holder.until, holder.ready + 1)
+            self.assertIn("57P01", holder.errors)
+            with self.assertRaises(psycopg.errors.UndefinedObject):
+                console0.execute(f"KILL_CLIENT {victim}")
+            self.assertEqual(self.ask(clients[0][0], "SELECT 1"), [])
+
+        yield deferToThread(scenario)
+
     @inlineCallbacks
     def test_pypy_master_starts_pypy_workers(self):
         """A master running on PyPy starts its workers on the same PyPy, and they serve."""
