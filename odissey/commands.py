@@ -128,3 +128,35 @@ class Order(amp.Command):
 
     arguments = [(b"verb", amp.Unicode()), (b"arg", amp.Unicode(optional=True))]
     response = [(b"sqlstate", amp.Unicode()), (b"message", amp.Unicode()), (b"hint", amp.Unicode())]
+
+
+class Reload(amp.Command):
+    """Worker -> master: console RELOAD. The master re-reads the file and, if it is
+    valid, sends it to every worker; answered with the problems (JSON list, empty: done)."""
+
+    arguments = []
+    response = [(b"problems", amp.Unicode())]
+
+
+class ConfigPart(amp.Command):
+    """Master -> worker: the next piece of a pickled configuration (one AMP value holds
+    64 KiB at most); the :class:`Reconfigure` that follows applies the pieces."""
+
+    arguments = [(b"part", amp.String())]
+    response = []
+    requiresAnswer = False
+
+
+class Reconfigure(amp.Command):
+    """Master -> worker: apply the configuration sent in pieces, as a single process
+    applies a reload. Answered with the problems (JSON list), how route indexes moved
+    (JSON {old: new}, for the master's client counts) and each pool's size after it
+    (JSON {pool: size}, for the lease ledger)."""
+
+    arguments = []
+    response = [(b"problems", amp.Unicode()), (b"indexes", amp.Unicode()), (b"sizes", amp.Unicode())]
+
+
+def config_parts(pickled: bytes) -> list[bytes]:
+    """A pickled configuration in pieces that fit an AMP value."""
+    return [pickled[at:at + MAX_VALUE] for at in range(0, len(pickled), MAX_VALUE)] or [b""]

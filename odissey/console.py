@@ -79,7 +79,7 @@ class Lifecycle(TypingProtocol):
     def shutdown(self, wait_for_clients: bool) -> None:
         """SHUTDOWN: stop now; WAIT_FOR_CLIENTS: stop accepting, exit once clients left."""
 
-    def reload(self) -> Sequence[str]:
+    def reload(self) -> "Deferred[list[str]]":
         """RELOAD: read the configuration again; the problems that kept it from applying."""
 
 
@@ -720,19 +720,23 @@ class ConsoleSession:
         raise _unknown(command)
 
 
-    def _reload(self) -> bytes:
-        """RELOAD: applied now, or refused as a whole with every problem in the detail."""
+    def _reload(self) -> "Deferred[bytes]":
+        """RELOAD: applied (in every worker, with workers), or refused as a whole with
+        every problem in the detail."""
         lifecycle = self.console.lifecycle
         if lifecycle is None:
             raise _error(errors.FEATURE_NOT_SUPPORTED, "RELOAD: this console reloads nothing")
         log.info("{id}: console: RELOAD", id=self.client_id)
-        problems = lifecycle.reload()
-        if problems:
-            raise _error(errors.CONFIG_FILE_ERROR,
-                         f"configuration not reloaded: {len(problems)} problem"
-                         f"{'' if len(problems) == 1 else 's'}, nothing changed",
-                         detail="\n".join(problems))
-        return m.command_complete(b"RELOAD")
+
+        def reloaded(problems: list[str]) -> bytes:
+            if problems:
+                raise _error(errors.CONFIG_FILE_ERROR,
+                             f"configuration not reloaded: {len(problems)} problem"
+                             f"{'' if len(problems) == 1 else 's'}, nothing changed",
+                             detail="\n".join(problems))
+            return m.command_complete(b"RELOAD")
+
+        return lifecycle.reload().addCallback(reloaded)
 
     def _shutdown(self, command: str, words: list[str]) -> bytes:
         """SHUTDOWN [WAIT_FOR_CLIENTS]: answered first, carried out on the next reactor

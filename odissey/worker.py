@@ -29,8 +29,8 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from odissey.cancel import KeyLayout
-from odissey.commands import (REPORT_PERIOD, Admit, Cancel, Lease, Leave, Order, Others, Reclaim, Release,
-                              Report, Stats, Withdraw, pool_name, rows_json)
+from odissey.commands import (REPORT_PERIOD, Admit, Cancel, ConfigPart, Lease, Leave, Order, Others, Reclaim,
+                              Reconfigure, Release, Reload, Report, Stats, Withdraw, pool_name, rows_json)
 from odissey.config import Config, LogSettings, Route
 from odissey.control import Control
 from odissey.janitor import PERIOD
@@ -51,6 +51,8 @@ class MasterLink(amp.AMP):
         self.service = service
         #: Fires when the master is gone (then this worker has no reason to live).
         self.lost: Deferred[None] = Deferred()
+        #: Pieces of a pickled configuration the master is sending (see Reconfigure).
+        self.parts: list[bytes] = []
 
     def release(self, pool: str) -> None:
         if self.transport is not None and not self.lost.called:
@@ -94,6 +96,22 @@ class MasterLink(amp.AMP):
             return _refused(failure.value)
 
         return done.addCallbacks(lambda _: _refused(None), failed)
+
+    @ConfigPart.responder
+    def part(self, part: bytes) -> dict[str, Any]:
+        self.parts.append(part)
+        return {}
+
+    @Reconfigure.responder
+    def reconfigure(self) -> dict[str, Any]:
+        """Apply the configuration the master read (a reload), as one process would."""
+        new = pickle.loads(b"".join(self.parts))
+        self.parts = []
+        service = self.service
+        problems, indexes = service.take(new)
+        pools = service.pools.pools if service.pools is not None else {}
+        sizes = {pool_name(key): pool.route.pool.size for key, pool in pools.items()}
+        return {"problems": json.dumps(problems), "indexes": json.dumps(indexes), "sizes": json.dumps(sizes)}
 
     @Reclaim.responder
     def reclaim(self, pool: str, idle_only: bool) -> dict[str, Any]:
@@ -229,6 +247,12 @@ class WorkerService(OdisseyService):
             return succeed(None)
         asking = link.callRemote(Cancel, pid=pid, secret=secret)
         return asking.addBoth(lambda _: None)
+
+    def reload_all(self) -> "Deferred[list[str]]":
+        """Console RELOAD: the master re-reads the file and reloads every worker."""
+        link = self.link
+        assert link is not None
+        return link.callRemote(Reload).addCallback(lambda answer: json.loads(answer["problems"]))
 
     def serve_metrics(self) -> "Deferred[None]":
         """Workers share one ``metrics.listen`` address, which only one process can

@@ -34,12 +34,14 @@ from twisted.python.failure import Failure
 import odissey
 from odissey.auth.secrets import InThread, reactor_threads
 from odissey.cancel import KeyLayout
-from odissey.commands import (REPORT_PERIOD, Admit, Cancel, Lease, Leave, Order, Others, Reclaim, Release,
-                              Report, Stats, Withdraw, rows_json)
-from odissey.config import Config
+from odissey.commands import (REPORT_PERIOD, Admit, Cancel, ConfigPart, Lease, Leave, Order, Others, Reclaim,
+                              Reconfigure, Release, Reload, Report, Stats, Withdraw, config_parts, rows_json)
+from odissey import tls
+from odissey.config import Config, ConfigError, load as load_config
 from odissey.leases import Action, Grant, Ledger
 from odissey.logs import Observer
 from odissey.postgres import LocalPostgres
+from odissey.reload import Plan, plan as plan_reload
 from odissey.service import OdisseyService, managed_postgres, start_managed, with_storage_hosts, within
 from odissey.systemd import Notifier
 from odissey.wire import errors
@@ -108,6 +110,10 @@ class WorkerLink(amp.AMP):
     @Order.responder
     def order(self, verb: str, arg: Optional[str] = None) -> "Deferred[dict[str, Any]]":
         return self.master.order(verb, arg)
+
+    @Reload.responder
+    def reload(self) -> "Deferred[dict[str, Any]]":
+        return self.master.reload().addCallback(lambda problems: {"problems": json.dumps(problems)})
 
     @Admit.responder
     def admit(self, route: int) -> dict[str, Any]:
@@ -222,11 +228,74 @@ class Master(MultiService):
         self.ready.callback(self.ports)
 
     def _hangup(self, number: int, frame: object) -> None:
-        """SIGHUP would end the process (its default): say instead that a reload needs a
-        restart with workers."""
-        self.reactor.callFromThread(
-            log.warn, "SIGHUP: reloading is not supported with workers yet; restart Odissey "
-                      "to apply a new configuration")
+        """SIGHUP: reload every worker."""
+        self.reactor.callFromThread(self.reload)
+
+    def reload(self) -> "Deferred[list[str]]":
+        """SIGHUP, console RELOAD in any worker: read the file again, check it as a
+        single process would (and that it keeps what workers inherit at start: the
+        listeners and their number), then send it to every worker, which applies its
+        difference. Fires with the problems (then nothing changed anywhere) once every
+        worker has applied it."""
+        problems = self._reload_problems()
+        if isinstance(problems, list):
+            for problem in problems:
+                log.warn("reload refused: {problem}", problem=problem)
+            return succeed(problems)
+        planned = problems
+        self.config = planned.config
+        parts = config_parts(pickle.dumps(self.config))
+        asked = []
+        numbers = []
+        for number, process in self.processes.items():
+            link = process.link
+            if link is None or link.transport is None:
+                continue
+            for part in parts:
+                link.callRemote(ConfigPart, part=part)
+            asked.append(link.callRemote(Reconfigure))
+            numbers.append(number)
+        self.notifier.reloading()
+        done = DeferredList(asked, consumeErrors=True)
+        return done.addCallback(self._reloaded, numbers, planned.summary())
+
+    def _reload_problems(self) -> Union[list[str], Plan]:
+        """The plan of a reload, or the problems that refuse it."""
+        source = self.config.source
+        if source is None:
+            return ["(top level): the configuration was not read from a file"]
+        if self.stopping or not self.ready.called:
+            return ["(top level): Odissey is not running, not reloading"]
+        try:
+            new = load_config(source)
+            tls.load(new)
+        except ConfigError as exc:
+            return list(exc.problems)
+        planned = plan_reload(self.config, new)
+        problems = list(planned.problems)
+        problems += [f"{key}: inherited by workers at start; changing it needs a restart"
+                     for key in ("workers", "listen") if getattr(new, key) != getattr(self.config, key)]
+        return problems or planned
+
+    def _reloaded(self, results: list[tuple[bool, Any]], numbers: list[int], summary: str) -> list[str]:
+        """Every worker has answered a Reconfigure: their client counts follow the
+        routes' new indexes, the ledger the pools' new sizes."""
+        problems: list[str] = []
+        for number, (ok, answer) in zip(numbers, results):
+            if not ok:
+                continue  # (a worker that died: its restart reads the new configuration)
+            problems += [f"worker {number}: {p}" for p in json.loads(answer["problems"])]
+            indexes = {int(old): new for old, new in json.loads(answer["indexes"]).items()}
+            counts = self.clients[number]
+            self.clients[number] = Counter({indexes[i]: n for i, n in counts.items() if n and i in indexes})
+            for pool, size in json.loads(answer["sizes"]).items():
+                self.apply(self.ledger.resize(pool, size))
+        self.notifier.reloaded()
+        for problem in problems:
+            log.warn("reload: {problem}", problem=problem)
+        log.info("reloaded {source} in {n} workers: {summary}", source=self.config.source,
+                 n=len(numbers), summary=summary)
+        return problems
 
     def _start_failed(self, failure: Failure) -> None:
         log.failure("Odissey could not start", failure)

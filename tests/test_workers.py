@@ -53,6 +53,7 @@ class Process:
     """A ``twistd -n odissey`` process; its output is collected by a thread."""
 
     def __init__(self, config_path: str, interpreter: str = sys.executable) -> None:
+        self.config_path = Path(config_path)
         self.proc = subprocess.Popen(
             [interpreter, *BOOT, "--pidfile=", "-n", "odissey", "-c", config_path],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
@@ -723,6 +724,74 @@ class WorkersTests(TestCase):
             with self.assertRaises(psycopg.errors.UndefinedObject):
                 console0.execute(f"KILL_CLIENT {victim}")
             self.assertEqual(self.ask(clients[0][0], "SELECT 1"), [])
+
+        yield deferToThread(scenario)
+
+    @staticmethod
+    def resize(process: Process, size: object) -> None:
+        """Write the process's configuration file again with this pool size."""
+        document = yaml.safe_load(process.config_path.read_text())
+        for route in document["routes"]:
+            route["pool"]["size"] = size
+        process.config_path.write_text(yaml.safe_dump(document))
+
+    @inlineCallbacks
+    def test_reload_spans_workers(self):
+        """Pool size 2 over 2 workers: a third transaction waits. SIGHUP to the master
+        after the file says 4: the waiting one gets a server, a fourth too, and PostgreSQL
+        sees 4 backends and no fifth (the ledger follows the new size). A file with an
+        error is refused as a whole (console RELOAD says why, from any worker; SIGHUP logs
+        it) and the size stays 4; console RELOAD of a valid file applies everywhere."""
+        yield deferToThread(self.settle)
+        process, port = yield deferToThread(self.start, 2, {"size": 2}, None, None, sys.executable,
+                                            {"admin_users": ["u_trust"]})
+
+        def scenario() -> None:
+            clients = self.raw_clients(port, 2, {0: 3, 1: 2})
+            for number in (0, 1):
+                self.assertEqual(self.ask(clients[number][0], "BEGIN; SELECT 1"), [])
+            third = clients[0][1]
+            third.sock.sendall(m.query("BEGIN; SELECT 1"))
+            waiting, _ = self.in_thread(lambda: third.until(third.ready + 1))
+            waiting.join(0.5)
+            self.assertTrue(waiting.is_alive())  # (size 2 over both workers)
+            self.assertEqual(backends(user="u_trust"), 2)
+            self.resize(process, 4)
+            mark = len(process.lines)
+            process.proc.send_signal(signal.SIGHUP)
+            process.wait_for(r"reloaded .* in 2 workers", after=mark)
+            waiting.join(10)
+            self.assertFalse(waiting.is_alive())
+            self.assertEqual(third.errors, [])
+            self.assertEqual(self.ask(clients[1][1], "BEGIN; SELECT 1"), [])
+            self.assertEqual(backends(user="u_trust"), 4)
+            fifth = clients[0][2]
+            fifth.sock.sendall(m.query("SELECT 1"))
+            blocked, _ = self.in_thread(lambda: fifth.until(fifth.ready + 1))
+            blocked.join(0.5)
+            self.assertTrue(blocked.is_alive())  # (size 4 now, over both workers)
+            self.assertEqual(backends(user="u_trust"), 4)
+            # A broken file: refused everywhere, nothing changes.
+            self.resize(process, -1)
+            mark = len(process.lines)
+            process.proc.send_signal(signal.SIGHUP)
+            process.wait_for(r"reload refused: routes\[0\]\.pool\.size", after=mark)
+            for number in (0, 1):
+                console = self.console_on(port, 2, number)
+                with self.assertRaises(psycopg.errors.ConfigFileError) as refused:
+                    console.execute("RELOAD")
+                self.assertIn("pool.size", refused.exception.diag.message_detail or "")
+            self.assertEqual(self.ask(clients[1][0], "COMMIT"), [])
+            blocked.join(10)
+            self.assertFalse(blocked.is_alive())  # (the freed server, as size 4 allows)
+            self.assertEqual(fifth.errors, [])
+            self.assertEqual(backends(user="u_trust"), 4)
+            self.resize(process, 3)
+            mark = len(process.lines)
+            self.assertEqual(self.console_on(port, 2, 1).execute("RELOAD").statusmessage, "RELOAD")
+            for number in (0, 1):
+                process.wait_for(rf"\[worker {number}\] reloaded .*: 2 routes live", after=mark)
+            process.wait_for(r"reloaded .* in 2 workers", after=mark)
 
         yield deferToThread(scenario)
 
