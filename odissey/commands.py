@@ -160,3 +160,13 @@ class Reconfigure(amp.Command):
 def config_parts(pickled: bytes) -> list[bytes]:
     """A pickled configuration in pieces that fit an AMP value."""
     return [pickled[at:at + MAX_VALUE] for at in range(0, len(pickled), MAX_VALUE)] or [b""]
+
+
+class Figures(amp.Command):
+    """Master -> worker, at each scrape of the master's metrics endpoint: this worker's
+    metrics snapshot (``Snapshot.to_json``), UTF-8, from ``offset`` on, at most one AMP
+    value; ``total`` is the whole length. The worker takes the snapshot when a new
+    ``scrape`` number asks (offset 0) and keeps it for that scrape's next pieces."""
+
+    arguments = [(b"scrape", amp.Integer()), (b"offset", amp.Integer())]
+    response = [(b"part", amp.String()), (b"total", amp.Integer())]

@@ -29,12 +29,14 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from odissey.cancel import KeyLayout
-from odissey.commands import (REPORT_PERIOD, Admit, Cancel, ConfigPart, Lease, Leave, Order, Others, Reclaim,
-                              Reconfigure, Release, Reload, Report, Stats, Withdraw, pool_name, rows_json)
+from odissey.commands import (MAX_VALUE, REPORT_PERIOD, Admit, Cancel, ConfigPart, Figures, Lease, Leave, Order,
+                              Others, Reclaim, Reconfigure, Release, Reload, Report, Stats, Withdraw, pool_name,
+                              rows_json)
 from odissey.config import Config, LogSettings, Route
 from odissey.control import Control
 from odissey.janitor import PERIOD
 from odissey.logs import Observer
+from odissey.metrics import PoolCollector
 from odissey.pool import PoolKey, Pools, ServerConnector, Withdrawn
 from odissey.server import ServerConnection
 from odissey.service import OdisseyService
@@ -53,6 +55,8 @@ class MasterLink(amp.AMP):
         self.lost: Deferred[None] = Deferred()
         #: Pieces of a pickled configuration the master is sending (see Reconfigure).
         self.parts: list[bytes] = []
+        #: The metrics snapshot of the scrape the master is reading (number, JSON).
+        self.figures: tuple[int, bytes] = (-1, b"")
 
     def release(self, pool: str) -> None:
         if self.transport is not None and not self.lost.called:
@@ -112,6 +116,19 @@ class MasterLink(amp.AMP):
         pools = service.pools.pools if service.pools is not None else {}
         sizes = {pool_name(key): pool.route.pool.size for key, pool in pools.items()}
         return {"problems": json.dumps(problems), "indexes": json.dumps(indexes), "sizes": json.dumps(sizes)}
+
+    @Figures.responder
+    def figures_part(self, scrape: int, offset: int) -> dict[str, Any]:
+        """This worker's metrics, for the master's endpoint (which adds up every worker's)."""
+        if self.figures[0] != scrape:
+            service = self.service
+            factory = service.factory
+            assert factory is not None and service.pools is not None
+            snapshot = PoolCollector(service.pools, lambda: factory.clients,
+                                     lambda: factory.login_failures).snapshot()
+            self.figures = (scrape, snapshot.to_json().encode())
+        text = self.figures[1]
+        return {"part": text[offset:offset + MAX_VALUE], "total": len(text)}
 
     @Reclaim.responder
     def reclaim(self, pool: str, idle_only: bool) -> dict[str, Any]:
@@ -255,8 +272,8 @@ class WorkerService(OdisseyService):
         return link.callRemote(Reload).addCallback(lambda answer: json.loads(answer["problems"]))
 
     def serve_metrics(self) -> "Deferred[None]":
-        """Workers share one ``metrics.listen`` address, which only one process can
-        bind: not served by workers (see docs/operations.md)."""
+        """The master serves ``metrics.listen`` (one address, which one process only can
+        bind) with every worker's numbers added up; a worker answers its Figures."""
         return succeed(None)
 
     def listen(self) -> "Deferred[None]":

@@ -34,12 +34,14 @@ from twisted.python.failure import Failure
 import odissey
 from odissey.auth.secrets import InThread, reactor_threads
 from odissey.cancel import KeyLayout
-from odissey.commands import (REPORT_PERIOD, Admit, Cancel, ConfigPart, Lease, Leave, Order, Others, Reclaim,
-                              Reconfigure, Release, Reload, Report, Stats, Withdraw, config_parts, rows_json)
+from odissey.commands import (REPORT_PERIOD, Admit, Cancel, ConfigPart, Figures, Lease, Leave, Order, Others,
+                              Reclaim, Reconfigure, Release, Reload, Report, Stats, Withdraw, config_parts,
+                              rows_json)
 from odissey import tls
 from odissey.config import Config, ConfigError, load as load_config
 from odissey.leases import Action, Grant, Ledger
 from odissey.logs import Observer
+from odissey.metrics import MetricsResource, MetricsSite, Snapshot
 from odissey.postgres import LocalPostgres
 from odissey.reload import Plan, plan as plan_reload
 from odissey.service import OdisseyService, managed_postgres, start_managed, with_storage_hosts, within
@@ -125,6 +127,45 @@ class WorkerLink(amp.AMP):
         return {}
 
 
+class WorkersCollector:
+    """The master's metrics: at each scrape every worker is asked for its snapshot
+    (``Figures``, in pieces of one AMP value) and the numbers are added up, so the
+    endpoint shows the whole process as of that moment. Scrapes that come while one is
+    under way share its answer (a worker keeps one scrape's snapshot at a time)."""
+
+    def __init__(self, master: "Master") -> None:
+        self.master = master
+        self.scrapes = 0
+        self._sharing: Optional[list[Deferred[Snapshot]]] = None
+
+    def snapshot(self) -> "Deferred[Snapshot]":
+        mine: Deferred[Snapshot] = Deferred()
+        if self._sharing is not None:
+            self._sharing.append(mine)
+            return mine
+        self._sharing = [mine]
+        self.scrapes += 1
+        links = [p.link for p in self.master.processes.values() if p.link is not None]
+        asked = [self.master.patient(self._read(link, self.scrapes)) for link in links]
+        DeferredList(asked, consumeErrors=True).addCallback(self._added)
+        return mine
+
+    @inlineCallbacks
+    def _read(self, link: amp.AMP, scrape: int):
+        text, total = b"", 1
+        while len(text) < total:
+            answer = yield link.callRemote(Figures, scrape=scrape, offset=len(text))
+            text += answer["part"]
+            total = answer["total"]
+        return Snapshot.from_json(text.decode())
+
+    def _added(self, results: list[tuple[bool, Any]]) -> None:
+        added = Snapshot.added(snapshot for ok, snapshot in results if ok)
+        waiting, self._sharing = self._sharing or [], None
+        for d in waiting:
+            d.callback(added)
+
+
 class _Ticket:
     """A lease request waiting in the ledger: answered through ``granted``."""
 
@@ -176,6 +217,8 @@ class Master(MultiService):
             name: managed_postgres(s) for name, s in config.storages.items() if s.managed
         }
         self.ports: list[IListeningPort] = []
+        #: The Prometheus endpoint (metrics.listen), served by the master for all workers.
+        self.metrics_port: Optional[IListeningPort] = None
         self.ledger = Ledger()
         self.layout = KeyLayout.of(config.peer_id, bool(config.peer_id), 0, config.workers)
         self.processes: dict[int, WorkerProcess] = {}
@@ -224,6 +267,10 @@ class Master(MultiService):
             self.ports.append(port)
         for number in range(self.config.workers):
             self.spawn(number)
+        if self.config.metrics_listen is not None:
+            site = MetricsSite(MetricsResource(WorkersCollector(self), self.threads))
+            self.metrics_port = yield serverFromString(self.reactor, self.config.metrics_listen).listen(site)
+            log.info("serving metrics on {where} (every worker's)", where=self.config.metrics_listen)
         self.notifier.ready()
         self.ready.callback(self.ports)
 
@@ -468,13 +515,16 @@ class Master(MultiService):
 
     # -- shutdown --------------------------------------------------------------------------
 
+    def patient(self, asked: Deferred[Any]) -> Deferred[Any]:
+        """A question to a worker, given up (cancelled) after STATS_PATIENCE: a worker
+        that hangs must not hold up a scrape or the shutdown."""
+        timer = self.reactor.callLater(STATS_PATIENCE, asked.cancel)
+        return asked.addBoth(lambda result: (timer.cancel() if timer.active() else None, result)[1])
+
     @inlineCallbacks
     def gather(self):
         """The workers' statistics added up: clients, and servers per pool."""
-        asked = [p.link.callRemote(Stats) for p in self.processes.values() if p.link is not None]
-        for d in asked:
-            timer = self.reactor.callLater(STATS_PATIENCE, d.cancel)
-            d.addBoth(lambda result, timer=timer: (timer.cancel() if timer.active() else None, result)[1])
+        asked = [self.patient(p.link.callRemote(Stats)) for p in self.processes.values() if p.link is not None]
         answers = yield DeferredList(asked, consumeErrors=True)
         clients, active, idle = 0, Counter(), Counter()
         for ok, answer in answers:
@@ -500,6 +550,9 @@ class Master(MultiService):
         if self._starting is not None and not self._starting.called:
             yield self._starting
         self.stopping = True  # (from now on a worker that ends is not restarted)
+        if self.metrics_port is not None:
+            yield self.metrics_port.stopListening()
+            self.metrics_port = None
         self.notifier.stopping()
         totals = yield self.gather()
         pools = ", ".join(f"{pool}: {c['active']} active, {c['idle']} idle"

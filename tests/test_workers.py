@@ -15,6 +15,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -792,6 +793,44 @@ class WorkersTests(TestCase):
             for number in (0, 1):
                 process.wait_for(rf"\[worker {number}\] reloaded .*: 2 routes live", after=mark)
             process.wait_for(r"reloaded .* in 2 workers", after=mark)
+
+        yield deferToThread(scenario)
+
+    @inlineCallbacks
+    def test_metrics_span_workers(self):
+        """The master serves metrics.listen: one client of each worker runs 3 and 5
+        queries, and the scrape's pool counters say 8 (summed over both workers), the
+        histograms count 8, and the server gauges count both workers' servers; a
+        second scrape after more work follows it."""
+        metrics_port = free_port()
+        process, port = yield deferToThread(
+            self.start, 2, None, None, None, sys.executable,
+            {"metrics": {"listen": f"tcp:{metrics_port}:interface=127.0.0.1"}})
+
+        def scrape() -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+            from prometheus_client.parser import text_string_to_metric_families
+            with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as reply:
+                text = reply.read().decode()
+            return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
+                    for family in text_string_to_metric_families(text) for sample in family.samples}
+
+        def scenario() -> None:
+            process.wait_for(r"serving metrics on .* \(every worker's\)")
+            clients = self.raw_clients(port, 2, {0: 1, 1: 1})
+            pool = (("database", "app"), ("route", ""), ("user", "u_trust"))
+            for number, count in ((0, 3), (1, 5)):
+                for _ in range(count):
+                    self.assertEqual(self.ask(clients[number][0], "SELECT 1"), [])
+            samples = scrape()
+            self.assertEqual(samples[("odissey_pool_queries_total", pool)], 8)
+            self.assertEqual(samples[("odissey_pool_transactions_total", pool)], 8)
+            self.assertEqual(samples[("odissey_pool_query_duration_seconds_count", pool)], 8)
+            servers = (samples[("odissey_pool_server_idle_connections", pool)]
+                       + samples[("odissey_pool_server_active_connections", pool)])
+            self.assertEqual(servers, backends(user="u_trust"))
+            self.assertGreaterEqual(servers, 2)  # (one per worker at least)
+            self.assertEqual(self.ask(clients[1][0], "BEGIN; SELECT 1; COMMIT"), [])
+            self.assertEqual(scrape()[("odissey_pool_transactions_total", pool)], 9)
 
         yield deferToThread(scenario)
 
