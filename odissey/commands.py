@@ -170,3 +170,18 @@ class Figures(amp.Command):
 
     arguments = [(b"scrape", amp.Integer()), (b"offset", amp.Integer())]
     response = [(b"part", amp.String()), (b"total", amp.Integer())]
+
+
+class Show(amp.Command):
+    """Worker -> master: console SHOW CLIENTS or SHOW SERVERS; answered with the other
+    workers' rows (JSON), which the master asks each of them for (:class:`ShowHere`)."""
+
+    arguments = [(b"what", amp.Unicode())]
+    response = [(b"rows", amp.Unicode())]
+
+
+class ShowHere(amp.Command):
+    """Master -> worker: this worker's rows of SHOW ``what`` (JSON)."""
+
+    arguments = [(b"what", amp.Unicode())]
+    response = [(b"rows", amp.Unicode())]

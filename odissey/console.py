@@ -155,6 +155,9 @@ class Console:
         #: Who carries out a control command when other processes serve the same pools
         #: (a worker's master, which asks every worker); None: this process's Control.
         self.spread: Optional[Callable[[str, Optional[str]], Deferred[None]]] = None
+        #: The other processes' rows of SHOW CLIENTS or SERVERS (a worker's master asks
+        #: the other workers); None: this process's rows are all there are.
+        self.gather: Optional[Callable[[str], Deferred[list[list[Any]]]]] = None
         self.configure(config, router)
 
     def configure(self, config: Config, router: Router) -> None:
@@ -519,6 +522,14 @@ def merge_pools(rows: list[list[Any]]) -> list[list[Any]]:
     return list(merged.values())
 
 
+#: SHOW commands whose rows the other workers add to (by id, the last column).
+SPANNED = frozenset({"CLIENTS", "SERVERS"})
+
+
+def _rows_reply(columns: list, rows: list) -> bytes:
+    return m.row_description(columns) + b"".join(m.data_row(r) for r in rows) + m.command_complete(b"SHOW")
+
+
 def _error(sqlstate: str, message: str, **kwargs: Any) -> PoolerError:
     return PoolerError(sqlstate, message, severity="ERROR", **kwargs)
 
@@ -689,8 +700,11 @@ class ConsoleSession:
             show = Console.SHOW.get(what)
             if show is not None:
                 columns, rows = show(self.console)
-                return (m.row_description(columns) + b"".join(m.data_row(r) for r in rows)
-                        + m.command_complete(b"SHOW"))
+                gather = self.console.gather
+                if gather is not None and what in SPANNED:
+                    return gather(what).addCallback(
+                        lambda others: _rows_reply(columns, sorted(rows + others, key=lambda row: row[-1])))
+                return _rows_reply(columns, rows)
             if what in SHOW_NEVER:
                 raise _error(errors.FEATURE_NOT_SUPPORTED,
                              f"SHOW {what} is PgBouncer's; Odissey has nothing to show for it")

@@ -30,15 +30,16 @@ from zope.interface import implementer
 
 from odissey.cancel import KeyLayout
 from odissey.commands import (MAX_VALUE, REPORT_PERIOD, Admit, Cancel, ConfigPart, Figures, Lease, Leave, Order,
-                              Others, Reclaim, Reconfigure, Release, Reload, Report, Stats, Withdraw, pool_name,
-                              rows_json)
+                              Others, Reclaim, Reconfigure, Release, Reload, Report, Show, ShowHere, Stats,
+                              Withdraw, pool_name, rows_json)
 from odissey.config import Config, LogSettings, Route
+from odissey.console import Console
 from odissey.control import Control
 from odissey.janitor import PERIOD
 from odissey.logs import Observer
 from odissey.metrics import PoolCollector
 from odissey.pool import PoolKey, Pools, ServerConnector, Withdrawn
-from odissey.server import ServerConnection
+from odissey.server import ServerConnection, number_ids
 from odissey.service import OdisseyService
 from odissey.wire.errors import PoolerError
 
@@ -82,6 +83,16 @@ class MasterLink(amp.AMP):
                                   hint=answer["hint"] or None)
 
         return asking.addCallback(answered)
+
+    def show(self, what: str) -> "Deferred[list[list[Any]]]":
+        """The other workers' rows of SHOW ``what`` (CLIENTS, SERVERS), through the master."""
+        return self.callRemote(Show, what=what).addCallback(lambda answer: json.loads(answer["rows"]))
+
+    @ShowHere.responder
+    def show_here(self, what: str) -> dict[str, Any]:
+        console = self.service.console
+        assert console is not None
+        return {"rows": rows_json(Console.SHOW[what](console)[1])}
 
     @Order.responder
     def obey(self, verb: str, arg: Optional[str] = None) -> "Deferred[dict[str, Any]]":
@@ -247,7 +258,9 @@ class WorkerService(OdisseyService):
         assert self.factory is not None and self.console is not None
         self.console.elsewhere = lambda: self.others
         self.console.spread = self.link.order if self.link is not None else None
+        self.console.gather = self.link.show if self.link is not None else None
         self.factory.ids = itertools.count(self.number + 1, self.workers)
+        number_ids(itertools.count(self.number + 1, self.workers))
         self.factory.elsewhere = self._cancel_elsewhere
         self.factory.admission = self.link
 

@@ -35,8 +35,8 @@ import odissey
 from odissey.auth.secrets import InThread, reactor_threads
 from odissey.cancel import KeyLayout
 from odissey.commands import (REPORT_PERIOD, Admit, Cancel, ConfigPart, Figures, Lease, Leave, Order, Others,
-                              Reclaim, Reconfigure, Release, Reload, Report, Stats, Withdraw, config_parts,
-                              rows_json)
+                              Reclaim, Reconfigure, Release, Reload, Report, Show, ShowHere, Stats, Withdraw,
+                              config_parts, rows_json)
 from odissey import tls
 from odissey.config import Config, ConfigError, load as load_config
 from odissey.leases import Action, Grant, Ledger
@@ -116,6 +116,10 @@ class WorkerLink(amp.AMP):
     @Reload.responder
     def reload(self) -> "Deferred[dict[str, Any]]":
         return self.master.reload().addCallback(lambda problems: {"problems": json.dumps(problems)})
+
+    @Show.responder
+    def show(self, what: str) -> "Deferred[dict[str, Any]]":
+        return self.master.show(self.number, what).addCallback(lambda rows: {"rows": rows_json(rows)})
 
     @Admit.responder
     def admit(self, route: int) -> dict[str, Any]:
@@ -478,6 +482,17 @@ class Master(MultiService):
             return "route"
         self.clients[worker][route] += 1
         return ""
+
+    def show(self, asking: int, what: str) -> "Deferred[list[list[Any]]]":
+        """The rows of SHOW ``what`` of every worker but ``asking`` (a worker silent for
+        STATS_PATIENCE is left out)."""
+        links = [p.link for n, p in self.processes.items() if n != asking and p.link is not None]
+        asked = [self.patient(link.callRemote(ShowHere, what=what)) for link in links]
+
+        def joined(results: list[tuple[bool, Any]]) -> list[list[Any]]:
+            return [row for ok, answer in results if ok for row in json.loads(answer["rows"])]
+
+        return DeferredList(asked, consumeErrors=True).addCallback(joined)
 
     # -- console control commands ---------------------------------------------------------
 

@@ -644,11 +644,12 @@ class WorkersTests(TestCase):
     def console_on(self, port: int, workers: int, number: int) -> psycopg.Connection:
         """A psycopg admin console (u_trust) on worker ``number``: found by its own
         client id in SHOW CLIENTS (worker N numbers its clients N+1, N+1+workers, ...)."""
-        for attempt in range(100):
+        for attempt in range(400):
+            name = f"probe{number}.{attempt}"
             console = psycopg.connect(host="127.0.0.1", port=port, user="u_trust", dbname="odissey",
-                                      autocommit=True, application_name=f"probe{attempt}")
+                                      autocommit=True, application_name=name)
             rows = console.execute("SHOW CLIENTS").fetchall()
-            mine = [row[-1] for row in rows if row[-2] == f"probe{attempt}"]
+            mine = [row[-1] for row in rows if row[-2] == name]
             if (mine[0] - 1) % workers == number:
                 self.addCleanup(console.close)
                 return console
@@ -831,6 +832,36 @@ class WorkersTests(TestCase):
             self.assertGreaterEqual(servers, 2)  # (one per worker at least)
             self.assertEqual(self.ask(clients[1][0], "BEGIN; SELECT 1; COMMIT"), [])
             self.assertEqual(scrape()[("odissey_pool_transactions_total", pool)], 9)
+
+        yield deferToThread(scenario)
+
+    @inlineCallbacks
+    def test_show_clients_and_servers_span_workers(self):
+        """SHOW CLIENTS and SHOW SERVERS on either worker's console list both workers'
+        clients and servers: one client of each holds a server in a transaction, and
+        each console sees two pool clients (one id per worker: worker 0's odd, worker
+        1's even) linked to two distinct servers, which link back to them."""
+        yield deferToThread(self.settle)
+        _process, port = yield deferToThread(self.start, 2, None, None, None, sys.executable,
+                                             {"admin_users": ["u_trust"]})
+
+        def scenario() -> None:
+            clients = self.raw_clients(port, 2, {0: 1, 1: 1})
+            for number in (0, 1):
+                self.assertEqual(self.ask(clients[number][0], "BEGIN; SELECT 1"), [])
+            for number in (0, 1):
+                console = self.console_on(port, 2, number)
+                shown = console.execute("SHOW CLIENTS")
+                names = [d.name for d in shown.description]
+                pool_clients = [dict(zip(names, row)) for row in shown.fetchall() if row[2] == "app"]
+                self.assertEqual(sorted(row["id"] % 2 for row in pool_clients), [0, 1])
+                shown = console.execute("SHOW SERVERS")
+                names = [d.name for d in shown.description]
+                servers = [dict(zip(names, row)) for row in shown.fetchall()
+                           if row[1] == "u_trust" and row[3] == "active"]
+                self.assertEqual(len({row["ptr"] for row in servers}), 2)
+                self.assertEqual({row["link"] for row in servers}, {row["ptr"] for row in pool_clients})
+                self.assertEqual({row["ptr"] for row in servers}, {row["link"] for row in pool_clients})
 
         yield deferToThread(scenario)
 
