@@ -3,8 +3,9 @@
 Only the connect/close path and rare events cross processes: a lease per server
 connection opened, its return when the connection closes, a reclaim when another
 worker starves, a cancel whose key another worker issued, one admission per client
-login and its end (client limits), and statistics (once a second, what the admin
-console shows). Nothing per transaction. A pool is named by :func:`pool_name`, the same string on both sides.
+login and its end (client limits), statistics (once a second, what the admin
+console shows), and the operator's acts: console control commands, reloads, SHOW
+CLIENTS/SERVERS and metrics scrapes. Nothing per transaction. A pool is named by :func:`pool_name`, the same string on both sides.
 """
 
 from __future__ import annotations

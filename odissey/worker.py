@@ -4,8 +4,10 @@ The master (:mod:`odissey.workers`) starts it with the listening sockets and one
 a socketpair as inherited file descriptors, and the (started) configuration pickled on
 its standard input. The worker then does everything one process does for the clients
 its accept calls win: login, TLS, relay, reset. It asks the master over AMP only on the
-connect/close path: a lease before opening a server connection, its return when the
-connection closes, and a cancel whose key another worker issued.
+connect/close path (a lease before opening a server connection, its return when the
+connection closes, a cancel whose key another worker issued) and for what its console
+does to the whole process (control commands, RELOAD, SHOW CLIENTS/SERVERS); the master
+asks it to carry those out, to apply a reload, and for its metrics.
 """
 
 from __future__ import annotations
