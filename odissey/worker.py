@@ -338,11 +338,14 @@ def main(argv: Optional[list[str]] = None) -> None:
                         help="FD:ADDRESS_FAMILY of an inherited listening socket")
     args = parser.parse_args(argv)
     config = pickle.load(sys.stdin.buffer)
-    globalLogBeginner.beginLoggingTo([_Tagged(args.number, config.log)], redirectStandardIO=False)
+    tagged = _Tagged(args.number, config.log)
+    globalLogBeginner.beginLoggingTo([tagged], redirectStandardIO=False)
 
     from twisted.internet import reactor
 
     service = WorkerService(config, reactor, args.number, args.workers, args.listener)
+    if isinstance(tagged.inner, Observer):
+        service.log_observer = tagged.inner  # (a reload's log settings reach it)
     link = MasterLink(service)
     service.link = link
     factory = Factory.forProtocol(lambda: link)

@@ -221,6 +221,8 @@ class Master(MultiService):
             name: managed_postgres(s) for name, s in config.storages.items() if s.managed
         }
         self.ports: list[IListeningPort] = []
+        #: The ``log`` section's observer under twistd (a reload changes its settings).
+        self.log_observer: Optional[Observer] = None
         #: The Prometheus endpoint (metrics.listen), served by the master for all workers.
         self.metrics_port: Optional[IListeningPort] = None
         self.ledger = Ledger()
@@ -249,7 +251,8 @@ class Master(MultiService):
         """Under twistd, the ``log`` section's observer goes on the application, as for
         a single process (see OdisseyService.setServiceParent); workers use their own."""
         if self.config.log is not None and isinstance(parent, Componentized):
-            parent.setComponent(ILogObserver, Observer(self.config.log, sys.stdout))
+            self.log_observer = Observer(self.config.log, sys.stdout)
+            parent.setComponent(ILogObserver, self.log_observer)
         super().setServiceParent(parent)
 
     def startService(self) -> None:
@@ -295,6 +298,8 @@ class Master(MultiService):
             return succeed(problems)
         planned = problems
         self.config = planned.config
+        if self.log_observer is not None and self.config.log is not None:
+            self.log_observer.settings = self.config.log
         parts = config_parts(pickle.dumps(self.config))
         asked = []
         numbers = []

@@ -556,6 +556,32 @@ class WorkersTests(TestCase):
         self.assertEqual(len(started), 2)  # (the master's lines, JSON too)
 
     @inlineCallbacks
+    def test_reload_changes_the_log_section_of_workers(self):
+        """log: {connections: true}, then SIGHUP with connections false: logins through
+        both workers log no line any more, while each worker's later console login does."""
+        process, port = yield deferToThread(self.start, 2, None, None, None, sys.executable,
+                                            {"log": {"connections": True}, "admin_users": ["u_trust"]})
+
+        def scenario() -> None:
+            self.raw_clients(port, 2, {0: 1, 1: 1})
+            process.wait_for(r"\[worker 1\] c\d+: login u_trust@app")
+            document = yaml.safe_load(process.config_path.read_text())
+            document["log"]["connections"] = False
+            process.config_path.write_text(yaml.safe_dump(document))
+            mark = len(process.lines)
+            process.proc.send_signal(signal.SIGHUP)
+            process.wait_for(r"reloaded .* in 2 workers", after=mark)
+            self.raw_clients(port, 2, {0: 1, 1: 1})
+            for number in (0, 1):
+                self.console_on(port, 2, number)
+                process.wait_for(rf"\[worker {number}\] c\d+: u_trust logged in to the admin console",
+                                 after=mark)
+            later = "".join(process.lines[mark:])
+            self.assertNotRegex(later, r"c\d+: (login|logout) u_trust@app")
+
+        yield deferToThread(scenario)
+
+    @inlineCallbacks
     def test_workers_stop_when_the_master_dies(self):
         """SIGKILL of the master (no chance to stop anything): its workers notice the
         AMP connection gone and exit by themselves, so nothing keeps accepting."""
