@@ -27,7 +27,7 @@ import platform
 from collections import Counter
 from enum import Enum
 from functools import partial
-from typing import Callable, Protocol as TypingProtocol
+from typing import Callable, Iterator, Protocol as TypingProtocol
 
 from twisted.internet.defer import Deferred, inlineCallbacks, succeed
 from twisted.internet.interfaces import IDelayedCall, IHandshakeListener, IReactorTime, ISSLTransport
@@ -102,7 +102,7 @@ _LOGIN_STATES = (ClientState.STARTUP, ClientState.AUTH, ClientState.PARAMS)
 @implementer(IHandshakeListener)
 class ClientConnection(Protocol):
     def __init__(self, factory: "ClientFactory") -> None:
-        self.id = f"c{next(_ids)}"
+        self.id = f"c{next(factory.ids)}"
         self.factory = factory
         self.state = ClientState.STARTUP
         self.valve = Valve(self)
@@ -655,6 +655,9 @@ class ClientFactory(Factory):
         self.admission: Admission | None = None
         self.login_failures = LoginFailures()
         self._drained: list[Deferred[None]] = []
+        #: Client ids' numbers (c17): a worker takes every Nth, so that an id names one
+        #: client over all workers (KILL_CLIENT goes to every worker).
+        self.ids: Iterator[int] = _ids
 
     def buildProtocol(self, addr: object) -> ClientConnection:
         return ClientConnection(self)

@@ -3,8 +3,9 @@
 Only the connect/close path and rare events cross processes: a lease per server
 connection opened, its return when the connection closes, a reclaim when another
 worker starves, a cancel whose key another worker issued, one admission per client
-login and its end (client limits), and statistics (once a second, what the admin
-console shows). Nothing per transaction. A pool is named by :func:`pool_name`, the same string on both sides.
+login and its end (client limits), statistics (once a second, what the admin
+console shows), and the operator's acts: console control commands, reloads, SHOW
+CLIENTS/SERVERS and metrics scrapes. Nothing per transaction. A pool is named by :func:`pool_name`, the same string on both sides.
 """
 
 from __future__ import annotations
@@ -118,3 +119,70 @@ class Stats(amp.Command):
 
     arguments = []
     response = [(b"stats", amp.Unicode())]
+
+
+class Order(amp.Command):
+    """A console control command (PAUSE, RESUME, ..., KILL_CLIENT) spanning workers:
+    worker -> master, then master -> every worker. Answered once done (PAUSE: once the
+    servers are released); ``sqlstate`` "" if done, else the refusal's SQLSTATE,
+    message and hint."""
+
+    arguments = [(b"verb", amp.Unicode()), (b"arg", amp.Unicode(optional=True))]
+    response = [(b"sqlstate", amp.Unicode()), (b"message", amp.Unicode()), (b"hint", amp.Unicode())]
+
+
+class Reload(amp.Command):
+    """Worker -> master: console RELOAD. The master re-reads the file and, if it is
+    valid, sends it to every worker; answered with the problems (JSON list, empty: done)."""
+
+    arguments = []
+    response = [(b"problems", amp.Unicode())]
+
+
+class ConfigPart(amp.Command):
+    """Master -> worker: the next piece of a pickled configuration (one AMP value holds
+    64 KiB at most); the :class:`Reconfigure` that follows applies the pieces."""
+
+    arguments = [(b"part", amp.String())]
+    response = []
+    requiresAnswer = False
+
+
+class Reconfigure(amp.Command):
+    """Master -> worker: apply the configuration sent in pieces, as a single process
+    applies a reload. Answered with the problems (JSON list), how route indexes moved
+    (JSON {old: new}, for the master's client counts) and each pool's size after it
+    (JSON {pool: size}, for the lease ledger)."""
+
+    arguments = []
+    response = [(b"problems", amp.Unicode()), (b"indexes", amp.Unicode()), (b"sizes", amp.Unicode())]
+
+
+def config_parts(pickled: bytes) -> list[bytes]:
+    """A pickled configuration in pieces that fit an AMP value."""
+    return [pickled[at:at + MAX_VALUE] for at in range(0, len(pickled), MAX_VALUE)] or [b""]
+
+
+class Figures(amp.Command):
+    """Master -> worker, at each scrape of the master's metrics endpoint: this worker's
+    metrics snapshot (``Snapshot.to_json``), UTF-8, from ``offset`` on, at most one AMP
+    value; ``total`` is the whole length. The worker takes the snapshot when a new
+    ``scrape`` number asks (offset 0) and keeps it for that scrape's next pieces."""
+
+    arguments = [(b"scrape", amp.Integer()), (b"offset", amp.Integer())]
+    response = [(b"part", amp.String()), (b"total", amp.Integer())]
+
+
+class Show(amp.Command):
+    """Worker -> master: console SHOW CLIENTS or SHOW SERVERS; answered with the other
+    workers' rows (JSON), which the master asks each of them for (:class:`ShowHere`)."""
+
+    arguments = [(b"what", amp.Unicode())]
+    response = [(b"rows", amp.Unicode())]
+
+
+class ShowHere(amp.Command):
+    """Master -> worker: this worker's rows of SHOW ``what`` (JSON)."""
+
+    arguments = [(b"what", amp.Unicode())]
+    response = [(b"rows", amp.Unicode())]

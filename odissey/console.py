@@ -79,7 +79,7 @@ class Lifecycle(TypingProtocol):
     def shutdown(self, wait_for_clients: bool) -> None:
         """SHUTDOWN: stop now; WAIT_FOR_CLIENTS: stop accepting, exit once clients left."""
 
-    def reload(self) -> Sequence[str]:
+    def reload(self) -> "Deferred[list[str]]":
         """RELOAD: read the configuration again; the problems that kept it from applying."""
 
 
@@ -152,6 +152,12 @@ class Console:
         #: The stats period the averages are taken over (turned by the service).
         self.period = period if period is not None else Period(reactor.seconds(), config.stats_period)
         self.control = Control(lambda: self.config.routes, pools, clients)
+        #: Who carries out a control command when other processes serve the same pools
+        #: (a worker's master, which asks every worker); None: this process's Control.
+        self.spread: Optional[Callable[[str, Optional[str]], Deferred[None]]] = None
+        #: The other processes' rows of SHOW CLIENTS or SERVERS (a worker's master asks
+        #: the other workers); None: this process's rows are all there are.
+        self.gather: Optional[Callable[[str], Deferred[list[list[Any]]]]] = None
         self.configure(config, router)
 
     def configure(self, config: Config, router: Router) -> None:
@@ -516,6 +522,14 @@ def merge_pools(rows: list[list[Any]]) -> list[list[Any]]:
     return list(merged.values())
 
 
+#: SHOW commands whose rows the other workers add to (by id, the last column).
+SPANNED = frozenset({"CLIENTS", "SERVERS"})
+
+
+def _rows_reply(columns: list, rows: list) -> bytes:
+    return m.row_description(columns) + b"".join(m.data_row(r) for r in rows) + m.command_complete(b"SHOW")
+
+
 def _error(sqlstate: str, message: str, **kwargs: Any) -> PoolerError:
     return PoolerError(sqlstate, message, severity="ERROR", **kwargs)
 
@@ -686,8 +700,11 @@ class ConsoleSession:
             show = Console.SHOW.get(what)
             if show is not None:
                 columns, rows = show(self.console)
-                return (m.row_description(columns) + b"".join(m.data_row(r) for r in rows)
-                        + m.command_complete(b"SHOW"))
+                gather = self.console.gather
+                if gather is not None and what in SPANNED:
+                    return gather(what).addCallback(
+                        lambda others: _rows_reply(columns, sorted(rows + others, key=lambda row: row[-1])))
+                return _rows_reply(columns, rows)
             if what in SHOW_NEVER:
                 raise _error(errors.FEATURE_NOT_SUPPORTED,
                              f"SHOW {what} is PgBouncer's; Odissey has nothing to show for it")
@@ -708,7 +725,8 @@ class ConsoleSession:
                 raise _unknown(command)
             arg = words[1].strip('"') if len(words) == 2 else None
             log.info("{id}: console: {command}", id=self.client_id, command=command)
-            done = control(self.console.control, arg)
+            spread = self.console.spread
+            done = spread(verb, arg) if spread is not None else control(self.console.control, arg)
             tag = verb.encode()
             if isinstance(done, Deferred):
                 return done.addCallback(lambda _: m.command_complete(tag))
@@ -716,19 +734,23 @@ class ConsoleSession:
         raise _unknown(command)
 
 
-    def _reload(self) -> bytes:
-        """RELOAD: applied now, or refused as a whole with every problem in the detail."""
+    def _reload(self) -> "Deferred[bytes]":
+        """RELOAD: applied (in every worker, with workers), or refused as a whole with
+        every problem in the detail."""
         lifecycle = self.console.lifecycle
         if lifecycle is None:
             raise _error(errors.FEATURE_NOT_SUPPORTED, "RELOAD: this console reloads nothing")
         log.info("{id}: console: RELOAD", id=self.client_id)
-        problems = lifecycle.reload()
-        if problems:
-            raise _error(errors.CONFIG_FILE_ERROR,
-                         f"configuration not reloaded: {len(problems)} problem"
-                         f"{'' if len(problems) == 1 else 's'}, nothing changed",
-                         detail="\n".join(problems))
-        return m.command_complete(b"RELOAD")
+
+        def reloaded(problems: list[str]) -> bytes:
+            if problems:
+                raise _error(errors.CONFIG_FILE_ERROR,
+                             f"configuration not reloaded: {len(problems)} problem"
+                             f"{'' if len(problems) == 1 else 's'}, nothing changed",
+                             detail="\n".join(problems))
+            return m.command_complete(b"RELOAD")
+
+        return lifecycle.reload().addCallback(reloaded)
 
     def _shutdown(self, command: str, words: list[str]) -> bytes:
         """SHUTDOWN [WAIT_FOR_CLIENTS]: answered first, carried out on the next reactor

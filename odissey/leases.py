@@ -72,6 +72,15 @@ class Ledger:
         leases.waiting.append((worker, ticket))
         return self._serve(pool, leases)
 
+    def resize(self, pool: Hashable, size: int) -> list[Action]:
+        """A reload changed the pool's size: a larger one grants waiting requests now; a
+        smaller one grants none until enough servers have closed."""
+        leases = self._pools.get(pool)
+        if leases is None or leases.size == size:
+            return []
+        leases.size = size
+        return self._serve(pool, leases)
+
     def release(self, pool: Hashable, worker: int) -> list[Action]:
         """``worker`` closed one server of ``pool``."""
         leases = self._pools.get(pool)

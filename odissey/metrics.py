@@ -11,13 +11,14 @@ time formatting takes.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, Iterator, NamedTuple, Optional, Protocol as TypingProtocol
+import json
+from typing import Any, Callable, Iterable, Iterator, NamedTuple, Optional, Protocol as TypingProtocol, Union
 
 from prometheus_client import CONTENT_TYPE_LATEST
 from prometheus_client.core import (CollectorRegistry, CounterMetricFamily, GaugeMetricFamily,
                                     HistogramMetricFamily, Metric)
 from prometheus_client.exposition import generate_latest
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.web.http import Request as HTTPRequest
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
@@ -125,12 +126,52 @@ class PoolCollector:
         return Snapshot(figures, dict(self.login_failures().counts))
 
 
+class Collector(TypingProtocol):
+    """What the endpoint scrapes: this process's pools (:class:`PoolCollector`), or a
+    master's workers' added up (``odissey.workers``), which takes an AMP round trip."""
+
+    def snapshot(self) -> "Union[Snapshot, Deferred[Snapshot]]": ...
+
+
 class Snapshot:
     """A prometheus_client collector over numbers copied at scrape time."""
 
     def __init__(self, pools: list[_Figures], login_failures: dict[str, int]) -> None:
         self.pools = pools
         self.login_failures = login_failures
+
+    def to_json(self) -> str:
+        """The numbers as JSON, for a worker's master."""
+        return json.dumps([[list(f) for f in self.pools], self.login_failures])
+
+    @classmethod
+    def from_json(cls, text: str) -> "Snapshot":
+        pools, failures = json.loads(text)
+        return cls([_Figures(labels, tuple(gauges), tuple(counters), closes,
+                             tuple(parses) if parses is not None else None,
+                             tuple((counts, ns) for counts, ns in histograms))
+                    for labels, gauges, counters, closes, parses, histograms in pools], failures)
+
+    @classmethod
+    def added(cls, snapshots: Iterable["Snapshot"]) -> "Snapshot":
+        """Several processes' numbers (workers) as one's: per pool (its labels) and
+        login failure reason, every gauge, counter and histogram bucket added up."""
+        pools: dict[tuple[str, ...], _Figures] = {}
+        failures: dict[str, int] = {}
+        for snapshot in snapshots:
+            for reason, count in snapshot.login_failures.items():
+                failures[reason] = failures.get(reason, 0) + count
+            for figures in snapshot.pools:
+                key = tuple(figures.labels)
+                before = pools.get(key)
+                pools[key] = figures if before is None else _Figures(
+                    figures.labels, _add(before.gauges, figures.gauges), _add(before.counters, figures.counters),
+                    {reason: before.closes.get(reason, 0) + figures.closes.get(reason, 0)
+                     for reason in set(before.closes) | set(figures.closes)},
+                    _add(before.parses, figures.parses) if before.parses and figures.parses
+                    else before.parses or figures.parses,
+                    tuple((_add(a[0], b[0]), a[1] + b[1]) for a, b in zip(before.histograms, figures.histograms)))
+        return cls(list(pools.values()), failures)
 
     def collect(self) -> Iterator[Metric]:
         gauges = [GaugeMetricFamily(name, text, labels=LABELS) for name, text in GAUGES]
@@ -164,20 +205,30 @@ class Snapshot:
         yield failures
 
 
+def _add(a: Any, b: Any) -> Any:
+    """Two equally long sequences of numbers, added element by element (a tuple for
+    a tuple, a list for a list)."""
+    return type(a)(x + y for x, y in zip(a, b))
+
+
 class MetricsResource(Resource):
     """Every path answers with the metrics (``/metrics`` by convention)."""
 
     isLeaf = True
 
-    def __init__(self, collector: PoolCollector, threads: InThread) -> None:
+    def __init__(self, collector: Collector, threads: InThread) -> None:
         super().__init__()
         self.collector = collector
         self.threads = threads
 
-    def render_GET(self, request: Request) -> Any:
+    def _render(self, snapshot: Snapshot) -> "Deferred[bytes]":
         registry = CollectorRegistry(auto_describe=False)
-        registry.register(self.collector.snapshot())
-        rendering: Deferred[bytes] = self.threads(generate_latest, registry)
+        registry.register(snapshot)
+        return self.threads(generate_latest, registry)
+
+    def render_GET(self, request: Request) -> Any:
+        taken: Deferred[Snapshot] = maybeDeferred(self.collector.snapshot)  # type: ignore[call-overload]
+        rendering = taken.addCallback(self._render)
         gone: list[bool] = []
         request.notifyFinish().addErrback(lambda _: gone.append(True))
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass
 from enum import Enum
-from typing import Mapping, Optional, Protocol as TypingProtocol
+from typing import Iterator, Mapping, Optional, Protocol as TypingProtocol
 
 from twisted.internet import defer
 from twisted.internet.defer import Deferred, maybeDeferred
@@ -44,7 +44,14 @@ from odissey.wire.errors import PoolerError, ProtocolViolation
 from odissey.wire.scanner import Event, Scanner
 
 log = Logger()
-_ids = itertools.count(1)
+_ids: Iterator[int] = itertools.count(1)
+
+
+def number_ids(ids: Iterator[int]) -> None:
+    """Where server connection ids' numbers (s4) come from: a worker takes every Nth,
+    so that an id names one server over all workers (SHOW SERVERS spans them)."""
+    global _ids
+    _ids = ids
 
 R, S, K, Z, E, G = b"RSKZEG"
 #: Server messages whose bodies the pooler reads: login, parameters, status, errors,

@@ -168,8 +168,8 @@ class _Operator:
     def shutdown(self, wait_for_clients: bool) -> None:
         self.service.shutdown(Stop.WAIT_FOR_CLIENTS if wait_for_clients else Stop.IMMEDIATE)
 
-    def reload(self) -> list[str]:
-        return self.service.reload()
+    def reload(self) -> "Deferred[list[str]]":
+        return self.service.reload_all()
 
     # (handover.Giver: what a new process starting with our handover_socket asks)
 
@@ -373,21 +373,35 @@ class OdisseyService(MultiService):
             log.warn("reload refused: {problem}", problem=problem)
         return problems
 
+    def reload_all(self) -> "Deferred[list[str]]":
+        """Console RELOAD: this process's reload (a worker asks its master, which
+        reloads every worker)."""
+        return succeed(self.reload())
+
     def _reload(self, source: str) -> list[str]:
         try:
             new = load_config(source)
-            client_tls, server_tls = tls.load(new)
         except ConfigError as exc:
             return list(exc.problems)
+        return self.take(new)[0]
+
+    def take(self, new: Config) -> tuple[list[str], dict[int, int]]:
+        """Apply the difference to a loaded configuration (a reload; in a worker, the
+        one its master read). Returns the problems that kept it from applying (then
+        nothing changed), and how route indexes moved (old -> new)."""
+        try:
+            client_tls, server_tls = tls.load(new)
+        except ConfigError as exc:
+            return list(exc.problems), {}
         planned = plan_reload(self.config, new)
         if planned.problems:
-            return list(planned.problems)
-        self._apply(planned, client_tls, server_tls)
-        log.info("reloaded {source}: {summary}", source=source, summary=planned.summary())
-        return []
+            return list(planned.problems), {}
+        indexes = self._apply(planned, client_tls, server_tls)
+        log.info("reloaded {source}: {summary}", source=new.source, summary=planned.summary())
+        return [], indexes
 
     def _apply(self, planned: Plan, client_tls: tls.ClientSide | None,
-               server_tls: dict[str, tls.ServerSide]) -> None:
+               server_tls: dict[str, tls.ServerSide]) -> dict[int, int]:
         factory, pools = self.factory, self.pools
         assert factory is not None and pools is not None and self.console is not None
         new = planned.config
@@ -422,6 +436,7 @@ class OdisseyService(MultiService):
             log.info("no longer listening on {where}", where=description)
         for description in planned.listen_open:
             self._listen(description).addErrback(self._listen_failed, description)
+        return indexes
 
     @staticmethod
     def _listen_failed(failure: Failure, description: str) -> None:

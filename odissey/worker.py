@@ -4,8 +4,10 @@ The master (:mod:`odissey.workers`) starts it with the listening sockets and one
 a socketpair as inherited file descriptors, and the (started) configuration pickled on
 its standard input. The worker then does everything one process does for the clients
 its accept calls win: login, TLS, relay, reset. It asks the master over AMP only on the
-connect/close path: a lease before opening a server connection, its return when the
-connection closes, and a cancel whose key another worker issued.
+connect/close path (a lease before opening a server connection, its return when the
+connection closes, a cancel whose key another worker issued) and for what its console
+does to the whole process (control commands, RELOAD, SHOW CLIENTS/SERVERS); the master
+asks it to carry those out, to apply a reload, and for its metrics.
 """
 
 from __future__ import annotations
@@ -29,14 +31,19 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from odissey.cancel import KeyLayout
-from odissey.commands import (REPORT_PERIOD, Admit, Cancel, Lease, Leave, Others, Reclaim, Release, Report,
-                              Stats, Withdraw, pool_name, rows_json)
+from odissey.commands import (MAX_VALUE, REPORT_PERIOD, Admit, Cancel, ConfigPart, Figures, Lease, Leave, Order,
+                              Others, Reclaim, Reconfigure, Release, Reload, Report, Show, ShowHere, Stats,
+                              Withdraw, pool_name, rows_json)
 from odissey.config import Config, LogSettings, Route
+from odissey.console import Console
+from odissey.control import Control
 from odissey.janitor import PERIOD
 from odissey.logs import Observer
+from odissey.metrics import PoolCollector
 from odissey.pool import PoolKey, Pools, ServerConnector, Withdrawn
-from odissey.server import ServerConnection
+from odissey.server import ServerConnection, number_ids
 from odissey.service import OdisseyService
+from odissey.wire.errors import PoolerError
 
 log = Logger()
 
@@ -49,6 +56,10 @@ class MasterLink(amp.AMP):
         self.service = service
         #: Fires when the master is gone (then this worker has no reason to live).
         self.lost: Deferred[None] = Deferred()
+        #: Pieces of a pickled configuration the master is sending (see Reconfigure).
+        self.parts: list[bytes] = []
+        #: The metrics snapshot of the scrape the master is reading (number, JSON).
+        self.figures: tuple[int, bytes] = (-1, b"")
 
     def release(self, pool: str) -> None:
         if self.transport is not None and not self.lost.called:
@@ -62,6 +73,75 @@ class MasterLink(amp.AMP):
     def left(self, route_index: int) -> None:
         if self.transport is not None and not self.lost.called:
             self.callRemote(Leave, route=route_index)
+
+    def order(self, verb: str, arg: Optional[str]) -> "Deferred[None]":
+        """A console control command, for every worker: through the master (see
+        :meth:`obey`); a refusal comes back as the PoolerError the console answers."""
+        asking = self.callRemote(Order, verb=verb, arg=arg)
+
+        def answered(answer: dict[str, Any]) -> None:
+            if answer["sqlstate"]:
+                raise PoolerError(answer["sqlstate"], answer["message"], severity="ERROR",
+                                  hint=answer["hint"] or None)
+
+        return asking.addCallback(answered)
+
+    def show(self, what: str) -> "Deferred[list[list[Any]]]":
+        """The other workers' rows of SHOW ``what`` (CLIENTS, SERVERS), through the master."""
+        return self.callRemote(Show, what=what).addCallback(lambda answer: json.loads(answer["rows"]))
+
+    @ShowHere.responder
+    def show_here(self, what: str) -> dict[str, Any]:
+        console = self.service.console
+        assert console is not None
+        return {"rows": rows_json(Console.SHOW[what](console)[1])}
+
+    @Order.responder
+    def obey(self, verb: str, arg: Optional[str] = None) -> "Deferred[dict[str, Any]]":
+        """A control command the master sends every worker: carried out on this one's
+        pools and clients, answered once done or with the refusal."""
+        console = self.service.console
+        assert console is not None
+        try:
+            done = Control.COMMANDS[verb](console.control, arg)
+        except PoolerError as exc:
+            return succeed(_refused(exc))
+        if done is None:
+            return succeed(_refused(None))
+        def failed(failure: Failure) -> dict[str, Any]:
+            failure.trap(PoolerError)
+            return _refused(failure.value)
+
+        return done.addCallbacks(lambda _: _refused(None), failed)
+
+    @ConfigPart.responder
+    def part(self, part: bytes) -> dict[str, Any]:
+        self.parts.append(part)
+        return {}
+
+    @Reconfigure.responder
+    def reconfigure(self) -> dict[str, Any]:
+        """Apply the configuration the master read (a reload), as one process would."""
+        new = pickle.loads(b"".join(self.parts))
+        self.parts = []
+        service = self.service
+        problems, indexes = service.take(new)
+        pools = service.pools.pools if service.pools is not None else {}
+        sizes = {pool_name(key): pool.route.pool.size for key, pool in pools.items()}
+        return {"problems": json.dumps(problems), "indexes": json.dumps(indexes), "sizes": json.dumps(sizes)}
+
+    @Figures.responder
+    def figures_part(self, scrape: int, offset: int) -> dict[str, Any]:
+        """This worker's metrics, for the master's endpoint (which adds up every worker's)."""
+        if self.figures[0] != scrape:
+            service = self.service
+            factory = service.factory
+            assert factory is not None and service.pools is not None
+            snapshot = PoolCollector(service.pools, lambda: factory.clients,
+                                     lambda: factory.login_failures).snapshot()
+            self.figures = (scrape, snapshot.to_json().encode())
+        text = self.figures[1]
+        return {"part": text[offset:offset + MAX_VALUE], "total": len(text)}
 
     @Reclaim.responder
     def reclaim(self, pool: str, idle_only: bool) -> dict[str, Any]:
@@ -86,6 +166,13 @@ class MasterLink(amp.AMP):
     def connectionLost(self, reason: Optional[Failure] = None) -> None:
         super().connectionLost(reason)
         self.lost.callback(None)
+
+
+def _refused(error: Optional[PoolerError]) -> dict[str, Any]:
+    """An Order's answer: done (None), or the refusal."""
+    if error is None:
+        return {"sqlstate": "", "message": "", "hint": ""}
+    return {"sqlstate": error.sqlstate, "message": error.message, "hint": error.hint or ""}
 
 
 class _Adopted:
@@ -172,6 +259,10 @@ class WorkerService(OdisseyService):
         reporting.setServiceParent(self)
         assert self.factory is not None and self.console is not None
         self.console.elsewhere = lambda: self.others
+        self.console.spread = self.link.order if self.link is not None else None
+        self.console.gather = self.link.show if self.link is not None else None
+        self.factory.ids = itertools.count(self.number + 1, self.workers)
+        number_ids(itertools.count(self.number + 1, self.workers))
         self.factory.elsewhere = self._cancel_elsewhere
         self.factory.admission = self.link
 
@@ -189,9 +280,15 @@ class WorkerService(OdisseyService):
         asking = link.callRemote(Cancel, pid=pid, secret=secret)
         return asking.addBoth(lambda _: None)
 
+    def reload_all(self) -> "Deferred[list[str]]":
+        """Console RELOAD: the master re-reads the file and reloads every worker."""
+        link = self.link
+        assert link is not None
+        return link.callRemote(Reload).addCallback(lambda answer: json.loads(answer["problems"]))
+
     def serve_metrics(self) -> "Deferred[None]":
-        """Workers share one ``metrics.listen`` address, which only one process can
-        bind: not served by workers (see docs/operations.md)."""
+        """The master serves ``metrics.listen`` (one address, which one process only can
+        bind) with every worker's numbers added up; a worker answers its Figures."""
         return succeed(None)
 
     def listen(self) -> "Deferred[None]":
@@ -241,11 +338,14 @@ def main(argv: Optional[list[str]] = None) -> None:
                         help="FD:ADDRESS_FAMILY of an inherited listening socket")
     args = parser.parse_args(argv)
     config = pickle.load(sys.stdin.buffer)
-    globalLogBeginner.beginLoggingTo([_Tagged(args.number, config.log)], redirectStandardIO=False)
+    tagged = _Tagged(args.number, config.log)
+    globalLogBeginner.beginLoggingTo([tagged], redirectStandardIO=False)
 
     from twisted.internet import reactor
 
     service = WorkerService(config, reactor, args.number, args.workers, args.listener)
+    if isinstance(tagged.inner, Observer):
+        service.log_observer = tagged.inner  # (a reload's log settings reach it)
     link = MasterLink(service)
     service.link = link
     factory = Factory.forProtocol(lambda: link)

@@ -34,14 +34,19 @@ from twisted.python.failure import Failure
 import odissey
 from odissey.auth.secrets import InThread, reactor_threads
 from odissey.cancel import KeyLayout
-from odissey.commands import (REPORT_PERIOD, Admit, Cancel, Lease, Leave, Others, Reclaim, Release, Report,
-                              Stats, Withdraw, rows_json)
-from odissey.config import Config
+from odissey.commands import (REPORT_PERIOD, Admit, Cancel, ConfigPart, Figures, Lease, Leave, Order, Others,
+                              Reclaim, Reconfigure, Release, Reload, Report, Show, ShowHere, Stats, Withdraw,
+                              config_parts, rows_json)
+from odissey import tls
+from odissey.config import Config, ConfigError, load as load_config
 from odissey.leases import Action, Grant, Ledger
 from odissey.logs import Observer
+from odissey.metrics import MetricsResource, MetricsSite, Snapshot
 from odissey.postgres import LocalPostgres
+from odissey.reload import Plan, plan as plan_reload
 from odissey.service import OdisseyService, managed_postgres, start_managed, with_storage_hosts, within
 from odissey.systemd import Notifier
+from odissey.wire import errors
 
 log = Logger()
 
@@ -104,6 +109,18 @@ class WorkerLink(amp.AMP):
         self.master.shown[self.number] = json.loads(pools)
         return {}
 
+    @Order.responder
+    def order(self, verb: str, arg: Optional[str] = None) -> "Deferred[dict[str, Any]]":
+        return self.master.order(verb, arg)
+
+    @Reload.responder
+    def reload(self) -> "Deferred[dict[str, Any]]":
+        return self.master.reload().addCallback(lambda problems: {"problems": json.dumps(problems)})
+
+    @Show.responder
+    def show(self, what: str) -> "Deferred[dict[str, Any]]":
+        return self.master.show(self.number, what).addCallback(lambda rows: {"rows": rows_json(rows)})
+
     @Admit.responder
     def admit(self, route: int) -> dict[str, Any]:
         return {"refused": self.master.admit(self.number, route)}
@@ -112,6 +129,45 @@ class WorkerLink(amp.AMP):
     def leave(self, route: int) -> dict[str, Any]:
         self.master.clients[self.number][route] -= 1
         return {}
+
+
+class WorkersCollector:
+    """The master's metrics: at each scrape every worker is asked for its snapshot
+    (``Figures``, in pieces of one AMP value) and the numbers are added up, so the
+    endpoint shows the whole process as of that moment. Scrapes that come while one is
+    under way share its answer (a worker keeps one scrape's snapshot at a time)."""
+
+    def __init__(self, master: "Master") -> None:
+        self.master = master
+        self.scrapes = 0
+        self._sharing: Optional[list[Deferred[Snapshot]]] = None
+
+    def snapshot(self) -> "Deferred[Snapshot]":
+        mine: Deferred[Snapshot] = Deferred()
+        if self._sharing is not None:
+            self._sharing.append(mine)
+            return mine
+        self._sharing = [mine]
+        self.scrapes += 1
+        links = [p.link for p in self.master.processes.values() if p.link is not None]
+        asked = [self.master.patient(self._read(link, self.scrapes)) for link in links]
+        DeferredList(asked, consumeErrors=True).addCallback(self._added)
+        return mine
+
+    @inlineCallbacks
+    def _read(self, link: amp.AMP, scrape: int):
+        text, total = b"", 1
+        while len(text) < total:
+            answer = yield link.callRemote(Figures, scrape=scrape, offset=len(text))
+            text += answer["part"]
+            total = answer["total"]
+        return Snapshot.from_json(text.decode())
+
+    def _added(self, results: list[tuple[bool, Any]]) -> None:
+        added = Snapshot.added(snapshot for ok, snapshot in results if ok)
+        waiting, self._sharing = self._sharing or [], None
+        for d in waiting:
+            d.callback(added)
 
 
 class _Ticket:
@@ -165,6 +221,10 @@ class Master(MultiService):
             name: managed_postgres(s) for name, s in config.storages.items() if s.managed
         }
         self.ports: list[IListeningPort] = []
+        #: The ``log`` section's observer under twistd (a reload changes its settings).
+        self.log_observer: Optional[Observer] = None
+        #: The Prometheus endpoint (metrics.listen), served by the master for all workers.
+        self.metrics_port: Optional[IListeningPort] = None
         self.ledger = Ledger()
         self.layout = KeyLayout.of(config.peer_id, bool(config.peer_id), 0, config.workers)
         self.processes: dict[int, WorkerProcess] = {}
@@ -191,7 +251,8 @@ class Master(MultiService):
         """Under twistd, the ``log`` section's observer goes on the application, as for
         a single process (see OdisseyService.setServiceParent); workers use their own."""
         if self.config.log is not None and isinstance(parent, Componentized):
-            parent.setComponent(ILogObserver, Observer(self.config.log, sys.stdout))
+            self.log_observer = Observer(self.config.log, sys.stdout)
+            parent.setComponent(ILogObserver, self.log_observer)
         super().setServiceParent(parent)
 
     def startService(self) -> None:
@@ -213,15 +274,84 @@ class Master(MultiService):
             self.ports.append(port)
         for number in range(self.config.workers):
             self.spawn(number)
+        if self.config.metrics_listen is not None:
+            site = MetricsSite(MetricsResource(WorkersCollector(self), self.threads))
+            self.metrics_port = yield serverFromString(self.reactor, self.config.metrics_listen).listen(site)
+            log.info("serving metrics on {where} (every worker's)", where=self.config.metrics_listen)
         self.notifier.ready()
         self.ready.callback(self.ports)
 
     def _hangup(self, number: int, frame: object) -> None:
-        """SIGHUP would end the process (its default): say instead that a reload needs a
-        restart with workers."""
-        self.reactor.callFromThread(
-            log.warn, "SIGHUP: reloading is not supported with workers yet; restart Odissey "
-                      "to apply a new configuration")
+        """SIGHUP: reload every worker."""
+        self.reactor.callFromThread(self.reload)
+
+    def reload(self) -> "Deferred[list[str]]":
+        """SIGHUP, console RELOAD in any worker: read the file again, check it as a
+        single process would (and that it keeps what workers inherit at start: the
+        listeners and their number), then send it to every worker, which applies its
+        difference. Fires with the problems (then nothing changed anywhere) once every
+        worker has applied it."""
+        problems = self._reload_problems()
+        if isinstance(problems, list):
+            for problem in problems:
+                log.warn("reload refused: {problem}", problem=problem)
+            return succeed(problems)
+        planned = problems
+        self.config = planned.config
+        if self.log_observer is not None and self.config.log is not None:
+            self.log_observer.settings = self.config.log
+        parts = config_parts(pickle.dumps(self.config))
+        asked = []
+        numbers = []
+        for number, process in self.processes.items():
+            link = process.link
+            if link is None or link.transport is None:
+                continue
+            for part in parts:
+                link.callRemote(ConfigPart, part=part)
+            asked.append(link.callRemote(Reconfigure))
+            numbers.append(number)
+        self.notifier.reloading()
+        done = DeferredList(asked, consumeErrors=True)
+        return done.addCallback(self._reloaded, numbers, planned.summary())
+
+    def _reload_problems(self) -> Union[list[str], Plan]:
+        """The plan of a reload, or the problems that refuse it."""
+        source = self.config.source
+        if source is None:
+            return ["(top level): the configuration was not read from a file"]
+        if self.stopping or not self.ready.called:
+            return ["(top level): Odissey is not running, not reloading"]
+        try:
+            new = load_config(source)
+            tls.load(new)
+        except ConfigError as exc:
+            return list(exc.problems)
+        planned = plan_reload(self.config, new)
+        problems = list(planned.problems)
+        problems += [f"{key}: inherited by workers at start; changing it needs a restart"
+                     for key in ("workers", "listen") if getattr(new, key) != getattr(self.config, key)]
+        return problems or planned
+
+    def _reloaded(self, results: list[tuple[bool, Any]], numbers: list[int], summary: str) -> list[str]:
+        """Every worker has answered a Reconfigure: their client counts follow the
+        routes' new indexes, the ledger the pools' new sizes."""
+        problems: list[str] = []
+        for number, (ok, answer) in zip(numbers, results):
+            if not ok:
+                continue  # (a worker that died: its restart reads the new configuration)
+            problems += [f"worker {number}: {p}" for p in json.loads(answer["problems"])]
+            indexes = {int(old): new for old, new in json.loads(answer["indexes"]).items()}
+            counts = self.clients[number]
+            self.clients[number] = Counter({indexes[i]: n for i, n in counts.items() if n and i in indexes})
+            for pool, size in json.loads(answer["sizes"]).items():
+                self.apply(self.ledger.resize(pool, size))
+        self.notifier.reloaded()
+        for problem in problems:
+            log.warn("reload: {problem}", problem=problem)
+        log.info("reloaded {source} in {n} workers: {summary}", source=self.config.source,
+                 n=len(numbers), summary=summary)
+        return problems
 
     def _start_failed(self, failure: Failure) -> None:
         log.failure("Odissey could not start", failure)
@@ -358,6 +488,39 @@ class Master(MultiService):
         self.clients[worker][route] += 1
         return ""
 
+    def show(self, asking: int, what: str) -> "Deferred[list[list[Any]]]":
+        """The rows of SHOW ``what`` of every worker but ``asking`` (a worker silent for
+        STATS_PATIENCE is left out)."""
+        links = [p.link for n, p in self.processes.items() if n != asking and p.link is not None]
+        asked = [self.patient(link.callRemote(ShowHere, what=what)) for link in links]
+
+        def joined(results: list[tuple[bool, Any]]) -> list[list[Any]]:
+            return [row for ok, answer in results if ok for row in json.loads(answer["rows"])]
+
+        return DeferredList(asked, consumeErrors=True).addCallback(joined)
+
+    # -- console control commands ---------------------------------------------------------
+
+    def order(self, verb: str, arg: Optional[str]) -> "Deferred[dict[str, Any]]":
+        """A console control command from one worker, carried out by every worker;
+        answered once all have answered. KILL_CLIENT is done if one worker had the
+        client; any other command is refused if a worker refused it (they hold the same
+        configuration and commands, so they agree)."""
+        links = [p.link for p in self.processes.values() if p.link is not None]
+        asked = [link.callRemote(Order, verb=verb, arg=arg) for link in links]
+
+        def combined(results: list[tuple[bool, Any]]) -> dict[str, Any]:
+            answers = [answer for ok, answer in results if ok]
+            if not answers:
+                return {"sqlstate": errors.INTERNAL_ERROR, "message": "no worker answered", "hint": ""}
+            done = [a for a in answers if not a["sqlstate"]]
+            refused = [a for a in answers if a["sqlstate"]]
+            if refused and (verb != "KILL_CLIENT" or not done):
+                return refused[0]
+            return done[0]
+
+        return DeferredList(asked, consumeErrors=True).addCallback(combined)
+
     # -- cancel ----------------------------------------------------------------------------
 
     def cancel(self, sender: int, pid: int, secret: int) -> "Deferred[None]":
@@ -372,13 +535,16 @@ class Master(MultiService):
 
     # -- shutdown --------------------------------------------------------------------------
 
+    def patient(self, asked: Deferred[Any]) -> Deferred[Any]:
+        """A question to a worker, given up (cancelled) after STATS_PATIENCE: a worker
+        that hangs must not hold up a scrape or the shutdown."""
+        timer = self.reactor.callLater(STATS_PATIENCE, asked.cancel)
+        return asked.addBoth(lambda result: (timer.cancel() if timer.active() else None, result)[1])
+
     @inlineCallbacks
     def gather(self):
         """The workers' statistics added up: clients, and servers per pool."""
-        asked = [p.link.callRemote(Stats) for p in self.processes.values() if p.link is not None]
-        for d in asked:
-            timer = self.reactor.callLater(STATS_PATIENCE, d.cancel)
-            d.addBoth(lambda result, timer=timer: (timer.cancel() if timer.active() else None, result)[1])
+        asked = [self.patient(p.link.callRemote(Stats)) for p in self.processes.values() if p.link is not None]
         answers = yield DeferredList(asked, consumeErrors=True)
         clients, active, idle = 0, Counter(), Counter()
         for ok, answer in answers:
@@ -404,6 +570,9 @@ class Master(MultiService):
         if self._starting is not None and not self._starting.called:
             yield self._starting
         self.stopping = True  # (from now on a worker that ends is not restarted)
+        if self.metrics_port is not None:
+            yield self.metrics_port.stopListening()
+            self.metrics_port = None
         self.notifier.stopping()
         totals = yield self.gather()
         pools = ", ".join(f"{pool}: {c['active']} active, {c['idle']} idle"

@@ -30,6 +30,20 @@ class LedgerTests(TestCase):
         self.assertIn(Grant(1, "b"), actions)
         self.assertEqual(ledger.held("p"), {1: 1})
 
+    def test_resize_grants_or_holds_back(self) -> None:
+        """A reload's larger size grants waiting requests at once; a smaller one grants
+        nothing until enough leases have returned."""
+        ledger = Ledger()
+        ledger.request("p", 1, 0, "a")
+        ledger.request("p", 1, 0, "b")
+        self.assertEqual(ledger.resize("p", 2), [Grant(0, "b")])
+        self.assertEqual(ledger.resize("p", 2), [])
+        self.assertEqual(ledger.resize("p", 1), [])
+        ledger.request("p", 1, 0, "c")
+        self.assertEqual(ledger.release("p", 0), [])
+        self.assertEqual(ledger.release("p", 0), [Grant(0, "c")])
+        self.assertEqual(ledger.resize("q", 5), [])
+
     def test_pools_are_separate(self) -> None:
         """Each pool has its own size."""
         ledger = Ledger()

@@ -11,6 +11,9 @@ import psycopg
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet.defer import inlineCallbacks
 
+from twisted.trial.unittest import SynchronousTestCase
+
+from odissey.metrics import Snapshot, _Figures
 from tests.harness import IntegrationTest, route
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
@@ -104,3 +107,23 @@ class MetricsTests(IntegrationTest):
         samples = yield self.thread(self.samples)
         self.assertEqual(samples[("odissey_login_failures_total", (("reason", "password"),))], 2)
         self.assertEqual(samples[("odissey_login_failures_total", (("reason", "unknown_database"),))], 1)
+
+
+class AddedTests(SynchronousTestCase):
+    """Workers' snapshots as the master adds them up (after their JSON trip)."""
+
+    def test_added_per_pool_and_reason(self) -> None:
+        one = Snapshot([_Figures(["app", "u", ""], (1, 0, 1, 2, 0, 0), (5, 6), {"idle": 1}, None,
+                                 (([1, 2], 10),))], {"auth": 1})
+        two = Snapshot([_Figures(["app", "u", ""], (2, 1, 0, 1, 0, 1), (3, 4), {"idle": 2, "error": 1},
+                                 (1, 1, 2), (([0, 3], 5),)),
+                        _Figures(["db", "u", ""], (0,) * 6, (1, 1), {}, None, (([], 0),))], {"other": 2})
+        added = Snapshot.added(Snapshot.from_json(s.to_json()) for s in (one, two))
+        app = next(f for f in added.pools if f.labels == ["app", "u", ""])
+        self.assertEqual(app.gauges, (3, 1, 1, 3, 0, 1))
+        self.assertEqual(app.counters, (8, 10))
+        self.assertEqual(app.closes, {"idle": 3, "error": 1})
+        self.assertEqual(app.parses, (1, 1, 2))
+        self.assertEqual(app.histograms, (([1, 5], 15),))
+        self.assertEqual(len(added.pools), 2)
+        self.assertEqual(added.login_failures, {"auth": 1, "other": 2})

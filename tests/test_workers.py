@@ -15,6 +15,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +54,7 @@ class Process:
     """A ``twistd -n odissey`` process; its output is collected by a thread."""
 
     def __init__(self, config_path: str, interpreter: str = sys.executable) -> None:
+        self.config_path = Path(config_path)
         self.proc = subprocess.Popen(
             [interpreter, *BOOT, "--pidfile=", "-n", "odissey", "-c", config_path],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
@@ -554,6 +556,32 @@ class WorkersTests(TestCase):
         self.assertEqual(len(started), 2)  # (the master's lines, JSON too)
 
     @inlineCallbacks
+    def test_reload_changes_the_log_section_of_workers(self):
+        """log: {connections: true}, then SIGHUP with connections false: logins through
+        both workers log no line any more, while each worker's later console login does."""
+        process, port = yield deferToThread(self.start, 2, None, None, None, sys.executable,
+                                            {"log": {"connections": True}, "admin_users": ["u_trust"]})
+
+        def scenario() -> None:
+            self.raw_clients(port, 2, {0: 1, 1: 1})
+            process.wait_for(r"\[worker 1\] c\d+: login u_trust@app")
+            document = yaml.safe_load(process.config_path.read_text())
+            document["log"]["connections"] = False
+            process.config_path.write_text(yaml.safe_dump(document))
+            mark = len(process.lines)
+            process.proc.send_signal(signal.SIGHUP)
+            process.wait_for(r"reloaded .* in 2 workers", after=mark)
+            self.raw_clients(port, 2, {0: 1, 1: 1})
+            for number in (0, 1):
+                self.console_on(port, 2, number)
+                process.wait_for(rf"\[worker {number}\] c\d+: u_trust logged in to the admin console",
+                                 after=mark)
+            later = "".join(process.lines[mark:])
+            self.assertNotRegex(later, r"c\d+: (login|logout) u_trust@app")
+
+        yield deferToThread(scenario)
+
+    @inlineCallbacks
     def test_workers_stop_when_the_master_dies(self):
         """SIGKILL of the master (no chance to stop anything): its workers notice the
         AMP connection gone and exit by themselves, so nothing keeps accepting."""
@@ -638,6 +666,230 @@ class WorkersTests(TestCase):
             return seen
 
         self.assertEqual((yield deferToThread(scenario)), [2] * 6)
+
+    def console_on(self, port: int, workers: int, number: int) -> psycopg.Connection:
+        """A psycopg admin console (u_trust) on worker ``number``: found by its own
+        client id in SHOW CLIENTS (worker N numbers its clients N+1, N+1+workers, ...)."""
+        for attempt in range(400):
+            name = f"probe{number}.{attempt}"
+            console = psycopg.connect(host="127.0.0.1", port=port, user="u_trust", dbname="odissey",
+                                      autocommit=True, application_name=name)
+            rows = console.execute("SHOW CLIENTS").fetchall()
+            mine = [row[-1] for row in rows if row[-2] == name]
+            if (mine[0] - 1) % workers == number:
+                self.addCleanup(console.close)
+                return console
+            console.close()
+        raise AssertionError(f"no console login reached worker {number}")
+
+    @staticmethod
+    def in_thread(work: Any) -> tuple[threading.Thread, list[Any]]:
+        """Run ``work`` in a thread; its result (or exception) lands in the list."""
+        result: list[Any] = []
+
+        def run() -> None:
+            try:
+                result.append(work())
+            except BaseException as exc:
+                result.append(exc)
+
+        thread = threading.Thread(target=run, daemon=True)
+        thread.start()
+        return thread, result
+
+    @inlineCallbacks
+    def test_console_control_spans_workers(self):
+        """PAUSE on worker 0's console while worker 1's client holds a transaction is
+        answered only once that client commits (and then no server is left in
+        PostgreSQL); while paused, worker 1's client waits; RESUME (from worker 1's
+        console) lets it and worker 0's client work. KILL_CLIENT on worker 0's console
+        drops a client of worker 1; refusals come back from any worker."""
+        yield deferToThread(self.settle)
+        process, port = yield deferToThread(self.start, 2, None, None, None, sys.executable,
+                                            {"admin_users": ["u_trust"]})
+
+        def scenario() -> None:
+            clients = self.raw_clients(port, 2, {0: 1, 1: 1})
+            holder = clients[1][0]
+            self.assertEqual(self.ask(holder, "BEGIN; SELECT 1"), [])
+            console0 = self.console_on(port, 2, 0)
+            console1 = self.console_on(port, 2, 1)
+            pausing, paused = self.in_thread(lambda: console0.execute("PAUSE").statusmessage)
+            pausing.join(1.0)  # (it must not answer while the transaction is open)
+            self.assertEqual(paused, [])
+            self.assertEqual(self.ask(holder, "COMMIT"), [])
+            pausing.join(30)
+            self.assertEqual(paused, ["PAUSE"])
+            self.assertEqual(backends(user="u_trust"), 0)
+            with self.assertRaises(psycopg.errors.ObjectNotInPrerequisiteState):
+                console1.execute("PAUSE")  # (worker 1 is paused too)
+            holder.sock.sendall(m.query("SELECT 1"))
+            waiting, _ = self.in_thread(lambda: holder.until(holder.ready + 1))
+            waiting.join(0.5)
+            self.assertTrue(waiting.is_alive())  # (no server while paused)
+            self.assertEqual(console1.execute("RESUME").statusmessage, "RESUME")
+            waiting.join(30)
+            self.assertFalse(waiting.is_alive())
+            self.assertEqual(holder.errors, [])
+            for number in (0, 1):
+                self.assertEqual(self.ask(clients[number][0], "SELECT 1"), [])
+            with self.assertRaises(psycopg.errors.ObjectNotInPrerequisiteState):
+                console0.execute("RESUME")
+            # KILL_CLIENT: worker 1's client, by the id worker 1 logged for it.
+            ids = {found.group(1) for found in re.finditer(r"\[worker 1\] (c\d+): login u_trust@app",
+                                                           process.output)}
+            gone = {found.group(1) for found in re.finditer(r"(c\d+): logout", process.output)}
+            deadline = time.monotonic() + 10
+            while len(ids - gone) != 1:
+                self.assertLess(time.monotonic(), deadline, f"logins {ids}, logouts {gone}")
+                time.sleep(0.05)
+                gone = {found.group(1) for found in re.finditer(r"(c\d+): logout", process.output)}
+            victim = (ids - gone).pop()
+            self.assertEqual(int(victim[1:]) % 2, 0)  # (worker 1's ids are even)
+            self.assertEqual(console0.execute(f"KILL_CLIENT {victim}").statusmessage, "KILL_CLIENT")
+            self.assertRaises((ConnectionError, OSError, AssertionError), holder.until, holder.ready + 1)
+            self.assertIn("57P01", holder.errors)
+            with self.assertRaises(psycopg.errors.UndefinedObject):
+                console0.execute(f"KILL_CLIENT {victim}")
+            self.assertEqual(self.ask(clients[0][0], "SELECT 1"), [])
+
+        yield deferToThread(scenario)
+
+    @staticmethod
+    def resize(process: Process, size: object) -> None:
+        """Write the process's configuration file again with this pool size."""
+        document = yaml.safe_load(process.config_path.read_text())
+        for route in document["routes"]:
+            route["pool"]["size"] = size
+        process.config_path.write_text(yaml.safe_dump(document))
+
+    @inlineCallbacks
+    def test_reload_spans_workers(self):
+        """Pool size 2 over 2 workers: a third transaction waits. SIGHUP to the master
+        after the file says 4: the waiting one gets a server, a fourth too, and PostgreSQL
+        sees 4 backends and no fifth (the ledger follows the new size). A file with an
+        error is refused as a whole (console RELOAD says why, from any worker; SIGHUP logs
+        it) and the size stays 4; console RELOAD of a valid file applies everywhere."""
+        yield deferToThread(self.settle)
+        process, port = yield deferToThread(self.start, 2, {"size": 2}, None, None, sys.executable,
+                                            {"admin_users": ["u_trust"]})
+
+        def scenario() -> None:
+            clients = self.raw_clients(port, 2, {0: 3, 1: 2})
+            for number in (0, 1):
+                self.assertEqual(self.ask(clients[number][0], "BEGIN; SELECT 1"), [])
+            third = clients[0][1]
+            third.sock.sendall(m.query("BEGIN; SELECT 1"))
+            waiting, _ = self.in_thread(lambda: third.until(third.ready + 1))
+            waiting.join(0.5)
+            self.assertTrue(waiting.is_alive())  # (size 2 over both workers)
+            self.assertEqual(backends(user="u_trust"), 2)
+            self.resize(process, 4)
+            mark = len(process.lines)
+            process.proc.send_signal(signal.SIGHUP)
+            process.wait_for(r"reloaded .* in 2 workers", after=mark)
+            waiting.join(10)
+            self.assertFalse(waiting.is_alive())
+            self.assertEqual(third.errors, [])
+            self.assertEqual(self.ask(clients[1][1], "BEGIN; SELECT 1"), [])
+            self.assertEqual(backends(user="u_trust"), 4)
+            fifth = clients[0][2]
+            fifth.sock.sendall(m.query("SELECT 1"))
+            blocked, _ = self.in_thread(lambda: fifth.until(fifth.ready + 1))
+            blocked.join(0.5)
+            self.assertTrue(blocked.is_alive())  # (size 4 now, over both workers)
+            self.assertEqual(backends(user="u_trust"), 4)
+            # A broken file: refused everywhere, nothing changes.
+            self.resize(process, -1)
+            mark = len(process.lines)
+            process.proc.send_signal(signal.SIGHUP)
+            process.wait_for(r"reload refused: routes\[0\]\.pool\.size", after=mark)
+            for number in (0, 1):
+                console = self.console_on(port, 2, number)
+                with self.assertRaises(psycopg.errors.ConfigFileError) as refused:
+                    console.execute("RELOAD")
+                self.assertIn("pool.size", refused.exception.diag.message_detail or "")
+            self.assertEqual(self.ask(clients[1][0], "COMMIT"), [])
+            blocked.join(10)
+            self.assertFalse(blocked.is_alive())  # (the freed server, as size 4 allows)
+            self.assertEqual(fifth.errors, [])
+            self.assertEqual(backends(user="u_trust"), 4)
+            self.resize(process, 3)
+            mark = len(process.lines)
+            self.assertEqual(self.console_on(port, 2, 1).execute("RELOAD").statusmessage, "RELOAD")
+            for number in (0, 1):
+                process.wait_for(rf"\[worker {number}\] reloaded .*: 2 routes live", after=mark)
+            process.wait_for(r"reloaded .* in 2 workers", after=mark)
+
+        yield deferToThread(scenario)
+
+    @inlineCallbacks
+    def test_metrics_span_workers(self):
+        """The master serves metrics.listen: one client of each worker runs 3 and 5
+        queries, and the scrape's pool counters say 8 (summed over both workers), the
+        histograms count 8, and the server gauges count both workers' servers; a
+        second scrape after more work follows it."""
+        metrics_port = free_port()
+        process, port = yield deferToThread(
+            self.start, 2, None, None, None, sys.executable,
+            {"metrics": {"listen": f"tcp:{metrics_port}:interface=127.0.0.1"}})
+
+        def scrape() -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+            from prometheus_client.parser import text_string_to_metric_families
+            with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as reply:
+                text = reply.read().decode()
+            return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
+                    for family in text_string_to_metric_families(text) for sample in family.samples}
+
+        def scenario() -> None:
+            process.wait_for(r"serving metrics on .* \(every worker's\)")
+            clients = self.raw_clients(port, 2, {0: 1, 1: 1})
+            pool = (("database", "app"), ("route", ""), ("user", "u_trust"))
+            for number, count in ((0, 3), (1, 5)):
+                for _ in range(count):
+                    self.assertEqual(self.ask(clients[number][0], "SELECT 1"), [])
+            samples = scrape()
+            self.assertEqual(samples[("odissey_pool_queries_total", pool)], 8)
+            self.assertEqual(samples[("odissey_pool_transactions_total", pool)], 8)
+            self.assertEqual(samples[("odissey_pool_query_duration_seconds_count", pool)], 8)
+            servers = (samples[("odissey_pool_server_idle_connections", pool)]
+                       + samples[("odissey_pool_server_active_connections", pool)])
+            self.assertEqual(servers, backends(user="u_trust"))
+            self.assertGreaterEqual(servers, 2)  # (one per worker at least)
+            self.assertEqual(self.ask(clients[1][0], "BEGIN; SELECT 1; COMMIT"), [])
+            self.assertEqual(scrape()[("odissey_pool_transactions_total", pool)], 9)
+
+        yield deferToThread(scenario)
+
+    @inlineCallbacks
+    def test_show_clients_and_servers_span_workers(self):
+        """SHOW CLIENTS and SHOW SERVERS on either worker's console list both workers'
+        clients and servers: one client of each holds a server in a transaction, and
+        each console sees two pool clients (one id per worker: worker 0's odd, worker
+        1's even) linked to two distinct servers, which link back to them."""
+        yield deferToThread(self.settle)
+        _process, port = yield deferToThread(self.start, 2, None, None, None, sys.executable,
+                                             {"admin_users": ["u_trust"]})
+
+        def scenario() -> None:
+            clients = self.raw_clients(port, 2, {0: 1, 1: 1})
+            for number in (0, 1):
+                self.assertEqual(self.ask(clients[number][0], "BEGIN; SELECT 1"), [])
+            for number in (0, 1):
+                console = self.console_on(port, 2, number)
+                shown = console.execute("SHOW CLIENTS")
+                names = [d.name for d in shown.description]
+                pool_clients = [dict(zip(names, row)) for row in shown.fetchall() if row[2] == "app"]
+                self.assertEqual(sorted(row["id"] % 2 for row in pool_clients), [0, 1])
+                shown = console.execute("SHOW SERVERS")
+                names = [d.name for d in shown.description]
+                servers = [dict(zip(names, row)) for row in shown.fetchall()
+                           if row[1] == "u_trust" and row[3] == "active"]
+                self.assertEqual(len({row["ptr"] for row in servers}), 2)
+                self.assertEqual({row["link"] for row in servers}, {row["ptr"] for row in pool_clients})
+                self.assertEqual({row["ptr"] for row in servers}, {row["link"] for row in pool_clients})
+
+        yield deferToThread(scenario)
 
     @inlineCallbacks
     def test_pypy_master_starts_pypy_workers(self):
