@@ -25,8 +25,9 @@ from typing import Optional, Protocol as TypingProtocol, Sequence
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectError
 from twisted.internet.interfaces import IFileDescriptorReceiver, IListeningPort, IReactorTime
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.protocol import Factory
 from twisted.internet.endpoints import UNIXClientEndpoint
+from twisted.protocols.basic import LineOnlyReceiver
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -49,27 +50,16 @@ class Giver(TypingProtocol):
         """Another process has the listening sockets now: stop reading them, drain, exit."""
 
 
-class _Lines(Protocol):
-    """A connection that speaks newline-terminated lines, bounded."""
+class _Lines(LineOnlyReceiver):
+    """Newline-terminated lines, bounded (Twisted's line receiver): past the bound the
+    peer is not an Odissey, and the connection closes."""
 
-    def __init__(self) -> None:
-        self._buffer = b""
-
-    def dataReceived(self, data: bytes) -> None:
-        self._buffer += data
-        while b"\n" in self._buffer:
-            line, self._buffer = self._buffer.split(b"\n", 1)
-            self.lineReceived(line)
-        if len(self._buffer) > MAX_LINE:
-            self.transport.loseConnection()  # type: ignore[union-attr]
-
-    def lineReceived(self, line: bytes) -> None:
-        raise NotImplementedError
+    delimiter = b"\n"
+    MAX_LENGTH = MAX_LINE
 
 
 class _Give(_Lines):
     def __init__(self, server: "HandoverServer") -> None:
-        super().__init__()
         self.server = server
 
     def connectionMade(self) -> None:
@@ -120,7 +110,6 @@ class Taken(_Lines):
     """The new process's side: the sockets received, by ``listen`` entry."""
 
     def __init__(self) -> None:
-        super().__init__()
         self._fds: list[int] = []
         #: ``listen`` entry -> (descriptor, address family); :meth:`adopted` removes them.
         self.sockets: dict[str, tuple[int, int]] = {}
