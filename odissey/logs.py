@@ -12,9 +12,11 @@ event, so a reload changes them in place.
 
 from __future__ import annotations
 
-from typing import IO, Any
+import sys
+from typing import IO, Any, Optional
 
 from twisted.logger import ILogObserver, LogLevel, jsonFileLogObserver, textFileLogObserver
+from twisted.python.components import Componentized
 from zope.interface import implementer
 
 from odissey.config import LogSettings
@@ -46,3 +48,14 @@ class Observer:
     def __call__(self, event: dict[str, Any]) -> None:
         if self.keeps(event):
             (self._json if self.settings.format == "json" else self._text)(event)
+
+
+def observe_for(settings: Optional[LogSettings], parent: object) -> Optional[Observer]:
+    """Under twistd (the plugin or the .tac) a service's parent is the application:
+    with a ``log`` section, Odissey's observer is set on it, where twistd looks for one
+    when it starts logging (after building the service, before starting it)."""
+    if settings is None or not isinstance(parent, Componentized):
+        return None
+    observer = Observer(settings, sys.stdout)
+    parent.setComponent(ILogObserver, observer)
+    return observer

@@ -7,7 +7,6 @@ import functools
 import itertools
 import os
 import signal
-import sys
 from enum import Enum
 from typing import Any, Callable
 
@@ -16,8 +15,7 @@ from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, DeferredList, inlineCallbacks, succeed
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IListeningPort
-from twisted.logger import ILogObserver, Logger
-from twisted.python.components import Componentized
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from odissey.auth.passthrough import Credentials
@@ -30,7 +28,7 @@ from odissey.console import Console
 from odissey.drain import Drain, end_all
 from odissey.handover import HandoverServer, Taken, take as take_sockets
 from odissey.janitor import PERIOD, Janitor
-from odissey.logs import Observer
+from odissey.logs import Observer, observe_for
 from odissey.metrics import MetricsResource, MetricsSite, PoolCollector
 from odissey.pool import Pool, PoolKey, Pools, ServerConnector
 from odissey.reload import RECONNECT, REPLACE, SAME, Plan, plan as plan_reload
@@ -230,12 +228,8 @@ class OdisseyService(MultiService):
         self._handed_over: list[IListeningPort] = []
 
     def setServiceParent(self, parent: Any) -> None:
-        """Under twistd (the plugin or the .tac) the parent is the application: with a
-        ``log`` section, Odissey's observer is set on it, where twistd looks for one
-        when it starts logging (after building the service, before starting it)."""
-        if self.config.log is not None and isinstance(parent, Componentized):
-            self.log_observer = Observer(self.config.log, sys.stdout)
-            parent.setComponent(ILogObserver, self.log_observer)
+        """Under twistd, the ``log`` section's observer goes on the application."""
+        self.log_observer = observe_for(self.config.log, parent)
         super().setServiceParent(parent)
 
     def startService(self) -> None:

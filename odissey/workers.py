@@ -26,9 +26,8 @@ from twisted.internet.defer import Deferred, DeferredList, inlineCallbacks, succ
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IListeningPort
 from twisted.internet.protocol import Factory, ProcessProtocol
-from twisted.logger import ILogObserver, Logger
+from twisted.logger import Logger
 from twisted.protocols import amp
-from twisted.python.components import Componentized
 from twisted.python.failure import Failure
 
 import odissey
@@ -40,7 +39,7 @@ from odissey.commands import (REPORT_PERIOD, Admit, Cancel, ConfigPart, Figures,
 from odissey import tls
 from odissey.config import Config, ConfigError, load as load_config
 from odissey.leases import Action, Grant, Ledger
-from odissey.logs import Observer
+from odissey.logs import Observer, observe_for
 from odissey.metrics import MetricsResource, MetricsSite, Snapshot
 from odissey.postgres import LocalPostgres
 from odissey.reload import Plan, plan as plan_reload
@@ -249,10 +248,8 @@ class Master(MultiService):
 
     def setServiceParent(self, parent: Any) -> None:
         """Under twistd, the ``log`` section's observer goes on the application, as for
-        a single process (see OdisseyService.setServiceParent); workers use their own."""
-        if self.config.log is not None and isinstance(parent, Componentized):
-            self.log_observer = Observer(self.config.log, sys.stdout)
-            parent.setComponent(ILogObserver, self.log_observer)
+        a single process; workers use their own."""
+        self.log_observer = observe_for(self.config.log, parent)
         super().setServiceParent(parent)
 
     def startService(self) -> None:
