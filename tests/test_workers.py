@@ -3,6 +3,7 @@ front of the tests' PostgreSQL, driven by psycopg and raw-protocol clients."""
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import os
 import re
@@ -676,17 +677,26 @@ class WorkersTests(TestCase):
 
     def console_on(self, port: int, workers: int, number: int) -> psycopg.Connection:
         """A psycopg admin console (u_trust) on worker ``number``: found by its own
-        client id in SHOW CLIENTS (worker N numbers its clients N+1, N+1+workers, ...)."""
-        for attempt in range(400):
-            name = f"probe{number}.{attempt}"
+        client id in SHOW CLIENTS (worker N numbers its clients N+1, N+1+workers, ...).
+        Logins go in concurrent batches: one at a time, the kernel may hand every
+        connection to the same idle worker (seen on a quiet machine, 400 in a row)."""
+        def probe(name: str) -> tuple[psycopg.Connection, int]:
             console = psycopg.connect(host="127.0.0.1", port=port, user="u_trust", dbname="odissey",
                                       autocommit=True, application_name=name)
             rows = console.execute("SHOW CLIENTS").fetchall()
-            mine = [row[-1] for row in rows if row[-2] == name]
-            if (mine[0] - 1) % workers == number:
-                self.addCleanup(console.close)
-                return console
-            console.close()
+            return console, [row[-1] for row in rows if row[-2] == name][0]
+
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            for batch in range(50):
+                found = None
+                for console, client_id in pool.map(probe, [f"probe{number}.{batch}.{i}" for i in range(8)]):
+                    if found is None and (client_id - 1) % workers == number:
+                        found = console
+                    else:
+                        console.close()
+                if found is not None:
+                    self.addCleanup(found.close)
+                    return found
         raise AssertionError(f"no console login reached worker {number}")
 
     @staticmethod
