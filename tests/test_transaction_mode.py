@@ -828,11 +828,14 @@ class CancelWhileWaitingTests(IntegrationTest):
             yield self.thread(lambda: holder.execute("begin").close())
             holder_pid = yield self.thread(lambda: holder.execute("select pg_backend_pid()").fetchone()[0])
 
+            pools = self.odissey.service.pools.pools.values()
+            yield self.thread(lambda: waiter.pgconn.send_query(b"select pg_sleep(20)"))
+            yield until(lambda: sum(len(pool.waiters) for pool in pools) == 1, 10, "the query waits for the server")
+
             def cancel_while_waiting() -> tuple[str, float]:
-                waiter.pgconn.send_query(b"select pg_sleep(20)")
-                time.sleep(0.3)
+                # (cancel_safe returns once Odissey has closed the cancel connection:
+                # by then the waiting query is marked to be cancelled)
                 waiter.cancel_safe()
-                time.sleep(0.3)
                 holder.execute("commit")  # frees the only server
                 started = time.monotonic()
                 states = sqlstates(waiter)
