@@ -5,7 +5,7 @@ connection opened, its return when the connection closes, a reclaim when another
 worker starves, a cancel whose key another worker issued, one admission per client
 login and its end (client limits), statistics (once a second, what the admin
 console shows), and the operator's acts: console control commands, reloads, SHOW
-CLIENTS/SERVERS and metrics scrapes. Nothing per transaction. A pool is named by :func:`pool_name`, the same string on both sides.
+CLIENTS/SERVERS, metrics scrapes and console SHUTDOWN. Nothing per transaction. A pool is named by :func:`pool_name`, the same string on both sides.
 """
 
 from __future__ import annotations
@@ -186,3 +186,33 @@ class ShowHere(amp.Command):
 
     arguments = [(b"what", amp.Unicode())]
     response = [(b"rows", amp.Unicode())]
+
+
+class Accepting(amp.Command):
+    """Worker -> master, once: this worker accepts on the listeners now (the master
+    says READY to systemd, and confirms a handover, once every worker has)."""
+
+    arguments = []
+    response = []
+    requiresAnswer = False
+
+
+class Shutdown(amp.Command):
+    """Worker -> master: console SHUTDOWN (``how`` "immediate") or SHUTDOWN
+    WAIT_FOR_CLIENTS ("wait_for_clients"). The master stops the whole process as on
+    SIGTERM, but in this way (it sends every worker :class:`Stop`). The console has
+    answered already: nothing comes back."""
+
+    arguments = [(b"how", amp.Unicode())]
+    response = []
+    requiresAnswer = False
+
+
+class Stop(amp.Command):
+    """Master -> worker: stop the way ``how`` says (a :class:`~odissey.service.Stop`
+    value: "graceful", "wait_for_clients", "immediate"), then exit. Sent again with
+    "immediate" while a worker stops, it hurries that stop."""
+
+    arguments = [(b"how", amp.Unicode())]
+    response = []
+    requiresAnswer = False

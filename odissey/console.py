@@ -77,7 +77,8 @@ class Lifecycle(TypingProtocol):
     """What the console may ask of the service that owns the process."""
 
     def shutdown(self, wait_for_clients: bool) -> None:
-        """SHUTDOWN: stop now; WAIT_FOR_CLIENTS: stop accepting, exit once clients left."""
+        """SHUTDOWN: stop now; WAIT_FOR_CLIENTS: stop accepting, exit once clients left.
+        The whole process: with workers, the master stops every worker."""
 
     def reload(self) -> "Deferred[list[str]]":
         """RELOAD: read the configuration again; the problems that kept it from applying."""

@@ -10,7 +10,9 @@ same path). The old process then stops reading its copies of the listening socke
 its handover listener, without closing them (closing a unix listener unlinks its path,
 which may be the new process's by then; the old process's exit closes them), drains as
 on SIGTERM and exits. Nothing more is said: the old process may stop at any moment
-after ``taken``. See docs/architecture.md for why this rather than SO_REUSEPORT.
+after ``taken``. With workers the masters do this (odissey/workers.py), the new one
+saying ``taken`` once its workers accept. See docs/architecture.md for why this rather
+than SO_REUSEPORT.
 
 Lines: old -> new ``{"listen": [[entry, address family], ...]}`` (one descriptor per
 entry, in order), new -> old ``taken``.

@@ -8,7 +8,7 @@ import itertools
 import os
 import signal
 from enum import Enum
-from typing import Any, Callable
+from typing import Any, Callable, Protocol as TypingProtocol
 
 from twisted.application.internet import TimerService
 from twisted.application.service import MultiService
@@ -79,6 +79,54 @@ def start_managed(managed: dict[str, LocalPostgres], threads: InThread):
     return hosts
 
 
+def listener(reactor: Any, description: str, factory: Any, taken: Taken | None) -> "Deferred[IListeningPort]":
+    """Listen on one ``listen`` entry: the socket the process running before handed
+    over for it (see odissey/handover.py), else a new one."""
+    handed = taken.sockets.pop(description, None) if taken is not None else None
+    if handed is None:
+        return serverFromString(reactor, description).listen(factory)
+    fd, family = handed
+    port = reactor.adoptStreamPort(fd, family, factory)
+    os.close(fd)  # (the port has its own copy)
+    return succeed(port)
+
+
+class Signalled(TypingProtocol):
+    """What owns a process, as its SIGTERM, SIGINT and SIGHUP handlers see it."""
+
+    def stop_requested(self) -> bool:
+        """A stop is asked for or under way."""
+
+    def signalled(self) -> None:
+        """The first SIGTERM or SIGINT: the stop will be graceful."""
+
+    def hurry(self) -> None:
+        """A second one: end every client now."""
+
+    def reload(self) -> object:
+        """SIGHUP."""
+
+
+def install_signals(reactor: Any, owner: Signalled) -> None:
+    """Our SIGTERM/SIGINT handlers replace the reactor's (installed just before): the
+    first signal stops gracefully as the reactor's would, a second one (the reactor's own
+    would only log that it is already stopping) ends everyone now; SIGHUP reloads."""
+    handlers: dict[int, Callable[[int, object], None]] = {signal.SIGTERM: reactor.sigTerm,
+                                                           signal.SIGINT: reactor.sigInt}
+
+    def received(number: int, frame: object) -> None:
+        if owner.stop_requested():
+            log.info("signal {number} while stopping: ending every client now", number=number)
+            reactor.callFromThread(owner.hurry)
+        else:
+            owner.signalled()
+            handlers[number](number, frame)  # logs, and stops the reactor
+
+    for number in handlers:
+        signal.signal(number, received)
+    signal.signal(signal.SIGHUP, lambda number, frame: reactor.callFromThread(owner.reload))
+
+
 def within(reactor: object, waiting: "Deferred[None]", seconds: float, give_up: object) -> "Deferred[None]":
     """Wait for ``waiting``, calling ``give_up`` if it takes longer than ``seconds``."""
     timer = reactor.callLater(seconds, give_up)  # type: ignore[attr-defined]
@@ -144,6 +192,46 @@ class Stop(Enum):
     IMMEDIATE = "immediate"
 
 
+class Stoppable:
+    """How the owner of a process (a single Odissey, a workers' master) is asked to
+    stop: a first SIGTERM/SIGINT gracefully, console SHUTDOWN as it says, a handover
+    gracefully; asked for an immediate stop while stopping, it hurries the stop under
+    way. The owner says whether it is stopping, and how to halt and to hurry."""
+
+    #: How the stop goes (read by the owner's stopService).
+    how = Stop.GRACEFUL
+    #: A signal or :meth:`shutdown` has asked the reactor to stop.
+    _stop_asked = False
+
+    def stopping(self) -> bool:
+        raise NotImplementedError
+
+    def halt(self) -> None:
+        raise NotImplementedError
+
+    def hurry(self) -> None:
+        raise NotImplementedError
+
+    def stop_requested(self) -> bool:
+        return self._stop_asked or self.stopping()
+
+    def signalled(self) -> None:
+        """The first SIGTERM or SIGINT (its reactor handler stops the reactor)."""
+        self.how = Stop.GRACEFUL
+        self._stop_asked = True
+
+    def shutdown(self, how: Stop) -> None:
+        """Stop (console SHUTDOWN [WAIT_FOR_CLIENTS], a handover)."""
+        if self.stop_requested():
+            if how is Stop.IMMEDIATE:
+                self.hurry()
+            return
+        self.how = how
+        self._stop_asked = True
+        log.info("shutdown requested ({how})", how=how.value)
+        self.halt()
+
+
 class Phase(Enum):
     STARTING = "starting"
     RUNNING = "running"
@@ -164,7 +252,7 @@ class _Operator:
         self.service = service
 
     def shutdown(self, wait_for_clients: bool) -> None:
-        self.service.shutdown(Stop.WAIT_FOR_CLIENTS if wait_for_clients else Stop.IMMEDIATE)
+        self.service.shutdown_all(Stop.WAIT_FOR_CLIENTS if wait_for_clients else Stop.IMMEDIATE)
 
     def reload(self) -> "Deferred[list[str]]":
         return self.service.reload_all()
@@ -178,7 +266,7 @@ class _Operator:
         self.service.handed_over()
 
 
-class OdisseyService(MultiService):
+class OdisseyService(Stoppable, MultiService):
     """Starts managed PostgreSQL servers (if any), then listens; stops in reverse order.
 
     ``ready`` fires with the listening ports once clients can connect. With
@@ -217,10 +305,8 @@ class OdisseyService(MultiService):
         self.threads = reactor_threads(reactor)
         self.ready: Deferred[list[IListeningPort]] = Deferred()
         self.phase = Phase.STARTING
-        self.how = Stop.GRACEFUL
         self._starting: Deferred[None] | None = None
         self._stopping: Deferred[None] | None = None
-        self._stop_asked = False  # a signal or shutdown() has asked the reactor to stop
         self.handover: HandoverServer | None = None
         #: Odissey's log observer (``log`` section, under twistd), or None.
         self.log_observer: Observer | None = None
@@ -235,7 +321,7 @@ class OdisseyService(MultiService):
     def startService(self) -> None:
         super().startService()
         if self.process:
-            self.reactor.callWhenRunning(self._install_signals)  # type: ignore[attr-defined]
+            self.reactor.callWhenRunning(install_signals, self.reactor, self)  # type: ignore[attr-defined]
         self._starting = self._start()
         self._starting.addErrback(self._start_failed)
 
@@ -329,15 +415,9 @@ class OdisseyService(MultiService):
 
     @inlineCallbacks
     def _listen(self, description: str, taken: Taken | None = None):
-        handed = taken.sockets.pop(description, None) if taken is not None else None
-        if handed is not None:
-            fd, family = handed
-            port = self.reactor.adoptStreamPort(fd, family, self.factory)  # type: ignore[attr-defined]
-            os.close(fd)  # (the port has its own copy)
-            log.info("listening on {where} (socket taken over)", where=description)
-        else:
-            port = yield serverFromString(self.reactor, description).listen(self.factory)
-            log.info("listening on {where}", where=description)
+        handed = taken is not None and description in taken.sockets
+        port = yield listener(self.reactor, description, self.factory, taken)
+        log.info("listening on {where}{how}", where=description, how=" (socket taken over)" if handed else "")
         self.ports.append(port)
         self.listening[description] = port
 
@@ -449,44 +529,21 @@ class OdisseyService(MultiService):
         self.ports, self.listening = [], {}
         self.shutdown(Stop.GRACEFUL)
 
-    def _install_signals(self) -> None:
-        """Our SIGTERM/SIGINT handlers replace the reactor's (installed just before):
-        the first signal stops gracefully as the reactor's would, a second one (the
-        reactor's own would only log that it is already stopping) ends everyone now."""
-        handlers: dict[int, Callable[[int, object], None]] = {signal.SIGTERM: self.reactor.sigTerm,  # type: ignore[attr-defined]
-                    signal.SIGINT: self.reactor.sigInt}  # type: ignore[attr-defined]
+    def stopping(self) -> bool:
+        return self._stopping is not None
 
-        def received(number: int, frame: object) -> None:
-            if self._stop_requested():
-                log.info("signal {number} while stopping: ending every client now", number=number)
-                self.reactor.callFromThread(self.hurry)  # type: ignore[attr-defined]
-            else:
-                self.how = Stop.GRACEFUL
-                self._stop_asked = True
-                handlers[number](number, frame)  # logs, and stops the reactor
-
-        for number in handlers:
-            signal.signal(number, received)
-        signal.signal(signal.SIGHUP, lambda number, frame: self.reactor.callFromThread(  # type: ignore[attr-defined]
-            self.reload))
-
-    def _stop_requested(self) -> bool:
-        return self._stop_asked or self._stopping is not None
-
-    def shutdown(self, how: Stop) -> None:
-        """Stop the pooler (console SHUTDOWN, SHUTDOWN WAIT_FOR_CLIENTS). Asked while
-        already stopping, an immediate stop hurries the one under way."""
-        if self._stop_requested():
-            if how is Stop.IMMEDIATE:
-                self.hurry()
-            return
-        self.how = how
-        self._stop_asked = True
-        log.info("shutdown requested ({how})", how=how.value)
+    def halt(self) -> None:
+        """Carry out a shutdown: stop the reactor (its shutdown stops this service) when
+        the service owns the process, else just the service."""
         if self.process:
             self.reactor.stop()  # type: ignore[attr-defined]
         else:
             self.stopService()
+
+    def shutdown_all(self, how: Stop) -> None:
+        """Console SHUTDOWN [WAIT_FOR_CLIENTS]: this process's shutdown (a worker asks
+        its master, which stops every worker)."""
+        self.shutdown(how)
 
     def hurry(self) -> None:
         """Stop now: end every client (57P01; cut if it has not gone within

@@ -6,8 +6,8 @@ its standard input. The worker then does everything one process does for the cli
 its accept calls win: login, TLS, relay, reset. It asks the master over AMP only on the
 connect/close path (a lease before opening a server connection, its return when the
 connection closes, a cancel whose key another worker issued) and for what its console
-does to the whole process (control commands, RELOAD, SHOW CLIENTS/SERVERS); the master
-asks it to carry those out, to apply a reload, and for its metrics.
+does to the whole process (control commands, RELOAD, SHOW CLIENTS/SERVERS, SHUTDOWN);
+the master asks it to carry those out, to apply a reload, for its metrics, and to stop.
 """
 
 from __future__ import annotations
@@ -31,9 +31,9 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from odissey.cancel import KeyLayout
-from odissey.commands import (MAX_VALUE, REPORT_PERIOD, Admit, Cancel, ConfigPart, Figures, Lease, Leave, Order,
-                              Others, Reclaim, Reconfigure, Release, Reload, Report, Show, ShowHere, Stats,
-                              Withdraw, pool_name, rows_json)
+from odissey.commands import (MAX_VALUE, REPORT_PERIOD, Accepting, Admit, Cancel, ConfigPart, Figures, Lease, Leave,
+                              Order, Others, Reclaim, Reconfigure, Release, Reload, Report, Show, ShowHere, Shutdown,
+                              Stats, Stop as StopCommand, Withdraw, pool_name, rows_json)
 from odissey.config import Config, LogSettings, Route
 from odissey.console import Console
 from odissey.control import Control
@@ -42,7 +42,7 @@ from odissey.logs import Observer
 from odissey.metrics import PoolCollector
 from odissey.pool import PoolKey, Pools, ServerConnector, Withdrawn
 from odissey.server import ServerConnection, number_ids
-from odissey.service import OdisseyService
+from odissey.service import OdisseyService, Stop
 from odissey.wire.errors import PoolerError
 
 log = Logger()
@@ -154,6 +154,13 @@ class MasterLink(amp.AMP):
         done = factory.cancel(pid, secret) if factory is not None else succeed(None)
         return done.addCallback(lambda _: {})
 
+    @StopCommand.responder
+    def stop(self, how: str) -> dict[str, Any]:
+        """The master stops the process (a signal, a console SHUTDOWN, a handover):
+        this worker stops that way and exits."""
+        self.service.shutdown(Stop(how))
+        return {}
+
     @Stats.responder
     def stats(self) -> dict[str, Any]:
         return {"stats": json.dumps(self.service.snapshot())}
@@ -176,14 +183,19 @@ def _refused(error: Optional[PoolerError]) -> dict[str, Any]:
 
 
 class _Adopted:
-    """A listening socket this worker shares: stopping stops accepting, and never
-    unlinks a unix socket's path (the master owns it, and other workers use it)."""
+    """A listening socket this worker shares: stopping stops accepting and closes this
+    worker's descriptor of it, never unlinking a unix socket's path (the master owns
+    it; after a handover another master does). New connections are refused once the
+    master has shut the socket down (a socket it opened: its stopListening does, for
+    every process) or every process has closed its descriptor (one it took over)."""
 
     def __init__(self, port: Any) -> None:
         self.port = port
 
     def stopListening(self) -> "Deferred[None]":
-        self.port.stopReading()
+        if self.port.connected:  # (else the master's shutdown of the socket closed it)
+            self.port.stopReading()
+            self.port.socket.close()
         return succeed(None)
 
 
@@ -286,6 +298,19 @@ class WorkerService(OdisseyService):
         assert link is not None
         return link.callRemote(Reload).addCallback(lambda answer: json.loads(answer["problems"]))
 
+    def shutdown_all(self, how: Stop) -> None:
+        """Console SHUTDOWN [WAIT_FOR_CLIENTS]: the master stops the whole process (it
+        sends this worker and every other one a Stop)."""
+        link = self.link
+        assert link is not None
+        log.info("asking the master to stop every worker ({how})", how=how.value)
+        link.callRemote(Shutdown, how=how.value)
+
+    def halt(self) -> None:
+        """The worker's process ends with its service: stopping the reactor stops the
+        service (a trigger), as the master's SIGTERM does."""
+        self.reactor.stop()  # type: ignore[attr-defined]
+
     def serve_metrics(self) -> "Deferred[None]":
         """The master serves ``metrics.listen`` (one address, which one process only can
         bind) with every worker's numbers added up; a worker answers its Figures."""
@@ -297,6 +322,8 @@ class WorkerService(OdisseyService):
             os.close(fd)  # (adopting duplicated it)
             self.ports.append(_Adopted(port))  # type: ignore[arg-type]
             log.info("accepting on {where}", where=port.getHost())
+        if self.link is not None:
+            self.link.callRemote(Accepting)
         return succeed(None)
 
     def snapshot(self) -> dict[str, Any]:

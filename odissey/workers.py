@@ -6,7 +6,11 @@ odissey.worker`` on the master's own interpreter, so a PyPy master gets PyPy wor
 that inherit the listening sockets and accept from them. Each worker talks to the
 master over AMP on a socketpair. The master holds the global lease ledger (so
 ``pool.size`` is one limit over all workers), forwards cancels between workers,
-restarts a worker that dies, and at shutdown stops the workers and logs what they held.
+restarts a worker that dies, and owns the process's lifecycle: a signal, a worker's
+console SHUTDOWN (the worker asks, :class:`~odissey.commands.Shutdown`) or a handover to
+a new master (``handover_socket``: the master hands over the listening sockets it
+holds) stops it, and it tells every worker how to stop (:class:`~odissey.commands.Stop`)
+and logs what they held.
 """
 
 from __future__ import annotations
@@ -14,7 +18,6 @@ from __future__ import annotations
 import json
 import os
 import pickle
-import signal
 import socket
 import sys
 from collections import Counter, defaultdict
@@ -33,17 +36,19 @@ from twisted.python.failure import Failure
 import odissey
 from odissey.auth.secrets import InThread, reactor_threads
 from odissey.cancel import KeyLayout
-from odissey.commands import (REPORT_PERIOD, Admit, Cancel, ConfigPart, Figures, Lease, Leave, Order, Others,
-                              Reclaim, Reconfigure, Release, Reload, Report, Show, ShowHere, Stats, Withdraw,
-                              config_parts, rows_json)
+from odissey.commands import (REPORT_PERIOD, Accepting, Admit, Cancel, ConfigPart, Figures, Lease, Leave, Order,
+                              Others, Reclaim, Reconfigure, Release, Reload, Report, Show, ShowHere, Shutdown, Stats,
+                              Stop as StopCommand, Withdraw, config_parts, rows_json)
 from odissey import tls
 from odissey.config import Config, ConfigError, load as load_config
+from odissey.handover import HandoverServer, take as take_sockets
 from odissey.leases import Action, Grant, Ledger
 from odissey.logs import Observer, observe_for
 from odissey.metrics import MetricsResource, MetricsSite, Snapshot
 from odissey.postgres import LocalPostgres
 from odissey.reload import Plan, plan as plan_reload
-from odissey.service import OdisseyService, managed_postgres, start_managed, with_storage_hosts, within
+from odissey.service import (OdisseyService, Stop, Stoppable, install_signals, listener, managed_postgres, start_managed,
+                             with_storage_hosts, within)
 from odissey.systemd import Notifier
 from odissey.wire import errors
 
@@ -129,6 +134,16 @@ class WorkerLink(amp.AMP):
         self.master.clients[self.number][route] -= 1
         return {}
 
+    @Accepting.responder
+    def accepting(self) -> dict[str, Any]:
+        self.master.accepted(self.number)
+        return {}
+
+    @Shutdown.responder
+    def shutdown(self, how: str) -> dict[str, Any]:
+        self.master.shutdown(Stop(how))
+        return {}
+
 
 class WorkersCollector:
     """The master's metrics: at each scrape every worker is asked for its snapshot
@@ -201,7 +216,7 @@ class WorkerProcess(ProcessProtocol):
         self.ended.callback(None)
 
 
-class Master(MultiService):
+class Master(Stoppable, MultiService):
     """The twistd service when ``workers`` is more than 1. ``ready`` fires with the
     listening ports once every worker has been started."""
 
@@ -220,6 +235,15 @@ class Master(MultiService):
             name: managed_postgres(s) for name, s in config.storages.items() if s.managed
         }
         self.ports: list[IListeningPort] = []
+        #: The same ports, by their ``listen`` entry (what a handover gives).
+        self.listeners: dict[str, IListeningPort] = {}
+        #: Serves ``handover_socket`` (a new master takes the listeners through it).
+        self.handover: Optional[HandoverServer] = None
+        #: Listening ports given to a new master: kept (open, unread) until we exit.
+        self._handed_over: list[IListeningPort] = []
+        #: The workers that have said they accept (Accepting), and the wait for all.
+        self.accepting: set[int] = set()
+        self._all_accepting: Deferred[None] = Deferred()
         #: The ``log`` section's observer under twistd (a reload changes its settings).
         self.log_observer: Optional[Observer] = None
         #: The Prometheus endpoint (metrics.listen), served by the master for all workers.
@@ -227,7 +251,8 @@ class Master(MultiService):
         self.ledger = Ledger()
         self.layout = KeyLayout.of(config.peer_id, bool(config.peer_id), 0, config.workers)
         self.processes: dict[int, WorkerProcess] = {}
-        self.stopping = False
+        #: From now on a worker that ends is not restarted.
+        self._stopping = False
         self.ready: Deferred[list[IListeningPort]] = Deferred()
         self._starting: Optional[Deferred[None]] = None
         #: Seconds each lease that had to wait waited (a server handed over from another
@@ -254,7 +279,7 @@ class Master(MultiService):
 
     def startService(self) -> None:
         super().startService()
-        self.reactor.callWhenRunning(signal.signal, signal.SIGHUP, self._hangup)
+        self.reactor.callWhenRunning(install_signals, self.reactor, self)
         self._starting = self._start()
         self._starting.addErrback(self._start_failed)
 
@@ -262,15 +287,28 @@ class Master(MultiService):
     def _start(self):
         hosts = yield start_managed(self.managed, self.threads)
         self.config = with_storage_hosts(self.config, hosts)
+        path = self.config.handover_socket
+        taken = (yield take_sockets(self.reactor, path)) if path else None
         idle = Factory()
         idle.noisy = False
         for description in self.config.listen:
-            port = yield serverFromString(self.reactor, description).listen(idle)
+            handed = taken is not None and description in taken.sockets
+            port = yield listener(self.reactor, description, idle, taken)
             port.stopReading()  # (in the same turn: the master never accepts; workers do)
-            log.info("listening on {where} (for {n} workers)", where=description, n=self.config.workers)
+            log.info("listening on {where}{how} (for {n} workers)", where=description,
+                     how=" (socket taken over)" if handed else "", n=self.config.workers)
             self.ports.append(port)
+            self.listeners[description] = port
         for number in range(self.config.workers):
             self.spawn(number)
+        yield self._all_accepting
+        if taken is not None:
+            # Only now: until our workers accept, the old master's still do.
+            taken.confirm()
+            log.info("took over the listening sockets of the Odissey running before; it drains")
+        if path:
+            self.handover = HandoverServer(self)
+            self.handover.listen(self.reactor, path)
         if self.config.metrics_listen is not None:
             site = MetricsSite(MetricsResource(WorkersCollector(self), self.threads))
             self.metrics_port = yield serverFromString(self.reactor, self.config.metrics_listen).listen(site)
@@ -278,9 +316,11 @@ class Master(MultiService):
         self.notifier.ready()
         self.ready.callback(self.ports)
 
-    def _hangup(self, number: int, frame: object) -> None:
-        """SIGHUP: reload every worker."""
-        self.reactor.callFromThread(self.reload)
+    def accepted(self, number: int) -> None:
+        """Worker ``number`` accepts on the listeners (once all have, the master is ready)."""
+        self.accepting.add(number)
+        if len(self.accepting) == self.config.workers and not self._all_accepting.called:
+            self._all_accepting.callback(None)
 
     def reload(self) -> "Deferred[list[str]]":
         """SIGHUP, console RELOAD in any worker: read the file again, check it as a
@@ -317,7 +357,7 @@ class Master(MultiService):
         source = self.config.source
         if source is None:
             return ["(top level): the configuration was not read from a file"]
-        if self.stopping or not self.ready.called:
+        if self._stopping or not self.ready.called:
             return ["(top level): Odissey is not running, not reloading"]
         try:
             new = load_config(source)
@@ -398,7 +438,7 @@ class Master(MultiService):
         self.shown.pop(number, None)
         self.waiting = {key: ticket for key, ticket in self.waiting.items() if key[0] != number}
         how = reason.value
-        if self.stopping:
+        if self._stopping:
             log.info("worker {number} stopped, pid {pid} ({how})", number=number, pid=process.pid, how=how)
             return
         self.restarts += 1
@@ -408,7 +448,7 @@ class Master(MultiService):
         self.reactor.callLater(delay, self._restart, number)
 
     def _restart(self, number: int) -> None:
-        if not self.stopping and number not in self.processes:
+        if not self._stopping and number not in self.processes:
             self.spawn(number)
 
     # -- leases ----------------------------------------------------------------------------
@@ -462,7 +502,7 @@ class Master(MultiService):
 
     def _retry(self, pool: Hashable) -> None:
         self._retrying.discard(pool)
-        if not self.stopping:
+        if not self._stopping:
             self.apply(self.ledger.retry(pool))
 
     def relay_pools(self) -> None:
@@ -532,6 +572,43 @@ class Master(MultiService):
 
     # -- shutdown --------------------------------------------------------------------------
 
+    def stopping(self) -> bool:
+        return self._stopping
+
+    def halt(self) -> None:
+        """A worker's console SHUTDOWN, a handover: the whole process stops, as on
+        SIGTERM (the reactor's shutdown runs :meth:`stopService`) but as ``how`` says."""
+        self.reactor.stop()
+
+    def hurry(self) -> None:
+        """A second signal or SHUTDOWN while stopping: every worker ends its clients now
+        (and is killed if it has not exited STOP_PATIENCE later)."""
+        self.how = Stop.IMMEDIATE
+        if self._stopping:
+            self._tell_workers(Stop.IMMEDIATE)
+            self.reactor.callLater(STOP_PATIENCE, self._kill_all)
+
+    def _tell_workers(self, how: Stop) -> None:
+        """Every worker stops ``how`` (one without a link yet gets SIGTERM: graceful)."""
+        for process in list(self.processes.values()):
+            if process.link is not None:
+                process.link.callRemote(StopCommand, how=how.value)
+            elif process.transport is not None:
+                process.transport.signalProcess("TERM")
+
+    # -- handover (handover.Giver) ----------------------------------------------------------
+
+    def listening(self) -> list[tuple[str, IListeningPort]]:
+        return list(self.listeners.items())
+
+    def handed_over(self) -> None:
+        """A new master has the listening sockets, and its workers accept: ours drain
+        as on SIGTERM and we exit. Our copies stay open, unread, until we exit (closing
+        a unix listener would remove its path, the new master's now)."""
+        log.info("handed the listening sockets over to a new process; draining")
+        self._handed_over, self.ports, self.listeners = self.ports, [], {}
+        self.shutdown(Stop.GRACEFUL)
+
     def patient(self, asked: Deferred[Any]) -> Deferred[Any]:
         """A question to a worker, given up (cancelled) after STATS_PATIENCE: a worker
         that hangs must not hold up a scrape or the shutdown."""
@@ -565,30 +642,35 @@ class Master(MultiService):
     def stopService(self):
         yield super().stopService()
         if self._starting is not None and not self._starting.called:
+            if not self._all_accepting.called:
+                self._all_accepting.cancel()  # (a worker that never accepts holds nothing up)
             yield self._starting
-        self.stopping = True  # (from now on a worker that ends is not restarted)
-        if self.metrics_port is not None:
-            yield self.metrics_port.stopListening()
-            self.metrics_port = None
+        self._stopping = True
+        if self.handover is not None:
+            self.handover.close()
+        # Our descriptors close now; each worker closes its own as it stops, and then
+        # the kernel refuses new connections, as a single process's closed listener does.
+        ports = self.ports + ([self.metrics_port] if self.metrics_port is not None else [])
+        yield DeferredList([port.stopListening() for port in ports])
+        self.ports, self.listeners, self.metrics_port = [], {}, None
         self.notifier.stopping()
         totals = yield self.gather()
         pools = ", ".join(f"{pool}: {c['active']} active, {c['idle']} idle"
                           for pool, c in sorted(totals["pools"].items())) or "no pools"
-        log.info("shutting down {workers} workers: {clients} clients; servers {pools}",
-                 workers=totals["workers"], clients=totals["clients"], pools=pools)
+        log.info("shutting down {workers} workers ({how}): {clients} clients; servers {pools}",
+                 workers=totals["workers"], how=self.how.value, clients=totals["clients"], pools=pools)
         waits = self.lease_waits
         log.info("leases: {n} waited (p50 {p50:.1f} ms, p99 {p99:.1f} ms); {cancels} cancels "
                  "forwarded between workers; {restarts} worker restarts",
                  n=len(waits), p50=percentile(waits, 0.5) * 1000 if waits else 0.0,
                  p99=percentile(waits, 0.99) * 1000 if waits else 0.0,
                  cancels=self.cancels_forwarded, restarts=self.restarts)
-        ended = [process.ended for process in self.processes.values()]
-        for process in list(self.processes.values()):
-            process.transport.signalProcess("TERM")
-        patience = self.config.shutdown_timeout + STOP_PATIENCE
-        yield within(self.reactor, DeferredList(ended), patience, self._kill_all)
-        yield DeferredList([port.stopListening() for port in self.ports])
-        self.ports = []
+        ended = DeferredList([process.ended for process in self.processes.values()])
+        self._tell_workers(self.how)
+        if self.how is Stop.WAIT_FOR_CLIENTS:
+            yield ended  # (however long the clients stay; a signal or SHUTDOWN hurries it)
+        else:
+            yield within(self.reactor, ended, self.config.shutdown_timeout + STOP_PATIENCE, self._kill_all)
         for postgres in self.managed.values():
             yield self.threads(postgres.stop)
         self.notifier.stopped()

@@ -25,20 +25,22 @@ import yaml
 from twisted.internet.defer import inlineCallbacks
 from twisted.internet.threads import deferToThread
 from twisted.internet.defer import Deferred
-from twisted.internet.error import ProcessTerminated
+from twisted.internet.error import ProcessDone, ProcessTerminated
 from twisted.internet.testing import MemoryReactorClock
+from twisted.application.service import MultiService
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 
 from odissey import config
 from odissey.cancel import KeyLayout
-from odissey.commands import Cancel, Reclaim
+from odissey.commands import Cancel, Reclaim, Stop as StopCommand
 from odissey.wire import messages as m
-from tests.harness import (APP_PASSWORD, USERS, Replies, direct, free_port, read_message,
+from tests.harness import (APP_PASSWORD, USERS, Replies, committed, direct, free_port, read_message,
                            shared_postgres, trust_login_keyed)
 from odissey.testing import in_this_thread
-from odissey.workers import RECLAIM_RETRY, RESTART_DELAY, Master, WorkerProcess
-from tests.test_tap import BOOT, PYPY, ROOT
+from odissey.service import Stop
+from odissey.workers import RECLAIM_RETRY, RESTART_DELAY, STATS_PATIENCE, STOP_PATIENCE, Master, WorkerProcess
+from tests.test_tap import BOOT, PYPY, ROOT, wait_refused
 from tests.test_tls import certs, outcome, serving
 
 
@@ -913,6 +915,132 @@ class WorkersTests(TestCase):
         yield deferToThread(scenario)
 
     @inlineCallbacks
+    def test_console_shutdown_stops_every_worker(self):
+        """SHUTDOWN on worker 0's console is answered, then stops the whole process at
+        once, as PgBouncer's does: worker 1's idle client and its client inside a
+        transaction get 57P01 (the transaction rolls back), both workers stop (neither
+        is restarted) and the master exits with status 0."""
+        yield deferToThread(self.settle)
+        process, port = yield deferToThread(self.start, 2, None, None, None, sys.executable,
+                                            {"admin_users": ["u_trust"]})
+
+        def scenario() -> tuple[str, list[list[str]], int]:
+            idle, busy = self.raw_clients(port, 2, {1: 2})[1]
+            self.assertEqual(self.ask(idle, "SELECT 1"), [])
+            self.assertEqual(self.ask(busy, "BEGIN; INSERT INTO items VALUES (7400, 'workers-shutdown')"), [])
+            console = self.console_on(port, 2, 0)
+            answer = console.execute("SHUTDOWN").statusmessage
+            for client in (idle, busy):
+                self.assertRaises((ConnectionError, OSError, AssertionError), client.until, client.ready + 1)
+            return answer, [idle.errors, busy.errors], process.proc.wait(timeout=60)
+
+        answer, errors, status = yield deferToThread(scenario)
+        out = yield deferToThread(process.stop)
+        self.assertEqual((answer, errors, status), ("SHUTDOWN", [["57P01"], ["57P01"]], 0), out)
+        self.assertIn("[worker 0] asking the master to stop every worker (immediate)", out)
+        self.assertIn("[odissey.service#info] shutdown requested (immediate)", out)
+        for number in range(2):
+            self.assertRegex(out, rf"worker {number} stopped, pid \d+")
+        self.assertNotIn("died", out)
+        self.assertFalse(committed("workers-shutdown"))
+
+    @inlineCallbacks
+    def test_shutdown_wait_for_clients_spans_workers(self):
+        """SHUTDOWN WAIT_FOR_CLIENTS on worker 0's console: new connections are refused
+        (the master and both workers have closed the listener) and nobody is ended:
+        worker 1's client inside a transaction commits it and runs another, worker 0's
+        idle client is served too. Worker 1 exits once its client has left, the master
+        (status 0) only once worker 0's has too."""
+        yield deferToThread(self.settle)
+        process, port = yield deferToThread(self.start, 2, None, None, None, sys.executable,
+                                            {"admin_users": ["u_trust"]})
+
+        def scenario() -> int:
+            clients = self.raw_clients(port, 2, {0: 1, 1: 1})
+            waiting, busy = clients[0][0], clients[1][0]
+            self.assertEqual(self.ask(busy, "BEGIN; INSERT INTO items VALUES (7401, 'workers-wait')"), [])
+            console = self.console_on(port, 2, 1)
+            self.assertEqual(console.execute("SHUTDOWN WAIT_FOR_CLIENTS").statusmessage, "SHUTDOWN")
+            wait_refused(port)
+            self.assertEqual(self.ask(busy, "SELECT 1; COMMIT"), [])
+            self.assertEqual(self.ask(busy, "SELECT 2"), [])
+            self.assertEqual(self.ask(waiting, "SELECT 3"), [])
+            busy.sock.close()
+            process.wait_for(r"worker 1 stopped, pid \d+")
+            self.assertIsNone(process.proc.poll())
+            self.assertEqual(self.ask(waiting, "SELECT 4"), [])
+            waiting.sock.close()
+            return process.proc.wait(timeout=60)
+
+        status = yield deferToThread(scenario)
+        out = yield deferToThread(process.stop)
+        self.assertEqual(status, 0, out)
+        self.assertIn("shutdown requested (wait_for_clients)", out)
+        self.assertRegex(out, r"worker 0 stopped, pid \d+")
+        self.assertNotIn("died", out)
+        self.assertTrue(committed("workers-wait"))
+        with direct() as su:
+            su.execute("delete from items where note = 'workers-wait'")
+
+    @inlineCallbacks
+    def test_online_restart_with_workers(self):
+        """handover_socket with 2 workers, a TCP and a unix listener: while ``pgbench -C
+        -S`` runs, a new master takes the listening sockets from the running one and
+        confirms once its workers accept; the old master drains its workers and exits
+        (status 0). Twice: pgbench sees no failed connection or transaction, the third
+        master's two workers serve afterwards, over TCP and the unix socket."""
+        if not shutil.which("pgbench"):
+            raise SkipTest("pgbench not installed")
+        directory = Path(tempfile.mkdtemp(prefix="odissey-"))  # (a unix socket path is short)
+        self.addCleanup(shutil.rmtree, directory, True)
+        port = free_port()
+        listen = [f"tcp:{port}:interface=127.0.0.1", f"unix:{directory}/.s.PGSQL.{port}:mode=660"]
+        first, _ = yield deferToThread(self.start, 2, None, listen, None, sys.executable,
+                                       {"handover_socket": str(directory / "handover.sock")})
+
+        def bench() -> subprocess.CompletedProcess[str]:
+            return subprocess.run(
+                ["pgbench", "-n", "-S", "-C", "-c", "4", "-j", "2", "-T", "12",
+                 "-h", "127.0.0.1", "-p", str(port), "-U", "app", "app"],
+                capture_output=True, text=True, env={**os.environ, "PGPASSWORD": APP_PASSWORD}, timeout=120)
+
+        def restart(old: Process) -> Process:
+            new = Process(str(old.config_path))
+            self.addCleanup(new.stop)
+            for number in range(2):
+                new.wait_for(rf"\[worker {number}\] accepting on")
+            new.wait_for("took over the listening sockets")
+            old.proc.wait(timeout=90)
+            return new
+
+        running = deferToThread(bench)
+        yield deferToThread(first.wait_for, r"\[worker \d\] c\d+: login app@app")
+        second = yield deferToThread(restart, first)
+        yield deferToThread(second.wait_for, r"\[worker \d\] c\d+: login app@app")
+        third = yield deferToThread(restart, second)
+        after = len(third.lines)
+        done = yield running
+        self.assertEqual((yield deferToThread(self.spread, port, 2)), {0, 1})
+        with (yield deferToThread(self.connect, port, "app", True, host=str(directory))) as conn:
+            self.assertEqual(conn.execute("select 'unix'").fetchone()[0], "unix")
+        outs = []
+        for process in (first, second, third):
+            outs.append((yield deferToThread(process.stop)))
+        print(done.stdout[-700:])
+        self.assertEqual(done.returncode, 0, done.stderr[-2000:] + outs[0][-3000:] + outs[1][-3000:])
+        self.assertIn("number of failed transactions: 0 (0.000%)", done.stdout)
+        for old, out in zip((first, second), outs):
+            self.assertEqual(old.proc.returncode, 0, out[-3000:])
+            self.assertIn("handed the listening sockets over to a new process; draining", out)
+            for number in range(2):
+                self.assertRegex(out, rf"worker {number} stopped, pid \d+")
+            self.assertNotIn("died", out)
+        for out in outs[1:]:
+            self.assertEqual(out.count("(socket taken over) (for 2 workers)"), 2, out[-3000:])
+        for number in range(2):
+            self.assertRegex("".join(third.lines[after:]), rf"\[worker {number}\] c\d+: login u_trust@app")
+
+    @inlineCallbacks
     def test_pypy_master_starts_pypy_workers(self):
         """A master running on PyPy starts its workers on the same PyPy, and they serve."""
         if not os.access(PYPY, os.X_OK):
@@ -937,6 +1065,18 @@ class _FakeLink:
         answer: Deferred[Any] = Deferred()
         self.calls.append((command, arguments, answer))
         return answer
+
+
+class _Signalled:
+    """A worker process's transport that exits when it is sent a signal."""
+
+    def __init__(self, process: WorkerProcess, signalled: list[int]) -> None:
+        self.process = process
+        self.signalled = signalled
+
+    def signalProcess(self, name: str) -> None:
+        self.signalled.append(self.process.number)
+        self.process.processEnded(Failure(ProcessTerminated(signal=9)))
 
 
 class MasterTests(SynchronousTestCase):
@@ -1029,6 +1169,53 @@ class MasterTests(SynchronousTestCase):
         self.clock.advance(RESTART_DELAY)
         self.assertEqual(self.spawned, [0])
         self.assertEqual(self.master.restarts, 1)
+
+    def run_timers(self) -> None:
+        """The master's own services (its timers) run, as stopService expects; its
+        startService proper would open listeners and spawn processes."""
+        MultiService.startService(self.master)
+
+    def stop_orders(self) -> list[list[str]]:
+        """The ``how`` of every Stop each worker was sent, by worker."""
+        return [[arguments["how"] for command, arguments, _ in self.links[number].calls if command is StopCommand]
+                for number in range(3)]
+
+    def test_shutdown_wait_for_clients_waits_and_is_hurried(self) -> None:
+        """A worker's SHUTDOWN WAIT_FOR_CLIENTS stops the reactor; the stop sends every
+        worker Stop wait_for_clients and waits for them however long (no kill after
+        shutdown_timeout); a later SHUTDOWN sends every worker Stop immediate, and the
+        stop ends when the workers have exited, none restarted."""
+        self.run_timers()
+        self.master.shutdown(Stop.WAIT_FOR_CLIENTS)
+        self.assertTrue(self.clock.hasStopped)
+        stopping = self.master.stopService()
+        self.clock.advance(STATS_PATIENCE)  # (nobody answers Stats: the stop goes on)
+        self.assertEqual(self.stop_orders(), [["wait_for_clients"]] * 3)
+        self.clock.advance(3600)
+        self.assertNoResult(stopping)
+        self.master.shutdown(Stop.IMMEDIATE)
+        self.assertEqual(self.stop_orders(), [["wait_for_clients", "immediate"]] * 3)
+        self.master.shutdown(Stop.GRACEFUL)  # (already stopping: changes nothing)
+        for process in list(self.master.processes.values()):
+            process.processEnded(Failure(ProcessDone(0)))
+        self.successResultOf(stopping)
+        self.clock.advance(RESTART_DELAY)
+        self.assertEqual(self.spawned, [])
+
+    def test_signal_stops_workers_gracefully(self) -> None:
+        """SIGTERM (the reactor stops, then the service): every worker is sent Stop
+        graceful, and is killed if it has not exited shutdown_timeout + STOP_PATIENCE later."""
+        self.run_timers()
+        self.master.signalled()
+        stopping = self.master.stopService()
+        self.clock.advance(STATS_PATIENCE)
+        self.assertEqual(self.stop_orders(), [["graceful"]] * 3)
+        killed: list[int] = []
+        for number, process in self.master.processes.items():
+            process.transport = _Signalled(process, killed)  # type: ignore[assignment]
+        self.clock.advance(self.master.config.shutdown_timeout + STOP_PATIENCE)
+        self.assertEqual(sorted(killed), [0, 1, 2])
+        self.successResultOf(stopping)
 
     def test_client_limits_over_workers(self) -> None:
         """The route's max_clients (2) and limits.max_clients (3) count every worker."""
