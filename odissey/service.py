@@ -91,6 +91,24 @@ def listener(reactor: Any, description: str, factory: Any, taken: Taken | None) 
     return succeed(port)
 
 
+def given(listening: dict[str, IListeningPort], metrics_listen: str | None,
+          metrics_port: IListeningPort | None) -> list[tuple[str, IListeningPort]]:
+    """What a handover gives, by entry: the listeners and the metrics endpoint (its
+    address could not be bound by the new process while this one holds it)."""
+    metrics = [(metrics_listen, metrics_port)] if metrics_listen and metrics_port is not None else []
+    return list(listening.items()) + metrics
+
+
+def hand_over(ports: list[IListeningPort], metrics_port: IListeningPort | None) -> list[IListeningPort]:
+    """After a handover: stop reading our copies of the given sockets, but keep them
+    open until the process exits (closing a unix listener would unlink its path, the
+    new process's now); returns them, to keep."""
+    kept = ports + ([metrics_port] if metrics_port is not None else [])
+    for port in kept:
+        port.stopReading()  # type: ignore[attr-defined]
+    return kept
+
+
 class Signalled(TypingProtocol):
     """What owns a process, as its SIGTERM, SIGINT and SIGHUP handlers see it."""
 
@@ -260,7 +278,7 @@ class _Operator:
     # (handover.Giver: what a new process starting with our handover_socket asks)
 
     def listening(self) -> list[tuple[str, IListeningPort]]:
-        return list(self.service.listening.items())
+        return given(self.service.listening, self.service.config.metrics_listen, self.service.metrics_port)
 
     def handed_over(self) -> None:
         self.service.handed_over()
@@ -367,7 +385,6 @@ class OdisseyService(Stoppable, MultiService):
         ticker.setServiceParent(self)
         self.built()
         yield self.listen()
-        yield self.serve_metrics()
         self.phase = Phase.RUNNING
         self.notifier.ready()
         self.ready.callback(self.ports)
@@ -388,24 +405,29 @@ class OdisseyService(Stoppable, MultiService):
         connects them to its master."""
 
     @inlineCallbacks
-    def serve_metrics(self):
+    def serve_metrics(self, taken: Taken | None):
         """Open the Prometheus endpoint (``metrics.listen``), when it is configured."""
-        if self.config.metrics_listen is None:
+        where = self.config.metrics_listen
+        if where is None:
             return
         factory = self.factory
-        assert factory is not None
+        assert factory is not None and self.pools is not None
         collector = PoolCollector(self.pools, lambda: factory.clients, lambda: factory.login_failures)
-        self.metrics_port = yield serverFromString(self.reactor, self.config.metrics_listen).listen(
-            MetricsSite(MetricsResource(collector, self.threads)))
-        log.info("serving metrics on {where}", where=self.config.metrics_listen)
+        handed = taken is not None and where in taken.sockets
+        self.metrics_port = yield listener(self.reactor, where, MetricsSite(MetricsResource(collector, self.threads)),
+                                           taken)
+        log.info("serving metrics on {where}{how}", where=where, how=" (socket taken over)" if handed else "")
 
     @inlineCallbacks
     def listen(self):
-        """Open the listeners (or take them over from the process running before)."""
+        """Open the listeners and the metrics endpoint (or take them over from the
+        process running before: the metrics address too, which the old process would
+        hold until it exits), then serve the handover path."""
         path = self.config.handover_socket
         taken = (yield take_sockets(self.reactor, path)) if path else None
         for description in self.config.listen:
             yield self._listen(description, taken)
+        yield self.serve_metrics(taken)
         if taken is not None:
             taken.confirm()
             log.info("took over the listening sockets of the Odissey running before; it drains")
@@ -523,10 +545,8 @@ class OdisseyService(Stoppable, MultiService):
         listener would remove its path, which is the new process's now; the process's
         exit closes our copies), then drain and exit as on SIGTERM."""
         log.info("handed the listening sockets over to a new process; draining")
-        for port in self.ports:
-            port.stopReading()  # type: ignore[attr-defined]
-        self._handed_over = self.ports
-        self.ports, self.listening = [], {}
+        self._handed_over = hand_over(self.ports, self.metrics_port)
+        self.ports, self.listening, self.metrics_port = [], {}, None
         self.shutdown(Stop.GRACEFUL)
 
     def stopping(self) -> bool:

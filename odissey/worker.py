@@ -311,12 +311,10 @@ class WorkerService(OdisseyService):
         service (a trigger), as the master's SIGTERM does."""
         self.reactor.stop()  # type: ignore[attr-defined]
 
-    def serve_metrics(self) -> "Deferred[None]":
-        """The master serves ``metrics.listen`` (one address, which one process only can
-        bind) with every worker's numbers added up; a worker answers its Figures."""
-        return succeed(None)
-
     def listen(self) -> "Deferred[None]":
+        """Adopt the master's listeners. The master serves ``metrics.listen`` (one
+        address, which one process only can bind) with every worker's numbers added up
+        (a worker answers its Figures), and the handover path."""
         for fd, family in self.listeners:
             port = self.reactor.adoptStreamPort(fd, family, self.factory)  # type: ignore[attr-defined]
             os.close(fd)  # (adopting duplicated it)

@@ -26,7 +26,6 @@ from typing import Any, Hashable, Optional, Union
 from twisted.application.internet import TimerService
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, DeferredList, inlineCallbacks, succeed
-from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IListeningPort
 from twisted.internet.protocol import Factory, ProcessProtocol
 from twisted.logger import Logger
@@ -47,8 +46,8 @@ from odissey.logs import Observer, observe_for
 from odissey.metrics import MetricsResource, MetricsSite, Snapshot
 from odissey.postgres import LocalPostgres
 from odissey.reload import Plan, plan as plan_reload
-from odissey.service import (OdisseyService, Stop, Stoppable, install_signals, listener, managed_postgres, start_managed,
-                             with_storage_hosts, within)
+from odissey.service import (OdisseyService, Stop, Stoppable, given, hand_over, install_signals, listener,
+                             managed_postgres, start_managed, with_storage_hosts, within)
 from odissey.systemd import Notifier
 from odissey.wire import errors
 
@@ -299,6 +298,13 @@ class Master(Stoppable, MultiService):
                      how=" (socket taken over)" if handed else "", n=self.config.workers)
             self.ports.append(port)
             self.listeners[description] = port
+        where = self.config.metrics_listen
+        if where is not None:
+            handed = taken is not None and where in taken.sockets
+            site = MetricsSite(MetricsResource(WorkersCollector(self), self.threads))
+            self.metrics_port = yield listener(self.reactor, where, site, taken)
+            log.info("serving metrics on {where}{how} (every worker's)", where=where,
+                     how=" (socket taken over)" if handed else "")
         for number in range(self.config.workers):
             self.spawn(number)
         yield self._all_accepting
@@ -309,10 +315,6 @@ class Master(Stoppable, MultiService):
         if path:
             self.handover = HandoverServer(self)
             self.handover.listen(self.reactor, path)
-        if self.config.metrics_listen is not None:
-            site = MetricsSite(MetricsResource(WorkersCollector(self), self.threads))
-            self.metrics_port = yield serverFromString(self.reactor, self.config.metrics_listen).listen(site)
-            log.info("serving metrics on {where} (every worker's)", where=self.config.metrics_listen)
         self.notifier.ready()
         self.ready.callback(self.ports)
 
@@ -599,14 +601,15 @@ class Master(Stoppable, MultiService):
     # -- handover (handover.Giver) ----------------------------------------------------------
 
     def listening(self) -> list[tuple[str, IListeningPort]]:
-        return list(self.listeners.items())
+        return given(self.listeners, self.config.metrics_listen, self.metrics_port)
 
     def handed_over(self) -> None:
         """A new master has the listening sockets, and its workers accept: ours drain
         as on SIGTERM and we exit. Our copies stay open, unread, until we exit (closing
         a unix listener would remove its path, the new master's now)."""
         log.info("handed the listening sockets over to a new process; draining")
-        self._handed_over, self.ports, self.listeners = self.ports, [], {}
+        self._handed_over = hand_over(self.ports, self.metrics_port)
+        self.ports, self.listeners, self.metrics_port = [], {}, None
         self.shutdown(Stop.GRACEFUL)
 
     def patient(self, asked: Deferred[Any]) -> Deferred[Any]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -361,14 +362,18 @@ class TapTests(TestCase):
         """A second process started with the same configuration (handover_socket) takes
         the listening socket while ``pgbench -C`` (a new connection per transaction) runs
         against the first: the first drains and exits, pgbench sees no failed
-        transaction, and a third process takes over from the second the same way."""
+        transaction, and a third process takes over from the second the same way. The
+        metrics endpoint's socket goes along (the old process holds its address until
+        it exits): the third process serves it."""
         if not shutil.which("pgbench"):
             raise SkipTest("pgbench not installed")
         port = free_port()
         directory = tempfile.mkdtemp(prefix="odissey-handover-")  # (unix paths are short)
         self.addCleanup(shutil.rmtree, directory, True)
         socket_path = os.path.join(directory, "handover.sock")
-        path = self.app_config(port, handover_socket=socket_path)
+        metrics_port = free_port()
+        path = self.app_config(port, handover_socket=socket_path,
+                               metrics={"listen": f"tcp:{metrics_port}:interface=127.0.0.1"})
         logs: list[Path] = []
 
         def start() -> subprocess.Popen[str]:
@@ -402,6 +407,7 @@ class TapTests(TestCase):
             third = yield deferToThread(restart, second)
             done = yield running
             answer = yield deferToThread(psql_until_up, port, "select 'third'", "app", "app-secret", "app")
+            scraped = yield deferToThread(scrape, metrics_port)
         finally:
             for proc in processes:
                 if proc.poll() is None:
@@ -414,6 +420,9 @@ class TapTests(TestCase):
         self.assertIn("handed the listening sockets over to a new process", outs[0])
         self.assertIn("(socket taken over)", outs[1])
         self.assertIn("(socket taken over)", outs[2])
+        self.assertIn(f"serving metrics on tcp:{metrics_port}:interface=127.0.0.1 (socket taken over)", outs[2])
+        served = re.search(r'odissey_pool_transactions_total\{database="app",route="",user="app"\} (\S+)', scraped)
+        self.assertGreaterEqual(float(served.group(1)) if served else 0.0, 1.0, scraped)
         self.assertIn(first.returncode, (0, -signal.SIGTERM), outs[0])
 
     @inlineCallbacks

@@ -988,15 +988,18 @@ class WorkersTests(TestCase):
         -S`` runs, a new master takes the listening sockets from the running one and
         confirms once its workers accept; the old master drains its workers and exits
         (status 0). Twice: pgbench sees no failed connection or transaction, the third
-        master's two workers serve afterwards, over TCP and the unix socket."""
+        master's two workers serve afterwards, over TCP and the unix socket, and its
+        metrics endpoint (taken over too) counts their transactions."""
         if not shutil.which("pgbench"):
             raise SkipTest("pgbench not installed")
         directory = Path(tempfile.mkdtemp(prefix="odissey-"))  # (a unix socket path is short)
         self.addCleanup(shutil.rmtree, directory, True)
         port = free_port()
         listen = [f"tcp:{port}:interface=127.0.0.1", f"unix:{directory}/.s.PGSQL.{port}:mode=660"]
+        metrics_port = free_port()
         first, _ = yield deferToThread(self.start, 2, None, listen, None, sys.executable,
-                                       {"handover_socket": str(directory / "handover.sock")})
+                                       {"handover_socket": str(directory / "handover.sock"),
+                                        "metrics": {"listen": f"tcp:{metrics_port}:interface=127.0.0.1"}})
 
         def bench() -> subprocess.CompletedProcess[str]:
             return subprocess.run(
@@ -1023,6 +1026,8 @@ class WorkersTests(TestCase):
         self.assertEqual((yield deferToThread(self.spread, port, 2)), {0, 1})
         with (yield deferToThread(self.connect, port, "app", True, host=str(directory))) as conn:
             self.assertEqual(conn.execute("select 'unix'").fetchone()[0], "unix")
+        with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as reply:
+            scraped = reply.read().decode()
         outs = []
         for process in (first, second, third):
             outs.append((yield deferToThread(process.stop)))
@@ -1037,6 +1042,9 @@ class WorkersTests(TestCase):
             self.assertNotIn("died", out)
         for out in outs[1:]:
             self.assertEqual(out.count("(socket taken over) (for 2 workers)"), 2, out[-3000:])
+            self.assertIn("serving metrics on tcp:{0}:interface=127.0.0.1 (socket taken over)".format(metrics_port), out)
+        served = re.search(r'odissey_pool_transactions_total\{database="app",route="",user="app"\} (\S+)', scraped)
+        self.assertGreaterEqual(float(served.group(1)) if served else 0.0, 1.0, scraped)
         for number in range(2):
             self.assertRegex("".join(third.lines[after:]), rf"\[worker {number}\] c\d+: login u_trust@app")
 
