@@ -948,39 +948,64 @@ class WorkersTests(TestCase):
     def test_shutdown_wait_for_clients_spans_workers(self):
         """SHUTDOWN WAIT_FOR_CLIENTS on worker 0's console: new connections are refused
         (the master and both workers have closed the listener) and nobody is ended:
-        worker 1's client inside a transaction commits it and runs another, worker 0's
-        idle client is served too. Worker 1 exits once its client has left, the master
-        (status 0) only once worker 0's has too."""
+        worker 1's psycopg client inside a transaction commits it and runs another,
+        worker 0's idle psycopg client is served too. Worker 1 exits once its client has
+        left, the master (status 0) only once worker 0's has too."""
         yield deferToThread(self.settle)
         process, port = yield deferToThread(self.start, 2, None, None, None, sys.executable,
                                             {"admin_users": ["u_trust"]})
 
         def scenario() -> int:
-            clients = self.raw_clients(port, 2, {0: 1, 1: 1})
-            waiting, busy = clients[0][0], clients[1][0]
-            self.assertEqual(self.ask(busy, "BEGIN; INSERT INTO items VALUES (7401, 'workers-wait')"), [])
-            console = self.console_on(port, 2, 1)
+            console = self.console_on(port, 2, 0)
+            waiting = self.client_on(port, 2, 0, console)
+            busy = self.client_on(port, 2, 1, console)
+            busy.execute("BEGIN")
+            busy.execute("INSERT INTO items VALUES (7401, 'workers-wait')")
             self.assertEqual(console.execute("SHUTDOWN WAIT_FOR_CLIENTS").statusmessage, "SHUTDOWN")
             wait_refused(port)
-            self.assertEqual(self.ask(busy, "SELECT 1; COMMIT"), [])
-            self.assertEqual(self.ask(busy, "SELECT 2"), [])
-            self.assertEqual(self.ask(waiting, "SELECT 3"), [])
-            busy.sock.close()
+            self.assertEqual(busy.execute("SELECT 1").fetchone()[0], 1)
+            busy.execute("COMMIT")
+            self.assertEqual(busy.execute("SELECT 2").fetchone()[0], 2)
+            self.assertEqual(waiting.execute("SELECT 3").fetchone()[0], 3)
+            busy.close()
             process.wait_for(r"worker 1 stopped, pid \d+")
             self.assertIsNone(process.proc.poll())
-            self.assertEqual(self.ask(waiting, "SELECT 4"), [])
-            waiting.sock.close()
+            self.assertEqual(waiting.execute("SELECT 4").fetchone()[0], 4)
+            waiting.close()
             return process.proc.wait(timeout=60)
 
         status = yield deferToThread(scenario)
         out = yield deferToThread(process.stop)
         self.assertEqual(status, 0, out)
-        self.assertIn("shutdown requested (wait_for_clients)", out)
+        self.assertIn("[odissey.service#info] shutdown requested (wait_for_clients)", out)
         self.assertRegex(out, r"worker 0 stopped, pid \d+")
         self.assertNotIn("died", out)
         self.assertTrue(committed("workers-wait"))
         with direct() as su:
             su.execute("delete from items where note = 'workers-wait'")
+
+    def client_on(self, port: int, workers: int, number: int, console: psycopg.Connection) -> psycopg.Connection:
+        """A psycopg client (u_trust, autocommit) on worker ``number``: found by its id in
+        ``console``'s SHOW CLIENTS (which lists every worker's), logging in concurrent
+        batches as :meth:`console_on` does."""
+        def probe(name: str) -> psycopg.Connection:
+            return self.connect(port, "u_trust", application_name=name)
+
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            for batch in range(50):
+                names = [f"client{number}.{batch}.{i}" for i in range(8)]
+                conns = dict(zip(names, pool.map(probe, names)))
+                ids = {row[-2]: row[-1] for row in console.execute("SHOW CLIENTS").fetchall()}
+                found = None
+                for name, conn in conns.items():
+                    if found is None and (ids[name] - 1) % workers == number:
+                        found = conn
+                    else:
+                        conn.close()
+                if found is not None:
+                    self.addCleanup(found.close)
+                    return found
+        raise AssertionError(f"no client login reached worker {number}")
 
     @inlineCallbacks
     def test_online_restart_with_workers(self):
