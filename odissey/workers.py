@@ -217,7 +217,7 @@ class WorkerProcess(ProcessProtocol):
 
 class Master(Stoppable, MultiService):
     """The twistd service when ``workers`` is more than 1. ``ready`` fires with the
-    listening ports once every worker has been started."""
+    listening ports once every worker accepts on them."""
 
     def __init__(self, config: Config, reactor: Any = None, threads: Optional[InThread] = None) -> None:
         super().__init__()
