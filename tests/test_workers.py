@@ -984,6 +984,32 @@ class WorkersTests(TestCase):
         with direct() as su:
             su.execute("delete from items where note = 'workers-wait'")
 
+    @inlineCallbacks
+    def test_sigterm_hurries_wait_for_clients(self):
+        """SHUTDOWN WAIT_FOR_CLIENTS, then SIGTERM to the master (as on one Odissey, a
+        later signal hurries the stop): worker 1's client inside a transaction is ended
+        (57P01, its transaction rolls back) and the master exits."""
+        yield deferToThread(self.settle)
+        process, port = yield deferToThread(self.start, 2, None, None, None, sys.executable,
+                                            {"admin_users": ["u_trust"]})
+
+        def scenario() -> tuple[list[str], int]:
+            console = self.console_on(port, 2, 0)
+            busy = self.raw_clients(port, 2, {1: 1})[1][0]
+            self.assertEqual(self.ask(busy, "BEGIN; INSERT INTO items VALUES (7402, 'workers-hurried')"), [])
+            self.assertEqual(console.execute("SHUTDOWN WAIT_FOR_CLIENTS").statusmessage, "SHUTDOWN")
+            wait_refused(port)
+            self.assertEqual(self.ask(busy, "SELECT 1"), [])
+            process.proc.send_signal(signal.SIGTERM)
+            self.assertRaises((ConnectionError, OSError, AssertionError), busy.until, busy.ready + 1)
+            return busy.errors, process.proc.wait(timeout=60)
+
+        errors, status = yield deferToThread(scenario)
+        out = yield deferToThread(process.stop)
+        self.assertEqual((errors, status), (["57P01"], 0), out)
+        self.assertIn("signal 15 while stopping: ending every client now", out)
+        self.assertFalse(committed("workers-hurried"))
+
     def client_on(self, port: int, workers: int, number: int, console: psycopg.Connection) -> psycopg.Connection:
         """A psycopg client (u_trust, autocommit) on worker ``number``: found by its id in
         ``console``'s SHOW CLIENTS (which lists every worker's), logging in concurrent
@@ -1067,7 +1093,7 @@ class WorkersTests(TestCase):
             self.assertNotIn("died", out)
         for out in outs[1:]:
             self.assertEqual(out.count("(socket taken over) (for 2 workers)"), 2, out[-3000:])
-            self.assertIn("serving metrics on tcp:{0}:interface=127.0.0.1 (socket taken over)".format(metrics_port), out)
+            self.assertIn(f"serving metrics on tcp:{metrics_port}:interface=127.0.0.1 (socket taken over)", out)
         served = re.search(r'odissey_pool_transactions_total\{database="app",route="",user="app"\} (\S+)', scraped)
         self.assertGreaterEqual(float(served.group(1)) if served else 0.0, 1.0, scraped)
         for number in range(2):
