@@ -5,6 +5,7 @@ from __future__ import annotations
 import socket
 from typing import Any
 
+from OpenSSL import crypto
 from twisted.internet import reactor, ssl
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.endpoints import TCP4ClientEndpoint, _WrappingProtocol, connectProtocol
@@ -267,7 +268,8 @@ class ShortPathTests(TestCase):
 
         cert_file, key_file = certs().server
         with open(cert_file) as c, open(key_file) as k:
-            server_options = ssl.PrivateCertificate.loadPEM(c.read() + k.read()).options()
+            server_options = ssl.PrivateCertificate.fromCertificateAndKeyPair(
+                ssl.Certificate.loadPEM(c.read()), ssl.KeyPair.load(k.read(), crypto.FILETYPE_PEM)).options()
         server, peer = yield self.accepted()
         server.transport.startTLS(server_options)
         # The peer's end on the reactor as well, as a TLS client.
