@@ -14,6 +14,7 @@ from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.pollreactor import PollReactor
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.testing import MemoryReactor
+from twisted.logger import Logger, formatEventAsClassicLogText, globalLogPublisher
 from twisted.python import context, failure, log
 from twisted.python.log import ILogContext
 from twisted.trial.unittest import SynchronousTestCase, TestCase
@@ -66,6 +67,21 @@ class HalfCloser(Recorder):
 
     def writeConnectionLost(self) -> None:
         pass
+
+
+_log = Logger()
+
+
+class Logs(Recorder):
+    """Logs what it reads through twisted.logger, as Odissey's protocols do."""
+
+    def dataReceived(self, data: bytes) -> None:
+        super().dataReceived(data)
+        _log.info("read {n} bytes", n=len(data))
+
+
+class OtherLogs(Logs):
+    """The same, not enrolled."""
 
 
 class Fails(Recorder):
@@ -136,7 +152,7 @@ class ShortPathTests(TestCase):
             self.addCleanup(reading.uninstall, reactor)
         reads = reading.installed(reactor)
         assert reads is not None
-        fresh = {Recorder, HalfCloser, Fails} - reads.protocols
+        fresh = {Recorder, HalfCloser, Fails, Logs} - reads.protocols
         reads.protocols.update(fresh)
         self.addCleanup(reads.protocols.difference_update, fresh)
 
@@ -243,6 +259,22 @@ class ShortPathTests(TestCase):
         errors = [event for event in logged if event.get("isError")]
         self.assertEqual(len(errors), 1)
         self.assertIn("Fails", errors[0]["system"])
+
+    @inlineCallbacks
+    def test_log_lines_read_the_same(self):
+        """Odissey's log lines (twisted.logger) never carried the legacy context's
+        "system": a line logged inside dataReceived reads the same on either path."""
+        events: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        for protocol in (Logs, OtherLogs):
+            server, peer = yield self.accepted(protocol)
+            peer.sendall(b"abc")
+            yield until(lambda: server.data, 5, "the bytes arrive")
+        lines = [formatEventAsClassicLogText(e) for e in events if e.get("log_format") == "read {n} bytes"]
+        self.assertEqual(len(lines), 2)
+        self.assertEqual({line.split(" ", 1)[1] for line in lines},  # (after the time)
+                         {"[tests.test_reading#info] read 3 bytes\n"})
 
     @inlineCallbacks
     def test_paused_transport_not_read(self):
