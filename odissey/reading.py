@@ -13,8 +13,8 @@ poll, and the same dispatch for every event but one kind, a plain read event (``
 nothing else) for a connected TCP or unix transport that is still registered for reading
 and whose protocol's exact type is one of those given (Odissey's client and server
 connections; a server connection made through an endpoint sits behind Twisted's
-``_WrappingProtocol``, a pure proxy, which is looked through). That event is a ``recv`` of the transport's ``bufferSize`` and a call of
-``protocol.dataReceived``. Anything unusual goes back to Twisted's own code, inside the
+``_WrappingProtocol``, a pure proxy, which is looked through). That event is a ``recv``
+of the transport's ``bufferSize`` and a call of ``protocol.dataReceived``. Anything unusual goes back to Twisted's own code, inside the
 logging context: an exception from ``dataReceived`` is logged and loses the connection,
 EOF is a (half-)close, a failed ``recv`` loses the connection, all through the reactor's
 ``_disconnectSelectable`` as ``_doReadOrWrite`` would. Writes, hang-ups, errors, the
