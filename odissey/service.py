@@ -37,7 +37,7 @@ from odissey.router import Router
 from odissey.systemd import Notifier
 from odissey.server import ServerConnection, connect
 from odissey.stats import Period, Ticker
-from odissey import tls
+from odissey import reading, tls
 
 log = Logger()
 
@@ -384,6 +384,8 @@ class OdisseyService(Stoppable, MultiService):
         ticker.clock = self.reactor
         ticker.setServiceParent(self)
         self.built()
+        # Reads for client and server connections skip Twisted's per-event log context.
+        reading.install(self.reactor, (ClientConnection, ServerConnection))
         yield self.listen()
         self.phase = Phase.RUNNING
         self.notifier.ready()

@@ -1,0 +1,156 @@
+"""Read events for Odissey's own connections, dispatched without Twisted's logging context.
+
+Twisted's poll loop (``EPollReactor.doPoll``, ``PollReactor.doPoll``) hands every event
+to ``log.callWithLogger``, which asks the transport for its ``logPrefix``, copies the
+legacy log context's dict, pushes and pops it on the context stack, and only then calls
+``_doReadOrWrite`` -> ``doRead`` -> ``_dataReceived`` -> ``protocol.dataReceived``: about
+180 bytecodes under CPython for each read, twice per transaction (docs/benchmarks.md).
+The context only names the "system" of legacy ``twisted.python.log`` lines; Odissey logs
+through ``twisted.logger``, which never reads it.
+
+:func:`install` replaces the reactor's ``doIteration`` with :meth:`Reads.poll`: the same
+poll, and the same dispatch for every event but one kind, a plain read event (``IN`` and
+nothing else) for a connected TCP or unix transport that is still registered for reading
+and whose protocol's exact type is one of those given (Odissey's client and server
+connections; a server connection made through an endpoint sits behind Twisted's
+``_WrappingProtocol``, a pure proxy, which is looked through). That event is a ``recv``
+of the transport's ``bufferSize`` and a call of ``protocol.dataReceived``. Anything unusual goes back to Twisted's own code, inside the
+logging context: an exception from ``dataReceived`` is logged and loses the connection,
+EOF is a (half-)close, a failed ``recv`` loses the connection, all through the reactor's
+``_disconnectSelectable`` as ``_doReadOrWrite`` would. Writes, hang-ups, errors, the
+connecting phase, a paused or aborted transport (no longer registered for reading) and a
+connection after ``startTLS`` (its protocol is then Twisted's TLS wrapper) all take
+Twisted's path unchanged. Under any other reactor nothing is installed.
+"""
+
+from __future__ import annotations
+
+import errno
+import select
+from typing import Any, Callable, Iterable
+
+from twisted.internet import main, tcp, unix
+from twisted.internet.endpoints import _WrappingProtocol
+from twisted.python import failure, log
+
+#: What a plain read event is: the same bit for epoll and poll.
+_IN = select.POLLIN
+
+#: Transports whose own ``doRead`` is a ``recv`` (TCP) or a ``recvmsg`` (unix: file
+#: descriptors sent to a protocol that does not take them are closed, by Twisted with a
+#: log line, by the kernel when ``recv`` leaves the ancillary data unread).
+_TRANSPORTS = frozenset({tcp.Server, tcp.Client, unix.Server, unix.Client})
+
+
+class Reads:
+    """Installed on one epoll or poll reactor as its ``doIteration``."""
+
+    def __init__(self, reactor: Any, wait: Callable[[Any, Any], Any]) -> None:
+        self.reactor = reactor
+        #: The reactor's poll call (epoll and poll differ in its arguments).
+        self.wait = wait
+        #: Exact protocol types whose reads take the short path.
+        self.protocols: set[type] = set()
+
+    def poll(self, timeout: float | None) -> None:
+        """One reactor iteration: wait for events, then dispatch them."""
+        try:
+            events = self.wait(self.reactor, timeout)
+        except OSError as err:
+            if err.errno == errno.EINTR:
+                return
+            raise
+        reactor = self.reactor
+        selectables = reactor._selectables
+        reads = reactor._reads
+        twisted_path = reactor._doReadOrWrite
+        protocols = self.protocols
+        plain, transports, wrapping = _IN, _TRANSPORTS, _WrappingProtocol
+        for fd, event in events:
+            try:
+                selectable = selectables[fd]
+            except KeyError:  # an earlier event's handler closed it
+                continue
+            if event == plain and fd in reads and type(selectable) in transports and selectable.connected:
+                protocol = selectable.protocol
+                if type(protocol) is wrapping:  # connected through an endpoint
+                    protocol = protocol._wrappedProtocol
+                if type(protocol) in protocols:
+                    try:
+                        data = selectable.socket.recv(selectable.bufferSize)
+                    except BlockingIOError:
+                        continue
+                    except OSError:
+                        self._lose(selectable, main.CONNECTION_LOST)
+                        continue
+                    if not data:
+                        self._lose(selectable, main.CONNECTION_DONE)
+                        continue
+                    try:
+                        protocol.dataReceived(data)
+                    except BaseException:
+                        log.callWithLogger(selectable, self._failed, selectable, failure.Failure())
+                    continue
+            log.callWithLogger(selectable, twisted_path, selectable, fd, event)
+
+    def _lose(self, selectable: Any, why: Exception) -> None:
+        """EOF (a half-close where the transport supports it) or a failed ``recv``, as
+        ``_doReadOrWrite`` would hand them on."""
+        log.callWithLogger(selectable, self.reactor._disconnectSelectable, selectable, why, True)
+
+    def _failed(self, selectable: Any, reason: failure.Failure) -> None:
+        """``dataReceived`` raised: logged, and the connection lost with it, as Twisted does."""
+        log.err(reason)
+        self.reactor._disconnectSelectable(selectable, reason.value, True)
+
+
+def _epoll_wait(reactor: Any, timeout: float | None) -> Any:
+    return reactor._poller.poll(-1 if timeout is None else timeout, len(reactor._selectables))
+
+
+def _poll_wait(reactor: Any, timeout: float | None) -> Any:
+    return reactor._poller.poll(None if timeout is None else int(timeout * 1000))
+
+
+def _wait_for(reactor: Any) -> Callable[[Any, Any], Any] | None:
+    """The poll call of an epoll or poll reactor; None for any other reactor."""
+    try:
+        from twisted.internet.epollreactor import EPollReactor
+    except ImportError:  # not Linux
+        EPollReactor = None  # type: ignore[assignment,misc]
+    from twisted.internet.pollreactor import PollReactor
+
+    if EPollReactor is not None and isinstance(reactor, EPollReactor):
+        return _epoll_wait
+    if isinstance(reactor, PollReactor):
+        return _poll_wait
+    return None
+
+
+def installed(reactor: Any) -> Reads | None:
+    """The :class:`Reads` installed on ``reactor``, if any."""
+    reads = getattr(getattr(reactor, "doIteration", None), "__self__", None)
+    return reads if isinstance(reads, Reads) else None
+
+
+def install(reactor: Any, protocols: Iterable[type]) -> bool:
+    """Read for ``protocols`` (exact types) on ``reactor``'s short path from now on.
+
+    Installing again (another service on the same reactor) adds the protocols. Returns
+    False, changing nothing, when the reactor is not an epoll or poll reactor (tests'
+    ``MemoryReactor``, the select or asyncio reactors)."""
+    reads = installed(reactor)
+    if reads is None:
+        wait = _wait_for(reactor)
+        if wait is None:
+            return False
+        reads = Reads(reactor, wait)
+        reactor.doIteration = reads.poll
+    reads.protocols.update(protocols)
+    return True
+
+
+def uninstall(reactor: Any) -> None:
+    """Give the reactor its own ``doIteration`` back."""
+    if installed(reactor) is not None:
+        del reactor.doIteration
