@@ -308,6 +308,31 @@ def sqlstates(conn: psycopg.Connection) -> list[str]:
         states.append(state.decode() if state else "")
 
 
+def watch_notices(conn: psycopg.Connection) -> list[str | None]:
+    """The SQLSTATEs of the notices ``conn`` receives from now on (see :func:`ended`)."""
+    seen: list[str | None] = []
+    conn.add_notice_handler(lambda diagnostic: seen.append(diagnostic.sqlstate))
+    return seen
+
+
+def ended(conn: psycopg.Connection, notices: list[str | None], sql: str = "select 1") -> str:
+    """Run ``sql`` on a connection Odissey is ending: "57P01", or what happened instead.
+
+    libpq turns a FATAL it reads while idle, before it sends ``sql``, into a notice, and
+    ``sql`` then meets only the closed connection (as after PostgreSQL's own
+    pg_terminate_backend of an idle session): that counts as 57P01 when the notice was
+    57P01 (``notices`` from :func:`watch_notices`)."""
+    try:
+        conn.execute(sql)
+    except psycopg.errors.AdminShutdown:
+        return "57P01"
+    except psycopg.OperationalError as exc:
+        if "closed the connection unexpectedly" in str(exc) and notices == ["57P01"]:
+            return "57P01"
+        return f"{type(exc).__name__}: {exc}; notices {notices}"
+    return "served"
+
+
 def trust_login(port: int) -> socket.socket:
     """A raw socket logged in as the trust user u_trust, ready for queries."""
     return trust_login_keyed(port)[0]

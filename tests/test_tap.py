@@ -22,7 +22,7 @@ from twisted.internet.defer import inlineCallbacks
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import SkipTest, TestCase
 
-from tests.harness import direct, free_port, shared_postgres
+from tests.harness import direct, ended, free_port, shared_postgres, watch_notices
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -214,6 +214,7 @@ class TapTests(TestCase):
             seen = []
             with psycopg.connect(host="127.0.0.1", port=port, user="app", password="app-secret",
                                  dbname="app", sslmode="disable", autocommit=True) as conn:
+                notices = watch_notices(conn)
                 conn.execute("begin")
                 conn.execute("insert into items values (7201, 'sigterm-commit')")
                 conn.pgconn.send_query(b"select pg_sleep(0.5)")  # in flight at the signal
@@ -224,10 +225,7 @@ class TapTests(TestCase):
                     pass
                 conn.execute("commit")
                 seen.append("committed")
-                try:
-                    conn.execute("select 1")
-                except psycopg.errors.AdminShutdown:
-                    seen.append("57P01")
+                seen.append(ended(conn, notices))
             return seen
 
         try:
@@ -404,7 +402,7 @@ class TapTests(TestCase):
             yield deferToThread(time.sleep, 2)
             second = yield deferToThread(restart, first)
             yield deferToThread(time.sleep, 2)
-            third = yield deferToThread(restart, second)
+            yield deferToThread(restart, second)
             done = yield running
             answer = yield deferToThread(psql_until_up, port, "select 'third'", "app", "app-secret", "app")
             scraped = yield deferToThread(scrape, metrics_port)

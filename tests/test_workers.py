@@ -36,7 +36,7 @@ from odissey.cancel import KeyLayout
 from odissey.commands import Cancel, Reclaim, Stop as StopCommand
 from odissey.wire import messages as m
 from tests.harness import (APP_PASSWORD, USERS, Replies, committed, direct, free_port, read_message,
-                           shared_postgres, trust_login_keyed)
+                           ended, shared_postgres, trust_login_keyed, watch_notices)
 from odissey.testing import in_this_thread
 from odissey.service import Stop
 from odissey.workers import RECLAIM_RETRY, RESTART_DELAY, STATS_PATIENCE, STOP_PATIENCE, Master, WorkerProcess
@@ -512,9 +512,8 @@ class WorkersTests(TestCase):
 
         def scenario() -> list[str]:
             conns = [self.connect(port, "u_trust") for _ in range(6)]
-            notices: dict[int, list[str | None]] = {id(conn): [] for conn in conns}
+            notices = {id(conn): watch_notices(conn) for conn in conns}
             for conn in conns:
-                conn.add_notice_handler(lambda d, seen=notices[id(conn)]: seen.append(d.sqlstate))
                 conn.execute("begin")
             for i, conn in enumerate(conns):
                 conn.execute("insert into items values (%s, 'workers-sigterm')", (7300 + i,))
@@ -526,20 +525,7 @@ class WorkersTests(TestCase):
                 while conn.pgconn.get_result() is not None:
                     pass
                 conn.execute("commit")
-                try:
-                    conn.execute("select 1")
-                    seen.append("served after commit")
-                except psycopg.errors.AdminShutdown:
-                    seen.append("57P01")
-                except psycopg.OperationalError as exc:
-                    # The drain ends a client at its boundary, within 50 ms of COMMIT.
-                    # A FATAL that libpq reads while idle (before it sends the next
-                    # statement) becomes a notice, and the statement then meets only the
-                    # closed connection: libpq's way, the same as after PostgreSQL's own
-                    # pg_terminate_backend of an idle session (seen 2 runs in 7 here).
-                    assert "closed the connection unexpectedly" in str(exc), exc
-                    assert notices[id(conn)] == ["57P01"], notices[id(conn)]
-                    seen.append("57P01")
+                seen.append(ended(conn, notices[id(conn)]))
                 conn.close()
             return seen
 
