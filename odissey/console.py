@@ -223,11 +223,6 @@ class Console:
                 by_pool.setdefault(relay.pool, []).append(client)
         return by_pool
 
-    def _waited(self, pool: Pool, now: float) -> dict[object, float]:
-        """Waiter -> seconds it has waited (from its deadline and the route's wait_timeout)."""
-        timeout = pool.route.pool.wait_timeout
-        return {queued.waiter: max(0.0, now - (queued.deadline - timeout)) for queued in pool.waiters}
-
     def show_pools(self) -> tuple[list, list]:
         columns = [("database", TEXT), ("user", TEXT), ("cl_active", INT4), ("cl_waiting", INT4),
                    ("sv_active", INT4), ("sv_idle", INT4), ("sv_tested", INT4), ("sv_login", INT4),
@@ -244,7 +239,7 @@ class Console:
         for pool in list(self.pools.pools.values()):
             clients = by_pool.get(pool, [])
             waiting = sum(1 for c in clients if c.relay.state.value == "waiting")
-            waited = max(self._waited(pool, now).values(), default=0.0)
+            waited = max(pool.waited(now).values(), default=0.0)
             active_servers = [s for s in pool.active if s.state is ServerState.ACTIVE]
             rows.append([
                 pool.key.database, pool.key.user, len(clients) - waiting, waiting,
@@ -284,7 +279,7 @@ class Console:
                 wait = 0.0
                 if state == "waiting":
                     if relay.pool not in waited:
-                        waited[relay.pool] = self._waited(relay.pool, now)
+                        waited[relay.pool] = relay.pool.waited(now)
                     wait = waited[relay.pool].get(relay, 0.0)
                 link = relay.server.id if relay.server is not None else None
                 app_param = relay.wanted.get("application_name")

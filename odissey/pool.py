@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from collections import deque
 from enum import Enum
-from typing import Callable, Iterable, NamedTuple, Optional, Protocol as TypingProtocol
+from typing import Callable, Iterable, NamedTuple, Optional, Protocol as TypingProtocol, Tuple
 
 from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
@@ -76,14 +76,9 @@ class Waiter(TypingProtocol):
         """No server: the wait timed out, connecting failed, or the pool closed."""
 
 
-class _Queued:
-    __slots__ = ("client_id", "waiter", "deadline", "since")
-
-    def __init__(self, client_id: str, waiter: Waiter, deadline: float, since: float) -> None:
-        self.client_id = client_id
-        self.waiter = waiter
-        self.deadline = deadline
-        self.since = since
+#: A client in the queue: (waiter, deadline, since), a plain tuple (an object would
+#: cost CPython a call of its ``__init__`` per wait).
+_Queued = Tuple[Waiter, float, float]
 
 
 class _DeferredWaiter:
@@ -124,8 +119,10 @@ class Pool:
         self.active: set[ServerConnection] = set()
         self.opening = 0
         self.waiters: deque[_Queued] = deque()
-        #: Fires at the oldest waiter's deadline (or earlier: it then re-arms itself).
+        #: Fires at the oldest waiter's deadline (or earlier: it then re-arms itself),
+        #: which is kept (reactor seconds) to be compared without a call.
         self._timer: Optional[IDelayedCall] = None
+        self._timer_at = 0.0
         self._parameters_cache: list[tuple[str, str]] | None = None
         #: Lower-case names of the parameters the servers report (from the cache).
         self.reported: frozenset[str] = frozenset()
@@ -157,9 +154,9 @@ class Pool:
             Registry(settings.max_prepared_statements)
             if settings.mode == "transaction" and settings.max_prepared_statements else None
         )
-        self.stats = PoolStats(self.statements)
         #: Integer nanoseconds, for the relays' query and transaction times.
         self.clock_ns = interval_clock(reactor)
+        self.stats = PoolStats(self.statements, self.clock_ns)
 
     @property
     def parameters_cache(self) -> list[tuple[str, str]] | None:
@@ -184,11 +181,22 @@ class Pool:
     # -- clients ---------------------------------------------------------------------------
 
     def take(self, client_id: str) -> ServerConnection | None:
-        """An idle server right now, or None (then call :meth:`wait`)."""
-        if self.waiters or not self.idle:
+        """An idle server right now, or None (then call :meth:`wait`).
+
+        Once per transaction, so the idle bookkeeping is written out here rather than
+        called (:meth:`_leave_idle` does the same for the other paths)."""
+        idle = self.idle
+        if self.waiters or not idle:
             return None
-        chosen = self._idle_of.get(client_id) or self.idle[-1]
-        self._leave_idle(chosen)
+        idle_of = self._idle_of
+        chosen = idle_of.pop(client_id, None)  # (its last_client is client_id)
+        if chosen is None:
+            chosen = idle.pop()
+            last = chosen.last_client
+            if last is not None and idle_of.get(last) is chosen:
+                del idle_of[last]
+        else:
+            idle.remove(chosen)
         self.active.add(chosen)
         self.stats.assignments += 1
         return chosen
@@ -208,19 +216,27 @@ class Pool:
         """Queue for a server: ``waiter`` is told once, maybe before this returns (the
         storage is backing off after failures); 53300 after the route's wait timeout."""
         now = self.reactor.seconds()
-        deadline = now + self.route.pool.wait_timeout
-        self.waiters.append(_Queued(client_id, waiter, deadline, now))
+        timeout = self.route.pool.wait_timeout
+        deadline = now + timeout
+        self.waiters.append((waiter, deadline, now))
         timer = self._timer
         if timer is None:
-            self._timer = self.reactor.callLater(self.route.pool.wait_timeout, self._expire)
-        elif timer.getTime() > deadline:  # the wait timeout was shortened
-            timer.reset(self.route.pool.wait_timeout)
-        self._grow()
+            self._timer_at = deadline
+            self._timer = self.reactor.callLater(timeout, self._expire)
+        elif self._timer_at > deadline:  # the wait timeout was shortened
+            self._timer_at = deadline
+            timer.reset(timeout)
+        if self.retry_at or len(self.idle) + len(self.active) + self.opening < self.route.pool.size:
+            self._grow()  # (a full pool, the usual case when clients queue, needs no call)
+
+    def waited(self, now: float) -> dict[Waiter, float]:
+        """Each waiter's time in the queue so far (SHOW POOLS' maxwait, SHOW CLIENTS)."""
+        return {waiter: max(0.0, now - since) for waiter, _deadline, since in self.waiters}
 
     def leave(self, waiter: Waiter) -> None:
         """``waiter`` stops waiting (its client went); it is told nothing more."""
         for queued in self.waiters:
-            if queued.waiter is waiter:
+            if queued[0] is waiter:
                 self.waiters.remove(queued)
                 return
 
@@ -235,14 +251,14 @@ class Pool:
         self._timer = None
         now = self.reactor.seconds()
         waiters = self.waiters
-        expired = [queued for queued in waiters if queued.deadline <= now]
+        expired = [queued for queued in waiters if queued[1] <= now]
         for queued in expired:
             waiters.remove(queued)
         if waiters:
-            self._timer = self.reactor.callLater(
-                max(0.0, min(queued.deadline for queued in waiters) - now), self._expire)
-        for queued in expired:
-            queued.waiter.refused(PoolerError(
+            self._timer_at = min(deadline for _waiter, deadline, _since in waiters)
+            self._timer = self.reactor.callLater(max(0.0, self._timer_at - now), self._expire)
+        for waiter, _deadline, _since in expired:
+            waiter.refused(PoolerError(
                 errors.TOO_MANY_CONNECTIONS,
                 f'no server connection available in pool "{self.key}" '
                 f"within {self.route.pool.wait_timeout:g}s",
@@ -267,9 +283,12 @@ class Pool:
             self._grow()
         elif self.waiters:  # (_hand_out, inlined: this runs once per transaction)
             self._grant(server)
-        else:
+        else:  # (and _enter_idle)
             self.active.discard(server)
-            self._enter_idle(server)
+            self.idle.append(server)
+            last = server.last_client
+            if last is not None:
+                self._idle_of[last] = server
 
     def discard(self, server: ServerConnection) -> None:
         """A server in doubt: close it, never reuse it."""
@@ -302,11 +321,11 @@ class Pool:
 
     def _grant(self, server: ServerConnection) -> None:
         """The first waiter gets ``server``: counted as an assignment after a wait."""
-        queued = self.waiters.popleft()
+        waiter, _deadline, since = self.waiters.popleft()
         stats = self.stats
         stats.assignments += 1
-        stats.waited(self.reactor.seconds() - queued.since)
-        queued.waiter.granted(server)
+        stats.waited(self.reactor.seconds() - since)
+        waiter.granted(server)
 
     # -- servers ---------------------------------------------------------------------------
 
@@ -386,7 +405,7 @@ class Pool:
             for d in waiting:
                 d.errback(error.copy())
         while len(self.waiters) > self.opening:
-            self.waiters.pop().waiter.refused(error.copy())
+            self.waiters.pop()[0].refused(error.copy())
 
     def _unreachable(self) -> PoolerError:
         """The last failure, as seen by a client arriving during the back-off: the same
@@ -625,7 +644,7 @@ class Pool:
             self._timer.cancel()
             self._timer = None
         while self.waiters:
-            self.waiters.popleft().waiter.refused(PoolerError(errors.ADMIN_SHUTDOWN, "the pooler is shutting down"))
+            self.waiters.popleft()[0].refused(PoolerError(errors.ADMIN_SHUTDOWN, "the pooler is shutting down"))
 
 
 class Pools:

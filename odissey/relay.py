@@ -26,7 +26,7 @@ from odissey import reset
 from odissey.flow import PENDING_LIMIT, Valve, couple, send, uncouple
 from odissey.params import Params, differences, set_statements
 from odissey.pool import Pool
-from odissey.server import ServerConnection, server_error
+from odissey.server import ServerConnection, ServerState, server_error
 from odissey.session_state import LISTEN, cleanup, left_by
 from odissey.statements import COLLECT, Statements
 from odissey.transaction import CLIENT_WATCH, Transaction
@@ -121,6 +121,9 @@ class Relay:
         self.leaving = 0
         #: Transaction mode, pin_listeners: the client LISTENs, so it keeps its server.
         self.pinned = False
+        #: What a ReadyForQuery that leaves the server idle does, chosen when the answer
+        #: changes rather than asked on each: a transaction-mode server goes.
+        self._ready: Callable[[], None] = self._detach if self.transaction_mode else self._kept_ready
         self.server: ServerConnection | None = None
         self.coupled = False  # transports registered as each other's producers
         #: Client bytes waiting for a server. With prepared statements on, the chunks
@@ -229,11 +232,20 @@ class Relay:
         self._waits_for_server(len(data))
 
     def _waits_for_server(self, size: int) -> None:
-        """``size`` more bytes wait for a server: take one if the client has none coming,
-        and stop reading the client past PENDING_LIMIT."""
+        """``size`` more bytes wait for a server: take one if the client has none coming
+        (or queue for one), and stop reading the client past PENDING_LIMIT.
+
+        Once per transaction in transaction mode: the pool's take is called from here
+        and an idle server that needs nothing first is attached by :meth:`_attach`,
+        three calls in all (there were eight)."""
         self.pending_size += size
         if self.state is RelayState.IDLE:
-            self._acquire()
+            server = self.pool.take(self.client.id)
+            if server is None:
+                self.state = RelayState.WAITING
+                self.pool.queue(self.client.id, self)
+            else:
+                self._attach(server)
         if self.pending_size > PENDING_LIMIT and not self.paused:
             self.paused = True
             self.client.valve.pauseProducing()
@@ -291,6 +303,7 @@ class Relay:
         if flags:
             if flags & LISTEN and self.pool.route.pool.pin_listeners:
                 self.pinned = True
+                self._ready = self._kept_ready
             if self.state is RelayState.ATTACHED:
                 self.server.left |= flags  # type: ignore[union-attr]
             else:
@@ -355,24 +368,15 @@ class Relay:
 
     # -- getting a server ----------------------------------------------------------------
 
-    def _acquire(self) -> None:
-        server = self.pool.take(self.client.id)
-        if server is not None:
-            self._use(server)
-            return
-        self.state = RelayState.WAITING
-        self.pool.queue(self.client.id, self)
-
     # (the pool's Waiter: a client that leaves while waiting leaves the queue, so neither
     # comes after clientGone)
-
-    def granted(self, server: ServerConnection) -> None:
-        self._use(server)
 
     def refused(self, error: PoolerError) -> None:
         self.client.fail(error)  # (staying WAITING: nothing more is queued)
 
-    def _use(self, server: ServerConnection) -> None:
+    def _prepare(self, server: ServerConnection) -> None:
+        """Make a server fit for this client before it is attached: clean it of another
+        client's session state, then give it the client's parameters."""
         self.server = server
         if server.left and server.last_client != self.client.id:
             # Another client's session state is on it: cleaned first.
@@ -388,7 +392,7 @@ class Relay:
             self.pool.discard(server)  # cannot be made clean: never reused
             if self.state is not RelayState.CLOSED:
                 self.state = RelayState.IDLE
-                self._acquire()
+                self._waits_for_server(0)  # (another server, the same way)
             return
         server.left = 0
         self._sync(server)
@@ -402,11 +406,11 @@ class Relay:
         if current is None:
             current = server.params_print = self.pool.fingerprints.of(server.params)
         if wanted is current:  # the usual case
-            self._attach(server)
+            self._attach(server, True)
             return
         changes = differences(self.wanted, server.params, self.reported)
         if not changes:
-            self._attach(server)
+            self._attach(server, True)
             return
         self.state = RelayState.SYNCING
         syncing = server.run(set_statements(changes, self.wanted, server.params))
@@ -437,26 +441,39 @@ class Relay:
                 server.params[key] = (name, value)
         if updates:
             self._to_client(b"".join(updates))
-        self._attach(server)
+        self._attach(server, True)
 
     def _sync_lost(self, failure: Failure) -> None:
         self.server = None
         if self.state is not RelayState.CLOSED:
             self.client.fail(PoolerError(errors.CONNECTION_FAILURE, "server connection lost"))
 
-    def _attach(self, server: ServerConnection) -> None:
-        server.attach(self)
+    def _attach(self, server: ServerConnection, prepared: bool = False) -> None:
+        """A server just taken or granted becomes the client's, and what waited for it
+        goes out: at once in the usual case, the client's own parameters (the same
+        fingerprint) and no other client's session state on it; else once
+        :meth:`_prepare` has made it fit (``prepared``)."""
+        if not prepared:
+            wanted = self._wanted_print
+            if wanted is None or server.params_print is not wanted or (
+                    server.left and server.last_client != self.client.id):
+                self._prepare(server)
+                return
+        server.state = ServerState.ACTIVE  # (ServerConnection.attach, written out: once
+        server.handler = self  # per transaction, and a call costs more than its two lines)
+        self.server = server
         self.state = RelayState.ATTACHED
         if self.leaving:
             server.left |= self.leaving
             self.leaving = 0
-        if self.pending:
-            if not send(server.transport, b"".join(self.pending)):
-                self._couple()
-            self.pending = []
-            self.pending_size = 0
         statements = self.statements
-        if statements is not None:
+        if statements is None:
+            if self.pending:
+                if not send(server.transport, b"".join(self.pending)):
+                    self._couple()
+                self.pending = []
+                self.pending_size = 0
+        else:
             statements.server = server.statements
             server.statements.epoch += 1
             unsent, self.unsent = self.unsent, []
@@ -465,6 +482,17 @@ class Relay:
                 self._forward(data, events, holding)
                 if self.state is not RelayState.ATTACHED:
                     return
+        if self.cancel_wanted or self.paused or self._attached is not None:
+            self._attached_late(server)
+        if statements is not None:
+            self._after_forward()
+
+    #: The pool's Waiter: a server granted after a wait is attached as one taken at once.
+    granted = _attach  # (an alias, not a method calling it: one call fewer per wait)
+
+    def _attached_late(self, server: ServerConnection) -> None:
+        """What an attach owes a client that waited long: a cancel that came meanwhile,
+        reading resumed, a session-mode login told."""
         if self.cancel_wanted:
             self.cancel_wanted = False
             self._cancel_server(server)
@@ -474,8 +502,6 @@ class Relay:
         if self._attached is not None:
             attached, self._attached = self._attached, None
             attached.callback(server)
-        if statements is not None:
-            self._after_forward()
 
     def _couple(self) -> None:
         """A write had to be queued: from now on each side throttles the other's reading."""
@@ -504,7 +530,8 @@ class Relay:
                 if not self._to_client(data) and not self.coupled:
                     self._couple()
                 if self._query_at is not None and not self.tx.pending and not self.tx.unsynced:
-                    self._query_over()
+                    self._xact_at = self.stats.ended(self._query_at, self._xact_at, self.tx.status)  # type: ignore[arg-type]
+                    self._query_at = None
                 if quick:
                     self._ready()
                 return
@@ -531,7 +558,8 @@ class Relay:
                         statements.failed()
             ready = self.tx.server(events)
             if self._query_at is not None and not self.tx.pending and not self.tx.unsynced:
-                self._query_over()
+                self._xact_at = self.stats.ended(self._query_at, self._xact_at, self.tx.status)  # type: ignore[arg-type]
+                self._query_at = None
         if edited:
             scanner = self.server.scanner  # type: ignore[union-attr]
             partial = scanner.in_message()
@@ -541,22 +569,10 @@ class Relay:
         if ready:
             self._ready()
 
-    def _query_over(self) -> None:
-        """Nothing is outstanding: the query is over, and the transaction if idle. (The
-        caller checks that inline: it holds once per query, a call costs CPython more
-        than the check.)"""
-        now = self._clock()
-        xact = -1
-        if self.tx.status == b"I":
-            xact, self._xact_at = now - self._xact_at, None  # type: ignore[operator]
-        self.stats.ended(now - self._query_at, xact)  # type: ignore[operator]
-        self._query_at = None
-
-    def _ready(self) -> None:
-        """A ReadyForQuery left the server idle: a transaction-mode server goes."""
-        if self.transaction_mode and not self.pinned:
-            self._detach()
-        elif self.cancels:  # session mode: only this client's next query is at stake
+    def _kept_ready(self) -> None:
+        """``_ready`` of a client that keeps its server (session mode, a pinned
+        listener): only this client's next query is at stake in its cancels."""
+        if self.cancels:
             self.cancels = [sent for sent in self.cancels if sent is self._cancel_on_way]
 
     def serverLost(self) -> None:
@@ -600,21 +616,25 @@ class Relay:
     # -- letting go ----------------------------------------------------------------------
 
     def _detach(self) -> None:
+        """Give the server back to the pool (transaction mode), through a reset when
+        cancels were sent for it or the route resets after each transaction."""
         server = self.server
         assert server is not None
         self.server = None
         self.state = RelayState.IDLE
         if self.coupled:
             self._uncouple(server)
-        server.detach()
+        server.state = ServerState.IDLE  # (ServerConnection.detach, written out as attach is)
+        server.handler = None
+        server.touched = True
         server.last_client = self.client.id
         if self.statements is not None:
             self.statements.server = None
+        if not self.cancels and not self.pool.route.pool.reset_after_transaction:
+            self.pool.release(server)  # (no cancel, so none on its way either)
+            return
         cancels, self.cancels, self._cancel_on_way = self.cancels, [], None
         settings = self.pool.route.pool
-        if not cancels and not settings.reset_after_transaction:
-            self.pool.release(server)
-            return
         self.stats.resets += 1
         settling = reset.after_transaction(
             server,
@@ -661,5 +681,5 @@ class Relay:
         and the Deferred is left to the client to cancel when it goes."""
         self._attached = Deferred()
         attached = self._attached
-        self._acquire()
+        self._waits_for_server(0)  # (nothing waits yet, but a server is taken the same way)
         return attached

@@ -140,10 +140,15 @@ class PoolStats:
 
     __slots__ = (
         "assignments", "received", "sent", "logins", "server_connects", "connect_failures", "cancels", "resets", "closes",
-        "xact_hist", "query_hist", "wait_hist", "older", "newer", "parses",
+        "xact_hist", "query_hist", "wait_hist", "older", "newer", "parses", "clock",
     )
 
-    def __init__(self, parses: Optional[ParseCounts] = None) -> None:
+    def __init__(self, parses: Optional[ParseCounts] = None,
+                 clock: Callable[[], int] = time.monotonic_ns) -> None:
+        #: Integer nanoseconds that queries and transactions are timed with (see
+        #: :func:`interval_clock`): the relays read it at a query's start, :meth:`ended`
+        #: at its end.
+        self.clock = clock
         #: Transaction mode's prepared statements, when on (their counts are PgBouncer's
         #: client/server parse and bind counts; 0 without them, as in PgBouncer).
         self.parses = parses
@@ -185,22 +190,35 @@ class PoolStats:
     def wait_us(self) -> int:
         return self.wait_hist.us
 
-    def ended(self, query: int, xact: int) -> None:
-        """A query ended after ``query`` ns, and with it a transaction of ``xact`` ns
-        (< 0: the transaction goes on). Once per query, so it is written out: one call,
-        integer adds, no search (callgrind: a ``bisect`` and a float conversion per
-        histogram cost twice this)."""
+    def ended(self, query_at: int, xact_at: int, status: bytes) -> Optional[int]:
+        """A query that began at ``query_at`` (ns, :attr:`clock`) ends now, and with it,
+        if ``status`` is ``I``, the transaction that began at ``xact_at``. Returns when
+        the transaction began if it goes on, None if it ended (the relay keeps that).
+
+        Once per query, so it is one call that reads the clock itself and writes the
+        histograms out: integer adds, no search (callgrind: a ``bisect`` and a float
+        conversion per histogram cost twice this; the relay's own method around it, as
+        much as the counting)."""
+        now = self.clock()
+        ns = now - query_at
         histogram = self.query_hist
-        histogram.counts[query.bit_length()] += 1
-        histogram.sum += query
-        if xact >= 0:
-            histogram = self.xact_hist
-            histogram.counts[xact.bit_length()] += 1
-            histogram.sum += xact
+        histogram.counts[ns.bit_length()] += 1
+        histogram.sum += ns
+        if status != b"I":
+            return xact_at
+        ns = now - xact_at
+        histogram = self.xact_hist
+        histogram.counts[ns.bit_length()] += 1
+        histogram.sum += ns
+        return None
 
     def waited(self, seconds: float) -> None:
-        """A client that queued for a server got one after ``seconds``."""
-        self.wait_hist.observe(int(seconds * 1_000_000_000))
+        """A client that queued for a server got one after ``seconds`` (written out:
+        once per transaction when clients outnumber servers)."""
+        ns = int(seconds * 1_000_000_000)
+        histogram = self.wait_hist
+        histogram.counts[ns.bit_length()] += 1
+        histogram.sum += ns
 
     def closed(self, reason: str) -> None:
         self.closes[reason] = self.closes.get(reason, 0) + 1

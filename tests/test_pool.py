@@ -107,6 +107,36 @@ class PoolTests(SynchronousTestCase):
         pool.release(s2)  # type: ignore[arg-type]
         self.assertIs(pool.take("a"), s1)
 
+    def test_affinity_after_the_server_served_another(self) -> None:
+        """A client whose last server another client took gets the most recently
+        released idle server, and the server's new user finds it next time."""
+        pool, servers, clock = make_pool(size=3)
+        pool.wait("a"), pool.wait("b"), pool.wait("c")
+        s1, s2, s3 = servers.succeed_next(), servers.succeed_next(), servers.succeed_next()
+        clock.advance(0)
+        s1.last_client, s2.last_client, s3.last_client = "a", "b", "c"
+        for server in (s1, s2, s3):
+            pool.release(server)  # type: ignore[arg-type]
+        self.assertIs(pool.take("z"), s3)  # (nobody's: the newest)
+        self.assertIs(pool.take("c"), s2)  # (c's went to z)
+        s2.last_client = "c"
+        pool.release(s2)  # type: ignore[arg-type]
+        self.assertIs(pool.take("c"), s2)
+        self.assertIs(pool.take("a"), s1)
+        self.assertEqual((pool.idle, pool._idle_of), ([], {}))
+
+    def test_waited_counts_from_queueing(self) -> None:
+        """A waiter's time so far (SHOW POOLS' maxwait) runs from when it queued, also
+        after a reload changed wait_timeout."""
+        pool, servers, clock = make_pool(size=1, wait="5s")
+        pool.wait("holder")
+        servers.succeed_next()
+        clock.advance(1)
+        pool.wait("a")
+        clock.advance(1.5)
+        object.__setattr__(pool.route.pool, "wait_timeout", 2.0)
+        self.assertEqual(list(pool.waited(clock.seconds()).values()), [1.5])
+
     def test_wait_timeout(self) -> None:
         """A waiter gives up with 53300 after the wait timeout."""
         pool, servers, clock = make_pool(size=1, wait="2s")

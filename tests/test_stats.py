@@ -158,13 +158,13 @@ class TotalsTests(SynchronousTestCase):
     def test_period_turns(self) -> None:
         """A turn of the period moves each pool's snapshots; averages then cover the time
         since the previous turn."""
-        stats = PoolStats()
+        stats = PoolStats(clock=lambda: 1_000_000)
         period = Period(100.0, 60.0)
         for _ in range(5):
-            stats.ended(1_000_000, 1_000_000)
+            stats.ended(0, 0, b"I")
         period.turn(160.0, [stats])
         for _ in range(60):
-            stats.ended(1_000_000, 1_000_000)
+            stats.ended(0, 0, b"I")
         period.turn(220.0, [stats])
         self.assertEqual((stats.older.xact_count, stats.newer.xact_count), (5, 65))
         self.assertEqual(period.seconds(250.0), 90.0)
@@ -181,12 +181,12 @@ class TickerTests(SynchronousTestCase):
         events: list[dict] = []
         self.patch(stats_module, "log", Logger(observer=events.append))
         clock = Clock()
-        busy, quiet = PoolStats(), PoolStats()
+        busy, quiet = PoolStats(clock=lambda: 2_000_000), PoolStats()
         pools = [("app/app", busy), ("other/u", quiet)]
         ticker = Ticker(clock, Period(clock.seconds(), 10.0), lambda: pools, True)
         ticker.turn()
         for _ in range(50):
-            busy.ended(1_000_000, 2_000_000)  # (a query of 1 ms in a transaction of 2 ms, in ns)
+            self.assertIsNone(busy.ended(1_000_000, 0, b"I"))  # (a query of 1 ms in a transaction of 2 ms)
         busy.received = 4000
         clock.advance(10)
         ticker.turn()
@@ -199,7 +199,7 @@ class TickerTests(SynchronousTestCase):
         ticker.turn()  # nothing happened since
         self.assertEqual(len(events), 1)
         ticker.log_stats = False
-        busy.ended(1_000_000, -1)
+        self.assertEqual(busy.ended(1_000_000, 0, b"T"), 0)  # (the transaction goes on)
         clock.advance(10)
         ticker.turn()
         self.assertEqual(len(events), 1)
