@@ -126,7 +126,7 @@ class Relay:
         #: Client bytes waiting for a server. With prepared statements on, the chunks
         #: with their scanner events: they are rewritten for the server they reach.
         self.pending: list[bytes] = []
-        self.unsent: list[tuple[bytes, list[Event], bool]] = []
+        self.unsent: list[tuple[bytes, list[Event] | None, bool]] = []
         self.pending_size = 0
         self.paused = False
         self.goodbye = False  # the client sent Terminate
@@ -200,9 +200,12 @@ class Relay:
         """clientData with prepared statements on: the chunk is rewritten for the server
         it goes to, so the tracker sees it (as that server will) only when it is sent."""
         self.heard = True
+        events: list[Event] | None
+        holding = False
         if data[0] == _Q and self.scanner.whole(data):
-            events: list[Event] = [(_Q, data[5:], len(data))]
-            holding = False
+            events = [(_Q, data[5:], len(data))]
+        elif self.scanner.framed(data):
+            events = None  # whole messages: walked once more for the server they reach
         else:
             try:
                 events = self.scanner.feed(data)
@@ -238,13 +241,25 @@ class Relay:
             self.paused = True
             self.client.valve.pauseProducing()
 
-    def _forward(self, data: bytes, events: list[Event], holding: bool) -> None:
+    def _forward(self, data: bytes, events: list[Event] | None, holding: bool) -> None:
         """Rewrite one client chunk for the attached server, track it, send it, and
         send the client the replies Odissey owes it at once. ``holding``: the chunk
-        ends inside a message the rewriting needs whole."""
+        ends inside a message the rewriting needs whole. ``events`` None: the chunk is
+        whole messages (Scanner.framed), not scanned yet."""
         statements = self.statements
         server = self.server
         assert statements is not None and server is not None
+        if events is None:
+            batch = statements.batch(data)
+            if batch is not None:
+                # The usual extended-protocol chunk: rewritten and queued in one pass.
+                out, parses = batch
+                if parses:
+                    self._note(parses)
+                if not send(server.transport, out) and not self.coupled:
+                    self._couple()
+                return
+            events = self.scanner.events_of(data)
         if len(events) == 1 and events[0][0] == _Q and events[0][2] == len(data) \
                 and statements.query(events[0][1]):  # type: ignore[arg-type]
             # The usual chunk, one whole Query with nothing in flight: as it came.
@@ -286,8 +301,11 @@ class Relay:
         anyone else."""
         flags = 0
         for kind, body, _end in events:
-            if body is not None and (kind == _Q or kind == _P):
-                flags |= left_by(body, self.reported)
+            if body is not None:
+                if kind == _P:  # the text after the statement's name
+                    flags |= left_by(body[body.find(b"\0") + 1:], self.reported)
+                elif kind == _Q:
+                    flags |= left_by(body, self.reported)
         if flags:
             if flags & LISTEN and self.pool.route.pool.pin_listeners:
                 self.pinned = True
