@@ -204,16 +204,15 @@ class Relay:
         holding = False
         if data[0] == _Q and self.scanner.whole(data):
             events = [(_Q, data[5:], len(data))]
-        elif self.scanner.framed(data):
-            events = None  # whole messages: walked once more for the server they reach
+        elif self.state is RelayState.ATTACHED or (self.state is RelayState.IDLE and not self.unsent):
+            # Sent in this call (a server is attached, or taken now if one is idle):
+            # Statements.batch walks it then, and the scanner only if it must.
+            events = None
         else:
-            try:
-                events = self.scanner.feed(data)
-            except ProtocolViolation as exc:
-                self._violation(exc)
+            scanned = self._scan(data)
+            if scanned is None:
                 return
-            partial = self.scanner.in_message()
-            holding = partial is not None and partial[0] in COLLECT
+            events, holding = scanned
         self.stats.received += len(data)
         if self._query_at is None:  # (the tracker sees the chunk only once it is sent)
             self._query_at = now = self._clock()
@@ -230,6 +229,28 @@ class Relay:
             return
         self.unsent.append((data, events, holding))
         self._waits_for_server(len(data))
+        if events is None and self.unsent:
+            # No server yet: scanned now, before the client's next chunk is.
+            scanned = self._scan(data)
+            if scanned is not None:
+                self.unsent[-1] = (data, *scanned)
+
+    def _scan(self, data: bytes) -> tuple[list[Event], bool] | None:
+        """The scanner's events for a client chunk, and whether it ends inside a message
+        the rewriting needs whole; None when the chunk broke the protocol (the client
+        is dropped)."""
+        between = self.scanner.between()
+        try:
+            events = self.scanner.feed(data)
+        except ProtocolViolation as exc:
+            # None of it goes out: an attached server's stream is cut only if it
+            # already stopped inside a message (a chunk taken when the client had no
+            # server is scanned only once one is attached, and must not cost it).
+            self.stream_cut = self.state is RelayState.ATTACHED and not between
+            self.client.fail(exc)
+            return None
+        partial = self.scanner.in_message()
+        return events, partial is not None and partial[0] in COLLECT
 
     def _waits_for_server(self, size: int) -> None:
         """``size`` more bytes wait for a server: take one if the client has none coming,
@@ -245,12 +266,12 @@ class Relay:
         """Rewrite one client chunk for the attached server, track it, send it, and
         send the client the replies Odissey owes it at once. ``holding``: the chunk
         ends inside a message the rewriting needs whole. ``events`` None: the chunk is
-        whole messages (Scanner.framed), not scanned yet."""
+        not scanned yet, and nothing has been fed to the scanner since."""
         statements = self.statements
         server = self.server
         assert statements is not None and server is not None
         if events is None:
-            batch = statements.batch(data)
+            batch = statements.batch(data, self.scanner.max_length)
             if batch is not None:
                 # The usual extended-protocol chunk: rewritten and queued in one pass.
                 out, parses = batch
@@ -259,7 +280,10 @@ class Relay:
                 if not send(server.transport, out) and not self.coupled:
                     self._couple()
                 return
-            events = self.scanner.events_of(data)
+            scanned = self._scan(data)
+            if scanned is None:
+                return
+            events, holding = scanned
         if len(events) == 1 and events[0][0] == _Q and events[0][2] == len(data) \
                 and statements.query(events[0][1]):  # type: ignore[arg-type]
             # The usual chunk, one whole Query with nothing in flight: as it came.

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import itertools
 import re
+import struct
 from collections import OrderedDict
 from typing import Any, Dict, List, Optional, Set, Tuple
 
@@ -296,24 +297,25 @@ class Statements:
         self._unnamed = self.server.unnamed = None  # type: ignore[union-attr]
         return True
 
-    def batch(self, data: bytes) -> Optional[Tuple[bytes, List[Event]]]:
-        """One pass over a client chunk that Scanner.framed accepted (whole messages of
-        valid lengths, starting between two) and that needs no reply edited: a Parse
-        of the unnamed statement (tracked, as :meth:`client` tracks it), a Bind of the
-        unnamed statement the server holds as the client's or of a named statement the
-        server has prepared (renamed in place), a Describe of a portal, Execute, Sync
-        and Flush, in NORMAL mode with no CopyData open. Rewritten, tracked and queued
-        as :meth:`client` and the tracker would: the bytes to send (``data`` itself
-        when no Bind names a statement) and the Parse messages, for the relay's
+    def batch(self, data: bytes, max_length: int) -> Optional[Tuple[bytes, List[Event]]]:
+        """One pass over a client chunk that starts between two messages, when it is
+        whole messages of valid lengths that need no reply edited: a Parse of the
+        unnamed statement (tracked, as :meth:`client` tracks it), a Bind of the unnamed
+        statement the server holds as the client's or of a named statement the server
+        has prepared (renamed in place), a Describe of a portal, Execute, Sync and
+        Flush, in NORMAL mode with no CopyData open. Rewritten, tracked and queued as
+        :meth:`client` and the tracker would: the bytes to send (``data`` itself when
+        no Bind names a statement) and the Parse messages, for the relay's
         session-state marks. None, with nothing changed, when a message needs more (a
-        named Parse, Close, a statement's Describe, a Query) or is not valid: the
-        caller takes :meth:`client`'s path, which also raises what is wrong."""
+        named Parse, Close, a statement's Describe, a Query), is cut by the chunk's end
+        or is not valid: the caller scans the chunk and takes :meth:`client`'s path,
+        which also raises what is wrong."""
         tx = self.tx
-        if self.edge or tx.mode != NORMAL or tx.in_data or tx.edge:
-            return None
+        n = len(data)
+        if self.edge or tx.mode != NORMAL or tx.in_data or tx.edge or n > max_length:
+            return None  # (so no message that ends in the chunk is too long)
         server = self.server
         assert server is not None
-        n = len(data)
         pos = last = 0
         queued = bool(tx.pending)
         unsynced = tx.unsynced
@@ -326,60 +328,65 @@ class Statements:
         unnamed = server.unnamed
         unsure = self._unsure
         unsure_at = self._unsure_at
-        while pos < n:
-            kind, length = HEADER(data, pos)
-            end = pos + 1 + length
-            if kind == BIND:
-                i = data.find(b"\0", pos + 5, end)  # the portal's name ends
-                j = data.find(b"\0", i + 1, end) if i >= 0 else -1  # the statement's
-                if j < 0:
+        try:  # (a header cut short raises struct.error)
+            while pos < n:
+                kind, length = HEADER(data, pos)
+                end = pos + 1 + length
+                if length < 4 or end > n:
                     return None
-                if j == i + 1:  # the unnamed statement: the server must hold the client's
-                    mine = tails[-1] if tails else self.unnamed
-                    if mine is None or unnamed is not mine or (unsure is mine and unsure_at != syncs):
+                if kind == BIND:
+                    i = data.find(b"\0", pos + 5, end)  # the portal's name ends
+                    j = data.find(b"\0", i + 1, end) if i >= 0 else -1  # the statement's
+                    if j < 0:
                         return None
-                else:
-                    statement = self.named.get(data[i + 1:j])
-                    if statement is None or statement.name not in server.prepared or self._doubt:
+                    if j == i + 1:  # the unnamed statement: the server must hold the client's
+                        mine = tails[-1] if tails else self.unnamed
+                        if mine is None or unnamed is not mine or (unsure is mine and unsure_at != syncs):
+                            return None
+                    else:
+                        statement = self.named.get(data[i + 1:j])
+                        if statement is None or statement.name not in server.prepared or self._doubt:
+                            return None
+                        bound.append(statement)
+                        pieces.append(data[last:pos])
+                        pieces.append(m.bind(data[pos + 5:i], statement.name, data[j + 1:end]))
+                        last = end
+                    entries.append(BIND)
+                    unsynced = queued = True
+                elif kind == EXECUTE:
+                    if length >= SMALL_LIMIT:
                         return None
-                    bound.append(statement)
-                    pieces.append(data[last:pos])
-                    pieces.append(m.bind(data[pos + 5:i], statement.name, data[j + 1:end]))
-                    last = end
-                entries.append(BIND)
-                unsynced = queued = True
-            elif kind == EXECUTE:
-                if length >= SMALL_LIMIT:
+                    entries.append(EXECUTE)
+                    unsynced = queued = True
+                elif kind == SYNC:
+                    if length != 4:
+                        return None
+                    entries.append(SYNC)
+                    unsynced = False
+                    queued = True
+                    syncs += 1
+                elif kind == PARSE:
+                    if length < 5 or data[pos + 5]:  # a named statement
+                        return None
+                    body = data[pos + 5:end]
+                    unnamed = body[1:]
+                    tails.append(unnamed)
+                    unsure = unnamed if queued else None
+                    unsure_at = syncs
+                    parses.append((PARSE, body, end))
+                    entries.append(TRACKED_PARSE)
+                    unsynced = queued = True
+                elif kind == DESCRIBE:  # of a portal
+                    if (length >= SMALL_LIMIT or length < 6 or data[pos + 5] != _PORTAL
+                            or data.find(b"\0", pos + 6, end) != end - 1):
+                        return None
+                    entries.append(DESCRIBE)
+                    unsynced = queued = True
+                elif kind != FLUSH or length != 4:  # (a Flush changes nothing held)
                     return None
-                entries.append(EXECUTE)
-                unsynced = queued = True
-            elif kind == SYNC:
-                if length != 4:
-                    return None
-                entries.append(SYNC)
-                unsynced = False
-                queued = True
-                syncs += 1
-            elif kind == PARSE:
-                if length < 5 or data[pos + 5]:  # a named statement
-                    return None
-                body = data[pos + 5:end]
-                unnamed = body[1:]
-                tails.append(unnamed)
-                unsure = unnamed if queued else None
-                unsure_at = syncs
-                parses.append((PARSE, body, end))
-                entries.append(TRACKED_PARSE)
-                unsynced = queued = True
-            elif kind == DESCRIBE:  # of a portal
-                if (length >= SMALL_LIMIT or length < 6 or data[pos + 5] != _PORTAL
-                        or data.find(b"\0", pos + 6, end) != end - 1):
-                    return None
-                entries.append(DESCRIBE)
-                unsynced = queued = True
-            elif kind != FLUSH or length != 4:  # (a Flush changes nothing held)
-                return None
-            pos = end
+                pos = end
+        except struct.error:
+            return None
         for tail in tails:
             self._queue((TRACKED_PARSE, _UNNAMED, self._change(tail), None))
         if tails:

@@ -327,18 +327,14 @@ class Side:
         """What goes to the server, what the client is answered at once, and the Parse
         texts the relay reads for session state."""
         statements = self.statements
-        if self.fast and self.scanner.framed(data):
-            batch = statements.batch(data)
-            if batch is not None:
-                self.batched += 1
-                out, parses = batch
-                return out, b"", [(kind, body) for kind, body, _end in parses]
-            events = self.scanner.events_of(data)
-            holding = False
-        else:
-            events = self.scanner.feed(data)
-            partial = self.scanner.in_message()
-            holding = partial is not None and partial[0] in COLLECT
+        batch = statements.batch(data, self.scanner.max_length) if self.fast else None
+        if batch is not None:
+            self.batched += 1
+            out, parses = batch
+            return out, b"", [(kind, body) for kind, body, _end in parses]
+        events = self.scanner.feed(data)
+        partial = self.scanner.in_message()
+        holding = partial is not None and partial[0] in COLLECT
         out, view = statements.client(data, events, holding)
         self.tx.client(view, len(out))
         self.tx.settle()

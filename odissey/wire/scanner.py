@@ -113,31 +113,6 @@ class Scanner:
             return False
         return length + 1 == len(data) and 4 <= length <= self.max_length
 
-    def framed(self, data: bytes) -> bool:
-        """The chunk is a run of whole messages of valid lengths and (when ``strict``)
-        watched types, starting where the last one ended: feeding it would leave this
-        scanner as it is, and its events are :meth:`events_of` it, now or later."""
-        if self._skip or self._head or self._body is not None:
-            return False
-        n = len(data)
-        pos = 0
-        watch = self.watch if self.strict else _EVERY_TYPE
-        max_length = self.max_length
-        try:  # (a header cut short raises struct.error)
-            while pos < n:
-                kind, length = _HEADER(data, pos)
-                if length < 4 or length > max_length or kind not in watch:
-                    return False
-                pos += 1 + length
-        except struct.error:
-            return False
-        return pos == n
-
-    def events_of(self, data: bytes) -> list[Event]:
-        """The events of a chunk :meth:`framed` accepted, as :meth:`feed` reports them
-        from between two messages (this scanner may have moved on since)."""
-        return Scanner(self.watch, self.collect, max_length=self.max_length, strict=self.strict).feed(data)
-
     def ready_for_query(self, data: bytes, stops: dict[int, frozenset[int] | None]) -> int:
         """The one pass of a server chunk that needs no events: how many ReadyForQuery
         it holds, when it ends exactly after one (a reply's usual read) and holds no
