@@ -50,7 +50,7 @@ AREAS = (
 #: Areas that are (mostly) the kernel's time. A sampler counts a call's wall time, and on
 #: a loaded machine a process is often preempted inside send() (which wakes the peer):
 #: their shares overstate CPU, which /proc's user and system times measure instead.
-KERNEL = frozenset(label for _name, _where, label in AREAS[:3])
+KERNEL = frozenset(label for _name, _where, label in AREAS[:4])
 
 
 def area(function: str, path: str) -> str:
