@@ -27,7 +27,7 @@ from odissey.flow import PENDING_LIMIT, Valve, couple, send, uncouple
 from odissey.params import Params, differences, set_statements
 from odissey.pool import Pool
 from odissey.server import ServerConnection, server_error
-from odissey.session_state import LISTEN, cleanup, left_by
+from odissey.session_state import LISTEN, cleanup, marks
 from odissey.statements import COLLECT, Statements
 from odissey.transaction import CLIENT_WATCH, Transaction
 from odissey.wire import errors
@@ -105,6 +105,8 @@ class Relay:
         self._wanted_print: frozenset | None = None
         self.told = told
         self.reported = pool.reported
+        #: What the client's texts may leave on a server, read once per distinct text.
+        self._marks = marks(self.reported)
         self.transaction_mode = pool.route.pool.mode == "transaction"
         self.state = RelayState.IDLE
         self.tx = Transaction()
@@ -327,9 +329,9 @@ class Relay:
         for kind, body, _end in events:
             if body is not None:
                 if kind == _P:  # the text after the statement's name
-                    flags |= left_by(body[body.find(b"\0") + 1:], self.reported)
+                    flags |= self._marks.of(body[body.find(b"\0") + 1:])
                 elif kind == _Q:
-                    flags |= left_by(body, self.reported)
+                    flags |= self._marks.of(body)
         if flags:
             if flags & LISTEN and self.pool.route.pool.pin_listeners:
                 self.pinned = True

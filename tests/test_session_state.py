@@ -46,6 +46,24 @@ class TextTests(unittest.TestCase):
         for text, flags in cases.items():
             self.assertEqual(s.left_by(text, REPORTED), flags, text)
 
+    def test_marks_remember_answers_per_reported_set_within_bounds(self):
+        """A text read again gets left_by's answer for its own set of reported
+        parameters; long texts are not kept, and the memo never outgrows its bound."""
+        text = b"set work_mem = '8MB' -- memo"
+        reported = s.marks(REPORTED)
+        self.assertIs(s.marks(frozenset(REPORTED)), reported)
+        self.assertEqual(reported.of(text), s.SETTINGS)
+        self.assertEqual(s.marks(frozenset({"work_mem"})).of(text), 0)
+        self.assertEqual(reported.of(text), s.SETTINGS)
+        self.assertEqual(reported.seen[text], s.SETTINGS)
+        long = b"create temp table t (x int) -- " + b"x" * s.MEMO_TEXT
+        self.assertEqual(reported.of(long), s.TEMP)
+        self.assertNotIn(long, reported.seen)
+        for i in range(s.MEMO_SIZE + 10):
+            self.assertEqual(reported.of(b"select %d" % i), 0)
+        self.assertLessEqual(len(reported.seen), s.MEMO_SIZE)
+        self.assertEqual(reported.of(b"listen jobs"), s.LISTEN)
+
     def test_cleanup_runs_exactly_whats_needed_role_first(self):
         self.assertEqual(s.cleanup(0), [])
         self.assertEqual(s.cleanup(s.TEMP | s.LISTEN), ["DISCARD TEMP", "UNLISTEN *"])
