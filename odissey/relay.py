@@ -27,7 +27,7 @@ from odissey.flow import PENDING_LIMIT, Valve, couple, send, uncouple
 from odissey.params import Params, differences, set_statements
 from odissey.pool import Pool
 from odissey.server import ServerConnection, server_error
-from odissey.session_state import LISTEN, cleanup, marks
+from odissey.session_state import LISTEN, cleanup, left_by, marks
 from odissey.statements import COLLECT, Statements
 from odissey.transaction import CLIENT_WATCH, Transaction
 from odissey.wire import errors
@@ -105,7 +105,7 @@ class Relay:
         self._wanted_print: frozenset | None = None
         self.told = told
         self.reported = pool.reported
-        #: What the client's texts may leave on a server, read once per distinct text.
+        #: What the client's Parse texts may leave on a server, read once per distinct text.
         self._marks = marks(self.reported)
         self.transaction_mode = pool.route.pool.mode == "transaction"
         self.state = RelayState.IDLE
@@ -330,8 +330,8 @@ class Relay:
             if body is not None:
                 if kind == _P:  # the text after the statement's name
                     flags |= self._marks.of(body[body.find(b"\0") + 1:])
-                elif kind == _Q:
-                    flags |= self._marks.of(body)
+                elif kind == _Q:  # (often with literals in it: read each time)
+                    flags |= left_by(body, self.reported)
         if flags:
             if flags & LISTEN and self.pool.route.pool.pin_listeners:
                 self.pinned = True

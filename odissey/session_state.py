@@ -71,15 +71,16 @@ def left_by(text: bytes, reported: FrozenSet[str]) -> int:
 
 
 class Marks:
-    """:func:`left_by` for one set of reported parameters, remembering its answers.
+    """:func:`left_by` for one set of reported parameters, remembering its answers: for
+    the texts of Parse messages, which drivers send again and again with placeholders.
 
-    Applications send the same few texts over and over, and reading one (lower-casing
-    it, the searches) costs CPython ~10,000 instructions, a fifteenth of a whole
-    transaction through the pooler; looking a text up costs a few hundred. Texts up to
-    MEMO_TEXT bytes are kept, at most MEMO_SIZE of them (then all are forgotten at once:
-    texts that differ each time, literals in them, cost a lookup more per miss). Keyed
-    by the text alone: under PyPy, whose regular expressions are compiled, a key that
-    hashed the reported set as well cost more than the read itself."""
+    Reading a text (lower-casing it, the searches) costs CPython ~10,000 instructions,
+    a fifteenth of a whole transaction through the pooler; looking it up costs a few
+    hundred. Texts up to MEMO_TEXT bytes are kept, at most MEMO_SIZE of them (then all
+    are forgotten at once). Not for simple queries: those often carry literals (pgbench
+    -M simple sends a new one each time), and a memo that only ever missed made
+    Odissey 6 % dearer under PyPy. Keyed by the text alone: under PyPy a key that hashed
+    the reported set as well cost more than the read itself."""
 
     __slots__ = ("reported", "seen")
 
