@@ -16,6 +16,7 @@ Pure: text in, flags out; flags in, statements out.
 from __future__ import annotations
 
 import re
+import sys
 from typing import Dict, FrozenSet, List
 
 TEMP, LISTEN, LOCKS, PREPARED, HOLD, SETTINGS, ROLE = (1 << i for i in range(7))
@@ -99,17 +100,31 @@ class Marks:
         return flags
 
 
+class Reading(Marks):
+    """:class:`Marks` without the memo: every text read (PyPy)."""
+
+    __slots__ = ()
+
+    def of(self, text: bytes) -> int:
+        return left_by(text, self.reported)
+
+
 MEMO_TEXT = 1024
 MEMO_SIZE = 4096
+#: The memo is CPython's: under PyPy, whose regular expressions are compiled, reading
+#: costs ~120 ns, and Odissey with the memo spent 3.6 % more CPU per -M extended
+#: transaction (bench/ab.py, every round of 5), against 6 % fewer instructions under
+#: CPython (bench/instructions.py).
+MEMO_HERE = sys.implementation.name == "cpython"
 _BY_REPORTED: Dict[FrozenSet[str], Marks] = {}
 
 
 def marks(reported: FrozenSet[str]) -> Marks:
     """The one :class:`Marks` of a set of reported parameters (pools of one PostgreSQL
-    version share it)."""
+    version share it); one that reads every text where the memo does not pay."""
     found = _BY_REPORTED.get(reported)
     if found is None:
-        found = _BY_REPORTED[reported] = Marks(reported)
+        found = _BY_REPORTED[reported] = Marks(reported) if MEMO_HERE else Reading(reported)
     return found
 
 

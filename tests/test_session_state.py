@@ -50,10 +50,12 @@ class TextTests(unittest.TestCase):
         """A text read again gets left_by's answer for its own set of reported
         parameters; long texts are not kept, and the memo never outgrows its bound."""
         text = b"set work_mem = '8MB' -- memo"
-        reported = s.marks(REPORTED)
-        self.assertIs(s.marks(frozenset(REPORTED)), reported)
+        reported = s.Marks(REPORTED)
+        self.assertIsInstance(s.marks(REPORTED), s.Marks if s.MEMO_HERE else s.Reading)
+        self.assertIs(s.marks(frozenset(REPORTED)), s.marks(REPORTED))
         self.assertEqual(reported.of(text), s.SETTINGS)
-        self.assertEqual(s.marks(frozenset({"work_mem"})).of(text), 0)
+        self.assertEqual(s.Marks(frozenset({"work_mem"})).of(text), 0)
+        self.assertEqual(s.Reading(REPORTED).of(text), s.SETTINGS)
         self.assertEqual(reported.of(text), s.SETTINGS)
         self.assertEqual(reported.seen[text], s.SETTINGS)
         long = b"create temp table t (x int) -- " + b"x" * s.MEMO_TEXT
