@@ -105,7 +105,7 @@ class Relay:
         self._wanted_print: frozenset | None = None
         self.told = told
         self.reported = pool.reported
-        #: What the client's Parse texts may leave on a server, read once per distinct text.
+        #: What the client's Parse texts may leave on a server (CPython: each distinct text read once).
         self._marks = marks(self.reported)
         self.transaction_mode = pool.route.pool.mode == "transaction"
         self.state = RelayState.IDLE
