@@ -27,7 +27,7 @@ from odissey.flow import PENDING_LIMIT, Valve, couple, send, uncouple
 from odissey.params import Params, differences, set_statements
 from odissey.pool import Pool
 from odissey.server import ServerConnection, ServerState, server_error
-from odissey.session_state import LISTEN, cleanup, left_by
+from odissey.session_state import LISTEN, cleanup, left_by, marks
 from odissey.statements import COLLECT, Statements
 from odissey.transaction import CLIENT_WATCH, Transaction
 from odissey.wire import errors
@@ -105,6 +105,8 @@ class Relay:
         self._wanted_print: frozenset | None = None
         self.told = told
         self.reported = pool.reported
+        #: What the client's Parse texts may leave on a server (CPython: each distinct text read once).
+        self._marks = marks(self.reported)
         self.transaction_mode = pool.route.pool.mode == "transaction"
         self.state = RelayState.IDLE
         self.tx = Transaction()
@@ -129,7 +131,7 @@ class Relay:
         #: Client bytes waiting for a server. With prepared statements on, the chunks
         #: with their scanner events: they are rewritten for the server they reach.
         self.pending: list[bytes] = []
-        self.unsent: list[tuple[bytes, list[Event], bool]] = []
+        self.unsent: list[tuple[bytes, list[Event] | None, bool]] = []
         self.pending_size = 0
         self.paused = False
         self.goodbye = False  # the client sent Terminate
@@ -203,17 +205,19 @@ class Relay:
         """clientData with prepared statements on: the chunk is rewritten for the server
         it goes to, so the tracker sees it (as that server will) only when it is sent."""
         self.heard = True
+        events: list[Event] | None
+        holding = False
         if data[0] == _Q and self.scanner.whole(data):
-            events: list[Event] = [(_Q, data[5:], len(data))]
-            holding = False
+            events = [(_Q, data[5:], len(data))]
+        elif self.state is RelayState.ATTACHED or (self.state is RelayState.IDLE and not self.unsent):
+            # Sent in this call (a server is attached, or taken now if one is idle):
+            # Statements.batch walks it then, and the scanner only if it must.
+            events = None
         else:
-            try:
-                events = self.scanner.feed(data)
-            except ProtocolViolation as exc:
-                self._violation(exc)
+            scanned = self._scan(data)
+            if scanned is None:
                 return
-            partial = self.scanner.in_message()
-            holding = partial is not None and partial[0] in COLLECT
+            events, holding = scanned
         self.stats.received += len(data)
         if self._query_at is None:  # (the tracker sees the chunk only once it is sent)
             self._query_at = now = self._clock()
@@ -230,6 +234,28 @@ class Relay:
             return
         self.unsent.append((data, events, holding))
         self._waits_for_server(len(data))
+        if events is None and self.unsent:
+            # No server yet: scanned now, before the client's next chunk is.
+            scanned = self._scan(data)
+            if scanned is not None:
+                self.unsent[-1] = (data, *scanned)
+
+    def _scan(self, data: bytes) -> tuple[list[Event], bool] | None:
+        """The scanner's events for a client chunk, and whether it ends inside a message
+        the rewriting needs whole; None when the chunk broke the protocol (the client
+        is dropped)."""
+        between = self.scanner.between()
+        try:
+            events = self.scanner.feed(data)
+        except ProtocolViolation as exc:
+            # None of it goes out: an attached server's stream is cut only if it
+            # already stopped inside a message (a chunk taken when the client had no
+            # server is scanned only once one is attached, and must not cost it).
+            self.stream_cut = self.state is RelayState.ATTACHED and not between
+            self.client.fail(exc)
+            return None
+        partial = self.scanner.in_message()
+        return events, partial is not None and partial[0] in COLLECT
 
     def _waits_for_server(self, size: int) -> None:
         """``size`` more bytes wait for a server: take one if the client has none coming
@@ -250,13 +276,28 @@ class Relay:
             self.paused = True
             self.client.valve.pauseProducing()
 
-    def _forward(self, data: bytes, events: list[Event], holding: bool) -> None:
+    def _forward(self, data: bytes, events: list[Event] | None, holding: bool) -> None:
         """Rewrite one client chunk for the attached server, track it, send it, and
         send the client the replies Odissey owes it at once. ``holding``: the chunk
-        ends inside a message the rewriting needs whole."""
+        ends inside a message the rewriting needs whole. ``events`` None: the chunk is
+        not scanned yet, and nothing has been fed to the scanner since."""
         statements = self.statements
         server = self.server
         assert statements is not None and server is not None
+        if events is None:
+            batch = statements.batch(data, self.scanner.max_length)
+            if batch is not None:
+                # The usual extended-protocol chunk: rewritten and queued in one pass.
+                out, parses = batch
+                if parses:
+                    self._note(parses)
+                if not send(server.transport, out) and not self.coupled:
+                    self._couple()
+                return
+            scanned = self._scan(data)
+            if scanned is None:
+                return
+            events, holding = scanned
         if len(events) == 1 and events[0][0] == _Q and events[0][2] == len(data) \
                 and statements.query(events[0][1]):  # type: ignore[arg-type]
             # The usual chunk, one whole Query with nothing in flight: as it came.
@@ -298,8 +339,11 @@ class Relay:
         anyone else."""
         flags = 0
         for kind, body, _end in events:
-            if body is not None and (kind == _Q or kind == _P):
-                flags |= left_by(body, self.reported)
+            if body is not None:
+                if kind == _P:  # the text after the statement's name
+                    flags |= self._marks.of(body[body.find(b"\0") + 1:])
+                elif kind == _Q:  # (often with literals in it: read each time)
+                    flags |= left_by(body, self.reported)
         if flags:
             if flags & LISTEN and self.pool.route.pool.pin_listeners:
                 self.pinned = True

@@ -16,7 +16,8 @@ Pure: text in, flags out; flags in, statements out.
 from __future__ import annotations
 
 import re
-from typing import FrozenSet, List
+import sys
+from typing import Dict, FrozenSet, List
 
 TEMP, LISTEN, LOCKS, PREPARED, HOLD, SETTINGS, ROLE = (1 << i for i in range(7))
 
@@ -68,6 +69,63 @@ def left_by(text: bytes, reported: FrozenSet[str]) -> int:
         elif name not in _TRANSIENT and name.decode("ascii", "replace") not in reported:
             flags |= SETTINGS
     return flags
+
+
+class Marks:
+    """:func:`left_by` for one set of reported parameters, remembering its answers: for
+    the texts of Parse messages, which drivers send again and again with placeholders.
+
+    Reading a text (lower-casing it, the searches) costs CPython ~10,000 instructions,
+    a fifteenth of a whole transaction through the pooler; looking it up costs a few
+    hundred. Texts up to MEMO_TEXT bytes are kept, at most MEMO_SIZE of them (then all
+    are forgotten at once). Not for simple queries: those often carry literals (pgbench
+    -M simple sends a new one each time), and a memo that only ever missed made
+    Odissey 6 % dearer under PyPy. Keyed by the text alone: under PyPy a key that hashed
+    the reported set as well cost more than the read itself."""
+
+    __slots__ = ("reported", "seen")
+
+    def __init__(self, reported: FrozenSet[str]) -> None:
+        self.reported = reported
+        self.seen: Dict[bytes, int] = {}
+
+    def of(self, text: bytes) -> int:
+        flags = self.seen.get(text)
+        if flags is None:
+            flags = left_by(text, self.reported)
+            if len(text) <= MEMO_TEXT:
+                if len(self.seen) >= MEMO_SIZE:
+                    self.seen.clear()
+                self.seen[text] = flags
+        return flags
+
+
+class Reading(Marks):
+    """:class:`Marks` without the memo: every text read (PyPy)."""
+
+    __slots__ = ()
+
+    def of(self, text: bytes) -> int:
+        return left_by(text, self.reported)
+
+
+MEMO_TEXT = 1024
+MEMO_SIZE = 4096
+#: The memo is CPython's: under PyPy, whose regular expressions are compiled, reading
+#: costs ~120 ns, and Odissey with the memo spent 3.6 % more CPU per -M extended
+#: transaction (bench/ab.py, every round of 5), against 6 % fewer instructions under
+#: CPython (bench/instructions.py).
+MEMO_HERE = sys.implementation.name == "cpython"
+_BY_REPORTED: Dict[FrozenSet[str], Marks] = {}
+
+
+def marks(reported: FrozenSet[str]) -> Marks:
+    """The one :class:`Marks` of a set of reported parameters (pools of one PostgreSQL
+    version share it); one that reads every text where the memo does not pay."""
+    found = _BY_REPORTED.get(reported)
+    if found is None:
+        found = _BY_REPORTED[reported] = Marks(reported) if MEMO_HERE else Reading(reported)
+    return found
 
 
 def cleanup(flags: int) -> List[str]:

@@ -36,19 +36,20 @@ from __future__ import annotations
 
 import itertools
 import re
+import struct
 from collections import OrderedDict
 from typing import Any, Dict, List, Optional, Set, Tuple
 
 from odissey.transaction import (
-    BIND, CLOSE, COPY_DATA, COPY_DONE, COPY_FAIL, COPYING, DESCRIBE, ERROR,
-    FAILING_DESCRIBE, FAILING_PARSE, REPLACED, INJECTED_CLOSE, INJECTED_PARSE, NORMAL, PARSE, SKIPPING, SWALLOWED,
-    SYNC, SYNTHESISED,
+    BIND, CLOSE, COPY_DATA, COPY_DONE, COPY_FAIL, COPYING, DESCRIBE, ERROR, EXECUTE, FLUSH,
+    FAILING_DESCRIBE, FAILING_PARSE, REPLACED, INJECTED_CLOSE, INJECTED_PARSE, NORMAL, PARSE, SKIPPING,
+    SMALL_LIMIT, SWALLOWED, SYNC, SYNTHESISED,
     SYNTH_CLOSE, SYNTH_PARSE, SYNTH_QUERY, TRACKED_PARSE, TRACKED_QUERY, Transaction,
 )
 from odissey.wire import errors
 from odissey.wire import messages as m
 from odissey.wire.errors import PoolerError
-from odissey.wire.scanner import Event
+from odissey.wire.scanner import HEADER, Event
 
 #: Client messages whose bodies the layer reads (the Query for DEALLOCATE).
 COLLECT = frozenset(b"PBDCQ")
@@ -57,6 +58,7 @@ _REQUESTS = frozenset(b"PBDECQFS")
 #: Server messages a special entry's reply can be: held back whole when a read ends
 #: inside one, so that it can still be dropped or replaced.
 _EDITABLE = frozenset(b"13E")
+_PORTAL = ord("P")
 #: A statement name Odissey never prepares: describing it makes the server fail.
 NO_SUCH_STATEMENT = b"ODISSEY_NONE"
 #: Where a client's Parse of a name it already uses is tried (see Statements._taken).
@@ -294,6 +296,113 @@ class Statements:
             return False
         self._unnamed = self.server.unnamed = None  # type: ignore[union-attr]
         return True
+
+    def batch(self, data: bytes, max_length: int) -> Optional[Tuple[bytes, List[Event]]]:
+        """One pass over a client chunk that starts between two messages, when it is
+        whole messages of valid lengths that need no reply edited: a Parse of the
+        unnamed statement (tracked, as :meth:`client` tracks it), a Bind of the unnamed
+        statement the server holds as the client's or of a named statement the server
+        has prepared (renamed in place), a Describe of a portal, Execute, Sync and
+        Flush, in NORMAL mode with no CopyData open. Rewritten, tracked and queued as
+        :meth:`client` and the tracker would: the bytes to send (``data`` itself when
+        no Bind names a statement) and the Parse messages, for the relay's
+        session-state marks. None, with nothing changed, when a message needs more (a
+        named Parse, Close, a statement's Describe, a Query), is cut by the chunk's end
+        or is not valid: the caller scans the chunk and takes :meth:`client`'s path,
+        which also raises what is wrong."""
+        tx = self.tx
+        n = len(data)
+        if self.edge or tx.mode != NORMAL or tx.in_data or tx.edge or n > max_length:
+            return None  # (so no message that ends in the chunk is too long)
+        server = self.server
+        assert server is not None
+        pos = last = 0
+        queued = bool(tx.pending)
+        unsynced = tx.unsynced
+        syncs = self.syncs
+        entries: List[int] = []
+        pieces: List[bytes] = []  # the chunk with its Binds renamed, when one is
+        parses: List[Event] = []
+        tails: List[bytes] = []  # the unnamed statements they parse (compared by identity)
+        bound: List[Statement] = []
+        unnamed = server.unnamed
+        unsure = self._unsure
+        unsure_at = self._unsure_at
+        try:  # (a header cut short raises struct.error)
+            while pos < n:
+                kind, length = HEADER(data, pos)
+                end = pos + 1 + length
+                if length < 4 or end > n:
+                    return None
+                if kind == BIND:
+                    i = data.find(b"\0", pos + 5, end)  # the portal's name ends
+                    j = data.find(b"\0", i + 1, end) if i >= 0 else -1  # the statement's
+                    if j < 0:
+                        return None
+                    if j == i + 1:  # the unnamed statement: the server must hold the client's
+                        mine = tails[-1] if tails else self.unnamed
+                        if mine is None or unnamed is not mine or (unsure is mine and unsure_at != syncs):
+                            return None
+                    else:
+                        statement = self.named.get(data[i + 1:j])
+                        if statement is None or statement.name not in server.prepared or self._doubt:
+                            return None
+                        bound.append(statement)
+                        pieces.append(data[last:pos])
+                        pieces.append(m.bind(data[pos + 5:i], statement.name, data[j + 1:end]))
+                        last = end
+                    entries.append(BIND)
+                    unsynced = queued = True
+                elif kind == EXECUTE:
+                    if length >= SMALL_LIMIT:
+                        return None
+                    entries.append(EXECUTE)
+                    unsynced = queued = True
+                elif kind == SYNC:
+                    if length != 4:
+                        return None
+                    entries.append(SYNC)
+                    unsynced = False
+                    queued = True
+                    syncs += 1
+                elif kind == PARSE:
+                    if length < 5 or data[pos + 5]:  # a named statement
+                        return None
+                    body = data[pos + 5:end]
+                    unnamed = body[1:]
+                    tails.append(unnamed)
+                    unsure = unnamed if queued else None
+                    unsure_at = syncs
+                    parses.append((PARSE, body, end))
+                    entries.append(TRACKED_PARSE)
+                    unsynced = queued = True
+                elif kind == DESCRIBE:  # of a portal
+                    if (length >= SMALL_LIMIT or length < 6 or data[pos + 5] != _PORTAL
+                            or data.find(b"\0", pos + 6, end) != end - 1):
+                        return None
+                    entries.append(DESCRIBE)
+                    unsynced = queued = True
+                elif kind != FLUSH or length != 4:  # (a Flush changes nothing held)
+                    return None
+                pos = end
+        except struct.error:
+            return None
+        for tail in tails:
+            self._queue((TRACKED_PARSE, _UNNAMED, self._change(tail), None))
+        if tails:
+            server.unnamed = unnamed
+            self._unsure = unsure
+            self._unsure_at = unsure_at
+        self.syncs = syncs
+        if bound:
+            for statement in bound:
+                self._touch(statement)
+            self.registry.binds += len(bound)
+            pieces.append(data[last:])
+            data = b"".join(pieces)
+        tx.pending.extend(entries)
+        tx.unsynced = unsynced
+        return data, parses
 
     def _rewrite(self, kind: int, body: bytes, queued: bool) -> Optional[List[Tuple[int, Optional[bytes]]]]:
         """What one whole client message becomes for the server, in NORMAL mode: None

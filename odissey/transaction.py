@@ -317,25 +317,57 @@ class Transaction:
     def replies(self, scanner: Scanner, data: bytes) -> Optional[bool]:
         """One pass over a server chunk (the server's ``scanner`` finds its boundaries)
         when its ReadyForQuery messages alone say what :meth:`server` would make of its
-        events: the mode is NORMAL, the queue holds only the client's plain requests, and
-        the chunk ends after a ReadyForQuery with nothing of STOPS in it. Then each
-        ReadyForQuery retires the queue up to the request it answers (the replies before
-        it could only retire requests ahead of that one), and the result is
-        :meth:`server`'s. None, with nothing changed, when the chunk needs the events."""
+        events: the mode is NORMAL, the queue holds only the client's plain requests and
+        TRACKED ones (whose replies go to the client as they came), and the chunk ends
+        after a ReadyForQuery with nothing of STOPS in it. Then each ReadyForQuery
+        retires the queue up to the request it answers (the replies before it could
+        only retire requests ahead of that one; a server that keeps to the protocol
+        answered each of them, since none failed), and the result is :meth:`server`'s.
+        None, with nothing changed, when the chunk needs the events."""
         if self.mode != NORMAL:
             return None
         pending = self.pending
+        answered = 0  # the queue's requests that a ReadyForQuery answers
+        tracked = False
         for entry in pending:
-            if entry < 0 or entry > 0xFF:  # a copy end marker, or an entry for the Sink
-                return None
+            if entry in _ANSWERED_BY_Z:
+                answered += 1
+            elif entry < 0 or entry > 0xFF:
+                if entry < 0 or not entry & TRACKED:
+                    return None  # a copy end marker, or an entry whose reply the Sink edits
+                tracked = True
+                if entry == TRACKED_QUERY:
+                    answered += 1
         count = scanner.ready_for_query(data, STOPS)
         if count < 0:
             return None
+        if count >= answered and pending and pending[-1] in _ANSWERED_BY_Z:
+            # The usual reply: it answers everything asked.
+            if tracked:
+                for entry in pending:
+                    if entry > 0xFF:
+                        self._did(entry, data)
+            pending.clear()
+            count = 0
         while count and pending:
-            if pending.popleft() in _ANSWERED_BY_Z:
+            entry = pending.popleft()
+            if entry in _ANSWERED_BY_Z:
                 count -= 1
+            elif entry > 0xFF:
+                if entry == TRACKED_QUERY:
+                    count -= 1
+                self._did(entry, data)
         status = self.status = data[-1:]
         return not pending and status == b"I" and not self.unsynced and self.partial == 0  # (idle)
+
+    def _did(self, entry: int, data: bytes) -> None:
+        """A TRACKED request the server did, retired by :meth:`replies`: with no error
+        in the chunk (nor one before it, which would have taken it out of the queue)
+        nothing it answers was skipped or refused."""
+        if entry == TRACKED_QUERY:
+            self.sink.answered(entry, Z, data[-1:], -1)  # type: ignore[union-attr]
+        else:
+            self.sink.answered(entry, PARSE_COMPLETE, None, -1)  # type: ignore[union-attr]
 
     def server(self, events: list[Event]) -> bool:
         """Match what the server answered to what was asked; True when a ReadyForQuery

@@ -15,8 +15,11 @@ from odissey.flow import PENDING_LIMIT
 from odissey.params import params_from
 from odissey.pool import Pool, PoolKey
 from odissey.relay import Relay, RelayState
+from odissey.statements import COLLECT
 from odissey.testing import DEFAULT_PARAMS, FakeBackends, FakeClient, answer_cancel, command_complete, error
+from odissey.transaction import CLIENT_WATCH
 from odissey.wire import messages as m
+from odissey.wire.scanner import Scanner
 from tests.harness import IntegrationTest, have, route, vanish
 
 
@@ -322,6 +325,84 @@ class RelayUnitTests(SynchronousTestCase):
         self.assertTrue(client.dropped)
         self.assertNotIn(b"X", backends[0].kinds())
         self.assertEqual(pool.idle, [backends[0].server])
+
+
+class ExtendedPathTests(SynchronousTestCase):
+    """Extended-protocol chunks with prepared statements on: taken in one pass when a
+    server is there to rewrite them for, scanned only when they must be."""
+
+    def test_a_bad_chunk_sent_between_transactions_costs_no_server(self) -> None:
+        """A chunk with an unknown message type, sent while the client has no server,
+        is scanned only once the idle server is attached: the client gets 08P01, none
+        of it reaches the server, and the server goes back to the pool."""
+        relay, client, pool, backends, reactor = relay_setup(max_prepared_statements=200)
+        attached(relay, reactor, backends, m.query("select 1"))
+        before = backends[0].kinds()
+        relay.clientData(m.message(b"E", b"\0\0\0\0\0") + m.message(b"\x01", b""))
+        self.assertEqual([e.sqlstate for e in client.errors], ["08P01"])
+        self.assertFalse(relay.stream_cut)
+        relay.clientGone()
+        backends.flush()
+        reactor.advance(0)
+        self.assertEqual(backends[0].kinds(), before)
+        self.assertEqual(pool.idle, [backends[0].server])
+
+    def test_a_bad_chunk_after_a_message_cut_short_closes_the_server(self) -> None:
+        """A bad chunk after one that stopped inside a message (forwarded in part): the
+        server's stream stops mid-message, so it is closed rather than cleaned."""
+        relay, client, pool, backends, reactor = relay_setup(max_prepared_statements=200)
+        attached(relay, reactor, backends, m.query("BEGIN"))
+        execute = m.message(b"E", b"\0\0\0\0\0")
+        relay.clientData(execute[:3])
+        relay.clientData(execute[3:] + m.message(b"\x01", b""))
+        self.assertEqual([e.sqlstate for e in client.errors], ["08P01"])
+        self.assertTrue(relay.stream_cut)
+        relay.clientGone()
+        backends.flush()
+        reactor.advance(0)
+        self.assertEqual(pool.total, 0)
+
+    def test_a_chunk_that_waits_for_a_server_is_scanned_at_once(self) -> None:
+        """With no server free, the client's chunk is scanned as it arrives (its next
+        chunk continues the scan), and goes out rewritten once a server is there."""
+        relay, client, pool, backends, reactor = relay_setup(size=1, max_prepared_statements=200)
+        other = Relay(FakeClient(), pool, dict(relay.wanted), dict(relay.told), 1 << 20)
+        attached(other, reactor, backends, m.query("BEGIN"))
+        batch = (m.parse(b"s1", b"select 3\0\0\0") + m.bind(b"", b"s1", b"\0\0\0\0\0\0")
+                 + m.message(b"E", b"\0\0\0\0\0") + m.sync())
+        relay.clientData(batch[:20])
+        self.assertEqual(relay.state, RelayState.WAITING)
+        self.assertIsNotNone(relay.unsent[-1][1])  # scanned
+        relay.clientData(batch[20:])
+        other.clientData(m.query("COMMIT"))
+        backends.flush()
+        reactor.advance(0)
+        backends.flush()
+        self.assertEqual(client.errors, [])
+        self.assertTrue(client.received().endswith(m.ready_for_query(b"I")))
+        self.assertEqual(backends[0].kinds()[-4:], b"PBES")
+        self.assertEqual(relay.state, RelayState.IDLE)
+
+    def test_usual_extended_chunk_is_not_scanned(self) -> None:
+        """pgbench's -M prepared transaction, once its statement is on the server, goes
+        out renamed without the scanner's events."""
+        relay, client, pool, backends, reactor = relay_setup(max_prepared_statements=200)
+        attached(relay, reactor, backends, m.parse(b"P0_1", b"select 1\0\0\0") + m.sync())
+        feeds: list[bytes] = []
+
+        class Counting(Scanner):
+            def feed(self, data: bytes) -> list:
+                feeds.append(data)
+                return super().feed(data)
+
+        relay.scanner = Counting(watch=CLIENT_WATCH, collect=COLLECT, max_length=1 << 20, strict=True)
+        attached(relay, reactor, backends, m.bind(b"", b"P0_1", b"\0\0\0\0\0\0")
+                 + m.message(b"E", b"\0\0\0\0\0") + m.sync())
+        self.assertEqual(feeds, [])
+        self.assertEqual(backends[0].received[-3][0], b"B")
+        self.assertTrue(backends[0].received[-3][1].startswith(b"\0ODISSEY_"))
+        self.assertTrue(client.received().endswith(m.ready_for_query(b"I")))
+        self.assertEqual(relay.state, RelayState.IDLE)
 
 
 class RelayCancelTests(SynchronousTestCase):

@@ -10,7 +10,8 @@ from twisted.internet.defer import inlineCallbacks
 from twisted.trial import unittest
 
 from odissey import session_state as s
-from tests.harness import IntegrationTest, route
+from odissey.wire import messages as m
+from tests.harness import IntegrationTest, Replies, route, trust_login
 
 REPORTED = frozenset({"application_name", "client_encoding", "datestyle", "timezone"})
 
@@ -44,6 +45,26 @@ class TextTests(unittest.TestCase):
         }
         for text, flags in cases.items():
             self.assertEqual(s.left_by(text, REPORTED), flags, text)
+
+    def test_marks_remember_answers_per_reported_set_within_bounds(self):
+        """A text read again gets left_by's answer for its own set of reported
+        parameters; long texts are not kept, and the memo never outgrows its bound."""
+        text = b"set work_mem = '8MB' -- memo"
+        reported = s.Marks(REPORTED)
+        self.assertIsInstance(s.marks(REPORTED), s.Marks if s.MEMO_HERE else s.Reading)
+        self.assertIs(s.marks(frozenset(REPORTED)), s.marks(REPORTED))
+        self.assertEqual(reported.of(text), s.SETTINGS)
+        self.assertEqual(s.Marks(frozenset({"work_mem"})).of(text), 0)
+        self.assertEqual(s.Reading(REPORTED).of(text), s.SETTINGS)
+        self.assertEqual(reported.of(text), s.SETTINGS)
+        self.assertEqual(reported.seen[text], s.SETTINGS)
+        long = b"create temp table t (x int) -- " + b"x" * s.MEMO_TEXT
+        self.assertEqual(reported.of(long), s.TEMP)
+        self.assertNotIn(long, reported.seen)
+        for i in range(s.MEMO_SIZE + 10):
+            self.assertEqual(reported.of(b"select %d" % i), 0)
+        self.assertLessEqual(len(reported.seen), s.MEMO_SIZE)
+        self.assertEqual(reported.of(b"listen jobs"), s.LISTEN)
 
     def test_cleanup_runs_exactly_whats_needed_role_first(self):
         self.assertEqual(s.cleanup(0), [])
@@ -109,6 +130,46 @@ class HandOverTests(IntegrationTest):
 
         names = yield self.thread(run)
         self.assertEqual([n for n in names if not n.startswith("ODISSEY_")], [])
+
+
+class ExtendedHandOverTests(IntegrationTest):
+    """One server (pool size 1), its first client speaking the extended protocol, with
+    prepared statements on and off."""
+
+    statements = 100
+
+    def routes(self) -> list[dict[str, Any]]:
+        return [route("app", "u_trust", auth={"method": "trust"},
+                      pool={"mode": "transaction", "size": 1, "max_prepared_statements": self.statements})]
+
+    @inlineCallbacks
+    def test_a_set_parsed_by_the_extended_protocol_is_cleaned_too(self):
+        """A sends SETs as a named and as an unnamed Parse (as JDBC and asyncpg do); B,
+        on the same backend, sees neither value. (What is read is the text after the
+        statement's name, which once hid a SET at its start.)"""
+        def run() -> tuple:
+            a = trust_login(self.odissey.port)
+            replies = Replies(a)
+            try:
+                for name, sql in ((b"s1", b"set work_mem = '7MB'"), (b"", b"SET statement_timeout = '17s'")):
+                    a.sendall(m.parse(name, sql + b"\0\0\0") + m.bind(b"", name, b"\0\0\0\0\0\0")
+                              + m.message(b"E", b"\0\0\0\0\0") + m.sync())
+                a.sendall(m.query("select pg_backend_pid()"))
+                answer = replies.until(3)
+            finally:
+                a.close()
+            with self.odissey.connect(user="u_trust", password=None, autocommit=True) as b:
+                return (answer, replies.errors, int(replies.rows[-1]), b.execute("select pg_backend_pid()").fetchone()[0],
+                        b.execute("show work_mem").fetchone()[0], b.execute("show statement_timeout").fetchone()[0])
+
+        answer, errors, a_pid, b_pid, work_mem, timeout = yield self.thread(run)
+        self.assertEqual((answer.count(b"C\0\0\0\x08SET\0"), errors), (2, []))
+        self.assertEqual(a_pid, b_pid)  # the same backend, handed over
+        self.assertEqual((work_mem, timeout), ("4MB", "0"))
+
+
+class ExtendedHandOverPlainTests(ExtendedHandOverTests):
+    statements = 0
 
 
 class PinnedListenerTests(IntegrationTest):
