@@ -10,6 +10,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from odissey import config
 from odissey.cancel import CancelKeys, KeyLayout, Peering
 from odissey.client import ClientConnection, ClientFactory, ClientState
+from odissey.janitor import Janitor
 from odissey.pool import Pools
 from odissey.router import Router
 from odissey.testing import FakeBackends, answer_cancel, in_this_thread
@@ -135,10 +136,16 @@ class ClientProtocolTests(SynchronousTestCase):
         self.assertEqual(len(messages(transport.value())), 1)
 
     def test_login_timeout(self) -> None:
-        """A client that never finishes its startup is dropped after login_timeout."""
+        """A client that never finishes its startup is dropped by the janitor's first
+        pass after login_timeout, not before."""
+        janitor = Janitor(self.clock, self.factory.pools, self.factory)
         proto, transport = self.connect()
         proto.dataReceived(b"\0\0")
-        self.clock.advance(3)
+        self.clock.advance(2.9)
+        janitor.tick()
+        self.assertEqual(transport.value(), b"")
+        self.clock.advance(0.1)
+        janitor.tick()
         (kind, body), = messages(transport.value())
         self.assertEqual(m.parse_error_fields(body)["C"], "57014")
         self.assertTrue(transport.disconnecting)
@@ -250,6 +257,7 @@ class SessionIdentityTests(SynchronousTestCase):
         proto, transport = connect(factory)
         proto.dataReceived(m.startup_message({"user": "u", "database": "db"}))
         clock.advance(4.9)
+        factory.expire_logins(clock.seconds())  # (what the janitor does twice a second)
         self.assertEqual(proto.state, ClientState.PARAMS)
         clock.advance(0.1)
         got = messages(transport.value())

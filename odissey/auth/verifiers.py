@@ -30,6 +30,7 @@ from odissey.auth.secrets import (
     mock_scram_secret,
 )
 from odissey.config import ClientAuth, Secret
+from odissey.entropy import random_bytes
 from odissey.wire import errors
 from odissey.wire import messages as m
 from odissey.wire.errors import PoolerError, ProtocolViolation
@@ -106,7 +107,7 @@ class MD5Verifier(Verifier):
     def __init__(self, user: str, secret: Secret, pass_on: bool = False) -> None:
         super().__init__(user)
         self.stored = md5_stored(secret, user)
-        self.salt = os.urandom(4)
+        self.salt = random_bytes(4)
         #: An md5 secret looked up for this user answers the server's md5 challenge too.
         self._pass_on = pass_on and secret.kind == "md5"
         self._secret = secret
