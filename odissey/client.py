@@ -107,6 +107,8 @@ class ClientConnection(Protocol):
         self.id = f"c{next(factory.ids)}"
         self.factory = factory
         self.state = ClientState.STARTUP
+        #: Logged in (READY or CONSOLE) at some point: its departure is a logout.
+        self.served = False
         self.valve = Valve(self)
         self.relay: Relay | None = None
         self.key: tuple[int, int] | None = None
@@ -162,7 +164,7 @@ class ClientConnection(Protocol):
         if self.tls_started and not self.encrypted and reason is not None:
             log.info("{id}: TLS handshake failed: {why}", id=self.id,
                      why=describe_failure(reason.value))
-        if self.state is ClientState.READY or self.state is ClientState.CONSOLE:
+        if self.served:  # (also once closing: a Terminate or a FATAL error has set CLOSING)
             log.info("{id}: logout {user}@{database} after {seconds:.1f}s", id=self.id,
                      user=self.user, database=self.database, connection=CONNECTION_EVENT,
                      seconds=self.factory.reactor.seconds() - self.connected_at)
@@ -538,6 +540,7 @@ class ClientConnection(Protocol):
         """The login is over: read again, and hand what the client sent meanwhile (a
         driver may pipeline its first query behind its password) to its new reader."""
         self.state = state
+        self.served = True
         if self._paused:
             self._paused = False
             self.transport.resumeProducing()  # type: ignore[union-attr]
