@@ -60,6 +60,8 @@ def main() -> None:
     parser.add_argument("--mode", choices=("transaction", "session"), default="transaction")
     parser.add_argument("--python", default=sys.executable,
                         help="the interpreter both run under (PyPy's, say: ../.ci/pypy/bin/python)")
+    parser.add_argument("--extra", default="",
+                        help="YAML appended to each Odissey's configuration, e.g. 'log: {connections: false}'")
     parser.add_argument("--connect", action="store_true",
                         help="pgbench -C: a new connection per transaction (what a login costs)")
     parser.add_argument("--warmup", type=int, default=0,
@@ -86,7 +88,7 @@ def main() -> None:
             workdir = tempfile.mkdtemp(prefix="odissey-ab-run-", dir=trees)
             proc, port, _package = start_odissey(pg.port, USER, PASSWORD, DB, mode=args.mode,
                                                  pool_size=args.pool_size, workdir=workdir, root=root,
-                                                 python=args.python)
+                                                 python=args.python, extra=args.extra + "\n" if args.extra else "")
             procs[name] = (proc, port)
             for protocol in runs[name] if args.warmup else ():
                 pgbench(port, USER, PASSWORD, DB, clients=max(args.clients), jobs=args.jobs,
