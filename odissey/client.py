@@ -416,7 +416,9 @@ class ClientConnection(Protocol):
                 f.credentials.remember(database, user, credential)
         f.route_clients[route.index] += 1
         self.route_index = route.index
-        self.send(step.reply + m.authentication_ok())
+        # AuthenticationOk leaves with the greeting, in one write (as PostgreSQL sends
+        # them), unless the login must wait first: then at once, before the wait.
+        ok = step.reply + m.authentication_ok()
         self.state = ClientState.PARAMS
         # The client has done its part: what is left is ours to wait for, bounded by the
         # storage's connect_timeout and the route's wait_timeout, not by login_timeout
@@ -425,6 +427,8 @@ class ClientConnection(Protocol):
         pool = f.pools.get(route, database, user)
         server_params = pool.parameters_cache  # known after the pool's first login
         if server_params is None:
+            self.send(ok)
+            ok = b""
             self._parameters = pool.parameters()
             server_params = yield self._parameters
             self._parameters = None
@@ -433,6 +437,8 @@ class ClientConnection(Protocol):
         wants = startup_wants(params)
         unchecked = f.startup_checks.unchecked(pool, wants)
         if unchecked:
+            self.send(ok)
+            ok = b""
             yield f.startup_checks.check(pool, self.id, unchecked)
             if self.state is not ClientState.PARAMS:
                 return
@@ -452,6 +458,8 @@ class ClientConnection(Protocol):
         pool.stats.logins += 1
         pid = None
         if not self.relay.transaction_mode:
+            self.send(ok)
+            ok = b""
             self._attaching = self.relay.attach_at_login()
             server = yield self._attaching
             self._attaching = None
@@ -461,7 +469,7 @@ class ClientConnection(Protocol):
                 pid = server.key[0]
         self.key = f.keys.issue(self, pid)
         greeting = pool.greeting(tuple(told.items()), wanted)
-        self.send(greeting + m.backend_key_data(*self.key) + _READY)
+        self.send(ok + greeting + m.backend_key_data(*self.key) + _READY)
         log.info("{id}: login {user}@{database} from {client} (pool {pool})", id=self.id,
                  user=user, database=database, client=self.peer, pool=str(pool.key),
                  connection=CONNECTION_EVENT)

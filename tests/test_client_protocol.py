@@ -59,6 +59,27 @@ class ClientProtocolTests(SynchronousTestCase):
         self.assertEqual(transport.value(), b"NN")
         self.assertEqual(proto.state, ClientState.STARTUP)
 
+    def test_login_answered_in_one_write(self) -> None:
+        """Once its pool knows the server's parameters, a transaction-mode login's
+        AuthenticationOk, ParameterStatus set, BackendKeyData and ReadyForQuery leave in
+        one write, as PostgreSQL sends them (a login that must wait first gets its
+        AuthenticationOk before the wait: test_session_login_waits_for_a_server_then_53300)."""
+        factory, clock, backends = client_factory(mode="transaction")
+        first, _ = connect(factory)
+        first.dataReceived(m.startup_message({"user": "u", "database": "db"}))
+        backends.flush()
+        clock.advance(0)
+        self.assertEqual(first.state, ClientState.READY)
+        proto, transport = connect(factory)
+        writes: list[bytes] = []
+        write = transport.write
+        transport.write = lambda data: (writes.append(data), write(data))  # type: ignore[method-assign]
+        proto.dataReceived(m.startup_message({"user": "u", "database": "db", "application_name": "t"}))
+        self.assertEqual(len(writes), 1)
+        kinds = [kind for kind, _ in messages(writes[0])]
+        self.assertEqual((kinds[0], kinds[-2:]), ("R", ["K", "Z"]))
+        self.assertEqual(proto.state, ClientState.READY)
+
     def test_trust_login_greeting(self) -> None:
         """A trust login gets AuthenticationOk, cached parameters, our own key, ReadyForQuery."""
         proto, transport = self.connect()
