@@ -10,6 +10,7 @@ machine, and PostgreSQL's.
 
     python bench/ab.py --old ee2fcc1 --seconds 12 --rounds 3
     python bench/ab.py --old d2f4c67 --python .ci/pypy/bin/python --warmup 15
+    python bench/ab.py --old 762f76e --python .ci/pypy/bin/python --warmup 15 --connect --clients 8
     python bench/ab.py --old b74d9f9 --new HEAD --protocol simple,extended,prepared \
         --old-protocol simple,extended --seconds 15 --rounds 5
 
@@ -59,6 +60,10 @@ def main() -> None:
     parser.add_argument("--mode", choices=("transaction", "session"), default="transaction")
     parser.add_argument("--python", default=sys.executable,
                         help="the interpreter both run under (PyPy's, say: ../.ci/pypy/bin/python)")
+    parser.add_argument("--extra", default="",
+                        help="YAML appended to each Odissey's configuration, e.g. 'log: {connections: false}'")
+    parser.add_argument("--connect", action="store_true",
+                        help="pgbench -C: a new connection per transaction (what a login costs)")
     parser.add_argument("--warmup", type=int, default=0,
                         help="seconds of unmeasured pgbench per commit and protocol first (PyPy's JIT)")
     args = parser.parse_args()
@@ -83,11 +88,11 @@ def main() -> None:
             workdir = tempfile.mkdtemp(prefix="odissey-ab-run-", dir=trees)
             proc, port, _package = start_odissey(pg.port, USER, PASSWORD, DB, mode=args.mode,
                                                  pool_size=args.pool_size, workdir=workdir, root=root,
-                                                 python=args.python)
+                                                 python=args.python, extra=args.extra + "\n" if args.extra else "")
             procs[name] = (proc, port)
             for protocol in runs[name] if args.warmup else ():
                 pgbench(port, USER, PASSWORD, DB, clients=max(args.clients), jobs=args.jobs,
-                        protocol=protocol, seconds=args.warmup)
+                        protocol=protocol, seconds=args.warmup, connect=args.connect)
 
         Key = Tuple[str, int, str]
         results: Dict[Key, List[Tuple[float, float, float]]] = {}
@@ -103,7 +108,7 @@ def main() -> None:
                         before, server_before = cpu_seconds(proc.pid), postgres_cpu_seconds(pg)
                         try:
                             tps = pgbench(port, USER, PASSWORD, DB, clients=clients, jobs=args.jobs,
-                                          protocol=protocol, seconds=args.seconds)
+                                          protocol=protocol, seconds=args.seconds, connect=args.connect)
                         except PgbenchFailed as exc:
                             failures.setdefault(key, []).append(exc.reason)
                             print(f"round {round_ + 1}: {name:12} -c {clients:3} -M {protocol:8} FAILED: "
@@ -123,7 +128,7 @@ def main() -> None:
             return (statistics.median(r[0] for r in rows), statistics.median(r[1] for r in rows),
                     statistics.median(r[2] for r in rows))
 
-        print(f"\npgbench -S -j {args.jobs}, {args.mode} pooling, pool size {args.pool_size}, {args.python}, "
+        print(f"\npgbench -S{' -C' if args.connect else ''} -j {args.jobs}, {args.mode} pooling, pool size {args.pool_size}, {args.python}, "
               f"{args.seconds}s x {args.rounds} rounds, medians\n")
         print(f"| clients | protocol | Odissey | TPS | CPU µs / tx | vs {old_name} | PostgreSQL CPU µs / tx |")
         print("|---|---|---|---|---|---|---|")

@@ -82,6 +82,8 @@ def main() -> None:
     parser.add_argument("--mode", choices=("transaction", "session"), default="transaction",
                         help="Odissey's pool mode")
     parser.add_argument("--floor", action="store_true", help="also count bench/floor.py")
+    parser.add_argument("--extra", default="",
+                        help="YAML appended to Odissey's configuration, e.g. 'log: {connections: false}'")
     parser.add_argument("--connect", action="store_true",
                         help="pgbench -C: a login per transaction (what a login costs)")
     args = parser.parse_args()
@@ -109,7 +111,7 @@ def main() -> None:
                     made.append(root)
                 proc, port, _package = start_odissey(
                     pg.port, USER, PASSWORD, DB, mode=args.mode, pool_size=args.pool_size, workdir=workdir,
-                    root=root, wrapper=wrapper, patience=600)
+                    root=root, wrapper=wrapper, patience=600, extra=args.extra + "\n" if args.extra else "")
             names.append(name)
             try:
                 for protocol in args.protocol:

@@ -61,6 +61,8 @@ def main() -> None:
     parser.add_argument("--mode", choices=("transaction", "session"), default="transaction")
     parser.add_argument("--connect", action="store_true", help="pgbench -C: a login per transaction")
     parser.add_argument("--top", type=int, default=40, help="functions listed")
+    parser.add_argument("--extra", default="",
+                        help="YAML appended to Odissey's configuration, e.g. 'log: {connections: false}'")
     args = parser.parse_args()
     workdir = Path(tempfile.mkdtemp(prefix="odissey-opcodes-"))
     tracer, counts = workdir / "tracer.py", workdir / "opcodes.tsv"
@@ -72,7 +74,8 @@ def main() -> None:
     try:
         for protocol in args.protocol:
             proc, port, _package = start_odissey(pg.port, USER, PASSWORD, DB, mode=args.mode, pool_size=20,
-                                                 workdir=str(workdir), python=str(python))
+                                                 workdir=str(workdir), python=str(python),
+                                                 extra=args.extra + "\n" if args.extra else "")
             try:
                 pgbench(port, USER, PASSWORD, DB, clients=args.clients, jobs=1, protocol=protocol,
                         transactions=200, connect=args.connect)

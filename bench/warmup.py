@@ -16,6 +16,8 @@ relay) under PyPy, the JIT's warm-up for Twisted alone.
 
     python bench/warmup.py --pypy .ci/pypy/bin/python --clients 8,32 \
         --protocol simple,prepared --rounds 3
+    python bench/warmup.py --connect --targets odissey-cpython,odissey-pypy --clients 8 \
+        --protocol simple --rounds 3    # pgbench -C: the login path's warm-up
 
 Runs are interleaved (every target for one setting, then the next setting, round after
 round), so that noise on a shared machine hits every target alike.
@@ -82,10 +84,13 @@ class Run:
     cpu: Series
 
 
-def progress(port: int, pid: int, clients: int, protocol: str, seconds: int, jobs: int) -> Run:
-    """``pgbench -S -P 1`` against 127.0.0.1:``port``, reading process ``pid``'s CPU time at
-    each progress line; the run's target and key are filled in by the caller."""
+def progress(port: int, pid: int, clients: int, protocol: str, seconds: int, jobs: int,
+             connect: bool = False) -> Run:
+    """``pgbench -S -P 1`` (``-C`` with ``connect``) against 127.0.0.1:``port``, reading
+    process ``pid``'s CPU time at each progress line; the run's target and key are filled
+    in by the caller."""
     command = ["pgbench", "-h", "127.0.0.1", "-p", str(port), "-U", USER, "-n", "-S", "-P", "1",
+               *(["-C"] if connect else []),
                "-c", str(clients), "-j", str(min(jobs, clients)), "-T", str(seconds), "-M", protocol, DB]
     tps: List[float] = []
     cpu: List[float] = []
@@ -134,6 +139,8 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--scale", type=int, default=10)
+    parser.add_argument("--connect", action="store_true",
+                        help="pgbench -C: a new connection per transaction (the login path's warm-up)")
     args = parser.parse_args()
     targets = [t for t in args.targets.split(",") if t]
     unknown = set(targets) - set(TARGETS)
@@ -154,7 +161,8 @@ def main() -> None:
                     for target in targets:
                         proc, port = start_target(target, pg.port, workdir, args.pypy)
                         try:
-                            run = progress(port, proc.pid, clients, protocol, args.seconds, args.jobs)
+                            run = progress(port, proc.pid, clients, protocol, args.seconds, args.jobs,
+                                           args.connect)
                         finally:
                             stop(proc)
                         run.target = target
@@ -180,7 +188,7 @@ def summary(series: Series) -> str:
 
 def report(runs: List[Run], args: argparse.Namespace, clients_list: List[int], protocols: List[str],
            targets: List[str]) -> None:
-    print(f"\npgbench -S -j {args.jobs} -T {args.seconds} -P 1 from the first second of a fresh process; "
+    print(f"\npgbench -S{' -C' if args.connect else ''} -j {args.jobs} -T {args.seconds} -P 1 from the first second of a fresh process; "
           f"transaction pooling, pool size 20; steady = median of the last {STEADY} s")
     for title, pick, cell in (("TPS, thousands", lambda r: r.tps, lambda v: f"{v / 1000:.1f}"),
                               ("pooler CPU µs per transaction", lambda r: r.cpu, lambda v: f"{1e6 / v:.0f}")):

@@ -15,7 +15,6 @@ forwarded there as a plain CancelRequest, as PgBouncer's peering does.
 from __future__ import annotations
 
 import hmac
-import secrets
 from typing import Generic, Mapping, NamedTuple, Protocol as TypingProtocol, TypeVar, Union
 
 from twisted.internet.defer import Deferred
@@ -25,6 +24,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from odissey.config import MAX_PEER_ID, MAX_WORKERS, Address, Peer, Storage
+from odissey.entropy import random_bits
 from odissey.router import connect_storage
 from odissey.wire import messages as m
 
@@ -113,13 +113,13 @@ class CancelKeys(Generic[Owner]):
         """A fresh key for ``owner``: with ``pid`` (a real backend's), a secret no other
         owner of that pid has; without, a pid of ours that nobody has."""
         while pid is None:
-            mine = secrets.randbits(31)
+            mine = random_bits(31)
             if mine and mine not in self._owners:
                 pid = mine
         entries = self._owners.setdefault(pid, {})
         layout = self.layout
         while True:
-            secret = layout.secret(secrets.randbits(layout.random_bits))
+            secret = layout.secret(random_bits(layout.random_bits))
             if secret not in entries:
                 break
         entries[secret] = owner

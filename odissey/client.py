@@ -27,10 +27,10 @@ import platform
 from collections import Counter
 from enum import Enum
 from functools import partial
-from typing import Callable, Iterator, Protocol as TypingProtocol
+from typing import Any, Callable, Generator, Iterator, Protocol as TypingProtocol
 
 from twisted.internet.defer import Deferred, inlineCallbacks, succeed
-from twisted.internet.interfaces import IDelayedCall, IHandshakeListener, IReactorTime, ISSLTransport
+from twisted.internet.interfaces import IHandshakeListener, IReactorTime, ISSLTransport
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -38,7 +38,7 @@ from zope.interface import implementer
 
 from odissey.auth.passthrough import Credentials
 from odissey.auth.secrets import InThread
-from odissey.auth.verifiers import CertVerifier, ClientVerifiers
+from odissey.auth.verifiers import CertVerifier, ClientVerifiers, Step, Verifier
 from odissey.auth_query import AuthQueries
 from odissey.cancel import CancelKeys, Drop, Forward, Peering, route_cancel
 from odissey.config import Limits, Route
@@ -105,6 +105,8 @@ class ClientConnection(Protocol):
         self.id = f"c{next(factory.ids)}"
         self.factory = factory
         self.state = ClientState.STARTUP
+        #: Logged in (READY or CONSOLE) at some point: its departure is a logout.
+        self.served = False
         self.valve = Valve(self)
         self.relay: Relay | None = None
         self.key: tuple[int, int] | None = None
@@ -123,7 +125,6 @@ class ClientConnection(Protocol):
         self._paused = False
         self._parameters: Deferred[list[tuple[str, str]]] | None = None
         self._attaching: Deferred[ServerConnection] | None = None  # session mode: the server, at login
-        self._login_timer: IDelayedCall | None = None
         self._asked_at = factory.reactor.seconds()  # when we last waited for the client
         self.tls_started = False  # startTLS called: every byte from now on is TLS
         self.encrypted = False  # the handshake completed
@@ -139,9 +140,6 @@ class ClientConnection(Protocol):
     def connectionMade(self) -> None:
         set_nodelay(self.transport)
         self.factory.arrived(self)
-        self._login_timer = self.factory.reactor.callLater(
-            self.factory.limits.login_timeout, self._login_timed_out
-        )
 
     def dataReceived(self, data: bytes) -> None:
         if self.state is ClientState.READY:
@@ -164,15 +162,13 @@ class ClientConnection(Protocol):
         if self.tls_started and not self.encrypted and reason is not None:
             log.info("{id}: TLS handshake failed: {why}", id=self.id,
                      why=describe_failure(reason.value))
-        if self.state is ClientState.READY or self.state is ClientState.CONSOLE:
+        if self.served:  # (also once closing: a Terminate or a FATAL error has set CLOSING)
             log.info("{id}: logout {user}@{database} after {seconds:.1f}s", id=self.id,
                      user=self.user, database=self.database, connection=CONNECTION_EVENT,
                      seconds=self.factory.reactor.seconds() - self.connected_at)
         self.state = ClientState.GONE
         self.factory.forget(self)
         self._buffer = b""
-        if self._login_timer is not None and self._login_timer.active():
-            self._login_timer.cancel()
         if self.key is not None:
             self.factory.keys.release(self.key)
         if self.route_index is not None:
@@ -228,9 +224,10 @@ class ClientConnection(Protocol):
             self.state = ClientState.CLOSING
             self.transport.loseConnection()
 
-    def _login_timed_out(self) -> None:
-        self._login_timer = None
-        if self.state in (ClientState.STARTUP, ClientState.AUTH, ClientState.PARAMS):
+    def login_timed_out(self) -> None:
+        """limits.login_timeout has passed since the connection came (the factory's
+        expire_logins tells, only while the client has its part of the login to do)."""
+        if self.state in _LOGIN_STATES:
             self.fail(PoolerError(errors.QUERY_CANCELED, "canceling authentication due to timeout"))
 
     # -- startup -----------------------------------------------------------------------------
@@ -285,7 +282,7 @@ class ClientConnection(Protocol):
                 self.transport.write(b"S")  # type: ignore[union-attr]
                 self._start_tls()  # (what was written before goes out first, in the clear)
                 return
-            self.transport.write(b"N")  # type: ignore[union-attr]
+            self.send(b"N")
             return
         if isinstance(packet, CancelRequest):
             # Close only once PostgreSQL has closed the cancel we forwarded: libpq waits
@@ -341,7 +338,10 @@ class ClientConnection(Protocol):
         return now - self._asked_at if waiting else 0.0
 
     @inlineCallbacks
-    def _login(self, startup: StartupMessage):
+    def _login(self, startup: StartupMessage) -> Generator[Any, Any, None]:
+        """The login, from the startup packet to ReadyForQuery. Its steps are plain
+        generators it delegates to (``yield from``): one inlineCallbacks per login, not
+        one per step."""
         f = self.factory
         params = startup.params
         if startup.minor > 0 or startup.unsupported:
@@ -364,7 +364,7 @@ class ClientConnection(Protocol):
                 errors.FEATURE_NOT_SUPPORTED, "replication connections are not supported"
             )
         if f.console is not None and f.console.serves(database):
-            yield self._console_login(user, database, client, params)
+            yield from self._console_login(user, database, client, params)
             return
         route = f.router.match(database, user, client)
         if route is None:
@@ -385,7 +385,7 @@ class ClientConnection(Protocol):
                     errors.INVALID_AUTHORIZATION_SPECIFICATION,
                     f'certificate validation (tls.mode verify-full) failed for user "{user}": '
                     "CN mismatch")
-        verifier, step = yield self._authenticate(owner, database, user, client, database)
+        verifier, step = yield from self._authenticate(owner, database, user, client, database)
         assert route is not None
         if route.block:  # only now: before the password, a block must look like anything else
             log.info("{id}: {user}@{database} from {client} is blocked by routes[{index}]",
@@ -416,16 +416,19 @@ class ClientConnection(Protocol):
                 f.credentials.remember(database, user, credential)
         f.route_clients[route.index] += 1
         self.route_index = route.index
-        self.send(step.reply + m.authentication_ok())
+        # AuthenticationOk leaves with the greeting, in one write (as PostgreSQL sends
+        # them), unless the login must wait first: then at once, before the wait.
+        ok = step.reply + m.authentication_ok()
         self.state = ClientState.PARAMS
-        f.logged_in_now(self)
         # The client has done its part: what is left is ours to wait for, bounded by the
-        # storage's connect_timeout and the route's wait_timeout, not by login_timeout.
-        if self._login_timer is not None and self._login_timer.active():
-            self._login_timer.cancel()
+        # storage's connect_timeout and the route's wait_timeout, not by login_timeout
+        # (which expire_logins applies only to the connections still logging in).
+        f.logged_in_now(self)
         pool = f.pools.get(route, database, user)
         server_params = pool.parameters_cache  # known after the pool's first login
         if server_params is None:
+            self.send(ok)
+            ok = b""
             self._parameters = pool.parameters()
             server_params = yield self._parameters
             self._parameters = None
@@ -434,6 +437,8 @@ class ClientConnection(Protocol):
         wants = startup_wants(params)
         unchecked = f.startup_checks.unchecked(pool, wants)
         if unchecked:
+            self.send(ok)
+            ok = b""
             yield f.startup_checks.check(pool, self.id, unchecked)
             if self.state is not ClientState.PARAMS:
                 return
@@ -453,6 +458,8 @@ class ClientConnection(Protocol):
         pool.stats.logins += 1
         pid = None
         if not self.relay.transaction_mode:
+            self.send(ok)
+            ok = b""
             self._attaching = self.relay.attach_at_login()
             server = yield self._attaching
             self._attaching = None
@@ -462,15 +469,14 @@ class ClientConnection(Protocol):
                 pid = server.key[0]
         self.key = f.keys.issue(self, pid)
         greeting = pool.greeting(tuple(told.items()), wanted)
-        self.send(greeting + m.backend_key_data(*self.key) + _READY)
+        self.send(ok + greeting + m.backend_key_data(*self.key) + _READY)
         log.info("{id}: login {user}@{database} from {client} (pool {pool})", id=self.id,
                  user=user, database=database, client=self.peer, pool=str(pool.key),
                  connection=CONNECTION_EVENT)
         self._logged_in(ClientState.READY, self.relay.clientData)
 
-    @inlineCallbacks
     def _authenticate(self, owner: Route | None, database: str, user: str, client: ClientAddress,
-                      lookup_database: str):  # -> Deferred[(verifier, step)]
+                      lookup_database: str) -> Generator[Any, Any, tuple[Verifier, Step]]:
         """Run ``owner``'s authentication (an unknown user's mock exchange when None);
         returns (verifier, its last step), whose reply goes out with AuthenticationOk."""
         f = self.factory
@@ -495,9 +501,8 @@ class ClientConnection(Protocol):
                 step = yield step
         return verifier, step
 
-    @inlineCallbacks
     def _console_login(self, user: str, database: str, client: ClientAddress,
-                       params: dict[str, str]):  # -> Deferred[None]
+                       params: dict[str, str]) -> Generator[Any, Any, None]:
         """A login to the admin console: the password its routes ask for (see
         ``Console.auth_route``), then ``admin_users``/``stats_users``, checked only after
         the password (as PgBouncer does), so a refusal tells nothing to a guesser."""
@@ -514,7 +519,7 @@ class ClientConnection(Protocol):
                 f'certificate validation (tls.mode verify-full) failed for user "{user}": '
                 "CN mismatch")
         lookup = console.lookup_database(owner) if owner is not None else database
-        _verifier, step = yield self._authenticate(owner, database, user, client, lookup)
+        _verifier, step = yield from self._authenticate(owner, database, user, client, lookup)
         if owner is not None and owner.block:
             log.info("{id}: {user} on the console from {client} is blocked by routes[{index}]",
                      id=self.id, user=user, client=client.shown, index=owner.index)
@@ -533,8 +538,6 @@ class ClientConnection(Protocol):
         self.console = ConsoleSession(console, role, self.send, self.fail, self.drop, self.id,
                                       application_name)
         f.logged_in_now(self)
-        if self._login_timer is not None and self._login_timer.active():
-            self._login_timer.cancel()
         log.info("{id}: {user} logged in to the admin console ({role})", id=self.id, user=user,
                  role=role)
         greeting = b"".join(m.parameter_status(k, v) for k, v in console_parameters(application_name))
@@ -545,6 +548,7 @@ class ClientConnection(Protocol):
         """The login is over: read again, and hand what the client sent meanwhile (a
         driver may pipeline its first query behind its password) to its new reader."""
         self.state = state
+        self.served = True
         if self._paused:
             self._paused = False
             self.transport.resumeProducing()  # type: ignore[union-attr]
@@ -680,6 +684,20 @@ class ClientFactory(Factory):
                 return
         if len(self.clients) > limits.max_clients + limits.max_login_clients:
             client.fail(PoolerError(errors.TOO_MANY_CONNECTIONS, "sorry, too many clients already"))
+
+    def expire_logins(self, now: float) -> None:
+        """Fail the connections that have been logging in for longer than
+        limits.login_timeout. The janitor calls this twice a second: a timer per
+        connection cost every login a DelayedCall, its cancel and the reactor's upkeep
+        of both (``pgbench -C``), for a timeout that needs no finer grain."""
+        started_before = now - self.limits.login_timeout
+        late = []
+        for client in self.logging_in:  # oldest first
+            if client.connected_at > started_before:
+                break
+            late.append(client)
+        for client in late:
+            client.login_timed_out()
 
     def logged_in_now(self, client: ClientConnection) -> None:
         del self.logging_in[client]

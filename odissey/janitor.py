@@ -1,4 +1,4 @@
-"""Periodic upkeep, like PgBouncer's janitor: pool upkeep and per-client timeouts.
+"""Periodic upkeep, like PgBouncer's janitor: pool upkeep, login and per-client timeouts.
 
 Timeouts are checked here, about twice a second, rather than with a timer per client:
 the relay only sets a flag on its hot path (no clock read per chunk), and one pass over
@@ -31,6 +31,7 @@ class Janitor:
             pools.sweep_retired({client.relay.pool for client in self.factory.clients
                                  if client.relay is not None})
         now = self.clock.seconds()
+        self.factory.expire_logins(now)
         for client in list(self.factory.clients):
             if client.paused and peer_closed(client.transport):
                 client.transport.abortConnection()  # type: ignore[union-attr]

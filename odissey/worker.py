@@ -38,6 +38,7 @@ from odissey.config import Config, LogSettings, Route
 from odissey.console import Console
 from odissey.control import Control
 from odissey.janitor import PERIOD
+from odissey.jit import compile_sooner
 from odissey.logs import Observer
 from odissey.metrics import PoolCollector
 from odissey.pool import PoolKey, Pools, ServerConnector, Withdrawn
@@ -362,6 +363,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--listener", type=_listener, action="append", default=[],
                         help="FD:ADDRESS_FAMILY of an inherited listening socket")
     args = parser.parse_args(argv)
+    compile_sooner()
     config = pickle.load(sys.stdin.buffer)
     tagged = _Tagged(args.number, config.log)
     globalLogBeginner.beginLoggingTo([tagged], redirectStandardIO=False)

@@ -41,6 +41,7 @@ from odissey.commands import (REPORT_PERIOD, Accepting, Admit, Cancel, ConfigPar
 from odissey import tls
 from odissey.config import Config, ConfigError, load as load_config
 from odissey.handover import HandoverServer, take as take_sockets
+from odissey.jit import compile_sooner
 from odissey.leases import Action, Grant, Ledger
 from odissey.logs import Observer, observe_for
 from odissey.metrics import MetricsResource, MetricsSite, Snapshot
@@ -76,6 +77,7 @@ def percentile(values: list[float], fraction: float) -> float:
 def service_for(config: Config) -> Union[OdisseyService, "Master"]:
     """The root service of a twistd process: itself the whole Odissey for ``workers:
     1``; else a master that starts the workers."""
+    compile_sooner()
     if config.workers > 1:
         return Master(config)
     return OdisseyService(config, process=True)

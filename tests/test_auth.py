@@ -93,6 +93,28 @@ class VerifierTests(TestCase):
             with self.assertRaises(PoolerError):
                 verifier.receive(md5_response(md5_hash("no", "u"), verifier.salt) + b"\0")
 
+    def test_md5_route_hashes_its_password_once_per_user(self) -> None:
+        """A route's md5 verifiers hash its plain password once per user; each gets a
+        salt of its own and checks its own salted answer."""
+        hashed: list[str] = []
+        real = verifiers.md5_stored
+
+        def counted(secret: Secret, user: str) -> str:
+            hashed.append(user)
+            return real(secret, user)
+
+        self.patch(verifiers, "md5_stored", counted)
+        made = ClientVerifiers(in_this_thread)
+        auth = ClientAuth("md5", Secret("plain", "pw"))
+        for user in ("u", "u", "v", "u"):
+            verifier = made.for_route(auth, user)
+            assert isinstance(verifier, MD5Verifier)
+            answer = md5_response(md5_hash("pw", user), verifier.salt) + b"\0"
+            self.assertTrue(verifier.receive(answer).done)
+            with self.assertRaises(PoolerError):
+                made.for_route(auth, user).receive(answer)  # (another salt)
+        self.assertEqual(hashed, ["u", "v"])
+
     def test_cleartext_against_every_secret_kind(self) -> None:
         """A cleartext password is checked against plain, md5 and SCRAM secrets."""
         scram = derive_scram_secret("pw")

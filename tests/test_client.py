@@ -7,12 +7,13 @@ import struct
 
 import psycopg
 from twisted.internet.defer import inlineCallbacks
+from twisted.logger import formatEvent, globalLogPublisher
 
 from odissey.auth.secrets import md5_hash
 from odissey.pool import Pool
 from odissey.wire import messages as m
 from odissey.wire.scanner import Scanner
-from tests.harness import IntegrationTest, login_outcome, route
+from tests.harness import IntegrationTest, login_outcome, route, until
 
 SCRAM_SECRET = (
     "SCRAM-SHA-256$4096:MDEyMzQ1Njc4OWFiY2RlZg==$jnoAddh6TtzfJ9fu4TjjGNWdiR8HivX+MQIbDgD6KrY="
@@ -79,6 +80,25 @@ class ClientAuthTests(IntegrationTest):
         self.assertEqual((yield self.thread(self.login, "u_md5", "md5-pw")), "u_md5")
         msg = yield self.thread(self.refused, "u_md5", "nope")
         self.assertIn("password authentication failed", msg)
+
+    @inlineCallbacks
+    def test_login_and_logout_lines(self):
+        """A client that logs in and says goodbye (psycopg's close sends Terminate) gets
+        a login line and a logout line, each with its id."""
+        events: list[dict] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        self.assertEqual((yield self.thread(self.login, "u_md5", "md5-pw")), "u_md5")
+
+        def lines() -> list[str]:
+            return [formatEvent(e) for e in events if e.get("log_namespace") == "odissey.client"]
+
+        yield until(lambda: any(": logout " in line for line in lines()), 10, "the logout line")
+        (login,) = [line for line in lines() if ": login " in line]
+        (logout,) = [line for line in lines() if ": logout " in line]
+        client_id = login.split(":")[0]
+        self.assertRegex(login, r"^c\d+: login u_md5@app from 127\.0\.0\.1 \(pool ")
+        self.assertRegex(logout, rf"^{client_id}: logout u_md5@app after \d+\.\ds$")
 
     @inlineCallbacks
     def test_scram_with_scram_secret(self):

@@ -10,6 +10,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from odissey import config
 from odissey.cancel import CancelKeys, KeyLayout, Peering
 from odissey.client import ClientConnection, ClientFactory, ClientState
+from odissey.janitor import Janitor
 from odissey.pool import Pools
 from odissey.router import Router
 from odissey.testing import FakeBackends, answer_cancel, in_this_thread
@@ -57,6 +58,27 @@ class ClientProtocolTests(SynchronousTestCase):
         proto.dataReceived(struct.pack("!ii", 8, 80877104))
         self.assertEqual(transport.value(), b"NN")
         self.assertEqual(proto.state, ClientState.STARTUP)
+
+    def test_login_answered_in_one_write(self) -> None:
+        """Once its pool knows the server's parameters, a transaction-mode login's
+        AuthenticationOk, ParameterStatus set, BackendKeyData and ReadyForQuery leave in
+        one write, as PostgreSQL sends them (a login that must wait first gets its
+        AuthenticationOk before the wait: test_session_login_waits_for_a_server_then_53300)."""
+        factory, clock, backends = client_factory(mode="transaction")
+        first, _ = connect(factory)
+        first.dataReceived(m.startup_message({"user": "u", "database": "db"}))
+        backends.flush()
+        clock.advance(0)
+        self.assertEqual(first.state, ClientState.READY)
+        proto, transport = connect(factory)
+        writes: list[bytes] = []
+        write = transport.write
+        transport.write = lambda data: (writes.append(data), write(data))  # type: ignore[method-assign]
+        proto.dataReceived(m.startup_message({"user": "u", "database": "db", "application_name": "t"}))
+        self.assertEqual(len(writes), 1)
+        kinds = [kind for kind, _ in messages(writes[0])]
+        self.assertEqual((kinds[0], kinds[-2:]), ("R", ["K", "Z"]))
+        self.assertEqual(proto.state, ClientState.READY)
 
     def test_trust_login_greeting(self) -> None:
         """A trust login gets AuthenticationOk, cached parameters, our own key, ReadyForQuery."""
@@ -135,10 +157,16 @@ class ClientProtocolTests(SynchronousTestCase):
         self.assertEqual(len(messages(transport.value())), 1)
 
     def test_login_timeout(self) -> None:
-        """A client that never finishes its startup is dropped after login_timeout."""
+        """A client that never finishes its startup is dropped by the janitor's first
+        pass after login_timeout, not before."""
+        janitor = Janitor(self.clock, self.factory.pools, self.factory)
         proto, transport = self.connect()
         proto.dataReceived(b"\0\0")
-        self.clock.advance(3)
+        self.clock.advance(2.9)
+        janitor.tick()
+        self.assertEqual(transport.value(), b"")
+        self.clock.advance(0.1)
+        janitor.tick()
         (kind, body), = messages(transport.value())
         self.assertEqual(m.parse_error_fields(body)["C"], "57014")
         self.assertTrue(transport.disconnecting)
@@ -250,6 +278,7 @@ class SessionIdentityTests(SynchronousTestCase):
         proto, transport = connect(factory)
         proto.dataReceived(m.startup_message({"user": "u", "database": "db"}))
         clock.advance(4.9)
+        factory.expire_logins(clock.seconds())  # (what the janitor does twice a second)
         self.assertEqual(proto.state, ClientState.PARAMS)
         clock.advance(0.1)
         got = messages(transport.value())

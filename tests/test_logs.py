@@ -5,7 +5,7 @@ from __future__ import annotations
 import io
 import json
 
-from twisted.logger import Logger, LogPublisher
+from twisted.logger import Logger, LogLevel, LogPublisher, textFileLogObserver
 from twisted.trial.unittest import SynchronousTestCase
 
 from odissey.config import LogSettings, parse
@@ -36,6 +36,20 @@ class ObserverTests(SynchronousTestCase):
         self.log.info("{id}: login failed", id="c2")
         self.assertEqual(self.stream.getvalue().count("\n"), 1)
         self.assertIn("c2: login failed", self.stream.getvalue())
+
+    def test_text_as_twisted_writes_it(self) -> None:
+        """Text lines are twisted.logger's textFileLogObserver's, character for character,
+        across second boundaries (the timestamp is remembered per second)."""
+        twisted_stream = io.StringIO()
+        twisted_text = textFileLogObserver(twisted_stream)
+        for when in (1700000000.0, 1700000000.25, 1700000000.999999, 1700000001.0, 1700000059.5,
+                     1700000061.0, None):
+            event = {"log_format": "{id}: login {user}", "id": "c1", "user": "app",
+                     "log_level": LogLevel.info, "log_namespace": "odissey.client", "log_time": when}
+            self.observer(dict(event))
+            twisted_text(dict(event))
+        self.assertEqual(self.stream.getvalue(), twisted_stream.getvalue())
+        self.assertEqual(len(set(line.split(" ")[0] for line in self.stream.getvalue().splitlines())), 5)
 
     def test_json(self) -> None:
         """format: json writes one JSON object per line, with the event's fields."""

@@ -30,11 +30,14 @@ from odissey.auth.secrets import (
     mock_scram_secret,
 )
 from odissey.config import ClientAuth, Secret
+from odissey.entropy import random_bytes
 from odissey.wire import errors
 from odissey.wire import messages as m
 from odissey.wire.errors import PoolerError, ProtocolViolation
 
 SCRAM = "SCRAM-SHA-256"
+#: md5 stored forms remembered (routes' users); past it the memory starts afresh.
+MAX_REMEMBERED = 1024
 _MECHANISM = scramp.ScramMechanism(SCRAM)
 
 
@@ -103,10 +106,11 @@ class CleartextVerifier(Verifier):
 
 
 class MD5Verifier(Verifier):
-    def __init__(self, user: str, secret: Secret, pass_on: bool = False) -> None:
+    def __init__(self, user: str, secret: Secret, pass_on: bool = False, stored: str | None = None) -> None:
         super().__init__(user)
-        self.stored = md5_stored(secret, user)
-        self.salt = os.urandom(4)
+        #: md5(password + user), as PostgreSQL stores it (``stored``: already known).
+        self.stored = stored if stored is not None else md5_stored(secret, user)
+        self.salt = random_bytes(4)
         #: An md5 secret looked up for this user answers the server's md5 challenge too.
         self._pass_on = pass_on and secret.kind == "md5"
         self._secret = secret
@@ -261,6 +265,8 @@ class ClientVerifiers:
         self._mock_key = os.urandom(32)
         #: auth_query routes: the SCRAM iteration count their lookups last found.
         self._seen_iterations: dict[ClientAuth, int] = {}
+        #: (configured secret, user) -> its md5 stored form (see md5_verifier).
+        self._md5_stored: dict[tuple[str, str], str] = {}
 
     def for_route(self, auth: ClientAuth, user: str) -> "Verifier | Deferred[Verifier]":
         """The verifier for a route's own password; a Deferred only while a SCRAM
@@ -272,8 +278,19 @@ class ClientVerifiers:
         if auth.method == "cleartext":
             return CleartextVerifier(user, auth.password, self.threads)
         if auth.method == "md5":
-            return MD5Verifier(user, auth.password)
+            return self.md5_verifier(user, auth.password)
         return self.scram_secrets.get(auth.password).addCallback(lambda secret: ScramVerifier(user, secret))
+
+    def md5_verifier(self, user: str, secret: Secret) -> MD5Verifier:
+        """A route's md5 verifier, with the stored form of its password for this user
+        remembered: one md5 per login (the client's answer) instead of two."""
+        key = (secret.value, user)
+        stored = self._md5_stored.get(key)
+        if stored is None:
+            if len(self._md5_stored) >= MAX_REMEMBERED:
+                self._md5_stored.clear()
+            stored = self._md5_stored[key] = md5_stored(secret, user)
+        return MD5Verifier(user, secret, stored=stored)
 
     def for_lookup(self, auth: ClientAuth, user: str, secret: Secret | None, expired: bool) -> Verifier:
         """The verifier for a secret auth_query found (None: no such user, or no usable

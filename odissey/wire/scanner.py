@@ -295,16 +295,15 @@ def _parse_startup_params(minor: int, data: bytes) -> StartupMessage:
     pairs = data[:-1]
     if pairs and not pairs.endswith(b"\0"):
         raise ProtocolViolation("invalid startup packet layout: expected terminator as last byte")
-    parts = pairs[:-1].split(b"\0") if pairs else []
+    try:  # (decoded whole: one call, not two per pair)
+        parts = pairs[:-1].decode().split("\0") if pairs else []
+    except UnicodeDecodeError:
+        raise ProtocolViolation("invalid startup packet: parameter is not valid UTF-8") from None
     if len(parts) % 2:
         raise ProtocolViolation("invalid startup packet layout: parameter without value")
     params: dict[str, str] = {}
     unsupported: list[str] = []
-    for i in range(0, len(parts), 2):
-        try:
-            key, value = parts[i].decode(), parts[i + 1].decode()
-        except UnicodeDecodeError:
-            raise ProtocolViolation("invalid startup packet: parameter is not valid UTF-8") from None
+    for key, value in zip(parts[::2], parts[1::2]):
         if not key:
             raise ProtocolViolation("invalid startup packet layout: empty parameter name")
         if key.startswith("_pq_."):
