@@ -9,12 +9,15 @@ notices clients that left while their reading was paused.
 from __future__ import annotations
 
 from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
 
 from odissey.client import ClientFactory, ClientState
 from odissey.flow import peer_closed
 from odissey.pool import Pools
 
 PERIOD = 0.5
+
+log = Logger()
 
 
 class Janitor:
@@ -24,14 +27,27 @@ class Janitor:
         self.factory = factory
 
     def tick(self) -> None:
+        """One pass. Each step is kept from the others' failures: a LoopingCall stops for
+        good at its first exception, which would end every timeout with it."""
+        now = self.clock.seconds()
+        for step in (self._expire_logins, self._maintain_pools, self._enforce_timeouts):
+            try:
+                step(now)
+            except Exception:
+                log.failure("janitor: {step} failed", step=step.__name__)
+
+    def _expire_logins(self, now: float) -> None:
+        self.factory.expire_logins(now)
+
+    def _maintain_pools(self, now: float) -> None:
         pools = self.pools
         for pool in [*pools.pools.values(), *pools.retired]:
             pool.maintain()
         if pools.retired:
             pools.sweep_retired({client.relay.pool for client in self.factory.clients
                                  if client.relay is not None})
-        now = self.clock.seconds()
-        self.factory.expire_logins(now)
+
+    def _enforce_timeouts(self, now: float) -> None:
         for client in list(self.factory.clients):
             if client.paused and peer_closed(client.transport):
                 client.transport.abortConnection()  # type: ignore[union-attr]

@@ -697,6 +697,9 @@ class Relay:
     def _clean(self, server: ServerConnection) -> None:
         self.server = None
         self.state = RelayState.CLEANING
+        # Whatever session state is on it now is this client's: the client before it
+        # must not take it back as its own last server, uncleaned.
+        server.last_client = self.client.id
         self._uncouple(server)
         route = self.pool.route
         cut = self.scanner.in_message()

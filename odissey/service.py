@@ -109,6 +109,20 @@ def hand_over(ports: list[IListeningPort], metrics_port: IListeningPort | None) 
     return kept
 
 
+def stop_listening(ports: list[IListeningPort], borrowed: list[IListeningPort]) -> list[Any]:
+    """Stop listening on ``ports``. Those ``borrowed`` (taken over from the process
+    running before, which a stop during start never confirmed) are still that process's:
+    only no longer read here, never shut down nor a unix path unlinked, which would end
+    its listening too."""
+    stopped: list[Any] = []  # (what stopListening returns: a Deferred, or None)
+    for port in ports:
+        if port in borrowed:
+            port.stopReading()  # type: ignore[attr-defined]
+        else:
+            stopped.append(port.stopListening())
+    return stopped
+
+
 class Signalled(TypingProtocol):
     """What owns a process, as its SIGTERM, SIGINT and SIGHUP handlers see it."""
 
@@ -306,6 +320,9 @@ class OdisseyService(Stoppable, MultiService):
             name: managed_postgres(s) for name, s in config.storages.items() if s.managed
         }
         self.ports: list[IListeningPort] = []
+        #: Ports taken over from the process running before, until the handover is
+        #: confirmed (see stop_listening).
+        self.borrowed: list[IListeningPort] = []
         #: The same ports, by their ``listen`` entry (a reload opens and closes them).
         self.listening: dict[str, IListeningPort] = {}
         #: TLS to each storage, shared with the pools' connector and auth_query.
@@ -418,6 +435,8 @@ class OdisseyService(Stoppable, MultiService):
         handed = taken is not None and where in taken.sockets
         self.metrics_port = yield listener(self.reactor, where, MetricsSite(MetricsResource(collector, self.threads)),
                                            taken)
+        if handed:
+            self.borrowed.append(self.metrics_port)
         log.info("serving metrics on {where}{how}", where=where, how=" (socket taken over)" if handed else "")
 
     @inlineCallbacks
@@ -432,6 +451,7 @@ class OdisseyService(Stoppable, MultiService):
         yield self.serve_metrics(taken)
         if taken is not None:
             taken.confirm()
+            self.borrowed = []
             log.info("took over the listening sockets of the Odissey running before; it drains")
         if path:
             self.handover = HandoverServer(_Operator(self))
@@ -441,6 +461,8 @@ class OdisseyService(Stoppable, MultiService):
     def _listen(self, description: str, taken: Taken | None = None):
         handed = taken is not None and description in taken.sockets
         port = yield listener(self.reactor, description, self.factory, taken)
+        if handed:
+            self.borrowed.append(port)
         log.info("listening on {where}{how}", where=description, how=" (socket taken over)" if handed else "")
         self.ports.append(port)
         self.listening[description] = port
@@ -597,8 +619,8 @@ class OdisseyService(Stoppable, MultiService):
         if self.handover is not None:
             self.handover.close()
         ports = self.ports + ([self.metrics_port] if self.metrics_port is not None else [])
-        yield DeferredList([port.stopListening() for port in ports])
-        self.ports, self.metrics_port = [], None
+        yield DeferredList(stop_listening(ports, self.borrowed))
+        self.ports, self.metrics_port, self.borrowed = [], None, []
         self.listening = {}
         factory = self.factory
         if factory is not None:

@@ -26,6 +26,7 @@ from typing import Any, Hashable, Optional, Union
 from twisted.application.internet import TimerService
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, DeferredList, inlineCallbacks, succeed
+from twisted.internet.error import ProcessExitedAlready
 from twisted.internet.interfaces import IListeningPort
 from twisted.internet.protocol import Factory, ProcessProtocol
 from twisted.logger import Logger
@@ -48,7 +49,7 @@ from odissey.metrics import MetricsResource, MetricsSite, Snapshot
 from odissey.postgres import LocalPostgres
 from odissey.reload import Plan, plan as plan_reload
 from odissey.service import (OdisseyService, Stop, Stoppable, given, hand_over, install_signals, listener,
-                             managed_postgres, start_managed, with_storage_hosts, within)
+                             managed_postgres, start_managed, stop_listening, with_storage_hosts, within)
 from odissey.systemd import Notifier
 from odissey.wire import errors
 
@@ -236,6 +237,9 @@ class Master(Stoppable, MultiService):
             name: managed_postgres(s) for name, s in config.storages.items() if s.managed
         }
         self.ports: list[IListeningPort] = []
+        #: Ports taken over from the master running before, until the handover is
+        #: confirmed (see service.stop_listening).
+        self.borrowed: list[IListeningPort] = []
         #: The same ports, by their ``listen`` entry (what a handover gives).
         self.listeners: dict[str, IListeningPort] = {}
         #: Serves ``handover_socket`` (a new master takes the listeners through it).
@@ -296,6 +300,8 @@ class Master(Stoppable, MultiService):
             handed = taken is not None and description in taken.sockets
             port = yield listener(self.reactor, description, idle, taken)
             port.stopReading()  # (in the same turn: the master never accepts; workers do)
+            if handed:
+                self.borrowed.append(port)
             log.info("listening on {where}{how} (for {n} workers)", where=description,
                      how=" (socket taken over)" if handed else "", n=self.config.workers)
             self.ports.append(port)
@@ -305,6 +311,8 @@ class Master(Stoppable, MultiService):
             handed = taken is not None and where in taken.sockets
             site = MetricsSite(MetricsResource(WorkersCollector(self), self.threads))
             self.metrics_port = yield listener(self.reactor, where, site, taken)
+            if handed:
+                self.borrowed.append(self.metrics_port)
             log.info("serving metrics on {where}{how} (every worker's)", where=where,
                      how=" (socket taken over)" if handed else "")
         for number in range(self.config.workers):
@@ -313,6 +321,7 @@ class Master(Stoppable, MultiService):
         if taken is not None:
             # Only now: until our workers accept, the old master's still do.
             taken.confirm()
+            self.borrowed = []
             log.info("took over the listening sockets of the Odissey running before; it drains")
         if path:
             self.handover = HandoverServer(self)
@@ -596,9 +605,20 @@ class Master(Stoppable, MultiService):
         """Every worker stops ``how`` (one without a link yet gets SIGTERM: graceful)."""
         for process in list(self.processes.values()):
             if process.link is not None:
-                process.link.callRemote(StopCommand, how=how.value)
+                told = process.link.callRemote(StopCommand, how=how.value)
+                told.addErrback(self._not_told, process)
             elif process.transport is not None:
                 process.transport.signalProcess("TERM")
+
+    def _not_told(self, failure: Failure, process: WorkerProcess) -> None:
+        """A worker whose link broke before its Stop arrived is sent SIGTERM (graceful)."""
+        log.info("worker {number}: stop not delivered ({why}); sending SIGTERM",
+                 number=process.number, why=failure.getErrorMessage())
+        try:
+            if process.transport is not None:
+                process.transport.signalProcess("TERM")
+        except ProcessExitedAlready:  # (its end is on its way to processEnded)
+            pass
 
     # -- handover (handover.Giver) ----------------------------------------------------------
 
@@ -656,8 +676,8 @@ class Master(Stoppable, MultiService):
         # Our descriptors close now; each worker closes its own as it stops, and then
         # the kernel refuses new connections, as a single process's closed listener does.
         ports = self.ports + ([self.metrics_port] if self.metrics_port is not None else [])
-        yield DeferredList([port.stopListening() for port in ports])
-        self.ports, self.listeners, self.metrics_port = [], {}, None
+        yield DeferredList(stop_listening(ports, self.borrowed))
+        self.ports, self.listeners, self.metrics_port, self.borrowed = [], {}, None, []
         self.notifier.stopping()
         totals = yield self.gather()
         pools = ", ".join(f"{pool}: {c['active']} active, {c['idle']} idle"

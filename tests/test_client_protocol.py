@@ -171,6 +171,23 @@ class ClientProtocolTests(SynchronousTestCase):
         self.assertEqual(m.parse_error_fields(body)["C"], "57014")
         self.assertTrue(transport.disconnecting)
 
+    def test_login_timeout_survives_a_failing_janitor_step(self) -> None:
+        """A step of the janitor that raises is logged, and the others still run, on
+        this pass and the next (a LoopingCall would stop at the first exception)."""
+        janitor = Janitor(self.clock, self.factory.pools, self.factory)
+
+        def broken(now: float) -> None:
+            raise RuntimeError("a pool's upkeep went wrong")
+
+        janitor._maintain_pools = broken  # type: ignore[method-assign]
+        proto, transport = self.connect()
+        proto.dataReceived(b"\0\0")
+        self.clock.advance(3.0)
+        janitor.tick()
+        (kind, body), = messages(transport.value())
+        self.assertEqual(m.parse_error_fields(body)["C"], "57014")
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+
     def test_cancel_request_closes(self) -> None:
         """A CancelRequest connection is closed with no answer."""
         proto, transport = self.connect()

@@ -168,6 +168,29 @@ class ExtendedHandOverTests(IntegrationTest):
         self.assertEqual((work_mem, timeout), ("4MB", "0"))
 
 
+    @inlineCallbacks
+    def test_state_of_a_client_gone_mid_request_is_cleaned_for_the_server_before(self):
+        """W uses the one backend first (so it is W's "last server"); X then sends a SET
+        and Terminate in one write, and leaves while its SET runs. The backend, cleaned
+        of X's request, still holds X's setting: W, coming back to its last server, must
+        not inherit it (the server's last client is X now, not W)."""
+        def run() -> tuple:
+            with self.odissey.connect(user="u_trust", password=None, autocommit=True) as w:
+                w_pid = w.execute("select pg_backend_pid()").fetchone()[0]
+                x = trust_login(self.odissey.port)
+                try:
+                    x.sendall(m.query("set work_mem = '7MB'") + m.terminate())
+                    x.recv(1)  # (Odissey closes X once it has sent Terminate on)
+                finally:
+                    x.close()
+                return (w_pid, w.execute("select pg_backend_pid()").fetchone()[0],
+                        w.execute("show work_mem").fetchone()[0])
+
+        w_pid, again, work_mem = yield self.thread(run)
+        self.assertEqual(w_pid, again)  # the same backend
+        self.assertEqual(work_mem, "4MB")
+
+
 class ExtendedHandOverPlainTests(ExtendedHandOverTests):
     statements = 0
 

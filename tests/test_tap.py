@@ -424,6 +424,43 @@ class TapTests(TestCase):
         self.assertIn(first.returncode, (0, -signal.SIGTERM), outs[0])
 
     @inlineCallbacks
+    def test_failed_takeover_leaves_the_old_process_listening(self):
+        """A new process that takes the listening sockets but fails before it confirms
+        (here its metrics address is taken) gives them back untouched: the old process
+        still accepts on TCP and on its unix socket, whose path is still there."""
+        port = free_port()
+        directory = tempfile.mkdtemp(prefix="odissey-takeover-")  # (unix paths are short)
+        self.addCleanup(shutil.rmtree, directory, True)
+        listen = [f"tcp:{port}:interface=127.0.0.1", f"unix:{directory}/.s.PGSQL.{port}"]
+        handover = os.path.join(directory, "handover.sock")
+        old = self.twistd("odissey", "-c", self.app_config(port, listen=listen, handover_socket=handover))
+        busy = socket.socket()
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        self.addCleanup(busy.close)
+        broken = self.app_config(port, listen=listen, handover_socket=handover,
+                                 metrics={"listen": f"tcp:{busy.getsockname()[1]}:interface=127.0.0.1"})
+
+        def over_unix() -> str:
+            done = subprocess.run(
+                ["psql", "-X", "-h", directory, "-p", str(port), "-U", "app", "-d", "app", "-Atc", "select 'unix'"],
+                capture_output=True, text=True, env={**os.environ, "PGPASSWORD": "app-secret"}, timeout=30)
+            return done.stdout.strip() or done.stderr
+
+        try:
+            self.assertEqual((yield deferToThread(psql_until_up, port, "select 1", "app", "app-secret", "app")), "1")
+            new = self.twistd("odissey", "-c", broken)
+            out, _ = yield deferToThread(new.communicate, timeout=60)
+            self.assertIn("Odissey could not start", out)
+            self.assertIn("(socket taken over)", out)
+            self.assertEqual((yield deferToThread(psql_until_up, port, "select 'tcp'", "app", "app-secret", "app", 5)),
+                             "tcp")
+            self.assertEqual((yield deferToThread(over_unix)), "unix")
+            self.assertIsNone(old.poll())
+        finally:
+            yield deferToThread(stop, old)
+
+    @inlineCallbacks
     def test_log_section(self):
         """With log {format: json, connections: off} every line of the process is a JSON
         object; a wrong password gives one login-failure line with user, database and
