@@ -26,7 +26,6 @@ from typing import Any, Hashable, Optional, Union
 from twisted.application.internet import TimerService
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, DeferredList, inlineCallbacks, succeed
-from twisted.internet.error import ProcessExitedAlready
 from twisted.internet.interfaces import IListeningPort
 from twisted.internet.protocol import Factory, ProcessProtocol
 from twisted.logger import Logger
@@ -605,20 +604,9 @@ class Master(Stoppable, MultiService):
         """Every worker stops ``how`` (one without a link yet gets SIGTERM: graceful)."""
         for process in list(self.processes.values()):
             if process.link is not None:
-                told = process.link.callRemote(StopCommand, how=how.value)
-                told.addErrback(self._not_told, process)
+                process.link.callRemote(StopCommand, how=how.value)
             elif process.transport is not None:
                 process.transport.signalProcess("TERM")
-
-    def _not_told(self, failure: Failure, process: WorkerProcess) -> None:
-        """A worker whose link broke before its Stop arrived is sent SIGTERM (graceful)."""
-        log.info("worker {number}: stop not delivered ({why}); sending SIGTERM",
-                 number=process.number, why=failure.getErrorMessage())
-        try:
-            if process.transport is not None:
-                process.transport.signalProcess("TERM")
-        except ProcessExitedAlready:  # (its end is on its way to processEnded)
-            pass
 
     # -- handover (handover.Giver) ----------------------------------------------------------
 
