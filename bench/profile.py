@@ -40,8 +40,13 @@ AREAS = (
     # its own, so the syscall's samples end in flow.send (its Python part is ~80
     # bytecodes per write, a small share of them).
     (re.compile(r"^send$"), re.compile(r"odissey/flow\.py"), "send() (kernel)"),
-    (re.compile(r"^doRead$"), re.compile(r"twisted/internet/tcp\.py"), "recv() (kernel) and Twisted's read"),
+    (re.compile(r"^doRead$"), re.compile(r"twisted/internet/tcp\.py"), "recv() (kernel) and the read loop"),
     (re.compile(r"^doPoll$"), re.compile(r"epollreactor\.py"), "epoll_wait (busy part)"),
+    # odissey/reading.py's loop calls recv and epoll itself (the short read path): a
+    # sample in its poll is almost always inside recv (its own Python part is ~40
+    # bytecodes per read), one in _epoll_wait inside epoll_wait.
+    (re.compile(r"^poll$"), re.compile(r"odissey/reading\.py"), "recv() (kernel) and the read loop"),
+    (re.compile(r"^_epoll_wait$|^_poll_wait$"), re.compile(r"odissey/reading\.py"), "epoll_wait (busy part)"),
     (re.compile(r".*"), re.compile(r"(^|/)twisted/"), "Twisted (reactor, logging context, transports)"),
     (re.compile(r".*"), re.compile(r"(^|/)odissey/"), None),  # by module, below
 )
@@ -50,7 +55,7 @@ AREAS = (
 #: Areas that are (mostly) the kernel's time. A sampler counts a call's wall time, and on
 #: a loaded machine a process is often preempted inside send() (which wakes the peer):
 #: their shares overstate CPU, which /proc's user and system times measure instead.
-KERNEL = frozenset(label for _name, _where, label in AREAS[:4])
+KERNEL = frozenset(label for _name, _where, label in AREAS[:6])
 
 
 def area(function: str, path: str) -> str:
