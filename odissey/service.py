@@ -7,6 +7,7 @@ import functools
 import itertools
 import os
 import signal
+from abc import ABC, abstractmethod
 from enum import Enum
 from typing import Any, Callable, Protocol as TypingProtocol
 
@@ -224,7 +225,7 @@ class Stop(Enum):
     IMMEDIATE = "immediate"
 
 
-class Stoppable:
+class Stoppable(ABC):
     """How the owner of a process (a single Odissey, a workers' master) is asked to
     stop: a first SIGTERM/SIGINT gracefully, console SHUTDOWN as it says, a handover
     gracefully; asked for an immediate stop while stopping, it hurries the stop under
@@ -235,14 +236,17 @@ class Stoppable:
     #: A signal or :meth:`shutdown` has asked the reactor to stop.
     _stop_asked = False
 
+    @abstractmethod
     def stopping(self) -> bool:
-        raise NotImplementedError
+        """A stop is under way (the owner's own state says so)."""
 
+    @abstractmethod
     def halt(self) -> None:
-        raise NotImplementedError
+        """Begin the stop asked for, as :attr:`how` says."""
 
+    @abstractmethod
     def hurry(self) -> None:
-        raise NotImplementedError
+        """End every client now, whatever stop is under way."""
 
     def stop_requested(self) -> bool:
         return self._stop_asked or self.stopping()

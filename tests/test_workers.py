@@ -18,7 +18,7 @@ import threading
 import time
 import urllib.request
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import psycopg
 import yaml
@@ -688,16 +688,25 @@ class WorkersTests(TestCase):
 
         with concurrent.futures.ThreadPoolExecutor(8) as pool:
             for batch in range(50):
-                found = None
-                for console, client_id in pool.map(probe, [f"probe{number}.{batch}.{i}" for i in range(8)]):
-                    if found is None and (client_id - 1) % workers == number:
-                        found = console
-                    else:
-                        console.close()
+                found = self.keep_one_on(pool.map(probe, [f"probe{number}.{batch}.{i}" for i in range(8)]),
+                                         workers, number)
                 if found is not None:
-                    self.addCleanup(found.close)
                     return found
         raise AssertionError(f"no console login reached worker {number}")
+
+    def keep_one_on(self, logins: Iterable[tuple[psycopg.Connection, int]], workers: int,
+                    number: int) -> psycopg.Connection | None:
+        """Of (connection, client id) pairs, keep the first one worker ``number`` serves
+        (closed at cleanup), and close the others."""
+        found = None
+        for conn, client_id in logins:
+            if found is None and (client_id - 1) % workers == number:
+                found = conn
+            else:
+                conn.close()
+        if found is not None:
+            self.addCleanup(found.close)
+        return found
 
     @staticmethod
     def in_thread(work: Any) -> tuple[threading.Thread, list[Any]]:
@@ -1016,14 +1025,8 @@ class WorkersTests(TestCase):
                 names = [f"client{number}.{batch}.{i}" for i in range(8)]
                 conns = dict(zip(names, pool.map(probe, names)))
                 ids = {row[-2]: row[-1] for row in console.execute("SHOW CLIENTS").fetchall()}
-                found = None
-                for name, conn in conns.items():
-                    if found is None and (ids[name] - 1) % workers == number:
-                        found = conn
-                    else:
-                        conn.close()
+                found = self.keep_one_on(((conn, ids[name]) for name, conn in conns.items()), workers, number)
                 if found is not None:
-                    self.addCleanup(found.close)
                     return found
         raise AssertionError(f"no client login reached worker {number}")
 
