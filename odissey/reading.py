@@ -13,10 +13,20 @@ poll, and the same dispatch for every event but one kind, a plain read event (``
 nothing else) for a connected TCP or unix transport that is still registered for reading
 and whose protocol's exact type is one of those given (Odissey's client and server
 connections; a server connection made through an endpoint sits behind Twisted's
-``_WrappingProtocol``, a pure proxy, which is looked through). That event is a ``recv``
-of the transport's ``bufferSize`` and a call of ``protocol.dataReceived``. Anything unusual goes back to Twisted's own code, inside the
-logging context: an exception from ``dataReceived`` is logged and loses the connection,
-EOF is a (half-)close, a failed ``recv`` loses the connection, all through the reactor's
+``_WrappingProtocol``, a pure proxy, which is looked through). That event is a
+``recv_into`` one buffer the size of Twisted's reads (:data:`READ_SIZE`), a copy of what
+arrived, and a call of ``protocol.dataReceived``.
+
+Why ``recv_into``: Twisted's ``recv(bufferSize)`` makes a 64 KiB string for every read
+and shrinks it to what arrived. CPython's allocator takes that back at once, but PyPy
+allocates it in its nursery, so a read of 300 bytes uses 64 KiB of it: a minor
+collection every 15 reads, about every 7 transactions, and each one, in a pooler with
+thousands of live objects, costs more than the transaction (docs/benchmarks.md). Reading
+into one buffer allocates only what arrived; under CPython it costs the same as ``recv``.
+
+Anything unusual goes back to Twisted's own code, inside the logging context: an
+exception from ``dataReceived`` is logged and loses the connection, EOF is a
+(half-)close, a failed ``recv_into`` loses the connection, all through the reactor's
 ``_disconnectSelectable`` as ``_doReadOrWrite`` would. Writes, hang-ups, errors, the
 connecting phase, a paused or aborted transport (no longer registered for reading) and a
 connection after ``startTLS`` (its protocol is then Twisted's TLS wrapper) all take
@@ -32,6 +42,9 @@ from typing import Any, Callable, Iterable
 from twisted.internet import main, tcp, unix
 from twisted.internet.endpoints import _WrappingProtocol
 from twisted.python import failure, log
+
+#: The most one read takes: Twisted's own ``bufferSize`` for TCP and unix transports.
+READ_SIZE = 65536
 
 #: What a plain read event is: the same bit for epoll and poll.
 _IN = select.POLLIN
@@ -51,6 +64,8 @@ class Reads:
         self.wait = wait
         #: Exact protocol types whose reads take the short path.
         self.protocols: set[type] = set()
+        #: Every short-path read lands here first (one reactor, one read at a time).
+        self.buffer = memoryview(bytearray(READ_SIZE))
 
     def poll(self, timeout: float | None) -> None:
         """One reactor iteration: wait for events, then dispatch them."""
@@ -65,6 +80,7 @@ class Reads:
         reads = reactor._reads
         twisted_path = reactor._doReadOrWrite
         protocols = self.protocols
+        buffer = self.buffer
         plain, transports, wrapping = _IN, _TRANSPORTS, _WrappingProtocol
         for fd, event in events:
             try:
@@ -77,17 +93,17 @@ class Reads:
                     protocol = protocol._wrappedProtocol
                 if type(protocol) in protocols:
                     try:
-                        data = selectable.socket.recv(selectable.bufferSize)
+                        size = selectable.socket.recv_into(buffer)
                     except BlockingIOError:
                         continue
                     except OSError:
                         self._lose(selectable, main.CONNECTION_LOST)
                         continue
-                    if not data:
+                    if not size:
                         self._lose(selectable, main.CONNECTION_DONE)
                         continue
                     try:
-                        protocol.dataReceived(data)
+                        protocol.dataReceived(buffer[:size].tobytes())
                     except BaseException:
                         log.callWithLogger(selectable, self._failed, selectable, failure.Failure())
                     continue
