@@ -209,7 +209,7 @@ class Shutdown(amp.Command):
 
 
 class Stop(amp.Command):
-    """Master -> worker: stop the way ``how`` says (a :class:`~odissey.service.Stop`
+    """Master -> worker: stop the way ``how`` says (a :class:`~odissey.lifecycle.Stop`
     value: "graceful", "wait_for_clients", "immediate"), then exit. Sent again with
     "immediate" while a worker stops, it hurries that stop."""
 

@@ -6,15 +6,12 @@ import dataclasses
 import functools
 import itertools
 import os
-import signal
-from abc import ABC, abstractmethod
 from enum import Enum
-from typing import Any, Callable, Protocol as TypingProtocol
+from typing import Any
 
 from twisted.application.internet import TimerService
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, DeferredList, inlineCallbacks, succeed
-from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -29,6 +26,7 @@ from odissey.console import Console
 from odissey.drain import Drain, end_all
 from odissey.handover import HandoverServer, Taken, take as take_sockets
 from odissey.janitor import PERIOD, Janitor
+from odissey.lifecycle import Stop, Stoppable, given, hand_over, install_signals, listener, stop_listening, within
 from odissey.logs import Observer, observe_for
 from odissey.metrics import MetricsResource, MetricsSite, PoolCollector
 from odissey.pool import Pool, PoolKey, Pools, ServerConnector
@@ -80,98 +78,6 @@ def start_managed(managed: dict[str, LocalPostgres], threads: InThread):
     return hosts
 
 
-def listener(reactor: Any, description: str, factory: Any, taken: Taken | None) -> "Deferred[IListeningPort]":
-    """Listen on one ``listen`` entry: the socket the process running before handed
-    over for it (see odissey/handover.py), else a new one."""
-    handed = taken.sockets.pop(description, None) if taken is not None else None
-    if handed is None:
-        return serverFromString(reactor, description).listen(factory)
-    fd, family = handed
-    port = reactor.adoptStreamPort(fd, family, factory)
-    os.close(fd)  # (the port has its own copy)
-    return succeed(port)
-
-
-def given(listening: dict[str, IListeningPort], metrics_listen: str | None,
-          metrics_port: IListeningPort | None) -> list[tuple[str, IListeningPort]]:
-    """What a handover gives, by entry: the listeners and the metrics endpoint (its
-    address could not be bound by the new process while this one holds it)."""
-    metrics = [(metrics_listen, metrics_port)] if metrics_listen and metrics_port is not None else []
-    return list(listening.items()) + metrics
-
-
-def hand_over(ports: list[IListeningPort], metrics_port: IListeningPort | None) -> list[IListeningPort]:
-    """After a handover: stop reading our copies of the given sockets, but keep them
-    open until the process exits (closing a unix listener would unlink its path, the
-    new process's now); returns them, to keep."""
-    kept = ports + ([metrics_port] if metrics_port is not None else [])
-    for port in kept:
-        port.stopReading()  # type: ignore[attr-defined]
-    return kept
-
-
-def stop_listening(ports: list[IListeningPort], borrowed: list[IListeningPort]) -> list[Any]:
-    """Stop listening on ``ports``. Those ``borrowed`` (taken over from the process
-    running before, which a stop during start never confirmed) are still that process's:
-    only no longer read here, never shut down nor a unix path unlinked, which would end
-    its listening too."""
-    stopped: list[Any] = []  # (what stopListening returns: a Deferred, or None)
-    for port in ports:
-        if port in borrowed:
-            port.stopReading()  # type: ignore[attr-defined]
-        else:
-            stopped.append(port.stopListening())
-    return stopped
-
-
-class Signalled(TypingProtocol):
-    """What owns a process, as its SIGTERM, SIGINT and SIGHUP handlers see it."""
-
-    def stop_requested(self) -> bool:
-        """A stop is asked for or under way."""
-
-    def signalled(self) -> None:
-        """The first SIGTERM or SIGINT: the stop will be graceful."""
-
-    def hurry(self) -> None:
-        """A second one: end every client now."""
-
-    def reload(self) -> object:
-        """SIGHUP."""
-
-
-def install_signals(reactor: Any, owner: Signalled) -> None:
-    """Our SIGTERM/SIGINT handlers replace the reactor's (installed just before): the
-    first signal stops gracefully as the reactor's would, a second one (the reactor's own
-    would only log that it is already stopping) ends everyone now; SIGHUP reloads."""
-    handlers: dict[int, Callable[[int, object], None]] = {signal.SIGTERM: reactor.sigTerm,
-                                                           signal.SIGINT: reactor.sigInt}
-
-    def received(number: int, frame: object) -> None:
-        if owner.stop_requested():
-            log.info("signal {number} while stopping: ending every client now", number=number)
-            reactor.callFromThread(owner.hurry)
-        else:
-            owner.signalled()
-            handlers[number](number, frame)  # logs, and stops the reactor
-
-    for number in handlers:
-        signal.signal(number, received)
-    signal.signal(signal.SIGHUP, lambda number, frame: reactor.callFromThread(owner.reload))
-
-
-def within(reactor: object, waiting: "Deferred[None]", seconds: float, give_up: object) -> "Deferred[None]":
-    """Wait for ``waiting``, calling ``give_up`` if it takes longer than ``seconds``."""
-    timer = reactor.callLater(seconds, give_up)  # type: ignore[attr-defined]
-
-    def done(result: object) -> object:
-        if timer.active():
-            timer.cancel()
-        return result
-
-    return waiting.addBoth(done)
-
-
 class Live:
     """Every server connection until it closes, and every cancel request until its
     connection closes: what shutdown waits for, so nothing outlives the pooler.
@@ -211,61 +117,6 @@ class Live:
         timeout)."""
         for server in list(self.servers):
             server.abort()
-
-
-class Stop(Enum):
-    """How the pooler stops (see docs/operations.md#shutdown)."""
-
-    #: SIGTERM: listeners close, transaction-mode clients are ended at their next
-    #: transaction boundary, session-mode clients may finish, up to shutdown_timeout.
-    GRACEFUL = "graceful"
-    #: SHUTDOWN WAIT_FOR_CLIENTS: listeners close; exit once the last client has left.
-    WAIT_FOR_CLIENTS = "wait_for_clients"
-    #: Console SHUTDOWN, a second signal: every client is ended now.
-    IMMEDIATE = "immediate"
-
-
-class Stoppable(ABC):
-    """How the owner of a process (a single Odissey, a workers' master) is asked to
-    stop: a first SIGTERM/SIGINT gracefully, console SHUTDOWN as it says, a handover
-    gracefully; asked for an immediate stop while stopping, it hurries the stop under
-    way. The owner says whether it is stopping, and how to halt and to hurry."""
-
-    #: How the stop goes (read by the owner's stopService).
-    how = Stop.GRACEFUL
-    #: A signal or :meth:`shutdown` has asked the reactor to stop.
-    _stop_asked = False
-
-    @abstractmethod
-    def stopping(self) -> bool:
-        """A stop is under way (the owner's own state says so)."""
-
-    @abstractmethod
-    def halt(self) -> None:
-        """Begin the stop asked for, as :attr:`how` says."""
-
-    @abstractmethod
-    def hurry(self) -> None:
-        """End every client now, whatever stop is under way."""
-
-    def stop_requested(self) -> bool:
-        return self._stop_asked or self.stopping()
-
-    def signalled(self) -> None:
-        """The first SIGTERM or SIGINT (its reactor handler stops the reactor)."""
-        self.how = Stop.GRACEFUL
-        self._stop_asked = True
-
-    def shutdown(self, how: Stop) -> None:
-        """Stop (console SHUTDOWN [WAIT_FOR_CLIENTS], a handover)."""
-        if self.stop_requested():
-            if how is Stop.IMMEDIATE:
-                self.hurry()
-            return
-        self.how = how
-        self._stop_asked = True
-        log.info("shutdown requested ({how})", how=how.value)
-        self.halt()
 
 
 class Phase(Enum):

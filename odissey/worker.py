@@ -39,11 +39,12 @@ from odissey.console import Console
 from odissey.control import Control
 from odissey.janitor import PERIOD
 from odissey.jit import compile_sooner
+from odissey.lifecycle import Stop
 from odissey.logs import Observer
 from odissey.metrics import PoolCollector
 from odissey.pool import PoolKey, Pools, ServerConnector, Withdrawn
 from odissey.server import ServerConnection, number_ids
-from odissey.service import OdisseyService, Stop
+from odissey.service import OdisseyService
 from odissey.wire.errors import PoolerError
 
 log = Logger()

@@ -43,12 +43,12 @@ from odissey.config import Config, ConfigError, load as load_config
 from odissey.handover import HandoverServer, take as take_sockets
 from odissey.jit import compile_sooner
 from odissey.leases import Action, Grant, Ledger
+from odissey.lifecycle import Stop, Stoppable, given, hand_over, install_signals, listener, stop_listening, within
 from odissey.logs import Observer, observe_for
 from odissey.metrics import MetricsResource, MetricsSite, Snapshot
 from odissey.postgres import LocalPostgres
 from odissey.reload import Plan, plan as plan_reload
-from odissey.service import (OdisseyService, Stop, Stoppable, given, hand_over, install_signals, listener,
-                             managed_postgres, start_managed, stop_listening, with_storage_hosts, within)
+from odissey.service import OdisseyService, managed_postgres, start_managed, with_storage_hosts
 from odissey.systemd import Notifier
 from odissey.wire import errors
 
@@ -237,7 +237,7 @@ class Master(Stoppable, MultiService):
         }
         self.ports: list[IListeningPort] = []
         #: Ports taken over from the master running before, until the handover is
-        #: confirmed (see service.stop_listening).
+        #: confirmed (see lifecycle.stop_listening).
         self.borrowed: list[IListeningPort] = []
         #: The same ports, by their ``listen`` entry (what a handover gives).
         self.listeners: dict[str, IListeningPort] = {}

@@ -11,7 +11,8 @@ from twisted.internet import reactor
 from twisted.internet.defer import inlineCallbacks
 
 from odissey.drain import QUIET
-from odissey.service import Phase, Stop
+from odissey.lifecycle import Stop
+from odissey.service import Phase
 from tests.harness import APP_PASSWORD, IntegrationTest, committed, route, until
 
 

@@ -38,7 +38,7 @@ from odissey.wire import messages as m
 from tests.harness import (APP_PASSWORD, USERS, Replies, committed, direct, free_port, read_message,
                            ended, shared_postgres, trust_login_keyed, watch_notices)
 from odissey.testing import in_this_thread
-from odissey.service import Stop
+from odissey.lifecycle import Stop
 from odissey.workers import RECLAIM_RETRY, RESTART_DELAY, STATS_PATIENCE, STOP_PATIENCE, Master, WorkerProcess
 from tests.test_tap import BOOT, PYPY, ROOT, wait_refused
 from tests.test_tls import certs, outcome, serving
@@ -941,7 +941,7 @@ class WorkersTests(TestCase):
         out = yield deferToThread(process.stop)
         self.assertEqual((answer, errors, status), ("SHUTDOWN", [["57P01"], ["57P01"]], 0), out)
         self.assertIn("[worker 0] asking the master to stop every worker (immediate)", out)
-        self.assertIn("[odissey.service#info] shutdown requested (immediate)", out)
+        self.assertIn("[odissey.lifecycle#info] shutdown requested (immediate)", out)
         for number in range(2):
             self.assertRegex(out, rf"worker {number} stopped, pid \d+")
         self.assertNotIn("died", out)
@@ -980,7 +980,7 @@ class WorkersTests(TestCase):
         status = yield deferToThread(scenario)
         out = yield deferToThread(process.stop)
         self.assertEqual(status, 0, out)
-        self.assertIn("[odissey.service#info] shutdown requested (wait_for_clients)", out)
+        self.assertIn("[odissey.lifecycle#info] shutdown requested (wait_for_clients)", out)
         self.assertRegex(out, r"worker 0 stopped, pid \d+")
         self.assertNotIn("died", out)
         self.assertTrue(committed("workers-wait"))
