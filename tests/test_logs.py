@@ -5,11 +5,12 @@ from __future__ import annotations
 import io
 import json
 
-from twisted.logger import Logger, LogLevel, LogPublisher, textFileLogObserver
+from twisted.logger import Logger, LogLevel, LogPublisher, formatEventAsClassicLogText, textFileLogObserver
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from odissey.config import LogSettings, parse
-from odissey.logs import CONNECTION_EVENT, Observer
+from odissey.logs import CONNECTION_EVENT, Lines, Observer
 from tests.test_config import minimal
 
 
@@ -50,6 +51,34 @@ class ObserverTests(SynchronousTestCase):
             twisted_text(dict(event))
         self.assertEqual(self.stream.getvalue(), twisted_stream.getvalue())
         self.assertEqual(len(set(line.split(" ")[0] for line in self.stream.getvalue().splitlines())), 5)
+
+    def test_lines_as_twisted_formats_them(self) -> None:
+        """Lines (the text observer's formatter) gives Twisted's classic line for every
+        kind of event, those it writes out itself and those it hands to Twisted."""
+        try:
+            1 / 0
+        except ZeroDivisionError:
+            failure = Failure()
+        base = {"log_level": LogLevel.warn, "log_namespace": "odissey.relay", "log_time": 1700000000.5}
+        events = [
+            {"log_format": "{id}: logout after {seconds:.1f}s", "id": "c1", "seconds": 2.25},
+            {"log_format": "{kind!r} from {who.name}", "kind": "Z", "who": LogLevel.info},
+            {"log_format": "two\nlines {n}", "n": 1},
+            {"log_format": "{missing} field"},
+            {"log_format": "called {f()}", "f": lambda: "yes"},
+            {"log_format": "unbalanced {"},
+            {"log_format": b"bytes {n}", "n": 3},
+            {"log_format": "failed {n}", "n": 4, "log_failure": failure},
+            {"log_format": "{n}", "n": 5, "log_system": "worker 1"},
+            {"log_format": "{n}", "n": 6, "log_level": None, "log_namespace": None},
+            {"log_format": ""},
+            {"log_text": "no format"},
+        ]
+        for event in events:
+            event = {**base, **event}
+            if event.get("log_level", 0) is None:
+                del event["log_level"], event["log_namespace"]
+            self.assertEqual(Lines()(dict(event)), formatEventAsClassicLogText(dict(event)), event)
 
     def test_json(self) -> None:
         """format: json writes one JSON object per line, with the event's fields."""
