@@ -165,6 +165,9 @@ def main() -> None:
     parser.add_argument("--workers", type=clients_list, default=[],
                         help="also Odissey with these numbers of worker processes (e.g. 2,4), and "
                              "with --pypy under PyPy too; its CPU is the master's and all workers'")
+    parser.add_argument("--log-section", action="store_true",
+                        help="Odissey with a `log: {format: text}` section: its own observer, on standard "
+                             "output (into a file), instead of twistd's --logfile observer")
     parser.add_argument("--try-unsupported", action="store_true",
                         help="run -M prepared through a PgBouncer without prepared statements too")
     args = parser.parse_args()
@@ -194,8 +197,8 @@ def main() -> None:
                             settings={"max_connections": str(max(300, connections))})
         targets: dict[str, tuple[int, int | None]] = {"postgres": (pg.port, None)}
         cert = make_certs(Path(workdir))["ecdsa"] if args.tls_connect else None
-        odissey_tls = (f"tls: {{mode: allow, cert_file: '{cert[0]}', key_file: '{cert[1]}'}}\n"
-                       if cert else "")
+        odissey_extra = (f"tls: {{mode: allow, cert_file: '{cert[0]}', key_file: '{cert[1]}'}}\n"
+                       if cert else "") + ("log: {format: text}\n" if args.log_section else "")
         for load in loads:
             if load.endswith(" -C tls"):
                 skipped[("postgres", load)] = "PostgreSQL here has no TLS"
@@ -211,14 +214,14 @@ def main() -> None:
                     f"PgBouncer {'.'.join(map(str, version))} has no prepared statements in "
                     f"transaction mode (they came in 1.21)")
         odissey, port, _package = start_odissey(pg.port, USER, PASSWORD, DB, mode=args.mode,
-                                                pool_size=args.pool_size, workdir=workdir, extra=odissey_tls)
+                                                pool_size=args.pool_size, workdir=workdir, extra=odissey_extra)
         procs.append(odissey)
         targets["odissey"] = (port, odissey.pid)
         for workers, (name, python) in worker_targets:
             proc, port, _package = start_odissey(pg.port, USER, PASSWORD, DB, mode=args.mode,
                                                  pool_size=args.pool_size, workdir=workdir,
                                                  python=python, name=name,
-                                                 extra=f"workers: {workers}\n" + odissey_tls)
+                                                 extra=f"workers: {workers}\n" + odissey_extra)
             procs.append(proc)
             targets[name] = (port, proc.pid)
         if args.odyssey:
@@ -232,7 +235,7 @@ def main() -> None:
         if args.pypy:
             proc, port, _package = start_odissey(pg.port, USER, PASSWORD, DB, mode=args.mode,
                                                  pool_size=args.pool_size, workdir=workdir,
-                                                 python=args.pypy, name="odissey-pypy", extra=odissey_tls)
+                                                 python=args.pypy, name="odissey-pypy", extra=odissey_extra)
             procs.append(proc)
             targets["odissey-pypy"] = (port, proc.pid)
         if args.floor:
@@ -341,10 +344,10 @@ def main() -> None:
         for proc in procs:
             stop(proc)
         for _workers, (name, _python) in worker_targets:  # the masters' totals, logged as they stopped
-            log = Path(workdir) / f"{name}.log"
-            for line in (log.read_text().splitlines() if log.exists() else ()):
-                if "leases:" in line:
-                    print(f"{name}: {line.split('] ', 1)[-1]}")
+            for log in (Path(workdir) / f"{name}.log", Path(workdir) / f"{name}.out"):  # (.out: --log-section)
+                for line in (log.read_text().splitlines() if log.exists() else ()):
+                    if "leases:" in line:
+                        print(f"{name}: {line.split('] ', 1)[-1]}")
         if pg is not None:
             pg.stop()
         shutil.rmtree(workdir, ignore_errors=True)
