@@ -132,6 +132,25 @@ class TapTests(TestCase):
         self.assertIn(f"Couldn't listen on 127.0.0.1:{busy.getsockname()[1]}: [Errno 98] Address already in use",
                       out)
 
+    def test_managed_postgres_that_cannot_start_exits_1(self) -> None:
+        """A managed PostgreSQL that does not start (its TCP port is in use): the error
+        is logged, its data directory removed, and the process exits 1."""
+        busy = socket.socket()
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        self.addCleanup(busy.close)
+        demo = yaml.safe_load((ROOT / "docs/examples/demo.yaml").read_text())
+        demo["listen"] = [f"tcp:{free_port()}:interface=127.0.0.1"]
+        del demo["metrics"]
+        demo["storages"]["local"]["port"] = busy.getsockname()[1]
+        demo["storages"]["local"]["managed"]["settings"] = {"listen_addresses": "127.0.0.1"}
+        out = self.exits_failed(demo)
+        self.assertIn("starting managed PostgreSQL for storage local", out)
+        self.assertIn("could not start server", out)
+        data_dirs = set(re.findall(r"-D (/\S+odissey-pg-\w+)", out))
+        self.assertTrue(data_dirs, out)
+        self.assertFalse([d for d in data_dirs if Path(d).exists()], "managed PostgreSQL data dir left behind")
+
     @inlineCallbacks
     def test_demo_config_end_to_end(self):
         """The README's demo: twistd starts a managed PostgreSQL, psql logs in as demo, SIGTERM stops both."""

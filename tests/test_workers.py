@@ -1085,6 +1085,25 @@ class WorkersTests(TestCase):
         old.proc.wait(timeout=90)
         return new
 
+    def after_restarts(self, processes: list[Process], logins: Logins, metrics_port: int) -> list[str]:
+        """Once every process but the last has handed over to the next: the metrics
+        endpoint (taken over by each) counts transactions, every process stops, no login
+        failed, and each old process handed over, drained and exited 0. Returns each
+        process's output."""
+        with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as reply:
+            scraped = reply.read().decode()
+        outs = [process.stop() for process in processes]
+        print(f"{len(logins.served)} logins served, {len(logins.failures)} failed")
+        self.assertEqual(logins.failures, [], "".join(out[-3000:] for out in outs))
+        for old, out in zip(processes[:-1], outs):
+            self.assertEqual(old.proc.returncode, 0, out[-3000:])
+            self.assertIn("handed the listening sockets over to a new process; draining", out)
+        for out in outs[1:]:
+            self.assertIn(f"serving metrics on tcp:{metrics_port}:interface=127.0.0.1 (socket taken over)", out)
+        counted = re.search(r'odissey_pool_transactions_total\{database="app",route="",user="app"\} (\S+)', scraped)
+        self.assertGreaterEqual(float(counted.group(1)) if counted else 0.0, 1.0, scraped)
+        return outs
+
     @inlineCallbacks
     def test_online_restart_with_workers(self):
         """handover_socket with 2 workers, a TCP and a unix listener: while psycopg
@@ -1108,24 +1127,13 @@ class WorkersTests(TestCase):
             yield deferToThread(logins.stop)
         after = len(third.lines)
         self.assertEqual((yield deferToThread(self.spread, port, 2)), {0, 1})
-        with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as reply:
-            scraped = reply.read().decode()
-        outs = []
-        for process in (first, second, third):
-            outs.append((yield deferToThread(process.stop)))
-        print(f"{len(logins.served)} logins served, {len(logins.failures)} failed")
-        self.assertEqual(logins.failures, [], outs[0][-3000:] + outs[1][-3000:])
-        for old, out in zip((first, second), outs):
-            self.assertEqual(old.proc.returncode, 0, out[-3000:])
-            self.assertIn("handed the listening sockets over to a new process; draining", out)
+        outs = yield deferToThread(self.after_restarts, [first, second, third], logins, metrics_port)
+        for out in outs[:2]:
             for number in range(2):
                 self.assertRegex(out, rf"worker {number} stopped, pid \d+")
             self.assertNotIn("died", out)
         for out in outs[1:]:
             self.assertEqual(out.count("(socket taken over) (for 2 workers)"), 2, out[-3000:])
-            self.assertIn(f"serving metrics on tcp:{metrics_port}:interface=127.0.0.1 (socket taken over)", out)
-        counted = re.search(r'odissey_pool_transactions_total\{database="app",route="",user="app"\} (\S+)', scraped)
-        self.assertGreaterEqual(float(counted.group(1)) if counted else 0.0, 1.0, scraped)
         for number in range(2):
             self.assertRegex("".join(third.lines[after:]), rf"\[worker {number}\] c\d+: login u_trust@app")
 
@@ -1159,24 +1167,11 @@ class WorkersTests(TestCase):
         finally:
             yield deferToThread(logins.stop)
         self.assertEqual((yield deferToThread(direct_select, port)), "last")
-        with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as reply:
-            scraped = reply.read().decode()
-        outs = []
-        for process in (first, master, last):
-            outs.append((yield deferToThread(process.stop)))
-        print(f"{len(logins.served)} logins served, {len(logins.failures)} failed")
-        self.assertEqual(logins.failures, [], "".join(out[-3000:] for out in outs))
-        for old, out in zip((first, master), outs):
-            self.assertEqual(old.proc.returncode, 0, out[-3000:])
-            self.assertIn("handed the listening sockets over to a new process; draining", out)
+        outs = yield deferToThread(self.after_restarts, [first, master, last], logins, metrics_port)
         self.assertNotIn("[worker", outs[0] + outs[2])  # (single processes: no workers)
         self.assertEqual(outs[1].count("(socket taken over) (for 2 workers)"), 2, outs[1][-3000:])
         self.assertNotIn("died", outs[1])
         self.assertEqual(outs[2].count("(socket taken over)"), 3, outs[2][-3000:])  # two listeners, metrics
-        for out in outs[1:]:
-            self.assertIn(f"serving metrics on tcp:{metrics_port}:interface=127.0.0.1 (socket taken over)", out)
-        counted = re.search(r'odissey_pool_transactions_total\{database="app",route="",user="app"\} (\S+)', scraped)
-        self.assertGreaterEqual(float(counted.group(1)) if counted else 0.0, 1.0, scraped)
 
     @inlineCallbacks
     def test_pypy_master_starts_pypy_workers(self):
