@@ -5,9 +5,9 @@ odissey/service.py) and, with workers, their master (odissey/workers.py). Both l
 on the same ``listen`` entries (or take them over from the process running before),
 hand them over to a new process, are asked to stop the same ways (a signal, console
 SHUTDOWN, a handover), stop listening the same way, and end the process the same way
-when their start fails (with exit status 1: see :func:`exit_failed`). What they share of that lives
-here, both import it, and the service keeps only what is its own: building the
-pooler from a Config, starting it, and stopping it.
+when their start fails (with exit status 1: see :func:`exit_failed`). What they share
+of that lives here, both import it, and the service keeps only what is its own:
+building the pooler from a Config, starting it, and stopping it.
 """
 
 from __future__ import annotations
