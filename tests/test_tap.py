@@ -106,10 +106,13 @@ class TapTests(TestCase):
         self.assertNotEqual(proc.returncode, 0)
         self.assertIn("storages: is required", out)
 
-    def exits_failed(self, document: dict) -> str:
-        """Start with ``document``, which fails once the reactor runs: the process exits
-        1 (not twistd's 0) within seconds, after twistd's clean-up; returns its output."""
-        proc = self.twistd("odissey", "-c", self.write_config(document))
+    def exits_failed(self, document: dict, tac: bool = False) -> str:
+        """Start with ``document`` (with the plugin, or ``tac``: odissey.tac, as systemd
+        does), which fails once the reactor runs: the process exits 1 (not twistd's 0)
+        within seconds, after twistd's clean-up; returns its output."""
+        path = self.write_config(document)
+        proc = (self.twistd("-y", str(ROOT / "odissey.tac"), env={"ODISSEY_CONFIG": path}) if tac
+                else self.twistd("odissey", "-c", path))
         out, _ = proc.communicate(timeout=60)
         self.assertEqual(proc.returncode, 1, out)
         self.assertIn("Odissey could not start", out)
@@ -117,16 +120,17 @@ class TapTests(TestCase):
         return out
 
     def test_address_in_use_exits_1(self) -> None:
-        """A listen address in use, of a single process or of a workers' master, or a
-        metrics.listen address in use: the error is logged and the process exits 1."""
+        """A listen address in use, of a single process (started with the plugin or the
+        .tac) or of a workers' master, or a metrics.listen address in use: the error is
+        logged and the process exits 1."""
         busy = socket.socket()
         busy.bind(("127.0.0.1", 0))
         busy.listen(1)
         self.addCleanup(busy.close)
         taken = f"tcp:{busy.getsockname()[1]}:interface=127.0.0.1"
         document = yaml.safe_load(Path(self.app_config(free_port())).read_text())
-        for workers in (1, 2):
-            out = self.exits_failed({**document, "workers": workers, "listen": [taken]})
+        for workers, tac in ((1, False), (2, False), (1, True)):
+            out = self.exits_failed({**document, "workers": workers, "listen": [taken]}, tac)
             self.assertIn("Address already in use", out)
         out = self.exits_failed({**document, "metrics": {"listen": taken}})
         self.assertIn(f"Couldn't listen on 127.0.0.1:{busy.getsockname()[1]}: [Errno 98] Address already in use",

@@ -543,7 +543,7 @@ class WorkersTests(TestCase):
         """SIGTERM to the master with 6 psycopg transactions in flight (spread over 2
         workers as the kernel hands out connections): the workers drain gracefully, every
         transaction commits, each client's next statement gets 57P01, and the master
-        logs both workers stopped."""
+        logs both workers stopped and exits 0."""
         process, port = yield deferToThread(self.start, 2, {"size": 6})
 
         def scenario() -> list[str]:
@@ -574,6 +574,7 @@ class WorkersTests(TestCase):
             su.execute("delete from items where note = 'workers-sigterm'")
         for number in range(2):
             self.assertRegex(out, rf"worker {number} stopped, pid \d+")
+        self.assertEqual(process.proc.returncode, 0, out[-3000:])  # (a stop asked for)
 
     @inlineCallbacks
     def test_log_section_applies_to_workers(self):
