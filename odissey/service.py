@@ -213,7 +213,7 @@ class OdisseyService(Stoppable, MultiService):
         if self.process:
             self.reactor.callWhenRunning(install_signals, self.reactor, self)  # type: ignore[attr-defined]
         self._starting = self._start()
-        self._starting.addErrback(self._start_failed)
+        self._starting.addErrback(self.start_failed)
 
     @inlineCallbacks
     def _start(self):
@@ -322,7 +322,9 @@ class OdisseyService(Stoppable, MultiService):
         self.ports.append(port)
         self.listening[description] = port
 
-    def _start_failed(self, failure: Failure) -> None:
+    def start_failed(self, failure: Failure) -> None:
+        """The start failed: log why and fail ``ready``; owning the process, end it
+        with status 1 (see lifecycle.failed_start)."""
         failed_start(self.reactor, failure, self.ready, self, self.process)
 
     # -- reloading -----------------------------------------------------------------------

@@ -666,6 +666,33 @@ class WorkersTests(TestCase):
         self.assertIn("refused", plain)
         self.assertEqual((yield deferToThread(self.spread_tls, port)), {0, 1})
 
+    @inlineCallbacks
+    def test_worker_that_cannot_start_exits_1_and_is_restarted(self):
+        """A worker whose start fails (restarted after SIGKILL while its TLS certificate
+        file is gone) logs why and exits 1; the master restarts it until the file is
+        back, and then it accepts again."""
+        directory = Path(tempfile.mkdtemp(prefix="odissey-certs-"))
+        self.addCleanup(shutil.rmtree, directory, True)
+        tls = serving("require")
+        cert_file = directory / "server.crt"
+        shutil.copy(tls["cert_file"], cert_file)
+        process, port = yield deferToThread(self.start, 2, None, None, None, sys.executable,
+                                            {"tls": {**tls, "cert_file": str(cert_file)}})
+
+        def scenario() -> None:
+            pid = int(process.wait_for(r"worker 0 started, pid (\d+)").group(1))
+            lines = len(process.lines)
+            cert_file.rename(directory / "away.crt")
+            os.kill(pid, signal.SIGKILL)
+            process.wait_for(r"\[worker 0\] Odissey could not start", after=lines)
+            process.wait_for(r"worker 0 died, pid \d+ \(.*exit code 1", after=lines)
+            (directory / "away.crt").rename(cert_file)
+            lines = len(process.lines)
+            process.wait_for(r"\[worker 0\] accepting on", after=lines)
+
+        yield deferToThread(scenario)
+        self.assertEqual((yield deferToThread(self.spread_tls, port)), {0, 1})
+
     def spread_tls(self, port: int) -> set[int]:
         """The workers that TLS logins (SSLRequest, handshake, then the startup) land on."""
         context = ssl.create_default_context(cafile=certs().ca_file)
