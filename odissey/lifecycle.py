@@ -4,23 +4,28 @@ Two kinds of process own an Odissey's lifecycle: a single Odissey (the root serv
 odissey/service.py) and, with workers, their master (odissey/workers.py). Both listen
 on the same ``listen`` entries (or take them over from the process running before),
 hand them over to a new process, are asked to stop the same ways (a signal, console
-SHUTDOWN, a handover) and stop listening the same way. What they share of that lives
-here, both import it, and the service keeps only what is its own: building the
-pooler from a Config, starting it, and stopping it.
+SHUTDOWN, a handover), stop listening the same way, and end the process the same way
+when their start fails (with exit status 1: see :func:`exit_failed`). What they share
+of that lives here, both import it, and the service keeps only what is its own:
+building the pooler from a Config, starting it, and stopping it.
 """
 
 from __future__ import annotations
 
+import atexit
 import os
 import signal
+import sys
 from abc import ABC, abstractmethod
 from enum import Enum
-from typing import Any, Callable, Protocol as TypingProtocol
+from typing import Any, Protocol as TypingProtocol
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.endpoints import serverFromString
+from twisted.internet.error import ReactorNotRunning
 from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from odissey.handover import Taken
 
@@ -89,10 +94,12 @@ class Signalled(TypingProtocol):
 
 def install_signals(reactor: Any, owner: Signalled) -> None:
     """Our SIGTERM/SIGINT handlers replace the reactor's (installed just before): the
-    first signal stops gracefully as the reactor's would, a second one (the reactor's own
-    would only log that it is already stopping) ends everyone now; SIGHUP reloads."""
-    handlers: dict[int, Callable[[int, object], None]] = {signal.SIGTERM: reactor.sigTerm,
-                                                           signal.SIGINT: reactor.sigInt}
+    first signal stops gracefully, a second one (the reactor's own would only log that it
+    is already stopping) ends everyone now; SIGHUP reloads. The first one stops the
+    reactor as the reactor's handler would, but without recording the signal, which
+    would make twistd kill the process with it once stopped: a stop asked for exits 0,
+    whoever asked (see :func:`exit_failed`)."""
+    names: dict[int, str] = {signal.SIGTERM: "SIGTERM", signal.SIGINT: "SIGINT"}
 
     def received(number: int, frame: object) -> None:
         if owner.stop_requested():
@@ -100,11 +107,67 @@ def install_signals(reactor: Any, owner: Signalled) -> None:
             reactor.callFromThread(owner.hurry)
         else:
             owner.signalled()
-            handlers[number](number, frame)  # logs, and stops the reactor
+            log.info("received {signal}, shutting down", signal=names[number])
+            reactor.callFromThread(reactor.stop)
 
-    for number in handlers:
+    for number in names:
         signal.signal(number, received)
     signal.signal(signal.SIGHUP, lambda number, frame: reactor.callFromThread(owner.reload))
+
+
+#: The exit status of a process whose start failed.
+FAILED = 1
+
+
+def exit_failed() -> None:
+    """Make this process exit with status FAILED once it has exited as usual.
+
+    A stop asked for (a signal, console SHUTDOWN, a handover) exits 0; a start that
+    fails once twistd runs the reactor (a listen or metrics address in use, a managed
+    PostgreSQL that does not start, a handover that fails) stops the reactor the same
+    way, and twistd, which has no exit status to give (it only re-raises a signal the
+    reactor recorded), would exit 0 too. So an exit handler, run after twistd's clean-up
+    (pidfile removed, "Server Shut Down." logged), runs the exit handlers registered
+    before it as the interpreter would, flushes stdout and stderr, and ends the process
+    with the status (the interpreter's own finalisation, which would exit 0, is skipped).
+    """
+    atexit.unregister(_exit_with_failed)  # (once, however often a start fails)
+    atexit.register(_exit_with_failed)
+
+
+def _exit_with_failed() -> None:
+    atexit.unregister(_exit_with_failed)
+    atexit._run_exitfuncs()  # (the others, then none is left)
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # (closed, or its reader gone: nothing to keep)
+            pass
+    os._exit(FAILED)
+
+
+def failed_start(reactor: Any, failure: Failure, ready: "Deferred[Any]", owner: Signalled,
+                 process: bool) -> None:
+    """The start of a single Odissey or a master failed: log why, fail ``ready``, and,
+    when ``owner`` owns the process, stop it with status FAILED, unless a stop was asked
+    for meanwhile (a stop cuts a start short: the process exits 0). The failure may come
+    before the reactor runs (a listen address in use fails in ``startService``): the
+    reactor then stops as soon as it runs."""
+    log.failure("Odissey could not start", failure)
+    if not ready.called:
+        ready.errback(failure)
+    if not process:
+        return
+    if not owner.stop_requested():
+        exit_failed()
+    reactor.callWhenRunning(_stop, reactor)
+
+
+def _stop(reactor: Any) -> None:
+    try:
+        reactor.stop()
+    except ReactorNotRunning:
+        pass  # (already stopping)
 
 
 def within(reactor: object, waiting: "Deferred[None]", seconds: float, give_up: object) -> "Deferred[None]":

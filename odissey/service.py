@@ -26,7 +26,7 @@ from odissey.console import Console
 from odissey.drain import Drain, end_all
 from odissey.handover import HandoverServer, Taken, take as take_sockets
 from odissey.janitor import PERIOD, Janitor
-from odissey.lifecycle import Stop, Stoppable, given, hand_over, install_signals, listener, stop_listening, within
+from odissey.lifecycle import Stop, Stoppable, failed_start, given, hand_over, install_signals, listener, stop_listening, within
 from odissey.logs import Observer, observe_for
 from odissey.metrics import MetricsResource, MetricsSite, PoolCollector
 from odissey.pool import Pool, PoolKey, Pools, ServerConnector
@@ -213,7 +213,7 @@ class OdisseyService(Stoppable, MultiService):
         if self.process:
             self.reactor.callWhenRunning(install_signals, self.reactor, self)  # type: ignore[attr-defined]
         self._starting = self._start()
-        self._starting.addErrback(self._start_failed)
+        self._starting.addErrback(self.start_failed)
 
     @inlineCallbacks
     def _start(self):
@@ -322,12 +322,10 @@ class OdisseyService(Stoppable, MultiService):
         self.ports.append(port)
         self.listening[description] = port
 
-    def _start_failed(self, failure):
-        log.failure("Odissey could not start", failure)
-        if not self.ready.called:
-            self.ready.errback(failure)
-        if self.reactor.running:
-            self.reactor.stop()
+    def start_failed(self, failure: Failure) -> None:
+        """The start failed: log why and fail ``ready``; owning the process, end it
+        with status 1 (see lifecycle.failed_start)."""
+        failed_start(self.reactor, failure, self.ready, self, self.process)
 
     # -- reloading -----------------------------------------------------------------------
 

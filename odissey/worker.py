@@ -39,7 +39,7 @@ from odissey.console import Console
 from odissey.control import Control
 from odissey.janitor import PERIOD
 from odissey.jit import compile_sooner
-from odissey.lifecycle import Stop
+from odissey.lifecycle import Stop, failed_start
 from odissey.logs import Observer
 from odissey.metrics import PoolCollector
 from odissey.pool import PoolKey, Pools, ServerConnector, Withdrawn
@@ -307,6 +307,12 @@ class WorkerService(OdisseyService):
         assert link is not None
         log.info("asking the master to stop every worker ({how})", how=how.value)
         link.callRemote(Shutdown, how=how.value)
+
+    def start_failed(self, failure: Failure) -> None:
+        """A worker whose start failed (its certificates unreadable, say) ends its
+        process with status 1, as a single Odissey does: the master logs that it died
+        and starts another (it would otherwise stay up, accepting nothing)."""
+        failed_start(self.reactor, failure, self.ready, self, process=True)
 
     def halt(self) -> None:
         """The worker's process ends with its service: stopping the reactor stops the

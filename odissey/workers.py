@@ -43,7 +43,7 @@ from odissey.config import Config, ConfigError, load as load_config
 from odissey.handover import HandoverServer, take as take_sockets
 from odissey.jit import compile_sooner
 from odissey.leases import Action, Grant, Ledger
-from odissey.lifecycle import Stop, Stoppable, given, hand_over, install_signals, listener, stop_listening, within
+from odissey.lifecycle import Stop, Stoppable, failed_start, given, hand_over, install_signals, listener, stop_listening, within
 from odissey.logs import Observer, observe_for
 from odissey.metrics import MetricsResource, MetricsSite, Snapshot
 from odissey.postgres import LocalPostgres
@@ -403,11 +403,7 @@ class Master(Stoppable, MultiService):
         return problems
 
     def _start_failed(self, failure: Failure) -> None:
-        log.failure("Odissey could not start", failure)
-        if not self.ready.called:
-            self.ready.errback(failure)
-        if self.reactor.running:
-            self.reactor.stop()
+        failed_start(self.reactor, failure, self.ready, self, process=True)
 
     def spawn(self, number: int) -> None:
         """Start worker ``number`` with the listeners and a fresh AMP socketpair."""

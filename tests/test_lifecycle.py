@@ -7,11 +7,14 @@ import socket
 from typing import Any
 
 from twisted.internet.defer import Deferred
+from twisted.internet.error import CannotListenError
 from twisted.internet.task import Clock
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
+from odissey import lifecycle
 from odissey.handover import Taken
-from odissey.lifecycle import Stop, Stoppable, given, hand_over, listener, stop_listening, within
+from odissey.lifecycle import Stop, Stoppable, failed_start, given, hand_over, listener, stop_listening, within
 
 
 class _Port:
@@ -165,3 +168,63 @@ class StoppableTests(SynchronousTestCase):
         owner.shutdown(Stop.WAIT_FOR_CLIENTS)
         owner.shutdown(Stop.IMMEDIATE)
         self.assertEqual(owner.calls, ["hurry"])
+
+
+class _NotRunningYet:
+    """A reactor that has not run yet: keeps what is to be called once it runs."""
+
+    def __init__(self) -> None:
+        self.when_running: list[tuple[Any, tuple[Any, ...]]] = []
+        self.stopped = 0
+
+    def callWhenRunning(self, f: Any, *args: Any) -> None:
+        self.when_running.append((f, args))
+
+    def run(self) -> None:
+        for f, args in self.when_running:
+            f(*args)
+
+    def stop(self) -> None:
+        self.stopped += 1
+
+
+class FailedStartTests(SynchronousTestCase):
+    """A start that fails: the process stops with status 1 unless a stop was asked for."""
+
+    def setUp(self) -> None:
+        self.failing: list[bool] = []
+        self.patch(lifecycle, "exit_failed", lambda: self.failing.append(True))
+        self.reactor = _NotRunningYet()
+        self.failure = Failure(CannotListenError("127.0.0.1", 6432, OSError("in use")))
+
+    def test_owning_the_process_it_stops_and_fails(self) -> None:
+        """Before the reactor runs (a listen address in use fails in startService),
+        ``ready`` fails, the exit status is set, and the reactor stops once it runs."""
+        ready: Deferred[object] = Deferred()
+        failed_start(self.reactor, self.failure, ready, _Owner(), process=True)
+        self.failureResultOf(ready, CannotListenError)
+        self.assertEqual(self.failing, [True])
+        self.assertEqual(self.reactor.stopped, 0)
+        self.reactor.run()
+        self.assertEqual(self.reactor.stopped, 1)
+        self.assertEqual(len(self.flushLoggedErrors(CannotListenError)), 1)
+
+    def test_a_stop_asked_for_meanwhile_exits_0(self) -> None:
+        """A start cut short by a stop (a signal while a master waits for its workers)
+        stops the reactor but keeps the exit status 0."""
+        owner = _Owner()
+        owner.signalled()
+        failed_start(self.reactor, self.failure, Deferred(), owner, process=True)
+        self.reactor.run()
+        self.assertEqual((self.failing, self.reactor.stopped), ([], 1))
+        self.flushLoggedErrors(CannotListenError)
+
+    def test_not_owning_the_process_only_fails_ready(self) -> None:
+        """A service that does not own the process (tests) neither stops the reactor nor
+        sets an exit status."""
+        ready: Deferred[object] = Deferred()
+        failed_start(self.reactor, self.failure, ready, _Owner(), process=False)
+        self.failureResultOf(ready, CannotListenError)
+        self.reactor.run()
+        self.assertEqual((self.failing, self.reactor.stopped), ([], 0))
+        self.flushLoggedErrors(CannotListenError)

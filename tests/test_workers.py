@@ -94,6 +94,42 @@ class Process:
         return self.output
 
 
+class Logins:
+    """psycopg clients logging in again and again (a login, a query, a logout) until
+    stopped, 3 threads over TCP and 1 over the unix socket in ``directory``: what an
+    online restart must not disturb."""
+
+    def __init__(self, case: "WorkersTests", port: int, directory: Path) -> None:
+        self.case, self.port = case, port
+        self.served: list[str] = []
+        self.failures: list[str] = []
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._log_in, args=(host,), daemon=True)
+                         for host in ("127.0.0.1", "127.0.0.1", "127.0.0.1", str(directory))]
+        for thread in self._threads:
+            thread.start()
+
+    def _log_in(self, host: str) -> None:
+        while not self._stop.is_set():
+            try:
+                with self.case.connect(self.port, "app", True, host=host) as conn:
+                    self.served.append(conn.execute("select 'served'").fetchone()[0])
+            except psycopg.Error as exc:
+                self.failures.append(f"{host}: {exc}")
+
+    def stop(self) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(30)
+
+
+def direct_select(port: int) -> str:
+    """One psycopg login as app over TCP, and a query."""
+    with psycopg.connect(host="127.0.0.1", port=port, user="app", password=APP_PASSWORD, dbname="app",
+                         autocommit=True) as conn:
+        return str(conn.execute("select 'last'").fetchone()[0])
+
+
 class WorkersTests(TestCase):
     timeout = 240
 
@@ -107,7 +143,7 @@ class WorkersTests(TestCase):
         port = free_port()
         pool_settings = {"mode": "transaction", "size": 4, "wait_timeout": "10s", **(pool or {})}
         document = {
-            "workers": workers,
+            **({"workers": workers} if workers > 1 else {}),  # (1: a single Odissey, the default)
             "limits": limits or {},
             "listen": listen or [f"tcp:{port}:interface=127.0.0.1"],
             "storages": {"pg": {"host": pg.socket_dir, "port": pg.port}},
@@ -507,7 +543,7 @@ class WorkersTests(TestCase):
         """SIGTERM to the master with 6 psycopg transactions in flight (spread over 2
         workers as the kernel hands out connections): the workers drain gracefully, every
         transaction commits, each client's next statement gets 57P01, and the master
-        logs both workers stopped."""
+        logs both workers stopped and exits 0."""
         process, port = yield deferToThread(self.start, 2, {"size": 6})
 
         def scenario() -> list[str]:
@@ -538,6 +574,7 @@ class WorkersTests(TestCase):
             su.execute("delete from items where note = 'workers-sigterm'")
         for number in range(2):
             self.assertRegex(out, rf"worker {number} stopped, pid \d+")
+        self.assertEqual(process.proc.returncode, 0, out[-3000:])  # (a stop asked for)
 
     @inlineCallbacks
     def test_log_section_applies_to_workers(self):
@@ -627,6 +664,33 @@ class WorkersTests(TestCase):
         outcomes, plain = yield deferToThread(connect_many)
         self.assertEqual(outcomes, {"tls"})
         self.assertIn("refused", plain)
+        self.assertEqual((yield deferToThread(self.spread_tls, port)), {0, 1})
+
+    @inlineCallbacks
+    def test_worker_that_cannot_start_exits_1_and_is_restarted(self):
+        """A worker whose start fails (restarted after SIGKILL while its TLS certificate
+        file is gone) logs why and exits 1; the master restarts it until the file is
+        back, and then it accepts again."""
+        directory = Path(tempfile.mkdtemp(prefix="odissey-certs-"))
+        self.addCleanup(shutil.rmtree, directory, True)
+        tls = serving("require")
+        cert_file = directory / "server.crt"
+        shutil.copy(tls["cert_file"], cert_file)
+        process, port = yield deferToThread(self.start, 2, None, None, None, sys.executable,
+                                            {"tls": {**tls, "cert_file": str(cert_file)}})
+
+        def scenario() -> None:
+            pid = int(process.wait_for(r"worker 0 started, pid (\d+)").group(1))
+            lines = len(process.lines)
+            cert_file.rename(directory / "away.crt")
+            os.kill(pid, signal.SIGKILL)
+            process.wait_for(r"\[worker 0\] Odissey could not start", after=lines)
+            process.wait_for(r"worker 0 died, pid \d+ \(.*exit code 1", after=lines)
+            (directory / "away.crt").rename(cert_file)
+            lines = len(process.lines)
+            process.wait_for(r"\[worker 0\] accepting on", after=lines)
+
+        yield deferToThread(scenario)
         self.assertEqual((yield deferToThread(self.spread_tls, port)), {0, 1})
 
     def spread_tls(self, port: int) -> set[int]:
@@ -1030,6 +1094,44 @@ class WorkersTests(TestCase):
                     return found
         raise AssertionError(f"no client login reached worker {number}")
 
+    def restart_listen(self) -> tuple[Path, int, list[str]]:
+        """A directory for the unix and handover sockets (a unix path is short), a port,
+        and a TCP and a unix ``listen`` entry on it."""
+        directory = Path(tempfile.mkdtemp(prefix="odissey-"))
+        self.addCleanup(shutil.rmtree, directory, True)
+        port = free_port()
+        return directory, port, [f"tcp:{port}:interface=127.0.0.1", f"unix:{directory}/.s.PGSQL.{port}:mode=660"]
+
+    def take_over(self, config_path: Path, old: Process, login: str = r"\[worker \d\] c\d+: login app@app") -> Process:
+        """Start a process on ``config_path`` (handover_socket) while ``old`` runs: it
+        takes the listening sockets, a login matching ``login`` reaches it, and ``old``
+        exits."""
+        new = Process(str(config_path))
+        self.addCleanup(new.stop)
+        new.wait_for("took over the listening sockets", 60)
+        new.wait_for(login, 60)  # (the logins reach it)
+        old.proc.wait(timeout=90)
+        return new
+
+    def after_restarts(self, processes: list[Process], logins: Logins, metrics_port: int) -> list[str]:
+        """Once every process but the last has handed over to the next: the metrics
+        endpoint (taken over by each) counts transactions, every process stops, no login
+        failed, and each old process handed over, drained and exited 0. Returns each
+        process's output."""
+        with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as reply:
+            scraped = reply.read().decode()
+        outs = [process.stop() for process in processes]
+        print(f"{len(logins.served)} logins served, {len(logins.failures)} failed")
+        self.assertEqual(logins.failures, [], "".join(out[-3000:] for out in outs))
+        for old, out in zip(processes[:-1], outs):
+            self.assertEqual(old.proc.returncode, 0, out[-3000:])
+            self.assertIn("handed the listening sockets over to a new process; draining", out)
+        for out in outs[1:]:
+            self.assertIn(f"serving metrics on tcp:{metrics_port}:interface=127.0.0.1 (socket taken over)", out)
+        counted = re.search(r'odissey_pool_transactions_total\{database="app",route="",user="app"\} (\S+)', scraped)
+        self.assertGreaterEqual(float(counted.group(1)) if counted else 0.0, 1.0, scraped)
+        return outs
+
     @inlineCallbacks
     def test_online_restart_with_workers(self):
         """handover_socket with 2 workers, a TCP and a unix listener: while psycopg
@@ -1039,68 +1141,65 @@ class WorkersTests(TestCase):
         workers and exits (status 0). Twice, each while logins go on: no login or query
         fails, the third master's two workers serve afterwards, and its metrics endpoint
         (taken over too) counts transactions."""
-        directory = Path(tempfile.mkdtemp(prefix="odissey-"))  # (a unix socket path is short)
-        self.addCleanup(shutil.rmtree, directory, True)
-        port = free_port()
-        listen = [f"tcp:{port}:interface=127.0.0.1", f"unix:{directory}/.s.PGSQL.{port}:mode=660"]
+        directory, port, listen = self.restart_listen()
         metrics_port = free_port()
         first, _ = yield deferToThread(self.start, 2, None, listen, None, sys.executable,
                                        {"handover_socket": str(directory / "handover.sock"),
                                         "metrics": {"listen": f"tcp:{metrics_port}:interface=127.0.0.1"}})
-        stop = threading.Event()
-        served: list[str] = []
-        failures: list[str] = []
-
-        def logins(host: str) -> None:
-            while not stop.is_set():
-                try:
-                    with self.connect(port, "app", True, host=host) as conn:
-                        served.append(conn.execute("select 'served'").fetchone()[0])
-                except psycopg.Error as exc:
-                    failures.append(f"{host}: {exc}")
-
-        def restart(old: Process) -> Process:
-            new = Process(str(old.config_path))
-            self.addCleanup(new.stop)
-            new.wait_for("took over the listening sockets", 60)
-            new.wait_for(r"\[worker \d\] c\d+: login app@app", 60)  # (the logins reach it)
-            old.proc.wait(timeout=90)
-            return new
-
-        clients = [threading.Thread(target=logins, args=(host,), daemon=True)
-                   for host in ("127.0.0.1", "127.0.0.1", "127.0.0.1", str(directory))]
-        for thread in clients:
-            thread.start()
+        logins = Logins(self, port, directory)
         try:
             yield deferToThread(first.wait_for, r"\[worker \d\] c\d+: login app@app")
-            second = yield deferToThread(restart, first)
-            third = yield deferToThread(restart, second)
+            second = yield deferToThread(self.take_over, first.config_path, first)
+            third = yield deferToThread(self.take_over, second.config_path, second)
         finally:
-            stop.set()
-            for thread in clients:
-                yield deferToThread(thread.join, 30)
+            yield deferToThread(logins.stop)
         after = len(third.lines)
         self.assertEqual((yield deferToThread(self.spread, port, 2)), {0, 1})
-        with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as reply:
-            scraped = reply.read().decode()
-        outs = []
-        for process in (first, second, third):
-            outs.append((yield deferToThread(process.stop)))
-        print(f"{len(served)} logins served, {len(failures)} failed")
-        self.assertEqual(failures, [], outs[0][-3000:] + outs[1][-3000:])
-        for old, out in zip((first, second), outs):
-            self.assertEqual(old.proc.returncode, 0, out[-3000:])
-            self.assertIn("handed the listening sockets over to a new process; draining", out)
+        outs = yield deferToThread(self.after_restarts, [first, second, third], logins, metrics_port)
+        for out in outs[:2]:
             for number in range(2):
                 self.assertRegex(out, rf"worker {number} stopped, pid \d+")
             self.assertNotIn("died", out)
         for out in outs[1:]:
             self.assertEqual(out.count("(socket taken over) (for 2 workers)"), 2, out[-3000:])
-            self.assertIn(f"serving metrics on tcp:{metrics_port}:interface=127.0.0.1 (socket taken over)", out)
-        counted = re.search(r'odissey_pool_transactions_total\{database="app",route="",user="app"\} (\S+)', scraped)
-        self.assertGreaterEqual(float(counted.group(1)) if counted else 0.0, 1.0, scraped)
         for number in range(2):
             self.assertRegex("".join(third.lines[after:]), rf"\[worker {number}\] c\d+: login u_trust@app")
+
+    @inlineCallbacks
+    def test_online_restart_between_single_process_and_master(self):
+        """handover_socket across a change of ``workers``: a single Odissey (no
+        ``workers``) hands its TCP and unix listeners and its metrics socket to a master
+        with 2 workers (a new configuration file, the same listen and handover_socket),
+        which hands them to a single Odissey again, while psycopg clients log in again and
+        again (3 threads over TCP, 1 over the unix socket): no login or query fails, each
+        old process drains and exits 0, both of the master's workers serve, and the last
+        process serves and counts transactions on the metrics endpoint."""
+        directory, port, listen = self.restart_listen()
+        metrics_port = free_port()
+        top = {"handover_socket": str(directory / "handover.sock"),
+               "metrics": {"listen": f"tcp:{metrics_port}:interface=127.0.0.1"}}
+        single_login = r"^\S+ \[odissey\.client#info\] c\d+: login app@app"
+        first, _ = yield deferToThread(self.start, 1, None, listen, None, sys.executable, top,
+                                       "listening on unix:")
+        document = yaml.safe_load(first.config_path.read_text())
+        self.assertNotIn("workers", document)
+        with_workers = Path(self.mktemp() + ".yaml").resolve()
+        with_workers.write_text(yaml.safe_dump({**document, "workers": 2}))
+        logins = Logins(self, port, directory)
+        try:
+            yield deferToThread(first.wait_for, single_login)
+            master = yield deferToThread(self.take_over, with_workers, first)
+            for number in range(2):
+                yield deferToThread(master.wait_for, rf"\[worker {number}\] c\d+: login app@app", 60)
+            last = yield deferToThread(self.take_over, first.config_path, master, single_login)
+        finally:
+            yield deferToThread(logins.stop)
+        self.assertEqual((yield deferToThread(direct_select, port)), "last")
+        outs = yield deferToThread(self.after_restarts, [first, master, last], logins, metrics_port)
+        self.assertNotIn("[worker", outs[0] + outs[2])  # (single processes: no workers)
+        self.assertEqual(outs[1].count("(socket taken over) (for 2 workers)"), 2, outs[1][-3000:])
+        self.assertNotIn("died", outs[1])
+        self.assertEqual(outs[2].count("(socket taken over)"), 3, outs[2][-3000:])  # two listeners, metrics
 
     @inlineCallbacks
     def test_pypy_master_starts_pypy_workers(self):
