@@ -29,12 +29,13 @@ What is promised, for every budget with a limit:
 from __future__ import annotations
 
 from collections import Counter, defaultdict
-from typing import Hashable, NamedTuple, Union
+from typing import NamedTuple, Union
 
 #: The budget of ``limits.max_clients``; a route's budget is its index.
 CLIENTS = "clients"
 
-Budget = Hashable
+#: A budget: CLIENTS, or a route's index.
+Budget = Union[str, int]
 
 
 class Granted(NamedTuple):
@@ -151,7 +152,7 @@ class Ledger:
     def _grant(self, request: _Request) -> Granted:
         """Grant what ``request`` wants, as a block: a share of what is free (half of it
         split over the workers), just what it asks while other requests wait."""
-        slots = {}
+        slots: dict[Budget, int] = {}
         for budget, (limit, count) in request.wants.items():
             held = self._held[budget]
             free = limit - sum(held.values())
@@ -185,7 +186,7 @@ class Block:
     def wants(self, route: int, limited: bool) -> dict[Budget, int]:
         """What a login of ``route`` lacks (budget -> slots): nothing when it can be
         admitted here and now (then :meth:`take`); else ask the master for these."""
-        wants = {}
+        wants: dict[Budget, int] = {}
         for budget in (CLIENTS, route) if limited else (CLIENTS,):
             if self.used[budget] >= self.held[budget]:
                 wants[budget] = self.used[budget] - self.held[budget] + 1
@@ -207,7 +208,7 @@ class Block:
 
     def spare(self, budgets: tuple[Budget, ...]) -> dict[Budget, int]:
         """Give back every unused slot of ``budgets`` (the master asks)."""
-        given = {}
+        given: dict[Budget, int] = {}
         for budget in budgets:
             count = max(0, self.held[budget] - self.used[budget])
             if count:
