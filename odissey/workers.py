@@ -263,6 +263,9 @@ class Master(Stoppable, MultiService):
         self.waiting: dict[tuple[int, int], _Ticket] = {}
         #: The client slots granted to each worker (the global client limits).
         self.slots = slots.Ledger(config.workers)
+        #: Admits (a worker's block of client slots used up) and Spares asked: logged at shutdown.
+        self.admits = 0
+        self.spares = 0
         self._retrying: set[Hashable] = set()
         self.restarts = 0
         #: Each worker's SHOW POOLS rows, as it last reported them.
@@ -527,6 +530,7 @@ class Master(Stoppable, MultiService):
         budgets: grant it a block (see :mod:`odissey.slots`), once other workers have
         spared theirs if none are free, or refuse: "clients" (limits.max_clients is
         reached over all workers) or "route" (the route's max_clients is)."""
+        self.admits += 1
         ticket: Deferred[dict[str, Any]] = Deferred()
         limits = {budget: (self.limit_of(budget), count) for budget, count in wants.items()}
         self.admitted(self.slots.request(worker, ticket, limits))
@@ -553,6 +557,7 @@ class Master(Stoppable, MultiService):
             if process is None or process.link is None:
                 self.admitted(self.slots.spared(action.worker, {}))
                 continue
+            self.spares += 1
             asking = process.link.callRemote(Spare, budgets=json.dumps(list(action.budgets)))
             asking.addCallbacks(lambda answer: slots_from(answer["gave"]), lambda _failure: {})
             asking.addCallback(lambda gave, worker: self.admitted(self.slots.spared(worker, gave)), action.worker)
@@ -694,10 +699,12 @@ class Master(Stoppable, MultiService):
                  workers=totals["workers"], how=self.how.value, clients=totals["clients"], pools=pools)
         waits = self.lease_waits
         log.info("leases: {n} waited (p50 {p50:.1f} ms, p99 {p99:.1f} ms); {cancels} cancels "
-                 "forwarded between workers; {restarts} worker restarts",
+                 "forwarded between workers; {restarts} worker restarts; client slots: {admits} "
+                 "admits, {spares} spares asked",
                  n=len(waits), p50=percentile(waits, 0.5) * 1000 if waits else 0.0,
                  p99=percentile(waits, 0.99) * 1000 if waits else 0.0,
-                 cancels=self.cancels_forwarded, restarts=self.restarts)
+                 cancels=self.cancels_forwarded, restarts=self.restarts, admits=self.admits,
+                 spares=self.spares)
         ended = DeferredList([process.ended for process in self.processes.values()])
         self._tell_workers(self.how)
         if self.how is Stop.WAIT_FOR_CLIENTS:

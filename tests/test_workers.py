@@ -534,7 +534,7 @@ class WorkersTests(TestCase):
         clients in, psycopg and raw logins get 53300 wherever they land, whichever worker has
         them; once worker 0's 4 leave, worker 1 takes 4 (worker 0 spares its unused
         slots), and after every logout psycopg logs in 4 again."""
-        _process, port = yield deferToThread(self.start, 2, {"size": 2}, None, {"max_clients": 4})
+        process, port = yield deferToThread(self.start, 2, {"size": 2}, None, {"max_clients": 4})
 
         def refused() -> str:
             """psycopg's refusal (libpq keeps the SQLSTATE of a login's FATAL; a raw
@@ -576,6 +576,10 @@ class WorkersTests(TestCase):
         self.assertEqual(len(messages), 4)
         for message in messages:
             self.assertIn("sorry, too many clients already", message)
+        out = yield deferToThread(process.stop)
+        spares = re.search(r"client slots: (\d+) admits, (\d+) spares asked", out)
+        assert spares is not None
+        self.assertGreater(int(spares.group(2)), 0)  # (worker 1's 4 slots came from worker 0)
 
     @inlineCallbacks
     def test_sigterm_lets_transactions_in_workers_commit(self):
