@@ -5,7 +5,8 @@ every listener and stops reading from them, and spawns N workers (``python -m
 odissey.worker`` on the master's own interpreter, so a PyPy master gets PyPy workers)
 that inherit the listening sockets and accept from them. Each worker talks to the
 master over AMP on a socketpair. The master holds the global lease ledger (so
-``pool.size`` is one limit over all workers), forwards cancels between workers,
+``pool.size`` is one limit over all workers) and the client-slot ledger (so are
+``max_clients``, see :mod:`odissey.slots`), forwards cancels between workers,
 restarts a worker that dies, and owns the process's lifecycle: a signal, a worker's
 console SHUTDOWN (the worker asks, :class:`~odissey.commands.Shutdown`) or a handover to
 a new master (``handover_socket``: the master hands over the listening sockets it
