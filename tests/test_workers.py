@@ -18,6 +18,7 @@ import threading
 import time
 import urllib.request
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Iterable
 
 import psycopg
@@ -33,13 +34,14 @@ from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 
 from odissey import config
 from odissey.cancel import KeyLayout
-from odissey.commands import Cancel, Reclaim, Spare, Stop as StopCommand
+from odissey.commands import Admit, Cancel, Reclaim, Spare, Stop as StopCommand
 from odissey.slots import CLIENTS
 from odissey.wire import messages as m
 from tests.harness import (APP_PASSWORD, USERS, Replies, committed, direct, free_port, read_message,
                            ended, login_outcome, shared_postgres, trust_login_keyed, watch_notices)
 from odissey.testing import in_this_thread
 from odissey.lifecycle import Stop
+from odissey.worker import MasterLink
 from odissey.workers import RECLAIM_RETRY, RESTART_DELAY, STATS_PATIENCE, STOP_PATIENCE, Master, WorkerProcess
 from tests.test_tap import BOOT, PYPY, ROOT, wait_refused
 from tests.test_tls import certs, outcome, serving
@@ -1383,3 +1385,44 @@ class MasterTests(SynchronousTestCase):
         self.assertEqual(self.successResultOf(granted), {"refused": "", "slots": '[["clients", 1]]'})
         self.links[2].calls[0][2].callback({"gave": "[]"})
         self.assertEqual(self.master.slots.held(CLIENTS), {0: 2, 2: 1})
+
+
+class MasterLinkTests(SynchronousTestCase):
+    """A worker's admissions: into its own client slots without a message, from the
+    master only when they are used up."""
+
+    def setUp(self) -> None:
+        document = {
+            "workers": 2, "listen": ["tcp:0"], "limits": {"max_clients": 10},
+            "storages": {"pg": {"host": "127.0.0.1"}},
+            "routes": [{"database": "db", "user": "u", "storage": "pg", "auth": {"method": "trust"},
+                        "pool": {"max_clients": 2}},
+                       {"database": "db", "user": "v", "storage": "pg", "auth": {"method": "trust"}}],
+        }
+        self.link = MasterLink(SimpleNamespace(config=config.parse(document)))  # type: ignore[arg-type]
+        self.fake = _FakeLink()
+        self.link.callRemote = self.fake.callRemote  # type: ignore[method-assign]
+
+    def test_admits_locally_until_the_block_is_used_up(self) -> None:
+        """The first login asks for both budgets; the block granted admits the next ones
+        with no message until the route's slots run out; a logout's slot is reused."""
+        first = self.link.admit(0)
+        ((command, arguments, answer),) = self.fake.calls
+        self.assertEqual((command, arguments), (Admit, {"wants": '[["clients", 1], [0, 1]]'}))
+        answer.callback({"refused": "", "slots": '[["clients", 3], [0, 1]]'})
+        self.assertEqual(self.successResultOf(first), "")
+        self.assertEqual(self.successResultOf(self.link.admit(1)), "")  # (route 1 has no limit)
+        self.assertEqual(len(self.fake.calls), 1)
+        self.link.admit(0)
+        self.assertEqual(self.fake.calls[1][1], {"wants": '[[0, 1]]'})
+        self.fake.calls[1][2].callback({"refused": "route", "slots": "[]"})
+        self.link.left(0)
+        self.assertEqual(self.successResultOf(self.link.admit(0)), "")
+        self.assertEqual(len(self.fake.calls), 2)
+
+    def test_spares_only_unused_slots(self) -> None:
+        """Asked to spare, a worker gives back the slots its clients do not use."""
+        self.link.admit(1)
+        self.fake.calls[0][2].callback({"refused": "", "slots": '[["clients", 4]]'})
+        self.assertEqual(self.link.spare('["clients", 0]'), {"gave": '[["clients", 3]]'})
+        self.assertEqual(self.link.spare('["clients"]'), {"gave": "[]"})
