@@ -6,9 +6,9 @@ its standard input. The worker then does everything one process does for the cli
 its accept calls win: login, TLS, relay, reset. It asks the master over AMP only on the
 connect/close path (a lease before opening a server connection, its return when the
 connection closes, client slots when its own are used up, a cancel whose key another
-worker issued) and for what its console
-does to the whole process (control commands, RELOAD, SHOW CLIENTS/SERVERS, SHUTDOWN);
-the master asks it to carry those out, to apply a reload, for its metrics, and to stop.
+worker issued) and for what its console does to the whole process (control commands,
+RELOAD, SHOW CLIENTS/SERVERS, SHUTDOWN); the master asks it to carry those out, to apply
+a reload, for its metrics, and to stop.
 """
 
 from __future__ import annotations
@@ -76,7 +76,8 @@ class MasterLink(amp.AMP):
         here and now; else the master grants a block of slots (or refuses, when other
         workers have none to spare: the limits hold over all of them)."""
         block = self.block
-        wants = block.wants(route_index, bool(self.service.config.routes[route_index].pool.max_clients))
+        routes = self.service.config.routes  # (a login begun before a reload may name a route gone since)
+        wants = block.wants(route_index, route_index < len(routes) and bool(routes[route_index].pool.max_clients))
         if not wants:
             block.take(route_index)
             return succeed("")
