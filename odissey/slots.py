@@ -183,19 +183,20 @@ class Block:
         self.held: Counter[Budget] = Counter()
         self.used: Counter[Budget] = Counter()
 
-    def wants(self, route: int, limited: bool) -> dict[Budget, int]:
-        """What a login of ``route`` lacks (budget -> slots): nothing when it can be
-        admitted here and now (then :meth:`take`); else ask the master for these."""
+    def admit(self, route: int, limited: bool) -> dict[Budget, int]:
+        """A login of ``route``: admitted into a free slot of every budget it needs when
+        this worker holds one (returns nothing), else what to ask the master for (budget
+        -> slots; nothing taken). Once a grant has been added, admit again: the free
+        slot a budget had when the worker asked may be gone since (another login took
+        it, a Spare gave it back), so a grant does not by itself admit."""
         wants: dict[Budget, int] = {}
         for budget in (CLIENTS, route) if limited else (CLIENTS,):
             if self.used[budget] >= self.held[budget]:
                 wants[budget] = self.used[budget] - self.held[budget] + 1
+        if not wants:
+            self.used[CLIENTS] += 1
+            self.used[route] += 1
         return wants
-
-    def take(self, route: int) -> None:
-        """A client of ``route`` is admitted: it uses a slot."""
-        self.used[CLIENTS] += 1
-        self.used[route] += 1
 
     def add(self, slots: dict[Budget, int]) -> None:
         """The master granted these slots."""

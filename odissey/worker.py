@@ -21,7 +21,7 @@ import pickle
 import signal
 import socket
 import sys
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Union
 
 from twisted.application.internet import TimerService
 from twisted.internet.defer import Deferred, succeed
@@ -77,16 +77,15 @@ class MasterLink(amp.AMP):
         workers have none to spare: the limits hold over all of them)."""
         block = self.block
         routes = self.service.config.routes  # (a login begun before a reload may name a route gone since)
-        wants = block.wants(route_index, route_index < len(routes) and bool(routes[route_index].pool.max_clients))
+        wants = block.admit(route_index, route_index < len(routes) and bool(routes[route_index].pool.max_clients))
         if not wants:
-            block.take(route_index)
             return succeed("")
 
-        def answered(answer: dict[str, Any]) -> str:
-            if not answer["refused"]:
-                block.add(slots_from(answer["slots"]))
-                block.take(route_index)
-            return answer["refused"]
+        def answered(answer: dict[str, Any]) -> "Union[str, Deferred[str]]":
+            if answer["refused"]:
+                return answer["refused"]
+            block.add(slots_from(answer["slots"]))
+            return self.admit(route_index)
 
         return self.callRemote(Admit, wants=slots_json(wants)).addCallback(answered)
 
