@@ -2,8 +2,8 @@
 
 Only the connect/close path and rare events cross processes: a lease per server
 connection opened, its return when the connection closes, a reclaim when another
-worker starves, a cancel whose key another worker issued, one admission per client
-login and its end (client limits), statistics (once a second, what the admin
+worker starves, a cancel whose key another worker issued, a block of client slots when
+a worker has used its own up (client limits), statistics (once a second, what the admin
 console shows), and the operator's acts: console control commands, reloads, SHOW
 CLIENTS/SERVERS, metrics scrapes and console SHUTDOWN. Nothing per transaction. A pool is named by :func:`pool_name`, the same string on both sides.
 """
@@ -11,9 +11,11 @@ CLIENTS/SERVERS, metrics scrapes and console SHUTDOWN. Nothing per transaction. 
 from __future__ import annotations
 
 import json
-from typing import Sequence
+from typing import Mapping, Sequence
 
 from twisted.protocols import amp
+
+from odissey.slots import Budget
 
 
 #: How often workers report their pools and the master relays the others' (seconds).
@@ -82,19 +84,31 @@ class Cancel(amp.Command):
 
 
 class Admit(amp.Command):
-    """Worker -> master: may one more client of this route log in? ``refused`` is ""
-    (yes), "clients" (limits.max_clients is reached) or "route" (its max_clients is)."""
+    """Worker -> master: a client logs in and the worker has no free slot of the
+    budgets in ``wants`` (:func:`slots_json`, budget -> slots it lacks; see
+    :mod:`odissey.slots`). ``refused`` is "" (then ``slots``, at least those, are the
+    worker's), "clients" (limits.max_clients is reached) or "route" (its max_clients is)."""
 
-    arguments = [(b"route", amp.Integer())]
-    response = [(b"refused", amp.Unicode())]
+    arguments = [(b"wants", amp.Unicode())]
+    response = [(b"refused", amp.Unicode()), (b"slots", amp.Unicode())]
 
 
-class Leave(amp.Command):
-    """Worker -> master: a client admitted for this route has gone."""
+class Spare(amp.Command):
+    """Master -> worker: another worker needs client slots of these budgets (JSON list)
+    and none are free; give back every one not in use. Answered with those given
+    (:func:`slots_json`)."""
 
-    arguments = [(b"route", amp.Integer())]
-    response = []
-    requiresAnswer = False
+    arguments = [(b"budgets", amp.Unicode())]
+    response = [(b"gave", amp.Unicode())]
+
+
+def slots_json(slots: Mapping[Budget, int]) -> str:
+    """Client slots by budget (CLIENTS or a route index) as one AMP string."""
+    return json.dumps([[budget, count] for budget, count in slots.items()])
+
+
+def slots_from(text: str) -> dict[Budget, int]:
+    return {budget: count for budget, count in json.loads(text)}
 
 
 class Report(amp.Command):

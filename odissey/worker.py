@@ -5,9 +5,10 @@ a socketpair as inherited file descriptors, and the (started) configuration pick
 its standard input. The worker then does everything one process does for the clients
 its accept calls win: login, TLS, relay, reset. It asks the master over AMP only on the
 connect/close path (a lease before opening a server connection, its return when the
-connection closes, a cancel whose key another worker issued) and for what its console
-does to the whole process (control commands, RELOAD, SHOW CLIENTS/SERVERS, SHUTDOWN);
-the master asks it to carry those out, to apply a reload, for its metrics, and to stop.
+connection closes, client slots when its own are used up, a cancel whose key another
+worker issued) and for what its console does to the whole process (control commands,
+RELOAD, SHOW CLIENTS/SERVERS, SHUTDOWN); the master asks it to carry those out, to apply
+a reload, for its metrics, and to stop.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import pickle
 import signal
 import socket
 import sys
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Union
 
 from twisted.application.internet import TimerService
 from twisted.internet.defer import Deferred, succeed
@@ -31,9 +32,9 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from odissey.cancel import KeyLayout
-from odissey.commands import (MAX_VALUE, REPORT_PERIOD, Accepting, Admit, Cancel, ConfigPart, Figures, Lease, Leave,
-                              Order, Others, Reclaim, Reconfigure, Release, Reload, Report, Show, ShowHere, Shutdown,
-                              Stats, Stop as StopCommand, Withdraw, pool_name, rows_json)
+from odissey.commands import (MAX_VALUE, REPORT_PERIOD, Accepting, Admit, Cancel, ConfigPart, Figures, Lease, Order,
+                              Others, Reclaim, Reconfigure, Release, Reload, Report, Show, ShowHere, Shutdown, Spare,
+                              Stats, Stop as StopCommand, Withdraw, pool_name, rows_json, slots_from, slots_json)
 from odissey.config import Config, LogSettings, Route
 from odissey.console import Console
 from odissey.control import Control
@@ -44,6 +45,7 @@ from odissey.logs import Observer
 from odissey.metrics import PoolCollector
 from odissey.pool import PoolKey, Pools, ServerConnector, Withdrawn
 from odissey.server import ServerConnection, number_ids
+from odissey.slots import Block
 from odissey.service import OdisseyService
 from odissey.wire.errors import PoolerError
 
@@ -62,19 +64,39 @@ class MasterLink(amp.AMP):
         self.parts: list[bytes] = []
         #: The metrics snapshot of the scrape the master is reading (number, JSON).
         self.figures: tuple[int, bytes] = (-1, b"")
+        #: The client slots this worker holds, and how many its clients use.
+        self.block = Block()
 
     def release(self, pool: str) -> None:
         if self.transport is not None and not self.lost.called:
             self.callRemote(Release, pool=pool)
 
     def admit(self, route_index: int) -> "Deferred[str]":
-        """:class:`~odissey.client.Admission`: the master counts every worker's clients."""
-        asking = self.callRemote(Admit, route=route_index)
-        return asking.addCallback(lambda answer: answer["refused"])
+        """:class:`~odissey.client.Admission`: into a free client slot this worker holds,
+        here and now; else the master grants a block of slots (or refuses, when other
+        workers have none to spare: the limits hold over all of them)."""
+        block = self.block
+        routes = self.service.config.routes  # (a login begun before a reload may name a route gone since)
+        wants = block.admit(route_index, route_index < len(routes) and bool(routes[route_index].pool.max_clients))
+        if not wants:
+            return succeed("")
+
+        def answered(answer: dict[str, Any]) -> "Union[str, Deferred[str]]":
+            if answer["refused"]:
+                return answer["refused"]
+            block.add(slots_from(answer["slots"]))
+            return self.admit(route_index)
+
+        return self.callRemote(Admit, wants=slots_json(wants)).addCallback(answered)
 
     def left(self, route_index: int) -> None:
-        if self.transport is not None and not self.lost.called:
-            self.callRemote(Leave, route=route_index)
+        """The client's slot stays here, free for this worker's next login."""
+        self.block.leave(route_index)
+
+    @Spare.responder
+    def spare(self, budgets: str) -> dict[str, Any]:
+        """Another worker needs slots none are free of: give back those not in use."""
+        return {"gave": slots_json(self.block.spare(tuple(json.loads(budgets))))}
 
     def order(self, verb: str, arg: Optional[str]) -> "Deferred[None]":
         """A console control command, for every worker: through the master (see
@@ -128,6 +150,8 @@ class MasterLink(amp.AMP):
         self.parts = []
         service = self.service
         problems, indexes = service.take(new)
+        if not problems:
+            self.block.renumber(indexes)
         pools = service.pools.pools if service.pools is not None else {}
         sizes = {pool_name(key): pool.route.pool.size for key, pool in pools.items()}
         return {"problems": json.dumps(problems), "indexes": json.dumps(indexes), "sizes": json.dumps(sizes)}

@@ -5,7 +5,8 @@ every listener and stops reading from them, and spawns N workers (``python -m
 odissey.worker`` on the master's own interpreter, so a PyPy master gets PyPy workers)
 that inherit the listening sockets and accept from them. Each worker talks to the
 master over AMP on a socketpair. The master holds the global lease ledger (so
-``pool.size`` is one limit over all workers), forwards cancels between workers,
+``pool.size`` is one limit over all workers) and the client-slot ledger (so are
+``max_clients``, see :mod:`odissey.slots`), forwards cancels between workers,
 restarts a worker that dies, and owns the process's lifecycle: a signal, a worker's
 console SHUTDOWN (the worker asks, :class:`~odissey.commands.Shutdown`) or a handover to
 a new master (``handover_socket``: the master hands over the listening sockets it
@@ -20,7 +21,7 @@ import os
 import pickle
 import socket
 import sys
-from collections import Counter, defaultdict
+from collections import Counter
 from typing import Any, Hashable, Optional, Union
 
 from twisted.application.internet import TimerService
@@ -35,9 +36,9 @@ from twisted.python.failure import Failure
 import odissey
 from odissey.auth.secrets import InThread, reactor_threads
 from odissey.cancel import KeyLayout
-from odissey.commands import (REPORT_PERIOD, Accepting, Admit, Cancel, ConfigPart, Figures, Lease, Leave, Order,
-                              Others, Reclaim, Reconfigure, Release, Reload, Report, Show, ShowHere, Shutdown, Stats,
-                              Stop as StopCommand, Withdraw, config_parts, rows_json)
+from odissey.commands import (REPORT_PERIOD, Accepting, Admit, Cancel, ConfigPart, Figures, Lease, Order, Others,
+                              Reclaim, Reconfigure, Release, Reload, Report, Show, ShowHere, Shutdown, Spare, Stats,
+                              Stop as StopCommand, Withdraw, config_parts, rows_json, slots_from, slots_json)
 from odissey import tls
 from odissey.config import Config, ConfigError, load as load_config
 from odissey.handover import HandoverServer, take as take_sockets
@@ -49,6 +50,7 @@ from odissey.metrics import MetricsResource, MetricsSite, Snapshot
 from odissey.postgres import LocalPostgres
 from odissey.reload import Plan, plan as plan_reload
 from odissey.service import OdisseyService, managed_postgres, start_managed, with_storage_hosts
+from odissey import slots
 from odissey.systemd import Notifier
 from odissey.wire import errors
 
@@ -127,13 +129,8 @@ class WorkerLink(amp.AMP):
         return self.master.show(self.number, what).addCallback(lambda rows: {"rows": rows_json(rows)})
 
     @Admit.responder
-    def admit(self, route: int) -> dict[str, Any]:
-        return {"refused": self.master.admit(self.number, route)}
-
-    @Leave.responder
-    def leave(self, route: int) -> dict[str, Any]:
-        self.master.clients[self.number][route] -= 1
-        return {}
+    def admit(self, wants: str) -> "Deferred[dict[str, Any]]":
+        return self.master.admit(self.number, slots_from(wants))
 
     @Accepting.responder
     def accepting(self) -> dict[str, Any]:
@@ -265,8 +262,11 @@ class Master(Stoppable, MultiService):
         self.cancels_forwarded = 0
         #: Lease requests waiting in the ledger, by (worker, the worker's request number).
         self.waiting: dict[tuple[int, int], _Ticket] = {}
-        #: Logged-in clients per worker, by route index (for the global client limits).
-        self.clients: defaultdict[int, Counter[int]] = defaultdict(Counter)
+        #: The client slots granted to each worker (the global client limits).
+        self.slots = slots.Ledger(config.workers)
+        #: Admits (a worker's block of client slots used up) and Spares asked: logged at shutdown.
+        self.admits = 0
+        self.spares = 0
         self._retrying: set[Hashable] = set()
         self.restarts = 0
         #: Each worker's SHOW POOLS rows, as it last reported them.
@@ -383,16 +383,16 @@ class Master(Stoppable, MultiService):
         return problems or planned
 
     def _reloaded(self, results: list[tuple[bool, Any]], numbers: list[int], summary: str) -> list[str]:
-        """Every worker has answered a Reconfigure: their client counts follow the
-        routes' new indexes, the ledger the pools' new sizes."""
+        """Every worker has answered a Reconfigure: their client slots follow the
+        routes' new indexes, the lease ledger the pools' new sizes."""
         problems: list[str] = []
         for number, (ok, answer) in zip(numbers, results):
             if not ok:
                 continue  # (a worker that died: its restart reads the new configuration)
-            problems += [f"worker {number}: {p}" for p in json.loads(answer["problems"])]
-            indexes = {int(old): new for old, new in json.loads(answer["indexes"]).items()}
-            counts = self.clients[number]
-            self.clients[number] = Counter({indexes[i]: n for i, n in counts.items() if n and i in indexes})
+            theirs = json.loads(answer["problems"])
+            problems += [f"worker {number}: {p}" for p in theirs]
+            if not theirs:
+                self.slots.renumber(number, {int(old): new for old, new in json.loads(answer["indexes"]).items()})
             for pool, size in json.loads(answer["sizes"]).items():
                 self.apply(self.ledger.resize(pool, size))
         self.notifier.reloaded()
@@ -442,7 +442,7 @@ class Master(Stoppable, MultiService):
         if process.link is not None and process.link.transport is not None:
             process.link.transport.loseConnection()
         self.apply(self.ledger.forget(number))
-        self.clients.pop(number, None)
+        self.admitted(self.slots.forget(number))
         self.shown.pop(number, None)
         self.waiting = {key: ticket for key, ticket in self.waiting.items() if key[0] != number}
         how = reason.value
@@ -522,16 +522,42 @@ class Master(Stoppable, MultiService):
 
     # -- client limits -------------------------------------------------------------------
 
-    def admit(self, worker: int, route: int) -> str:
-        """Count one more client of ``route`` on ``worker`` unless a limit says no:
-        limits.max_clients over all workers ("clients"), the route's max_clients ("route")."""
-        if sum(sum(counts.values()) for counts in self.clients.values()) >= self.config.limits.max_clients:
-            return "clients"
-        limit = self.config.routes[route].pool.max_clients
-        if limit and sum(counts[route] for counts in self.clients.values()) >= limit:
-            return "route"
-        self.clients[worker][route] += 1
-        return ""
+    def admit(self, worker: int, wants: dict[slots.Budget, int]) -> "Deferred[dict[str, Any]]":
+        """A login on ``worker`` found none of its own client slots free in ``wants``'
+        budgets: grant it a block (see :mod:`odissey.slots`), once other workers have
+        spared theirs if none are free, or refuse: "clients" (limits.max_clients is
+        reached over all workers) or "route" (the route's max_clients is)."""
+        self.admits += 1
+        ticket: Deferred[dict[str, Any]] = Deferred()
+        limits = {budget: (self.limit_of(budget), count) for budget, count in wants.items()}
+        self.admitted(self.slots.request(worker, ticket, limits))
+        return ticket
+
+    def limit_of(self, budget: slots.Budget) -> int:
+        """A budget's limit as configured now (0: none; a route a reload removed has none)."""
+        if budget == slots.CLIENTS:
+            return self.config.limits.max_clients
+        routes = self.config.routes
+        return routes[budget].pool.max_clients if isinstance(budget, int) and 0 <= budget < len(routes) else 0
+
+    def admitted(self, actions: list[slots.Action]) -> None:
+        """Do what the slot ledger decided: answer admissions, ask workers to spare slots."""
+        for action in actions:
+            if isinstance(action, slots.Granted):
+                action.ticket.callback({"refused": "", "slots": slots_json(action.slots)})  # type: ignore[attr-defined]
+                continue
+            if isinstance(action, slots.Refused):
+                refused = "clients" if action.budget == slots.CLIENTS else "route"
+                action.ticket.callback({"refused": refused, "slots": "[]"})  # type: ignore[attr-defined]
+                continue
+            process = self.processes.get(action.worker)
+            if process is None or process.link is None:
+                self.admitted(self.slots.spared(action.worker, {}))
+                continue
+            self.spares += 1
+            asking = process.link.callRemote(Spare, budgets=json.dumps(list(action.budgets)))
+            asking.addCallbacks(lambda answer: slots_from(answer["gave"]), lambda _failure: {})
+            asking.addCallback(lambda gave, worker: self.admitted(self.slots.spared(worker, gave)), action.worker)
 
     def show(self, asking: int, what: str) -> "Deferred[list[list[Any]]]":
         """The rows of SHOW ``what`` of every worker but ``asking`` (a worker silent for
@@ -670,10 +696,12 @@ class Master(Stoppable, MultiService):
                  workers=totals["workers"], how=self.how.value, clients=totals["clients"], pools=pools)
         waits = self.lease_waits
         log.info("leases: {n} waited (p50 {p50:.1f} ms, p99 {p99:.1f} ms); {cancels} cancels "
-                 "forwarded between workers; {restarts} worker restarts",
+                 "forwarded between workers; {restarts} worker restarts; client slots: {admits} "
+                 "admits, {spares} spares asked",
                  n=len(waits), p50=percentile(waits, 0.5) * 1000 if waits else 0.0,
                  p99=percentile(waits, 0.99) * 1000 if waits else 0.0,
-                 cancels=self.cancels_forwarded, restarts=self.restarts)
+                 cancels=self.cancels_forwarded, restarts=self.restarts, admits=self.admits,
+                 spares=self.spares)
         ended = DeferredList([process.ended for process in self.processes.values()])
         self._tell_workers(self.how)
         if self.how is Stop.WAIT_FOR_CLIENTS:

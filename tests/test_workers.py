@@ -18,6 +18,7 @@ import threading
 import time
 import urllib.request
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Iterable
 
 import psycopg
@@ -33,12 +34,14 @@ from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 
 from odissey import config
 from odissey.cancel import KeyLayout
-from odissey.commands import Cancel, Reclaim, Stop as StopCommand
+from odissey.commands import Admit, Cancel, Reclaim, Spare, Stop as StopCommand
+from odissey.slots import CLIENTS
 from odissey.wire import messages as m
 from tests.harness import (APP_PASSWORD, USERS, Replies, committed, direct, free_port, read_message,
-                           ended, shared_postgres, trust_login_keyed, watch_notices)
+                           ended, login_outcome, shared_postgres, trust_login_keyed, watch_notices)
 from odissey.testing import in_this_thread
 from odissey.lifecycle import Stop
+from odissey.worker import MasterLink
 from odissey.workers import RECLAIM_RETRY, RESTART_DELAY, STATS_PATIENCE, STOP_PATIENCE, Master, WorkerProcess
 from tests.test_tap import BOOT, PYPY, ROOT, wait_refused
 from tests.test_tls import certs, outcome, serving
@@ -537,6 +540,84 @@ class WorkersTests(TestCase):
         self.assertEqual(answers, [1] * 6)
         seen = yield deferToThread(self.spread, port, 3)
         self.assertEqual(seen, {0, 1, 2})  # (the clients above were spread as these logins are)
+
+    def pinned(self, port: int, worker: int, count: int) -> list[socket.socket]:
+        """``count`` raw trust logins held on ``worker`` of 2 (logins the kernel gives
+        the other worker are closed; one refused while the other worker has not yet seen
+        such a client go is tried again)."""
+        held: list[socket.socket] = []
+        deadline = time.monotonic() + 30
+        while len(held) < count:
+            self.assertLess(time.monotonic(), deadline, f"worker {worker} never got {count} clients")
+            sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+            sock.sendall(m.startup_message({"user": "u_trust", "database": "app"}))
+            data, key = b"", None
+            while True:
+                kind, body, data = read_message(sock, data)
+                if kind == b"K":
+                    key = m.parse_backend_key_data(body)
+                if kind == b"Z" or kind == b"E":
+                    break
+            if kind == b"Z" and key is not None and self.worker_of(key, 2) == worker:
+                held.append(sock)
+                continue
+            if kind == b"E":
+                self.assertEqual(m.parse_error_fields(body)["C"], "53300")
+            sock.close()
+        return held
+
+    @inlineCallbacks
+    def test_client_slots_move_between_workers(self):
+        """limits.max_clients 4 over 2 workers, which hold client slots in blocks: with 4
+        clients in, psycopg and raw logins get 53300 wherever they land, whichever worker has
+        them; once worker 0's 4 leave, worker 1 takes 4 (worker 0 spares its unused
+        slots), and after every logout psycopg logs in 4 again."""
+        process, port = yield deferToThread(self.start, 2, {"size": 2}, None, {"max_clients": 4})
+
+        def refused() -> str:
+            """psycopg's refusal (libpq keeps the SQLSTATE of a login's FATAL; a raw
+            login shows it)."""
+            with self.assertRaises(psycopg.OperationalError) as caught:
+                self.connect(port, "u_trust")
+            self.assertEqual(login_outcome(port), ("53300", "sorry, too many clients already"))
+            return str(caught.exception)
+
+        def four() -> list[psycopg.Connection]:
+            conns: list[psycopg.Connection] = []
+            deadline = time.monotonic() + 10
+            while len(conns) < 4:  # (a worker counts a client's leaving when it sees it go)
+                try:
+                    conns.append(self.connect(port, "u_trust"))
+                except psycopg.OperationalError:
+                    self.assertLess(time.monotonic(), deadline, "a client's leaving was never counted")
+            return conns
+
+        def scenario() -> list[str]:
+            messages = []
+            conns = four()
+            messages.append(refused())
+            for conn in conns:
+                conn.close()
+            for worker in (0, 1):
+                held = self.pinned(port, worker, 4)
+                messages.append(refused())
+                for sock in held:
+                    sock.close()
+            conns = four()
+            self.assertEqual([conn.execute("select 1").fetchone()[0] for conn in conns], [1] * 4)
+            messages.append(refused())
+            for conn in conns:
+                conn.close()
+            return messages
+
+        messages = yield deferToThread(scenario)
+        self.assertEqual(len(messages), 4)
+        for message in messages:
+            self.assertIn("sorry, too many clients already", message)
+        out = yield deferToThread(process.stop)
+        spares = re.search(r"client slots: (\d+) admits, (\d+) spares asked", out)
+        assert spares is not None
+        self.assertGreater(int(spares.group(2)), 0)  # (worker 1's 4 slots came from worker 0)
 
     @inlineCallbacks
     def test_sigterm_lets_transactions_in_workers_commit(self):
@@ -1319,13 +1400,14 @@ class MasterTests(SynchronousTestCase):
         at most once a RESTART_DELAY after its previous start."""
         self.master.lease(0, "p", 1, 5)
         waiting = self.master.lease(1, "p", 1, 6)
-        self.assertEqual(self.master.admit(0, 0), "")
+        self.assertEqual(self.admit(0, {CLIENTS: 3}), "")
+        asking = self.master.admit(1, {CLIENTS: 1})  # (worker 0 holds every slot: asked to spare)
+        self.assertEqual([command for command, _, _ in self.links[0].calls], [Reclaim, Spare])
         process = self.master.processes[0]
         process.started_at = self.clock.seconds()
         self.master.ended(process, Failure(ProcessTerminated(signal=9)))
         self.assertEqual(self.successResultOf(waiting), {"granted": True})
-        self.assertEqual(self.master.admit(1, 0), "")
-        self.assertEqual(self.master.admit(2, 0), "")  # (worker 0's client no longer counts)
+        self.assertEqual(self.successResultOf(asking)["refused"], "")  # (worker 0's clients went with it)
         self.assertEqual(self.spawned, [])
         self.clock.advance(RESTART_DELAY)
         self.assertEqual(self.spawned, [0])
@@ -1378,12 +1460,68 @@ class MasterTests(SynchronousTestCase):
         self.assertEqual(sorted(killed), [0, 1, 2])
         self.successResultOf(stopping)
 
+    def admit(self, worker: int, wants: dict[Any, int]) -> str:
+        """The master's answer to an Admit it can give at once: "" or what refused it."""
+        answer = self.successResultOf(self.master.admit(worker, wants))
+        return answer["refused"]
+
     def test_client_limits_over_workers(self) -> None:
-        """The route's max_clients (2) and limits.max_clients (3) count every worker."""
-        self.assertEqual(self.master.admit(0, 0), "")
-        self.assertEqual(self.master.admit(1, 0), "")
-        self.assertEqual(self.master.admit(2, 0), "route")
-        self.assertEqual(self.master.admit(2, 1), "")
-        self.assertEqual(self.master.admit(0, 1), "clients")
-        self.master.clients[1][0] -= 1  # (what Leave does)
-        self.assertEqual(self.master.admit(0, 1), "")
+        """The route's max_clients (2) and limits.max_clients (3) count every worker's
+        slots: when none are free, the workers holding some are asked to spare theirs;
+        the login is refused when they have none unused, granted from what they give."""
+        self.assertEqual(self.admit(0, {CLIENTS: 1, 0: 1}), "")
+        self.assertEqual(self.admit(1, {CLIENTS: 1, 0: 1}), "")
+        refused = self.master.admit(2, {CLIENTS: 1, 0: 1})
+        for number in (0, 1):
+            ((command, arguments, answer),) = self.links[number].calls
+            self.assertEqual((command, arguments), (Spare, {"budgets": "[0]"}))
+            answer.callback({"gave": "[]"})
+        self.assertEqual(self.successResultOf(refused)["refused"], "route")
+        self.assertEqual(self.admit(2, {CLIENTS: 1}), "")
+        granted = self.master.admit(0, {CLIENTS: 1})
+        self.assertEqual([arguments for _, arguments, _ in self.links[1].calls[1:]], [{"budgets": '["clients"]'}])
+        self.links[1].calls[1][2].callback({"gave": '[["clients", 1]]'})  # (its client has left)
+        self.assertEqual(self.successResultOf(granted), {"refused": "", "slots": '[["clients", 1]]'})
+        self.links[2].calls[0][2].callback({"gave": "[]"})
+        self.assertEqual(self.master.slots.held(CLIENTS), {0: 2, 2: 1})
+
+
+class MasterLinkTests(SynchronousTestCase):
+    """A worker's admissions: into its own client slots without a message, from the
+    master only when they are used up."""
+
+    def setUp(self) -> None:
+        document = {
+            "workers": 2, "listen": ["tcp:0"], "limits": {"max_clients": 10},
+            "storages": {"pg": {"host": "127.0.0.1"}},
+            "routes": [{"database": "db", "user": "u", "storage": "pg", "auth": {"method": "trust"},
+                        "pool": {"max_clients": 2}},
+                       {"database": "db", "user": "v", "storage": "pg", "auth": {"method": "trust"}}],
+        }
+        self.link = MasterLink(SimpleNamespace(config=config.parse(document)))  # type: ignore[arg-type]
+        self.fake = _FakeLink()
+        self.link.callRemote = self.fake.callRemote  # type: ignore[method-assign]
+
+    def test_admits_locally_until_the_block_is_used_up(self) -> None:
+        """The first login asks for both budgets; the block granted admits the next ones
+        with no message until the route's slots run out; a logout's slot is reused."""
+        first = self.link.admit(0)
+        ((command, arguments, answer),) = self.fake.calls
+        self.assertEqual((command, arguments), (Admit, {"wants": '[["clients", 1], [0, 1]]'}))
+        answer.callback({"refused": "", "slots": '[["clients", 3], [0, 1]]'})
+        self.assertEqual(self.successResultOf(first), "")
+        self.assertEqual(self.successResultOf(self.link.admit(1)), "")  # (route 1 has no limit)
+        self.assertEqual(len(self.fake.calls), 1)
+        self.link.admit(0)
+        self.assertEqual(self.fake.calls[1][1], {"wants": '[[0, 1]]'})
+        self.fake.calls[1][2].callback({"refused": "route", "slots": "[]"})
+        self.link.left(0)
+        self.assertEqual(self.successResultOf(self.link.admit(0)), "")
+        self.assertEqual(len(self.fake.calls), 2)
+
+    def test_spares_only_unused_slots(self) -> None:
+        """Asked to spare, a worker gives back the slots its clients do not use."""
+        self.link.admit(1)
+        self.fake.calls[0][2].callback({"refused": "", "slots": '[["clients", 4]]'})
+        self.assertEqual(self.link.spare('["clients", 0]'), {"gave": '[["clients", 3]]'})
+        self.assertEqual(self.link.spare('["clients"]'), {"gave": "[]"})
