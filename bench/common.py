@@ -224,11 +224,12 @@ def start_odissey(pg_port: int, user: str, password: str, db: str, *, mode: str,
 
 def start_floor(pg_port: int, workdir: str, python: str = sys.executable,
                 name: str = "floor", twisted_write: bool = False, wrapper: Sequence[str] = (),
-                patience: float = 30) -> Tuple[subprocess.Popen, int]:
+                patience: float = 30, short_reads: bool = False) -> Tuple[subprocess.Popen, int]:
     """bench/floor.py, the bare Twisted relay, in front of 127.0.0.1:``pg_port`` (``wrapper``
-    and ``patience`` as for :func:`start_odissey`)."""
+    and ``patience`` as for :func:`start_odissey`; ``short_reads``: with Odissey's read path)."""
     port = free_port()
     flags = ["--twisted-write"] if twisted_write else []
+    flags += ["--short-reads"] if short_reads else []
     with open(Path(workdir) / f"{name}.out", "w") as out:
         proc = subprocess.Popen([*wrapper, python, str(ROOT / "bench" / "floor.py"), str(port), "127.0.0.1",
                                  str(pg_port), *flags],

@@ -158,6 +158,8 @@ def main() -> None:
     parser.add_argument("--no-pgbouncer", action="store_true")
     parser.add_argument("--floor", action="store_true",
                         help="also bench/floor.py, the bare Twisted relay (one server connection per client)")
+    parser.add_argument("--floor-short-reads", action="store_true",
+                        help="also the floor with Odissey's read path (bench/floor.py --short-reads)")
     parser.add_argument("--pypy", metavar="PYTHON",
                         help="also Odissey (and with --floor the floor) under this PyPy interpreter")
     parser.add_argument("--warmup", type=int, default=0,
@@ -238,12 +240,15 @@ def main() -> None:
                                                  python=args.pypy, name="odissey-pypy", extra=odissey_extra)
             procs.append(proc)
             targets["odissey-pypy"] = (port, proc.pid)
-        if args.floor:
-            for name, python in (("floor", sys.executable), ("floor-pypy", args.pypy)):
-                if python:
-                    proc, port = start_floor(pg.port, workdir, python, name, twisted_write=args.twisted_write)
-                    procs.append(proc)
-                    targets[name] = (port, proc.pid)
+        floors = [(name, python, False) for name, python in (("floor", sys.executable), ("floor-pypy", args.pypy))
+                  if args.floor and python]
+        floors += [(name, python, True) for name, python in (("floor-sr", sys.executable), ("floor-sr-pypy", args.pypy))
+                   if args.floor_short_reads and python]
+        for name, python, short_reads in floors:
+            proc, port = start_floor(pg.port, workdir, python, name, twisted_write=args.twisted_write,
+                                     short_reads=short_reads)
+            procs.append(proc)
+            targets[name] = (port, proc.pid)
         for name, (port, _pid) in targets.items():
             if args.warmup:
                 for load in loads:

@@ -9,9 +9,13 @@ Each write goes straight to the socket when Twisted has nothing queued for it, a
 Odissey's own writes do (``odissey.flow.send``): Twisted's ``transport.write`` would
 register the socket for writability and send on the next reactor turn, a cost Odissey
 does not pay, and a floor that paid it would not be a floor. ``--twisted-write`` measures
-that plain ``transport.write`` relay instead. Run it with CPython and with PyPy:
+that plain ``transport.write`` relay instead. ``--short-reads`` reads with Odissey's own
+read path (``odissey/reading.py``, the checkout this file is in) instead of Twisted's
+``doRead``: what Twisted's reactor and transports cost around reads Odissey does not make
+through them, so that Odissey's own work is what stays between this floor and Odissey.
+Run it with CPython and with PyPy:
 
-    python bench/floor.py LISTEN_PORT PG_HOST PG_PORT [--twisted-write]
+    python bench/floor.py LISTEN_PORT PG_HOST PG_PORT [--twisted-write] [--short-reads]
 
 It prints ``listening on LISTEN_PORT`` once it accepts connections.
 """
@@ -20,6 +24,7 @@ from __future__ import annotations
 
 import socket
 import sys
+from pathlib import Path
 from typing import List, Optional
 
 from twisted.internet import protocol, reactor
@@ -117,6 +122,11 @@ def main() -> None:
     listen_port, pg_host, pg_port = int(sys.argv[1]), sys.argv[2], int(sys.argv[3])
     if "--twisted-write" in sys.argv[4:]:
         write = twisted_write
+    if "--short-reads" in sys.argv[4:]:
+        sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+        from odissey import reading
+
+        reading.install(reactor, (ClientSide, ServerSide))
     reactor.listenTCP(listen_port, ClientFactory(pg_host, pg_port), backlog=1024, interface="127.0.0.1")  # type: ignore[attr-defined]
     print(f"listening on {listen_port}", flush=True)
     reactor.run()  # type: ignore[attr-defined]
