@@ -51,7 +51,7 @@ _IN = select.POLLIN
 
 #: Transports whose own ``doRead`` is a ``recv`` (TCP) or a ``recvmsg`` (unix: file
 #: descriptors sent to a protocol that does not take them are closed, by Twisted with a
-#: log line, by the kernel when ``recv`` leaves the ancillary data unread).
+#: log line, by the kernel when ``recv_into`` leaves the ancillary data unread).
 _TRANSPORTS = frozenset({tcp.Server, tcp.Client, unix.Server, unix.Client})
 
 
@@ -110,7 +110,7 @@ class Reads:
             log.callWithLogger(selectable, twisted_path, selectable, fd, event)
 
     def _lose(self, selectable: Any, why: Exception) -> None:
-        """EOF (a half-close where the transport supports it) or a failed ``recv``, as
+        """EOF (a half-close where the transport supports it) or a failed ``recv_into``, as
         ``_doReadOrWrite`` would hand them on."""
         log.callWithLogger(selectable, self.reactor._disconnectSelectable, selectable, why, True)
 
