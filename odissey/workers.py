@@ -383,16 +383,14 @@ class Master(Stoppable, MultiService):
         return problems or planned
 
     def _reloaded(self, results: list[tuple[bool, Any]], numbers: list[int], summary: str) -> list[str]:
-        """Every worker has answered a Reconfigure: their client slots follow the
-        routes' new indexes, the lease ledger the pools' new sizes."""
+        """Every worker has answered a Reconfigure: the lease ledger takes the pools' new
+        sizes. (Client slots are kept by route identity, which a reload keeps.)"""
         problems: list[str] = []
         for number, (ok, answer) in zip(numbers, results):
             if not ok:
                 continue  # (a worker that died: its restart reads the new configuration)
             theirs = json.loads(answer["problems"])
             problems += [f"worker {number}: {p}" for p in theirs]
-            if not theirs:
-                self.slots.renumber(number, {int(old): new for old, new in json.loads(answer["indexes"]).items()})
             for pool, size in json.loads(answer["sizes"]).items():
                 self.apply(self.ledger.resize(pool, size))
         self.notifier.reloaded()
@@ -534,11 +532,11 @@ class Master(Stoppable, MultiService):
         return ticket
 
     def limit_of(self, budget: slots.Budget) -> int:
-        """A budget's limit as configured now (0: none; a route a reload removed has none)."""
+        """A budget's limit as configured now (0: none; a route a reload removed has none).
+        (A scan of the routes: Admits are rare, one per block of slots.)"""
         if budget == slots.CLIENTS:
             return self.config.limits.max_clients
-        routes = self.config.routes
-        return routes[budget].pool.max_clients if isinstance(budget, int) and 0 <= budget < len(routes) else 0
+        return next((route.pool.max_clients for route in self.config.routes if route.identity == budget), 0)
 
     def admitted(self, actions: list[slots.Action]) -> None:
         """Do what the slot ledger decided: answer admissions, ask workers to spare slots."""
