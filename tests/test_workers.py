@@ -4,6 +4,7 @@ front of the tests' PostgreSQL, driven by psycopg and raw-protocol clients."""
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import json
 import os
 import re
@@ -34,7 +35,7 @@ from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 
 from odissey import config
 from odissey.cancel import KeyLayout
-from odissey.commands import Admit, Cancel, Reclaim, Spare, Stop as StopCommand
+from odissey.commands import Admit, Cancel, Reclaim, Spare, Stop as StopCommand, slots_json
 from odissey.slots import CLIENTS
 from odissey.wire import messages as m
 from tests.harness import (APP_PASSWORD, USERS, Replies, committed, direct, free_port, read_message,
@@ -1469,12 +1470,13 @@ class MasterTests(SynchronousTestCase):
         """The route's max_clients (2) and limits.max_clients (3) count every worker's
         slots: when none are free, the workers holding some are asked to spare theirs;
         the login is refused when they have none unused, granted from what they give."""
-        self.assertEqual(self.admit(0, {CLIENTS: 1, 0: 1}), "")
-        self.assertEqual(self.admit(1, {CLIENTS: 1, 0: 1}), "")
-        refused = self.master.admit(2, {CLIENTS: 1, 0: 1})
+        route = self.master.config.routes[0].identity
+        self.assertEqual(self.admit(0, {CLIENTS: 1, route: 1}), "")
+        self.assertEqual(self.admit(1, {CLIENTS: 1, route: 1}), "")
+        refused = self.master.admit(2, {CLIENTS: 1, route: 1})
         for number in (0, 1):
             ((command, arguments, answer),) = self.links[number].calls
-            self.assertEqual((command, arguments), (Spare, {"budgets": "[0]"}))
+            self.assertEqual((command, arguments), (Spare, {"budgets": json.dumps([route])}))
             answer.callback({"gave": "[]"})
         self.assertEqual(self.successResultOf(refused)["refused"], "route")
         self.assertEqual(self.admit(2, {CLIENTS: 1}), "")
@@ -1484,6 +1486,23 @@ class MasterTests(SynchronousTestCase):
         self.assertEqual(self.successResultOf(granted), {"refused": "", "slots": '[["clients", 1]]'})
         self.links[2].calls[0][2].callback({"gave": "[]"})
         self.assertEqual(self.master.slots.held(CLIENTS), {0: 2, 2: 1})
+
+    def test_route_limit_follows_the_route_across_a_reload(self) -> None:
+        """A reload that moves the limited route (the master takes the new configuration
+        at once; workers' Admits may still come from before it): its slots keep
+        counting against its limit, and the route now at its old place has none."""
+        limited, unlimited = (route.identity for route in self.master.config.routes)
+        self.assertEqual(self.admit(0, {CLIENTS: 1, limited: 1}), "")
+        moved = dataclasses.replace(self.master.config, routes=tuple(
+            dataclasses.replace(route, index=1 - route.index) for route in reversed(self.master.config.routes)))
+        self.master.config = moved  # (what Master.reload does before sending it to the workers)
+        self.assertEqual(self.admit(1, {CLIENTS: 1, limited: 1}), "")
+        refused = self.master.admit(2, {CLIENTS: 1, limited: 1})
+        for number in (0, 1):
+            self.links[number].calls[-1][2].callback({"gave": "[]"})
+        self.assertEqual(self.successResultOf(refused)["refused"], "route")
+        self.assertEqual(self.master.limit_of(unlimited), 0)
+        self.assertEqual(self.master.slots.held(limited), {0: 1, 1: 1})
 
 
 class MasterLinkTests(SynchronousTestCase):
@@ -1498,30 +1517,33 @@ class MasterLinkTests(SynchronousTestCase):
                         "pool": {"max_clients": 2}},
                        {"database": "db", "user": "v", "storage": "pg", "auth": {"method": "trust"}}],
         }
-        self.link = MasterLink(SimpleNamespace(config=config.parse(document)))  # type: ignore[arg-type]
+        parsed = config.parse(document)
+        self.routes = parsed.routes
+        self.link = MasterLink(SimpleNamespace(config=parsed))  # type: ignore[arg-type]
         self.fake = _FakeLink()
         self.link.callRemote = self.fake.callRemote  # type: ignore[method-assign]
 
     def test_admits_locally_until_the_block_is_used_up(self) -> None:
         """The first login asks for both budgets; the block granted admits the next ones
         with no message until the route's slots run out; a logout's slot is reused."""
-        first = self.link.admit(0)
+        limited, unlimited = self.routes
+        first = self.link.admit(limited)
         ((command, arguments, answer),) = self.fake.calls
-        self.assertEqual((command, arguments), (Admit, {"wants": '[["clients", 1], [0, 1]]'}))
-        answer.callback({"refused": "", "slots": '[["clients", 3], [0, 1]]'})
+        self.assertEqual((command, arguments), (Admit, {"wants": slots_json({CLIENTS: 1, limited.identity: 1})}))
+        answer.callback({"refused": "", "slots": slots_json({CLIENTS: 3, limited.identity: 1})})
         self.assertEqual(self.successResultOf(first), "")
-        self.assertEqual(self.successResultOf(self.link.admit(1)), "")  # (route 1 has no limit)
+        self.assertEqual(self.successResultOf(self.link.admit(unlimited)), "")
         self.assertEqual(len(self.fake.calls), 1)
-        self.link.admit(0)
-        self.assertEqual(self.fake.calls[1][1], {"wants": '[[0, 1]]'})
+        self.link.admit(limited)
+        self.assertEqual(self.fake.calls[1][1], {"wants": slots_json({limited.identity: 1})})
         self.fake.calls[1][2].callback({"refused": "route", "slots": "[]"})
-        self.link.left(0)
-        self.assertEqual(self.successResultOf(self.link.admit(0)), "")
+        self.link.left(limited.identity)
+        self.assertEqual(self.successResultOf(self.link.admit(limited)), "")
         self.assertEqual(len(self.fake.calls), 2)
 
     def test_spares_only_unused_slots(self) -> None:
         """Asked to spare, a worker gives back the slots its clients do not use."""
-        self.link.admit(1)
+        self.link.admit(self.routes[1])
         self.fake.calls[0][2].callback({"refused": "", "slots": '[["clients", 4]]'})
         self.assertEqual(self.link.spare('["clients", 0]'), {"gave": '[["clients", 3]]'})
         self.assertEqual(self.link.spare('["clients"]'), {"gave": "[]"})
