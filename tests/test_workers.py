@@ -26,7 +26,7 @@ import psycopg
 import yaml
 from twisted.internet.defer import inlineCallbacks
 from twisted.internet.threads import deferToThread
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.error import ProcessDone, ProcessTerminated
 from twisted.internet.testing import MemoryReactorClock
 from twisted.application.service import MultiService
@@ -43,7 +43,9 @@ from tests.harness import (APP_PASSWORD, USERS, Replies, committed, direct, free
 from odissey.testing import in_this_thread
 from odissey.lifecycle import Stop
 from odissey.worker import MasterLink
-from odissey.workers import RECLAIM_RETRY, RESTART_DELAY, STATS_PATIENCE, STOP_PATIENCE, Master, WorkerProcess
+from odissey import lifecycle, workers as workers_module
+from odissey.workers import (RECLAIM_RETRY, RESTART_DELAY, STATS_PATIENCE, STOP_PATIENCE, Master, WorkerProcess,
+                             WorkerStartFailed)
 from tests.test_tap import BOOT, PYPY, ROOT, wait_refused
 from tests.test_tls import certs, outcome, serving
 
@@ -1310,6 +1312,13 @@ class _FakeLink:
         return answer
 
 
+class _Listening:
+    """A listening port as the master's start uses it (it only stops reading)."""
+
+    def stopReading(self) -> None:
+        pass
+
+
 class _Signalled:
     """A worker process's transport that exits when it is sent a signal."""
 
@@ -1486,6 +1495,41 @@ class MasterTests(SynchronousTestCase):
         self.assertEqual(self.successResultOf(granted), {"refused": "", "slots": '[["clients", 1]]'})
         self.links[2].calls[0][2].callback({"gave": "[]"})
         self.assertEqual(self.master.slots.held(CLIENTS), {0: 2, 2: 1})
+
+    def start(self) -> None:
+        """The master's start up to waiting for its workers (listeners faked)."""
+        self.patch(workers_module, "listener", lambda *_args: succeed(_Listening()))
+        self.master._starting = self.master._start()
+        self.master._starting.addErrback(self.master._start_failed)
+        self.assertEqual(self.spawned, [0, 1, 2])
+
+    def test_worker_failing_its_start_fails_the_masters(self) -> None:
+        """A worker that exits with status 1 before every worker has accepted (its
+        certificates unreadable, say) fails the master's start: ready fails, the process
+        will exit 1, and no worker is restarted; before, the master restarted it every
+        second and never got ready."""
+        exits: list[bool] = []
+        self.patch(lifecycle, "exit_failed", lambda: exits.append(True))
+        self.start()
+        self.master.accepted(1)
+        self.master.ended(self.master.processes[0], Failure(ProcessTerminated(exitCode=1)))
+        self.failureResultOf(self.master.ready, WorkerStartFailed)
+        self.flushLoggedErrors(WorkerStartFailed)
+        self.assertEqual(exits, [True])
+        self.master.ended(self.master.processes[2], Failure(ProcessTerminated(exitCode=1)))
+        self.clock.advance(RESTART_DELAY)
+        self.assertEqual((self.spawned, self.master.restarts), ([0, 1, 2], 0))
+
+    def test_worker_failing_after_the_start_is_restarted(self) -> None:
+        """Once every worker has accepted, a worker that exits with status 1 is
+        restarted like any that dies (the master is running; its start is over)."""
+        self.start()
+        for number in range(3):
+            self.master.accepted(number)
+        self.successResultOf(self.master.ready)
+        self.master.ended(self.master.processes[0], Failure(ProcessTerminated(exitCode=1)))
+        self.clock.advance(RESTART_DELAY)
+        self.assertEqual((self.spawned, self.master.restarts), ([0, 1, 2, 0], 1))
 
     def test_route_limit_follows_the_route_across_a_reload(self) -> None:
         """A reload that moves the limited route (the master takes the new configuration
