@@ -219,7 +219,7 @@ class InFlightTests(SynchronousTestCase):
         rarely reaches a Spare that gives): at every moment the clients logged in over
         all workers are within every limit and no worker holds more than the master
         counts it; once every message is delivered, every login that asked has its
-        answer."""
+        answer and the master counts exactly what each worker holds."""
         seed = run_seed(self)
         rnd = random.Random(seed)
         gave = 0
@@ -246,6 +246,10 @@ class InFlightTests(SynchronousTestCase):
             while any(messages.to_master_from(w) or messages.to_worker_at(w) for w in range(workers)):
                 pass
             self.assertEqual(messages.asking, {}, f"seed {seed}")
+            for budget in [CLIENTS] + ROUTES:  # (and the master's count has not drifted)
+                held = model.ledger.held(budget)
+                self.assertEqual({n: b.held[budget] for n, b in enumerate(model.blocks) if b.held[budget]},
+                                 held, f"seed {seed}")
         self.assertGreater(gave, 0, f"seed {seed}: no Spare gave anything back")
 
     def check(self, model: Model, limit: int, route_limits: list[int], seed: int) -> None:
