@@ -544,6 +544,42 @@ class WorkersTests(TestCase):
         seen = yield deferToThread(self.spread, port, 3)
         self.assertEqual(seen, {0, 1, 2})  # (the clients above were spread as these logins are)
 
+    @inlineCallbacks
+    def test_client_limits_follow_routes_a_reload_swaps(self):
+        """app's and u_trust's routes have max_clients 2 each over 2 workers; with 2 app
+        clients in, a reload swaps the two routes in the file: a third app client still
+        gets 53300 and two u_trust clients get in (each route's count stays with it, not
+        with its place), and once an app client leaves another gets in."""
+        process, port = yield deferToThread(self.start, 2, {"max_clients": 2})
+
+        def scenario() -> tuple[str, list[int]]:
+            app = [self.connect(port) for _ in range(2)]
+            document = yaml.safe_load(process.config_path.read_text())
+            document["routes"].reverse()
+            process.config_path.write_text(yaml.safe_dump(document))
+            mark = len(process.lines)
+            process.proc.send_signal(signal.SIGHUP)
+            process.wait_for(r"reloaded .* in 2 workers", after=mark)
+            with self.assertRaises(psycopg.OperationalError) as full:
+                self.connect(port)
+            trusted = [self.connect(port, "u_trust") for _ in range(2)]
+            app.pop().close()
+            deadline = time.monotonic() + 10
+            while len(app) < 2:  # (a worker counts a client's leaving when it sees it go)
+                try:
+                    app.append(self.connect(port))
+                except psycopg.OperationalError:
+                    self.assertLess(time.monotonic(), deadline, "a client's leaving was never counted")
+                    time.sleep(0.05)
+            answers = [conn.execute("select 1").fetchone()[0] for conn in app + trusted]
+            for conn in app + trusted:
+                conn.close()
+            return str(full.exception), answers
+
+        full, answers = yield deferToThread(scenario)
+        self.assertIn('too many clients for database "app" user "app" (max_clients 2)', full)
+        self.assertEqual(answers, [1] * 4)
+
     def pinned(self, port: int, worker: int, count: int) -> list[socket.socket]:
         """``count`` raw trust logins held on ``worker`` of 2 (logins the kernel gives
         the other worker are closed; one refused while the other worker has not yet seen
