@@ -5,14 +5,15 @@ Each limit is a *budget* (:data:`CLIENTS` for ``limits.max_clients``, a route's
 ``Route.identity`` for its ``pool.max_clients``: what the route matches, which a reload
 that keeps the route keeps, so the master and every worker name a route's budget alike
 whichever of them has applied a reload yet). The master's :class:`Ledger` grants each
-worker slots of a budget in blocks; the worker's :class:`Block` admits a login on its own while it holds a
-free slot of every budget the login needs (a slot of :data:`CLIENTS`, and one of the
-route's budget when the route has a limit), and asks the master only when it holds none.
-A logout frees the slot in the worker, which keeps it for its next login. A worker gives
-slots back only when the master asks (:class:`Spare`): when another worker needs slots
-the ledger no longer has; it then gives every slot of those budgets it is not using. A
-worker that dies has its slots returned (:meth:`Ledger.forget`). Both halves are pure
-state machines: no I/O, no clock; the master and the worker carry out what they return.
+worker slots of a budget in blocks; the worker's :class:`Block` admits a login on its
+own while it holds a free slot of every budget the login needs (a slot of
+:data:`CLIENTS`, and one of the route's budget when the route has a limit), and asks the
+master only when it holds none. A logout frees the slot in the worker, which keeps it
+for its next login. A worker gives slots back only when the master asks
+(:class:`Spare`): when another worker needs slots the ledger no longer has; it then
+gives every slot of those budgets it is not using. A worker that dies has its slots
+returned (:meth:`Ledger.forget`). Both halves are pure state machines: no I/O, no clock;
+the master and the worker carry out what they return.
 
 What is promised, for every budget with a limit:
 
