@@ -112,7 +112,9 @@ class ClientConnection(Protocol):
         self.key: tuple[int, int] | None = None
         self.user = ""
         self.database = ""
-        self.route_index: int | None = None
+        #: The identity of the route this client was admitted under (``Route.identity``,
+        #: which a reload keeps): its slot of the route's max_clients, given back when it goes.
+        self.route_identity: str | None = None
         #: The admin console session, for a client logged in to the console database.
         self.console: ConsoleSession | None = None
         self.connected_at = factory.reactor.seconds()
@@ -171,10 +173,10 @@ class ClientConnection(Protocol):
         self._buffer = b""
         if self.key is not None:
             self.factory.keys.release(self.key)
-        if self.route_index is not None:
-            self.factory.route_clients[self.route_index] -= 1
+        if self.route_identity is not None:
+            self.factory.route_clients[self.route_identity] -= 1
             if self.factory.admission is not None:
-                self.factory.admission.left(self.route_index)
+                self.factory.admission.left(self.route_identity)
         if self.relay is not None:
             self.relay.clientGone()
         if self._password is not None and not self._password.called:
@@ -396,12 +398,13 @@ class ClientConnection(Protocol):
         if database in f.pools.disabled:  # (DISABLE on the console; PgBouncer's words)
             raise PoolerError(errors.OBJECT_NOT_IN_PREREQUISITE_STATE, f'database "{database}" is disabled')
         limit = route.pool.max_clients
+        identity = route.identity  # (what a reload landing meanwhile keeps; not its index)
         full = ("clients" if f.logged_in >= f.limits.max_clients
-                else "route" if limit and f.route_clients[route.index] >= limit else "")
+                else "route" if limit and f.route_clients[identity] >= limit else "")
         if not full and f.admission is not None:  # (other workers' clients count too)
-            full = yield f.admission.admit(route.index)
+            full = yield f.admission.admit(route)
             if not full and self.state is not ClientState.AUTH:  # gone while we asked
-                f.admission.left(route.index)
+                f.admission.left(identity)
                 return
         if full == "clients":
             raise PoolerError(errors.TOO_MANY_CONNECTIONS, "sorry, too many clients already")
@@ -410,12 +413,13 @@ class ClientConnection(Protocol):
                 errors.TOO_MANY_CONNECTIONS,
                 f'too many clients for database "{database}" user "{user}" (max_clients {limit})',
             )
+        # Counted at once: whatever fails from here on, connectionLost gives back exactly this.
+        f.route_clients[identity] += 1
+        self.route_identity = identity
         if borrows_credentials(route, user):  # for this pool's server logins (SCRAM pass-through)
             credential = verifier.credential()
             if credential is not None:
                 f.credentials.remember(database, user, credential)
-        f.route_clients[route.index] += 1
-        self.route_index = route.index
         # AuthenticationOk leaves with the greeting, in one write (as PostgreSQL sends
         # them), unless the login must wait first: then at once, before the wait.
         ok = step.reply + m.authentication_ok()
@@ -599,13 +603,13 @@ class ClientConnection(Protocol):
 class Admission(TypingProtocol):
     """Client limits counted across processes (a worker's master)."""
 
-    def admit(self, route_index: int) -> "Deferred[str]":
+    def admit(self, route: Route) -> "Deferred[str]":
         """May one more client of this route log in? Fires with "" (yes, and it now
-        counts), "clients" (limits.max_clients is reached) or "route" (the route's
-        max_clients is)."""
+        counts, under ``route.identity``), "clients" (limits.max_clients is reached) or
+        "route" (the route's max_clients is)."""
 
-    def left(self, route_index: int) -> None:
-        """A client admitted for this route has gone."""
+    def left(self, identity: str) -> None:
+        """A client admitted under this route identity has gone."""
 
 
 class ClientFactory(Factory):
@@ -649,7 +653,8 @@ class ClientFactory(Factory):
         #: Connections still logging in, oldest first (a dict keeps insertion order).
         self.logging_in: dict[ClientConnection, None] = {}
         self.logged_in = 0
-        self.route_clients: Counter[int] = Counter()
+        #: Logged-in clients by route identity (a route's max_clients; a reload keeps it).
+        self.route_clients: Counter[str] = Counter()
         #: Who cancels a key this factory did not issue (another worker's): a worker's
         #: link to its master; None in one process.
         self.elsewhere: Callable[[int, int], Deferred[None]] | None = None
@@ -707,21 +712,12 @@ class ClientFactory(Factory):
         self.clients.discard(client)
         if client in self.logging_in:
             del self.logging_in[client]
-        elif client.route_index is not None or client.console is not None:
+        elif client.route_identity is not None or client.console is not None:
             self.logged_in -= 1
         if not self.clients:
             waiting, self._drained = self._drained, []
             for d in waiting:
                 d.callback(None)
-
-    def renumber(self, indexes: dict[int, int]) -> None:
-        """A reload moved routes: each logged-in client's route index (and the count of
-        clients per route, for ``max_clients``) follows ``indexes`` (old -> new)."""
-        self.route_clients = Counter(
-            {indexes[index]: n for index, n in self.route_clients.items() if n and index in indexes})
-        for client in self.clients:
-            if client.route_index is not None and client.route_index in indexes:
-                client.route_index = indexes[client.route_index]
 
     def drained(self) -> "Deferred[None]":
         """Fires once no client connection is left."""

@@ -103,7 +103,7 @@ class Spare(amp.Command):
 
 
 def slots_json(slots: Mapping[Budget, int]) -> str:
-    """Client slots by budget (CLIENTS or a route index) as one AMP string."""
+    """Client slots by budget (CLIENTS or a route's identity) as one AMP string."""
     return json.dumps([[budget, count] for budget, count in slots.items()])
 
 
@@ -164,12 +164,12 @@ class ConfigPart(amp.Command):
 
 class Reconfigure(amp.Command):
     """Master -> worker: apply the configuration sent in pieces, as a single process
-    applies a reload. Answered with the problems (JSON list), how route indexes moved
-    (JSON {old: new}, for the master's client counts) and each pool's size after it
-    (JSON {pool: size}, for the lease ledger)."""
+    applies a reload. Answered with the problems (JSON list) and each pool's size after
+    it (JSON {pool: size}, for the lease ledger). (Client slots need nothing: a route's
+    budget is its identity, which a reload keeps.)"""
 
     arguments = []
-    response = [(b"problems", amp.Unicode()), (b"indexes", amp.Unicode()), (b"sizes", amp.Unicode())]
+    response = [(b"problems", amp.Unicode()), (b"sizes", amp.Unicode())]
 
 
 def config_parts(pickled: bytes) -> list[bytes]:

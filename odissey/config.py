@@ -9,9 +9,11 @@ refuses to start if there are any. The keys each section accepts are declared in
 from __future__ import annotations
 
 import ipaddress
+import json
 import os
 import re
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Callable, Mapping, Union
 
@@ -260,6 +262,15 @@ class Route:
     @property
     def name(self) -> str:
         return f"{self.database}/{self.user}"
+
+    @cached_property
+    def identity(self) -> str:
+        """What the route matches (database, user, client networks), as one string: no
+        two routes of a configuration share it, and a reload that keeps a route (moved,
+        its settings changed) keeps it, where its index may change. A reload matches
+        routes by it; the client limits count a route's clients under it."""
+        networks = None if self.clients is None else [str(network) for network in self.clients]
+        return json.dumps([self.database, self.user, networks])
 
 
 @dataclass(frozen=True)

@@ -329,22 +329,23 @@ class Console:
                    ("server_lifetime", INT4), ("pool_mode", TEXT), ("current_connections", INT4),
                    ("max_client_connections", INT4), ("current_client_connections", INT4),
                    ("paused", INT4), ("disabled", INT4)]
-        servers: dict[int, int] = {}
+        # (By route identity, which a reload keeps where it may move a route's index.)
+        servers: dict[str, int] = {}
         for pool in self.pools.pools.values():
-            servers[pool.route.index] = servers.get(pool.route.index, 0) + pool.total
-        clients: dict[int, int] = {}
+            servers[pool.route.identity] = servers.get(pool.route.identity, 0) + pool.total
+        clients: dict[str, int] = {}
         for client in self.clients():
-            index = getattr(client, "route_index", None)
-            if index is not None:
-                clients[index] = clients.get(index, 0) + 1
+            identity = getattr(client, "route_identity", None)
+            if identity is not None:
+                clients[identity] = clients.get(identity, 0) + 1
         rows = []
         for route in self.config.routes:
             storage = route.storage
             rows.append([
                 route.database, storage.host, storage.port, route.server.database or route.database,
                 route.server.user, route.pool.size, route.pool.min_size, int(route.pool.server_lifetime),
-                route.pool.mode, servers.get(route.index, 0), route.pool.max_clients,
-                clients.get(route.index, 0), int(self.pools.is_paused(route.database)),
+                route.pool.mode, servers.get(route.identity, 0), route.pool.max_clients,
+                clients.get(route.identity, 0), int(self.pools.is_paused(route.database)),
                 int(route.database in self.pools.disabled),
             ])
         return columns, rows

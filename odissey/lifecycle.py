@@ -181,6 +181,7 @@ def within(reactor: object, waiting: "Deferred[None]", seconds: float, give_up: 
 
     return waiting.addBoth(done)
 
+
 class Stop(Enum):
     """How the pooler stops (see docs/operations.md#shutdown)."""
 

@@ -1,9 +1,9 @@
 """What a reload changes: the old and the new Config in, a :class:`Plan` out, no I/O.
 
 The service applies the plan (``OdisseyService.reload``). Routes are matched across the
-two configurations by what they match (database, user, client networks), not by their
-place in the file, so reordering routes changes nothing. For each matched pair the plan
-says how much must change:
+two configurations by what they match (database, user, client networks:
+``Route.identity``), not by their place in the file, so reordering routes changes
+nothing. For each matched pair the plan says how much must change:
 
 - ``same``: nothing (equal routes; the index may have moved);
 - ``live``: pool sizes, timeouts and limits: the pool takes the new route at once;
@@ -23,22 +23,13 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Optional
-
-from odissey.config import ClientNetwork, Config, Route, Storage
-
-#: A route's identity across reloads: what it matches.
-RouteId = tuple[str, str, Optional[tuple[ClientNetwork, ...]]]
+from odissey.config import Config, Route, Storage
 
 SAME, LIVE, RECONNECT, REPLACE = "same", "live", "reconnect", "replace"
 #: Pool settings a client's relay reads once, at login.
 _FIXED_AT_LOGIN = ("mode", "max_prepared_statements")
 #: Storage settings that only matter to the next connection attempt.
 _STORAGE_LIVE = ("connect_timeout", "retry_backoff")
-
-
-def route_id(route: Route) -> RouteId:
-    return (route.database, route.user, route.clients)
 
 
 @dataclass(frozen=True)
@@ -135,8 +126,8 @@ def with_running_hosts(old: Config, new: Config) -> Config:
 def plan(old: Config, new: Config) -> Plan:
     """The difference between the running configuration and a new one."""
     new = with_running_hosts(old, new)
-    before = {route_id(r): r for r in old.routes}
-    after = {route_id(r): r for r in new.routes}
+    before = {r.identity: r for r in old.routes}
+    after = {r.identity: r for r in new.routes}
     changes = tuple(Change(before[key], route, change_kind(before[key], route))
                     for key, route in after.items() if key in before)
     return Plan(

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import itertools
 import os
 from enum import Enum
 from typing import Any
@@ -183,7 +182,6 @@ class OdisseyService(Stoppable, MultiService):
         #: TLS to each storage, shared with the pools' connector and auth_query.
         self.server_tls: dict[str, tls.ServerSide] = {}
         self.console: Console | None = None
-        self._retired_indexes = itertools.count(-1, -1)
         #: systemd's sd_notify (when the service owns a process started by systemd).
         self.notifier = Notifier(reactor, os.environ if process else {})  # type: ignore[arg-type]
         #: The Prometheus endpoint (metrics.listen), when it is on.
@@ -356,25 +354,25 @@ class OdisseyService(Stoppable, MultiService):
             new = load_config(source)
         except ConfigError as exc:
             return list(exc.problems)
-        return self.take(new)[0]
+        return self.take(new)
 
-    def take(self, new: Config) -> tuple[list[str], dict[int, int]]:
+    def take(self, new: Config) -> list[str]:
         """Apply the difference to a loaded configuration (a reload; in a worker, the
         one its master read). Returns the problems that kept it from applying (then
-        nothing changed), and how route indexes moved (old -> new)."""
+        nothing changed)."""
         try:
             client_tls, server_tls = tls.load(new)
         except ConfigError as exc:
-            return list(exc.problems), {}
+            return list(exc.problems)
         planned = plan_reload(self.config, new)
         if planned.problems:
-            return list(planned.problems), {}
-        indexes = self._apply(planned, client_tls, server_tls)
+            return list(planned.problems)
+        self._apply(planned, client_tls, server_tls)
         log.info("reloaded {source}: {summary}", source=new.source, summary=planned.summary())
-        return [], indexes
+        return []
 
     def _apply(self, planned: Plan, client_tls: tls.ClientSide | None,
-               server_tls: dict[str, tls.ServerSide]) -> dict[int, int]:
+               server_tls: dict[str, tls.ServerSide]) -> None:
         factory, pools = self.factory, self.pools
         assert factory is not None and pools is not None and self.console is not None
         new = planned.config
@@ -385,7 +383,6 @@ class OdisseyService(Stoppable, MultiService):
         if self.log_observer is not None and new.log is not None:
             self.log_observer.settings = new.log
         self.console.configure(new, router)
-        indexes = {route.index: next(self._retired_indexes) for route in planned.removed}
         kept: dict[PoolKey, Pool] = {}
         by_index = {change.old.index: change for change in planned.changes}
         for pool in pools.pools.values():
@@ -398,9 +395,6 @@ class OdisseyService(Stoppable, MultiService):
                 pool.route = change.new
             kept[pools.key_of(change.new, pool.key.database, pool.key.user)] = pool
         pools.rekey(kept)
-        for change in planned.changes:
-            indexes[change.old.index] = change.new.index
-        factory.renumber(indexes)
         self.config = new
         for description in planned.listen_close:
             port = self.listening.pop(description)
@@ -409,7 +403,6 @@ class OdisseyService(Stoppable, MultiService):
             log.info("no longer listening on {where}", where=description)
         for description in planned.listen_open:
             self._listen(description).addErrback(self._listen_failed, description)
-        return indexes
 
     @staticmethod
     def _listen_failed(failure: Failure, description: str) -> None:

@@ -1,16 +1,19 @@
 """Client slots leased in blocks: ``limits.max_clients`` and a route's ``pool.max_clients``
 over all workers, without asking the master at every login.
 
-Each limit is a *budget* (:data:`CLIENTS` for ``limits.max_clients``, a route's index for
-its ``pool.max_clients``). The master's :class:`Ledger` grants each worker slots of a
-budget in blocks; the worker's :class:`Block` admits a login on its own while it holds a
-free slot of every budget the login needs (a slot of :data:`CLIENTS`, and one of the
-route's budget when the route has a limit), and asks the master only when it holds none.
-A logout frees the slot in the worker, which keeps it for its next login. A worker gives
-slots back only when the master asks (:class:`Spare`): when another worker needs slots
-the ledger no longer has; it then gives every slot of those budgets it is not using. A
-worker that dies has its slots returned (:meth:`Ledger.forget`). Both halves are pure
-state machines: no I/O, no clock; the master and the worker carry out what they return.
+Each limit is a *budget* (:data:`CLIENTS` for ``limits.max_clients``, a route's
+``Route.identity`` for its ``pool.max_clients``: what the route matches, which a reload
+that keeps the route keeps, so the master and every worker name a route's budget alike
+whichever of them has applied a reload yet). The master's :class:`Ledger` grants each
+worker slots of a budget in blocks; the worker's :class:`Block` admits a login on its
+own while it holds a free slot of every budget the login needs (a slot of
+:data:`CLIENTS`, and one of the route's budget when the route has a limit), and asks the
+master only when it holds none. A logout frees the slot in the worker, which keeps it
+for its next login. A worker gives slots back only when the master asks
+(:class:`Spare`): when another worker needs slots the ledger no longer has; it then
+gives every slot of those budgets it is not using. A worker that dies has its slots
+returned (:meth:`Ledger.forget`). Both halves are pure state machines: no I/O, no clock;
+the master and the worker carry out what they return.
 
 What is promised, for every budget with a limit:
 
@@ -31,11 +34,12 @@ from __future__ import annotations
 from collections import Counter, defaultdict
 from typing import NamedTuple, Union
 
-#: The budget of ``limits.max_clients``; a route's budget is its index.
+#: The budget of ``limits.max_clients``; a route's budget is its ``Route.identity`` (a
+#: JSON list, never this word).
 CLIENTS = "clients"
 
-#: A budget: CLIENTS, or a route's index.
-Budget = Union[str, int]
+#: A budget: CLIENTS, or a route's identity.
+Budget = str
 
 
 class Granted(NamedTuple):
@@ -85,7 +89,6 @@ class Ledger:
     def __init__(self, workers: int) -> None:
         self.workers = workers
         self._held: defaultdict[Budget, Counter[int]] = defaultdict(Counter)
-        self._limits: dict[Budget, int] = {}
         self._waiting: list[_Request] = []
 
     def request(self, worker: int, ticket: object, wants: dict[Budget, tuple[int, int]]) -> list[Action]:
@@ -93,8 +96,6 @@ class Ledger:
         how many). Granted now if there is room; else the workers holding slots of the
         full budgets are asked to spare theirs, and the request waits for their answers;
         refused when nobody else holds any."""
-        for budget, (limit, _) in wants.items():
-            self._limits[budget] = limit
         request = _Request(worker, ticket, wants)
         short = self._short(request)
         if not short:
@@ -129,16 +130,6 @@ class Ledger:
         for request in self._waiting:
             request.asked.discard(worker)
         return self._serve()
-
-    def renumber(self, worker: int, indexes: dict[int, int]) -> None:
-        """A reload moved ``worker``'s routes (old index -> new): its slots follow."""
-        moved: dict[Budget, int] = {}
-        for budget, held in self._held.items():
-            if budget != CLIENTS and held[worker] > 0:
-                moved[budget] = held.pop(worker)
-        for budget, count in moved.items():
-            if budget in indexes:
-                self._held[indexes[budget]][worker] += count
 
     def held(self, budget: Budget) -> dict[int, int]:
         """Slots of ``budget`` by worker (those holding any)."""
@@ -183,7 +174,7 @@ class Block:
         self.held: Counter[Budget] = Counter()
         self.used: Counter[Budget] = Counter()
 
-    def admit(self, route: int, limited: bool) -> dict[Budget, int]:
+    def admit(self, route: Budget, limited: bool) -> dict[Budget, int]:
         """A login of ``route``: admitted into a free slot of every budget it needs when
         this worker holds one (returns nothing), else what to ask the master for (budget
         -> slots; nothing taken). Once a grant has been added, admit again: the free
@@ -202,7 +193,7 @@ class Block:
         """The master granted these slots."""
         self.held.update(slots)
 
-    def leave(self, route: int) -> None:
+    def leave(self, route: Budget) -> None:
         """A client of ``route`` has gone: its slot is free (and stays here)."""
         self.used[CLIENTS] -= 1
         self.used[route] -= 1
@@ -216,13 +207,3 @@ class Block:
                 self.held[budget] -= count
                 given[budget] = count
         return given
-
-    def renumber(self, indexes: dict[int, int]) -> None:
-        """A reload moved routes (old index -> new): slots and uses follow."""
-        for counts in (self.held, self.used):
-            routes = {b: n for b, n in counts.items() if b != CLIENTS}
-            for budget in routes:
-                del counts[budget]
-            for budget, count in routes.items():
-                if budget in indexes:
-                    counts[indexes[budget]] += count

@@ -71,13 +71,13 @@ class MasterLink(amp.AMP):
         if self.transport is not None and not self.lost.called:
             self.callRemote(Release, pool=pool)
 
-    def admit(self, route_index: int) -> "Deferred[str]":
+    def admit(self, route: Route) -> "Deferred[str]":
         """:class:`~odissey.client.Admission`: into a free client slot this worker holds,
         here and now; else the master grants a block of slots (or refuses, when other
-        workers have none to spare: the limits hold over all of them)."""
+        workers have none to spare: the limits hold over all of them). The route's
+        budget is its identity, which the master names alike before and after a reload."""
         block = self.block
-        routes = self.service.config.routes  # (a login begun before a reload may name a route gone since)
-        wants = block.admit(route_index, route_index < len(routes) and bool(routes[route_index].pool.max_clients))
+        wants = block.admit(route.identity, bool(route.pool.max_clients))
         if not wants:
             return succeed("")
 
@@ -85,13 +85,13 @@ class MasterLink(amp.AMP):
             if answer["refused"]:
                 return answer["refused"]
             block.add(slots_from(answer["slots"]))
-            return self.admit(route_index)
+            return self.admit(route)
 
         return self.callRemote(Admit, wants=slots_json(wants)).addCallback(answered)
 
-    def left(self, route_index: int) -> None:
+    def left(self, identity: str) -> None:
         """The client's slot stays here, free for this worker's next login."""
-        self.block.leave(route_index)
+        self.block.leave(identity)
 
     @Spare.responder
     def spare(self, budgets: str) -> dict[str, Any]:
@@ -149,12 +149,10 @@ class MasterLink(amp.AMP):
         new = pickle.loads(b"".join(self.parts))
         self.parts = []
         service = self.service
-        problems, indexes = service.take(new)
-        if not problems:
-            self.block.renumber(indexes)
+        problems = service.take(new)
         pools = service.pools.pools if service.pools is not None else {}
         sizes = {pool_name(key): pool.route.pool.size for key, pool in pools.items()}
-        return {"problems": json.dumps(problems), "indexes": json.dumps(indexes), "sizes": json.dumps(sizes)}
+        return {"problems": json.dumps(problems), "sizes": json.dumps(sizes)}
 
     @Figures.responder
     def figures_part(self, scrape: int, offset: int) -> dict[str, Any]:

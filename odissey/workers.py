@@ -27,6 +27,7 @@ from typing import Any, Hashable, Optional, Union
 from twisted.application.internet import TimerService
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, DeferredList, inlineCallbacks, succeed
+from twisted.internet.error import ProcessTerminated
 from twisted.internet.interfaces import IListeningPort
 from twisted.internet.protocol import Factory, ProcessProtocol
 from twisted.logger import Logger
@@ -44,7 +45,7 @@ from odissey.config import Config, ConfigError, load as load_config
 from odissey.handover import HandoverServer, take as take_sockets
 from odissey.jit import compile_sooner
 from odissey.leases import Action, Grant, Ledger
-from odissey.lifecycle import Stop, Stoppable, failed_start, given, hand_over, install_signals, listener, stop_listening, within
+from odissey.lifecycle import FAILED, Stop, Stoppable, failed_start, given, hand_over, install_signals, listener, stop_listening, within
 from odissey.logs import Observer, observe_for
 from odissey.metrics import MetricsResource, MetricsSite, Snapshot
 from odissey.postgres import LocalPostgres
@@ -69,6 +70,11 @@ SYSTEMD_ONLY = frozenset({"NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LIS
 RECLAIM_RETRY = 0.1
 #: How long the master waits for a worker's statistics at shutdown.
 STATS_PATIENCE = 2.0
+
+
+class WorkerStartFailed(Exception):
+    """A worker exited with a failed start's status before every worker had accepted
+    once: the master's own start fails (restarting it would fail the same way)."""
 
 
 def percentile(values: list[float], fraction: float) -> float:
@@ -383,16 +389,14 @@ class Master(Stoppable, MultiService):
         return problems or planned
 
     def _reloaded(self, results: list[tuple[bool, Any]], numbers: list[int], summary: str) -> list[str]:
-        """Every worker has answered a Reconfigure: their client slots follow the
-        routes' new indexes, the lease ledger the pools' new sizes."""
+        """Every worker has answered a Reconfigure: the lease ledger takes the pools' new
+        sizes. (Client slots are kept by route identity, which a reload keeps.)"""
         problems: list[str] = []
         for number, (ok, answer) in zip(numbers, results):
             if not ok:
                 continue  # (a worker that died: its restart reads the new configuration)
             theirs = json.loads(answer["problems"])
             problems += [f"worker {number}: {p}" for p in theirs]
-            if not theirs:
-                self.slots.renumber(number, {int(old): new for old, new in json.loads(answer["indexes"]).items()})
             for pool, size in json.loads(answer["sizes"]).items():
                 self.apply(self.ledger.resize(pool, size))
         self.notifier.reloaded()
@@ -435,7 +439,10 @@ class Master(Stoppable, MultiService):
         log.info("worker {number} started, pid {pid}", number=number, pid=process.pid)
 
     def ended(self, process: WorkerProcess, reason: Failure) -> None:
-        """A worker exited: its leases return; unless we are stopping, it restarts."""
+        """A worker exited: its leases return; unless we are stopping, it restarts. One
+        whose start failed (status 1: certificates unreadable, say) before every worker
+        has accepted fails the master's start (exit status 1, as a single Odissey's),
+        rather than being restarted every second while the master never gets ready."""
         number = process.number
         if self.processes.get(number) is process:
             del self.processes[number]
@@ -448,6 +455,12 @@ class Master(Stoppable, MultiService):
         how = reason.value
         if self._stopping:
             log.info("worker {number} stopped, pid {pid} ({how})", number=number, pid=process.pid, how=how)
+            return
+        if (not self._all_accepting.called and isinstance(how, ProcessTerminated)
+                and how.exitCode == FAILED):
+            self._all_accepting.errback(WorkerStartFailed(
+                f"worker {number} (pid {process.pid}) could not start: see its log above"))
+            self._stopping = True  # (after: the master's failed start is not a stop asked for)
             return
         self.restarts += 1
         delay = max(0.0, process.started_at + RESTART_DELAY - self.reactor.seconds())
@@ -534,11 +547,11 @@ class Master(Stoppable, MultiService):
         return ticket
 
     def limit_of(self, budget: slots.Budget) -> int:
-        """A budget's limit as configured now (0: none; a route a reload removed has none)."""
+        """A budget's limit as configured now (0: none; a route a reload removed has none).
+        (A scan of the routes: Admits are rare, one per block of slots.)"""
         if budget == slots.CLIENTS:
             return self.config.limits.max_clients
-        routes = self.config.routes
-        return routes[budget].pool.max_clients if isinstance(budget, int) and 0 <= budget < len(routes) else 0
+        return next((route.pool.max_clients for route in self.config.routes if route.identity == budget), 0)
 
     def admitted(self, actions: list[slots.Action]) -> None:
         """Do what the slot ledger decided: answer admissions, ask workers to spare slots."""

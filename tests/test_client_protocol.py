@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import struct
+from typing import Any
 
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 
-from odissey import config
+from odissey import client as client_module, config
 from odissey.cancel import CancelKeys, KeyLayout, Peering
 from odissey.client import ClientConnection, ClientFactory, ClientState
+from odissey.config import Route
 from odissey.janitor import Janitor
 from odissey.pool import Pools
 from odissey.router import Router
+from odissey.service import OdisseyService
 from odissey.testing import FakeBackends, answer_cancel, in_this_thread
 from odissey.wire import messages as m
 from odissey.wire.scanner import Scanner
@@ -327,6 +331,92 @@ class SessionIdentityTests(SynchronousTestCase):
         proto.connectionLost(None)
         self.assertEqual(len(pool.waiters), 0)
         self.assertEqual(proto.state, ClientState.GONE)
+
+
+class Admissions:
+    """A worker's link to its master as a client sees it (``Admission``): admits all,
+    records what it was asked and given back."""
+
+    def __init__(self) -> None:
+        self.admitted: list[str] = []
+        self.gone: list[str] = []
+
+    def admit(self, route: Route) -> "Deferred[str]":
+        self.admitted.append(route.identity)
+        return succeed("")
+
+    def left(self, identity: str) -> None:
+        self.gone.append(identity)
+
+
+def two_routes(first: str, second: str) -> config.Config:
+    """Routes to databases ``first`` and ``second`` (max_clients 1 each), in that order,
+    behind a cleartext password (so a login can be caught halfway)."""
+    route = {"user": "u", "storage": "pg", "auth": {"method": "cleartext", "password": "pw"},
+             "pool": {"max_clients": 1}}
+    return config.parse({"listen": ["tcp:0"], "storages": {"pg": {"host": "127.0.0.1"}},
+                         "routes": [{"database": first, **route}, {"database": second, **route}]})
+
+
+class ClientLimitsTests(SynchronousTestCase):
+    """A route's max_clients counts a client under the route it was admitted for, and
+    gives back exactly that."""
+
+    def setUp(self) -> None:
+        clock = MemoryReactorClock()
+        clock.getThreadPool = lambda: None  # type: ignore[attr-defined]  # (never used: threads below)
+        self.service = OdisseyService(two_routes("a", "b"), clock)
+        self.service.threads = in_this_thread
+        self.service.startService()  # (on a fake reactor: nothing to stop)
+        self.factory = self.service.factory
+        assert self.factory is not None
+
+    def login(self, database: str, password: bool = True) -> tuple[ClientConnection, StringTransport]:
+        proto, transport = connect(self.factory)  # type: ignore[arg-type]
+        proto.dataReceived(m.startup_message({"user": "u", "database": database}))
+        if password:
+            proto.dataReceived(m.password_message(m.cstring("pw")))
+        return proto, transport
+
+    def refused(self, transport: StringTransport) -> bool:
+        return any(kind == "E" and m.parse_error_fields(body)["C"] == "53300"
+                   for kind, body in messages(transport.value()))
+
+    def test_login_across_a_reload_counts_under_its_route(self) -> None:
+        """A login past route matching when a reload swaps its route with another is
+        counted under its own route: that route is full, the other is not; once it
+        leaves, its route takes a client again."""
+        admissions = self.factory.admission = Admissions()  # type: ignore[union-attr]
+        early, _ = self.login("a", password=False)
+        self.assertEqual(self.service.take(two_routes("b", "a")), [])
+        early.dataReceived(m.password_message(m.cstring("pw")))
+        self.assertEqual(early.state, ClientState.PARAMS)  # (admitted; waits for the server's parameters)
+        a, b = self.service.config.routes[1], self.service.config.routes[0]
+        self.assertEqual(self.factory.route_clients, {a.identity: 1})  # type: ignore[union-attr]
+        self.assertTrue(self.refused(self.login("a")[1]))
+        self.assertFalse(self.refused(self.login("b")[1]))
+        early.connectionLost(None)
+        self.assertEqual(admissions.gone, [a.identity])
+        self.assertFalse(self.refused(self.login("a")[1]))
+        self.assertEqual(admissions.admitted, [a.identity, b.identity, a.identity])
+
+    def test_slot_given_back_when_login_fails_after_admission(self) -> None:
+        """Whatever fails between admission and the greeting, the client's slot is given
+        back when it goes (here: the SCRAM pass-through check raises)."""
+        admissions = self.factory.admission = Admissions()  # type: ignore[union-attr]
+
+        def broken(route: Route, user: str) -> bool:
+            raise RuntimeError("broken")
+
+        self.patch(client_module, "borrows_credentials", broken)
+        proto, transport = self.login("a")
+        self.assertEqual(m.parse_error_fields(messages(transport.value())[-1][1])["C"], "XX000")
+        self.flushLoggedErrors(RuntimeError)
+        proto.connectionLost(None)
+        identity = self.service.config.routes[0].identity
+        self.assertEqual((admissions.admitted, admissions.gone), ([identity], [identity]))
+        self.assertEqual(+self.factory.route_clients, {})  # type: ignore[union-attr]
+
 
 class ToldValuesTests(SynchronousTestCase):
     """A login is told the values PostgreSQL would report for what it asked."""

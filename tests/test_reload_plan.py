@@ -82,6 +82,19 @@ class PlanTests(SynchronousTestCase):
         self.assertEqual([r.name for r in planned.removed], ["other/u"])
         self.assertEqual([r.clients for r in planned.removed], [parse(document()).routes[2].clients])
 
+    def test_identity_survives_moves_and_settings(self) -> None:
+        """A route keeps its identity (the client limits' name for it) when a reload
+        moves it or changes its settings; routes differing in what they match differ."""
+        new = copy.deepcopy(document())
+        new["routes"].reverse()
+        new["routes"][2]["pool"]["size"] = 9
+        old_routes, new_routes = parse(document()).routes, parse(new).routes
+        self.assertEqual([r.identity for r in old_routes], [r.identity for r in reversed(new_routes)])
+        self.assertEqual(len({r.identity for r in old_routes}), 3)
+        narrowed = copy.deepcopy(document())
+        narrowed["routes"][2]["clients"] = ["10.1.0.0/16"]
+        self.assertNotEqual(parse(narrowed).routes[2].identity, old_routes[2].identity)
+
     def test_listeners(self) -> None:
         """Listeners only in the new configuration open, those only in the old close."""
         new = copy.deepcopy(document())

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import random
 from collections import deque
-from typing import Optional
+from typing import NamedTuple, Optional, Union
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -15,23 +15,33 @@ from odissey.slots import CLIENTS, Action, Block, Budget, Granted, Ledger, Refus
 from tests.harness import run_seed
 
 
+#: Two routes' identities (``Route.identity``: what a route matches, kept by a reload).
+ROUTES = ["r0", "r1"]
+
+
 class Model:
     """N workers' blocks and the master's ledger, every message delivered at once (the
-    sequential model the docstring's second promise is about)."""
+    sequential model the docstring's second promise is about). A login names a route by
+    its index in the configuration its worker has applied (``views``), as a worker
+    matches it; its budget is the route's identity."""
 
     def __init__(self, workers: int, limit: int, route_limits: list[int]) -> None:
         self.ledger = Ledger(workers)
         self.blocks = [Block() for _ in range(workers)]
-        self.clients: list[list[int]] = [[] for _ in range(workers)]
+        self.clients: list[list[str]] = [[] for _ in range(workers)]
         self.limit = limit
-        self.route_limits = route_limits
+        #: Each route's max_clients, by identity (a reload in the model only reorders).
+        self.route_limits = dict(zip(ROUTES, route_limits))
+        #: The routes in the master's configuration, and in each worker's, in file order.
+        self.routes = list(ROUTES)
+        self.views = [list(ROUTES) for _ in range(workers)]
         self.tickets = 0
 
     def limit_of(self, budget: Budget) -> int:
-        return self.limit if budget == CLIENTS else self.route_limits[budget]  # type: ignore[index]
+        return self.limit if budget == CLIENTS else self.route_limits[budget]
 
-    def login(self, worker: int, route: int) -> bool:
-        block = self.blocks[worker]
+    def login(self, worker: int, index: int) -> bool:
+        block, route = self.blocks[worker], self.views[worker][index]
         wants = block.admit(route, bool(self.route_limits[route]))
         while wants:
             self.tickets += 1
@@ -50,6 +60,7 @@ class Model:
     def die(self, worker: int) -> None:
         self.blocks[worker] = Block()
         self.clients[worker] = []
+        self.views[worker] = list(self.routes)  # (its restart reads the master's configuration)
         assert self.deliver(self.ledger.forget(worker), None) is None
 
     def deliver(self, actions: list[Action], ticket: object) -> Optional[bool]:
@@ -69,7 +80,7 @@ class Model:
             outcome = isinstance(action, Granted)
         return outcome
 
-    def logged_in(self, route: Optional[int] = None) -> int:
+    def logged_in(self, route: Optional[str] = None) -> int:
         return sum(1 for clients in self.clients for r in clients if route is None or r == route)
 
 
@@ -93,14 +104,15 @@ class PromiseTests(SynchronousTestCase):
         for verb, worker, arg in operations:
             worker %= workers
             if verb == "login":
+                route = ROUTES[arg]
                 expected = model.logged_in() < limit and (
-                    not route_limits[arg] or model.logged_in(arg) < route_limits[arg])
+                    not route_limits[arg] or model.logged_in(route) < route_limits[arg])
                 self.assertEqual(model.login(worker, arg), expected, (verb, worker, arg))
             elif verb == "logout":
                 model.logout(worker, arg)
             else:
                 model.die(worker)
-            budgets: list[Budget] = [CLIENTS] + [r for r, lim in enumerate(route_limits) if lim]
+            budgets: list[Budget] = [CLIENTS] + [r for r, lim in zip(ROUTES, route_limits) if lim]
             for budget in budgets:
                 held = model.ledger.held(budget)
                 self.assertLessEqual(sum(held.values()), model.limit_of(budget))
@@ -109,19 +121,32 @@ class PromiseTests(SynchronousTestCase):
                     self.assertLessEqual(block.used[budget], block.held[budget])
 
 
+class Reconfigure(NamedTuple):
+    """The master's new configuration, on its way to a worker: the routes in file order."""
+
+    routes: list[str]
+
+
 class Messages:
     """The same halves with every message in flight until a step delivers it: each
     worker's link is two FIFO queues (to the master, to the worker), delivered in any
-    interleaving over workers, as the AMP links are."""
+    interleaving over workers, as the AMP links are. A reload reorders the routes: the
+    master takes the new configuration at once, each worker when its Reconfigure
+    arrives (behind what was already on its way to it), so for a while the master and
+    the workers number the routes differently; the slots must not care."""
 
     def __init__(self, workers: int, limit: int, route_limits: list[int]) -> None:
         self.model = Model(workers, limit, route_limits)
         self.to_master: list[deque[tuple]] = [deque() for _ in range(workers)]
-        self.to_worker: list[deque[tuple]] = [deque() for _ in range(workers)]
-        #: Logins waiting for the master's answer, by ticket: (worker, route).
-        self.asking: dict[int, tuple[int, int]] = {}
+        self.to_worker: list[deque[Union[Action, Reconfigure]]] = [deque() for _ in range(workers)]
+        #: Logins waiting for the master's answer, by ticket: (worker, route identity).
+        self.asking: dict[int, tuple[int, str]] = {}
 
-    def login(self, worker: int, route: int) -> None:
+    def login(self, worker: int, index: int) -> None:
+        """A login of the route at ``index`` in the worker's configuration."""
+        self.admit(worker, self.model.views[worker][index])
+
+    def admit(self, worker: int, route: str) -> None:
         model = self.model
         wants = model.blocks[worker].admit(route, bool(model.route_limits[route]))
         if not wants:
@@ -136,9 +161,17 @@ class Messages:
         self.to_master[worker].clear()
         self.to_worker[worker].clear()
         self.asking = {t: (w, r) for t, (w, r) in self.asking.items() if w != worker}
-        self.model.blocks[worker] = Block()
-        self.model.clients[worker] = []
-        self.send(self.model.ledger.forget(worker))
+        model = self.model
+        model.blocks[worker] = Block()
+        model.clients[worker] = []
+        model.views[worker] = list(model.routes)
+        self.send(model.ledger.forget(worker))
+
+    def reload(self, order: list[str]) -> None:
+        """A reload that puts the routes in ``order``."""
+        self.model.routes = order
+        for queue in self.to_worker:
+            queue.append(Reconfigure(order))
 
     def to_master_from(self, worker: int) -> str:
         """Deliver the next message to the master: "" if none, else what it was
@@ -157,13 +190,16 @@ class Messages:
             return False
         action = self.to_worker[worker].popleft()
         block = self.model.blocks[worker]
+        if isinstance(action, Reconfigure):
+            self.model.views[worker] = action.routes
+            return True
         if isinstance(action, Spare):
             self.to_master[worker].append(("spared", block.spare(action.budgets)))
             return True
         _worker, route = self.asking.pop(action.ticket)  # type: ignore[arg-type]
         if isinstance(action, Granted):  # (admitted again: what it had free may be gone)
             block.add(action.slots)
-            self.login(worker, route)
+            self.admit(worker, route)
         return True
 
     def send(self, actions: list[Action]) -> None:
@@ -173,16 +209,17 @@ class Messages:
 
 #: Logins, logouts and deliveries, weighted so that slots are often held unused while
 #: another worker asks (what makes Spares give something back).
-VERBS = ["login"] * 3 + ["logout"] * 2 + ["die"] + ["to_master"] * 3 + ["to_worker"] * 3
+VERBS = ["login"] * 3 + ["logout"] * 2 + ["die", "reload"] + ["to_master"] * 3 + ["to_worker"] * 3
 
 
 class InFlightTests(SynchronousTestCase):
     def test_limits_hold_with_messages_in_flight(self) -> None:
-        """Logins, logouts, deaths and message deliveries in random interleavings (300
-        runs of 120 steps; seeded, hypothesis rarely reaches a Spare that gives): at
-        every moment the clients logged in over all workers are within every limit and
-        no worker holds more than the master counts it; once every message is
-        delivered, every login that asked has its answer."""
+        """Logins, logouts, deaths, reloads that reorder the routes and message
+        deliveries in random interleavings (300 runs of 120 steps; seeded, hypothesis
+        rarely reaches a Spare that gives): at every moment the clients logged in over
+        all workers are within every limit and no worker holds more than the master
+        counts it; once every message is delivered, every login that asked has its
+        answer and the master counts exactly what each worker holds."""
         seed = run_seed(self)
         rnd = random.Random(seed)
         gave = 0
@@ -199,6 +236,8 @@ class InFlightTests(SynchronousTestCase):
                     model.logout(worker, rnd.randrange(20))
                 elif verb == "die":
                     messages.die(worker)
+                elif verb == "reload":
+                    messages.reload(rnd.sample(ROUTES, len(ROUTES)))
                 elif verb == "to_master":
                     gave += messages.to_master_from(worker) == "spared"
                 else:
@@ -207,14 +246,18 @@ class InFlightTests(SynchronousTestCase):
             while any(messages.to_master_from(w) or messages.to_worker_at(w) for w in range(workers)):
                 pass
             self.assertEqual(messages.asking, {}, f"seed {seed}")
+            for budget in [CLIENTS] + ROUTES:  # (and the master's count has not drifted)
+                held = model.ledger.held(budget)
+                self.assertEqual({n: b.held[budget] for n, b in enumerate(model.blocks) if b.held[budget]},
+                                 held, f"seed {seed}")
         self.assertGreater(gave, 0, f"seed {seed}: no Spare gave anything back")
 
     def check(self, model: Model, limit: int, route_limits: list[int], seed: int) -> None:
         self.assertLessEqual(model.logged_in(), limit, f"seed {seed}")
-        for route, route_limit in enumerate(route_limits):
+        for route, route_limit in zip(ROUTES, route_limits):
             if route_limit:
                 self.assertLessEqual(model.logged_in(route), route_limit, f"seed {seed}")
-        for budget in [CLIENTS] + [r for r, lim in enumerate(route_limits) if lim]:
+        for budget in [CLIENTS] + [r for r, lim in zip(ROUTES, route_limits) if lim]:
             held = model.ledger.held(budget)
             self.assertLessEqual(sum(held.values()), model.limit_of(budget), f"seed {seed}")
             for number, block in enumerate(model.blocks):
@@ -227,15 +270,15 @@ class LedgerTests(SynchronousTestCase):
         """With room, a request gets a share of the free slots (half, split over the
         workers), so the next logins of that worker are admitted without asking."""
         ledger, block = Ledger(2), Block()
-        self.assertEqual(block.admit(0, limited=False), {CLIENTS: 1})
+        self.assertEqual(block.admit("r0", limited=False), {CLIENTS: 1})
         (granted,) = ledger.request(0, "t", {CLIENTS: (100, 1)})
         self.assertEqual(granted, Granted(0, "t", {CLIENTS: 25}))
         block.add(granted.slots)
         for _ in range(25):
-            self.assertEqual(block.admit(0, limited=False), {})
-        self.assertEqual(block.admit(0, limited=False), {CLIENTS: 1})
-        block.leave(0)
-        self.assertEqual(block.admit(0, limited=False), {})  # (a logout's slot stays here)
+            self.assertEqual(block.admit("r0", limited=False), {})
+        self.assertEqual(block.admit("r0", limited=False), {CLIENTS: 1})
+        block.leave("r0")
+        self.assertEqual(block.admit("r0", limited=False), {})  # (a logout's slot stays here)
         self.assertEqual(block.used[CLIENTS], 25)
 
     def test_full_budget_asks_holders_and_waits(self) -> None:
@@ -257,9 +300,9 @@ class LedgerTests(SynchronousTestCase):
         """A request short of its route's slots is refused with that budget, and what it
         was granted of neither budget stays free."""
         ledger = Ledger(2)
-        ledger.request(0, "a", {CLIENTS: (10, 1), 3: (1, 1)})
-        self.assertEqual(ledger.request(0, "b", {CLIENTS: (10, 1), 3: (1, 1)}), [Refused(0, "b", 3)])
-        self.assertEqual(ledger.held(3), {0: 1})
+        ledger.request(0, "a", {CLIENTS: (10, 1), "r3": (1, 1)})
+        self.assertEqual(ledger.request(0, "b", {CLIENTS: (10, 1), "r3": (1, 1)}), [Refused(0, "b", "r3")])
+        self.assertEqual(ledger.held("r3"), {0: 1})
 
     def test_dead_worker_slots_return_to_a_waiting_request(self) -> None:
         """A worker that dies gives back all it held, and counts as having answered."""
@@ -275,15 +318,3 @@ class LedgerTests(SynchronousTestCase):
         ledger = Ledger(1)
         ledger.request(0, "a", {CLIENTS: (4, 4)})
         self.assertEqual(ledger.request(0, "b", {CLIENTS: (2, 1)}), [Refused(0, "b", CLIENTS)])
-
-    def test_renumber_moves_route_slots(self) -> None:
-        """A reload that moves a route moves the slots held for it, on both sides."""
-        ledger, block = Ledger(1), Block()
-        (granted,) = ledger.request(0, "a", {CLIENTS: (10, 1), 1: (10, 1)})
-        block.add(granted.slots)
-        self.assertEqual(block.admit(1, limited=True), {})
-        ledger.renumber(0, {1: 0})
-        block.renumber({1: 0})
-        self.assertEqual(ledger.held(0), {0: granted.slots[1]})
-        self.assertEqual(ledger.held(1), {})
-        self.assertEqual((block.held[0], block.used[0], block.used[1]), (granted.slots[1], 1, 0))

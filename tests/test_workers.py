@@ -4,6 +4,7 @@ front of the tests' PostgreSQL, driven by psycopg and raw-protocol clients."""
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import json
 import os
 import re
@@ -25,7 +26,7 @@ import psycopg
 import yaml
 from twisted.internet.defer import inlineCallbacks
 from twisted.internet.threads import deferToThread
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.error import ProcessDone, ProcessTerminated
 from twisted.internet.testing import MemoryReactorClock
 from twisted.application.service import MultiService
@@ -34,7 +35,7 @@ from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 
 from odissey import config
 from odissey.cancel import KeyLayout
-from odissey.commands import Admit, Cancel, Reclaim, Spare, Stop as StopCommand
+from odissey.commands import Admit, Cancel, Reclaim, Spare, Stop as StopCommand, slots_json
 from odissey.slots import CLIENTS
 from odissey.wire import messages as m
 from tests.harness import (APP_PASSWORD, USERS, Replies, committed, direct, free_port, read_message,
@@ -42,7 +43,9 @@ from tests.harness import (APP_PASSWORD, USERS, Replies, committed, direct, free
 from odissey.testing import in_this_thread
 from odissey.lifecycle import Stop
 from odissey.worker import MasterLink
-from odissey.workers import RECLAIM_RETRY, RESTART_DELAY, STATS_PATIENCE, STOP_PATIENCE, Master, WorkerProcess
+from odissey import lifecycle, workers as workers_module
+from odissey.workers import (RECLAIM_RETRY, RESTART_DELAY, STATS_PATIENCE, STOP_PATIENCE, Master, WorkerProcess,
+                             WorkerStartFailed)
 from tests.test_tap import BOOT, PYPY, ROOT, wait_refused
 from tests.test_tls import certs, outcome, serving
 
@@ -540,6 +543,42 @@ class WorkersTests(TestCase):
         self.assertEqual(answers, [1] * 6)
         seen = yield deferToThread(self.spread, port, 3)
         self.assertEqual(seen, {0, 1, 2})  # (the clients above were spread as these logins are)
+
+    @inlineCallbacks
+    def test_client_limits_follow_routes_a_reload_swaps(self):
+        """app's and u_trust's routes have max_clients 2 each over 2 workers; with 2 app
+        clients in, a reload swaps the two routes in the file: a third app client still
+        gets 53300 and two u_trust clients get in (each route's count stays with it, not
+        with its place), and once an app client leaves another gets in."""
+        process, port = yield deferToThread(self.start, 2, {"max_clients": 2})
+
+        def scenario() -> tuple[str, list[int]]:
+            app = [self.connect(port) for _ in range(2)]
+            document = yaml.safe_load(process.config_path.read_text())
+            document["routes"].reverse()
+            process.config_path.write_text(yaml.safe_dump(document))
+            mark = len(process.lines)
+            process.proc.send_signal(signal.SIGHUP)
+            process.wait_for(r"reloaded .* in 2 workers", after=mark)
+            with self.assertRaises(psycopg.OperationalError) as full:
+                self.connect(port)
+            trusted = [self.connect(port, "u_trust") for _ in range(2)]
+            app.pop().close()
+            deadline = time.monotonic() + 10
+            while len(app) < 2:  # (a worker counts a client's leaving when it sees it go)
+                try:
+                    app.append(self.connect(port))
+                except psycopg.OperationalError:
+                    self.assertLess(time.monotonic(), deadline, "a client's leaving was never counted")
+                    time.sleep(0.05)
+            answers = [conn.execute("select 1").fetchone()[0] for conn in app + trusted]
+            for conn in app + trusted:
+                conn.close()
+            return str(full.exception), answers
+
+        full, answers = yield deferToThread(scenario)
+        self.assertIn('too many clients for database "app" user "app" (max_clients 2)', full)
+        self.assertEqual(answers, [1] * 4)
 
     def pinned(self, port: int, worker: int, count: int) -> list[socket.socket]:
         """``count`` raw trust logins held on ``worker`` of 2 (logins the kernel gives
@@ -1309,6 +1348,13 @@ class _FakeLink:
         return answer
 
 
+class _Listening:
+    """A listening port as the master's start uses it (it only stops reading)."""
+
+    def stopReading(self) -> None:
+        pass
+
+
 class _Signalled:
     """A worker process's transport that exits when it is sent a signal."""
 
@@ -1469,12 +1515,13 @@ class MasterTests(SynchronousTestCase):
         """The route's max_clients (2) and limits.max_clients (3) count every worker's
         slots: when none are free, the workers holding some are asked to spare theirs;
         the login is refused when they have none unused, granted from what they give."""
-        self.assertEqual(self.admit(0, {CLIENTS: 1, 0: 1}), "")
-        self.assertEqual(self.admit(1, {CLIENTS: 1, 0: 1}), "")
-        refused = self.master.admit(2, {CLIENTS: 1, 0: 1})
+        route = self.master.config.routes[0].identity
+        self.assertEqual(self.admit(0, {CLIENTS: 1, route: 1}), "")
+        self.assertEqual(self.admit(1, {CLIENTS: 1, route: 1}), "")
+        refused = self.master.admit(2, {CLIENTS: 1, route: 1})
         for number in (0, 1):
             ((command, arguments, answer),) = self.links[number].calls
-            self.assertEqual((command, arguments), (Spare, {"budgets": "[0]"}))
+            self.assertEqual((command, arguments), (Spare, {"budgets": json.dumps([route])}))
             answer.callback({"gave": "[]"})
         self.assertEqual(self.successResultOf(refused)["refused"], "route")
         self.assertEqual(self.admit(2, {CLIENTS: 1}), "")
@@ -1484,6 +1531,58 @@ class MasterTests(SynchronousTestCase):
         self.assertEqual(self.successResultOf(granted), {"refused": "", "slots": '[["clients", 1]]'})
         self.links[2].calls[0][2].callback({"gave": "[]"})
         self.assertEqual(self.master.slots.held(CLIENTS), {0: 2, 2: 1})
+
+    def start(self) -> None:
+        """The master's start up to waiting for its workers (listeners faked)."""
+        self.patch(workers_module, "listener", lambda *_args: succeed(_Listening()))
+        self.master._starting = self.master._start()
+        self.master._starting.addErrback(self.master._start_failed)
+        self.assertEqual(self.spawned, [0, 1, 2])
+
+    def test_worker_failing_its_start_fails_the_masters(self) -> None:
+        """A worker that exits with status 1 before every worker has accepted (its
+        certificates unreadable, say) fails the master's start: ready fails, the process
+        will exit 1, and no worker is restarted; before, the master restarted it every
+        second and never got ready."""
+        exits: list[bool] = []
+        self.patch(lifecycle, "exit_failed", lambda: exits.append(True))
+        self.start()
+        self.master.accepted(1)
+        self.master.ended(self.master.processes[0], Failure(ProcessTerminated(exitCode=1)))
+        self.failureResultOf(self.master.ready, WorkerStartFailed)
+        self.flushLoggedErrors(WorkerStartFailed)
+        self.assertEqual(exits, [True])
+        self.master.ended(self.master.processes[2], Failure(ProcessTerminated(exitCode=1)))
+        self.clock.advance(RESTART_DELAY)
+        self.assertEqual((self.spawned, self.master.restarts), ([0, 1, 2], 0))
+
+    def test_worker_failing_after_the_start_is_restarted(self) -> None:
+        """Once every worker has accepted, a worker that exits with status 1 is
+        restarted like any that dies (the master is running; its start is over)."""
+        self.start()
+        for number in range(3):
+            self.master.accepted(number)
+        self.successResultOf(self.master.ready)
+        self.master.ended(self.master.processes[0], Failure(ProcessTerminated(exitCode=1)))
+        self.clock.advance(RESTART_DELAY)
+        self.assertEqual((self.spawned, self.master.restarts), ([0, 1, 2, 0], 1))
+
+    def test_route_limit_follows_the_route_across_a_reload(self) -> None:
+        """A reload that moves the limited route (the master takes the new configuration
+        at once; workers' Admits may still come from before it): its slots keep
+        counting against its limit, and the route now at its old place has none."""
+        limited, unlimited = (route.identity for route in self.master.config.routes)
+        self.assertEqual(self.admit(0, {CLIENTS: 1, limited: 1}), "")
+        moved = dataclasses.replace(self.master.config, routes=tuple(
+            dataclasses.replace(route, index=1 - route.index) for route in reversed(self.master.config.routes)))
+        self.master.config = moved  # (what Master.reload does before sending it to the workers)
+        self.assertEqual(self.admit(1, {CLIENTS: 1, limited: 1}), "")
+        refused = self.master.admit(2, {CLIENTS: 1, limited: 1})
+        for number in (0, 1):
+            self.links[number].calls[-1][2].callback({"gave": "[]"})
+        self.assertEqual(self.successResultOf(refused)["refused"], "route")
+        self.assertEqual(self.master.limit_of(unlimited), 0)
+        self.assertEqual(self.master.slots.held(limited), {0: 1, 1: 1})
 
 
 class MasterLinkTests(SynchronousTestCase):
@@ -1498,30 +1597,33 @@ class MasterLinkTests(SynchronousTestCase):
                         "pool": {"max_clients": 2}},
                        {"database": "db", "user": "v", "storage": "pg", "auth": {"method": "trust"}}],
         }
-        self.link = MasterLink(SimpleNamespace(config=config.parse(document)))  # type: ignore[arg-type]
+        parsed = config.parse(document)
+        self.routes = parsed.routes
+        self.link = MasterLink(SimpleNamespace(config=parsed))  # type: ignore[arg-type]
         self.fake = _FakeLink()
         self.link.callRemote = self.fake.callRemote  # type: ignore[method-assign]
 
     def test_admits_locally_until_the_block_is_used_up(self) -> None:
         """The first login asks for both budgets; the block granted admits the next ones
         with no message until the route's slots run out; a logout's slot is reused."""
-        first = self.link.admit(0)
+        limited, unlimited = self.routes
+        first = self.link.admit(limited)
         ((command, arguments, answer),) = self.fake.calls
-        self.assertEqual((command, arguments), (Admit, {"wants": '[["clients", 1], [0, 1]]'}))
-        answer.callback({"refused": "", "slots": '[["clients", 3], [0, 1]]'})
+        self.assertEqual((command, arguments), (Admit, {"wants": slots_json({CLIENTS: 1, limited.identity: 1})}))
+        answer.callback({"refused": "", "slots": slots_json({CLIENTS: 3, limited.identity: 1})})
         self.assertEqual(self.successResultOf(first), "")
-        self.assertEqual(self.successResultOf(self.link.admit(1)), "")  # (route 1 has no limit)
+        self.assertEqual(self.successResultOf(self.link.admit(unlimited)), "")
         self.assertEqual(len(self.fake.calls), 1)
-        self.link.admit(0)
-        self.assertEqual(self.fake.calls[1][1], {"wants": '[[0, 1]]'})
+        self.link.admit(limited)
+        self.assertEqual(self.fake.calls[1][1], {"wants": slots_json({limited.identity: 1})})
         self.fake.calls[1][2].callback({"refused": "route", "slots": "[]"})
-        self.link.left(0)
-        self.assertEqual(self.successResultOf(self.link.admit(0)), "")
+        self.link.left(limited.identity)
+        self.assertEqual(self.successResultOf(self.link.admit(limited)), "")
         self.assertEqual(len(self.fake.calls), 2)
 
     def test_spares_only_unused_slots(self) -> None:
         """Asked to spare, a worker gives back the slots its clients do not use."""
-        self.link.admit(1)
+        self.link.admit(self.routes[1])
         self.fake.calls[0][2].callback({"refused": "", "slots": '[["clients", 4]]'})
         self.assertEqual(self.link.spare('["clients", 0]'), {"gave": '[["clients", 3]]'})
         self.assertEqual(self.link.spare('["clients"]'), {"gave": "[]"})
