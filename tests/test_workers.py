@@ -1367,17 +1367,23 @@ class _Signalled:
         self.process.processEnded(Failure(ProcessTerminated(signal=9)))
 
 
+def two_routes(workers: int, max_clients: int) -> dict[str, Any]:
+    """A configuration of ``workers`` with ``limits.max_clients`` and two routes of one
+    database: user u limited to 2 clients, user v not."""
+    return {
+        "workers": workers, "listen": ["tcp:0"], "limits": {"max_clients": max_clients},
+        "storages": {"pg": {"host": "127.0.0.1"}},
+        "routes": [{"database": "db", "user": "u", "storage": "pg", "auth": {"method": "trust"},
+                    "pool": {"max_clients": 2}},
+                   {"database": "db", "user": "v", "storage": "pg", "auth": {"method": "trust"}}],
+    }
+
+
 class MasterTests(SynchronousTestCase):
     """The master's bookkeeping on a fake clock, with fake worker links (no processes)."""
 
     def setUp(self) -> None:
-        document = {
-            "workers": 3, "listen": ["tcp:0"], "limits": {"max_clients": 3},
-            "storages": {"pg": {"host": "127.0.0.1"}},
-            "routes": [{"database": "db", "user": "u", "storage": "pg", "auth": {"method": "trust"},
-                        "pool": {"max_clients": 2}},
-                       {"database": "db", "user": "v", "storage": "pg", "auth": {"method": "trust"}}],
-        }
+        document = two_routes(workers=3, max_clients=3)
         self.clock = MemoryReactorClock()
         self.master = Master(config.parse(document), self.clock, in_this_thread)
         self.links = {}
@@ -1590,13 +1596,7 @@ class MasterLinkTests(SynchronousTestCase):
     master only when they are used up."""
 
     def setUp(self) -> None:
-        document = {
-            "workers": 2, "listen": ["tcp:0"], "limits": {"max_clients": 10},
-            "storages": {"pg": {"host": "127.0.0.1"}},
-            "routes": [{"database": "db", "user": "u", "storage": "pg", "auth": {"method": "trust"},
-                        "pool": {"max_clients": 2}},
-                       {"database": "db", "user": "v", "storage": "pg", "auth": {"method": "trust"}}],
-        }
+        document = two_routes(workers=2, max_clients=10)
         parsed = config.parse(document)
         self.routes = parsed.routes
         self.link = MasterLink(SimpleNamespace(config=parsed))  # type: ignore[arg-type]
