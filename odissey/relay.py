@@ -129,9 +129,13 @@ class Relay:
         self.server: ServerConnection | None = None
         self.coupled = False  # transports registered as each other's producers
         #: Client bytes waiting for a server. With prepared statements on, the chunks
-        #: with their scanner events: they are rewritten for the server they reach.
+        #: with :meth:`_forward`'s arguments: they are rewritten for the server they
+        #: reach. Each is checked or scanned as it arrives, so that a chunk that breaks
+        #: the protocol fails its client before it can cost a server; a chunk of whole
+        #: messages is only checked (``Scanner.complete``), which leaves the scanner
+        #: as it was, and is walked once, by ``Statements.batch``, when it is sent.
         self.pending: list[bytes] = []
-        self.unsent: list[tuple[bytes, list[Event] | None, bool]] = []
+        self.unsent: list[tuple[bytes, list[Event] | None, bool, bool]] = []
         self.pending_size = 0
         self.paused = False
         self.goodbye = False  # the client sent Terminate
@@ -205,14 +209,16 @@ class Relay:
         """clientData with prepared statements on: the chunk is rewritten for the server
         it goes to, so the tracker sees it (as that server will) only when it is sent."""
         self.heard = True
-        events: list[Event] | None
-        holding = False
+        events: list[Event] | None = None
+        holding = checked = False
         if data[0] == _Q and self.scanner.whole(data):
             events = [(_Q, data[5:], len(data))]
         elif self.state is RelayState.ATTACHED or (self.state is RelayState.IDLE and not self.unsent):
             # Sent in this call (a server is attached, or taken now if one is idle):
             # Statements.batch walks it then, and the scanner only if it must.
-            events = None
+            pass
+        elif self.scanner.complete(data):
+            checked = True  # waits, whole: see _wait_checked
         else:
             scanned = self._scan(data)
             if scanned is None:
@@ -232,13 +238,16 @@ class Relay:
             self.goodbye = True
             self.client.drop()
             return
-        self.unsent.append((data, events, holding))
+        self.unsent.append((data, events, holding, checked))
         self._waits_for_server(len(data))
-        if events is None and self.unsent:
-            # No server yet: scanned now, before the client's next chunk is.
-            scanned = self._scan(data)
-            if scanned is not None:
-                self.unsent[-1] = (data, *scanned)
+        if events is None and not checked and self.unsent:
+            # No server yet: checked or scanned now, before the client's next chunk is.
+            if self.scanner.complete(data):
+                self.unsent[-1] = (data, None, False, True)
+            else:
+                scanned = self._scan(data)
+                if scanned is not None:
+                    self.unsent[-1] = (data, *scanned, False)
 
     def _scan(self, data: bytes) -> tuple[list[Event], bool] | None:
         """The scanner's events for a client chunk, and whether it ends inside a message
@@ -276,11 +285,12 @@ class Relay:
             self.paused = True
             self.client.valve.pauseProducing()
 
-    def _forward(self, data: bytes, events: list[Event] | None, holding: bool) -> None:
+    def _forward(self, data: bytes, events: list[Event] | None, holding: bool, checked: bool = False) -> None:
         """Rewrite one client chunk for the attached server, track it, send it, and
         send the client the replies Odissey owes it at once. ``holding``: the chunk
         ends inside a message the rewriting needs whole. ``events`` None: the chunk is
-        not scanned yet, and nothing has been fed to the scanner since."""
+        not scanned yet, and nothing has been fed to the scanner since, or it is
+        ``checked``: whole messages from between two, which the scanner skipped."""
         statements = self.statements
         server = self.server
         assert statements is not None and server is not None
@@ -294,10 +304,16 @@ class Relay:
                 if not send(server.transport, out) and not self.coupled:
                     self._couple()
                 return
-            scanned = self._scan(data)
-            if scanned is None:
-                return
-            events, holding = scanned
+            if checked:
+                # (the relay's scanner may be past later chunks by now: one of its own)
+                scanner = self.scanner
+                events = Scanner(scanner.watch, scanner.collect, max_length=scanner.max_length,
+                                 strict=True).feed(data)
+            else:
+                scanned = self._scan(data)
+                if scanned is None:
+                    return
+                events, holding = scanned
         if len(events) == 1 and events[0][0] == _Q and events[0][2] == len(data) \
                 and statements.query(events[0][1]):  # type: ignore[arg-type]
             # The usual chunk, one whole Query with nothing in flight: as it came.
@@ -522,8 +538,8 @@ class Relay:
             server.statements.epoch += 1
             unsent, self.unsent = self.unsent, []
             self.pending_size = 0
-            for data, events, holding in unsent:
-                self._forward(data, events, holding)
+            for data, events, holding, checked in unsent:
+                self._forward(data, events, holding, checked)
                 if self.state is not RelayState.ATTACHED:
                     return
         if self.cancel_wanted or self.paused or self._attached is not None:

@@ -383,6 +383,74 @@ class ExtendedPathTests(SynchronousTestCase):
         self.assertEqual(backends[0].kinds()[-4:], b"PBES")
         self.assertEqual(relay.state, RelayState.IDLE)
 
+    def test_a_whole_chunk_that_waits_is_checked_and_taken_in_one_pass(self) -> None:
+        """With no server free, a chunk of whole messages is only checked as it arrives
+        (the scanner is not fed), and goes out through Statements.batch once a server
+        is there: the path of most extended-protocol transactions with many clients."""
+        relay, client, pool, backends, reactor = relay_setup(size=1, max_prepared_statements=200)
+        feeds: list[bytes] = []
+
+        class Counting(Scanner):
+            def feed(self, data: bytes) -> list:
+                feeds.append(data)
+                return super().feed(data)
+
+        relay.scanner = Counting(watch=CLIENT_WATCH, collect=COLLECT, max_length=1 << 20, strict=True)
+        other = Relay(FakeClient(), pool, dict(relay.wanted), dict(relay.told), 1 << 20)
+        attached(other, reactor, backends, m.query("BEGIN"))
+        relay.clientData(m.parse(b"", b"select 3\0\0\0") + m.bind(b"", b"", b"\0\0\0\0\0\0")
+                         + m.message(b"D", b"P\0") + m.message(b"E", b"\0\0\0\0\0") + m.sync())
+        self.assertEqual(relay.state, RelayState.WAITING)
+        self.assertEqual(relay.unsent[-1][1:], (None, False, True))  # checked, not scanned
+        other.clientData(m.query("COMMIT"))
+        backends.flush()
+        reactor.advance(0)
+        backends.flush()
+        self.assertEqual(feeds, [])
+        self.assertEqual(client.errors, [])
+        self.assertEqual(backends[0].kinds()[-5:], b"PBDES")
+        self.assertTrue(client.received().endswith(m.ready_for_query(b"I")))
+        self.assertEqual(relay.state, RelayState.IDLE)
+
+    def test_a_checked_chunk_batch_refuses_is_scanned_on_its_own(self) -> None:
+        """A waiting chunk that was only checked, but that Statements.batch refuses (a
+        named Parse), is scanned when it is sent by a scanner of its own: the relay's
+        has gone on to the client's next chunk, which stopped inside a message."""
+        relay, client, pool, backends, reactor = relay_setup(size=1, max_prepared_statements=200)
+        other = Relay(FakeClient(), pool, dict(relay.wanted), dict(relay.told), 1 << 20)
+        attached(other, reactor, backends, m.query("BEGIN"))
+        relay.clientData(m.parse(b"s1", b"select 3\0\0\0") + m.sync())
+        self.assertEqual(relay.unsent[-1][1:], (None, False, True))
+        execute = m.bind(b"", b"s1", b"\0\0\0\0\0\0") + m.message(b"E", b"\0\0\0\0\0") + m.sync()
+        relay.clientData(execute[:7])  # (inside the Bind: scanned, the scanner is left inside it)
+        self.assertIsNotNone(relay.unsent[-1][1])
+        other.clientData(m.query("COMMIT"))
+        backends.flush()
+        reactor.advance(0)
+        backends.flush()
+        relay.clientData(execute[7:])
+        backends.flush()
+        self.assertEqual(client.errors, [])
+        self.assertEqual(backends[0].kinds()[-5:], b"PSBES")
+        self.assertEqual(client.received().count(m.ready_for_query(b"I")), 2)
+        self.assertEqual(relay.state, RelayState.IDLE)
+
+    def test_a_bad_chunk_that_waits_fails_its_client_at_once(self) -> None:
+        """A chunk that breaks the protocol while the client waits for a server fails
+        the client as it arrives: it never costs the server it was waiting for."""
+        relay, client, pool, backends, reactor = relay_setup(size=1, max_prepared_statements=200)
+        other = Relay(FakeClient(), pool, dict(relay.wanted), dict(relay.told), 1 << 20)
+        attached(other, reactor, backends, m.query("BEGIN"))
+        relay.clientData(m.message(b"E", b"\0\0\0\0\0") + m.message(b"\x01", b""))
+        self.assertEqual([e.sqlstate for e in client.errors], ["08P01"])
+        relay.clientGone()
+        before = backends[0].kinds()
+        other.clientData(m.query("COMMIT"))
+        backends.flush()
+        reactor.advance(0)
+        self.assertEqual(backends[0].kinds(), before + b"Q")
+        self.assertEqual(pool.idle, [backends[0].server])
+
     def test_usual_extended_chunk_is_not_scanned(self) -> None:
         """pgbench's -M prepared transaction, once its statement is on the server, goes
         out renamed without the scanner's events."""

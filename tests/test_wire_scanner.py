@@ -202,3 +202,31 @@ class StrictTests(SynchronousTestCase):
             Scanner(watch=frozenset(b"Q"), strict=True).feed(data)
         self.assertEqual(caught.exception.offset, len(m.query("select 1")))
         self.assertEqual(len(Scanner(watch=frozenset(b"Q")).feed(data)), 1)  # not strict: skipped
+
+
+class CompleteTests(SynchronousTestCase):
+    """``Scanner.complete``: the check that lets a waiting chunk skip the scan."""
+
+    @given(st.lists(st.one_of(message_st, st.binary(max_size=12)), max_size=6),
+           st.integers(min_value=4, max_value=60))
+    @settings(max_examples=400)
+    def test_agrees_with_feed(self, parts: list[bytes], max_length: int) -> None:
+        """True exactly when a strict scanner fed the chunk from between two messages
+        raises nothing and ends between two messages again."""
+        data = b"".join(parts)
+        scanner = Scanner(watch=frozenset(b"QSPBDE"), max_length=max_length, strict=True)
+        complete = scanner.complete(data)
+        try:
+            scanner.feed(data)
+            fed = scanner.between()
+        except ProtocolViolation:
+            fed = False
+        self.assertEqual(complete, fed)
+
+    def test_false_inside_a_message(self) -> None:
+        """After a chunk that stopped inside a message, nothing is complete: the next
+        chunk starts with that message's rest, not a header."""
+        scanner = Scanner(watch=frozenset(b"QS"), strict=True)
+        scanner.feed(m.query("select 1")[:3])
+        self.assertFalse(scanner.complete(m.sync()))
+        self.assertTrue(Scanner(watch=frozenset(b"QS"), strict=True).complete(m.sync() + m.query("x")))

@@ -113,6 +113,28 @@ class Scanner:
             return False
         return length + 1 == len(data) and 4 <= length <= self.max_length
 
+    def complete(self, data: bytes) -> bool:
+        """The chunk is whole messages of valid lengths (and, when ``strict``, watched
+        types), starting where the last one ended: :meth:`feed` would raise nothing
+        and leave the scanner as it is, so the chunk can be checked now and scanned,
+        from between two messages, later. False when anything is cut or wrong (feed
+        it to hear what)."""
+        if self._skip or self._head or self._body is not None:
+            return False
+        n = len(data)
+        pos = 0
+        max_length = self.max_length
+        types = self.watch if self.strict else _EVERY_TYPE
+        try:  # (a header cut short raises struct.error)
+            while pos < n:
+                kind, length = _HEADER(data, pos)
+                if length < 4 or length > max_length or kind not in types:
+                    return False
+                pos += 1 + length
+        except struct.error:
+            return False
+        return pos == n
+
     def ready_for_query(self, data: bytes, stops: dict[int, frozenset[int] | None]) -> int:
         """The one pass of a server chunk that needs no events: how many ReadyForQuery
         it holds, when it ends exactly after one (a reply's usual read) and holds no
