@@ -352,14 +352,29 @@ class Relay:
     def _note(self, events: list[Event]) -> None:
         """Mark the server with the session state the client's Query and Parse texts
         may leave on it (transaction mode), so that it is cleaned before it serves
-        anyone else."""
-        flags = 0
-        for kind, body, _end in events:
-            if body is not None:
-                if kind == _P:  # the text after the statement's name
-                    flags |= self._marks.of(body[body.find(b"\0") + 1:])
-                elif kind == _Q:  # (often with literals in it: read each time)
-                    flags |= left_by(body, self.reported)
+        anyone else.
+
+        One event, the usual case, is read without a loop (its Query or Parse always
+        has its body: both are collected wherever this is called): under PyPy, entering a
+        loop in a function the JIT has inlined costs a frame of its own (and a bridge
+        out of it), which for one pass cost more than the pass (docs/architecture.md,
+        "Loops on the hot path")."""
+        if len(events) == 1:
+            kind, body, _end = events[0]
+            if kind == _Q:  # (often with literals in it: read each time)
+                flags = left_by(body, self.reported)  # type: ignore[arg-type]
+            elif kind == _P:  # the text after the statement's name
+                flags = self._marks.of(body[body.find(b"\0") + 1:])  # type: ignore[index,union-attr]
+            else:
+                return
+        else:
+            flags = 0
+            for kind, body, _end in events:
+                if body is not None:
+                    if kind == _P:
+                        flags |= self._marks.of(body[body.find(b"\0") + 1:])
+                    elif kind == _Q:
+                        flags |= left_by(body, self.reported)
         if flags:
             if flags & LISTEN and self.pool.route.pool.pin_listeners:
                 self.pinned = True
@@ -538,10 +553,15 @@ class Relay:
             server.statements.epoch += 1
             unsent, self.unsent = self.unsent, []
             self.pending_size = 0
-            for data, events, holding, checked in unsent:
-                self._forward(data, events, holding, checked)
-                if self.state is not RelayState.ATTACHED:
-                    return
+            if len(unsent) == 1:  # (the usual case, without a loop: see _note)
+                self._forward(*unsent[0])
+            else:
+                for data, events, holding, checked in unsent:
+                    self._forward(data, events, holding, checked)
+                    if self.state is not RelayState.ATTACHED:
+                        break
+            if self.state is not RelayState.ATTACHED:
+                return
         if self.cancel_wanted or self.paused or self._attached is not None:
             self._attached_late(server)
         if statements is not None:

@@ -329,15 +329,18 @@ class Transaction:
         pending = self.pending
         answered = 0  # the queue's requests that a ReadyForQuery answers
         tracked = False
-        for entry in pending:
-            if entry in _ANSWERED_BY_Z:
-                answered += 1
-            elif entry < 0 or entry > 0xFF:
-                if entry < 0 or not entry & TRACKED:
-                    return None  # a copy end marker, or an entry whose reply the Sink edits
-                tracked = True
-                if entry == TRACKED_QUERY:
+        if len(pending) == 1 and pending[0] in _ANSWERED_BY_Z:
+            answered = 1  # (a lone Query, the usual case, without a loop: see Relay._note)
+        else:
+            for entry in pending:
+                if entry in _ANSWERED_BY_Z:
                     answered += 1
+                elif entry < 0 or entry > 0xFF:
+                    if entry < 0 or not entry & TRACKED:
+                        return None  # a copy end marker, or an entry whose reply the Sink edits
+                    tracked = True
+                    if entry == TRACKED_QUERY:
+                        answered += 1
         count = scanner.ready_for_query(data, STOPS)
         if count < 0:
             return None
