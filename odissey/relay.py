@@ -130,15 +130,17 @@ class Relay:
         self.coupled = False  # transports registered as each other's producers
         #: Client bytes waiting for a server. With prepared statements on, the chunks
         #: with :meth:`_forward`'s arguments: they are rewritten for the server they
-        #: reach. Each is checked or scanned as it arrives, so that a chunk that breaks
-        #: the protocol fails its client before it can cost a server; a chunk of whole
-        #: messages is only checked (``Scanner.complete``), which leaves the scanner
-        #: as it was, and is walked once, by ``Statements.batch``, when it is sent.
+        #: reach. Each is looked at as it arrives, so that a chunk the scanner refuses
+        #: fails its client before it can cost a server: a lone Query is known whole,
+        #: a chunk of whole messages is only checked (``Scanner.complete``, which
+        #: leaves the scanner as it was) and walked once, by ``Statements.batch``,
+        #: when it is sent; any other is scanned.
         self.pending: list[bytes] = []
         self.unsent: list[tuple[bytes, list[Event] | None, bool, bool]] = []
         self.pending_size = 0
         self.paused = False
         self.goodbye = False  # the client sent Terminate
+        self.refused = False  # the client broke the protocol: it has been failed
         self.server_fatal = False  # the server sent a FATAL error: it is about to close
         self.stream_cut = False  # the server's stream may stop inside a message: close it, never clean it
         #: Cancels forwarded for the attached server: each must have landed before the
@@ -218,7 +220,7 @@ class Relay:
             # Statements.batch walks it then, and the scanner only if it must.
             pass
         elif self.scanner.complete(data):
-            checked = True  # waits, whole: see _wait_checked
+            checked = True  # waits, whole: see self.unsent
         else:
             scanned = self._scan(data)
             if scanned is None:
@@ -261,6 +263,7 @@ class Relay:
             # already stopped inside a message (a chunk taken when the client had no
             # server is scanned only once one is attached, and must not cost it).
             self.stream_cut = self.state is RelayState.ATTACHED and not between
+            self.refused = True
             self.client.fail(exc)
             return None
         partial = self.scanner.in_message()
@@ -393,6 +396,7 @@ class Relay:
         the tracker never counted: a BEGIN among them would leave the server inside a
         transaction that the cleanup believes closed."""
         self.stream_cut = self.state is RelayState.ATTACHED
+        self.refused = True
         self.client.fail(exc)
 
     def clientGone(self) -> None:
@@ -558,8 +562,8 @@ class Relay:
             else:
                 for data, events, holding, checked in unsent:
                     self._forward(data, events, holding, checked)
-                    if self.state is not RelayState.ATTACHED:
-                        break
+                    if self.state is not RelayState.ATTACHED or self.goodbye or self.refused:
+                        break  # (what the client sent after its Terminate or a bad message never runs)
             if self.state is not RelayState.ATTACHED:
                 return
         if self.cancel_wanted or self.paused or self._attached is not None:

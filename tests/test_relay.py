@@ -15,6 +15,7 @@ from odissey.flow import PENDING_LIMIT
 from odissey.params import params_from
 from odissey.pool import Pool, PoolKey
 from odissey.relay import Relay, RelayState
+from odissey.session_state import SETTINGS
 from odissey.statements import COLLECT
 from odissey.testing import DEFAULT_PARAMS, FakeBackends, FakeClient, answer_cancel, command_complete, error
 from odissey.transaction import CLIENT_WATCH
@@ -450,6 +451,79 @@ class ExtendedPathTests(SynchronousTestCase):
         reactor.advance(0)
         self.assertEqual(backends[0].kinds(), before + b"Q")
         self.assertEqual(pool.idle, [backends[0].server])
+
+    def test_nothing_after_a_bad_waiting_chunk_reaches_the_server(self) -> None:
+        """A waiting chunk that only the tracker refuses (a Sync of length 8: the
+        scanner's checks pass it) fails the client once a server is attached, and the
+        client's later waiting chunks are dropped with it, not run."""
+        relay, client, pool, backends, reactor = relay_setup(size=1, max_prepared_statements=200)
+        other = Relay(FakeClient(), pool, dict(relay.wanted), dict(relay.told), 1 << 20)
+        attached(other, reactor, backends, m.query("BEGIN"))
+        relay.clientData(m.parse(b"", b"select 3\0\0\0") + m.message(b"S", b"\0\0\0\0"))
+        relay.clientData(m.query("update t set x = 1"))
+        before = backends[0].kinds()
+        other.clientData(m.query("COMMIT"))
+        backends.flush()
+        reactor.advance(0)
+        self.assertEqual([e.sqlstate for e in client.errors], ["08P01"])
+        self.assertEqual(backends[0].kinds(), before + b"Q")
+        self.assertEqual(backends[0].queries()[-1], "COMMIT")
+
+    def test_nothing_after_a_waiting_terminate_reaches_the_server(self) -> None:
+        """Requests a client sent after its Terminate, all waiting for a server, end
+        with it: what came before goes out, what came after never runs."""
+        relay, client, pool, backends, reactor = relay_setup(size=1, max_prepared_statements=200)
+        other = Relay(FakeClient(), pool, dict(relay.wanted), dict(relay.told), 1 << 20)
+        attached(other, reactor, backends, m.query("BEGIN"))
+        relay.clientData(m.parse(b"s1", b"select 1\0\0\0") + m.sync())
+        relay.clientData(m.terminate())
+        relay.clientData(m.query("delete from t"))
+        before = backends[0].kinds()
+        other.clientData(m.query("COMMIT"))
+        backends.flush()
+        reactor.advance(0)
+        backends.flush()
+        self.assertTrue(client.dropped)
+        self.assertEqual(backends[0].kinds(), before + b"QPS")
+        self.assertNotIn("delete from t", backends[0].queries())
+
+    def test_every_whole_chunk_that_waits_is_checked(self) -> None:
+        """A second whole chunk from a client already waiting is checked too: neither
+        is fed to the scanner, and both go out through Statements.batch."""
+        relay, client, pool, backends, reactor = relay_setup(size=1, max_prepared_statements=200)
+        batches: list[bytes] = []
+        batch = relay.statements.batch  # type: ignore[union-attr]
+
+        def counting(data: bytes, max_length: int) -> object:
+            taken = batch(data, max_length)
+            if taken is not None:
+                batches.append(data)
+            return taken
+
+        relay.statements.batch = counting  # type: ignore[union-attr,method-assign]
+        other = Relay(FakeClient(), pool, dict(relay.wanted), dict(relay.told), 1 << 20)
+        attached(other, reactor, backends, m.query("BEGIN"))
+        one = m.parse(b"", b"select 3\0\0\0") + m.bind(b"", b"", b"\0\0\0\0\0\0") + m.sync()
+        two = m.bind(b"", b"", b"\0\0\0\0\0\0") + m.message(b"E", b"\0\0\0\0\0") + m.sync()
+        relay.clientData(one)
+        relay.clientData(two)
+        self.assertEqual([entry[1:] for entry in relay.unsent], [(None, False, True)] * 2)
+        other.clientData(m.query("COMMIT"))
+        backends.flush()
+        reactor.advance(0)
+        backends.flush()
+        self.assertEqual(batches, [one, two])
+        self.assertEqual(client.errors, [])
+        self.assertEqual(backends[0].kinds()[-6:], b"PBSBES")
+        self.assertEqual(client.received().count(m.ready_for_query(b"I")), 2)
+
+    def test_an_unnamed_parse_marks_its_server(self) -> None:
+        """The text of a Parse taken in one pass is read for session state: a SET of a
+        parameter the server does not report marks the server for cleaning."""
+        relay, client, pool, backends, reactor = relay_setup(max_prepared_statements=200)
+        attached(relay, reactor, backends, m.parse(b"", b"SET statement_timeout = '17s'\0\0\0")
+                 + m.bind(b"", b"", b"\0\0\0\0\0\0") + m.message(b"E", b"\0\0\0\0\0") + m.sync())
+        self.assertEqual(backends[0].server.left, SETTINGS)
 
     def test_usual_extended_chunk_is_not_scanned(self) -> None:
         """pgbench's -M prepared transaction, once its statement is on the server, goes

@@ -230,3 +230,7 @@ class CompleteTests(SynchronousTestCase):
         scanner.feed(m.query("select 1")[:3])
         self.assertFalse(scanner.complete(m.sync()))
         self.assertTrue(Scanner(watch=frozenset(b"QS"), strict=True).complete(m.sync() + m.query("x")))
+        for collect in (frozenset(), frozenset(b"Q")):  # inside a message skipped, or collected
+            scanner = Scanner(watch=frozenset(b"QS"), collect=collect, strict=True)
+            scanner.feed(m.message(b"Q", m.sync())[:5])
+            self.assertFalse(scanner.complete(m.sync()))
