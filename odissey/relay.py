@@ -140,7 +140,7 @@ class Relay:
         self.pending_size = 0
         self.paused = False
         self.goodbye = False  # the client sent Terminate
-        self.refused = False  # the client broke the protocol: it has been failed
+        self.violated = False  # the client broke the protocol: it has been failed
         self.server_fatal = False  # the server sent a FATAL error: it is about to close
         self.stream_cut = False  # the server's stream may stop inside a message: close it, never clean it
         #: Cancels forwarded for the attached server: each must have landed before the
@@ -263,7 +263,7 @@ class Relay:
             # already stopped inside a message (a chunk taken when the client had no
             # server is scanned only once one is attached, and must not cost it).
             self.stream_cut = self.state is RelayState.ATTACHED and not between
-            self.refused = True
+            self.violated = True
             self.client.fail(exc)
             return None
         partial = self.scanner.in_message()
@@ -396,7 +396,7 @@ class Relay:
         the tracker never counted: a BEGIN among them would leave the server inside a
         transaction that the cleanup believes closed."""
         self.stream_cut = self.state is RelayState.ATTACHED
-        self.refused = True
+        self.violated = True
         self.client.fail(exc)
 
     def clientGone(self) -> None:
@@ -562,7 +562,7 @@ class Relay:
             else:
                 for data, events, holding, checked in unsent:
                     self._forward(data, events, holding, checked)
-                    if self.state is not RelayState.ATTACHED or self.goodbye or self.refused:
+                    if self.state is not RelayState.ATTACHED or self.goodbye or self.violated:
                         break  # (what the client sent after its Terminate or a bad message never runs)
             if self.state is not RelayState.ATTACHED:
                 return
