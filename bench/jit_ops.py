@@ -14,6 +14,7 @@ and allocations it holds.
 
     python bench/jit_ops.py --python .ci/pypy/bin/python --clients 32 --protocol simple
     python bench/jit_ops.py --python .ci/pypy/bin/python --log /tmp/odissey-jit.log --keep
+    python bench/jit_ops.py --python .ci/pypy/bin/python --connect --transactions 300  # logins
 
 An entry executes a bridge only up to its first guard that fails, so a bridge that
 dispatches (one for every read, say) is counted whole each time: read the figures as an
@@ -148,6 +149,9 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=32)
     parser.add_argument("--protocol", default="simple", choices=("simple", "extended", "prepared"))
     parser.add_argument("--transactions", type=int, default=4000, help="per client, in each of the two runs")
+    parser.add_argument("--connect", action="store_true", help="pgbench -C: a login per transaction")
+    parser.add_argument("--log-section", action="store_true",
+                        help="Odissey with a `log: {format: text}` section (its own observer, as in production)")
     parser.add_argument("--top", type=int, default=25)
     parser.add_argument("--log", help="where PYPYLOG writes (default: a temporary file)")
     parser.add_argument("--keep", action="store_true", help="keep the log")
@@ -159,20 +163,22 @@ def main() -> None:
         os.environ["PYPYLOG"] = f"jit-log-opt,jit-backend-counts:{log}"
         try:
             proc, port, _ = start_odissey(pg.port, USER, PASSWORD, DB, mode="transaction", pool_size=20,
-                                          workdir=work, python=args.python)
+                                          workdir=work, python=args.python,
+                                          extra="log: {format: text}\n" if args.log_section else "")
         finally:
             del os.environ["PYPYLOG"]
         try:
             for _run in range(2):
                 pgbench(port, USER, PASSWORD, DB, clients=args.clients, jobs=2, protocol=args.protocol,
-                        transactions=args.transactions)
+                        transactions=args.transactions, connect=args.connect)
         finally:
             stop(proc)  # (the counts are written as the process exits)
     finally:
         pg.stop()
     with open(log) as text:
         lines = text.read().splitlines()
-    print(f"pgbench -S -c {args.clients} -j 2 -M {args.protocol} -t {args.transactions}, twice; {args.python}\n")
+    connect = " -C" if args.connect else ""
+    print(f"pgbench -S{connect} -c {args.clients} -j 2 -M {args.protocol} -t {args.transactions}, twice; {args.python}\n")
     report(lines, 2 * args.clients * args.transactions, args.top)
     if not args.keep:
         os.unlink(log)
