@@ -1222,11 +1222,12 @@ class WorkersTests(TestCase):
         port = free_port()
         return directory, port, [f"tcp:{port}:interface=127.0.0.1", f"unix:{directory}/.s.PGSQL.{port}:mode=660"]
 
-    def take_over(self, config_path: Path, old: Process, login: str = r"\[worker \d\] c\d+: login app@app") -> Process:
+    def take_over(self, config_path: Path, old: Process, login: str = r"\[worker \d\] c\d+: login app@app",
+                  interpreter: str = sys.executable) -> Process:
         """Start a process on ``config_path`` (handover_socket) while ``old`` runs: it
         takes the listening sockets, a login matching ``login`` reaches it, and ``old``
         exits."""
-        new = Process(str(config_path))
+        new = Process(str(config_path), interpreter)
         self.addCleanup(new.stop)
         new.wait_for("took over the listening sockets", 60)
         new.wait_for(login, 60)  # (the logins reach it)
@@ -1285,7 +1286,6 @@ class WorkersTests(TestCase):
         for number in range(2):
             self.assertRegex("".join(third.lines[after:]), rf"\[worker {number}\] c\d+: login u_trust@app")
 
-    @inlineCallbacks
     def test_online_restart_between_single_process_and_master(self):
         """handover_socket across a change of ``workers``: a single Odissey (no
         ``workers``) hands its TCP and unix listeners and its metrics socket to a master
@@ -1294,12 +1294,23 @@ class WorkersTests(TestCase):
         again (3 threads over TCP, 1 over the unix socket): no login or query fails, each
         old process drains and exits 0, both of the master's workers serve, and the last
         process serves and counts transactions on the metrics endpoint."""
+        return self.restart_between_single_process_and_master(sys.executable)
+
+    def test_online_restart_between_single_process_and_master_on_pypy(self):
+        """The same under PyPy: the handover, the master's workers (started on the same
+        interpreter) and each old process's exit status."""
+        if not os.access(PYPY, os.X_OK):
+            raise SkipTest(f"no PyPy at {PYPY}")
+        return self.restart_between_single_process_and_master(PYPY)
+
+    @inlineCallbacks
+    def restart_between_single_process_and_master(self, interpreter: str):
         directory, port, listen = self.restart_listen()
         metrics_port = free_port()
         top = {"handover_socket": str(directory / "handover.sock"),
                "metrics": {"listen": f"tcp:{metrics_port}:interface=127.0.0.1"}}
         single_login = r"^\S+ \[odissey\.client#info\] c\d+: login app@app"
-        first, _ = yield deferToThread(self.start, 1, None, listen, None, sys.executable, top,
+        first, _ = yield deferToThread(self.start, 1, None, listen, None, interpreter, top,
                                        "listening on unix:")
         document = yaml.safe_load(first.config_path.read_text())
         self.assertNotIn("workers", document)
@@ -1308,10 +1319,10 @@ class WorkersTests(TestCase):
         logins = Logins(self, port, directory)
         try:
             yield deferToThread(first.wait_for, single_login)
-            master = yield deferToThread(self.take_over, with_workers, first)
+            master = yield deferToThread(self.take_over, with_workers, first, interpreter=interpreter)
             for number in range(2):
                 yield deferToThread(master.wait_for, rf"\[worker {number}\] c\d+: login app@app", 60)
-            last = yield deferToThread(self.take_over, first.config_path, master, single_login)
+            last = yield deferToThread(self.take_over, first.config_path, master, single_login, interpreter)
         finally:
             yield deferToThread(logins.stop)
         self.assertEqual((yield deferToThread(direct_select, port)), "last")
