@@ -70,6 +70,10 @@ SYSTEMD_ONLY = frozenset({"NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LIS
 RECLAIM_RETRY = 0.1
 #: How long the master waits for a worker's statistics at shutdown.
 STATS_PATIENCE = 2.0
+#: How long a login waiting for other workers to spare client slots waits for one that
+#: does not answer: then that worker counts as having spared none (its answer, when it
+#: comes, is still counted: the slots it gave back are free again).
+SPARE_PATIENCE = 1.0
 
 
 class WorkerStartFailed(Exception):
@@ -569,8 +573,21 @@ class Master(Stoppable, MultiService):
                 continue
             self.spares += 1
             asking = process.link.callRemote(Spare, budgets=json.dumps(list(action.budgets)))
+            # A worker that hangs must not hold every waiting login up to login_timeout.
+            # Its answer is not given up on: what it spares, it no longer holds.
+            silent = self.reactor.callLater(SPARE_PATIENCE, self._spare_silent, action.worker)
             asking.addCallbacks(lambda answer: slots_from(answer["gave"]), lambda _failure: {})
-            asking.addCallback(lambda gave, worker: self.admitted(self.slots.spared(worker, gave)), action.worker)
+            asking.addCallback(self._spare_answered, action.worker, silent)
+
+    def _spare_silent(self, worker: int) -> None:
+        """``worker`` has not answered a Spare for SPARE_PATIENCE: the logins waiting on it
+        go on as if it had spared nothing."""
+        self.admitted(self.slots.spared(worker, {}))
+
+    def _spare_answered(self, gave: dict[slots.Budget, int], worker: int, silent: Any) -> None:
+        if silent.active():
+            silent.cancel()
+        self.admitted(self.slots.spared(worker, gave))
 
     def show(self, asking: int, what: str) -> "Deferred[list[list[Any]]]":
         """The rows of SHOW ``what`` of every worker but ``asking`` (a worker silent for

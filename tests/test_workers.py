@@ -44,7 +44,7 @@ from odissey.testing import in_this_thread
 from odissey.lifecycle import Stop
 from odissey.worker import MasterLink
 from odissey import lifecycle, workers as workers_module
-from odissey.workers import (RECLAIM_RETRY, RESTART_DELAY, STATS_PATIENCE, STOP_PATIENCE, Master, WorkerProcess,
+from odissey.workers import (RECLAIM_RETRY, RESTART_DELAY, SPARE_PATIENCE, STATS_PATIENCE, STOP_PATIENCE, Master, WorkerProcess,
                              WorkerStartFailed)
 from tests.test_tap import BOOT, PYPY, ROOT, wait_refused
 from tests.test_tls import certs, outcome, serving
@@ -1527,6 +1527,30 @@ class MasterTests(SynchronousTestCase):
         """The master's answer to an Admit it can give at once: "" or what refused it."""
         answer = self.successResultOf(self.master.admit(worker, wants))
         return answer["refused"]
+
+    def test_a_silent_worker_holds_logins_up_only_for_a_while(self) -> None:
+        """A worker that does not answer a Spare counts as sparing nothing after
+        SPARE_PATIENCE (the waiting login is refused, not held to its login_timeout);
+        its late answer is still counted, so the slots it gave back are free again."""
+        self.assertEqual(self.admit(0, {CLIENTS: 3}), "")
+        waiting = self.master.admit(1, {CLIENTS: 1})
+        ((command, _arguments, answer),) = self.links[0].calls
+        self.assertEqual(command, Spare)
+        self.clock.advance(SPARE_PATIENCE - 0.01)
+        self.assertNoResult(waiting)
+        self.clock.advance(0.01)
+        self.assertEqual(self.successResultOf(waiting)["refused"], "clients")
+        answer.callback({"gave": '[["clients", 2]]'})
+        self.assertEqual(self.admit(1, {CLIENTS: 2}), "")
+        self.assertEqual(len(self.links[0].calls), 1)  # (granted from what it gave: not asked again)
+
+    def test_an_answered_spare_leaves_no_timer(self) -> None:
+        """A Spare answered in time cancels its patience timer."""
+        self.assertEqual(self.admit(0, {CLIENTS: 3}), "")
+        granted = self.master.admit(1, {CLIENTS: 1})
+        self.links[0].calls[0][2].callback({"gave": '[["clients", 1]]'})
+        self.assertEqual(self.successResultOf(granted)["refused"], "")
+        self.assertEqual(self.clock.getDelayedCalls(), [])
 
     def test_client_limits_over_workers(self) -> None:
         """The route's max_clients (2) and limits.max_clients (3) count every worker's
