@@ -193,6 +193,19 @@ def relay_setup(
     return relay, client, pool, backends, reactor
 
 
+def counting_feeds(relay: Relay) -> list[bytes]:
+    """Gives ``relay`` a scanner that records each chunk fed to it, in the list returned."""
+    feeds: list[bytes] = []
+
+    class Counting(Scanner):
+        def feed(self, data: bytes) -> list:
+            feeds.append(data)
+            return super().feed(data)
+
+    relay.scanner = Counting(watch=CLIENT_WATCH, collect=COLLECT, max_length=1 << 20, strict=True)
+    return feeds
+
+
 def attached(relay: Relay, reactor: MemoryReactorClock, backends: FakeBackends, data: bytes) -> None:
     """The client sends ``data``; the relay gets a server and the backend answers."""
     relay.clientData(data)
@@ -389,14 +402,7 @@ class ExtendedPathTests(SynchronousTestCase):
         (the scanner is not fed), and goes out through Statements.batch once a server
         is there: the path of most extended-protocol transactions with many clients."""
         relay, client, pool, backends, reactor = relay_setup(size=1, max_prepared_statements=200)
-        feeds: list[bytes] = []
-
-        class Counting(Scanner):
-            def feed(self, data: bytes) -> list:
-                feeds.append(data)
-                return super().feed(data)
-
-        relay.scanner = Counting(watch=CLIENT_WATCH, collect=COLLECT, max_length=1 << 20, strict=True)
+        feeds = counting_feeds(relay)
         other = Relay(FakeClient(), pool, dict(relay.wanted), dict(relay.told), 1 << 20)
         attached(other, reactor, backends, m.query("BEGIN"))
         relay.clientData(m.parse(b"", b"select 3\0\0\0") + m.bind(b"", b"", b"\0\0\0\0\0\0")
@@ -530,14 +536,7 @@ class ExtendedPathTests(SynchronousTestCase):
         out renamed without the scanner's events."""
         relay, client, pool, backends, reactor = relay_setup(max_prepared_statements=200)
         attached(relay, reactor, backends, m.parse(b"P0_1", b"select 1\0\0\0") + m.sync())
-        feeds: list[bytes] = []
-
-        class Counting(Scanner):
-            def feed(self, data: bytes) -> list:
-                feeds.append(data)
-                return super().feed(data)
-
-        relay.scanner = Counting(watch=CLIENT_WATCH, collect=COLLECT, max_length=1 << 20, strict=True)
+        feeds = counting_feeds(relay)
         attached(relay, reactor, backends, m.bind(b"", b"P0_1", b"\0\0\0\0\0\0")
                  + m.message(b"E", b"\0\0\0\0\0") + m.sync())
         self.assertEqual(feeds, [])

@@ -175,6 +175,17 @@ class WorkersTests(TestCase):
         return psycopg.connect(**{"host": "127.0.0.1", **extra}, port=port, user=user, password=password,
                                dbname="app", autocommit=autocommit)
 
+    def connect_once_counted(self, port: int, user: str = "app") -> psycopg.Connection:
+        """:meth:`connect`, tried until a client that just left has been counted out (a
+        worker counts a client's leaving when it sees its connection close), at most 10 s."""
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                return self.connect(port, user)
+            except psycopg.OperationalError:
+                self.assertLess(time.monotonic(), deadline, "a client's leaving was never counted")
+                time.sleep(0.05)
+
     def worker_of(self, key: tuple[int, int], workers: int) -> int:
         return KeyLayout.of(0, False, 0, workers).worker_of(key[1])
 
@@ -524,14 +535,7 @@ class WorkersTests(TestCase):
             with self.assertRaises(psycopg.OperationalError) as all_full:
                 self.connect(port, "u_trust")
             app.pop().close()
-            deadline = time.monotonic() + 10
-            while True:  # (the worker tells the master when it sees the client go)
-                try:
-                    trusted.append(self.connect(port, "u_trust"))
-                    break
-                except psycopg.OperationalError:
-                    self.assertLess(time.monotonic(), deadline, "a client's leaving was never counted")
-                    time.sleep(0.05)
+            trusted.append(self.connect_once_counted(port, "u_trust"))
             answers = [conn.execute("select 1").fetchone()[0] for conn in app + trusted]
             for conn in app + trusted:
                 conn.close()
@@ -564,13 +568,7 @@ class WorkersTests(TestCase):
                 self.connect(port)
             trusted = [self.connect(port, "u_trust") for _ in range(2)]
             app.pop().close()
-            deadline = time.monotonic() + 10
-            while len(app) < 2:  # (a worker counts a client's leaving when it sees it go)
-                try:
-                    app.append(self.connect(port))
-                except psycopg.OperationalError:
-                    self.assertLess(time.monotonic(), deadline, "a client's leaving was never counted")
-                    time.sleep(0.05)
+            app.append(self.connect_once_counted(port))
             answers = [conn.execute("select 1").fetchone()[0] for conn in app + trusted]
             for conn in app + trusted:
                 conn.close()
