@@ -13,6 +13,7 @@ machine, and PostgreSQL's.
     python bench/ab.py --old 762f76e --python .ci/pypy/bin/python --warmup 15 --connect --clients 8
     python bench/ab.py --old b74d9f9 --new HEAD --protocol simple,extended,prepared \
         --old-protocol simple,extended --seconds 15 --rounds 5
+    python bench/ab.py --old HEAD --python ./pypy-big-nursery --old-python .ci/pypy/bin/python --connect
 
 ``--old-protocol`` leaves out what the old commit cannot run (``-M prepared`` before
 prepared statements existed in transaction mode); for each commit that ran both, the
@@ -39,7 +40,7 @@ def worktree(commit: str, parent: Path) -> Tuple[str, Path]:
     """A detached worktree of ``commit`` under ``parent``; returns the commit's short hash and the tree."""
     short = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", commit],
                            check=True, capture_output=True, text=True).stdout.strip()
-    tree = parent / short
+    tree = Path(tempfile.mkdtemp(prefix=f"{short}-", dir=parent))
     subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "-q", "--detach", str(tree), commit], check=True)
     return short, tree
 
@@ -60,6 +61,9 @@ def main() -> None:
     parser.add_argument("--mode", choices=("transaction", "session"), default="transaction")
     parser.add_argument("--python", default=sys.executable,
                         help="the interpreter both run under (PyPy's, say: ../.ci/pypy/bin/python)")
+    parser.add_argument("--old-python",
+                        help="the interpreter the old commit runs under instead (default: --python); with "
+                             "--old HEAD, compares two interpreters or two environments of one commit")
     parser.add_argument("--extra", default="",
                         help="YAML appended to each Odissey's configuration, e.g. 'log: {connections: false}'")
     parser.add_argument("--connect", action="store_true",
@@ -81,14 +85,17 @@ def main() -> None:
             new_name, new_root = "this tree", ROOT
         old_name, old_root = worktree(args.old, trees)
         made.append(old_root)
+        if old_name == new_name:  # one commit under two interpreters (--old-python)
+            old_name += " (old)"
         runs = {new_name: args.protocol, old_name: old_protocols}
         pg = start_postgres(USER, PASSWORD, DB, scale=10,
-                            settings={"max_connections": str(max(300, max(args.clients) + 50))})
+                            settings={"max_connections": str(max(300, max(args.clients) + 50 + 2 * args.pool_size))})
+        pythons = {new_name: args.python, old_name: args.old_python or args.python}
         for name, root in ((new_name, new_root), (old_name, old_root)):
             workdir = tempfile.mkdtemp(prefix="odissey-ab-run-", dir=trees)
             proc, port, _package = start_odissey(pg.port, USER, PASSWORD, DB, mode=args.mode,
                                                  pool_size=args.pool_size, workdir=workdir, root=root,
-                                                 python=args.python, extra=args.extra + "\n" if args.extra else "")
+                                                 python=pythons[name], extra=args.extra + "\n" if args.extra else "")
             procs[name] = (proc, port)
             for protocol in runs[name] if args.warmup else ():
                 pgbench(port, USER, PASSWORD, DB, clients=max(args.clients), jobs=args.jobs,
@@ -128,7 +135,7 @@ def main() -> None:
             return (statistics.median(r[0] for r in rows), statistics.median(r[1] for r in rows),
                     statistics.median(r[2] for r in rows))
 
-        print(f"\npgbench -S{' -C' if args.connect else ''} -j {args.jobs}, {args.mode} pooling, pool size {args.pool_size}, {args.python}, "
+        print(f"\npgbench -S{' -C' if args.connect else ''} -j {args.jobs}, {args.mode} pooling, pool size {args.pool_size}, {args.python}{' (old: ' + args.old_python + ')' if args.old_python else ''}, "
               f"{args.seconds}s x {args.rounds} rounds, medians\n")
         print(f"| clients | protocol | Odissey | TPS | CPU µs / tx | vs {old_name} | PostgreSQL CPU µs / tx |")
         print("|---|---|---|---|---|---|---|")

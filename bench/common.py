@@ -27,6 +27,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from odissey.postgres import LocalPostgres  # noqa: E402
+from odissey.pypy import NURSERY, NURSERY_VARIABLE  # noqa: E402
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 #: Runs Odissey through twistd after printing where the odissey package came from.
@@ -34,6 +35,15 @@ BOOT = (
     "import sys, odissey; print('odissey package:', odissey.__file__, flush=True); "
     "from twisted.scripts.twistd import run; sys.argv[0] = 'twistd'; run()"
 )
+
+
+def runtime_env() -> Dict[str, str]:
+    """The environment Odissey and the floors run with: this one, plus PyPy's nursery as
+    docs/operations.md runs Odissey (``PYPY_GC_NURSERY``, odissey/pypy.py), so that a
+    runtime setting is never the difference between Odissey and a floor. A
+    ``PYPY_GC_NURSERY`` already set wins (a wrapper script that sets or unsets it is how
+    ``bench/ab.py --old-python`` compares sizes)."""
+    return {NURSERY_VARIABLE: NURSERY, **os.environ}
 
 
 def free_port() -> int:
@@ -202,7 +212,7 @@ def start_odissey(pg_port: int, user: str, password: str, db: str, *, mode: str,
         f"     pool: {{mode: {mode}, size: {pool_size}}}}}\n"
         + extra
     )
-    env = dict(os.environ)
+    env = runtime_env()
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(root), env.get("PYTHONPATH", "")) if p)
     with open(Path(workdir) / f"{name}.out", "w") as out:
         proc = subprocess.Popen(
@@ -233,7 +243,27 @@ def start_floor(pg_port: int, workdir: str, python: str = sys.executable,
     with open(Path(workdir) / f"{name}.out", "w") as out:
         proc = subprocess.Popen([*wrapper, python, str(ROOT / "bench" / "floor.py"), str(port), "127.0.0.1",
                                  str(pg_port), *flags],
-                                stdout=out, stderr=subprocess.STDOUT)
+                                env=runtime_env(), stdout=out, stderr=subprocess.STDOUT)
+    try:
+        wait_port(port, proc, patience=patience, name=name)
+    except BaseException:
+        stop(proc)
+        raise
+    return proc, port
+
+
+
+def start_login_floor(pg_port: int, user: str, password: str, db: str, workdir: str,
+                      python: str = sys.executable, name: str = "login-floor", wrapper: Sequence[str] = (),
+                      patience: float = 30) -> Tuple[subprocess.Popen, int]:
+    """bench/login_floor.py, the least a Twisted pooler does for a login, in front of
+    127.0.0.1:``pg_port``, checking md5 passwords itself and logging in to PostgreSQL as
+    ``user`` (``wrapper`` and ``patience`` as for :func:`start_odissey`)."""
+    port = free_port()
+    with open(Path(workdir) / f"{name}.out", "w") as out:
+        proc = subprocess.Popen([*wrapper, python, str(ROOT / "bench" / "login_floor.py"), str(port), "127.0.0.1",
+                                 str(pg_port), user, password, db],
+                                env=runtime_env(), stdout=out, stderr=subprocess.STDOUT)
     try:
         wait_port(port, proc, patience=patience, name=name)
     except BaseException:

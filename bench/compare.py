@@ -40,7 +40,7 @@ import tempfile
 from pathlib import Path
 
 from certs import make_certs
-from common import (PgbenchFailed, free_port, pgbench, postgres_cpu_seconds, start_floor,
+from common import (PgbenchFailed, free_port, pgbench, postgres_cpu_seconds, start_floor, start_login_floor,
                     start_odissey, start_postgres, stop, tree_cpu_times, wait_port)
 from odyssey import start_odyssey
 
@@ -158,6 +158,9 @@ def main() -> None:
     parser.add_argument("--no-pgbouncer", action="store_true")
     parser.add_argument("--floor", action="store_true",
                         help="also bench/floor.py, the bare Twisted relay (one server connection per client)")
+    parser.add_argument("--login-floor", action="store_true",
+                        help="also bench/login_floor.py, the least a Twisted pooler does for a login "
+                             "(what -C should be read against)")
     parser.add_argument("--floor-short-reads", action="store_true",
                         help="also the floor with Odissey's read path (bench/floor.py --short-reads)")
     parser.add_argument("--pypy", metavar="PYTHON",
@@ -194,7 +197,7 @@ def main() -> None:
     try:
         # Every pooler keeps its pool of servers open while pgbench connects directly.
         poolers = 2 + len(worker_targets) + (1 + len(args.workers) if args.odyssey else 0) + bool(args.pypy)
-        connections = max(args.clients) + 50 + poolers * args.pool_size
+        connections = max(args.clients) * (1 + 2 * args.login_floor) + 50 + poolers * args.pool_size
         pg = start_postgres(USER, PASSWORD, DB, scale=args.scale,
                             settings={"max_connections": str(max(300, connections))})
         targets: dict[str, tuple[int, int | None]] = {"postgres": (pg.port, None)}
@@ -249,6 +252,11 @@ def main() -> None:
                                      short_reads=short_reads)
             procs.append(proc)
             targets[name] = (port, proc.pid)
+        for name, python in (("login-floor", sys.executable), ("login-floor-pypy", args.pypy)):
+            if args.login_floor and python:
+                proc, port = start_login_floor(pg.port, USER, PASSWORD, DB, workdir, python, name)
+                procs.append(proc)
+                targets[name] = (port, proc.pid)
         for name, (port, _pid) in targets.items():
             if args.warmup:
                 for load in loads:

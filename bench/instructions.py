@@ -16,7 +16,8 @@ calls is not in them, so they say what Odissey's own code costs, not the whole C
     python bench/instructions.py d2f4c67 . --connect --protocol simple --transactions 100
 
 ``--floor`` counts bench/floor.py too (this tree's, under the same interpreter): the bare
-Twisted relay, what moving the bytes costs at all.
+Twisted relay, what moving the bytes costs at all; with ``--connect``, bench/login_floor.py,
+what a login costs a Twisted pooler at all.
 
 A protocol that a commit cannot run (``-M prepared`` before prepared statements existed)
 is reported as failed, never as a number.
@@ -37,7 +38,7 @@ import tempfile
 from pathlib import Path
 from typing import Dict, List, Tuple
 
-from common import (ROOT, PgbenchFailed, pgbench, remove_worktrees, start_floor, start_odissey, start_postgres,
+from common import (ROOT, PgbenchFailed, pgbench, remove_worktrees, start_floor, start_login_floor, start_odissey, start_postgres,
                     stop)
 from compare import DB, PASSWORD, USER, protocols
 
@@ -81,7 +82,7 @@ def main() -> None:
     parser.add_argument("--pool-size", type=int, default=20)
     parser.add_argument("--mode", choices=("transaction", "session"), default="transaction",
                         help="Odissey's pool mode")
-    parser.add_argument("--floor", action="store_true", help="also count bench/floor.py")
+    parser.add_argument("--floor", action="store_true", help="also count bench/floor.py (with --connect bench/login_floor.py)")
     parser.add_argument("--extra", default="",
                         help="YAML appended to Odissey's configuration, e.g. 'log: {connections: false}'")
     parser.add_argument("--connect", action="store_true",
@@ -102,7 +103,10 @@ def main() -> None:
         for commit in args.commits + (["floor"] if args.floor else []):
             workdir = tempfile.mkdtemp(prefix="run-", dir=trees)
             wrapper = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={workdir}/callgrind.out"]
-            if commit == "floor":
+            if commit == "floor" and args.connect:
+                name = "login floor"
+                proc, port = start_login_floor(pg.port, USER, PASSWORD, DB, workdir, wrapper=wrapper, patience=600)
+            elif commit == "floor":
                 name = "floor"
                 proc, port = start_floor(pg.port, workdir, wrapper=wrapper, patience=600)
             else:

@@ -39,11 +39,11 @@ from odissey.config import Config, LogSettings, Route
 from odissey.console import Console
 from odissey.control import Control
 from odissey.janitor import PERIOD
-from odissey.jit import compile_sooner
 from odissey.lifecycle import Stop, failed_start
 from odissey.logs import Observer
 from odissey.metrics import PoolCollector
 from odissey.pool import PoolKey, Pools, ServerConnector, Withdrawn
+from odissey.pypy import compile_sooner
 from odissey.server import ServerConnection, number_ids
 from odissey.slots import Block
 from odissey.service import OdisseyService

@@ -43,12 +43,12 @@ from odissey.commands import (REPORT_PERIOD, Accepting, Admit, Cancel, ConfigPar
 from odissey import tls
 from odissey.config import Config, ConfigError, load as load_config
 from odissey.handover import HandoverServer, take as take_sockets
-from odissey.jit import compile_sooner
 from odissey.leases import Action, Grant, Ledger
 from odissey.lifecycle import FAILED, Stop, Stoppable, failed_start, given, hand_over, install_signals, listener, stop_listening, within
 from odissey.logs import Observer, observe_for
 from odissey.metrics import MetricsResource, MetricsSite, Snapshot
 from odissey.postgres import LocalPostgres
+from odissey.pypy import compile_sooner, nursery_advice
 from odissey.reload import Plan, plan as plan_reload
 from odissey.service import OdisseyService, managed_postgres, start_managed, with_storage_hosts
 from odissey import slots
@@ -88,8 +88,12 @@ def percentile(values: list[float], fraction: float) -> float:
 
 def service_for(config: Config) -> Union[OdisseyService, "Master"]:
     """The root service of a twistd process: itself the whole Odissey for ``workers:
-    1``; else a master that starts the workers."""
+    1``; else a master that starts the workers (its workers inherit its environment,
+    PyPy's nursery size with it)."""
     compile_sooner()
+    advice = nursery_advice()
+    if advice is not None:
+        log.warn(advice)
     if config.workers > 1:
         return Master(config)
     return OdisseyService(config, process=True)

@@ -1,0 +1,201 @@
+"""The login floor: the least a Twisted pooler can do for a login (what ``pgbench -C`` costs).
+
+``bench/floor.py`` opens a PostgreSQL connection per client, so under ``-C`` it measures
+PostgreSQL's fork, not a pooler. This one keeps its server connections: it answers each
+client's login itself (``N`` to an SSLRequest, an md5 challenge it checks, then
+AuthenticationOk, the server's ParameterStatus messages, BackendKeyData and
+ReadyForQuery, all prepared once), hands the client an idle server connection (opening
+one when none is idle), relays bytes both ways as they come, with TCP_NODELAY and
+:func:`floor.send`, and takes the server back when the client's last chunk is a lone
+Terminate. Nothing else is parsed: no transaction tracking, no reset, no timeouts, no
+logging, no limits. A session pooler at its least, so that what Odissey spends on a
+login beyond this is its own work, and what this spends is Twisted's (and the
+interpreter's) price for accepting, greeting and closing a connection at all. It reads
+with Odissey's own read path (``odissey/reading.py``: under PyPy, Twisted's ``recv`` of
+64 KiB per read fills the garbage collector's nursery in a few logins), as
+``floor.py --short-reads`` does. Run it with CPython and with PyPy:
+
+    python bench/login_floor.py LISTEN_PORT PG_HOST PG_PORT USER PASSWORD DATABASE
+
+It prints ``listening on LISTEN_PORT`` once it accepts connections.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import struct
+import sys
+from pathlib import Path
+from typing import Callable, List, Optional
+
+from twisted.internet import protocol, reactor
+
+from floor import nodelay, send
+
+SSL_REQUEST, GSSENC_REQUEST = 80877103, 80877104
+TERMINATE = b"X\x00\x00\x00\x04"
+AUTH_OK = b"R\x00\x00\x00\x08\x00\x00\x00\x00"
+READY = b"Z\x00\x00\x00\x05I"
+
+
+def md5_answer(user: bytes, password: bytes, salt: bytes) -> bytes:
+    inner = hashlib.md5(password + user).hexdigest().encode()
+    return b"md5" + hashlib.md5(inner + salt).hexdigest().encode()
+
+
+def message(kind: bytes, body: bytes) -> bytes:
+    return kind + struct.pack("!I", len(body) + 4) + body
+
+
+class Pool:
+    """Idle logged-in server connections, and the greeting clients get (their ParameterStatus)."""
+
+    def __init__(self, host: str, port: int, user: bytes, password: bytes, database: bytes) -> None:
+        self.address = (host, port)
+        self.user, self.password, self.database = user, password, database
+        self.idle: List[ServerSide] = []
+        self.parameters = b""  # the first server's ParameterStatus messages
+
+    def take(self, ready: Callable[["ServerSide"], None]) -> None:
+        if self.idle:
+            ready(self.idle.pop())
+        else:
+            factory = protocol.ClientFactory()
+            factory.noisy = False
+            factory.protocol = lambda: ServerSide(self, ready)  # type: ignore[assignment]
+            reactor.connectTCP(*self.address, factory)  # type: ignore[attr-defined]
+
+
+class ServerSide(protocol.Protocol):
+    def __init__(self, pool: Pool, ready: Callable[["ServerSide"], None]) -> None:
+        self.pool, self.ready = pool, ready
+        self.client: Optional[ClientSide] = None
+        self.logging_in = True
+        self.buffer = b""
+        self.parameters = b""
+
+    def connectionMade(self) -> None:
+        nodelay(self.transport)
+        pool = self.pool
+        body = struct.pack("!I", 196608) + b"user\0" + pool.user + b"\0database\0" + pool.database + b"\0\0"
+        send(self.transport, struct.pack("!I", len(body) + 4) + body)  # type: ignore[union-attr]
+
+    def dataReceived(self, data: bytes) -> None:
+        if not self.logging_in:
+            if self.client is not None:
+                send(self.client.transport, data)
+            return
+        self.buffer += data
+        while len(self.buffer) >= 5:
+            kind = self.buffer[:1]
+            length = struct.unpack_from("!I", self.buffer, 1)[0]
+            if len(self.buffer) < 1 + length:
+                return
+            body, self.buffer = self.buffer[5:1 + length], self.buffer[1 + length:]
+            if kind == b"R" and body[:4] == b"\x00\x00\x00\x05":
+                pool = self.pool
+                send(self.transport, message(b"p", md5_answer(pool.user, pool.password, body[4:8]) + b"\0"))  # type: ignore[union-attr]
+            elif kind == b"S":
+                self.parameters += message(kind, body)
+            elif kind == b"Z":
+                self.logging_in = False
+                self.pool.parameters = self.pool.parameters or self.parameters
+                self.ready(self)
+            elif kind == b"E":
+                raise RuntimeError(f"PostgreSQL refused the floor's login: {body!r}")
+
+    def connectionLost(self, reason: object = None) -> None:
+        if self in self.pool.idle:
+            self.pool.idle.remove(self)
+        if self.client is not None:
+            self.client.transport.loseConnection()  # type: ignore[union-attr]
+
+
+class ClientSide(protocol.Protocol):
+    def __init__(self, pool: Pool) -> None:
+        self.pool = pool
+        self.server: Optional[ServerSide] = None
+        self.user = b""
+        self.salt = b""
+        self.buffer = b""
+
+    def connectionMade(self) -> None:
+        nodelay(self.transport)
+
+    def dataReceived(self, data: bytes) -> None:
+        server = self.server
+        if server is not None:
+            if data == TERMINATE:  # the session ends at ReadyForQuery: the server goes back
+                server.client, self.server = None, None
+                self.pool.idle.append(server)
+                self.transport.loseConnection()  # type: ignore[union-attr]
+            else:
+                send(server.transport, data)
+            return
+        self.buffer += data
+        if not self.salt:  # the startup packet (or an SSLRequest)
+            if len(self.buffer) < 8 or len(self.buffer) < struct.unpack_from("!I", self.buffer)[0]:
+                return
+            length, code = struct.unpack_from("!II", self.buffer)
+            startup, self.buffer = self.buffer[8:length], self.buffer[length:]
+            if code in (SSL_REQUEST, GSSENC_REQUEST):
+                send(self.transport, b"N")  # type: ignore[union-attr]
+                return
+            fields = startup.split(b"\0")
+            self.user = fields[fields.index(b"user") + 1]
+            self.salt = random.getrandbits(32).to_bytes(4, "big")
+            send(self.transport, b"R\x00\x00\x00\x0c\x00\x00\x00\x05" + self.salt)  # type: ignore[union-attr]
+            return
+        if len(self.buffer) < 5 or len(self.buffer) < 1 + struct.unpack_from("!I", self.buffer, 1)[0]:
+            return  # the password message is not whole yet
+        length = struct.unpack_from("!I", self.buffer, 1)[0]
+        answer, self.buffer = self.buffer[5:length], self.buffer[1 + length:]
+        if self.user != self.pool.user or answer != md5_answer(self.user, self.pool.password, self.salt):
+            send(self.transport, message(b"E", b"SFATAL\0C28P01\0Mpassword authentication failed\0\0"))  # type: ignore[union-attr]
+            self.transport.loseConnection()  # type: ignore[union-attr]
+            return
+        self.pool.take(self.attach)
+
+    def attach(self, server: ServerSide) -> None:
+        if self.transport.disconnected:  # type: ignore[union-attr]
+            self.pool.idle.append(server)
+            return
+        self.server, server.client = server, self
+        key = message(b"K", struct.pack("!II", id(self) & 0x7FFFFFFF, 0))
+        send(self.transport, AUTH_OK + self.pool.parameters + key + READY)  # type: ignore[union-attr]
+        if self.buffer:
+            send(server.transport, self.buffer)
+            self.buffer = b""
+
+    def connectionLost(self, reason: object = None) -> None:
+        if self.server is not None:  # gone mid-session: the server's state is unknown
+            self.server.client = None
+            self.server.transport.loseConnection()  # type: ignore[union-attr]
+
+
+class ClientFactory(protocol.Factory):
+    noisy = False
+
+    def __init__(self, pool: Pool) -> None:
+        self.pool = pool
+
+    def buildProtocol(self, addr: object) -> ClientSide:
+        return ClientSide(self.pool)
+
+
+def main() -> None:
+    listen_port, pg_host, pg_port = int(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+    user, password, database = (arg.encode() for arg in sys.argv[4:7])
+    pool = Pool(pg_host, pg_port, user, password, database)
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from odissey import reading
+
+    reading.install(reactor, (ClientSide, ServerSide))
+    reactor.listenTCP(listen_port, ClientFactory(pool), backlog=1024, interface="127.0.0.1")  # type: ignore[attr-defined]
+    print(f"listening on {listen_port}", flush=True)
+    reactor.run()  # type: ignore[attr-defined]
+
+
+if __name__ == "__main__":
+    main()
