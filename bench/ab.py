@@ -13,11 +13,15 @@ machine, and PostgreSQL's.
     python bench/ab.py --old 762f76e --python .ci/pypy/bin/python --warmup 15 --connect --clients 8
     python bench/ab.py --old b74d9f9 --new HEAD --protocol simple,extended,prepared \
         --old-protocol simple,extended --seconds 15 --rounds 5
-    python bench/ab.py --old HEAD --python ./pypy-big-nursery --old-python .ci/pypy/bin/python --connect
+    python bench/ab.py --new HEAD --old HEAD --python ./pypy-16m --old-python ./pypy-default --clients 200
 
-``--old-protocol`` leaves out what the old commit cannot run (``-M prepared`` before
-prepared statements existed in transaction mode); for each commit that ran both, the
-report sets ``prepared`` against its own ``extended``. A failing pgbench run is reported
+``--old-python`` runs the old commit under another interpreter; with ``--new X --old X``
+it compares one commit under two interpreters, or under one interpreter in two
+environments through wrapper scripts (``pypy-16m``: ``PYPY_GC_NURSERY=16M exec pypy "$@"``;
+``pypy-default``: ``unset PYPY_GC_NURSERY; exec pypy "$@"``, since bench/common.py's
+``runtime_env`` sets it otherwise). ``--old-protocol`` leaves out what the old commit
+cannot run (``-M prepared`` before prepared statements existed in transaction mode); for
+each commit that ran both, the report sets ``prepared`` against its own ``extended``. A failing pgbench run is reported
 as failed, never as a number.
 """
 

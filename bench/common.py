@@ -252,7 +252,6 @@ def start_floor(pg_port: int, workdir: str, python: str = sys.executable,
     return proc, port
 
 
-
 def start_login_floor(pg_port: int, user: str, password: str, db: str, workdir: str,
                       python: str = sys.executable, name: str = "login-floor", wrapper: Sequence[str] = (),
                       patience: float = 30) -> Tuple[subprocess.Popen, int]:

@@ -257,6 +257,10 @@ def main() -> None:
                 proc, port = start_login_floor(pg.port, USER, PASSWORD, DB, workdir, python, name)
                 procs.append(proc)
                 targets[name] = (port, proc.pid)
+                for load in loads:
+                    if load.startswith("prepared") or load.endswith(" tls"):
+                        skipped[(name, load)] = ("the login floor resets nothing on its kept servers (pgbench's "
+                                                 "prepared statements would collide) and has no TLS")
         for name, (port, _pid) in targets.items():
             if args.warmup:
                 for load in loads:

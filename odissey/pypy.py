@@ -14,8 +14,9 @@ The nursery. PyPy allocates in a nursery sized from the L2 cache (1 MiB on a 2 M
 and empties it with a minor collection, whose cost grows with the old objects written
 to since the last one: with hundreds of connections each transaction touches a
 different relay, so a small nursery pays for the same objects again and again. With
-16 MiB, 200 clients cost 7-17 % less CPU per transaction, in either pool mode, and 8 or
-32 clients no more (docs/benchmarks.md, "PyPy's nursery"). PyPy reads the size only
+16 MiB, 200 clients in transaction mode cost 2-18 % less CPU per transaction (-8.5 % the
+median of six A/B figures), 8 and 32 clients no more (docs/benchmarks.md, "PyPy's
+nursery"). PyPy reads the size only
 from its environment at start (``PYPY_GC_NURSERY``), so Odissey cannot set it itself:
 it says so in its log when it runs without it, and the systemd unit in
 docs/operations.md sets it.
@@ -51,6 +52,6 @@ def nursery_advice(environ: Mapping[str, str] = os.environ,
     """The log line for PyPy running without :data:`NURSERY_VARIABLE`; None otherwise."""
     if implementation != "pypy" or environ.get(NURSERY_VARIABLE):
         return None
-    return (f"{NURSERY_VARIABLE} is not set: PyPy's default nursery costs up to 17 % more CPU per "
-            f"transaction with hundreds of clients; start Odissey with {NURSERY_VARIABLE}={NURSERY} "
-            "in its environment (docs/operations.md, Running under PyPy)")
+    return (f"{NURSERY_VARIABLE} is not set: with hundreds of clients, {NURSERY_VARIABLE}={NURSERY} in "
+            "Odissey's environment saves PyPy 2-18 % of its CPU per transaction "
+            "(docs/operations.md, Running under PyPy)")

@@ -93,7 +93,7 @@ def service_for(config: Config) -> Union[OdisseyService, "Master"]:
     compile_sooner()
     advice = nursery_advice()
     if advice is not None:
-        log.warn(advice)
+        log.warn("{advice}", advice=advice)
     if config.workers > 1:
         return Master(config)
     return OdisseyService(config, process=True)
