@@ -232,17 +232,14 @@ def start_odissey(pg_port: int, user: str, password: str, db: str, *, mode: str,
     return proc, port, package
 
 
-def start_floor(pg_port: int, workdir: str, python: str = sys.executable,
-                name: str = "floor", twisted_write: bool = False, wrapper: Sequence[str] = (),
-                patience: float = 30, short_reads: bool = False) -> Tuple[subprocess.Popen, int]:
-    """bench/floor.py, the bare Twisted relay, in front of 127.0.0.1:``pg_port`` (``wrapper``
-    and ``patience`` as for :func:`start_odissey`; ``short_reads``: with Odissey's read path)."""
+def start_bench_script(script: str, args: Sequence[str], workdir: str, python: str, name: str,
+                       wrapper: Sequence[str] = (), patience: float = 30) -> Tuple[subprocess.Popen, int]:
+    """``bench/<script> PORT 127.0.0.1 *args`` on a free port of 127.0.0.1, its output to
+    ``workdir/<name>.out``; returns once it listens (``wrapper`` and ``patience`` as for
+    :func:`start_odissey`)."""
     port = free_port()
-    flags = ["--twisted-write"] if twisted_write else []
-    flags += ["--short-reads"] if short_reads else []
     with open(Path(workdir) / f"{name}.out", "w") as out:
-        proc = subprocess.Popen([*wrapper, python, str(ROOT / "bench" / "floor.py"), str(port), "127.0.0.1",
-                                 str(pg_port), *flags],
+        proc = subprocess.Popen([*wrapper, python, str(ROOT / "bench" / script), str(port), "127.0.0.1", *args],
                                 env=runtime_env(), stdout=out, stderr=subprocess.STDOUT)
     try:
         wait_port(port, proc, patience=patience, name=name)
@@ -250,6 +247,16 @@ def start_floor(pg_port: int, workdir: str, python: str = sys.executable,
         stop(proc)
         raise
     return proc, port
+
+
+def start_floor(pg_port: int, workdir: str, python: str = sys.executable,
+                name: str = "floor", twisted_write: bool = False, wrapper: Sequence[str] = (),
+                patience: float = 30, short_reads: bool = False) -> Tuple[subprocess.Popen, int]:
+    """bench/floor.py, the bare Twisted relay, in front of 127.0.0.1:``pg_port`` (``short_reads``:
+    with Odissey's read path)."""
+    flags = ["--twisted-write"] if twisted_write else []
+    flags += ["--short-reads"] if short_reads else []
+    return start_bench_script("floor.py", [str(pg_port), *flags], workdir, python, name, wrapper, patience)
 
 
 def start_login_floor(pg_port: int, user: str, password: str, db: str, workdir: str,
@@ -257,18 +264,9 @@ def start_login_floor(pg_port: int, user: str, password: str, db: str, workdir: 
                       patience: float = 30) -> Tuple[subprocess.Popen, int]:
     """bench/login_floor.py, the least a Twisted pooler does for a login, in front of
     127.0.0.1:``pg_port``, checking md5 passwords itself and logging in to PostgreSQL as
-    ``user`` (``wrapper`` and ``patience`` as for :func:`start_odissey`)."""
-    port = free_port()
-    with open(Path(workdir) / f"{name}.out", "w") as out:
-        proc = subprocess.Popen([*wrapper, python, str(ROOT / "bench" / "login_floor.py"), str(port), "127.0.0.1",
-                                 str(pg_port), user, password, db],
-                                env=runtime_env(), stdout=out, stderr=subprocess.STDOUT)
-    try:
-        wait_port(port, proc, patience=patience, name=name)
-    except BaseException:
-        stop(proc)
-        raise
-    return proc, port
+    ``user``."""
+    return start_bench_script("login_floor.py", [str(pg_port), user, password, db], workdir, python, name,
+                              wrapper, patience)
 
 
 def stop(proc: subprocess.Popen, patience: float = 30) -> bool:

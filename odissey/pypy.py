@@ -16,10 +16,9 @@ to since the last one: with hundreds of connections each transaction touches a
 different relay, so a small nursery pays for the same objects again and again. With
 16 MiB, 200 clients in transaction mode cost 2-18 % less CPU per transaction (-8.5 % the
 median of six A/B figures), 8 and 32 clients no more (docs/benchmarks.md, "PyPy's
-nursery"). PyPy reads the size only
-from its environment at start (``PYPY_GC_NURSERY``), so Odissey cannot set it itself:
-it says so in its log when it runs without it, and the systemd unit in
-docs/operations.md sets it.
+nursery"). PyPy reads the size only from its environment at start
+(``PYPY_GC_NURSERY``), so Odissey cannot set it itself: it says so in its log when it
+runs without it, and the systemd unit in docs/operations.md sets it.
 
 Nothing here does anything under CPython.
 """
