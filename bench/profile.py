@@ -95,6 +95,9 @@ def main() -> None:
     parser.add_argument("--seconds", type=int, default=15)
     parser.add_argument("--warmup", type=int, default=15)
     parser.add_argument("--connect", action="store_true", help="a new connection per transaction (-C)")
+    parser.add_argument("--log-section", action="store_true",
+                        help="Odissey with a `log: {format: text}` section (its own observer, as compare.py's "
+                             "--log-section) instead of twistd's --logfile observer")
     args = parser.parse_args()
     pypy = "pypy" in subprocess.run([args.python, "-c", "import sys; print(sys.implementation.name)"],
                                     capture_output=True, text=True, check=True).stdout
@@ -111,7 +114,8 @@ def main() -> None:
     proc = None
     try:
         proc, port, _package = start_odissey(pg.port, USER, PASSWORD, DB, mode="transaction", pool_size=20,
-                                             workdir=workdir, python=args.python)
+                                             workdir=workdir, python=args.python,
+                                             extra="log: {format: text}\n" if args.log_section else "")
         pgbench(port, USER, PASSWORD, DB, clients=args.clients, jobs=2, protocol=args.protocol,
                 seconds=args.warmup, connect=args.connect)
         if pypy:

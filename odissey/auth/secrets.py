@@ -33,6 +33,14 @@ from twisted.python.failure import Failure
 
 from odissey.config import Secret
 
+try:
+    # The interpreter's own md5, as hashlib falls back to. hashlib's is OpenSSL's, which
+    # PyPy reaches through cffi: 2.2 µs a hash there against 0.23 (0.34 against 0.19
+    # under CPython), and every md5 login hashes once.
+    from _md5 import md5 as _md5
+except ImportError:  # (an interpreter built without its own hashes)
+    _md5 = hashlib.md5
+
 SCRAM_ITERATIONS = 4096  # PostgreSQL's default scram_iterations
 SCRAM_SALT_LENGTH = 16  # PostgreSQL's SCRAM_DEFAULT_SALT_LEN
 _PADDING_SALT = os.urandom(SCRAM_SALT_LENGTH)  # for derivations made only to take the time
@@ -69,12 +77,12 @@ def pbkdf2_cache_info() -> "functools._CacheInfo":
 
 def md5_hash(password: str, user: str) -> str:
     """PostgreSQL's stored md5 form: ``md5`` + md5(password + user)."""
-    return "md5" + hashlib.md5((password + user).encode()).hexdigest()
+    return "md5" + _md5((password + user).encode()).hexdigest()
 
 
 def md5_response(stored: str, salt: bytes) -> bytes:
     """The client's answer to AuthenticationMD5Password, from the stored md5 form."""
-    return b"md5" + hashlib.md5(stored[3:].encode() + salt).hexdigest().encode()
+    return b"md5" + _md5(stored[3:].encode() + salt).hexdigest().encode()
 
 
 def md5_stored(secret: Secret, user: str) -> str:
@@ -203,7 +211,7 @@ def check_cleartext(
         return threads(_matches_scram, ScramSecret.parse(secret.value), password)
     if secret.kind == "md5":
         expected = secret.value.encode("ascii")
-        given = b"md5" + hashlib.md5(password + user.encode("utf-8")).hexdigest().encode("ascii")
+        given = b"md5" + _md5(password + user.encode("utf-8")).hexdigest().encode("ascii")
     else:
         expected, given = secret.value.encode("utf-8"), password
     return threads(_matches_digest, expected, given, password)
