@@ -30,11 +30,11 @@ from typing import Dict, List, Mapping, Optional, Tuple
 
 from twisted.internet.defer import Deferred, DeferredLock, inlineCallbacks
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
-from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from odissey.auth.secrets import InThread
 from odissey.config import AuthQuery, Route, Secret
+from odissey.logs import Logger
 from odissey.server import LoginInfo, ServerConnection, ServerState, Tracker, open_connection
 from odissey.tls import ServerSide
 from odissey.wire import errors

@@ -20,11 +20,11 @@ from typing import Generic, Mapping, NamedTuple, Protocol as TypingProtocol, Typ
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.protocol import Protocol
-from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from odissey.config import MAX_PEER_ID, MAX_WORKERS, Address, Peer, Storage
 from odissey.entropy import random_bits
+from odissey.logs import Logger
 from odissey.router import connect_storage
 from odissey.wire import messages as m
 

@@ -32,7 +32,6 @@ from typing import Any, Callable, Generator, Iterator, Protocol as TypingProtoco
 from twisted.internet.defer import Deferred, inlineCallbacks, succeed
 from twisted.internet.interfaces import IHandshakeListener, IReactorTime, ISSLTransport
 from twisted.internet.protocol import Factory, Protocol
-from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -43,7 +42,7 @@ from odissey.auth_query import AuthQueries
 from odissey.cancel import CancelKeys, Drop, Forward, Peering, route_cancel
 from odissey.config import Limits, Route
 from odissey.console import Console, ConsoleSession, console_parameters
-from odissey.logs import CONNECTION_EVENT
+from odissey.logs import CONNECTION_EVENT, Logger
 from odissey.flow import PENDING_LIMIT, Valve, send, set_nodelay
 from odissey.params import params_from, startup_wants
 from odissey.pool import Pools

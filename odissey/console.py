@@ -22,12 +22,12 @@ from typing import Any, Callable, Iterable, Optional, Protocol as TypingProtocol
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime, ISSLTransport
-from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 import odissey
 from odissey.config import ANY, CONSOLE_DATABASES, Config, Route
 from odissey.control import Control, serves
+from odissey.logs import Logger
 from odissey.pool import Pool, Pools
 from odissey.router import ClientAddress, Router
 from odissey.server import ServerConnection, ServerState

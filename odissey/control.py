@@ -14,9 +14,9 @@ from __future__ import annotations
 from typing import Any, Callable, Iterable, Optional, Protocol as TypingProtocol, Sequence
 
 from twisted.internet.defer import Deferred
-from twisted.logger import Logger
 
 from odissey.config import ANY, CONSOLE_DATABASES, Route
+from odissey.logs import Logger
 from odissey.pool import Pools
 from odissey.wire import errors
 from odissey.wire.errors import PoolerError

@@ -30,9 +30,10 @@ from twisted.internet.interfaces import IFileDescriptorReceiver, IListeningPort,
 from twisted.internet.protocol import Factory
 from twisted.internet.endpoints import UNIXClientEndpoint
 from twisted.protocols.basic import LineOnlyReceiver
-from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
+
+from odissey.logs import Logger
 
 log = Logger()
 

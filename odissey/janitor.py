@@ -9,10 +9,10 @@ notices clients that left while their reading was paused.
 from __future__ import annotations
 
 from twisted.internet.interfaces import IReactorTime
-from twisted.logger import Logger
 
 from odissey.client import ClientFactory, ClientState
 from odissey.flow import peer_closed
+from odissey.logs import Logger
 from odissey.pool import Pools
 
 PERIOD = 0.5

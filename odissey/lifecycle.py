@@ -24,10 +24,10 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import ReactorNotRunning
 from twisted.internet.interfaces import IListeningPort
-from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from odissey.handover import Taken
+from odissey.logs import Logger
 
 log = Logger()
 

@@ -25,10 +25,10 @@ from typing import Callable, Iterable, NamedTuple, Optional, Protocol as TypingP
 
 from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
-from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from odissey.config import Route
+from odissey.logs import Logger
 from odissey.params import Fingerprints, Params, params_from
 from odissey.server import ServerConnection, ServerState
 from odissey.stats import PoolStats, interval_clock

@@ -19,11 +19,11 @@ from enum import Enum
 from typing import Any, Callable, Protocol as TypingProtocol
 
 from twisted.internet.defer import Deferred, succeed
-from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from odissey import reset
 from odissey.flow import PENDING_LIMIT, Valve, couple, send, uncouple
+from odissey.logs import Logger
 from odissey.params import Params, differences, set_statements
 from odissey.pool import Pool
 from odissey.server import ServerConnection, ServerState, server_error

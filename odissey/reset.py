@@ -9,9 +9,9 @@ reaches another client.
 from __future__ import annotations
 
 from twisted.internet.defer import Deferred, gatherResults, inlineCallbacks
-from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from odissey.logs import Logger
 from odissey.server import ServerConnection, ServerState
 from odissey.transaction import Transaction
 from odissey.wire import errors

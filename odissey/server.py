@@ -23,7 +23,6 @@ from twisted.internet import defer
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.interfaces import IDelayedCall, IHandshakeListener, IReactorTime
 from twisted.internet.protocol import Protocol
-from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -33,6 +32,7 @@ from odissey.auth.secrets import InThread
 from odissey.cancel import send_cancel
 from odissey.config import Route, Secret, Storage
 from odissey.flow import Valve, set_nodelay
+from odissey.logs import Logger
 from odissey.params import Params, codec_for
 from odissey.router import connect_storage
 from odissey.statements import ServerStatements

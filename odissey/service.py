@@ -12,7 +12,6 @@ from twisted.application.internet import TimerService
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, DeferredList, inlineCallbacks, succeed
 from twisted.internet.interfaces import IListeningPort
-from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from odissey.auth.passthrough import Credentials
@@ -26,7 +25,7 @@ from odissey.drain import Drain, end_all
 from odissey.handover import HandoverServer, Taken, take as take_sockets
 from odissey.janitor import PERIOD, Janitor
 from odissey.lifecycle import Stop, Stoppable, failed_start, given, hand_over, install_signals, listener, stop_listening, within
-from odissey.logs import Observer, observe_for
+from odissey.logs import Logger, Observer, observe_for
 from odissey.metrics import MetricsResource, MetricsSite, PoolCollector
 from odissey.pool import Pool, PoolKey, Pools, ServerConnector
 from odissey.reload import RECONNECT, REPLACE, SAME, Plan, plan as plan_reload

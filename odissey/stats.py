@@ -21,7 +21,8 @@ import time
 from typing import Callable, Iterable, NamedTuple, Optional, Protocol as TypingProtocol
 
 from twisted.internet.interfaces import IReactorTime
-from twisted.logger import Logger
+
+from odissey.logs import Logger
 
 log = Logger()
 

@@ -18,7 +18,8 @@ from typing import Mapping, Optional
 
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
-from twisted.logger import Logger
+
+from odissey.logs import Logger
 
 log = Logger()
 

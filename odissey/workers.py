@@ -30,7 +30,6 @@ from twisted.internet.defer import Deferred, DeferredList, inlineCallbacks, succ
 from twisted.internet.error import ProcessTerminated
 from twisted.internet.interfaces import IListeningPort
 from twisted.internet.protocol import Factory, ProcessProtocol
-from twisted.logger import Logger
 from twisted.protocols import amp
 from twisted.python.failure import Failure
 
@@ -45,7 +44,7 @@ from odissey.config import Config, ConfigError, load as load_config
 from odissey.handover import HandoverServer, take as take_sockets
 from odissey.leases import Action, Grant, Ledger
 from odissey.lifecycle import FAILED, Stop, Stoppable, failed_start, given, hand_over, install_signals, listener, stop_listening, within
-from odissey.logs import Observer, observe_for
+from odissey.logs import Logger, Observer, observe_for
 from odissey.metrics import MetricsResource, MetricsSite, Snapshot
 from odissey.postgres import LocalPostgres
 from odissey.pypy import compile_sooner, nursery_advice
