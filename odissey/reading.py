@@ -24,6 +24,11 @@ collection every 15 reads, about every 7 transactions, and each one, in a pooler
 thousands of live objects, costs more than the transaction (docs/benchmarks.md). Reading
 into one buffer allocates only what arrived; under CPython it costs the same as ``recv``.
 
+A protocol that calls ``loseConnection`` during such a read, with nothing left in its
+transport's write buffer (Odissey writes with ``flow.send``, not through the buffer), is
+lost right after the read, as the write event Twisted would wait for next would find
+nothing to send: a client's Terminate costs no further turn of the reactor.
+
 Anything unusual goes back to Twisted's own code, inside the logging context: an
 exception from ``dataReceived`` is logged and loses the connection, EOF is a
 (half-)close, a failed ``recv_into`` loses the connection, all through the reactor's
@@ -106,18 +111,36 @@ class Reads:
                         protocol.dataReceived(buffer[:size].tobytes())
                     except BaseException:
                         log.callWithLogger(selectable, self._failed, selectable, failure.Failure())
+                        continue
+                    if selectable.disconnecting and _written(selectable):
+                        self._lose(selectable, main.CONNECTION_DONE, False)
                     continue
             log.callWithLogger(selectable, twisted_path, selectable, fd, event)
 
-    def _lose(self, selectable: Any, why: Exception) -> None:
+    def _lose(self, selectable: Any, why: Exception, reading: bool = True) -> None:
         """EOF (a half-close where the transport supports it) or a failed ``recv_into``, as
-        ``_doReadOrWrite`` would hand them on."""
-        log.callWithLogger(selectable, self.reactor._disconnectSelectable, selectable, why, True)
+        ``_doReadOrWrite`` would hand them on; or (``reading`` False) the end of a
+        ``loseConnection`` with nothing left to write, as ``doWrite`` would."""
+        log.callWithLogger(selectable, self.reactor._disconnectSelectable, selectable, why, reading)
 
     def _failed(self, selectable: Any, reason: failure.Failure) -> None:
         """``dataReceived`` raised: logged, and the connection lost with it, as Twisted does."""
         log.err(reason)
         self.reactor._disconnectSelectable(selectable, reason.value, True)
+
+
+def _written(transport: Any) -> bool:
+    """The protocol called ``loseConnection`` during the read and nothing is left to
+    write: the write event that Twisted waits for next (``loseConnection`` registers for
+    it) would find an empty buffer, ``send`` nothing, and lose the connection. Lost now,
+    without that turn of the reactor (a ``send`` of no bytes, and the event's dispatch
+    inside the logging context): a client's Terminate, once per ``pgbench -C`` login.
+    Not with a producer that ``doWrite`` would resume first, nor once aborted (the
+    abort's own ``connectionLost`` is on its way)."""
+    producer = transport.producer
+    return (transport.connected and not transport._aborting and not transport._tempDataLen
+            and transport.offset == len(transport.dataBuffer)
+            and (producer is None or (transport.streamingProducer and not transport.producerPaused)))
 
 
 def _epoll_wait(reactor: Any, timeout: float | None) -> Any:

@@ -22,6 +22,7 @@ from zope.interface import implementer
 
 from odissey import reading
 from odissey.client import ClientConnection
+from odissey.flow import send
 from odissey.server import ServerConnection
 from tests.harness import IntegrationTest, until
 
@@ -89,6 +90,40 @@ class Fails(Recorder):
         raise ValueError("bad bytes")
 
 
+class Closes(Recorder):
+    """Says goodbye as a client's Terminate makes Odissey do: a last reply (written with
+    ``flow.send`` like Odissey's, or through Twisted's buffer with ``buffered``), then
+    ``loseConnection``; counts the write events Twisted dispatches to it."""
+
+    buffered = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.write_events = 0
+
+    def connectionMade(self) -> None:
+        write = self.transport.doWrite
+
+        def counted() -> object:
+            self.write_events += 1
+            return write()
+
+        self.transport.doWrite = counted
+        super().connectionMade()
+
+    def dataReceived(self, data: bytes) -> None:
+        super().dataReceived(data)
+        if self.buffered:
+            self.transport.write(b"bye")
+        else:
+            send(self.transport, b"bye")
+        self.transport.loseConnection()
+
+
+class ClosesBuffered(Closes):
+    buffered = True
+
+
 class InstallTests(SynchronousTestCase):
     def test_other_reactors_left_alone(self) -> None:
         """A reactor that is not epoll or poll (here a MemoryReactor) gets nothing installed."""
@@ -152,7 +187,7 @@ class ShortPathTests(TestCase):
             self.addCleanup(reading.uninstall, reactor)
         reads = reading.installed(reactor)
         assert reads is not None
-        fresh = {Recorder, HalfCloser, Fails, Logs} - reads.protocols
+        fresh = {Recorder, HalfCloser, Fails, Logs, Closes, ClosesBuffered} - reads.protocols
         reads.protocols.update(fresh)
         self.addCleanup(reads.protocols.difference_update, fresh)
 
@@ -259,6 +294,39 @@ class ShortPathTests(TestCase):
         errors = [event for event in logged if event.get("isError")]
         self.assertEqual(len(errors), 1)
         self.assertIn("Fails", errors[0]["system"])
+
+    def received(self, peer: socket.socket) -> bytes:
+        """What the peer gets until the connection's end."""
+        peer.settimeout(5)
+        chunks = []
+        while True:
+            chunk = peer.recv(100)
+            if not chunk:
+                return b"".join(chunks)
+            chunks.append(chunk)
+
+    @inlineCallbacks
+    def test_lose_connection_with_nothing_to_write_is_lost_at_once(self):
+        """A protocol that calls loseConnection during a read, with everything it wrote
+        already sent, is lost right after that read: no write event first. The peer gets
+        the last bytes, then the end of the stream."""
+        server, peer = yield self.accepted(Closes)
+        peer.sendall(b"goodbye")
+        [reason] = yield server.lost
+        self.assertIsInstance(reason.value, ConnectionDone)
+        self.assertEqual(server.write_events, 0)
+        self.assertEqual(self.received(peer), b"bye")
+
+    @inlineCallbacks
+    def test_lose_connection_with_bytes_buffered_writes_them_first(self):
+        """With bytes still in Twisted's write buffer, loseConnection takes Twisted's own
+        way: the write event sends them, then the connection is lost."""
+        server, peer = yield self.accepted(ClosesBuffered)
+        peer.sendall(b"goodbye")
+        [reason] = yield server.lost
+        self.assertIsInstance(reason.value, ConnectionDone)
+        self.assertGreater(server.write_events, 0)
+        self.assertEqual(self.received(peer), b"bye")
 
     @inlineCallbacks
     def test_log_lines_read_the_same(self):
