@@ -44,7 +44,7 @@ from odissey.config import Limits, Route
 from odissey.console import Console, ConsoleSession, console_parameters
 from odissey.logs import CONNECTION_EVENT, Logger
 from odissey.flow import PENDING_LIMIT, Valve, send, set_nodelay
-from odissey.params import params_from, startup_wants
+from odissey.params import login_parameters, params_from, startup_wants
 from odissey.pool import Pools
 from odissey.relay import Relay
 from odissey.router import ClientAddress, Router, client_address
@@ -445,19 +445,16 @@ class ClientConnection(Protocol):
             yield f.startup_checks.check(pool, self.id, unchecked)
             if self.state is not ClientState.PARAMS:
                 return
-        if server_params is pool.parameters_cache:
-            wanted, told = dict(pool.login_wanted), dict(pool.login_told)
-        else:
-            wanted = params_from(server_params)
-            told = {key: value for key, (_name, value) in wanted.items()}
-        for name, value in wants:
-            key = name.lower()
-            if key in wanted:  # reported: told, and carried, as PostgreSQL spells it
-                name = wanted[key][0]
-                value = f.startup_checks.canonical(pool, key, value)
-                told[key] = value
-            wanted[key] = (name, value)
-        self.relay = Relay(self, pool, wanted, told, f.limits.max_message_size)
+        canonical = partial(f.startup_checks.canonical, pool)
+        if server_params is pool.parameters_cache:  # (the usual case)
+            login = pool.login(tuple(wants), canonical)
+            wanted, told, fingerprint, greeting = dict(login.wanted), dict(login.told), login.fingerprint, login.greeting
+        else:  # (the cache was reset while this login waited for it)
+            server_wanted = params_from(server_params)
+            server_told = {key: value for key, (_name, value) in server_wanted.items()}
+            wanted, told = login_parameters(server_wanted, server_told, wants, canonical)
+            fingerprint, greeting = None, pool.greeting(tuple(told.items()), wanted)
+        self.relay = Relay(self, pool, wanted, told, f.limits.max_message_size, fingerprint)
         pool.stats.logins += 1
         pid = None
         if not self.relay.transaction_mode:
@@ -471,7 +468,6 @@ class ClientConnection(Protocol):
             if server.key is not None:
                 pid = server.key[0]
         self.key = f.keys.issue(self, pid)
-        greeting = pool.greeting(tuple(told.items()), wanted)
         self.send(ok + greeting + m.backend_key_data(*self.key) + _READY)
         log.info("{id}: login {user}@{database} from {client} (pool {pool})", id=self.id,
                  user=user, database=database, client=self.peer, pool=str(pool.key),

@@ -15,7 +15,7 @@ bytes are ever read in an encoding they were not written in (with SJIS and
 
 from __future__ import annotations
 
-from typing import Iterable, Mapping
+from typing import Callable, Iterable, Mapping
 
 #: Startup keys that are not run-time parameters.
 NOT_PARAMETERS = frozenset({"user", "database", "replication", "options"})
@@ -72,6 +72,25 @@ def codec_for(encoding: str) -> str:
 
 def params_from(pairs: Iterable[tuple[str, str]]) -> Params:
     return {name.lower(): (name, value) for name, value in pairs}
+
+
+def login_parameters(
+    wanted: Params, told: Mapping[str, str], wants: Iterable[tuple[str, str]],
+    canonical: Callable[[str, str], str],
+) -> tuple[Params, dict[str, str]]:
+    """A login's wanted and told parameters: the servers' (``wanted``, and ``told`` as
+    the client hears them), with the startup packet's ``wants`` applied. A parameter the
+    servers report keeps their spelling of its name and takes its value as PostgreSQL
+    reports it (``canonical(key, value)``); the others are carried as the client wrote them."""
+    wanted, told = dict(wanted), dict(told)
+    for name, value in wants:
+        key = name.lower()
+        if key in wanted:
+            name = wanted[key][0]
+            value = canonical(key, value)
+            told[key] = value
+        wanted[key] = (name, value)
+    return wanted, told
 
 
 def parse_options(options: str) -> list[tuple[str, str]]:

@@ -29,7 +29,7 @@ from twisted.python.failure import Failure
 
 from odissey.config import Route
 from odissey.logs import Logger
-from odissey.params import Fingerprints, Params, params_from
+from odissey.params import Fingerprints, Params, login_parameters, params_from
 from odissey.server import ServerConnection, ServerState
 from odissey.stats import PoolStats, interval_clock
 from odissey.statements import Registry
@@ -64,6 +64,17 @@ class PoolKey(NamedTuple):
         if self.route is None:
             return f"{self.database}/{self.user}"
         return f"{self.database}/{self.user} (routes[{self.route}])"
+
+
+class Login(NamedTuple):
+    """What a login starts from (see :meth:`Pool.login`)."""
+
+    wanted: Params
+    told: dict[str, str]
+    #: ``wanted``'s fingerprint (params.Fingerprints): its relay's, until it changes.
+    fingerprint: frozenset
+    #: The ParameterStatus messages the client is greeted with.
+    greeting: bytes
 
 
 class Waiter(TypingProtocol):
@@ -132,6 +143,8 @@ class Pool:
         self.login_told: dict[str, str] = {}
         #: A login's ParameterStatus messages, by the values it is told (see greeting).
         self._greetings: dict[tuple[tuple[str, str], ...], bytes] = {}
+        #: What logins start from, by their startup packets' wishes (see login).
+        self._logins: dict[tuple[tuple[str, str], ...], Login] = {}
         self._parameter_waiters: list[Deferred[list[tuple[str, str]]]] = []
         #: Servers marked by :meth:`shed` to close when they come back, and how many of
         #: them are owed to other workers.
@@ -169,6 +182,7 @@ class Pool:
         self.reported = frozenset(name.lower() for name, _ in value or ())
         self.login_wanted = params_from(value or ())
         self.login_told = {key: value for key, (_name, value) in self.login_wanted.items()}
+        self._logins.clear()
 
     @property
     def size(self) -> int:
@@ -623,6 +637,20 @@ class Pool:
             greeting = self._greetings[told] = b"".join(
                 m.parameter_status(wanted[key][0], value) for key, value in told)
         return greeting
+
+    def login(self, wants: tuple[tuple[str, str], ...], canonical: Callable[[str, str], str]) -> "Login":
+        """What a login with these startup wishes starts from, once the parameter cache
+        is known (``params.login_parameters`` from it, their fingerprint, the greeting):
+        worked out once per distinct set of wishes, since most of a pool's clients send
+        the same startup packet. The relay copies ``wanted`` and ``told``, which it changes."""
+        login = self._logins.get(wants)
+        if login is None:
+            wanted, told = login_parameters(self.login_wanted, self.login_told, wants, canonical)
+            if len(self._logins) >= 256:  # (clients inventing values cannot make it grow)
+                self._logins.clear()
+            login = self._logins[wants] = Login(
+                wanted, told, self.fingerprints.of(wanted), self.greeting(tuple(told.items()), wanted))
+        return login
 
     def parameters(self) -> "Deferred[list[tuple[str, str]]]":
         """The server's ParameterStatus set, cached after the first login of this pool."""

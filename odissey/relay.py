@@ -96,13 +96,15 @@ class Relay:
         wanted: Params,
         told: dict[str, str],
         max_message_size: int,
+        fingerprint: frozenset | None = None,
     ) -> None:
         self.client = client
         self._to_client = client.writer()
         self.pool = pool
         self.wanted = wanted
-        #: ``wanted``'s fingerprint (params.Fingerprints), None after a change.
-        self._wanted_print: frozenset | None = None
+        #: ``wanted``'s fingerprint (params.Fingerprints; the login's, if it knew it),
+        #: None after a change.
+        self._wanted_print = fingerprint
         self.told = told
         self.reported = pool.reported
         #: What the client's Parse texts may leave on a server (CPython: each distinct text read once).

@@ -231,6 +231,34 @@ class PoolTests(SynchronousTestCase):
         self.assertEqual(self.successResultOf(pool.parameters()), server.login_params)
         self.assertEqual(servers.attempts, [])
 
+    def test_login_worked_out_once_per_startup_wishes(self) -> None:
+        """A login's parameters start from the cache with the startup packet's wishes
+        applied (a reported one spelled as the server does, valued as PostgreSQL
+        reports it), and are worked out once per distinct set of wishes, until the
+        cache changes."""
+        pool, servers, _clock = make_pool()
+        pool.parameters_cache = [("application_name", ""), ("DateStyle", "ISO, MDY"), ("TimeZone", "UTC")]
+        asked: list[tuple[str, str]] = []
+
+        def canonical(key: str, value: str) -> str:
+            asked.append((key, value))
+            return value.upper() if key == "datestyle" else value
+
+        wishes = (("datestyle", "iso, dmy"), ("search_path", "app"))
+        login = pool.login(wishes, canonical)
+        self.assertEqual(login.wanted["datestyle"], ("DateStyle", "ISO, DMY"))
+        self.assertEqual(login.wanted["search_path"], ("search_path", "app"))
+        self.assertEqual(login.told, {"application_name": "", "datestyle": "ISO, DMY", "timezone": "UTC"})
+        self.assertIs(login.fingerprint, pool.fingerprints.of(dict(login.wanted)))
+        self.assertIn(b"DateStyle\0ISO, DMY\0", login.greeting)
+        self.assertIs(pool.login(wishes, canonical), login)
+        self.assertEqual(asked, [("datestyle", "iso, dmy")])  # (once: the second login was known)
+        self.assertIsNot(pool.login((("search_path", "other"),), canonical), login)
+        pool.parameters_cache = [("application_name", ""), ("DateStyle", "German"), ("TimeZone", "UTC")]
+        again = pool.login(wishes, canonical)
+        self.assertIsNot(again, login)
+        self.assertEqual(len(asked), 2)
+
     def test_released_broken_server_closed(self) -> None:
         """A server released in a non-idle state is closed, not pooled."""
         pool, servers, clock = make_pool()
