@@ -6,7 +6,7 @@ import socket
 from typing import Any
 
 from OpenSSL import crypto
-from twisted.internet import reactor, ssl
+from twisted.internet import abstract, reactor, ssl, tcp
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.endpoints import TCP4ClientEndpoint, _WrappingProtocol, connectProtocol
 from twisted.internet.error import ConnectionDone
@@ -173,6 +173,11 @@ class InstallTests(SynchronousTestCase):
         renames one, this fails instead of reads going wrong."""
         for name in ("_selectables", "_reads", "_doReadOrWrite", "_disconnectSelectable", "_poller"):
             self.assertTrue(hasattr(reactor, name), name)
+        # (what tells that a transport whose protocol called loseConnection has nothing left to write)
+        transport = abstract.FileDescriptor(MemoryReactor())
+        for name in ("_tempDataLen", "dataBuffer", "offset", "producer", "streamingProducer", "producerPaused"):
+            self.assertTrue(hasattr(transport, name), name)
+        self.assertFalse(tcp.Connection._aborting)
         wrapped = Recorder()
         self.assertIs(_WrappingProtocol(Deferred(), wrapped)._wrappedProtocol, wrapped)
 
