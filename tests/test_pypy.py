@@ -18,7 +18,7 @@ class JitTests(SynchronousTestCase):
         fake.set_param = calls.append  # type: ignore[attr-defined]
         self.patch(sys, "modules", {**sys.modules, "pypyjit": fake})
         pypy.compile_sooner()
-        self.assertEqual(calls, ["threshold=200,function_threshold=300,trace_eagerness=50"])
+        self.assertEqual(calls, ["threshold=200,function_threshold=300,trace_eagerness=50,trace_limit=12000"])
 
     def test_nothing_without_pypyjit(self) -> None:
         """Without pypyjit (CPython), compile_sooner does nothing and raises nothing."""
