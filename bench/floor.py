@@ -13,7 +13,8 @@ that plain ``transport.write`` relay instead. ``--short-reads`` reads with Odiss
 read path (``odissey/reading.py``, the checkout this file is in) instead of Twisted's
 ``doRead``: what Twisted's reactor and transports cost around reads Odissey does not make
 through them, so that Odissey's own work is what stays between this floor and Odissey.
-Run it with CPython and with PyPy:
+Under PyPy it runs with Odissey's JIT parameters (``odissey/pypy.py``), as with its GC
+nursery (``bench/common.py``). Run it with CPython and with PyPy:
 
     python bench/floor.py LISTEN_PORT PG_HOST PG_PORT [--twisted-write] [--short-reads]
 
@@ -122,10 +123,11 @@ def main() -> None:
     listen_port, pg_host, pg_port = int(sys.argv[1]), sys.argv[2], int(sys.argv[3])
     if "--twisted-write" in sys.argv[4:]:
         write = twisted_write
-    if "--short-reads" in sys.argv[4:]:
-        sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-        from odissey import reading
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from odissey import pypy, reading
 
+    pypy.compile_sooner()  # (under PyPy, the JIT parameters Odissey runs with)
+    if "--short-reads" in sys.argv[4:]:
         reading.install(reactor, (ClientSide, ServerSide))
     reactor.listenTCP(listen_port, ClientFactory(pg_host, pg_port), backlog=1024, interface="127.0.0.1")  # type: ignore[attr-defined]
     print(f"listening on {listen_port}", flush=True)

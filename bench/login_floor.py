@@ -17,7 +17,9 @@ garbage collector's nursery in a few logins), as ``floor.py --short-reads`` does
 
 Kept servers keep what a session left on them (no ``DISCARD ALL``): pgbench's
 ``-M prepared`` statements would collide on the next client, so it serves only the
-simple and extended protocols. Run it with CPython and with PyPy:
+simple and extended protocols. Under PyPy it runs with Odissey's JIT parameters
+(``odissey/pypy.py``) and GC nursery, as every PyPy process the benchmarks start. Run
+it with CPython and with PyPy:
 
     python bench/login_floor.py LISTEN_PORT PG_HOST PG_PORT USER PASSWORD DATABASE
 
@@ -257,7 +259,9 @@ def main() -> None:
     user, password, database = (arg.encode() for arg in sys.argv[4:7])
     pool = Pool(pg_host, pg_port, user, password, database)
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    from odissey import reading
+    from odissey import pypy, reading
+
+    pypy.compile_sooner()  # (under PyPy, the JIT parameters Odissey runs with)
 
     reading.install(reactor, (ClientSide, ServerSide))
     reactor.listenTCP(listen_port, ClientFactory(pool), backlog=1024, interface="127.0.0.1")  # type: ignore[attr-defined]
