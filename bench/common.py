@@ -116,10 +116,14 @@ def postgres_cpu_seconds(pg: LocalPostgres) -> float:
     while True:
         own, reaped = own_and_reaped()
         children = 0
-        for stat in Path("/proc").glob("[0-9]*/stat"):
+        # (os.listdir, not Path.glob: glob stats each entry, and a process that exits
+        # meanwhile makes that stat raise ESRCH, which pathlib does not take as "gone")
+        for pid in os.listdir("/proc"):
+            if not pid.isdigit():
+                continue
             try:
-                fields = stat.read_text().rsplit(")", 1)[1].split()
-            except OSError:
+                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:  # (exited since the listing)
                 continue
             if int(fields[1]) == postmaster:
                 children += int(fields[11]) + int(fields[12])

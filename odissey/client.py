@@ -448,7 +448,8 @@ class ClientConnection(Protocol):
         canonical = partial(f.startup_checks.canonical, pool)
         if server_params is pool.parameters_cache:  # (the usual case)
             login = pool.login(tuple(wants), canonical)
-            wanted, told, fingerprint, greeting = dict(login.wanted), dict(login.told), login.fingerprint, login.greeting
+            wanted, told = dict(login.wanted), dict(login.told)  # (the relay's to change)
+            fingerprint, greeting = login.fingerprint, login.greeting
         else:  # (the cache was reset while this login waited for it)
             server_wanted = params_from(server_params)
             server_told = {key: value for key, (_name, value) in server_wanted.items()}

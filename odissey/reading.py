@@ -112,7 +112,7 @@ class Reads:
                     except BaseException:
                         log.callWithLogger(selectable, self._failed, selectable, failure.Failure())
                         continue
-                    if selectable.disconnecting and _written(selectable):
+                    if selectable.disconnecting and _done_writing(selectable):
                         self._lose(selectable, main.CONNECTION_DONE, False)
                     continue
             log.callWithLogger(selectable, twisted_path, selectable, fd, event)
@@ -129,7 +129,7 @@ class Reads:
         self.reactor._disconnectSelectable(selectable, reason.value, True)
 
 
-def _written(transport: Any) -> bool:
+def _done_writing(transport: Any) -> bool:
     """The protocol called ``loseConnection`` during the read and nothing is left to
     write: the write event that Twisted waits for next (``loseConnection`` registers for
     it) would find an empty buffer, ``send`` nothing, and lose the connection. Lost now,
