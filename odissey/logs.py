@@ -6,8 +6,8 @@ standard output with ``-n``). With one, Odissey's observer writes to standard ou
 (twisted.logger's ``eventAsJSON``, every field of the event kept, so a line can be
 filtered by ``id`` or ``pool``), drops events below ``level`` and, with
 ``connections: off``, the lines about routine connection events (logins, logouts),
-which are marked with :data:`CONNECTION`. The observer reads its settings at each
-event, so a reload changes them in place.
+which are marked with :data:`CONNECTION`. A reload replaces the observer's settings in
+place. Every module logs through :class:`Logger`.
 """
 
 from __future__ import annotations

@@ -55,6 +55,9 @@ class Fingerprints:
 
     def __init__(self) -> None:
         self._known: dict[frozenset[tuple[str, tuple[str, str]]], frozenset[tuple[str, tuple[str, str]]]] = {}
+        #: Bumped when the memory starts afresh: a fingerprint kept from before (a pool's
+        #: memo of logins) is then to be taken again.
+        self.generation = 0
 
     def of(self, params: Params) -> frozenset[tuple[str, tuple[str, str]]]:
         key = frozenset(params.items())
@@ -62,6 +65,7 @@ class Fingerprints:
         if known is None:
             if len(self._known) >= self.LIMIT:
                 self._known.clear()  # (equal sets may then differ in identity: a slower, still right, path)
+                self.generation += 1
             known = self._known[key] = key
         return known
 

@@ -75,6 +75,8 @@ class Login(NamedTuple):
     fingerprint: frozenset
     #: The ParameterStatus messages the client is greeted with.
     greeting: bytes
+    #: The pool's ``Fingerprints.generation`` the fingerprint was taken in.
+    generation: int
 
 
 class Waiter(TypingProtocol):
@@ -183,6 +185,7 @@ class Pool:
         self.login_wanted = params_from(value or ())
         self.login_told = {key: value for key, (_name, value) in self.login_wanted.items()}
         self._logins.clear()
+        self._greetings.clear()
 
     @property
     def size(self) -> int:
@@ -642,14 +645,22 @@ class Pool:
         """What a login with these startup wishes starts from, once the parameter cache
         is known (``params.login_parameters`` from it, their fingerprint, the greeting):
         worked out once per distinct set of wishes, since most of a pool's clients send
-        the same startup packet. The relay copies ``wanted`` and ``told``, which it changes."""
+        the same startup packet. The relay copies ``wanted`` and ``told``, which it
+        changes. (``canonical`` is asked only then: how PostgreSQL spells a value it
+        reports is the same at every check.) A fingerprint from before the pool's
+        fingerprints started afresh is taken again, or it would match no server's."""
         login = self._logins.get(wants)
+        fingerprints = self.fingerprints
         if login is None:
             wanted, told = login_parameters(self.login_wanted, self.login_told, wants, canonical)
             if len(self._logins) >= 256:  # (clients inventing values cannot make it grow)
                 self._logins.clear()
             login = self._logins[wants] = Login(
-                wanted, told, self.fingerprints.of(wanted), self.greeting(tuple(told.items()), wanted))
+                wanted, told, fingerprints.of(wanted), self.greeting(tuple(told.items()), wanted),
+                fingerprints.generation)
+        elif login.generation != fingerprints.generation:
+            login = self._logins[wants] = login._replace(
+                fingerprint=fingerprints.of(login.wanted), generation=fingerprints.generation)
         return login
 
     def parameters(self) -> "Deferred[list[tuple[str, str]]]":

@@ -140,6 +140,7 @@ def _done_writing(transport: Any) -> bool:
     producer = transport.producer
     return (transport.connected and not transport._aborting and not transport._tempDataLen
             and transport.offset == len(transport.dataBuffer)
+            and not getattr(transport, "_sendmsgQueue", None)  # (unix: descriptors to send)
             and (producer is None or (transport.streamingProducer and not transport.producerPaused)))
 
 

@@ -26,7 +26,7 @@ from typing import Any, Callable, Optional, Union
 from twisted.application.internet import TimerService
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.protocol import Factory
-from twisted.logger import ILogObserver, Logger, globalLogBeginner, textFileLogObserver
+from twisted.logger import ILogObserver, globalLogBeginner, textFileLogObserver
 from twisted.protocols import amp
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -40,7 +40,7 @@ from odissey.console import Console
 from odissey.control import Control
 from odissey.janitor import PERIOD
 from odissey.lifecycle import Stop, failed_start
-from odissey.logs import Observer
+from odissey.logs import Logger, Observer
 from odissey.metrics import PoolCollector
 from odissey.pool import PoolKey, Pools, ServerConnector, Withdrawn
 from odissey.pypy import compile_sooner

@@ -84,6 +84,27 @@ class ClientProtocolTests(SynchronousTestCase):
         self.assertEqual((kinds[0], kinds[-2:]), ("R", ["K", "Z"]))
         self.assertEqual(proto.state, ClientState.READY)
 
+    def test_logins_with_one_startup_packet_share_nothing_they_change(self) -> None:
+        """Logins with the same startup packet start from what the pool worked out once,
+        each with parameters of its own: what one client's session changes (a SET, a
+        ParameterStatus) reaches neither the next login's greeting nor its relay."""
+        factory, clock, backends = client_factory(mode="transaction")
+        startup = m.startup_message({"user": "u", "database": "db", "application_name": "t"})
+        first, _ = connect(factory)
+        first.dataReceived(startup)
+        backends.flush()
+        clock.advance(0)
+        assert first.relay is not None
+        first.relay.wanted["timezone"] = ("TimeZone", "Asia/Tokyo")
+        first.relay.told["timezone"] = "Asia/Tokyo"
+        second, transport = connect(factory)
+        second.dataReceived(startup)
+        assert second.relay is not None
+        self.assertEqual(second.relay.wanted["timezone"], ("TimeZone", "UTC"))
+        self.assertEqual(second.relay.told["timezone"], "UTC")
+        greeting = [body for kind, body in messages(transport.value()) if kind == "S"]
+        self.assertIn(m.parameter_status("TimeZone", "UTC")[5:], greeting)
+
     def test_trust_login_greeting(self) -> None:
         """A trust login gets AuthenticationOk, cached parameters, our own key, ReadyForQuery."""
         proto, transport = self.connect()

@@ -259,6 +259,22 @@ class PoolTests(SynchronousTestCase):
         self.assertIsNot(again, login)
         self.assertEqual(len(asked), 2)
 
+    def test_login_fingerprint_taken_again_after_fingerprints_start_afresh(self) -> None:
+        """Once the pool's fingerprints have started afresh (past their limit), a
+        remembered login's fingerprint is taken again: the old one would match no
+        server's, and every attach would compare parameters the slow way."""
+        pool, _servers, _clock = make_pool()
+        pool.parameters_cache = [("application_name", ""), ("TimeZone", "UTC")]
+        pool.fingerprints.LIMIT = 2
+        wishes = (("search_path", "app"),)
+        login = pool.login(wishes, lambda _key, value: value)
+        pool.fingerprints.of({"a": ("a", "1")})
+        pool.fingerprints.of({"b": ("b", "1")})  # (the limit: the memory starts afresh)
+        again = pool.login(wishes, lambda _key, _value: self.fail("asked again"))
+        self.assertIsNot(again.fingerprint, login.fingerprint)
+        self.assertIs(again.fingerprint, pool.fingerprints.of(dict(login.wanted)))
+        self.assertEqual((again.wanted, again.told, again.greeting), (login.wanted, login.told, login.greeting))
+
     def test_released_broken_server_closed(self) -> None:
         """A server released in a non-idle state is closed, not pooled."""
         pool, servers, clock = make_pool()
