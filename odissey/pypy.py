@@ -9,9 +9,9 @@ each compiled only after it has run that many times: under ``pgbench -C`` (a log
 transaction) PyPy ran at a third of its steady speed for 10 s and reached it after
 about 20. With the thresholds at 200, 300 and 50 it was there after 6 s, and its steady
 CPU per login was lower too (-4.9 % against PyPy's thresholds; docs/benchmarks.md,
-"The login path"). A trace may also run twice as long as PyPy's 6000 operations before
+"The login path" and "A login's own work"). A trace may also run twice as long as PyPy's 6000 operations before
 it is given up: a login's generator (``ClientConnection._login``) ran past that, and
-was then compiled in pieces, at 4.5 % more CPU per login.
+was then compiled in pieces, at about 5 % more CPU per login.
 
 The nursery. PyPy allocates in a nursery sized from the L2 cache (1 MiB on a 2 MiB L2)
 and empties it with a minor collection, whose cost grows with the old objects written
