@@ -287,6 +287,16 @@ def stop(proc: subprocess.Popen, patience: float = 30) -> bool:
         return False
 
 
+def alternate_trees(script: str, trees: Sequence[str], rounds: int, options: Sequence[str]) -> None:
+    """Run ``script --measure TREE *options`` for each Odissey checkout in ``trees``
+    (default: this one), in a process of its own, tree after tree, ``rounds`` times:
+    the in-process loops (relay_loop.py, login_loop.py) compare trees this way."""
+    for round_ in range(rounds):
+        for tree in trees or ["."]:
+            print(f"round {round_ + 1}: {tree}", flush=True)
+            subprocess.run([sys.executable, script, "--measure", str(Path(tree).resolve()), *options], check=True)
+
+
 def remove_worktrees(made: List[Path], parent: Path) -> None:
     """Remove the temporary git worktrees made for other commits, and their parent."""
     for tree in made:

@@ -24,10 +24,8 @@ the ``log`` section's observer (``format: text``) to /dev/null, as twistd sets i
 from __future__ import annotations
 
 import argparse
-import subprocess
 import sys
 import time
-from pathlib import Path
 
 USER, PASSWORD, DB = "u", "pw", "db"
 QUERY_TEXT = "SELECT abalance FROM pgbench_accounts WHERE aid = 1;"
@@ -130,12 +128,10 @@ def main() -> None:
         sys.path.insert(0, args.measure)
         measure(args.logins, args.repeats, not args.quiet)
         return
-    for round_ in range(args.rounds):
-        for tree in args.tree or ["."]:
-            print(f"round {round_ + 1}: {tree}", flush=True)
-            subprocess.run([sys.executable, __file__, "--measure", str(Path(tree).resolve()),
-                            "--logins", str(args.logins), "--repeats", str(args.repeats),
-                            *(["--quiet"] if args.quiet else [])], check=True)
+    from common import alternate_trees  # (not when measuring: it imports this checkout's odissey)
+
+    alternate_trees(__file__, args.tree, args.rounds, ["--logins", str(args.logins), "--repeats", str(args.repeats),
+                                                       *(["--quiet"] if args.quiet else [])])
 
 
 if __name__ == "__main__":

@@ -20,10 +20,8 @@ runs in a process of its own, alternating, ``--rounds`` times.
 from __future__ import annotations
 
 import argparse
-import subprocess
 import sys
 import time
-from pathlib import Path
 
 QUERY_TEXT = "SELECT abalance FROM pgbench_accounts WHERE aid = 1;"
 SHAPES = (("4 clients, pool 4", 4, 4), ("2 clients, pool 1 (waiting)", 2, 1))
@@ -99,12 +97,10 @@ def main() -> None:
         sys.path.insert(0, args.measure)
         measure(args.transactions, args.repeats)
         return
-    for round_ in range(args.rounds):
-        for tree in args.tree or ["."]:
-            print(f"round {round_ + 1}: {tree}", flush=True)
-            subprocess.run([sys.executable, __file__, "--measure", str(Path(tree).resolve()),
-                            "--transactions", str(args.transactions), "--repeats", str(args.repeats)],
-                           check=True)
+    from common import alternate_trees  # (not when measuring: it imports this checkout's odissey)
+
+    alternate_trees(__file__, args.tree, args.rounds,
+                    ["--transactions", str(args.transactions), "--repeats", str(args.repeats)])
 
 
 if __name__ == "__main__":

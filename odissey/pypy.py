@@ -8,10 +8,10 @@ one-off steps (accepting, the startup packet, the password, the greeting, the cl
 each compiled only after it has run that many times: under ``pgbench -C`` (a login per
 transaction) PyPy ran at a third of its steady speed for 10 s and reached it after
 about 20. With the thresholds at 200, 300 and 50 it was there after 6 s, and its steady
-CPU per login was lower too (-4.9 % against PyPy's thresholds; docs/benchmarks.md,
-"The login path" and "A login's own work"). A trace may also run twice as long as PyPy's 6000 operations before
-it is given up: a login's generator (``ClientConnection._login``) ran past that, and
-was then compiled in pieces, at about 5 % more CPU per login.
+CPU per login was lower too (-4.9 % against PyPy's thresholds; docs/benchmarks.md, "The
+login path" and "A login's own work"). A trace may also run to 12,000 operations, twice
+PyPy's limit, before it is given up: a login's generator (``ClientConnection._login``)
+ran past 6,000, and was then compiled in pieces, at about 5 % more CPU per login.
 
 The nursery. PyPy allocates in a nursery sized from the L2 cache (1 MiB on a 2 MiB L2)
 and empties it with a minor collection, whose cost grows with the old objects written
