@@ -1,7 +1,8 @@
 """Where Odissey's log goes and what it keeps: the ``log`` section's observer.
 
 Without a ``log`` section twistd's own observer is used (``--logfile``, ``--syslog``, or
-standard output with ``-n``). With one, Odissey's observer writes to standard output
+standard output with ``-n``), its text lines written by :class:`Lines` once Odissey
+starts (:func:`speed_up_twistd_text`). With one, Odissey's observer writes to standard output
 (the journal under systemd) as text lines or one JSON object per line
 (twisted.logger's ``eventAsJSON``, every field of the event kept, so a line can be
 filtered by ``id`` or ``pool``), drops events below ``level`` and, with
@@ -20,9 +21,12 @@ from twisted.logger import (
     FileLogObserver,
     ILogObserver,
     LogLevel,
+    LogPublisher,
     formatEventAsClassicLogText,
     formatTime,
+    globalLogPublisher,
     jsonFileLogObserver,
+    timeFormatRFC3339,
 )
 from twisted.logger import Logger as TwistedLogger
 from twisted.python.components import Componentized
@@ -150,3 +154,29 @@ def observe_for(settings: Optional[LogSettings], parent: object) -> Optional[Obs
     observer = Observer(settings, sys.stdout)
     parent.setComponent(ILogObserver, observer)
     return observer
+
+
+def speed_up_twistd_text(publisher: LogPublisher = globalLogPublisher) -> int:
+    """Without a ``log`` section twistd logs through its own text observer (to
+    ``--logfile``, or standard output with ``-n``), whose formatter parses each line's
+    format string in Python: about 11 µs a line under CPython, 3 under PyPy, two lines
+    per connection. That observer formats with :class:`Lines` from here on, which gives
+    the same text; its file, rotation and flushing stay twistd's. Only an observer
+    made by Twisted's ``textFileLogObserver`` with its default time format is changed
+    (anything else, such as ``--syslog`` or ``--logger``, is left as it is). Returns how
+    many were changed."""
+    changed = 0
+    for observer in list(getattr(publisher, "_observers", ())):
+        format_event = getattr(observer, "formatEvent", None)
+        if (type(observer) is FileLogObserver
+                and getattr(format_event, "__qualname__", "") == "textFileLogObserver.<locals>.formatEvent"
+                and _closure(format_event).get("timeFormat", None) == timeFormatRFC3339):
+            observer.formatEvent = Lines()
+            changed += 1
+    return changed
+
+
+def _closure(function: Any) -> dict[str, Any]:
+    """The values a nested function closes over, by name."""
+    cells = getattr(function, "__closure__", None) or ()
+    return {name: cell.cell_contents for name, cell in zip(function.__code__.co_freevars, cells)}

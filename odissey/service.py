@@ -25,7 +25,7 @@ from odissey.drain import Drain, end_all
 from odissey.handover import HandoverServer, Taken, take as take_sockets
 from odissey.janitor import PERIOD, Janitor
 from odissey.lifecycle import Stop, Stoppable, failed_start, given, hand_over, install_signals, listener, stop_listening, within
-from odissey.logs import Logger, Observer, observe_for
+from odissey.logs import Logger, Observer, observe_for, speed_up_twistd_text
 from odissey.metrics import MetricsResource, MetricsSite, PoolCollector
 from odissey.pool import Pool, PoolKey, Pools, ServerConnector
 from odissey.reload import RECONNECT, REPLACE, SAME, Plan, plan as plan_reload
@@ -208,6 +208,7 @@ class OdisseyService(Stoppable, MultiService):
     def startService(self) -> None:
         super().startService()
         if self.process:
+            speed_up_twistd_text()
             self.reactor.callWhenRunning(install_signals, self.reactor, self)  # type: ignore[attr-defined]
         self._starting = self._start()
         self._starting.addErrback(self.start_failed)

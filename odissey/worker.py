@@ -26,7 +26,7 @@ from typing import Any, Callable, Optional, Union
 from twisted.application.internet import TimerService
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.protocol import Factory
-from twisted.logger import ILogObserver, globalLogBeginner, textFileLogObserver
+from twisted.logger import FileLogObserver, ILogObserver, globalLogBeginner
 from twisted.protocols import amp
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -40,7 +40,7 @@ from odissey.console import Console
 from odissey.control import Control
 from odissey.janitor import PERIOD
 from odissey.lifecycle import Stop, failed_start
-from odissey.logs import Logger, Observer
+from odissey.logs import Lines, Logger, Observer
 from odissey.metrics import PoolCollector
 from odissey.pool import PoolKey, Pools, ServerConnector, Withdrawn
 from odissey.pypy import compile_sooner
@@ -368,12 +368,13 @@ class WorkerService(OdisseyService):
 class _Tagged:
     """Log events on the master's standard output, each naming this worker (as its
     ``log_system``): through the ``log`` section's observer when there is one (text or
-    JSON, level, connection lines), else as twistd's text lines."""
+    JSON, level, connection lines), else as twistd's text lines (written by
+    :class:`~odissey.logs.Lines`, as the master's are)."""
 
     def __init__(self, number: int, settings: Optional[LogSettings]) -> None:
         self.system = f"worker {number}"
         self.inner: Callable[[dict[str, Any]], None] = (
-            Observer(settings, sys.stdout) if settings is not None else textFileLogObserver(sys.stdout))
+            Observer(settings, sys.stdout) if settings is not None else FileLogObserver(sys.stdout, Lines()))
 
     def __call__(self, event: dict[str, Any]) -> None:
         self.inner({**event, "log_system": self.system})

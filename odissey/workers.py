@@ -44,7 +44,7 @@ from odissey.config import Config, ConfigError, load as load_config
 from odissey.handover import HandoverServer, take as take_sockets
 from odissey.leases import Action, Grant, Ledger
 from odissey.lifecycle import FAILED, Stop, Stoppable, failed_start, given, hand_over, install_signals, listener, stop_listening, within
-from odissey.logs import Logger, Observer, observe_for
+from odissey.logs import Logger, Observer, observe_for, speed_up_twistd_text
 from odissey.metrics import MetricsResource, MetricsSite, Snapshot
 from odissey.postgres import LocalPostgres
 from odissey.pypy import compile_sooner, nursery_advice
@@ -296,6 +296,7 @@ class Master(Stoppable, MultiService):
 
     def startService(self) -> None:
         super().startService()
+        speed_up_twistd_text()
         self.reactor.callWhenRunning(install_signals, self.reactor, self)
         self._starting = self._start()
         self._starting.addErrback(self._start_failed)

@@ -5,12 +5,14 @@ from __future__ import annotations
 import io
 import json
 
-from twisted.logger import Logger, LogLevel, LogPublisher, formatEventAsClassicLogText, textFileLogObserver
+from twisted.logger import (FileLogObserver, Logger, LogLevel, LogPublisher, formatEventAsClassicLogText,
+                            jsonFileLogObserver, textFileLogObserver)
+from twisted.scripts._twistd_unix import ServerOptions, UnixAppLogger
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from odissey.config import LogSettings, parse
-from odissey.logs import CONNECTION_EVENT, Lines, Observer
+from odissey.logs import CONNECTION_EVENT, Lines, Observer, speed_up_twistd_text
 from tests.test_config import minimal
 
 
@@ -89,6 +91,43 @@ class ObserverTests(SynchronousTestCase):
         event = json.loads(line)
         self.assertEqual((event["id"], event["user"], event["log_namespace"]), ("c3", "app", "odissey.test"))
         self.assertEqual(event["log_format"], "{id}: login failed for {user}")
+
+
+class TwistdTextTests(SynchronousTestCase):
+    """Without a ``log`` section, twistd's own text observer writes Lines' text."""
+
+    def test_twistd_observer_formats_with_lines(self) -> None:
+        """The observer twistd makes for ``-n`` (standard output) and for ``--logfile``
+        is found and formats with Lines from then on; what it writes is unchanged."""
+        options = ServerOptions()
+        options.parseOptions(["--nodaemon", "--pidfile=", "--logfile", "-"])
+        made = UnixAppLogger(options)._getLogObserver()  # (what twistd logs to)
+        self.assertEqual(speed_up_twistd_text(LogPublisher(made)), 1)
+        self.assertIsInstance(made.formatEvent, Lines)
+        stream, twisted_stream = io.StringIO(), io.StringIO()
+        ours, theirs = textFileLogObserver(stream), textFileLogObserver(twisted_stream)
+        publisher = LogPublisher(ours)
+        log = Logger(namespace="odissey.client", observer=publisher)
+        log.info("{id}: login {user}@{database}", id="c1", user="app", database="db")
+        self.assertEqual(speed_up_twistd_text(publisher), 1)
+        self.assertIsInstance(ours.formatEvent, Lines)
+        Logger(namespace="odissey.client", observer=LogPublisher(theirs)).info(
+            "{id}: login {user}@{database}", id="c1", user="app", database="db")
+        log.info("{id}: login {user}@{database}", id="c1", user="app", database="db")
+        lines = stream.getvalue().splitlines()
+        self.assertEqual(len(lines), 2)
+        # (the two lines' timestamps may differ by a second; the rest is the same text)
+        self.assertEqual({line.split(" ", 1)[1] for line in lines},
+                         {twisted_stream.getvalue().rstrip("\n").split(" ", 1)[1]})
+
+    def test_other_observers_left_alone(self) -> None:
+        """JSON, another time format, another formatter or a plain callable keep their own."""
+        stream = io.StringIO()
+        others = [jsonFileLogObserver(stream), textFileLogObserver(stream, timeFormat="%H:%M"),
+                  FileLogObserver(stream, lambda event: "x\n"), lambda event: None]
+        formatters = [getattr(observer, "formatEvent", None) for observer in others]
+        self.assertEqual(speed_up_twistd_text(LogPublisher(*others)), 0)
+        self.assertEqual([getattr(observer, "formatEvent", None) for observer in others], formatters)
 
 
 class LogConfigTests(SynchronousTestCase):

@@ -234,6 +234,12 @@ class TapTests(TestCase):
                 self.assertIn("number of failed transactions: 0 (0.000%)", done.stdout)
         finally:
             out = yield deferToThread(stop, proc)
+        # twistd's own text lines (no log section; odissey.logs.speed_up_twistd_text):
+        # pgbench's 8 logins and logouts each, in Twisted's classic format.
+        logins = re.findall(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d{4} \[odissey\.client#info\] "
+                            r"c\d+: login app@app from 127\.0\.0\.1 \(pool app/app\)$", out, re.M)
+        logouts = re.findall(r"^\S+ \[odissey\.client#info\] c\d+: logout app@app after \d+\.\ds$", out, re.M)
+        self.assertGreaterEqual((len(logins), len(logouts)), (17, 17), out[-3000:])
         # Without PYPY_GC_NURSERY, PyPy's Odissey says what to set (odissey/pypy.py).
         advised = "PYPY_GC_NURSERY is not set" in out
         self.assertEqual(advised, "pypy" in os.path.basename(os.path.realpath(self.interpreter)), out[-3000:])
