@@ -5,14 +5,15 @@ from __future__ import annotations
 import io
 import json
 
-from twisted.logger import (FileLogObserver, Logger, LogLevel, LogPublisher, formatEventAsClassicLogText,
-                            jsonFileLogObserver, textFileLogObserver)
+from twisted.logger import (FileLogObserver, Logger, LogLevel, LogPublisher, eventAsJSON,
+                            formatEventAsClassicLogText, jsonFileLogObserver, textFileLogObserver)
 from twisted.scripts._twistd_unix import ServerOptions, UnixAppLogger
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from odissey.config import LogSettings, parse
-from odissey.logs import CONNECTION_EVENT, Lines, Observer, speed_up_twistd_text
+from odissey.logs import CONNECTION_EVENT, JsonLines, Lines, Observer, speed_up_twistd_text
+from odissey.logs import Logger as OdisseyLogger
 from tests.test_config import minimal
 
 
@@ -81,6 +82,46 @@ class ObserverTests(SynchronousTestCase):
             if event.get("log_level", 0) is None:
                 del event["log_level"], event["log_namespace"]
             self.assertEqual(Lines()(dict(event)), formatEventAsClassicLogText(dict(event)), event)
+
+    def test_json_lines_as_twisted_writes_them(self) -> None:
+        """JsonLines (the JSON observer's formatter) gives Twisted's eventAsJSON line for
+        every kind of event, character for character, and leaves the event flattened as
+        Twisted does; what Twisted cannot write it cannot either."""
+        try:
+            1 / 0
+        except ZeroDivisionError:
+            failure = Failure()
+        base = {"log_level": LogLevel.info, "log_namespace": "odissey.client", "log_time": 1700000000.5,
+                "log_logger": OdisseyLogger(namespace="odissey.client"), "log_source": None}
+        events = [
+            {"log_format": "{id}: login {user}@{database} from {client}", "id": "c1", "user": "app",
+             "database": "db", "client": "127.0.0.1", "connection": True},
+            {"log_format": "{id}: logout after {seconds:.1f}s", "id": "c1", "seconds": 2.25},
+            {"log_format": "{n} and {n} and {n!r} and {n:>3} and {n!a}", "n": "x\u00e9"},
+            {"log_format": "{kind!r} from {who.name}", "kind": "Z", "who": LogLevel.info},
+            {"log_format": "{items[0]} {items}", "items": [1]},
+            {"log_format": "called {f()}", "f": lambda: "yes"},
+            {"log_format": "bytes {b}", "b": b"\xff\x00", "nested": {1: "skipped", "k": [b"v", None]}},
+            {"log_format": "{level} {logger}", "level": LogLevel.warn, "logger": Logger(), "other": object()},
+            {"log_format": "failed {n}", "n": 4, "log_failure": failure},
+            {"log_format": "{n}", "n": 5, "log_flattened": {"n!s:": "five"}},
+            {"log_format": None},
+            {"log_format": ""},
+            {"log_text": "no format", "log_level": LogLevel.error, "log_logger": Logger(namespace="legacy")},
+            {"log_format": "{n}", "n": float("nan"), "log_time": None},
+        ]
+        for event in events:
+            event = {**base, **event}
+            ours, theirs = dict(event), dict(event)
+            self.assertEqual(JsonLines()(ours), eventAsJSON(theirs) + "\n", event)
+            self.assertEqual(ours.keys(), theirs.keys())
+        for bad in ({"log_format": "{missing} field"}, {"log_format": "unbalanced {"}, {"log_format": "{0}"},
+                    {"log_format": b"bytes {n}", "n": 3}):
+            event = {**base, **bad}
+            with self.assertRaises(Exception) as twisted_raised:
+                eventAsJSON(dict(event))
+            with self.assertRaises(type(twisted_raised.exception)):
+                JsonLines()(dict(event))
 
     def test_json(self) -> None:
         """format: json writes one JSON object per line, with the event's fields."""

@@ -549,6 +549,9 @@ class TapTests(TestCase):
         self.assertEqual(len(failures), 1, formats)
         self.assertEqual((failures[0]["user"], failures[0]["database"], failures[0]["client"],
                           failures[0]["sqlstate"]), ("app", "app", "127.0.0.1", "28P01"))
+        # (as Twisted's eventAsJSON writes an event: flattened fields, the level by name)
+        self.assertEqual((failures[0]["log_flattened"]["user!s:"], failures[0]["log_level"]["name"],
+                          failures[0]["log_logger"]), ("app", "info", {"unpersistable": True}))
         self.assertNotIn("not-it", out)
         self.assertFalse([f for f in formats if f.startswith("{id}: login {user}")], formats)
         self.assertNotIn("Starting factory", out)
