@@ -17,7 +17,7 @@ import json
 import string
 import sys
 from time import time
-from typing import IO, Any, Optional
+from typing import IO, Any, Callable, Optional
 
 from twisted.logger import (
     FileLogObserver,
@@ -31,8 +31,6 @@ from twisted.logger import (
     timeFormatRFC3339,
 )
 from twisted.logger import Logger as TwistedLogger
-from twisted.logger._flatten import KeyFlattener
-from twisted.logger._json import objectSaveHook
 from twisted.python.components import Componentized
 from zope.interface import implementer
 
@@ -87,8 +85,10 @@ class Lines:
     Formatter``): 1.4 µs a line instead of 11 under CPython, 0.8 instead of 3 under
     PyPy. Anything the plain call does not cover goes to Twisted's formatter, which
     gives the same text: a failure's traceback, a flattened or non-text format, a field
-    Twisted calls (``{f()}``), a field the event lacks. Timestamps are
-    :class:`SecondStamps`'."""
+    Twisted calls (``{f()}``), a field the event lacks. (One difference, in no format
+    Odissey or Twisted writes: Twisted 26 hands each field to the format wrapped, so
+    ``{x.__class__}`` names its wrapper there and the value's class here.) Timestamps
+    are :class:`SecondStamps`'."""
 
     def __init__(self) -> None:
         self.stamps = SecondStamps()
@@ -99,7 +99,7 @@ class Lines:
             return formatEventAsClassicLogText(event, self.stamps)
         try:
             text = form.format_map(event)
-        except Exception:  # (Twisted's formatter then says what it could not format)
+        except BaseException:  # (Twisted's formatter then says what it could not format)
             return formatEventAsClassicLogText(event, self.stamps)
         if not text:
             return None
@@ -127,16 +127,27 @@ class JsonLines:
     10 µs instead of 24 under CPython, 6 instead of 10 under PyPy. Anything a plan does
     not cover (a field that is not a plain name, an event already flattened, a format
     that is not text) goes to Twisted's ``eventAsJSON``, which gives the same text, or
-    the same exception."""
+    the same exception.
+
+    The keys and the savers are Twisted's own, from its private modules: a Twisted that
+    moved them raises ImportError here, and :func:`json_lines` writes with
+    ``eventAsJSON`` instead."""
 
     #: Plans kept, at most (formats are Odissey's own, a few dozen; this only bounds them).
     PLANS = 512
 
     def __init__(self) -> None:
+        from twisted.logger._flatten import KeyFlattener
+        from twisted.logger._json import objectSaveHook
+
+        self._keys = KeyFlattener
+        self._save = objectSaveHook
+        #: What Twisted writes for each log level (its saver's dict, with the class's UUID).
+        self._levels = {level: objectSaveHook(level) for level in LogLevel.iterconstants()}
         #: Per format string: (flattened key, structured key, field, repr?) for each
         #: field in Twisted's order, or None when Twisted must flatten it.
         self._plans: dict[str, Optional[tuple[tuple[str, str, str, bool], ...]]] = {}
-        self._encoder = json.JSONEncoder(skipkeys=True, default=_json_default)  # (eventAsJSON's dumps)
+        self._encoder = json.JSONEncoder(skipkeys=True, default=self._default)  # (eventAsJSON's dumps)
 
     def __call__(self, event: dict[str, Any]) -> str:
         form = event.get("log_format")
@@ -147,7 +158,7 @@ class JsonLines:
         except KeyError:
             if len(self._plans) >= self.PLANS:
                 self._plans.clear()
-            plan = self._plans[form] = _flattening(form)
+            plan = self._plans[form] = self._flattening(form)
         if plan is None:
             return f"{eventAsJSON(event)}\n"
         if plan:
@@ -162,46 +173,53 @@ class JsonLines:
             event["log_flattened"] = fields  # (Twisted's flattenEvent leaves it on the event too)
         return f"{self._encoder.encode(event)}\n"
 
+    def _flattening(self, form: str) -> Optional[tuple[tuple[str, str, str, bool], ...]]:
+        """What Twisted's ``flattenEvent`` does with ``form``'s fields, when each is a
+        plain name (``{id}``, ``{seconds:.1f}``, ``{why!r}``); None otherwise (attributes,
+        items, calls, positions, a format Python cannot parse)."""
+        keys = self._keys()  # (Twisted's own keys: a repeated field's key gets "/2", ...)
+        plan = []
+        seen: set[str] = set()
+        try:
+            for _text, name, spec, conversion in _FORMATTER.parse(form):
+                if name is None:
+                    continue
+                if not name.isidentifier():
+                    return None
+                conversion = "r" if conversion == "r" else "s"
+                flat, structured = keys.flatKey(name, spec, conversion), keys.flatKey(name, spec, "")
+                if flat not in seen:  # (Twisted skips a key it has, after counting it)
+                    seen.add(flat)
+                    plan.append((flat, structured, name, conversion == "r"))
+        except ValueError:
+            return None
+        return tuple(plan)
 
-def _flattening(form: str) -> Optional[tuple[tuple[str, str, str, bool], ...]]:
-    """What Twisted's ``flattenEvent`` does with ``form``'s fields, when each is a plain
-    name (``{id}``, ``{seconds:.1f}``, ``{why!r}``); None otherwise (attributes, items,
-    calls, positions, a format Python cannot parse)."""
-    keys = KeyFlattener()  # (Twisted's own keys: a repeated field's key gets "/2", ...)
-    plan = []
+    def _default(self, value: object) -> object:
+        """``eventAsJSON``'s encoder default, with its two usual cases answered first:
+        the event's level and its logger (which no saver takes: "unpersistable")."""
+        if type(value) is _LEVEL:
+            saved = self._levels.get(value)
+            if saved is not None:
+                return saved
+        elif isinstance(value, TwistedLogger):
+            return {"unpersistable": True}
+        if isinstance(value, bytes):
+            return value.decode("charmap")
+        return self._save(value)
+
+
+def json_lines() -> Callable[[dict[str, Any]], str]:
+    """The JSON observer's formatter: :class:`JsonLines`, or ``eventAsJSON`` itself with
+    a Twisted that keeps what JsonLines needs elsewhere."""
     try:
-        for _text, name, spec, conversion in _FORMATTER.parse(form):
-            if name is None:
-                continue
-            if not name.isidentifier():
-                return None
-            conversion = "r" if conversion == "r" else "s"
-            plan.append((keys.flatKey(name, spec, conversion), keys.flatKey(name, spec, ""), name,
-                         conversion == "r"))
-    except ValueError:
-        return None
-    return tuple(plan)
+        return JsonLines()
+    except ImportError:
+        return lambda event: f"{eventAsJSON(event)}\n"
 
 
 _FORMATTER = string.Formatter()
-
-#: What Twisted's JSON writes for each log level (its savers' dict, with the class's UUID).
-_LEVELS = {level: objectSaveHook(level) for level in LogLevel.iterconstants()}
 _LEVEL = type(LogLevel.info)
-
-
-def _json_default(value: object) -> object:
-    """``eventAsJSON``'s encoder default, with its two usual cases answered first: the
-    event's level and its logger (which no saver takes: "unpersistable")."""
-    if type(value) is _LEVEL:
-        saved = _LEVELS.get(value)
-        if saved is not None:
-            return saved
-    elif isinstance(value, TwistedLogger):
-        return {"unpersistable": True}
-    if isinstance(value, bytes):
-        return value.decode("charmap")
-    return objectSaveHook(value)
 
 
 @implementer(ILogObserver)
@@ -211,7 +229,7 @@ class Observer:
     def __init__(self, settings: LogSettings, stream: IO[str]) -> None:
         # (twisted.logger's textFileLogObserver, with the lines written out)
         self._text = FileLogObserver(stream, Lines())
-        self._json = FileLogObserver(stream, JsonLines())
+        self._json = FileLogObserver(stream, json_lines())
         self.settings = settings
 
     @property

@@ -1,19 +1,25 @@
-"""The ``log`` section's observer: level, connection lines, text or JSON."""
+"""The ``log`` section's observer (level, connection lines, text or JSON) and twistd's own
+text observer, as Odissey starts it."""
 
 from __future__ import annotations
 
 import io
 import json
+import sys
 
+from twisted.internet.defer import Deferred
+from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import (FileLogObserver, Logger, LogLevel, LogPublisher, eventAsJSON,
                             formatEventAsClassicLogText, jsonFileLogObserver, textFileLogObserver)
-from twisted.scripts._twistd_unix import ServerOptions, UnixAppLogger
 from twisted.python.failure import Failure
+from twisted.scripts._twistd_unix import ServerOptions, UnixAppLogger
 from twisted.trial.unittest import SynchronousTestCase
 
+from odissey import service, workers
 from odissey.config import LogSettings, parse
 from odissey.logs import CONNECTION_EVENT, JsonLines, Lines, Observer, speed_up_twistd_text
 from odissey.logs import Logger as OdisseyLogger
+from odissey.testing import in_this_thread
 from tests.test_config import minimal
 
 
@@ -98,6 +104,7 @@ class ObserverTests(SynchronousTestCase):
              "database": "db", "client": "127.0.0.1", "connection": True},
             {"log_format": "{id}: logout after {seconds:.1f}s", "id": "c1", "seconds": 2.25},
             {"log_format": "{n} and {n} and {n!r} and {n:>3} and {n!a}", "n": "x\u00e9"},
+            {"log_format": "{n:/2} {n} {n!r} {n}", "n": 1},  # (a key Twisted has seen: skipped)
             {"log_format": "{kind!r} from {who.name}", "kind": "Z", "who": LogLevel.info},
             {"log_format": "{items[0]} {items}", "items": [1]},
             {"log_format": "called {f()}", "f": lambda: "yes"},
@@ -110,18 +117,37 @@ class ObserverTests(SynchronousTestCase):
             {"log_text": "no format", "log_level": LogLevel.error, "log_logger": Logger(namespace="legacy")},
             {"log_format": "{n}", "n": float("nan"), "log_time": None},
         ]
-        for event in events:
+        lines = JsonLines()
+        self.patch(JsonLines, "PLANS", 5)  # (the plans kept are dropped, and made again)
+        for event in events + events:
             event = {**base, **event}
             ours, theirs = dict(event), dict(event)
-            self.assertEqual(JsonLines()(ours), eventAsJSON(theirs) + "\n", event)
+            self.assertEqual(lines(ours), eventAsJSON(theirs) + "\n", event)
             self.assertEqual(ours.keys(), theirs.keys())
         for bad in ({"log_format": "{missing} field"}, {"log_format": "unbalanced {"}, {"log_format": "{0}"},
                     {"log_format": b"bytes {n}", "n": 3}):
             event = {**base, **bad}
             with self.assertRaises(Exception) as twisted_raised:
                 eventAsJSON(dict(event))
+            ours = dict(event)
             with self.assertRaises(type(twisted_raised.exception)):
-                JsonLines()(dict(event))
+                lines(ours)
+            self.assertEqual(ours, event)
+
+    def test_json_without_twisteds_private_modules(self) -> None:
+        """A Twisted that moved the flattening's keys or savers: eventAsJSON writes."""
+        event = {"log_format": "{id}: x", "id": "c1", "log_level": LogLevel.info, "log_time": 1.5}
+        for module in ("twisted.logger._flatten", "twisted.logger._json"):
+            kept = sys.modules[module]
+            sys.modules[module] = None  # type: ignore[assignment]  # (importing it raises)
+            try:
+                self.assertRaises(ImportError, JsonLines)
+                observer = Observer(LogSettings(format="json"), io.StringIO())
+            finally:
+                sys.modules[module] = kept
+            self.assertNotIsInstance(observer._json.formatEvent, JsonLines)
+            self.assertEqual(observer._json.formatEvent(dict(event)), eventAsJSON(dict(event)) + "\n")
+        self.assertIsInstance(Observer(LogSettings(format="json"), io.StringIO())._json.formatEvent, JsonLines)
 
     def test_json(self) -> None:
         """format: json writes one JSON object per line, with the event's fields."""
@@ -160,6 +186,23 @@ class TwistdTextTests(SynchronousTestCase):
         # (the two lines' timestamps may differ by a second; the rest is the same text)
         self.assertEqual({line.split(" ", 1)[1] for line in lines},
                          {twisted_stream.getvalue().rstrip("\n").split(" ", 1)[1]})
+
+    def test_started_processes_speed_it_up(self) -> None:
+        """Odissey's root service, single process or master, changes twistd's observer
+        when it starts as the process's service, not as a test's."""
+        called: list[str] = []
+        self.patch(service, "speed_up_twistd_text", lambda: called.append("service"))
+        self.patch(workers, "speed_up_twistd_text", lambda: called.append("master"))
+        self.patch(workers.Master, "_start", lambda master: Deferred())
+        cfg = parse(minimal())
+        for process in (False, True):
+            clock = MemoryReactorClock()
+            clock.getThreadPool = lambda: None  # type: ignore[attr-defined]
+            odissey = service.OdisseyService(cfg, clock, process=process)
+            odissey.threads = in_this_thread
+            odissey.startService()
+        workers.Master(parse({**minimal(), "workers": 2}), MemoryReactorClock(), in_this_thread).startService()
+        self.assertEqual(called, ["service", "master"])
 
     def test_other_observers_left_alone(self) -> None:
         """JSON, another time format, another formatter or a plain callable keep their own."""
