@@ -2,8 +2,8 @@
 
 Without a ``log`` section twistd's own observer is used (``--logfile``, ``--syslog``, or
 standard output with ``-n``), its text lines written by :class:`Lines` once Odissey
-starts (:func:`speed_up_twistd_text`). With one, Odissey's observer writes to standard output
-(the journal under systemd) as text lines or one JSON object per line
+starts (:func:`speed_up_twistd_text`). With one, Odissey's observer writes to standard
+output (the journal under systemd) as text lines or one JSON object per line
 (twisted.logger's ``eventAsJSON``, every field of the event kept, so a line can be
 filtered by ``id`` or ``pool``), drops events below ``level`` and, with
 ``connections: off``, the lines about routine connection events (logins, logouts),
@@ -24,9 +24,9 @@ from twisted.logger import (
     ILogObserver,
     LogLevel,
     LogPublisher,
+    eventAsJSON,
     formatEventAsClassicLogText,
     formatTime,
-    eventAsJSON,
     globalLogPublisher,
     timeFormatRFC3339,
 )
